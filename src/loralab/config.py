@@ -1,0 +1,211 @@
+"""The typed settings of a LoRA adapter.
+
+One dataclass, validated once at construction. Every error names the field, the bad
+value and what is allowed, so a mistyped config never reaches a model.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+BIAS_CHOICES = ("none", "all", "lora_only")
+INIT_CHOICES = ("kaiming", "gaussian")
+
+
+class ConfigError(ValueError):
+    """A setting has a value that is not allowed; the message names the field."""
+
+
+@dataclass
+class LoraConfig:
+    """Settings of one LoRA adapter: ``ΔW = (α / r) · B A`` on the chosen weights."""
+
+    r: int = 8
+    """Rank of the update. The paper finds r = 1…8 already enough (Sec. 7.2)."""
+
+    lora_alpha: float = 8
+    """The constant α; the update is scaled by α / r (or α / √r with ``use_rslora``)."""
+
+    lora_dropout: float = 0.0
+    """Dropout on the input of the low-rank path only, in [0, 1)."""
+
+    target_modules: list[str] | str = field(default_factory=lambda: ["q", "v"])
+    """Which weights to adapt.
+
+    - a list: each entry is a module name, a ``.name`` suffix of one, or a short name
+      (``q``, ``k``, ``v``, ``o``, ``gate``, ``up``, ``down``) resolved per architecture;
+      ``NAME[q,v]`` adapts only those parts of a fused projection (GPT-2's ``c_attn``);
+    - a string: a regular expression that must match the whole module name;
+    - ``"all-linear"``: every linear layer except the output head.
+    The default, ``["q", "v"]``, is the paper's choice (Sec. 7.1).
+    """
+
+    exclude_modules: list[str] | str | None = None
+    """Modules never adapted: names/suffixes (a list) or a whole-name regex (a string)."""
+
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    """Per-module rank: key is a regex matched against the end of the module name
+    (``(.*\\.)?(KEY)$``) or a short name; the first matching key wins."""
+
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    """Per-module α, matched like ``rank_pattern``."""
+
+    layers_to_transform: list[int] | int | None = None
+    """Only adapt modules in these layer indices (None: every layer)."""
+
+    layers_pattern: list[str] | str | None = None
+    """Name of the module list holding the layers (``layers``, ``h``…); None: any."""
+
+    bias: Literal["none", "all", "lora_only"] = "none"
+    """Which biases train: none, every bias in the model, or those of adapted modules."""
+
+    init: Literal["kaiming", "gaussian"] = "kaiming"
+    """How A starts: Kaiming-uniform as the paper's code, or N(0, 1/r). B starts at zero."""
+
+    use_rslora: bool = False
+    """Scale by α / √r (rank-stabilised LoRA) instead of α / r."""
+
+    modules_to_save: list[str] | None = None
+    """Modules trained in full and saved with the adapter (a new classifier head, say)."""
+
+    def __post_init__(self) -> None:
+        _require_int("r", self.r, minimum=1)
+        _require_positive_number("lora_alpha", self.lora_alpha)
+        dropout = self.lora_dropout
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+            raise ConfigError(f"lora_dropout must be a number in [0, 1), got {dropout!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {dropout!r}")
+        self.target_modules = _name_spec("target_modules", self.target_modules, allow_none=False)
+        self.exclude_modules = _name_spec("exclude_modules", self.exclude_modules, allow_none=True)
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ConfigError("target_modules is an empty list; name at least one module")
+        self.rank_pattern = _pattern_dict("rank_pattern", self.rank_pattern)
+        for key, value in self.rank_pattern.items():
+            _require_int(f"rank_pattern[{key!r}]", value, minimum=1)
+        self.alpha_pattern = _pattern_dict("alpha_pattern", self.alpha_pattern)
+        for key, value in self.alpha_pattern.items():
+            _require_positive_number(f"alpha_pattern[{key!r}]", value)
+        layers = self.layers_to_transform
+        if layers is not None:
+            layer_list = [layers] if isinstance(layers, int) else layers
+            if not isinstance(layer_list, (list, tuple)):
+                raise ConfigError(
+                    f"layers_to_transform must be an int, a list of ints or None, got {layers!r}"
+                )
+            for index in layer_list:
+                _require_int("layers_to_transform entry", index, minimum=0)
+            self.layers_to_transform = list(layer_list)
+        if self.layers_pattern is not None:
+            self.layers_pattern = _name_spec("layers_pattern", self.layers_pattern, False)
+            if self.layers_to_transform is None:
+                raise ConfigError("layers_pattern is set but layers_to_transform is None")
+        _require_choice("bias", self.bias, BIAS_CHOICES)
+        _require_choice("init", self.init, INIT_CHOICES)
+        if not isinstance(self.use_rslora, bool):
+            raise ConfigError(f"use_rslora must be true or false, got {self.use_rslora!r}")
+        if self.modules_to_save is not None:
+            spec = _name_spec("modules_to_save", self.modules_to_save, allow_none=False)
+            if not isinstance(spec, list):
+                raise ConfigError(
+                    f"modules_to_save must be a list of module names, got {self.modules_to_save!r}"
+                )
+            self.modules_to_save = spec
+
+    # -- per-module values -------------------------------------------------------------
+
+    def rank_for(self, module_name: str, short_names: tuple[str, ...] = ()) -> int:
+        """The rank of the module called ``module_name`` (``rank_pattern`` first)."""
+        return int(pattern_value(self.rank_pattern, module_name, self.r, short_names))
+
+    def alpha_for(self, module_name: str, short_names: tuple[str, ...] = ()) -> float:
+        """The α of the module called ``module_name`` (``alpha_pattern`` first)."""
+        return float(pattern_value(self.alpha_pattern, module_name, self.lora_alpha, short_names))
+
+    def scale(self, r: int, alpha: float) -> float:
+        """The factor in front of ``B A``: α / r, or α / √r with rsLoRA."""
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+def pattern_matches(key: str, module_name: str) -> bool:
+    """PEFT's rule for ``rank_pattern`` keys: a regex matching the end of the name."""
+    return re.match(rf"(.*\.)?({key})$", module_name) is not None
+
+
+def pattern_value(
+    patterns: dict[str, Any], module_name: str, default: Any, short_names: tuple[str, ...] = ()
+) -> Any:
+    """The value of the first key that names the module (PEFT's rule, or a short name)."""
+    for key, value in patterns.items():
+        if key in short_names or pattern_matches(key, module_name):
+            return value
+    return default
+
+
+def _require_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{name} must be ≥ {minimum}, got {value}")
+
+
+def _require_positive_number(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name} must be a number > 0, got {value!r}")
+    if not (value > 0 and math.isfinite(value)):
+        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _require_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        allowed = ", ".join(repr(c) for c in choices)
+        raise ConfigError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def _name_spec(name: str, value: Any, allow_none: bool) -> list[str] | str | None:
+    """A list of names, or a single string (a regex or ``"all-linear"``)."""
+    if value is None:
+        if allow_none:
+            return None
+        raise ConfigError(f"{name} must be a list of names or a regex string, got None")
+    if isinstance(value, str):
+        if not value:
+            raise ConfigError(f"{name} is an empty string")
+        if value != "all-linear":
+            try:
+                re.compile(value)
+            except re.error as error:
+                raise ConfigError(f"{name} is not a valid regex: {value!r} ({error})") from None
+        return value
+    if isinstance(value, (list, tuple, set)):
+        items = sorted(value) if isinstance(value, set) else list(value)
+        for item in items:
+            if not isinstance(item, str) or not item:
+                raise ConfigError(f"{name} entries must be non-empty strings, got {item!r}")
+        return items
+    raise ConfigError(f"{name} must be a list of names or a regex string, got {value!r}")
+
+
+def _pattern_dict(name: str, value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name} must be a dict from module-name pattern to value, got {value!r}")
+    for key in value:
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"{name} keys must be non-empty strings, got {key!r}")
+        try:
+            re.compile(key)
+        except re.error as error:
+            raise ConfigError(f"{name} key {key!r} is not a valid regex ({error})") from None
+    return dict(value)
