@@ -21,26 +21,48 @@ VOCAB = 97
 
 def tiny_gpt2() -> GPT2LMHeadModel:
     config = GPT2Config(
-        n_embd=32, n_layer=2, n_head=2, vocab_size=VOCAB, n_positions=64,
-        bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        vocab_size=VOCAB,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
     )
     return GPT2LMHeadModel(config).eval()
 
 
 def tiny_llama() -> LlamaForCausalLM:
     config = LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64,
-        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
     )
     return LlamaForCausalLM(config).eval()
 
 
 def tiny_bert() -> BertForSequenceClassification:
     config = BertConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        vocab_size=VOCAB, max_position_embeddings=64, num_labels=3, pad_token_id=0,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        num_labels=3,
+        pad_token_id=0,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
     return BertForSequenceClassification(config).eval()
 

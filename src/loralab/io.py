@@ -18,7 +18,7 @@ import pickle
 import re
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +139,13 @@ _TASK_TYPES = {
     "ForTokenClassification": "TOKEN_CLS",
     "ForQuestionAnswering": "QUESTION_ANS",
     "ForConditionalGeneration": "SEQ_2_SEQ_LM",
+}
+# Heads that PEFT adds to modules_to_save by itself for these task types (matching
+# module names by their ending), and then expects to find in the adapter file.
+_TASK_SAVED_HEADS = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
 }
 
 
@@ -399,7 +406,7 @@ def peft_config_dict(
     default_alpha = config.lora_alpha
     data = {
         "peft_type": "LORA",
-        "task_type": _task_type(model),
+        "task_type": _task_type(model, config),
         "base_model_name_or_path": base_model_name_or_path,
         "revision": None,
         "inference_mode": True,
@@ -421,9 +428,16 @@ def peft_config_dict(
     return data
 
 
-def _task_type(model: nn.Module) -> str | None:
+def _task_type(model: nn.Module, config: LoraConfig) -> str | None:
     name = type(model).__name__
-    return next((task for suffix, task in _TASK_TYPES.items() if name.endswith(suffix)), None)
+    task = next((task for suffix, task in _TASK_TYPES.items() if name.endswith(suffix)), None)
+    # For a classification task PEFT trains the head in full and loads it from the file;
+    # if this adapter left the head frozen, no task type keeps PEFT's model equal to ours.
+    saved = set(saved_module_names(model, config))
+    heads = _TASK_SAVED_HEADS.get(task, ())
+    if any(n.endswith(heads) and n not in saved for n in base_module_names(model) if n):
+        return None
+    return task
 
 
 def _peft_selects(entries: list[str], layers: list[int] | None, pattern, names) -> set[str]:
@@ -539,6 +553,7 @@ def load_adapter_tensors(
 ) -> nn.Module:
     """Apply ``config`` and set its tensors (PEFT names) on ``model``, all or nothing."""
     try:
+        config = _saved_modules_present(model, config)
         targets = plan_targets(model, config, adapter_name, strict=False)
         extra_keys = _check_tensors(model, config, targets, tensors, source)
         factors = {t.name: _factors_from_file(t, tensors) for t in targets}
@@ -554,6 +569,19 @@ def load_adapter_tensors(
         for key in extra_keys:
             live[key].copy_(tensors[key])
     return model
+
+
+def _saved_modules_present(model: nn.Module, config: LoraConfig) -> LoraConfig:
+    """``config`` with only the ``modules_to_save`` entries that name a module of ``model``.
+
+    PEFT skips entries that match nothing, and writes some itself: a ``SEQ_CLS`` adapter
+    lists ``["classifier", "score"]`` whatever the model's head is called.
+    """
+    if not config.modules_to_save:
+        return config
+    names = [n for n in base_module_names(model) if n]
+    present = [m for m in config.modules_to_save if any(_suffix_match(m, n) for n in names)]
+    return replace(config, modules_to_save=list(dict.fromkeys(present)) or None)
 
 
 def _check_tensors(
