@@ -103,7 +103,6 @@ class Target:
     """One module to adapt, resolved from a config: everything needed to wrap it."""
 
     name: str
-    module: nn.Module
     layer: LoraLayer  # the existing wrapper, or a new one not yet placed in the model
     r: int
     alpha: float
@@ -219,12 +218,13 @@ def _output_head(model: nn.Module) -> nn.Module | None:
 def _select(
     model: nn.Module, config: LoraConfig, modules: dict[str, nn.Module], strict: bool
 ) -> _Selection:
-    names = list(modules)
+    names = [name for name in modules if name]  # the root itself is never a target
     selection = _Selection()
     spec = config.target_modules
     if spec == "all-linear":
         head = _output_head(model)
-        for name, module in modules.items():
+        for name in names:
+            module = modules[name]
             if isinstance(module, (nn.Linear, Conv1D)) and module is not head:
                 selection.add(name, None, None)
         return selection
@@ -316,8 +316,10 @@ def plan_targets(
     """Resolve ``config`` against ``model`` without changing it.
 
     Raises ``TargetError`` naming the entry, module or rank at fault. With ``strict``
-    every entry of a target list must match something (a loaded PEFT config may
-    legitimately list names that a given model does not have).
+    every entry of a target list must match something and no rank may exceed
+    ``min(d, k)``. A loaded PEFT file is read with ``strict=False``: it may list names a
+    model lacks, and PEFT itself writes ranks above a small head's size (wasteful but
+    exact), which loading must reproduce rather than refuse.
     """
     modules = base_module_names(model)
     selection = _select(model, config, modules, strict)
@@ -332,16 +334,9 @@ def plan_targets(
             config.layers_to_transform
         ):
             continue
+        short_names = tuple(sorted(selection.short_names.get(name, ())))
         targets.append(
-            _target(
-                model,
-                config,
-                adapter_name,
-                name,
-                modules[name],
-                parts,
-                tuple(sorted(selection.short_names.get(name, ()))),
-            )
+            _target(model, config, adapter_name, name, modules[name], parts, short_names, strict)
         )
     if not targets:
         raise TargetError(
@@ -361,6 +356,7 @@ def _target(
     base: nn.Module,
     parts: set[str] | None,
     short_names: tuple[str, ...],
+    strict: bool,
 ) -> Target:
     existing = model.get_submodule(name)
     layer_class = lora_class_for(base)
@@ -397,12 +393,12 @@ def _target(
             raise TargetError(f"fused parts {fused.enabled} of {name!r} need one rank, got {ranks}")
     alpha = config.alpha_for(name, part_names)
     limit = layer.max_rank()
-    if r > limit:
+    if r > limit and strict:
         raise TargetError(
             f"rank r={r} for {name!r} is larger than its matrix allows "
             f"(weight {tuple(base.weight.shape)}: at most {limit})"
         )
-    return Target(name, base, layer, r, alpha, short_names, fused)
+    return Target(name, layer, r, alpha, short_names, fused)
 
 
 # -- injection --------------------------------------------------------------------------

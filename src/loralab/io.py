@@ -482,14 +482,32 @@ def _written_pattern(values: dict[str, float], default: float) -> dict[str, floa
     return pattern
 
 
-def _write_atomically(path: Path, write) -> None:
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _write_files_atomically(directory: Path, writers: dict[str, Any]) -> None:
+    """Write every file to a temporary name first, then rename them all into place.
+
+    A failure while writing (a full disk, an error in the writer) leaves the previous
+    files untouched: never new weights beside an old config, or the reverse.
+    """
+    staged: dict[Path, str] = {}
     try:
-        write(temporary)
-        os.replace(temporary, path)
+        for name, write in writers.items():
+            fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+            os.close(fd)
+            staged[directory / name] = temporary
+            write(temporary)
+            # mkstemp makes the file private (0600); give it the mode a plain write would.
+            os.chmod(temporary, 0o666 & ~_umask())
+        for path, temporary in staged.items():
+            os.replace(temporary, path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        for temporary in staged.values():
+            Path(temporary).unlink(missing_ok=True)
         raise
 
 
@@ -499,7 +517,7 @@ def save_adapter(
     adapter_name: str = "default",
     base_model_name_or_path: str | None = None,
 ) -> Path:
-    """Write the adapter in PEFT's format; each file is replaced atomically."""
+    """Write the adapter in PEFT's format; the files are replaced together or not at all."""
     directory = Path(directory)
     config = _config_of(model, adapter_name)
     tensors = adapter_state_dict(model, adapter_name)
@@ -510,22 +528,24 @@ def save_adapter(
         if isinstance(layer, LoraFusedLinear) and adapter_name in layer.lora
     }
     directory.mkdir(parents=True, exist_ok=True)
-    _write_atomically(
-        directory / WEIGHTS_FILE,
-        lambda path: save_file(tensors, path, metadata={"format": "pt"}),
-    )
-    _write_json(directory / CONFIG_FILE, peft_config)
-    extra = directory / LORALAB_FILE
+    writers = {
+        WEIGHTS_FILE: lambda path: save_file(tensors, path, metadata={"format": "pt"}),
+        CONFIG_FILE: _json_writer(peft_config),
+    }
     if fused:
-        _write_json(extra, {"format": 1, "config": config.to_dict(), "fused": fused})
-    elif extra.exists():
-        extra.unlink()  # a stale one from an earlier save would override the new config
+        writers[LORALAB_FILE] = _json_writer(
+            {"format": 1, "config": config.to_dict(), "fused": fused}
+        )
+    _write_files_atomically(directory, writers)
+    if not fused:
+        # A stale one from an earlier save would override the new config.
+        (directory / LORALAB_FILE).unlink(missing_ok=True)
     return directory
 
 
-def _write_json(path: Path, data: dict) -> None:
+def _json_writer(data: dict):
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
-    _write_atomically(path, lambda p: Path(p).write_text(text, encoding="utf-8"))
+    return lambda path: Path(path).write_text(text, encoding="utf-8")
 
 
 # -- loading ------------------------------------------------------------------------------
