@@ -35,9 +35,9 @@ def tiny_gpt2() -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config).eval()
 
 
-def tiny_llama() -> LlamaForCausalLM:
+def tiny_llama(hidden_size: int = 32) -> LlamaForCausalLM:
     config = LlamaConfig(
-        hidden_size=32,
+        hidden_size=hidden_size,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,

@@ -17,11 +17,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2LMHeadModel
 
 import loralab
 import loralab.io
-from conftest import make_model, randomize_lora, token_batch
+from conftest import make_model, randomize_lora, tiny_llama, token_batch
 from loralab import AdapterFileError, LoraConfig, LoraConv1D, LoraFusedLinear, lora_layers
 
 ATOL = 1e-5
@@ -553,19 +553,7 @@ def test_merge_state_dicts_does_not_modify_its_inputs(tmp_path):
 
 def _llama_hidden(hidden: int) -> nn.Module:
     torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=97,
-        max_position_embeddings=64,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(hidden)
 
 
 def _assert_load_fails(directory, error, match, kind="llama", model=None):

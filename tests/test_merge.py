@@ -7,13 +7,16 @@ from conftest import make_model, randomize_lora, token_batch
 from loralab import (
     LoraConfig,
     MergeError,
+    adapter_state_dict,
     inject_adapter,
     lora_layers,
     merge_adapter,
     merge_and_unload,
+    merge_state_dicts,
     unload,
     unmerge_adapter,
 )
+from loralab.io import peft_config_dict
 
 CONFIGS = {
     "llama": LoraConfig(r=4, lora_alpha=8, target_modules=["q", "k", "v", "o", "up"]),
@@ -123,3 +126,12 @@ def test_bf16_base_merges_close_to_its_unmerged_output():
         assert torch.equal(layer.base_layer.weight, expected[name])  # fp32 sum, cast once
     merged = model(tokens).logits.float()
     assert (merged - unmerged).abs().max() < 0.05 * unmerged.abs().max()
+
+
+def test_merge_state_dicts_refuses_a_tied_weight():
+    base_state = make_model("gpt2").state_dict()  # wte and lm_head share one storage
+    model = make_model("gpt2")
+    inject_adapter(model, LoraConfig(target_modules=["wte"]))
+    randomize_lora(model)
+    with pytest.raises(MergeError, match=r"'transformer.wte.weight'.*tied to \['lm_head.weight'\]"):
+        merge_state_dicts(base_state, adapter_state_dict(model), peft_config_dict(model))

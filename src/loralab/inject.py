@@ -185,7 +185,8 @@ def parameter_roles(model: nn.Module) -> Iterator[tuple[str, str, str, nn.Parame
     yield from visit("", model)
 
 
-def _suffix_match(entry: str, name: str) -> bool:
+def name_matches(entry: str, name: str) -> bool:
+    """PEFT's rule for a list entry: the exact module name, or a ``.entry`` suffix."""
     return name == entry or name.endswith("." + entry)
 
 
@@ -252,7 +253,7 @@ def _select_entry(
     if fused:
         module_name = fused["module"]
         parts = [p.strip() for p in fused["parts"].split(",")]
-        matched = [n for n in names if _suffix_match(module_name, n)]
+        matched = [n for n in names if name_matches(module_name, n)]
         for name in matched:
             layout = _fused_layout(name)
             if layout is None:
@@ -263,7 +264,7 @@ def _select_entry(
                     raise TargetError(f"{entry!r}: {name!r} has parts {layout}, not {part!r}")
                 selection.add(name, part, None)
         return bool(matched)
-    literal = [n for n in names if _suffix_match(entry, n)]
+    literal = [n for n in names if name_matches(entry, n)]
     for name in literal:
         selection.add(name, None, None)
     if literal or architecture is None or entry not in architecture.short_names:
@@ -300,13 +301,13 @@ def _excluded(config: LoraConfig, name: str) -> bool:
         return False
     if isinstance(spec, str):
         return re.fullmatch(spec, name) is not None
-    return any(_suffix_match(entry, name) for entry in spec)
+    return any(name_matches(entry, name) for entry in spec)
 
 
-def _in_saved_module(config: LoraConfig, name: str) -> bool:
-    # A module trained in full is never also given LoRA: the two would fight over it.
+def in_saved_module(config: LoraConfig, name: str) -> bool:
+    """Whether ``name`` is (inside) a module that ``modules_to_save`` trains in full."""
     return any(
-        _suffix_match(m, name) or f".{m}." in f".{name}" for m in config.modules_to_save or []
+        name_matches(m, name) or f".{m}." in f".{name}" for m in config.modules_to_save or []
     )
 
 
@@ -328,8 +329,8 @@ def plan_targets(
     )
     targets = []
     for name, parts in selection.parts.items():
-        if _excluded(config, name) or _in_saved_module(config, name):
-            continue
+        if _excluded(config, name) or in_saved_module(config, name):
+            continue  # a module trained in full never also gets LoRA: they would fight
         if layers_apply and layer_index(name, config.layers_pattern) not in set(
             config.layers_to_transform
         ):
@@ -409,7 +410,7 @@ def saved_module_names(model: nn.Module, config: LoraConfig) -> list[str]:
     modules = base_module_names(model)
     names = []
     for entry in config.modules_to_save or []:
-        matched = [n for n in modules if n and _suffix_match(entry, n)]
+        matched = [n for n in modules if n and name_matches(entry, n)]
         if not matched:
             raise TargetError(
                 f"modules_to_save entry {entry!r} matches no module; "

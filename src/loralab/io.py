@@ -31,12 +31,13 @@ from transformers.pytorch_utils import Conv1D
 from .config import ConfigError, LoraConfig, pattern_value
 from .inject import (
     Target,
-    _suffix_match,
     adapter_configs,
     apply_targets,
     base_module_names,
+    in_saved_module,
     layer_index,
     lora_layers,
+    name_matches,
     parameter_roles,
     plan_targets,
     saved_module_names,
@@ -443,7 +444,7 @@ def _task_type(model: nn.Module, config: LoraConfig) -> str | None:
 def _peft_selects(entries: list[str], layers: list[int] | None, pattern, names) -> set[str]:
     chosen = set()
     for name in names:
-        if not any(_suffix_match(entry, name) for entry in entries):
+        if not any(name_matches(entry, name) for entry in entries):
             continue
         if layers is not None and name not in entries and layer_index(name, pattern) not in layers:
             continue
@@ -453,9 +454,7 @@ def _peft_selects(entries: list[str], layers: list[int] | None, pattern, names) 
 
 def _written_targets(config: LoraConfig, chosen: set[str], modules: dict[str, nn.Module]):
     """The shortest target list PEFT reads as exactly ``chosen``; full names at worst."""
-    names = [n for n in modules if n]
-    saved = config.modules_to_save or []
-    names = [n for n in names if not any(_suffix_match(m, n) or f".{m}." in f".{n}" for m in saved)]
+    names = [n for n in modules if n and not in_saved_module(config, n)]
     for depth in (1, 2, 3):
         entries = sorted({".".join(n.split(".")[-depth:]) for n in chosen})
         for layers, pattern in ((None, None), (config.layers_to_transform, config.layers_pattern)):
@@ -600,7 +599,7 @@ def _saved_modules_present(model: nn.Module, config: LoraConfig) -> LoraConfig:
     if not config.modules_to_save:
         return config
     names = [n for n in base_module_names(model) if n]
-    present = [m for m in config.modules_to_save if any(_suffix_match(m, n) for n in names)]
+    present = [m for m in config.modules_to_save if any(name_matches(m, n) for n in names)]
     return replace(config, modules_to_save=list(dict.fromkeys(present)) or None)
 
 

@@ -137,6 +137,12 @@ def merge_state_dicts(
         if weight_key not in base_state:
             raise KeyError(f"adapter tensor {key!r} has no base weight {weight_key!r}")
         weight = base_state[weight_key]
+        tied = [k for k, t in base_state.items() if k != weight_key and _same_storage(t, weight)]
+        if tied:
+            raise MergeError(
+                f"cannot merge into {weight_key!r}: it is tied to {tied}, which would keep "
+                "the unmerged weight; untie the weights first"
+            )
         if A.dim() == 4:
             delta = conv2d_delta(A, B, scale)
         elif name.endswith("lora_embedding_A"):
@@ -151,3 +157,8 @@ def merge_state_dicts(
             )
         merged[weight_key] = (weight.float() + delta).to(weight.dtype)
     return merged
+
+
+def _same_storage(a: Tensor, b: Tensor) -> bool:
+    # A state dict holds tied weights as two keys over one storage (GPT-2's wte, lm_head).
+    return a.device.type != "meta" and a.data_ptr() == b.data_ptr() and a.shape == b.shape
