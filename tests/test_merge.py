@@ -103,7 +103,7 @@ def test_tied_weights_are_not_merged_silently():
     inject_adapter(model, LoraConfig(target_modules=["wte"]))
     randomize_lora(model)
     w0 = model.transformer.wte.base_layer.weight.detach().clone()
-    with pytest.raises(MergeError, match=r"'transformer.wte'.*tied to .*lm_head"):
+    with pytest.raises(MergeError, match=r"'transformer.wte'.*tied to \['lm_head.weight'\]"):
         merge_adapter(model)
     assert torch.equal(model.transformer.wte.base_layer.weight, w0)
 
@@ -135,3 +135,9 @@ def test_merge_state_dicts_refuses_a_tied_weight():
     randomize_lora(model)
     with pytest.raises(MergeError, match=r"'transformer.wte.weight'.*tied to \['lm_head.weight'\]"):
         merge_state_dicts(base_state, adapter_state_dict(model), peft_config_dict(model))
+
+
+def test_merging_an_unknown_adapter_lists_the_loaded_ones():
+    model = _adapted("llama")
+    with pytest.raises(KeyError, match=r"no adapter named 'other'; the model has \['default'\]"):
+        merge_adapter(model, "other")

@@ -136,7 +136,11 @@ class LoraLayer(nn.Module):
         if name is None or name in self.merged_adapters:
             return result
         factors = self.lora[name]
-        return result + self.lora_update(x.to(factors.A.dtype), factors).to(result.dtype)
+        return result + self.lora_update(self._lora_input(x, factors), factors).to(result.dtype)
+
+    def _lora_input(self, x: Tensor, factors: LoraFactors) -> Tensor:
+        # A half-precision base feeds its fp32 factors in fp32.
+        return x.to(factors.A.dtype)
 
     def _factors(self, adapter_name: str | None) -> LoraFactors:
         name = adapter_name or self.active_adapter
@@ -230,13 +234,8 @@ class LoraEmbedding(LoraLayer):
         rows = F.embedding(x, factors.A.T, padding_idx=self.base_layer.padding_idx)  # (…, r)
         return (rows @ factors.B.T) * factors.scale
 
-    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        # Token ids must stay integers: no dtype cast on the input of the lookup.
-        result = self.base_layer(x, *args, **kwargs)
-        name = self.active_adapter
-        if name is None or name in self.merged_adapters:
-            return result
-        return result + self.lora_update(x, self.lora[name]).to(result.dtype)
+    def _lora_input(self, x: Tensor, factors: LoraFactors) -> Tensor:
+        return x  # token ids stay integers
 
     def delta_weight(self, adapter_name: str | None = None) -> Tensor:
         f = self._factors(adapter_name)

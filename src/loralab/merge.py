@@ -36,16 +36,22 @@ def merge_adapter(model: nn.Module, adapter_name: str | None = None, safe: bool 
     if one is bad. A weight tied to another module (GPT-2's ``wte`` and ``lm_head``) is
     refused: merging would change both, while the unmerged update only touched one.
     """
+    if adapter_name is not None and adapter_name not in adapter_configs(model):
+        raise KeyError(
+            f"no adapter named {adapter_name!r}; the model has {sorted(adapter_configs(model))}"
+        )
     layers = lora_layers(model)
     tied = _tied_elsewhere(model)
     for name, layer in layers.items():
-        holders = tied.get(id(layer.base_layer.weight))
+        holders = [h for h in tied.get(id(layer.base_layer.weight), []) if not h.startswith(name)]
         if holders:
             raise MergeError(
                 f"cannot merge into {name!r}: its weight is tied to {holders}, so merging "
                 "would change the other module too; untie the weights first"
             )
     if safe:
+        # A first pass over every ΔW, so that a bad one leaves all weights untouched; the
+        # deltas are recomputed when merging rather than held, which would double memory.
         for name, layer in layers.items():
             adapter = adapter_name or layer.active_adapter
             if adapter in layer.merged_adapters or adapter not in layer.lora:
