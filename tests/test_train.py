@@ -1,0 +1,265 @@
+"""The training loop: settings, schedule, learning, determinism, checkpoints and resume."""
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import loralab.train as train_module
+from conftest import char_tokenizer, tiny_bert
+from loralab.config import ConfigError
+from loralab.train import (
+    TrainConfig,
+    TrainingInterrupted,
+    config_from_file,
+    learning_rate_factor,
+    train,
+)
+
+WORDS = ["cat", "dog", "bird", "fish", "lion", "bear", "wolf", "frog", "duck", "goat"]
+
+
+def _data_file(tmp_path, count=64):
+    records = [
+        {"prompt": f"Reverse {w}{i % 3}:", "completion": f" {(w + str(i % 3))[::-1]}"}
+        for i, w in enumerate(WORDS * (count // len(WORDS) + 1))
+    ][:count]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def _config(tmp_path, name="run", **overrides):
+    settings = dict(
+        model="unused",
+        data=str(_data_file(tmp_path)),
+        validation_data=str(_data_file(tmp_path, 16)),
+        output_dir=str(tmp_path / name),
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.1,
+        target_modules=["q", "v", "o"],
+        learning_rate=1e-2,
+        max_steps=6,
+        batch_size=4,
+        max_length=32,
+        eval_every=3,
+        save_every=3,
+        progress=False,
+        seed=1,
+    )
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def _tiny(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return (
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        AutoTokenizer.from_pretrained(tiny_model_dir),
+    )
+
+
+def _adapter(run_dir):
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"max_steps": 0}, r"max_steps must be an integer ≥ 1, got 0"),
+        ({"learning_rate": 5.0}, r"learning_rate must be in \(0, 1\), got 5.0"),
+        ({"schedule": "exp"}, r"schedule must be one of"),
+        ({"warmup_steps": 200, "max_steps": 100}, r"warmup_steps=200 is longer than max_steps=100"),
+        ({"r": -1}, r"r must be an integer ≥ 1, got -1"),
+        ({"lora_dropout": 1.5}, r"lora_dropout must be in \[0, 1\)"),
+        ({"task": None, "data": None}, r"give a built-in task"),
+        ({"model_kind": "seq2seq"}, r"model_kind must be one of"),
+    ],
+)
+def test_out_of_range_settings_are_refused(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**settings)
+
+
+def test_yaml_config_with_command_line_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("r: 16\nlearning_rate: 0.001\ntarget_modules: [q, k, v]\n")
+    config = config_from_file(path, {"learning_rate": 0.002})
+    assert (config.r, config.learning_rate, config.target_modules) == (16, 0.002, ["q", "k", "v"])
+    path.write_text("lora_alfa: 4\n")
+    with pytest.raises(
+        ConfigError, match=r"unknown setting 'lora_alfa'; did you mean 'lora_alpha'"
+    ):
+        config_from_file(path)
+    path.write_text("r: [1\n")
+    with pytest.raises(ConfigError, match=r"run.yaml, line 2: malformed YAML"):
+        config_from_file(path)
+    path.write_text("r: 0\n")
+    with pytest.raises(ConfigError, match=r"run.yaml: r must be"):
+        config_from_file(path)
+
+
+def test_learning_rate_schedules():
+    linear = TrainConfig(max_steps=10, warmup_steps=4)
+    assert [round(learning_rate_factor(s, linear), 3) for s in range(4)] == [0.2, 0.4, 0.6, 0.8]
+    assert learning_rate_factor(4, linear) == 1.0
+    assert learning_rate_factor(7, linear) == pytest.approx(0.5)
+    cosine = TrainConfig(max_steps=10, schedule="cosine")
+    assert learning_rate_factor(5, cosine) == pytest.approx(0.5)
+    assert learning_rate_factor(10, cosine) == pytest.approx(0.0)
+    assert learning_rate_factor(9, TrainConfig(max_steps=10, schedule="constant")) == 1.0
+
+
+def test_training_learns_and_writes_the_run_directory(tmp_path, tiny_model_dir):
+    model, tokenizer = _tiny(tiny_model_dir)
+    # A random tiny model's logits pass a final norm and a frozen head with tiny weights, so
+    # attention updates alone hardly move them; LoRA on the head lets it learn visibly.
+    config = _config(
+        tmp_path, max_steps=40, eval_every=20, save_every=20, target_modules=["q", "v", "lm_head"]
+    )
+    result = train(config, model=model, tokenizer=tokenizer)
+    first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
+    assert last < 0.7 * first, (first, last)
+    assert result.validation[-1][1] < result.validation[0][1]
+    run = tmp_path / "run"
+    for name in ("config.yaml", "metrics.jsonl", "loss.png", "adapter/adapter_config.json"):
+        assert (run / name).exists(), name
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [line["step"] for line in lines if "loss" in line]
+    assert steps == list(range(1, 41))
+    assert {"lr", "tokens_per_s"} <= set(lines[0])
+    assert config_from_file(run / "config.yaml") == config  # the run can be repeated exactly
+    # only the adapter changed: the file holds exactly the LoRA factors
+    assert all(".lora_" in key for key in _adapter(run))
+
+
+def test_same_seed_repeats_bit_for_bit(tmp_path, tiny_model_dir):
+    results = []
+    for name in ("a", "b"):
+        model, tokenizer = _tiny(tiny_model_dir)
+        train(_config(tmp_path, name), model=model, tokenizer=tokenizer)
+        results.append(_adapter(tmp_path / name))
+    assert results[0].keys() == results[1].keys()
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+
+
+def test_ctrl_c_leaves_a_checkpoint_that_resumes_to_the_same_adapter(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    model, tokenizer = _tiny(tiny_model_dir)
+    train(_config(tmp_path, "straight", save_every=0), model=model, tokenizer=tokenizer)
+
+    real_step, calls = train_module._optimizer_step, []
+
+    def step_then_interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # Ctrl-C arrives in the middle of the fourth step
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_optimizer_step", step_then_interrupt)
+    model, tokenizer = _tiny(tiny_model_dir)
+    with pytest.raises(TrainingInterrupted, match=r"interrupted at step 4 of 6.*--resume"):
+        train(_config(tmp_path, "stopped", save_every=0), model=model, tokenizer=tokenizer)
+    monkeypatch.setattr(train_module, "_optimizer_step", real_step)
+    assert not (tmp_path / "stopped" / "adapter").exists()
+
+    model, tokenizer = _tiny(tiny_model_dir)
+    train(_config(tmp_path, "stopped", save_every=0, resume=True), model=model, tokenizer=tokenizer)
+    straight, resumed = _adapter(tmp_path / "straight"), _adapter(tmp_path / "stopped")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    steps = [
+        json.loads(x)["step"]
+        for x in (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [s for s in steps] == sorted(steps) and steps.count(4) >= 1
+
+
+def test_resume_refuses_changed_settings_and_a_missing_checkpoint(tmp_path, tiny_model_dir):
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        train(_config(tmp_path, "nothing", resume=True))
+    model, tokenizer = _tiny(tiny_model_dir)
+    train(_config(tmp_path, "run", max_steps=6, save_every=3), model=model, tokenizer=tokenizer)
+    with pytest.raises(ConfigError, match=r"settings differ from the checkpoint \(learning_rate"):
+        train(_config(tmp_path, "run", resume=True, learning_rate=0.5))
+
+
+def test_bf16_autocast_and_tensorboard(tmp_path, tiny_model_dir):
+    model, tokenizer = _tiny(tiny_model_dir)
+    result = train(_config(tmp_path, bf16=True, tensorboard=True), model=model, tokenizer=tokenizer)
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    assert any(
+        p.name.startswith("events.out.tfevents")
+        for p in (tmp_path / "run" / "tensorboard").iterdir()
+    )
+
+
+def test_classifier_training_trains_the_new_head(tmp_path):
+    records = [
+        {"text": f"{w} is {'big' if len(w) > 3 else 'small'}", "label": int(len(w) > 3)}
+        for w in WORDS * 4
+    ]
+    path = tmp_path / "cls.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    model, tokenizer = tiny_bert(), char_tokenizer()
+    model.resize_token_embeddings(len(tokenizer))
+    head_before = model.classifier.weight.detach().clone()
+    config = _config(
+        tmp_path,
+        data=str(path),
+        validation_data=None,
+        model_kind="classification",
+        target_modules=["q", "v"],
+        max_steps=5,
+    )
+    result = train(config, model=model, tokenizer=tokenizer)
+    adapter = _adapter(tmp_path / "run")
+    assert "base_model.model.classifier.weight" in adapter
+    assert not torch.equal(adapter["base_model.model.classifier.weight"], head_before)
+    assert result.steps == 5
+
+
+def _cli(*args, cwd):
+    return subprocess.Popen(
+        [sys.executable, "-m", "loralab", "train", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_sigkill_then_resume_ends_with_the_same_adapter(tmp_path, tiny_model_dir):
+    data = _data_file(tmp_path)
+    common = [
+        *("--model", str(tiny_model_dir), "--data", str(data)),
+        *shlex.split("--max-steps 150 --save-every 2 --batch-size 4 --max-length 32 --r 4"),
+        *shlex.split("--learning-rate 0.01 --lora-dropout 0.1 --no-progress --seed 3"),
+    ]
+    straight = _cli(*common, "--output-dir", str(tmp_path / "straight"), cwd=tmp_path)
+    assert straight.wait(timeout=300) == 0, straight.stdout.read()
+
+    killed = _cli(*common, "--output-dir", str(tmp_path / "killed"), cwd=tmp_path)
+    state = tmp_path / "killed" / "checkpoint" / "state.pt"
+    deadline = time.time() + 240
+    while time.time() < deadline and not state.exists():
+        time.sleep(0.05)
+    time.sleep(0.2)  # land somewhere in the middle of later steps (150 take seconds)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(timeout=30)
+    assert not (tmp_path / "killed" / "adapter").exists(), "the run finished before the kill"
+
+    resumed = _cli(*common, "--output-dir", str(tmp_path / "killed"), "--resume", cwd=tmp_path)
+    output = resumed.stdout.read()
+    assert resumed.wait(timeout=300) == 0, output
+    a, b = _adapter(tmp_path / "straight"), _adapter(tmp_path / "killed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
