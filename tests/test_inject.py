@@ -306,3 +306,16 @@ def test_gpt3_175b_shaped_config_counts_on_the_meta_device():
     assert 174.5e9 < report.total - report.trainable < 175.5e9
     assert all(p.device.type == "meta" for p in model.parameters())
     assert "transformer.h.*.attn.c_attn[q,v] (lora)" in str(report)
+
+
+def test_injecting_into_a_model_in_eval_mode_keeps_it_in_eval_mode():
+    model = make_model("bert").eval()
+    inject_adapter(
+        model, LoraConfig(target_modules=["q"], lora_dropout=0.5, modules_to_save=["classifier"])
+    )
+    assert not any(module.training for module in model.modules())
+    randomize_lora(model)
+    tokens = token_batch()
+    assert torch.equal(model(tokens).logits, model(tokens).logits)  # no dropout at inference
+    model.train()
+    assert all(module.training for module in model.modules())

@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="the main job: before/after LoRA on the e2e task")
     demo.add_argument("--output-dir", type=Path, default=Path("runs/demo"))
-    demo.add_argument("--steps", type=int, default=None, help="training steps (default: 120)")
+    demo.add_argument("--steps", type=int, default=None, help="training steps (default: 60)")
     demo.add_argument("--test-size", type=int, default=None, help="scored examples (default 64)")
     return parser
 
@@ -112,6 +112,10 @@ def _model_flags(parser: argparse.ArgumentParser, adapter_required: bool = False
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from transformers.utils import logging as transformers_logging
+
+    # Our own progress bar and messages are enough; Transformers' per-load bars are noise.
+    transformers_logging.disable_progress_bar()
     try:
         return COMMANDS[args.command](args)
     except TrainingInterrupted as stopped:
@@ -155,9 +159,9 @@ def _eval(args: argparse.Namespace) -> int:
     from .tasks import get_task
 
     task = get_task(args.task)
-    model, tokenizer = _load(args, len(task.labels) if task.labels else None)
     sizes = {f"{args.split}_size": args.size} if args.size else {}
-    examples = task.splits(seed=args.seed, **sizes)[args.split]
+    examples = task.splits(seed=args.seed, **sizes)[args.split]  # bad sizes fail before loading
+    model, tokenizer = _load(args, len(task.labels) if task.labels else None)
     result = evaluate_task(model, tokenizer, task, examples, args.batch_size)
     print(
         json.dumps(

@@ -58,7 +58,8 @@ def generate(
 def classify(model: nn.Module, tokenizer, examples: list[dict], labels, batch_size: int = 32):
     """Predicted class indices from a classification head."""
     model.eval()
-    data = encode_dataset(tokenizer, examples, 512, tuple(labels))
+    limit = min(512, getattr(model.config, "max_position_embeddings", 512))
+    data = encode_dataset(tokenizer, examples, limit, tuple(labels))
     predictions: list[int] = []
     for start in range(0, len(data), batch_size):
         batch = collate(data[start : start + batch_size], tokenizer.pad_token_id or 0)

@@ -83,6 +83,7 @@ class LoraLayer(nn.Module):
         self.lora = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.merged_adapters: list[str] = []
+        self.train(base_layer.training)  # wrapping never switches eval mode (dropout) on
 
     # Subclasses define the factor shapes, the init of A, the low-rank path and ΔW.
     def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -126,6 +127,7 @@ class LoraLayer(nn.Module):
         )
         with torch.no_grad():
             self._init_a(factors.A, init)
+        factors.train(self.training)  # a new adapter follows the model's train/eval mode
         self.lora[name] = factors
         if self.active_adapter is None:
             self.active_adapter = name
@@ -388,10 +390,11 @@ class TrainableCopy(nn.Module):
         super().__init__()
         self.original = original
         self.copies = nn.ModuleDict()
+        self.train(original.training)
         self.active_adapter: str | None = None
 
     def add_adapter(self, name: str) -> None:
-        trainable = copy.deepcopy(self.original)
+        trainable = copy.deepcopy(self.original)  # keeps the original's train/eval mode
         for parameter in trainable.parameters():
             parameter.requires_grad_(True)
         self.copies[name] = trainable

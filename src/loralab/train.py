@@ -15,9 +15,7 @@ import dataclasses
 import json
 import math
 import random
-import shutil
 import signal
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +25,7 @@ import torch
 import yaml
 from torch import nn
 
+from .checkpoint import CHECKPOINT, check_resumable, find_checkpoint, save_checkpoint
 from .config import ConfigError, LoraConfig
 from .data import DataError, batch_stream, collate, encode_dataset, label_names_of, read_examples
 from .inject import inject_adapter, trainable_parameters
@@ -34,8 +33,6 @@ from .io import load_adapter_tensors, read_adapter, save_adapter
 
 SCHEDULES = ("linear", "cosine", "constant")
 MODEL_KINDS = ("causal-lm", "classification")
-# Settings that may differ when a run is resumed: they do not change the computation.
-RESUMABLE_CHANGES = {"resume", "tensorboard", "progress", "log_every"}
 
 
 @dataclass
@@ -280,54 +277,6 @@ def validation_loss(model: nn.Module, data: list, batch_size: int, pad_id: int) 
     return total / max(count, 1)
 
 
-# -- checkpoints --------------------------------------------------------------------------------
-
-
-CHECKPOINT = "checkpoint"
-
-
-def save_checkpoint(run_dir: Path, model, optimizer, scheduler, step: int, config) -> None:
-    """Write a complete checkpoint beside the old one, then swap them by renaming."""
-    staging = Path(tempfile.mkdtemp(dir=run_dir, prefix=".checkpoint-"))
-    try:
-        save_adapter(model, staging / "adapter")
-        state = {
-            "step": step,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng_torch": torch.get_rng_state(),
-            "rng_python": random.getstate(),
-            "config": config.to_dict(),
-        }
-        torch.save(state, staging / "state.pt")
-        final, previous = run_dir / CHECKPOINT, run_dir / ".checkpoint-previous"
-        shutil.rmtree(previous, ignore_errors=True)
-        if final.exists():
-            final.rename(previous)  # until the next rename, the previous one stays findable
-        staging.rename(final)
-        shutil.rmtree(previous, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def find_checkpoint(run_dir: Path) -> Path | None:
-    """The last complete checkpoint (also one left mid-swap by a killed run)."""
-    for name in (CHECKPOINT, ".checkpoint-previous"):
-        candidate = run_dir / name
-        if (candidate / "state.pt").exists() and (candidate / "adapter").exists():
-            return candidate
-    return None
-
-
-def _check_resumable(saved: dict, config: TrainConfig, where: Path) -> None:
-    current = config.to_dict()
-    changed = [k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]]
-    if changed:
-        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
-        raise ConfigError(f"cannot resume {where}: settings differ from the checkpoint ({details})")
-
-
 # -- the run -------------------------------------------------------------------------------------
 
 
@@ -359,7 +308,7 @@ def train(config: TrainConfig, model=None, tokenizer=None) -> TrainResult:
         if checkpoint is None:
             raise ConfigError(f"--resume: no checkpoint in {run_dir}")
         saved = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=True)
-        _check_resumable(saved["config"], config, checkpoint)
+        check_resumable(saved["config"], config, checkpoint)
     writer = _tensorboard_writer(config, run_dir)  # fails before any work if not installed
     examples = load_examples(config)  # bad data fails before the model is loaded
     if model is None:

@@ -1,0 +1,67 @@
+"""Training checkpoints: everything a run needs to continue bit for bit.
+
+A checkpoint holds the adapter, the optimizer and scheduler state, the RNG states and
+the step; the data order is a pure function of the seed and the step, so that is the
+data position. It is written to a temporary directory beside the old one and swapped in
+by renaming, so a run killed at any moment (SIGKILL included) leaves the last complete one.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError
+from .io import save_adapter
+
+CHECKPOINT = "checkpoint"
+# Settings that may differ when a run is resumed: they do not change the computation.
+RESUMABLE_CHANGES = {"resume", "tensorboard", "progress", "log_every"}
+
+
+def save_checkpoint(run_dir: Path, model, optimizer, scheduler, step: int, config) -> None:
+    """Write a complete checkpoint beside the old one, then swap them by renaming."""
+    for stale in run_dir.glob(".checkpoint-*.tmp"):  # left by a run killed mid-write
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(dir=run_dir, prefix=".checkpoint-", suffix=".tmp"))
+    try:
+        save_adapter(model, staging / "adapter")
+        state = {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng_torch": torch.get_rng_state(),
+            "rng_python": random.getstate(),
+            "config": config.to_dict(),
+        }
+        torch.save(state, staging / "state.pt")
+        final, previous = run_dir / CHECKPOINT, run_dir / ".checkpoint-previous"
+        shutil.rmtree(previous, ignore_errors=True)
+        if final.exists():
+            final.rename(previous)  # until the next rename, the previous one stays findable
+        staging.rename(final)
+        shutil.rmtree(previous, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def find_checkpoint(run_dir: Path) -> Path | None:
+    """The last complete checkpoint (also one left mid-swap by a killed run)."""
+    for name in (CHECKPOINT, ".checkpoint-previous"):
+        candidate = run_dir / name
+        if (candidate / "state.pt").exists() and (candidate / "adapter").exists():
+            return candidate
+    return None
+
+
+def check_resumable(saved: dict, config, where: Path) -> None:
+    current = config.to_dict()
+    changed = [k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]]
+    if changed:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+        raise ConfigError(f"cannot resume {where}: settings differ from the checkpoint ({details})")
