@@ -458,6 +458,14 @@ def apply_targets(
             holder = TrainableCopy(holder)
             _replace_module(model, name, holder)
         holder.add_adapter(adapter_name)
+    # The first adapter becomes the model's active one; a later one waits to be chosen,
+    # also in layers that only it adapts (they would otherwise run it alongside).
+    active = model.__dict__.setdefault("_loralab_active", adapter_name)
+    for target in targets:
+        target.layer.active_adapter = active if active in target.layer.lora else None
+    for name in saved:
+        holder = model.get_submodule(name)
+        holder.active_adapter = active if active in holder.copies else None
     adapter_configs(model)[adapter_name] = config
     _freeze(model, config, {t.name for t in targets})
     return model

@@ -83,6 +83,7 @@ class LoraLayer(nn.Module):
         self.lora = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.merged_adapters: list[str] = []
+        self.row_mix = None  # set by adapters.mixed_adapters for one mixed batch
         self.train(base_layer.training)  # wrapping never switches eval mode (dropout) on
 
     # Subclasses define the factor shapes, the init of A, the low-rank path and ΔW.
@@ -134,6 +135,8 @@ class LoraLayer(nn.Module):
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         result = self.base_layer(x, *args, **kwargs)
+        if self.row_mix is not None:  # a mixed batch: each row its own adapter
+            return self.row_mix(x, result)
         name = self.active_adapter
         if name is None or name in self.merged_adapters:
             return result

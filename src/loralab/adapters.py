@@ -1,0 +1,461 @@
+"""Several named adapters on one frozen base: list, switch, disable, delete, hot-swap,
+combine, save/load them all, and mix them per batch row.
+
+Every adapter lives in the same ``LoraLayer`` wrappers (``layer.lora[name]``), so this
+module only moves the ``active_adapter`` pointers, merges and unmerges, and builds the
+per-row banks that ``mixed_adapters`` hands to the layers for one batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import LoraConfig
+from .inject import adapter_configs, lora_layers
+from .io import (
+    CONFIG_FILE,
+    AdapterFileError,
+    _factors_from_file,
+    load_adapter,
+    read_adapter,
+    save_adapter,
+)
+from .layers import (
+    LoraConv1D,
+    LoraFactors,
+    LoraFusedLinear,
+    LoraLayer,
+    LoraLinear,
+    TrainableCopy,
+)
+
+# -- which adapters there are, and which one runs ----------------------------------------------
+
+
+@dataclass
+class AdapterInfo:
+    """One adapter on a model, as ``list_adapters`` describes it."""
+
+    name: str
+    active: bool
+    merged: bool
+    modules: int
+    ranks: tuple[int, ...]
+    target_modules: list[str] | str
+
+    def __str__(self) -> str:
+        flags = ", ".join(f for f, on in (("active", self.active), ("merged", self.merged)) if on)
+        return (
+            f"{self.name}: {self.modules} modules, r={'/'.join(map(str, self.ranks))}, "
+            f"targets={self.target_modules}" + (f" [{flags}]" if flags else "")
+        )
+
+
+def _require_adapter(model: nn.Module, name: str) -> LoraConfig:
+    configs = adapter_configs(model)
+    if name not in configs:
+        raise KeyError(f"no adapter named {name!r}; loaded adapters: {sorted(configs) or 'none'}")
+    return configs[name]
+
+
+def list_adapters(model: nn.Module) -> list[AdapterInfo]:
+    """Every adapter on ``model`` with its ranks, targets and state."""
+    layers = lora_layers(model).values()
+    infos = []
+    for name, config in adapter_configs(model).items():
+        holding = [layer for layer in layers if name in layer.lora]
+        infos.append(
+            AdapterInfo(
+                name=name,
+                active=any(layer.active_adapter == name for layer in holding),
+                merged=any(name in layer.merged_adapters for layer in holding),
+                modules=len(holding),
+                ranks=tuple(sorted({layer.lora[name].r for layer in holding})),
+                target_modules=config.target_modules,
+            )
+        )
+    return infos
+
+
+def active_adapter(model: nn.Module) -> str | None:
+    """The adapter the model runs now (None: the bare base)."""
+    return model.__dict__.get("_loralab_active", next(iter(adapter_configs(model)), None))
+
+
+def set_active_adapter(model: nn.Module, name: str | None) -> None:
+    """Run ``name`` from now on (None: the bare base).
+
+    If an adapter is merged, switching unmerges it and merges the new one, so the model
+    keeps its zero-latency form; the base weights are restored to within rounding.
+    """
+    if name is not None:
+        _require_adapter(model, name)
+    layers = lora_layers(model).values()
+    was_merged = any(layer.merged_adapters for layer in layers)
+    for layer in layers:
+        for merged in list(layer.merged_adapters):
+            layer.unmerge(merged)
+        layer.active_adapter = name if name in layer.lora else None
+    for module in model.modules():
+        if isinstance(module, TrainableCopy):
+            module.active_adapter = name if name in module.copies else None
+    model.__dict__["_loralab_active"] = name
+    if was_merged and name is not None:
+        _merge_active(model, name)
+
+
+@contextlib.contextmanager
+def disabled_adapters(model: nn.Module) -> Iterator[None]:
+    """Run the bare base model inside the block; the active adapter comes back after,
+    merged again if it was merged."""
+    previous = active_adapter(model)
+    was_merged = any(layer.merged_adapters for layer in lora_layers(model).values())
+    set_active_adapter(model, None)
+    try:
+        yield
+    finally:
+        set_active_adapter(model, previous)
+        if was_merged and previous is not None:
+            _merge_active(model, previous)
+
+
+def _merge_active(model: nn.Module, name: str) -> None:
+    for layer in lora_layers(model).values():
+        if name in layer.lora:
+            layer.merge(name)
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove an adapter (unmerging it first); a wrapper left with none is unwrapped."""
+    _require_adapter(model, name)
+    from .merge import _set_submodule
+
+    for module_name, layer in list(lora_layers(model).items()):
+        if name not in layer.lora:
+            continue
+        layer.unmerge(name)
+        del layer.lora[name]
+        if layer.active_adapter == name:
+            layer.active_adapter = None
+        if not len(layer.lora):
+            _set_submodule(model, module_name, layer.base_layer)
+    for module_name, module in list(model.named_modules()):
+        if isinstance(module, TrainableCopy) and name in module.copies:
+            del module.copies[name]
+            if module.active_adapter == name:
+                module.active_adapter = None
+            if not len(module.copies):
+                _set_submodule(model, module_name, module.original)
+    del adapter_configs(model)[name]
+    if active_adapter(model) == name:
+        model.__dict__["_loralab_active"] = None
+
+
+# -- hot-swap ------------------------------------------------------------------------------------
+
+
+def hot_swap_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str) -> None:
+    """Replace the weights of a loaded adapter with another file's, in place.
+
+    No module is created or replaced, so a ``torch.compile``d model keeps working. The new
+    file must adapt the same modules with the same ranks; otherwise nothing changes and the
+    error says which module or shape differs. A merged adapter stays merged, with the
+    new weights.
+    """
+    _require_adapter(model, adapter_name)
+    files = read_adapter(directory)
+    holding = {n: layer for n, layer in lora_layers(model).items() if adapter_name in layer.lora}
+    from .inject import plan_targets
+
+    incoming = files.config
+    targets = {t.name: t for t in plan_targets(model, incoming, "__hot_swap__", strict=False)}
+    if set(targets) != set(holding):
+        only_new = sorted(set(targets) - set(holding))[:3]
+        only_old = sorted(set(holding) - set(targets))[:3]
+        raise AdapterFileError(
+            f"{directory}: cannot hot-swap into {adapter_name!r}: it adapts other modules "
+            f"(only in the file: {only_new}; only in the model: {only_old})"
+        )
+    new_factors = {}
+    for name, layer in holding.items():
+        target = targets[name]
+        factors = layer.lora[adapter_name]
+        if target.r != factors.r:
+            raise AdapterFileError(
+                f"{directory}: cannot hot-swap {name!r}: rank {target.r} in the file, "
+                f"{factors.r} loaded; shapes must match to swap in place"
+            )
+        try:
+            A, B = _factors_from_file(target, files.tensors)
+        except KeyError as missing:
+            raise AdapterFileError(f"{directory}: tensor {missing} is missing") from None
+        if A.shape != factors.A.shape or B.shape != factors.B.shape:
+            raise AdapterFileError(
+                f"{directory}: cannot hot-swap {name!r}: factors {tuple(A.shape)}, "
+                f"{tuple(B.shape)} in the file, {tuple(factors.A.shape)}, "
+                f"{tuple(factors.B.shape)} loaded"
+            )
+        new_factors[name] = (A, B, target.alpha, incoming.scale(target.r, target.alpha))
+    merged = [layer for layer in holding.values() if adapter_name in layer.merged_adapters]
+    for layer in merged:
+        layer.unmerge(adapter_name)
+    with torch.no_grad():
+        for name, (A, B, alpha, scale) in new_factors.items():
+            factors = holding[name].lora[adapter_name]
+            factors.A.copy_(A)
+            factors.B.copy_(B)
+            factors.alpha, factors.scale = alpha, scale
+    for layer in merged:
+        layer.merge(adapter_name)
+    adapter_configs(model)[adapter_name] = incoming
+
+
+# -- combining ------------------------------------------------------------------------------------
+
+
+@dataclass
+class CombineResult:
+    """What ``combine_adapters`` built: the new adapter's name and, when compressed,
+    the relative Frobenius error of the re-factored ``Σ wᵢ ΔWᵢ`` (0 when exact)."""
+
+    name: str
+    relative_error: float
+    ranks: dict[str, int]
+
+
+def combine_adapters(
+    model: nn.Module,
+    names: Sequence[str],
+    weights: Sequence[float],
+    new_name: str,
+    rank: int | None = None,
+) -> CombineResult:
+    """A new adapter computing ``Σ wᵢ ΔWᵢ`` over the given adapters.
+
+    Exact (``rank=None``): the scaled factors are concatenated, so the rank is ``Σ rᵢ``.
+    Compressed (``rank=k``): the same sum is re-factored to rank ``k`` by SVD, and the
+    relative error ``‖ΔW − ΔŴ‖_F / ‖ΔW‖_F`` (over all modules) is reported.
+    """
+    if len(names) != len(weights) or not names:
+        raise ValueError(f"give one weight per adapter: {len(names)} names, {len(weights)} weights")
+    configs = [_require_adapter(model, name) for name in names]
+    if new_name in adapter_configs(model):
+        raise ValueError(f"an adapter named {new_name!r} already exists")
+    if rank is not None and rank < 1:
+        raise ValueError(f"rank must be ≥ 1, got {rank}")
+    layers = {n: layer for n, layer in lora_layers(model).items()
+              if any(name in layer.lora for name in names)}  # fmt: skip
+    for module_name, layer in layers.items():
+        missing = [name for name in names if name not in layer.lora]
+        if missing and isinstance(layer, LoraFusedLinear):
+            raise ValueError(f"{module_name!r}: fused parts need every adapter; {missing} lack it")
+    built: dict[str, tuple[Tensor, Tensor]] = {}
+    error_sq = total_sq = 0.0
+    for module_name, layer in layers.items():
+        present = [(n, w) for n, w in zip(names, weights, strict=True) if n in layer.lora]
+        A, B = _concatenated(layer, present)
+        if rank is not None:
+            A, B, err, tot = _compressed(layer, A, B, rank)
+            error_sq, total_sq = error_sq + err, total_sq + tot
+        built[module_name] = (A, B)
+    ranks = {module: _rank_of(layer, built[module][0]) for module, layer in layers.items()}
+    base_config = configs[0]
+    r_default = max(ranks.values())
+    # Scale 1: the weights and scales are already inside B, so α = r for every module.
+    combined = LoraConfig(
+        r=r_default,
+        lora_alpha=r_default,
+        target_modules=sorted(layers),
+        rank_pattern={re.escape(m): r for m, r in ranks.items() if r != r_default},
+        alpha_pattern={re.escape(m): r for m, r in ranks.items() if r != r_default},
+        use_rslora=False,
+        init=base_config.init,
+    )
+    for module_name, layer in layers.items():
+        r = ranks[module_name]
+        layer.add_adapter(new_name, r, r, 1.0, 0.0, "kaiming")
+        with torch.no_grad():
+            layer.lora[new_name].A.copy_(built[module_name][0])
+            layer.lora[new_name].B.copy_(built[module_name][1])
+        layer.lora[new_name].requires_grad_(False)
+    adapter_configs(model)[new_name] = combined
+    relative = (error_sq / total_sq) ** 0.5 if total_sq > 0 else 0.0
+    return CombineResult(new_name, relative, ranks)
+
+
+def _rank_of(layer: LoraLayer, A: Tensor) -> int:
+    return A.shape[1] if isinstance(layer, LoraFusedLinear) else A.shape[0]
+
+
+def _concatenated(layer: LoraLayer, present: list[tuple[str, float]]) -> tuple[Tensor, Tensor]:
+    """[A₁; A₂; …] and [w₁s₁B₁, w₂s₂B₂, …]: their product is Σ wᵢ sᵢ Bᵢ Aᵢ exactly."""
+    rank_dim_a = 1 if isinstance(layer, LoraFusedLinear) else 0
+    rank_dim_b = B_RANK_DIM.get(type(layer), 1)
+    As, Bs = [], []
+    for name, weight in present:
+        f = layer.lora[name]
+        As.append(f.A.detach().float())
+        Bs.append(f.B.detach().float() * (weight * f.scale))
+    return torch.cat(As, dim=rank_dim_a), torch.cat(Bs, dim=rank_dim_b)
+
+
+# B's rank dimension per layer type: (out, r) and (out, r, 1, 1) use 1; fused (p, o, r) 2.
+B_RANK_DIM = {LoraFusedLinear: 2}
+
+
+def _compressed(layer: LoraLayer, A: Tensor, B: Tensor, rank: int):
+    """Re-factor ``B A`` to rank ``rank`` by truncated SVD; also the squared errors."""
+    if isinstance(layer, LoraFusedLinear):
+        parts = [_compressed_matrix(B[i], A[i], rank) for i in range(A.shape[0])]
+        new_a = torch.stack([p[0] for p in parts])
+        new_b = torch.stack([p[1] for p in parts])
+        return new_a, new_b, sum(p[2] for p in parts), sum(p[3] for p in parts)
+    conv = A.dim() == 4
+    a2, b2 = (A.flatten(1), B.flatten(1)) if conv else (A, B)
+    new_a, new_b, err, tot = _compressed_matrix(b2, a2, rank)
+    if conv:
+        new_a = new_a.view(new_a.shape[0], *A.shape[1:])
+        new_b = new_b.view(*new_b.shape, 1, 1)
+    return new_a, new_b, err, tot
+
+
+def _compressed_matrix(B: Tensor, A: Tensor, rank: int):
+    delta = (B @ A).double()
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+    k = min(rank, S.numel())
+    new_b = (U[:, :k] * S[:k]).float()
+    new_a = Vh[:k].float()
+    if k < rank:  # keep the asked rank: pad with zero directions
+        new_b = F.pad(new_b, (0, rank - k))
+        new_a = F.pad(new_a, (0, 0, 0, rank - k))
+    error = float((S[k:] ** 2).sum())
+    return new_a, new_b, error, float((S**2).sum())
+
+
+# -- all adapters in one directory -----------------------------------------------------------------
+
+
+def save_all_adapters(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Save every adapter in PEFT's layout: ``default`` at the top, others in sub-directories."""
+    directory = Path(directory)
+    names = list(adapter_configs(model))
+    if not names:
+        raise KeyError("the model has no adapter to save")
+    for name in names:
+        save_adapter(model, directory if name == "default" else directory / name, name)
+    return directory
+
+
+def load_all_adapters(model: nn.Module, directory: str | os.PathLike) -> list[str]:
+    """Load what ``save_all_adapters`` wrote (or PEFT's ``save_pretrained`` of several)."""
+    directory = Path(directory)
+    found = []
+    if (directory / CONFIG_FILE).exists():
+        found.append(("default", directory))
+    for child in sorted(p for p in directory.iterdir() if p.is_dir()):
+        if (child / CONFIG_FILE).exists():
+            found.append((child.name, child))
+    if not found:
+        raise AdapterFileError(
+            f"{directory} holds no adapter ({CONFIG_FILE} at the top or in sub-directories)"
+        )
+    for name, path in found:
+        load_adapter(model, path, adapter_name=name)
+    return [name for name, _ in found]
+
+
+# -- mixed batches: each row its own adapter -------------------------------------------------------
+
+
+class RowMix:
+    """One layer's adapters stacked into a bank, and which bank entry each row uses.
+
+    Entry 0 is all zeros (the bare base). For ``Linear``/``Conv1D`` the whole batch runs
+    as two batched matrix products over the gathered factors, whatever the number of
+    adapters; other layer types run one update per adapter present, on its rows.
+    """
+
+    def __init__(self, layer: LoraLayer, names: list[str | None], rows: list[str | None]):
+        self.rows = torch.tensor([names.index(r) for r in rows])
+        self.names = names
+        self.layer = layer
+        self.batched = type(layer) in (LoraLinear, LoraConv1D)
+        if self.batched:
+            self.A, self.B = _bank(layer, names)
+
+    def __call__(self, x: Tensor, result: Tensor) -> Tensor:
+        """``result`` (the base layer's output) plus each row's own update."""
+        if x.shape[0] != self.rows.numel():
+            raise ValueError(
+                f"mixed_adapters was given {self.rows.numel()} row adapters but the batch "
+                f"has {x.shape[0]} rows"
+            )
+        rows = self.rows.to(x.device)
+        if self.batched:
+            A = self.A.to(x.device)[rows]  # (batch, r, in)
+            B = self.B.to(x.device)[rows]  # (batch, out, r), scales folded in
+            flat = x.to(A.dtype).reshape(x.shape[0], -1, x.shape[-1])  # (batch, tokens, in)
+            update = torch.bmm(torch.bmm(flat, A.transpose(1, 2)), B.transpose(1, 2))
+            return result + update.reshape(result.shape).to(result.dtype)
+        out = result
+        for index, name in enumerate(self.names):
+            if name is None or name not in self.layer.lora:
+                continue
+            selected = (rows == index).nonzero().squeeze(1)
+            if selected.numel() == 0:
+                continue
+            factors = self.layer.lora[name]
+            update = self.layer.lora_update(self.layer._lora_input(x[selected], factors), factors)
+            out = out.index_add(0, selected, update.to(out.dtype))
+        return out
+
+
+def _bank(layer: LoraLayer, names: list[str | None]) -> tuple[Tensor, Tensor]:
+    """Stacked A (n, r_max, in) and scaled B (n, out, r_max); ranks zero-padded (exact)."""
+    present = [layer.lora[n] for n in names if n is not None and n in layer.lora]
+    r_max = max((f.r for f in present), default=1)
+    reference = layer.lora[next(iter(layer.lora))]
+    in_features = reference.A.shape[1]
+    out_features = reference.B.shape[0]
+    A = torch.zeros(len(names), r_max, in_features, dtype=reference.A.dtype)
+    B = torch.zeros(len(names), out_features, r_max, dtype=reference.B.dtype)
+    for index, name in enumerate(names):
+        if name is None or name not in layer.lora:
+            continue
+        f: LoraFactors = layer.lora[name]
+        A[index, : f.r] = f.A.detach()
+        B[index, :, : f.r] = f.B.detach() * f.scale
+    return A.to(reference.A.device), B.to(reference.B.device)
+
+
+@contextlib.contextmanager
+def mixed_adapters(model: nn.Module, row_adapters: Sequence[str | None]) -> Iterator[None]:
+    """Inside the block, row ``i`` of every batch runs adapter ``row_adapters[i]``.
+
+    ``None`` runs the bare base for that row. Works for a forward pass and for
+    ``model.generate`` (the rows keep their adapters at every step). Adapters must not be
+    merged (a merged one is in every row's weights); this is for inference: no dropout.
+    """
+    rows = list(row_adapters)
+    for name in {r for r in rows if r is not None}:
+        _require_adapter(model, name)
+    layers = lora_layers(model).values()
+    if any(layer.merged_adapters for layer in layers):
+        raise ValueError("unmerge the adapters first: a merged adapter would apply to every row")
+    names: list[str | None] = [None, *sorted({r for r in rows if r is not None})]
+    for layer in layers:
+        layer.row_mix = RowMix(layer, names, rows)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.row_mix = None
