@@ -290,3 +290,16 @@ def test_save_and_load_all_adapters(three, tmp_path):
         torch.testing.assert_close(_logits(fresh, tokens), alone[name], atol=1e-5, rtol=1e-5)
     set_active_adapter(fresh, "default")
     torch.testing.assert_close(_logits(fresh, tokens), alone["b"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_hot_swap_keeps_a_compiled_model_working(three, tmp_path):
+    model, _, tokens, _ = three
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        compiled(tokens)
+    other = _saved(tmp_path, "llama", "a", seed=13)
+    hot_swap_adapter(model, other, "a")
+    with torch.no_grad():
+        swapped = compiled(tokens).logits
+    torch.testing.assert_close(swapped, _alone("llama", other, tokens), atol=1e-5, rtol=1e-5)

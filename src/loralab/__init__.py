@@ -1,5 +1,18 @@
 """loralab: LoRA (Hu et al., ICLR 2022) for PyTorch and Hugging Face Transformers."""
 
+from .adapters import (
+    AdapterInfo,
+    active_adapter,
+    combine_adapters,
+    delete_adapter,
+    disabled_adapters,
+    hot_swap_adapter,
+    list_adapters,
+    load_all_adapters,
+    mixed_adapters,
+    save_all_adapters,
+    set_active_adapter,
+)
 from .config import ConfigError, LoraConfig
 from .inject import (
     ParameterReport,
@@ -34,6 +47,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterFileError",
+    "AdapterInfo",
     "ConfigError",
     "FusedParts",
     "LoraConfig",
@@ -46,18 +60,28 @@ __all__ = [
     "MergeError",
     "ParameterReport",
     "TargetError",
+    "active_adapter",
     "adapter_configs",
     "adapter_state_dict",
+    "combine_adapters",
+    "delete_adapter",
+    "disabled_adapters",
+    "hot_swap_adapter",
     "import_loralib",
     "inject_adapter",
+    "list_adapters",
     "load_adapter",
+    "load_all_adapters",
     "lora_layers",
     "merge_adapter",
     "merge_and_unload",
     "merge_state_dicts",
+    "mixed_adapters",
     "plan_targets",
     "read_adapter",
     "save_adapter",
+    "save_all_adapters",
+    "set_active_adapter",
     "trainable_parameters",
     "unload",
     "unmerge_adapter",

@@ -20,11 +20,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import LoraConfig
-from .inject import adapter_configs, lora_layers
+from .inject import adapter_configs, lora_layers, plan_targets, replace_module
 from .io import (
     CONFIG_FILE,
     AdapterFileError,
-    _factors_from_file,
+    factors_from_file,
     load_adapter,
     read_adapter,
     save_adapter,
@@ -137,8 +137,6 @@ def _merge_active(model: nn.Module, name: str) -> None:
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove an adapter (unmerging it first); a wrapper left with none is unwrapped."""
     _require_adapter(model, name)
-    from .merge import _set_submodule
-
     for module_name, layer in list(lora_layers(model).items()):
         if name not in layer.lora:
             continue
@@ -147,14 +145,14 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         if layer.active_adapter == name:
             layer.active_adapter = None
         if not len(layer.lora):
-            _set_submodule(model, module_name, layer.base_layer)
+            replace_module(model, module_name, layer.base_layer)
     for module_name, module in list(model.named_modules()):
         if isinstance(module, TrainableCopy) and name in module.copies:
             del module.copies[name]
             if module.active_adapter == name:
                 module.active_adapter = None
             if not len(module.copies):
-                _set_submodule(model, module_name, module.original)
+                replace_module(model, module_name, module.original)
     del adapter_configs(model)[name]
     if active_adapter(model) == name:
         model.__dict__["_loralab_active"] = None
@@ -174,8 +172,6 @@ def hot_swap_adapter(model: nn.Module, directory: str | os.PathLike, adapter_nam
     _require_adapter(model, adapter_name)
     files = read_adapter(directory)
     holding = {n: layer for n, layer in lora_layers(model).items() if adapter_name in layer.lora}
-    from .inject import plan_targets
-
     incoming = files.config
     targets = {t.name: t for t in plan_targets(model, incoming, "__hot_swap__", strict=False)}
     if set(targets) != set(holding):
@@ -195,7 +191,7 @@ def hot_swap_adapter(model: nn.Module, directory: str | os.PathLike, adapter_nam
                 f"{factors.r} loaded; shapes must match to swap in place"
             )
         try:
-            A, B = _factors_from_file(target, files.tensors)
+            A, B = factors_from_file(target, files.tensors)
         except KeyError as missing:
             raise AdapterFileError(f"{directory}: tensor {missing} is missing") from None
         if A.shape != factors.A.shape or B.shape != factors.B.shape:

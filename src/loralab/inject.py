@@ -451,12 +451,12 @@ def apply_targets(
             config.init,
         )
         if target.layer is not model.get_submodule(target.name):
-            _replace_module(model, target.name, target.layer)
+            replace_module(model, target.name, target.layer)
     for name in saved:
         holder = model.get_submodule(name)
         if not isinstance(holder, TrainableCopy):
             holder = TrainableCopy(holder)
-            _replace_module(model, name, holder)
+            replace_module(model, name, holder)
         holder.add_adapter(adapter_name)
     # The first adapter becomes the model's active one; a later one waits to be chosen,
     # also in layers that only it adapts (they would otherwise run it alongside).
@@ -471,7 +471,8 @@ def apply_targets(
     return model
 
 
-def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule called ``name`` is."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)

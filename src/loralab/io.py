@@ -575,7 +575,7 @@ def load_adapter_tensors(
         config = _saved_modules_present(model, config)
         targets = plan_targets(model, config, adapter_name, strict=False)
         extra_keys = _check_tensors(model, config, targets, tensors, source)
-        factors = {t.name: _factors_from_file(t, tensors) for t in targets}
+        factors = {t.name: factors_from_file(t, tensors) for t in targets}
     except ConfigError as error:
         raise AdapterFileError(f"{source}: {error}") from None
     apply_targets(model, config, targets, adapter_name)
@@ -640,7 +640,8 @@ def _check_tensors(
     return list(extra)
 
 
-def _factors_from_file(target: Target, tensors: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+def factors_from_file(target: Target, tensors: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """The ``A`` and ``B`` a planned target gets from PEFT-named file tensors."""
     key_a, key_b = _factor_keys(target.name, target.layer)
     A, B = tensors[key_a], tensors[key_b]
     if target.parts is not None:

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import pattern_value
-from .inject import adapter_configs, lora_layers, restore_requires_grad
+from .inject import adapter_configs, lora_layers, replace_module, restore_requires_grad
 from .io import PEFT_PREFIX
 from .layers import (
     LoraLayer,
@@ -93,17 +93,12 @@ def _remove_wrappers(model: nn.Module, keep_trained_copies: bool) -> nn.Module:
     for name, module in list(model.named_modules()):
         if isinstance(module, TrainableCopy):
             replacement = module.active_module() if keep_trained_copies else module.original
-            _set_submodule(model, name, replacement)
+            replace_module(model, name, replacement)
         elif isinstance(module, LoraLayer):
-            _set_submodule(model, name, module.base_layer)
+            replace_module(model, name, module.base_layer)
     restore_requires_grad(model)
     adapter_configs(model).clear()
     return model
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 # -- the same merge as a pure function over state dicts -----------------------------------
