@@ -31,7 +31,6 @@ from .io import (
 )
 from .layers import (
     LoraConv1D,
-    LoraFactors,
     LoraFusedLinear,
     LoraLayer,
     LoraLinear,
@@ -373,11 +372,13 @@ def load_all_adapters(model: nn.Module, directory: str | os.PathLike) -> list[st
 
 
 class RowMix:
-    """One layer's adapters stacked into a bank, and which bank entry each row uses.
+    """One layer's per-row factors for one mixed batch, and how to apply them.
 
-    Entry 0 is all zeros (the bare base). For ``Linear``/``Conv1D`` the whole batch runs
-    as two batched matrix products over the gathered factors, whatever the number of
-    adapters; other layer types run one update per adapter present, on its rows.
+    For ``Linear``/``Conv1D`` each row's ``A`` and scaled ``Bᵀ`` are gathered once, when
+    the block is entered (the rows are fixed inside it), so every forward — each decoding
+    step of ``generate`` — is two batched matrix products whatever the number of
+    adapters, the second one accumulating straight into the base output. Other layer
+    types run one update per adapter present, on that adapter's rows.
     """
 
     def __init__(self, layer: LoraLayer, names: list[str | None], rows: list[str | None]):
@@ -386,7 +387,10 @@ class RowMix:
         self.layer = layer
         self.batched = type(layer) in (LoraLinear, LoraConv1D)
         if self.batched:
-            self.A, self.B = _bank(layer, names)
+            A, Bt = _bank(layer, names)
+            index = self.rows.to(A.device)
+            self.A = A.index_select(0, index)  # (batch, r, in)
+            self.Bt = Bt.index_select(0, index)  # (batch, r, out), scales folded in
 
     def __call__(self, x: Tensor, result: Tensor) -> Tensor:
         """``result`` (the base layer's output) plus each row's own update."""
@@ -395,13 +399,13 @@ class RowMix:
                 f"mixed_adapters was given {self.rows.numel()} row adapters but the batch "
                 f"has {x.shape[0]} rows"
             )
-        rows = self.rows.to(x.device)
         if self.batched:
-            A = self.A.to(x.device)[rows]  # (batch, r, in)
-            B = self.B.to(x.device)[rows]  # (batch, out, r), scales folded in
-            flat = x.to(A.dtype).reshape(x.shape[0], -1, x.shape[-1])  # (batch, tokens, in)
-            update = torch.bmm(torch.bmm(flat, A.transpose(1, 2)), B.transpose(1, 2))
-            return result + update.reshape(result.shape).to(result.dtype)
+            batch = x.shape[0]
+            flat = x.to(self.A.dtype).reshape(batch, -1, x.shape[-1])  # (batch, tokens, in)
+            hidden = torch.bmm(flat, self.A.transpose(1, 2))  # (batch, tokens, r)
+            base = result.to(self.A.dtype).reshape(batch, -1, result.shape[-1])
+            return torch.baddbmm(base, hidden, self.Bt).reshape(result.shape).to(result.dtype)
+        rows = self.rows.to(x.device)
         out = result
         for index, name in enumerate(self.names):
             if name is None or name not in self.layer.lora:
@@ -416,21 +420,25 @@ class RowMix:
 
 
 def _bank(layer: LoraLayer, names: list[str | None]) -> tuple[Tensor, Tensor]:
-    """Stacked A (n, r_max, in) and scaled B (n, out, r_max); ranks zero-padded (exact)."""
-    present = [layer.lora[n] for n in names if n is not None and n in layer.lora]
-    r_max = max((f.r for f in present), default=1)
+    """Stacked A (n, r_max, in) and scaled Bᵀ (n, r_max, out); entry i is ``names[i]``.
+
+    The bare base (None, or an adapter this layer lacks) is a zero entry; smaller ranks
+    are zero-padded, which changes no product.
+    """
     reference = layer.lora[next(iter(layer.lora))]
-    in_features = reference.A.shape[1]
-    out_features = reference.B.shape[0]
-    A = torch.zeros(len(names), r_max, in_features, dtype=reference.A.dtype)
-    B = torch.zeros(len(names), out_features, r_max, dtype=reference.B.dtype)
-    for index, name in enumerate(names):
-        if name is None or name not in layer.lora:
-            continue
-        f: LoraFactors = layer.lora[name]
-        A[index, : f.r] = f.A.detach()
-        B[index, :, : f.r] = f.B.detach() * f.scale
-    return A.to(reference.A.device), B.to(reference.B.device)
+    present = [layer.lora[n] if n is not None and n in layer.lora else None for n in names]
+    r_max = max((f.r for f in present if f is not None), default=1)
+    zero_a = reference.A.new_zeros(r_max, reference.A.shape[1])
+    zero_bt = reference.B.new_zeros(r_max, reference.B.shape[0])
+    As, Bts = [], []
+    for f in present:
+        if f is None:
+            As.append(zero_a)
+            Bts.append(zero_bt)
+        else:
+            As.append(F.pad(f.A.detach(), (0, 0, 0, r_max - f.r)))
+            Bts.append(F.pad(f.B.detach().T * f.scale, (0, 0, 0, r_max - f.r)))
+    return torch.stack(As), torch.stack(Bts)
 
 
 @contextlib.contextmanager
