@@ -194,3 +194,30 @@ def label_index(prediction: Any, labels: Sequence[str]) -> int | None:
     if isinstance(prediction, bool) or not 0 <= index < len(labels):
         return None
     return index
+
+
+class GeneratedTask:
+    """The split logic shared by tasks whose examples come from a seeded generator.
+
+    A subclass sets ``name``, ``default_sizes``, ``maxima`` (and ``num_labels`` for
+    balanced labels) and yields its candidates from ``candidates(seed)``.
+    """
+
+    name: str
+    default_sizes: Mapping[str, int]
+    maxima: Mapping[str, int]
+    num_labels: int | None = None
+
+    def candidates(self, seed: int) -> Iterable[Candidate]:
+        raise NotImplementedError
+
+    def splits(
+        self,
+        seed: int = 0,
+        train_size: int | None = None,
+        validation_size: int | None = None,
+        test_size: int | None = None,
+    ) -> dict[str, list[Example]]:
+        requested = {"train": train_size, "validation": validation_size, "test": test_size}
+        sizes = resolve_sizes(self.name, requested, self.default_sizes, self.maxima)
+        return fill_splits(self.name, seed, self.candidates(seed), sizes, self.num_labels)

@@ -18,11 +18,11 @@ whose yes/no is phrased as one of ``FAMILY_FRIENDLY_PHRASES``.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from functools import cache
 from typing import Any
 
-from .base import Candidate, Example, TaskError, as_text, check_lengths, fill_splits, resolve_sizes
+from .base import Candidate, Example, GeneratedTask, TaskError, as_text, check_lengths
 
 NAMES = (
     "Alimentum", "Aromi", "Bibimbap House", "Blue Spice", "Browns Cambridge", "Clowns",
@@ -75,7 +75,7 @@ DEFAULT_SIZES = {"train": 2000, "validation": 200, "test": 200}
 MAXIMA = {"train": 12_000, "validation": 1_200, "test": 1_200}
 
 
-class E2ETask:
+class E2ETask(GeneratedTask):
     """Meaning representation → description, scored by BLEU and ROUGE-L (0–100)."""
 
     name = "e2e"
@@ -85,16 +85,11 @@ class E2ETask:
     labels = None
     max_new_tokens = 64  # references run to ~50 SmolLM2 tokens
 
-    def splits(
-        self,
-        seed: int = 0,
-        train_size: int | None = None,
-        validation_size: int | None = None,
-        test_size: int | None = None,
-    ) -> dict[str, list[Example]]:
-        requested = {"train": train_size, "validation": validation_size, "test": test_size}
-        sizes = resolve_sizes(self.name, requested, DEFAULT_SIZES, MAXIMA)
-        return fill_splits(self.name, seed, _candidates(seed), sizes)
+    default_sizes = DEFAULT_SIZES
+    maxima = MAXIMA
+
+    def candidates(self, seed: int) -> Iterable[Candidate]:
+        return _candidates(seed)
 
     def score(self, predictions: Sequence[Any], examples: Sequence[Example]) -> dict[str, float]:
         """Corpus BLEU (sacrebleu) and mean best-reference ROUGE-L F1, both 0–100."""

@@ -21,7 +21,7 @@ each sentence's things exist, and a pair whose label differs ("All dogs are slee
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from functools import cache
 from itertools import product
 from typing import Any, NamedTuple
@@ -29,11 +29,10 @@ from typing import Any, NamedTuple
 from .base import (
     Candidate,
     Example,
+    GeneratedTask,
     check_lengths,
-    fill_splits,
     label_index,
     percent,
-    resolve_sizes,
 )
 
 LABELS = ("entailment", "neutral", "contradiction")
@@ -141,7 +140,7 @@ class Statement(NamedTuple):
     place: str
 
 
-class NliTask:
+class NliTask(GeneratedTask):
     """Premise/hypothesis → entailment, neutral or contradiction; accuracy (0–100)."""
 
     name = "nli"
@@ -151,16 +150,12 @@ class NliTask:
     labels = LABELS
     max_new_tokens = 4  # a label word is one or two tokens
 
-    def splits(
-        self,
-        seed: int = 0,
-        train_size: int | None = None,
-        validation_size: int | None = None,
-        test_size: int | None = None,
-    ) -> dict[str, list[Example]]:
-        requested = {"train": train_size, "validation": validation_size, "test": test_size}
-        sizes = resolve_sizes(self.name, requested, DEFAULT_SIZES, MAXIMA)
-        return fill_splits(self.name, seed, _candidates(seed), sizes, num_labels=len(LABELS))
+    default_sizes = DEFAULT_SIZES
+    maxima = MAXIMA
+    num_labels = len(LABELS)
+
+    def candidates(self, seed: int) -> Iterable[Candidate]:
+        return _candidates(seed)
 
     def score(self, predictions: Sequence[Any], examples: Sequence[Example]) -> dict[str, float]:
         """Accuracy; a prediction is a label id or text starting with the label word."""

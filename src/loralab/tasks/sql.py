@@ -21,18 +21,17 @@ import random
 import re
 import sqlite3
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from .base import (
     Candidate,
     Example,
+    GeneratedTask,
     TaskError,
     as_text,
     check_lengths,
-    fill_splits,
     percent,
-    resolve_sizes,
 )
 from .sql_tables import TABLES, Column, Table, table_rows
 
@@ -76,7 +75,7 @@ QUESTIONS = {
 }
 
 
-class SqlTask:
+class SqlTask(GeneratedTask):
     """Question + table header → SQL; execution accuracy and exact match (0–100)."""
 
     name = "sql"
@@ -86,16 +85,11 @@ class SqlTask:
     labels = None
     max_new_tokens = 40  # gold queries run to ~27 SmolLM2 tokens
 
-    def splits(
-        self,
-        seed: int = 0,
-        train_size: int | None = None,
-        validation_size: int | None = None,
-        test_size: int | None = None,
-    ) -> dict[str, list[Example]]:
-        requested = {"train": train_size, "validation": validation_size, "test": test_size}
-        sizes = resolve_sizes(self.name, requested, DEFAULT_SIZES, MAXIMA)
-        return fill_splits(self.name, seed, _candidates(seed), sizes)
+    default_sizes = DEFAULT_SIZES
+    maxima = MAXIMA
+
+    def candidates(self, seed: int) -> Iterable[Candidate]:
+        return _candidates(seed)
 
     def score(self, predictions: Sequence[Any], examples: Sequence[Example]) -> dict[str, float]:
         """Execution accuracy and exact match; each example names its database seed."""
