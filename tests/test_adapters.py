@@ -210,6 +210,21 @@ def test_mixed_batch_rows_equal_each_row_alone(three):
     torch.testing.assert_close(_logits(model, tokens), alone["a"], atol=1e-5, rtol=1e-5)
 
 
+def test_mixed_batch_sees_weights_changed_since_the_last_one(three, tmp_path):
+    model, _, tokens, alone = three
+    rows = ["a", "b", None, "a"]
+    with mixed_adapters(model, rows):
+        _logits(model, tokens)  # builds (and keeps) the stacked banks
+    other = _saved(tmp_path, "llama", "a", seed=21)
+    hot_swap_adapter(model, other, "a")
+    with mixed_adapters(model, rows):
+        mixed = _logits(model, tokens)
+    swapped = _alone("llama", other, tokens)
+    for index in (0, 3):
+        torch.testing.assert_close(mixed[index], swapped[index], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed[1], alone["b"][1], atol=1e-5, rtol=1e-5)
+
+
 def test_mixed_batch_on_fused_and_embedding_layers(tmp_path):
     model = make_model("gpt2")
     configs = {

@@ -387,7 +387,7 @@ class RowMix:
         self.layer = layer
         self.batched = type(layer) in (LoraLinear, LoraConv1D)
         if self.batched:
-            A, Bt = _bank(layer, names)
+            A, Bt = _cached_bank(layer, names)
             index = self.rows.to(A.device)
             self.A = A.index_select(0, index)  # (batch, r, in)
             self.Bt = Bt.index_select(0, index)  # (batch, r, out), scales folded in
@@ -417,6 +417,23 @@ class RowMix:
             update = self.layer.lora_update(self.layer._lora_input(x[selected], factors), factors)
             out = out.index_add(0, selected, update.to(out.dtype))
         return out
+
+
+def _cached_bank(layer: LoraLayer, names: list[str | None]) -> tuple[Tensor, Tensor]:
+    """``_bank``, rebuilt only when the adapters asked for or their weights changed.
+
+    Stacking is most of the cost of entering a mixed batch (a few small copies per
+    adapter and layer); a server mixes the same adapters again and again. The key holds
+    each factor's in-place version counter, which hot-swaps and optimizer steps bump. One
+    bank per layer is kept, about the size of the adapters it stacks.
+    """
+    present = [layer.lora[n] for n in names if n is not None and n in layer.lora]
+    key = (tuple(names), tuple((f.A._version, f.B._version, f.scale) for f in present))
+    cached = layer.__dict__.get("_loralab_bank")
+    if cached is None or cached[0] != key:
+        cached = (key, _bank(layer, names))
+        layer.__dict__["_loralab_bank"] = cached
+    return cached[1]
 
 
 def _bank(layer: LoraLayer, names: list[str | None]) -> tuple[Tensor, Tensor]:
