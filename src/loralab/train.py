@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import json
 import math
 import random
@@ -170,8 +171,6 @@ def config_from_file(path: str | Path, overrides: dict[str, Any] | None = None) 
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     for key in data:
         if key not in known:
-            import difflib
-
             near = difflib.get_close_matches(str(key), sorted(known), n=1)
             hint = f"; did you mean {near[0]!r}?" if near else ""
             raise ConfigError(f"{path}: unknown setting {key!r}{hint}")
