@@ -319,3 +319,29 @@ def test_injecting_into_a_model_in_eval_mode_keeps_it_in_eval_mode():
     assert torch.equal(model(tokens).logits, model(tokens).logits)  # no dropout at inference
     model.train()
     assert all(module.training for module in model.modules())
+
+
+def test_frozen_head_keeps_the_single_matrix_product_on_kept_positions():
+    # logits_to_keep slices the hidden states; torch.matmul would broadcast a frozen head
+    # into a batched product over every row (slow), so the head's input is made contiguous.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    model = make_model("llama").eval()
+    ids = token_batch(batch=4, length=6)
+    with torch.no_grad():
+        before = model(ids, logits_to_keep=1).logits
+        inject_adapter(model, LoraConfig(r=2, target_modules=["q", "v"]))
+        model.lm_head.weight.requires_grad_(False)
+        with Ops() as ops:
+            after = model(ids, logits_to_keep=1).logits
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
+    assert "bmm" not in ops.seen

@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -468,7 +469,33 @@ def apply_targets(
         holder.active_adapter = active if active in holder.copies else None
     adapter_configs(model)[adapter_name] = config
     _freeze(model, config, {t.name for t in targets})
+    keep_head_input_foldable(model)
     return model
+
+
+def keep_head_input_foldable(model: nn.Module) -> None:
+    """Make the output head's input contiguous, so a frozen head stays one matrix product.
+
+    Transformers slices the hidden states to the kept positions (``logits_to_keep``, as in
+    every ``generate`` prefill), which leaves a (batch, 1, d) view with the batch stride of
+    the full sequence. ``torch.matmul`` folds such a view into one (batch, d) × (d, vocab)
+    product only when the weight requires grad; for a frozen weight it runs a batched
+    product over ``batch`` broadcast copies of the head instead, which on SmolLM2 (vocab
+    49,152) at batch 32 took 280 ms of a 1.4 s prefill. Copying the small view first
+    costs microseconds and gives the frozen head the fast path back.
+    """
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if not isinstance(head, nn.Module) or getattr(head, "_loralab_foldable", False):
+        return
+    head.register_forward_pre_hook(_contiguous_input)
+    head.__dict__["_loralab_foldable"] = True  # not a state-dict entry
+
+
+def _contiguous_input(module: nn.Module, args: tuple) -> tuple | None:
+    if args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
+        return (args[0].contiguous(), *args[1:])
+    return None
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
