@@ -487,7 +487,7 @@ def _umask() -> int:
     return mask
 
 
-def _write_files_atomically(directory: Path, writers: dict[str, Any]) -> None:
+def write_files_atomically(directory: Path, writers: dict[str, Any]) -> None:
     """Write every file to a temporary name first, then rename them all into place.
 
     A failure while writing (a full disk, an error in the writer) leaves the previous
@@ -529,20 +529,20 @@ def save_adapter(
     directory.mkdir(parents=True, exist_ok=True)
     writers = {
         WEIGHTS_FILE: lambda path: save_file(tensors, path, metadata={"format": "pt"}),
-        CONFIG_FILE: _json_writer(peft_config),
+        CONFIG_FILE: json_writer(peft_config),
     }
     if fused:
-        writers[LORALAB_FILE] = _json_writer(
+        writers[LORALAB_FILE] = json_writer(
             {"format": 1, "config": config.to_dict(), "fused": fused}
         )
-    _write_files_atomically(directory, writers)
+    write_files_atomically(directory, writers)
     if not fused:
         # A stale one from an earlier save would override the new config.
         (directory / LORALAB_FILE).unlink(missing_ok=True)
     return directory
 
 
-def _json_writer(data: dict):
+def json_writer(data: dict):
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
     return lambda path: Path(path).write_text(text, encoding="utf-8")
 

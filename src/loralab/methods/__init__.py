@@ -1,0 +1,44 @@
+"""The ways to adapt a frozen model that the paper compares (SPEC.md, "The baselines").
+
+Every method follows ``Method`` (``base.py``); ``get_method`` finds one by its command-line
+name, and ``files.py`` saves and loads what any of them trained.
+"""
+
+from __future__ import annotations
+
+from ..config import ConfigError
+from .base import Method, MethodRecord, MethodSettings, applied_method, transformer_blocks
+from .full import FullFineTuning, TopLayersFineTuning
+from .lora import Lora
+
+METHODS: dict[str, Method] = {
+    method.name: method
+    for method in (
+        FullFineTuning(),
+        TopLayersFineTuning(),
+        Lora(),
+    )
+}
+METHOD_NAMES = tuple(METHODS)
+
+
+def get_method(name: str) -> Method:
+    """The method called ``name``; an unknown name lists the valid ones."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown method {name!r}; choose one of: {', '.join(METHOD_NAMES)}"
+        ) from None
+
+
+__all__ = [
+    "METHODS",
+    "METHOD_NAMES",
+    "Method",
+    "MethodRecord",
+    "MethodSettings",
+    "applied_method",
+    "get_method",
+    "transformer_blocks",
+]

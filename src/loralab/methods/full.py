@@ -1,0 +1,76 @@
+"""Full fine-tuning (FT) and FT-Top2: the paper's reference points (Sec. 5.1).
+
+FT trains every parameter; FT-Top2 only the last two transformer blocks (the number is
+``MethodSettings.top_layers``). Both leave a plain model of the original architecture,
+so there is nothing to merge; the "adapter" file of FT is the whole model.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..config import ConfigError, LoraConfig
+from .base import (
+    MethodSettings,
+    freeze,
+    head_parameters,
+    record_method,
+    transformer_blocks,
+    unfreeze_head,
+)
+
+
+def _unique_numel(modules: list[nn.Module]) -> int:
+    seen: dict[int, int] = {}
+    for module in modules:
+        for parameter in module.parameters():
+            seen[id(parameter)] = parameter.numel()
+    return sum(seen.values())
+
+
+class FullFineTuning:
+    name = "full"
+    summary = "FT: every parameter trains"
+    mergeable = True  # the result is a plain model: nothing to merge
+    adds_depth = False
+    uses_lora = False
+    companion = None
+
+    def check(self, model, settings: MethodSettings, lora: LoraConfig | None, max_length: int):
+        pass
+
+    def apply(self, model: nn.Module, settings: MethodSettings, lora: LoraConfig | None) -> None:
+        model.requires_grad_(True)
+        record_method(model, self.name, settings, None)
+
+    def expected_parameters(self, model, settings: MethodSettings, lora: LoraConfig | None) -> int:
+        # |Θ| = |Φ0|: every parameter, a tied embedding/head once.
+        return _unique_numel([model])
+
+
+class TopLayersFineTuning:
+    name = "ft-top2"
+    summary = "FT-Top2: only the last transformer blocks train (top_layers, default 2)"
+    mergeable = True
+    adds_depth = False
+    uses_lora = False
+    companion = None
+
+    def check(self, model, settings: MethodSettings, lora: LoraConfig | None, max_length: int):
+        blocks = transformer_blocks(model)
+        if settings.top_layers > len(blocks):
+            raise ConfigError(
+                f"top_layers={settings.top_layers} is more than the model's {len(blocks)} blocks"
+            )
+
+    def apply(self, model: nn.Module, settings: MethodSettings, lora: LoraConfig | None) -> None:
+        self.check(model, settings, lora, 0)
+        freeze(model)
+        for _, block in transformer_blocks(model)[-settings.top_layers :]:
+            block.requires_grad_(True)
+        unfreeze_head(model)  # a classifier's new head always trains
+        record_method(model, self.name, settings, None)
+
+    def expected_parameters(self, model, settings: MethodSettings, lora: LoraConfig | None) -> int:
+        top = [block for _, block in transformer_blocks(model)[-settings.top_layers :]]
+        return _unique_numel(top) + head_parameters(model)
