@@ -7,7 +7,9 @@ name, and ``files.py`` saves and loads what any of them trained.
 from __future__ import annotations
 
 from ..config import ConfigError
+from .adapter_layers import AdapterH, AdapterL
 from .base import Method, MethodRecord, MethodSettings, applied_method, transformer_blocks
+from .bitfit import BitFit
 from .full import FullFineTuning, TopLayersFineTuning
 from .lora import Lora
 
@@ -17,6 +19,9 @@ METHODS: dict[str, Method] = {
         FullFineTuning(),
         TopLayersFineTuning(),
         Lora(),
+        BitFit(),
+        AdapterH(),
+        AdapterL(),
     )
 }
 METHOD_NAMES = tuple(METHODS)
