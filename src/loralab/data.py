@@ -38,6 +38,26 @@ class DataError(ValueError):
     """A data file or record is malformed; the message names the file, line and field."""
 
 
+@dataclass(frozen=True)
+class PromptTokens:
+    """The special tokens of a prefix method (PreEmbed, PreLayer, LoRA+PE): ids past the
+    vocabulary, whose embeddings the method trains. Each record places them (SPEC.md):
+
+    - ``{prompt, completion}``: prefix + prompt + infix + completion;
+    - ``{messages}``: the prefix first, the infix right before each assistant reply;
+    - ``{text}``: the prefix first;
+    - ``{text, label}``: the prefix after a leading [CLS], the infix before a final [SEP].
+
+    They count against ``max_length`` and the loss never counts them.
+    """
+
+    prefix: tuple[int, ...] = ()
+    infix: tuple[int, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.prefix) + len(self.infix)
+
+
 def example_shape(example: dict, where: str = "example") -> str:
     """Which of the four shapes a record has, checking its fields' types."""
     if "prompt" in example or "completion" in example:
@@ -153,29 +173,46 @@ class Encoded:
         return len(self.input_ids)
 
 
-def encode_causal(tokenizer, example: dict, max_length: int) -> Encoded:
+def encode_prompt(tokenizer, prompt: str, prompt_tokens: PromptTokens | None = None) -> list[int]:
+    """The ids a completion follows: prefix + prompt + infix (the prompt alone without)."""
+    ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    if prompt_tokens is None:
+        return ids
+    return [*prompt_tokens.prefix, *ids, *prompt_tokens.infix]
+
+
+def encode_causal(
+    tokenizer, example: dict, max_length: int, prompt_tokens: PromptTokens | None = None
+) -> Encoded:
     """Token ids and loss labels of one example, for a causal language model."""
     shape = example_shape(example)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    prefix = list(prompt_tokens.prefix) if prompt_tokens else []
+    infix = list(prompt_tokens.infix) if prompt_tokens else []
     if shape == "prompt_completion":
-        prompt = tokenizer(example["prompt"], add_special_tokens=True)["input_ids"]
+        prompt = encode_prompt(tokenizer, example["prompt"], prompt_tokens)
         completion = tokenizer(example["completion"], add_special_tokens=False)["input_ids"] + eos
         ids, labels = prompt + completion, [IGNORE_INDEX] * len(prompt) + completion
     elif shape == "messages":
-        ids, labels = _encode_chat(tokenizer, example["messages"])
+        ids, labels = _encode_chat(tokenizer, example["messages"], infix)
+        ids, labels = prefix + ids, [IGNORE_INDEX] * len(prefix) + labels
     elif shape == "text":
         ids = tokenizer(example["text"], add_special_tokens=True)["input_ids"] + eos
-        labels = list(ids)
+        # The first text token is never predicted without a prefix; with one it stays so,
+        # and the loss (and perplexity) counts the same tokens either way.
+        labels = [IGNORE_INDEX] * (len(prefix) + 1) + ids[1:] if prefix else list(ids)
+        ids = prefix + ids
     else:
         raise DataError("a {text, label} record needs a classification model, not a causal LM")
     return Encoded(ids[:max_length], labels[:max_length])
 
 
-def _encode_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+def _encode_chat(tokenizer, messages: list[dict], infix: list[int]) -> tuple[list[int], list[int]]:
     """The loss counts the assistant turns: each is the tokens the template adds after the
-    conversation so far with a generation prompt."""
+    conversation so far with a generation prompt. The infix goes right before each."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise DataError("{messages} records need a tokenizer with a chat template")
+    rendered: list[int] = []  # the conversation so far, as the template renders it
     ids: list[int] = []
     labels: list[int] = []
     for index, message in enumerate(messages):
@@ -183,10 +220,12 @@ def _encode_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]
             continue
         before = _chat_ids(tokenizer, messages[:index], generation_prompt=True)
         after = _chat_ids(tokenizer, messages[: index + 1], generation_prompt=False)
-        if after[: len(before)] != before or before[: len(ids)] != ids:
+        if after[: len(before)] != before or before[: len(rendered)] != rendered:
             raise DataError("the chat template does not render conversations as prefixes")
-        labels += [IGNORE_INDEX] * (len(before) - len(ids)) + after[len(before) :]
-        ids = after
+        context, reply = before[len(rendered) :] + infix, after[len(before) :]
+        ids += context + reply
+        labels += [IGNORE_INDEX] * len(context) + reply
+        rendered = after
     return ids, labels
 
 
@@ -198,7 +237,11 @@ def _chat_ids(tokenizer, messages: list[dict], generation_prompt: bool) -> list[
 
 
 def encode_classification(
-    tokenizer, example: dict, max_length: int, label_names: tuple[str, ...]
+    tokenizer,
+    example: dict,
+    max_length: int,
+    label_names: tuple[str, ...],
+    prompt_tokens: PromptTokens | None = None,
 ) -> Encoded:
     """Token ids (with ``text_pair`` as the second segment) and the class index."""
     label = example["label"]
@@ -208,10 +251,35 @@ def encode_classification(
         label = label_names.index(label)
     if not 0 <= label < len(label_names):
         raise DataError(f"label {label} is outside 0..{len(label_names) - 1}")
+    reserved = len(prompt_tokens) if prompt_tokens else 0
     encoded = tokenizer(
-        example["text"], example.get("text_pair"), truncation=True, max_length=max_length
+        example["text"],
+        example.get("text_pair"),
+        truncation=True,
+        max_length=max_length - reserved,
     )
-    return Encoded(encoded["input_ids"], label, encoded.get("token_type_ids"))
+    ids, types = encoded["input_ids"], encoded.get("token_type_ids")
+    if prompt_tokens:
+        ids, types = _place_classification_prompt(tokenizer, ids, types, prompt_tokens)
+    return Encoded(ids, label, types)
+
+
+def _place_classification_prompt(
+    tokenizer, ids: list[int], types: list[int] | None, tokens: PromptTokens
+) -> tuple[list[int], list[int] | None]:
+    """The prefix after a leading [CLS] (the head reads position 0), the infix before a
+    final [SEP]; in the first and the last segment."""
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    start = 1 if cls is not None and ids[:1] == [cls] else 0
+    end = len(ids) - 1 if sep is not None and len(ids) > start and ids[-1] == sep else len(ids)
+    prefix, infix = list(tokens.prefix), list(tokens.infix)
+    ids = ids[:start] + prefix + ids[start:end] + infix + ids[end:]
+    if types is not None:
+        last = types[-1] if types else 0
+        types = (
+            types[:start] + [0] * len(prefix) + types[start:end] + [last] * len(infix) + types[end:]
+        )
+    return ids, types
 
 
 def label_names_of(examples: list[dict]) -> tuple[str, ...]:
@@ -225,15 +293,23 @@ def label_names_of(examples: list[dict]) -> tuple[str, ...]:
 
 
 def encode_dataset(
-    tokenizer, examples: list[dict], max_length: int, label_names: tuple[str, ...] | None = None
+    tokenizer,
+    examples: list[dict],
+    max_length: int,
+    label_names: tuple[str, ...] | None = None,
+    prompt_tokens: PromptTokens | None = None,
 ) -> list[Encoded]:
     """Encode every example; for a causal LM, ones whose loss counts no token are dropped.
 
-    With ``label_names`` the examples are classification records for a classifier.
+    With ``label_names`` the examples are classification records for a classifier; with
+    ``prompt_tokens`` (a prefix method's) every example gets them in its place.
     """
     if label_names is not None:
-        return [encode_classification(tokenizer, e, max_length, label_names) for e in examples]
-    encoded = [encode_causal(tokenizer, example, max_length) for example in examples]
+        return [
+            encode_classification(tokenizer, e, max_length, label_names, prompt_tokens)
+            for e in examples
+        ]
+    encoded = [encode_causal(tokenizer, e, max_length, prompt_tokens) for e in examples]
     kept = [e for e in encoded if any(label != IGNORE_INDEX for label in e.labels[1:])]
     if not kept:
         raise DataError(

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .data import collate, encode_dataset
+from .data import collate, encode_dataset, encode_prompt
+from .methods.prefix import prompt_tokens
 
 
 @dataclass
@@ -30,15 +31,20 @@ def generate(
     batch_size: int = 16,
     stop_at_newline: bool = True,
 ) -> list[str]:
-    """Greedy completions of ``prompts`` (batched, left-padded), without the prompt."""
+    """Greedy completions of ``prompts`` (batched, left-padded), without the prompt.
+
+    A prefix method's tokens go around each prompt: prefix + prompt + infix.
+    """
     model.eval()
+    tokens = prompt_tokens(model)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # new tokens must follow every prompt directly
     outputs: list[str] = []
     try:
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
-            encoded = tokenizer(chunk, return_tensors="pt", padding=True)
+            rows = [encode_prompt(tokenizer, prompt, tokens) for prompt in chunk]
+            encoded = tokenizer.pad({"input_ids": rows}, return_tensors="pt")
             generated = model.generate(
                 **encoded,
                 max_new_tokens=max_new_tokens,
@@ -59,7 +65,7 @@ def classify(model: nn.Module, tokenizer, examples: list[dict], labels, batch_si
     """Predicted class indices from a classification head."""
     model.eval()
     limit = min(512, getattr(model.config, "max_position_embeddings", 512))
-    data = encode_dataset(tokenizer, examples, limit, tuple(labels))
+    data = encode_dataset(tokenizer, examples, limit, tuple(labels), prompt_tokens(model))
     predictions: list[int] = []
     for start in range(0, len(data), batch_size):
         batch = collate(data[start : start + batch_size], tokenizer.pad_token_id or 0)
@@ -74,7 +80,7 @@ def perplexity(
 ) -> float:
     """exp(mean negative log-likelihood per predicted token) over ``{text}`` examples."""
     model.eval()
-    data = encode_dataset(tokenizer, examples, max_length)
+    data = encode_dataset(tokenizer, examples, max_length, prompt_tokens=prompt_tokens(model))
     total, count = 0.0, 0
     for start in range(0, len(data), batch_size):
         batch = collate(data[start : start + batch_size], tokenizer.pad_token_id or 0)

@@ -12,6 +12,7 @@ from .base import Method, MethodRecord, MethodSettings, applied_method, transfor
 from .bitfit import BitFit
 from .full import FullFineTuning, TopLayersFineTuning
 from .lora import Lora
+from .prefix import LoraPrefixEmbedding, PreEmbed, PreLayer
 
 METHODS: dict[str, Method] = {
     method.name: method
@@ -19,6 +20,9 @@ METHODS: dict[str, Method] = {
         FullFineTuning(),
         TopLayersFineTuning(),
         Lora(),
+        PreEmbed(),
+        PreLayer(),
+        LoraPrefixEmbedding(),
         BitFit(),
         AdapterH(),
         AdapterL(),
