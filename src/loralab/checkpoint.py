@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError
-from .io import save_adapter
+from .methods.files import save_method
 
 CHECKPOINT = "checkpoint"
 # Settings that may differ when a run is resumed: they do not change the computation.
@@ -29,7 +29,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, step: int, confi
         shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(dir=run_dir, prefix=".checkpoint-", suffix=".tmp"))
     try:
-        save_adapter(model, staging / "adapter")
+        save_method(model, staging / "adapter")
         state = {
             "step": step,
             "optimizer": optimizer.state_dict(),

@@ -98,6 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", type=Path, default=Path("runs/demo"))
     demo.add_argument("--steps", type=int, default=None, help="training steps (default: 60)")
     demo.add_argument("--test-size", type=int, default=None, help="scored examples (default 64)")
+    from .experiments import EXPERIMENT_NAMES
+
+    reproduce = commands.add_parser(
+        "reproduce",
+        help="run one of the paper's experiments",
+        description="Run one of the paper's experiments and write NAME.md, NAME.json and "
+        f"NAME.png. Experiments: {', '.join(EXPERIMENT_NAMES)}.",
+    )
+    reproduce.add_argument("name", help=f"one of: {', '.join(EXPERIMENT_NAMES)}")
+    reproduce.add_argument("--quick", action="store_true", help="the short mode (≤ 15 min)")
+    reproduce.add_argument("--seeds", type=int, default=None, help="seeds (default: the mode's)")
+    reproduce.add_argument("--output-dir", type=Path, default=Path("results"))
     return parser
 
 
@@ -144,13 +156,13 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace, num_labels: int | None = None):
-    from .io import load_adapter
+    from .methods.files import load_method
     from .models import load_model
 
     extra = {"num_labels": num_labels} if args.model_kind == "classification" else {}
     model, tokenizer = load_model(args.model, kind=args.model_kind, **extra)
     if args.adapter is not None:
-        load_adapter(model, args.adapter)
+        load_method(model, args.adapter)  # a PEFT adapter, or any method's saved files
     return model, tokenizer
 
 
@@ -195,9 +207,16 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _merge(args: argparse.Namespace) -> int:
     from .merge import merge_and_unload
+    from .methods import applied_method, get_method
 
     model, tokenizer = _load(args)
-    merged = merge_and_unload(model, safe=True)
+    method = get_method(applied_method(model).name)
+    if not method.mergeable:
+        raise ConfigError(
+            f"{args.adapter}: a {method.name} model cannot be merged into the base weights "
+            "(it adds layers or tokens); use it as it is"
+        )
+    merged = merge_and_unload(model, safe=True) if method.uses_lora else model
     args.output.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(args.output)
     tokenizer.save_pretrained(args.output)
@@ -238,6 +257,16 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reproduce(args: argparse.Namespace) -> int:
+    from .experiments import reproduce
+
+    command = " ".join([PROGRAM, "reproduce", args.name, *(["--quick"] if args.quick else [])])
+    paths = reproduce(args.name, args.quick, args.seeds, args.output_dir, command)
+    print(paths["md"].read_text())
+    print("written: " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -253,6 +282,7 @@ COMMANDS = {
     "merge": _merge,
     "info": _info,
     "demo": _demo,
+    "reproduce": _reproduce,
 }
 
 

@@ -29,8 +29,10 @@ from torch import nn
 from .checkpoint import CHECKPOINT, check_resumable, find_checkpoint, save_checkpoint
 from .config import ConfigError, LoraConfig
 from .data import DataError, batch_stream, collate, encode_dataset, label_names_of, read_examples
-from .inject import inject_adapter, trainable_parameters
-from .io import load_adapter_tensors, read_adapter, save_adapter
+from .inject import trainable_parameters
+from .methods import MethodSettings, get_method
+from .methods.files import load_method, save_method
+from .methods.prefix import PromptTokens, prompt_tokens
 
 SCHEDULES = ("linear", "cosine", "constant")
 MODEL_KINDS = ("causal-lm", "classification")
@@ -57,6 +59,9 @@ class TrainConfig:
     validation_size: int = 64
     """Validation examples used for the validation loss."""
 
+    method: str = "lora"
+    """How to adapt: lora, lora-pe, full, ft-top2, bitfit, preembed, prelayer, adapter-h,
+    adapter-l, adalora (``loralab.methods``)."""
     r: int = 8
     """LoRA rank."""
     lora_alpha: float = 16
@@ -65,6 +70,14 @@ class TrainConfig:
     """Dropout on the input of the low-rank path."""
     target_modules: list[str] = field(default_factory=lambda: ["q", "v"])
     """Weights to adapt: names, suffixes or short names (q, k, v, o, …), or all-linear."""
+    prefix_length: int = 10
+    """Prefix methods: l_p trainable tokens before the prompt."""
+    infix_length: int = 0
+    """Prefix methods: l_i trainable tokens between the prompt and the completion."""
+    adapter_rank: int = 8
+    """Adapter^H / Adapter^L: the bottleneck width r."""
+    top_layers: int = 2
+    """FT-Top2: how many of the last transformer blocks train."""
 
     learning_rate: float = 2e-4
     """Peak learning rate of AdamW."""
@@ -88,6 +101,9 @@ class TrainConfig:
     """Run forward and backward under bf16 autocast."""
     seed: int = 0
     """Seeds the LoRA init, dropout and data order: a CPU run repeats bit for bit."""
+    data_seed: int | None = None
+    """Seeds a built-in task's examples and splits (None: ``seed``); fix it to compare
+    seeds of training on the same data."""
 
     eval_every: int = 50
     """Validation loss every N steps (0: only at the end)."""
@@ -110,6 +126,8 @@ class TrainConfig:
             _require(name, getattr(self, name), lambda v: _is_int(v) and v >= 0, "an integer ≥ 0")
         _require("log_every", self.log_every, lambda v: _is_int(v) and v >= 1, "an integer ≥ 1")
         _require("validation_size", self.validation_size, lambda v: _is_int(v) and v >= 0, "≥ 0")
+        if self.data_seed is not None:
+            _require("data_seed", self.data_seed, lambda v: _is_int(v) and v >= 0, "≥ 0")
         if self.train_size is not None:
             _require("train_size", self.train_size, lambda v: _is_int(v) and v >= 1, "≥ 1")
         _require(
@@ -125,7 +143,17 @@ class TrainConfig:
             )
         if self.data is None and self.task is None:
             raise ConfigError("give a built-in task (task) or a data file (data)")
+        get_method(self.method)  # an unknown name lists the valid ones
+        self.method_settings()  # l_p, l_i, adapter rank, top layers: validated there
         self.lora_config()  # r, alpha, dropout, targets: validated by LoraConfig itself
+
+    def method_settings(self) -> MethodSettings:
+        return MethodSettings(
+            prefix_length=self.prefix_length,
+            infix_length=self.infix_length,
+            adapter_rank=self.adapter_rank,
+            top_layers=self.top_layers,
+        )
 
     def lora_config(self) -> LoraConfig:
         targets = self.target_modules
@@ -229,34 +257,37 @@ def load_examples(config: TrainConfig) -> Examples:
         task = get_task(config.task)
         if classifier and task.kind != "classification":
             raise ConfigError(f"task {task.name!r} is not a classification task")
-        splits = task.splits(seed=config.seed, train_size=config.train_size)
+        data_seed = config.seed if config.data_seed is None else config.data_seed
+        splits = task.splits(seed=data_seed, train_size=config.train_size)
         train_examples, validation_examples = splits["train"], splits["validation"]
         label_names = tuple(task.labels) if classifier else None
     return Examples(train_examples, validation_examples[: config.validation_size], label_names)
 
 
-def encode_examples(config: TrainConfig, examples: Examples, tokenizer) -> Datasets:
-    """The examples as token ids, ready for batching."""
+def encode_examples(
+    config: TrainConfig, examples: Examples, tokenizer, prompt_tokens: PromptTokens | None = None
+) -> Datasets:
+    """The examples as token ids, ready for batching (with a prefix method's tokens)."""
 
     def encode(items: list[dict]) -> list:
-        return encode_dataset(tokenizer, items, config.max_length, examples.label_names)
+        return encode_dataset(
+            tokenizer, items, config.max_length, examples.label_names, prompt_tokens=prompt_tokens
+        )
 
     validation = encode(examples.validation) if examples.validation else []
     return Datasets(encode(examples.train), validation, examples.label_names, examples)
 
 
-def _classifier_head(model: nn.Module) -> list[str]:
-    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    return [head for head in ("classifier", "score") if head in names][:1]
-
-
 def prepare_model(config: TrainConfig, model: nn.Module) -> nn.Module:
-    """Inject LoRA with the run's settings; a classifier's new head trains in full."""
-    lora = config.lora_config()
-    if config.model_kind == "classification":
-        lora = dataclasses.replace(lora, modules_to_save=_classifier_head(model) or None)
-    torch.manual_seed(config.seed)  # the LoRA init is part of what the seed fixes
-    return inject_adapter(model, lora)
+    """Apply the run's method (LoRA by default) with its settings; a classifier's new head
+    always trains in full."""
+    method = get_method(config.method)
+    settings = config.method_settings()
+    lora = config.lora_config() if method.uses_lora else None
+    method.check(model, settings, lora, config.max_length)
+    torch.manual_seed(config.seed)  # the method's init is part of what the seed fixes
+    method.apply(model, settings, lora)
+    return model
 
 
 @torch.no_grad()
@@ -316,15 +347,15 @@ def train(config: TrainConfig, model=None, tokenizer=None) -> TrainResult:
         labels = {"num_labels": len(examples.label_names)} if examples.label_names else {}
         model, tokenizer = load_model(config.model, kind=config.model_kind, **labels)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    datasets = encode_examples(config, examples, tokenizer)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-
     if checkpoint is None:
         prepare_model(config, model)
     else:
-        files = read_adapter(checkpoint / "adapter")
-        load_adapter_tensors(model, files.config, files.tensors, source=str(checkpoint))
+        load_method(model, checkpoint / "adapter")
+    # After the method: a prefix method's special tokens are part of every example.
+    datasets = encode_examples(config, examples, tokenizer, prompt_tokens(model))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    hooks = get_method(config.method)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         parameters, lr=config.learning_rate, weight_decay=config.weight_decay
@@ -357,10 +388,12 @@ def train(config: TrainConfig, model=None, tokenizer=None) -> TrainResult:
         while step < config.max_steps:
             step_started = time.perf_counter()
             loss_value, tokens = _optimizer_step(
-                model, optimizer, parameters, stream, datasets.train, pad_id, config
+                model, optimizer, parameters, stream, datasets.train, pad_id, config, hooks
             )
             scheduler.step()
             step += 1
+            if hasattr(hooks, "after_optimizer_step"):
+                hooks.after_optimizer_step(model, step, config.max_steps)
             seconds = time.perf_counter() - step_started
             entry = {
                 "step": step,
@@ -407,7 +440,7 @@ def train(config: TrainConfig, model=None, tokenizer=None) -> TrainResult:
             f"interrupted at step {step} of {config.max_steps}; a checkpoint is in "
             f"{run_dir / CHECKPOINT}: add --resume to continue"
         )
-    adapter_dir = save_adapter(model, run_dir / "adapter", base_model_name_or_path=config.model)
+    adapter_dir = save_method(model, run_dir / "adapter", base_model_name_or_path=config.model)
     _plot_losses(history, run_dir / "loss.png")
     model.eval()
     return TrainResult(
@@ -426,16 +459,21 @@ def train(config: TrainConfig, model=None, tokenizer=None) -> TrainResult:
 
 
 def _optimizer_step(
-    model, optimizer, parameters, stream, data, pad_id, config
+    model, optimizer, parameters, stream, data, pad_id, config, hooks=None
 ) -> tuple[float, int]:
-    """Forward and backward over the micro-batches of one step, then the update."""
+    """Forward and backward over the micro-batches of one step, then the update.
+
+    The reported loss is the task's; a method's regulariser (AdaLoRA) is added to what is
+    differentiated, not to what is logged."""
+    regularizer = getattr(hooks, "regularizer", None)
     optimizer.zero_grad(set_to_none=True)
     total_loss, tokens = 0.0, 0
     for _ in range(config.gradient_accumulation):
         batch = collate([data[i] for i in next(stream)], pad_id)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
             loss = model(**batch).loss / config.gradient_accumulation
-        loss.backward()
+        extra = regularizer(model) if regularizer else None
+        (loss if extra is None else loss + extra / config.gradient_accumulation).backward()
         total_loss += loss.item()
         tokens += int(batch["attention_mask"].sum())
     if config.max_grad_norm:

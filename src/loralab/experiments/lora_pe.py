@@ -1,0 +1,56 @@
+"""``loralab reproduce lora-pe``: LoRA+PE against LoRA and PreEmbed (finding 6: combining
+LoRA with prefix-embedding tuning can add a little on some tasks)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import (
+    Arm,
+    Report,
+    Scale,
+    format_mean_std,
+    markdown_table,
+    mean_std,
+    run_arms,
+    runs_as_dicts,
+)
+from .methods import METHOD_ARMS
+
+NAME = "lora-pe"
+SUMMARY = "LoRA+PE against LoRA and PreEmbed"
+QUICK = Scale(steps=60, train_size=1000, test_size=200, seeds=(0, 1, 2), batch_size=16, quick=True)
+FULL = Scale(steps=200, train_size=2000, test_size=200, seeds=(0, 1, 2))
+FULL_HOURS = 3.0
+QUICK_TASKS = ("nli",)
+FULL_TASKS = ("nli", "e2e")
+METRIC = {"nli": "accuracy", "e2e": "bleu", "sql": "execution_accuracy"}
+METHODS = ("PreEmbed", "LoRA", "LoRA+PE")
+
+
+def run(scale: Scale, workdir: Path) -> Report:
+    tasks = QUICK_TASKS if scale.quick else FULL_TASKS
+    settings = dict(METHOD_ARMS)
+    arms = [Arm(m, task, settings[m]) for task in tasks for m in METHODS]
+    results = run_arms(NAME, arms, scale, workdir)
+
+    def values(method: str, task: str) -> list[float]:
+        return [r.metrics[METRIC[task]] for r in results if r.label == method and r.task == task]
+
+    rows = []
+    for method in METHODS:
+        trainable = next(r.trainable for r in results if r.label == method)
+        rows.append(
+            [method, f"{trainable:,}", *[format_mean_std(values(method, t)) for t in tasks]]
+        )
+    header = ["Method", "trainable", *[f"{t} {METRIC[t]}" for t in tasks]]
+    body = "Mean ± std over seeds.\n\n" + markdown_table(header, rows)
+
+    def draw(figure) -> None:
+        axes = figure.subplots(1, len(tasks), squeeze=False)[0]
+        for axis, task in zip(axes, tasks, strict=True):
+            stats = [mean_std(values(m, task)) for m in METHODS]
+            axis.bar(METHODS, [m for m, _ in stats], yerr=[s for _, s in stats], capsize=4)
+            axis.set_ylabel(f"{task} {METRIC[task]}")
+
+    return Report(NAME, "LoRA+PE", body, {"runs": runs_as_dicts(results)}, draw, scale)

@@ -1,0 +1,76 @@
+"""``loralab reproduce methods``: every adaptation method on nli, e2e and sql.
+
+The analogue of the paper's Tables 2–4: trainable parameters and each task's metrics, per
+method, mean ± standard deviation over seeds. The settings follow the paper's choices
+scaled down: LoRA on W_q and W_v (r = 8), adapters of bottleneck 8, PreEmbed with 10
+prefix tokens, PreLayer with 4, FT-Top2 on the last two blocks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import Arm, Report, Scale, format_mean_std, markdown_table, run_arms, runs_as_dicts
+
+NAME = "methods"
+SUMMARY = "every method on nli, e2e and sql: trainable parameters and task metrics"
+QUICK = Scale(steps=12, train_size=200, test_size=24, seeds=(0, 1), max_length=80, quick=True)
+FULL = Scale(steps=200, train_size=2000, test_size=200, seeds=(0, 1, 2))
+FULL_HOURS = 14  # measured per-run times × 81 runs on 2 cores; see the module docstring
+TASKS = ("nli", "e2e", "sql")
+METRICS = {"nli": ("accuracy",), "e2e": ("bleu", "rouge_l"), "sql": ("execution_accuracy",)}
+
+METHOD_ARMS = (
+    ("FT", {"method": "full"}),
+    ("FT-Top2", {"method": "ft-top2", "top_layers": 2}),
+    ("BitFit", {"method": "bitfit"}),
+    ("PreEmbed", {"method": "preembed", "prefix_length": 10, "infix_length": 0}),
+    ("PreLayer", {"method": "prelayer", "prefix_length": 4, "infix_length": 0}),
+    ("Adapter^H", {"method": "adapter-h", "adapter_rank": 8}),
+    ("Adapter^L", {"method": "adapter-l", "adapter_rank": 8}),
+    ("LoRA", {"method": "lora", "r": 8, "target_modules": ["q", "v"]}),
+    ("LoRA+PE", {"method": "lora-pe", "r": 8, "target_modules": ["q", "v"], "prefix_length": 10}),
+)
+
+
+def arms(tasks=TASKS) -> list[Arm]:
+    return [Arm(label, task, settings) for task in tasks for label, settings in METHOD_ARMS]
+
+
+def run(scale: Scale, workdir: Path) -> Report:
+    results = run_arms(NAME, arms(), scale, workdir)
+    header = ["Method"]
+    for task in TASKS:
+        header.append(f"{task} trainable")
+        header += [f"{task} {metric}" for metric in METRICS[task]]
+    rows = []
+    for label, _ in METHOD_ARMS:
+        row = [label]
+        for task in TASKS:
+            runs = [r for r in results if r.label == label and r.task == task]
+            row.append(f"{runs[0].trainable:,}" if runs else "—")
+            for metric in METRICS[task]:
+                row.append(format_mean_std([r.metrics[metric] for r in runs]))
+        rows.append(row)
+    body = (
+        "Trainable parameters and test metrics (mean ± std over seeds). nli runs on the "
+        "embedded MiniLM-L6 classifier, e2e and sql on SmolLM2-135M-Instruct.\n\n"
+        + markdown_table(header, rows)
+    )
+
+    def draw(figure) -> None:
+        axes = figure.subplots(1, len(TASKS))
+        for axis, task in zip(axes, TASKS, strict=True):
+            metric = METRICS[task][0]
+            for label, _ in METHOD_ARMS:
+                runs = [r for r in results if r.label == label and r.task == task]
+                if not runs:
+                    continue
+                values = [r.metrics[metric] for r in runs]
+                axis.scatter([runs[0].trainable] * len(values), values, s=12)
+                axis.annotate(label, (runs[0].trainable, sum(values) / len(values)), fontsize=6)
+            axis.set_xscale("log")
+            axis.set_xlabel("trainable parameters")
+            axis.set_title(f"{task}: {metric}", fontsize=9)
+
+    return Report(NAME, "The methods compared", body, {"runs": runs_as_dicts(results)}, draw, scale)

@@ -1,0 +1,108 @@
+"""``loralab reproduce ranks``: LoRA's rank and which weights it adapts (Tables 5–6).
+
+Findings 2 and 3: quality is about the same for r = 1 … 64, and at a fixed budget of
+trainable parameters, adapting more weight types at a smaller rank beats one weight type
+at a larger rank (W_q at r = 8 vs W_q, W_v at r = 4 vs all four at r = 2 — the same
+count for square projections).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import (
+    Arm,
+    Report,
+    Scale,
+    format_mean_std,
+    markdown_table,
+    mean_std,
+    run_arms,
+    runs_as_dicts,
+)
+
+NAME = "ranks"
+SUMMARY = "r ∈ {1, 2, 4, 8, 64} × weight types, and the fixed-budget comparison"
+QUICK = Scale(steps=60, train_size=1000, test_size=200, seeds=(0, 1), batch_size=16, quick=True)
+FULL = Scale(steps=300, train_size=4000, test_size=200, seeds=(0, 1, 2), batch_size=16)
+FULL_HOURS = 4.0  # nli (MiniLM): 15 arms × 3 seeds; sql (SmolLM2) adds most of it
+QUICK_TASKS = ("nli",)
+FULL_TASKS = ("nli", "sql")
+METRIC = {"nli": "accuracy", "sql": "execution_accuracy", "e2e": "bleu"}
+RANKS = (1, 2, 4, 8, 64)
+WEIGHT_TYPES = {"W_q": ["q"], "W_q, W_v": ["q", "v"], "W_q, W_k, W_v, W_o": ["q", "k", "v", "o"]}
+BUDGET = (("W_q", 8), ("W_q, W_v", 4), ("W_q, W_k, W_v, W_o", 2))
+
+
+def _label(types: str, r: int) -> str:
+    return f"{types}, r={r}"
+
+
+def arms(tasks) -> list[Arm]:
+    return [
+        Arm(
+            _label(types, r),
+            task,
+            {"method": "lora", "r": r, "lora_alpha": 2 * r, "target_modules": modules},
+            x=r,
+        )
+        for task in tasks
+        for types, modules in WEIGHT_TYPES.items()
+        for r in RANKS
+    ]
+
+
+def run(scale: Scale, workdir: Path) -> Report:
+    tasks = QUICK_TASKS if scale.quick else FULL_TASKS
+    results = run_arms(NAME, arms(tasks), scale, workdir)
+
+    def values(task: str, types: str, r: int) -> list[float]:
+        label = _label(types, r)
+        return [x.metrics[METRIC[task]] for x in results if x.label == label and x.task == task]
+
+    sections = []
+    for task in tasks:
+        header = ["Weight types", *[f"r={r}" for r in RANKS]]
+        rows = [
+            [types, *[format_mean_std(values(task, types, r)) for r in RANKS]]
+            for types in WEIGHT_TYPES
+        ]
+        budget_rows = []
+        for types, r in BUDGET:
+            runs = [x for x in results if x.label == _label(types, r) and x.task == task]
+            budget_rows.append(
+                [types, str(r), f"{runs[0].trainable:,}", format_mean_std(values(task, types, r))]
+            )
+        sections.append(
+            f"## {task}: {METRIC[task]} by rank and weight types\n\n"
+            + markdown_table(header, rows)
+            + f"\n\n## {task}: the same budget of trainable parameters\n\n"
+            + markdown_table(["Weight types", "r", "trainable", METRIC[task]], budget_rows)
+        )
+    body = (
+        "LoRA with α = 2r, mean ± std over seeds; nli on MiniLM-L6, sql on SmolLM2-135M.\n\n"
+        + "\n\n".join(sections)
+    )
+
+    def draw(figure) -> None:
+        axes = figure.subplots(1, len(tasks), squeeze=False)[0]
+        for axis, task in zip(axes, tasks, strict=True):
+            for types in WEIGHT_TYPES:
+                means = [mean_std(values(task, types, r)) for r in RANKS]
+                axis.errorbar(
+                    range(len(RANKS)),
+                    [m for m, _ in means],
+                    yerr=[s for _, s in means],
+                    marker="o",
+                    capsize=3,
+                    label=types,
+                )
+            axis.set_xticks(range(len(RANKS)), [str(r) for r in RANKS])
+            axis.set_xlabel("rank r")
+            axis.set_ylabel(METRIC[task])
+            axis.set_title(task)
+            axis.legend(fontsize=7)
+
+    return Report(
+        NAME, "LoRA's rank and weight types", body, {"runs": runs_as_dicts(results)}, draw, scale
+    )
