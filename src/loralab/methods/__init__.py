@@ -7,6 +7,7 @@ name, and ``files.py`` saves and loads what any of them trained.
 from __future__ import annotations
 
 from ..config import ConfigError
+from .adalora import AdaLora
 from .adapter_layers import AdapterH, AdapterL
 from .base import Method, MethodRecord, MethodSettings, applied_method, transformer_blocks
 from .bitfit import BitFit
@@ -26,6 +27,7 @@ METHODS: dict[str, Method] = {
         BitFit(),
         AdapterH(),
         AdapterL(),
+        AdaLora(),
     )
 }
 METHOD_NAMES = tuple(METHODS)

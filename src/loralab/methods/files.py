@@ -3,8 +3,10 @@
 LoRA writes PEFT's adapter files (``io.save_adapter``), so the ecosystem reads them. Every
 other method writes ``method.json`` (the method's name and settings) and
 ``method.safetensors`` (its trained parameters, by their names in the model); LoRA+PE
-writes both. The files of one save are replaced together or not at all, and a load
-checks every name and shape on a weightless twin of the model before touching it.
+writes both. A method with a format of its own (AdaLoRA: PEFT's ADALORA files) has
+``save`` and ``load`` methods, and those are used. The files of one save are replaced
+together or not at all, and a load checks every name and shape on a weightless twin of
+the model before touching it.
 """
 
 from __future__ import annotations
@@ -44,11 +46,18 @@ def save_method(
     model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None
 ) -> Path:
     """Write what the model's method trained to ``directory`` and return it."""
+    from . import get_method
+
     record = applied_method(model)
     if record is None:
         raise ValueError("the model carries no method: apply one first (methods.get_method)")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    own_format = getattr(get_method(record.name), "save", None)
+    if own_format is not None:  # AdaLoRA writes PEFT's own files for it
+        (directory / METHOD_FILE).unlink(missing_ok=True)
+        (directory / METHOD_WEIGHTS).unlink(missing_ok=True)
+        return own_format(model, directory, base_model_name_or_path)
     if record.lora is not None:
         save_adapter(model, directory, base_model_name_or_path=base_model_name_or_path)
     if record.name == "lora":
@@ -72,13 +81,25 @@ def save_method(
     return directory
 
 
+# PEFT adapters that a method of ours reads as a whole (a plain PEFT LoRA reads as "lora").
+_PEFT_METHODS = {"ADALORA": "adalora"}
+
+
+def _peft_type(directory: Path) -> str | None:
+    try:
+        data = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None  # the adapter reader reports it, with the line
+    return data.get("peft_type") if isinstance(data, dict) else None
+
+
 def read_method_description(directory: str | os.PathLike) -> dict:
     """``method.json`` of a saved method, checked; a PEFT adapter alone reads as LoRA."""
     directory = Path(directory)
     path = directory / METHOD_FILE
     if not path.exists():
         if (directory / CONFIG_FILE).exists():
-            return {"method": "lora", "settings": {}}
+            return {"method": _PEFT_METHODS.get(_peft_type(directory), "lora"), "settings": {}}
         raise AdapterFileError(f"{directory}: neither {METHOD_FILE} nor {CONFIG_FILE} is there")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -107,6 +128,9 @@ def load_method(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         settings = MethodSettings(**description.get("settings", {}))
     except ConfigError as error:
         raise AdapterFileError(f"{directory / METHOD_FILE}: {error}") from None
+    own_format = getattr(method, "load", None)
+    if own_format is not None:
+        return own_format(model, directory)
     adapter = read_adapter(directory) if method.uses_lora else None
     tensors = read_tensors(directory / METHOD_WEIGHTS) if method.name != "lora" else {}
     source = str(directory / METHOD_WEIGHTS)
