@@ -263,3 +263,38 @@ def test_sigkill_then_resume_ends_with_the_same_adapter(tmp_path, tiny_model_dir
     assert resumed.wait(timeout=300) == 0, output
     a, b = _adapter(tmp_path / "straight"), _adapter(tmp_path / "killed")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"r": 4, "target_r": 8}, "target_r=8 is larger than init_r=4"),
+        ({"max_steps": 10, "adalora_tinit": 6, "adalora_tfinal": 4}, "tinit"),
+        ({"adalora_delta_t": 0}, "deltaT"),
+    ],
+)
+def test_adalora_settings_that_do_not_fit_are_refused_before_training(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(task="e2e", method="adalora", **settings)
+
+
+def test_adalora_training_prunes_to_the_target_and_reports_the_ranks(tmp_path, tiny_model_dir):
+    from loralab.methods.adalora_report import final_ranks
+
+    model, tokenizer = _tiny(tiny_model_dir)
+    config = _config(
+        tmp_path,
+        method="adalora",
+        r=6,
+        target_r=2,
+        adalora_tinit=2,
+        adalora_tfinal=2,
+        max_steps=10,
+        save_every=0,
+        target_modules=["q", "v"],
+    )
+    train(config, model=model, tokenizer=tokenizer)
+    ranks = final_ranks(model)
+    assert len(ranks) == 4 and sum(ranks.values()) == 2 * 4  # the total budget, spread
+    for name in ("adalora_ranks.txt", "adalora_ranks.json", "adalora_ranks.png"):
+        assert (tmp_path / "run" / name).exists(), name

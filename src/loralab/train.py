@@ -30,7 +30,9 @@ from .checkpoint import CHECKPOINT, check_resumable, find_checkpoint, save_check
 from .config import ConfigError, LoraConfig
 from .data import DataError, batch_stream, collate, encode_dataset, label_names_of, read_examples
 from .inject import trainable_parameters
-from .methods import MethodSettings, get_method
+from .methods import Method, MethodSettings, get_method
+from .methods.adalora import AdaLora, AdaLoraConfig
+from .methods.adalora_report import write_rank_report
 from .methods.files import load_method, save_method
 from .methods.prefix import PromptTokens, prompt_tokens
 
@@ -78,6 +80,20 @@ class TrainConfig:
     """Adapter^H / Adapter^L: the bottleneck width r."""
     top_layers: int = 2
     """FT-Top2: how many of the last transformer blocks train."""
+    target_r: int = 4
+    """AdaLoRA: the average rank per matrix at the end (``r`` is the initial rank)."""
+    adalora_tinit: int = 0
+    """AdaLoRA: warm-up steps before any pruning."""
+    adalora_tfinal: int = 0
+    """AdaLoRA: final steps with the ranks fixed."""
+    adalora_delta_t: int = 1
+    """AdaLoRA: steps between two re-allocations of the budget."""
+    adalora_beta1: float = 0.85
+    """AdaLoRA: EMA coefficient of the smoothed sensitivity."""
+    adalora_beta2: float = 0.85
+    """AdaLoRA: EMA coefficient of the uncertainty."""
+    orth_reg_weight: float = 0.5
+    """AdaLoRA: weight of the orthogonality regulariser on P and Q."""
 
     learning_rate: float = 2e-4
     """Peak learning rate of AdamW."""
@@ -146,6 +162,32 @@ class TrainConfig:
         get_method(self.method)  # an unknown name lists the valid ones
         self.method_settings()  # l_p, l_i, adapter rank, top layers: validated there
         self.lora_config()  # r, alpha, dropout, targets: validated by LoraConfig itself
+        if self.method == "adalora":
+            self.adalora_config()  # target_r ≤ r, a schedule that fits max_steps
+
+    def adalora_config(self) -> AdaLoraConfig:
+        """AdaLoRA's settings: ``r`` is its initial rank, the schedule spans the run."""
+        targets = self.target_modules
+        targets = "all-linear" if targets in ("all-linear", ["all-linear"]) else targets
+        return AdaLoraConfig(
+            init_r=self.r,
+            target_r=self.target_r,
+            tinit=self.adalora_tinit,
+            tfinal=self.adalora_tfinal,
+            deltaT=self.adalora_delta_t,
+            beta1=self.adalora_beta1,
+            beta2=self.adalora_beta2,
+            orth_reg_weight=self.orth_reg_weight,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+            target_modules=targets,
+        ).for_steps(self.max_steps)
+
+    def method_object(self) -> Method:
+        """The method the run applies, built with the run's settings where it needs them."""
+        if self.method == "adalora":
+            return AdaLora(self.adalora_config())
+        return get_method(self.method)
 
     def method_settings(self) -> MethodSettings:
         return MethodSettings(
@@ -281,7 +323,7 @@ def encode_examples(
 def prepare_model(config: TrainConfig, model: nn.Module) -> nn.Module:
     """Apply the run's method (LoRA by default) with its settings; a classifier's new head
     always trains in full."""
-    method = get_method(config.method)
+    method = config.method_object()
     settings = config.method_settings()
     lora = config.lora_config() if method.uses_lora else None
     method.check(model, settings, lora, config.max_length)
@@ -355,7 +397,7 @@ def train(config: TrainConfig, model=None, tokenizer=None) -> TrainResult:
     datasets = encode_examples(config, examples, tokenizer, prompt_tokens(model))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    hooks = get_method(config.method)
+    hooks = config.method_object()
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         parameters, lr=config.learning_rate, weight_decay=config.weight_decay
@@ -441,6 +483,8 @@ def train(config: TrainConfig, model=None, tokenizer=None) -> TrainResult:
             f"{run_dir / CHECKPOINT}: add --resume to continue"
         )
     adapter_dir = save_method(model, run_dir / "adapter", base_model_name_or_path=config.model)
+    if config.method == "adalora":  # the ranks AdaLoRA chose: a table, JSON and a heatmap
+        write_rank_report(model, run_dir)
     _plot_losses(history, run_dir / "loss.png")
     model.eval()
     return TrainResult(
