@@ -214,3 +214,19 @@ def test_training_with_each_method_moves_only_its_parameters(name, tmp_path, tin
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_a_peft_adapter_listing_modules_the_model_lacks_loads_like_in_peft(tmp_path):
+    # PEFT skips target entries that match nothing; so does loading through load_method.
+    model = make_model("llama")
+    _apply("lora", model)
+    _perturb(model)
+    save_method(model, tmp_path / "saved")
+    config_path = tmp_path / "saved" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["target_modules"] = [*config["target_modules"], "not_a_module"]
+    config_path.write_text(json.dumps(config))
+    loaded = load_method(make_model("llama"), tmp_path / "saved")
+    ids = token_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(_output(loaded, ids), _output(model, ids), rtol=0, atol=0)

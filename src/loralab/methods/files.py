@@ -137,7 +137,11 @@ def load_method(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     try:
         # Rehearse on a twin without weights: a mismatch raises before the model changes.
         twin = shape_twin(model)
-        method.check(twin, settings, adapter.config if adapter else None, 0)
+        # LoRA's targets are checked by the PEFT loader, which (like PEFT) skips entries
+        # that match nothing; only the rest of the method is checked here.
+        rest = method.companion if method.uses_lora else method
+        if rest is not None:
+            rest.check(twin, settings, None, 0)
         _apply_and_load(method, twin, settings, adapter, tensors, source)
     except ConfigError as error:
         raise AdapterFileError(f"{directory}: {error}") from None
