@@ -24,6 +24,9 @@ EXPERIMENT_MODULES = {
     "low-data": "low_data",
     "scaling": "scaling",
     "lora-pe": "lora_pe",
+    "adalora": "adalora",
+    "latency": "latency",
+    "subspace": "subspace",
 }
 EXPERIMENT_NAMES = tuple(EXPERIMENT_MODULES)
 

@@ -98,10 +98,28 @@ class RunResult:
     train_seconds: float
     eval_seconds: float
     settings: dict[str, Any]
+    final_trainable: int = 0  # parameters that still matter at the end (AdaLoRA prunes)
 
 
-def train_and_score(arm: Arm, seed: int, scale: Scale, workdir: Path) -> RunResult:
-    """Train ``arm`` with ``seed`` at ``scale`` and score it on the task's test split."""
+def kept_parameters(model) -> int | None:
+    """AdaLoRA's parameters after pruning: a kept triplet holds d + k + 1 numbers."""
+    from ..methods.adalora import svd_factors
+
+    factors = svd_factors(model)
+    if not factors:
+        return None
+    return sum(f.rank * (f.P.shape[0] + f.Q.shape[1] + 1) for f in factors.values())
+
+
+def train_and_score(
+    arm: Arm,
+    seed: int,
+    scale: Scale,
+    workdir: Path,
+    inspect: Callable[[RunResult, Any], None] | None = None,
+) -> RunResult:
+    """Train ``arm`` with ``seed`` at ``scale`` and score it on the task's test split;
+    ``inspect(run, model)`` may read more from the trained model."""
     from ..evaluate import evaluate_task
     from ..tasks import get_task
     from ..train import TrainConfig, train
@@ -132,7 +150,8 @@ def train_and_score(arm: Arm, seed: int, scale: Scale, workdir: Path) -> RunResu
     task = get_task(arm.task)
     test = task.splits(seed=DATA_SEED, test_size=scale.test_size)["test"]
     evaluation = evaluate_task(result.model, result.tokenizer, task, test, batch_size=32)
-    return RunResult(
+    kept = kept_parameters(result.model)
+    run = RunResult(
         label=arm.label,
         task=arm.task,
         seed=seed,
@@ -142,11 +161,20 @@ def train_and_score(arm: Arm, seed: int, scale: Scale, workdir: Path) -> RunResu
         train_seconds=result.seconds,
         eval_seconds=evaluation.seconds,
         settings=settings,
+        final_trainable=result.trainable if kept is None else kept,
     )
+    if inspect is not None:
+        inspect(run, result.model)
+    return run
 
 
 def run_arms(
-    name: str, arms: Sequence[Arm], scale: Scale, workdir: Path, log: Callable[[str], None] = print
+    name: str,
+    arms: Sequence[Arm],
+    scale: Scale,
+    workdir: Path,
+    log: Callable[[str], None] = print,
+    inspect: Callable[[RunResult, Any], None] | None = None,
 ) -> list[RunResult]:
     """Every arm with every seed, with one progress line per run."""
     results = []
@@ -154,7 +182,7 @@ def run_arms(
     for seed in scale.seeds:  # seeds outermost: a cut-short run still covers every arm
         for arm in arms:
             started = time.perf_counter()
-            run = train_and_score(arm, seed, scale, workdir)
+            run = train_and_score(arm, seed, scale, workdir, inspect)
             results.append(run)
             shown = ", ".join(f"{k} {v:.2f}" for k, v in run.metrics.items())
             log(

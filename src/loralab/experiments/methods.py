@@ -33,12 +33,12 @@ METHOD_ARMS = (
 )
 
 
-def arms(tasks=TASKS) -> list[Arm]:
+def arms(tasks) -> list[Arm]:
     return [Arm(label, task, settings) for task in tasks for label, settings in METHOD_ARMS]
 
 
 def run(scale: Scale, workdir: Path) -> Report:
-    results = run_arms(NAME, arms(), scale, workdir)
+    results = run_arms(NAME, arms(TASKS), scale, workdir)
     header = ["Method"]
     for task in TASKS:
         header.append(f"{task} trainable")
@@ -59,7 +59,7 @@ def run(scale: Scale, workdir: Path) -> Report:
     )
 
     def draw(figure) -> None:
-        axes = figure.subplots(1, len(TASKS))
+        axes = figure.subplots(1, len(TASKS), squeeze=False)[0]
         for axis, task in zip(axes, TASKS, strict=True):
             metric = METRICS[task][0]
             for label, _ in METHOD_ARMS:

@@ -39,16 +39,18 @@ def _label(types: str, r: int) -> str:
 
 
 def arms(tasks) -> list[Arm]:
+    """The rank × weight-type grid, plus the fixed-budget settings it does not hold."""
+    chosen = [(types, r) for types in WEIGHT_TYPES for r in RANKS]
+    chosen += [pair for pair in BUDGET if pair not in chosen]
     return [
         Arm(
             _label(types, r),
             task,
-            {"method": "lora", "r": r, "lora_alpha": 2 * r, "target_modules": modules},
+            {"method": "lora", "r": r, "lora_alpha": 2 * r, "target_modules": WEIGHT_TYPES[types]},
             x=r,
         )
         for task in tasks
-        for types, modules in WEIGHT_TYPES.items()
-        for r in RANKS
+        for types, r in chosen
     ]
 
 
