@@ -51,7 +51,7 @@ def test_training_experiments_run_end_to_end_and_write_their_outputs(
     if name == "low-data":
         monkeypatch.setattr(module, "SIZES", (6, 12))
     if name == "methods":
-        monkeypatch.setattr(module, "TASKS", ("e2e",))
+        monkeypatch.setattr(module, "QUICK_TASKS", ("e2e",))
     if name == "scaling":
         families = {family: variants[:2] for family, variants in module.FAMILIES.items()}
         monkeypatch.setattr(module, "FAMILIES", families)

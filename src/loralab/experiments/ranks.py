@@ -23,7 +23,7 @@ from .base import (
 
 NAME = "ranks"
 SUMMARY = "r ∈ {1, 2, 4, 8, 64} × weight types, and the fixed-budget comparison"
-QUICK = Scale(steps=60, train_size=1000, test_size=200, seeds=(0, 1), batch_size=16, quick=True)
+QUICK = Scale(steps=20, train_size=1000, test_size=200, seeds=(0, 1), batch_size=16, quick=True)
 FULL = Scale(steps=300, train_size=4000, test_size=200, seeds=(0, 1, 2), batch_size=16)
 FULL_HOURS = 4.0  # nli (MiniLM): 15 arms × 3 seeds; sql (SmolLM2) adds most of it
 QUICK_TASKS = ("nli",)
