@@ -21,7 +21,7 @@ from .methods import METHOD_ARMS
 
 NAME = "low-data"
 SUMMARY = "FT, PreEmbed, PreLayer and LoRA with 100 / 1k / 10k training examples (nli)"
-QUICK = Scale(steps=60, train_size=10_000, test_size=200, seeds=(0, 1), batch_size=16, quick=True)
+QUICK = Scale(steps=20, train_size=10_000, test_size=200, seeds=(0, 1), batch_size=16, quick=True)
 FULL = Scale(steps=400, train_size=10_000, test_size=200, seeds=(0, 1, 2), batch_size=16)
 FULL_HOURS = 1.5
 TASK = "nli"

@@ -10,7 +10,7 @@ from .base import Arm, Report, Scale, markdown_table, mean_std, run_arms, runs_a
 
 NAME = "scaling"
 SUMMARY = "quality vs trainable parameters: PreEmbed/PreLayer tokens, LoRA rank (one figure)"
-QUICK = Scale(steps=60, train_size=1000, test_size=200, seeds=(0, 1), batch_size=16, quick=True)
+QUICK = Scale(steps=20, train_size=1000, test_size=200, seeds=(0, 1), batch_size=16, quick=True)
 FULL = Scale(steps=300, train_size=4000, test_size=200, seeds=(0, 1, 2), batch_size=16)
 FULL_HOURS = 1.5
 TASK = "nli"
