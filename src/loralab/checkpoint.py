@@ -4,6 +4,10 @@ A checkpoint holds the adapter, the optimizer and scheduler state, the RNG state
 the step; the data order is a pure function of the seed and the step, so that is the
 data position. It is written to a temporary directory beside the old one and swapped in
 by renaming, so a run killed at any moment (SIGKILL included) leaves the last complete one.
+
+Under torchrun only rank 0 writes, after the others have sent it what it needs (FSDP's
+shards gathered whole, every rank's RNG state); the layout is the single-process one, so a
+checkpoint resumes with or without DDP or FSDP and at another world size.
 """
 
 from __future__ import annotations
@@ -19,12 +23,32 @@ from .config import ConfigError
 from .methods.files import save_method
 
 CHECKPOINT = "checkpoint"
-# Settings that may differ when a run is resumed: they do not change the computation.
-RESUMABLE_CHANGES = {"resume", "tensorboard", "progress", "log_every"}
+# Settings that may differ when a run is resumed: they do not change what is computed (FSDP
+# and recomputing activations change how, and the order of float additions at most).
+RESUMABLE_CHANGES = {
+    "resume",
+    "tensorboard",
+    "progress",
+    "log_every",
+    "fsdp",
+    "gradient_checkpointing",
+}
 
 
-def save_checkpoint(run_dir: Path, model, optimizer, scheduler, step: int, config) -> None:
-    """Write a complete checkpoint beside the old one, then swap them by renaming."""
+def save_checkpoint(
+    run_dir: Path,
+    model,
+    optimizer,
+    scheduler,
+    step: int,
+    config,
+    optimizer_state: dict | None = None,
+    extra: dict | None = None,
+) -> None:
+    """Write a complete checkpoint beside the old one, then swap them by renaming.
+
+    ``optimizer_state`` replaces ``optimizer.state_dict()`` (FSDP's, gathered whole);
+    ``extra`` adds entries to ``state.pt`` (every rank's RNG state)."""
     for stale in run_dir.glob(".checkpoint-*.tmp"):  # left by a run killed mid-write
         shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(dir=run_dir, prefix=".checkpoint-", suffix=".tmp"))
@@ -32,11 +56,12 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, step: int, confi
         save_method(model, staging / "adapter")
         state = {
             "step": step,
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
             "scheduler": scheduler.state_dict(),
             "rng_torch": torch.get_rng_state(),
             "rng_python": random.getstate(),
             "config": config.to_dict(),
+            **(extra or {}),
         }
         torch.save(state, staging / "state.pt")
         final, previous = run_dir / CHECKPOINT, run_dir / ".checkpoint-previous"

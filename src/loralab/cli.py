@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .config import ConfigError
 from .data import DataError
+from .distributed import DistributedError
 from .io import AdapterFileError
 from .models import ModelLoadError
 from .train import TrainConfig, TrainingInterrupted
@@ -133,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as stopped:
         print(f"{PROGRAM}: {stopped}", file=sys.stderr)
         return 130
+    except DistributedError as error:  # the processes could not meet, or another one failed
+        print(f"{PROGRAM}: error: {error}", file=sys.stderr)
+        return 1
     except (ConfigError, DataError, AdapterFileError, ModelLoadError, ValueError) as error:
         # TaskError is a ValueError too: every bad-input error is one line, exit code 2.
         print(f"{PROGRAM}: error: {error}", file=sys.stderr)
@@ -148,6 +152,8 @@ def _train(args: argparse.Namespace) -> int:
     else:
         config = TrainConfig(**overrides)
     result = train(config)
+    if result.rank != 0:  # under torchrun, rank 0 speaks for all
+        return 0
     print(
         f"trained {result.steps} steps in {result.seconds:.0f} s; final loss "
         f"{result.losses[-1]:.4f}; adapter: {result.adapter_dir}"

@@ -6,6 +6,9 @@ final adapter and a checkpoint. A checkpoint has everything a run needs to conti
 for bit: adapter, optimizer, scheduler, RNG state and step (the data order is a pure
 function of the seed and the step), and it is written atomically, so a run killed at any
 moment — SIGKILL included — resumes from the last complete one.
+
+Started by ``torchrun`` it trains on every process with DDP, or FSDP2 with ``fsdp``
+(``distributed.py``: the batch semantics, the loss normalisation, which rank writes).
 """
 
 from __future__ import annotations
@@ -29,6 +32,28 @@ from torch import nn
 from .checkpoint import CHECKPOINT, check_resumable, find_checkpoint, save_checkpoint
 from .config import ConfigError, LoraConfig
 from .data import DataError, batch_stream, collate, encode_dataset, label_names_of, read_examples
+from .distributed import (
+    World,
+    barrier,
+    from_main,
+    full_optimizer_state,
+    full_trainable_parameters,
+    gather_objects,
+    gradient_sync,
+    join,
+    leave,
+    peers_checked,
+    rng_state,
+    rows_of_rank,
+    set_rng_state,
+    shard_fsdp,
+    shard_optimizer_state,
+    shared_directory,
+    sum_over_ranks,
+    to_device,
+    world_from_environment,
+    wrap_ddp,
+)
 from .inject import trainable_parameters
 from .methods import Method, MethodSettings, get_method
 from .methods.adalora import AdaLora, AdaLoraConfig
@@ -38,6 +63,7 @@ from .methods.prefix import PromptTokens, prompt_tokens
 
 SCHEDULES = ("linear", "cosine", "constant")
 MODEL_KINDS = ("causal-lm", "classification")
+RANK_SEED_STRIDE = 1_000_003  # rank k draws its dropout masks from seed + k · stride
 
 
 @dataclass
@@ -115,6 +141,14 @@ class TrainConfig:
     """Gradient clipping by global norm (0 turns it off)."""
     bf16: bool = False
     """Run forward and backward under bf16 autocast."""
+    gradient_checkpointing: bool = False
+    """Keep only each transformer block's input and recompute the rest in the backward
+    pass: less activation memory for about a third more compute (non-reentrant, so it works
+    on a frozen base and with DDP and FSDP)."""
+    fsdp: bool = False
+    """Under torchrun: shard the model (frozen base and trained parameters) across the
+    processes with FSDP2, one unit per transformer block, instead of a whole copy on each
+    (DDP). For bases too large for one device."""
     seed: int = 0
     """Seeds the LoRA init, dropout and data order: a CPU run repeats bit for bit."""
     data_seed: int | None = None
@@ -164,6 +198,12 @@ class TrainConfig:
         self.lora_config()  # r, alpha, dropout, targets: validated by LoraConfig itself
         if self.method == "adalora":
             self.adalora_config()  # target_r ≤ r, a schedule that fits max_steps
+            if self.fsdp:
+                raise ConfigError(
+                    "fsdp cannot train method='adalora': its rank allocation ranks the "
+                    "importance of whole matrices after every step; train it with DDP "
+                    "(torchrun without --fsdp)"
+                )
 
     def adalora_config(self) -> AdaLoraConfig:
         """AdaLoRA's settings: ``r`` is its initial rank, the schedule spans the run."""
@@ -333,20 +373,43 @@ def prepare_model(config: TrainConfig, model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def validation_loss(model: nn.Module, data: list, batch_size: int, pad_id: int) -> float:
-    """Mean loss per counted token (causal LM) or per example (classifier)."""
+def validation_loss(
+    model: nn.Module, data: list, batch_size: int, pad_id: int, world: World | None = None
+) -> float:
+    """Mean loss per counted token (causal LM) or per example (classifier).
+
+    Under torchrun each rank scores its rows of every batch and the sums are added up."""
+    world = world or World()
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(data), batch_size):
-        batch = collate(data[start : start + batch_size], pad_id)
+        items, share = rows_of_rank(world, data[start : start + batch_size])
+        batch = to_device(collate(items, pad_id), world.device)
         loss = model(**batch).loss.item()
         labels = batch["labels"]
         weight = int((labels[:, 1:] != -100).sum()) if labels.dim() == 2 else labels.numel()
+        weight = weight if share else 0  # a rank left without rows ran a stand-in row
         total += loss * weight
         count += weight
+    total, count = sum_over_ranks(world, [total, count])
     model.train(was_training)
     return total / max(count, 1)
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each block in the backward pass, non-reentrant: a frozen base needs no
+    inputs that require grad, and DDP and FSDP see each parameter's gradient once."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(
+            f"gradient_checkpointing: {type(model).__name__} does not support it; "
+            "Transformers models with transformer blocks do"
+        )
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # Transformers ≥ 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -363,8 +426,11 @@ class TrainResult:
     trainable: int
     total: int
     model: nn.Module | None = None
+    """The trained model (with ``fsdp``, still sharded: its parameters are DTensors)."""
     tokenizer: Any = None
     datasets: Datasets | None = None
+    rank: int = 0
+    """This process's rank under torchrun; only rank 0 wrote the files."""
 
 
 class TrainingInterrupted(RuntimeError):
@@ -372,16 +438,34 @@ class TrainingInterrupted(RuntimeError):
 
 
 def train(config: TrainConfig, model=None, tokenizer=None) -> TrainResult:
-    """Run training as ``config`` says. ``model``/``tokenizer`` skip loading (library use)."""
+    """Run training as ``config`` says. ``model``/``tokenizer`` skip loading (library use).
+
+    Started by torchrun, every rank runs this: the world is checked before any process
+    waits on another, and a process group this call created is left at the end."""
+    world = world_from_environment(config.batch_size, config.fsdp)
+    join(world)
+    last_complete = f"the last complete checkpoint stays in {Path(config.output_dir) / CHECKPOINT}"
+    try:
+        with peers_checked(world, last_complete), contextlib.ExitStack() as cleanup:
+            return _train(config, model, tokenizer, world, cleanup)
+    finally:
+        leave(world)
+
+
+def _train(
+    config: TrainConfig, model, tokenizer, world: World, cleanup: contextlib.ExitStack
+) -> TrainResult:
+    """The run on this rank; ``cleanup`` keeps what the run needs until it ends (a copy of
+    the checkpoint that rank 0 sent)."""
     run_dir = Path(config.output_dir)
     checkpoint = None
     if config.resume:
-        checkpoint = find_checkpoint(run_dir)
-        if checkpoint is None:
-            raise ConfigError(f"--resume: no checkpoint in {run_dir}")
+        found = from_main(world, lambda: _resumable_checkpoint(run_dir, config))
+        # Only rank 0 reads the run directory; it sends the checkpoint to the others.
+        checkpoint = cleanup.enter_context(shared_directory(world, found))
         saved = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=True)
-        check_resumable(saved["config"], config, checkpoint)
-    writer = _tensorboard_writer(config, run_dir)  # fails before any work if not installed
+    # Fails before any work if not installed; only rank 0 writes.
+    writer = _tensorboard_writer(config, run_dir, create=world.is_main)
     examples = load_examples(config)  # bad data fails before the model is loaded
     if model is None:
         from .models import load_model
@@ -395,9 +479,14 @@ def train(config: TrainConfig, model=None, tokenizer=None) -> TrainResult:
         load_method(model, checkpoint / "adapter")
     # After the method: a prefix method's special tokens are part of every example.
     datasets = encode_examples(config, examples, tokenizer, prompt_tokens(model))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     hooks = config.method_object()
+    report = trainable_parameters(model)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    runner = _distribute(model, config, world)  # what runs forward: DDP's wrapper
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         parameters, lr=config.learning_rate, weight_decay=config.weight_decay
@@ -407,31 +496,47 @@ def train(config: TrainConfig, model=None, tokenizer=None) -> TrainResult:
     )
     step = 0
     if checkpoint is not None:
-        optimizer.load_state_dict(saved["optimizer"])
+        optimizer_state = saved["optimizer"]
+        if world.active and config.fsdp:
+            optimizer_state = shard_optimizer_state(optimizer_state, parameters)
+        optimizer.load_state_dict(optimizer_state)
         scheduler.load_state_dict(saved["scheduler"])
         step = saved["step"]
-        torch.set_rng_state(saved["rng_torch"])
+        _restore_rng(saved, config, world, step)
         random.setstate(_as_python_state(saved["rng_python"]))
     else:
-        torch.manual_seed(config.seed)
+        torch.manual_seed(config.seed + RANK_SEED_STRIDE * world.rank)
         random.seed(config.seed)
 
     metrics_path = run_dir / "metrics.jsonl"
-    history = _read_history(metrics_path, up_to=step)
-    report = trainable_parameters(model)
+    history = from_main(world, lambda: _read_history(metrics_path, up_to=step))
     lengths = [len(item) for item in datasets.train]
     consumed = step * config.gradient_accumulation  # the data order is fixed by the seed
     stream = batch_stream(lengths, config.batch_size, config.seed, start=consumed)
-    model.train()
+    runner.train()
     started = time.perf_counter()
-    bar = _progress_bar(config, initial=step)
+    bar = _progress_bar(config, initial=step) if world.is_main else None
     interrupted = False
-    with _interruptible() as stop:
+    # Under a launcher a repeated signal is the launcher tearing down, not a user in a
+    # hurry: the step still finishes, and the launcher's SIGKILL is the hard stop.
+    with _interruptible(escalate=not world.active) as stop:
         while step < config.max_steps:
             step_started = time.perf_counter()
             loss_value, tokens = _optimizer_step(
-                model, optimizer, parameters, stream, datasets.train, pad_id, config, hooks
+                model,
+                optimizer,
+                parameters,
+                stream,
+                datasets.train,
+                pad_id,
+                config,
+                hooks,
+                world=world,
+                runner=runner,
             )
+            # One collective a step: the loss of the whole batch, and whether any rank
+            # was asked to stop (so that all stop after the same step).
+            loss_value, stopping = sum_over_ranks(world, [loss_value, stop.requested])
             scheduler.step()
             step += 1
             if hasattr(hooks, "after_optimizer_step"):
@@ -446,16 +551,22 @@ def train(config: TrainConfig, model=None, tokenizer=None) -> TrainResult:
             }
             if step % config.log_every == 0 or step == config.max_steps:
                 history.append(entry)
-                _append_jsonl(metrics_path, entry)
+                if world.is_main:
+                    _append_jsonl(metrics_path, entry)
                 if writer:
                     writer.add_scalar("train/loss", loss_value, step)
                     writer.add_scalar("train/lr", entry["lr"], step)
             due_eval = config.eval_every and step % config.eval_every == 0
             if datasets.validation and (due_eval or step == config.max_steps):
-                value = validation_loss(model, datasets.validation, config.batch_size, pad_id)
+                value = validation_loss(
+                    model, datasets.validation, config.batch_size, pad_id, world
+                )
+                if world.active and config.fsdp:  # after a forward with no backward,
+                    model.reshard()  # FSDP keeps the root (embeddings, head) gathered
                 evaluation = {"step": step, "validation_loss": value}
                 history.append(evaluation)
-                _append_jsonl(metrics_path, evaluation)
+                if world.is_main:
+                    _append_jsonl(metrics_path, evaluation)
                 if writer:
                     writer.add_scalar("validation/loss", value, step)
             if bar:
@@ -468,9 +579,9 @@ def train(config: TrainConfig, model=None, tokenizer=None) -> TrainResult:
             # A signal lets the step in flight finish, so the state saved is exactly the
             # one an uninterrupted run has between two steps.
             due_save = config.save_every and step % config.save_every == 0
-            if (due_save or stop.requested) and step < config.max_steps:
-                save_checkpoint(run_dir, model, optimizer, scheduler, step, config)
-            if stop.requested and step < config.max_steps:
+            if (due_save or stopping) and step < config.max_steps:
+                _save_checkpoint(run_dir, model, optimizer, scheduler, step, config, world)
+            if stopping and step < config.max_steps:
                 interrupted = True
                 break
     if bar:
@@ -482,10 +593,14 @@ def train(config: TrainConfig, model=None, tokenizer=None) -> TrainResult:
             f"interrupted at step {step} of {config.max_steps}; a checkpoint is in "
             f"{run_dir / CHECKPOINT}: add --resume to continue"
         )
-    adapter_dir = save_method(model, run_dir / "adapter", base_model_name_or_path=config.model)
-    if config.method == "adalora":  # the ranks AdaLoRA chose: a table, JSON and a heatmap
-        write_rank_report(model, run_dir)
-    _plot_losses(history, run_dir / "loss.png")
+    adapter_dir = run_dir / "adapter"
+    with _whole_trainable_parameters(model, config, world):
+        if world.is_main:
+            save_method(model, adapter_dir, base_model_name_or_path=config.model)
+            if config.method == "adalora":  # the ranks AdaLoRA chose: table, JSON, heatmap
+                write_rank_report(model, run_dir)
+            _plot_losses(history, run_dir / "loss.png")
+    barrier(world)  # the others return once the adapter is complete
     model.eval()
     return TrainResult(
         run_dir=run_dir,
@@ -499,27 +614,98 @@ def train(config: TrainConfig, model=None, tokenizer=None) -> TrainResult:
         model=model,
         tokenizer=tokenizer,
         datasets=datasets,
+        rank=world.rank,
     )
 
 
+def _resumable_checkpoint(run_dir: Path, config: TrainConfig) -> Path:
+    checkpoint = find_checkpoint(run_dir)
+    if checkpoint is None:
+        raise ConfigError(f"--resume: no checkpoint in {run_dir}")
+    saved = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=True)
+    check_resumable(saved["config"], config, checkpoint)
+    return checkpoint
+
+
+def _distribute(model: nn.Module, config: TrainConfig, world: World) -> nn.Module:
+    """The model each rank runs forward: itself alone, DDP's wrapper, or sharded by FSDP."""
+    if not world.active:
+        return model
+    if world.device.type != "cpu":
+        model.to(world.device)
+    return shard_fsdp(model, world) if config.fsdp else wrap_ddp(model, world)
+
+
+def _whole_trainable_parameters(model: nn.Module, config: TrainConfig, world: World):
+    """With FSDP, the trained parameters gathered whole for saving (every rank enters)."""
+    if world.active and config.fsdp:
+        return full_trainable_parameters(model)
+    return contextlib.nullcontext()
+
+
+def _save_checkpoint(run_dir, model, optimizer, scheduler, step, config, world: World) -> None:
+    """Rank 0 writes (atomically, ``checkpoint.py``) what every rank's state gathers to;
+    the others wait until it is complete. A rank that fails leaves the last one intact."""
+    if not world.active:
+        save_checkpoint(run_dir, model, optimizer, scheduler, step, config)
+        return
+    optimizer_state = full_optimizer_state(optimizer)  # FSDP: gathered on every rank
+    generators = gather_objects(world, rng_state(world))  # each rank's dropout stream
+    with _whole_trainable_parameters(model, config, world):
+        if world.is_main:
+            save_checkpoint(
+                run_dir,
+                model,
+                optimizer,
+                scheduler,
+                step,
+                config,
+                optimizer_state=optimizer_state,
+                extra={"rng_ranks": generators},
+            )
+    barrier(world)
+
+
+def _restore_rng(saved: dict, config: TrainConfig, world: World, step: int) -> None:
+    ranks = saved.get("rng_ranks")
+    if world.active and ranks and len(ranks) == world.size:
+        set_rng_state(world, ranks[world.rank])
+        return
+    torch.set_rng_state(saved["rng_torch"])
+    if world.rank:  # resumed at another world size: a fresh dropout stream for this rank
+        torch.manual_seed(config.seed + RANK_SEED_STRIDE * world.rank + step)
+
+
 def _optimizer_step(
-    model, optimizer, parameters, stream, data, pad_id, config, hooks=None
+    model, optimizer, parameters, stream, data, pad_id, config, hooks=None, world=None, runner=None
 ) -> tuple[float, int]:
     """Forward and backward over the micro-batches of one step, then the update.
 
     The reported loss is the task's; a method's regulariser (AdaLoRA) is added to what is
-    differentiated, not to what is logged."""
+    differentiated, not to what is logged. Under torchrun each rank runs its rows of every
+    micro-batch through ``runner`` (DDP's wrapper), weighted by its share of the counted
+    tokens, so the averaged gradient is the single-process one (``distributed.py``)."""
+    world = world or World()
+    runner = runner or model
     regularizer = getattr(hooks, "regularizer", None)
     optimizer.zero_grad(set_to_none=True)
     total_loss, tokens = 0.0, 0
-    for _ in range(config.gradient_accumulation):
-        batch = collate([data[i] for i in next(stream)], pad_id)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
-            loss = model(**batch).loss / config.gradient_accumulation
-        extra = regularizer(model) if regularizer else None
-        (loss if extra is None else loss + extra / config.gradient_accumulation).backward()
-        total_loss += loss.item()
-        tokens += int(batch["attention_mask"].sum())
+    for index in range(config.gradient_accumulation):
+        items = [data[i] for i in next(stream)]
+        rows, share = rows_of_rank(world, items)
+        batch = to_device(collate(rows, pad_id), world.device)
+        last = index == config.gradient_accumulation - 1
+        with gradient_sync(world, runner, last):
+            with torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=config.bf16):
+                loss = runner(**batch).loss / config.gradient_accumulation
+            extra = regularizer(model) if regularizer else None
+            # DDP and FSDP average over ranks: W · share makes that average the batch's mean.
+            objective = loss * (world.size * share) if world.active else loss
+            if extra is not None:
+                objective = objective + extra / config.gradient_accumulation
+            objective.backward()
+        total_loss += loss.item() * share
+        tokens += sum(len(item) for item in items)  # the whole batch's, not the rank's
     if config.max_grad_norm:
         torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
     optimizer.step()
@@ -531,12 +717,12 @@ class _StopFlag:
 
 
 @contextlib.contextmanager
-def _interruptible():
+def _interruptible(escalate: bool = True):
     """Turn Ctrl-C and SIGTERM into a request to stop after the current step."""
     flag = _StopFlag()
 
     def request(signum, frame):
-        if flag.requested:  # a second Ctrl-C: stop at once
+        if flag.requested and escalate:  # a second Ctrl-C: stop at once
             raise KeyboardInterrupt
         flag.requested = True
 
@@ -581,7 +767,7 @@ def _progress_bar(config: TrainConfig, initial: int):
     return tqdm(total=config.max_steps, initial=initial, desc="train", unit="step")
 
 
-def _tensorboard_writer(config: TrainConfig, run_dir: Path):
+def _tensorboard_writer(config: TrainConfig, run_dir: Path, create: bool = True):
     if not config.tensorboard:
         return None
     try:
@@ -590,7 +776,7 @@ def _tensorboard_writer(config: TrainConfig, run_dir: Path):
         raise ConfigError(
             "--tensorboard needs the tensorboard package: pip install 'loralab[tensorboard]'"
         ) from None
-    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard")) if create else None
 
 
 def _plot_losses(history: list[dict], path: Path) -> None:
