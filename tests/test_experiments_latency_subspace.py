@@ -201,3 +201,14 @@ def test_subspace_runs_end_to_end_on_a_tiny_model(monkeypatch, tiny_model_dir, t
     assert len(raw["modules"]) == 4  # 2 layers × {q, v}
     assert set(raw["amplification"]) == {"2", "8"}
     assert paths["png"].stat().st_size > 1000
+
+
+def test_torch_threads_are_set_inside_the_block_and_restored():
+    from loralab.experiments.base import torch_threads
+
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with torch_threads(None):
+        assert torch.get_num_threads() == before

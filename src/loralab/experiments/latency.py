@@ -32,7 +32,7 @@ trend (more tokens per forward), because one (32, 512) forward takes minutes.
 Expected time, measured with one thread on the (busy) 2-core build machine: one base
 forward takes 0.7 s at (1, 128), 2.7 s at (4, 128), 9.5 s at (8, 256), 21 s at (16, 256)
 and 103 s at (32, 512), and the adapted variants up to 15 % more. Quick mode: 6 rounds ×
-5 variants × 13 s ≈ 7 min (a run took 6.3 min). Full mode: 11 rounds (1 warm-up and
+5 variants × 13 s ≈ 7 min (two runs took 6.3 and 6.9 min). Full mode: 11 rounds (1 warm-up and
 10 timed) × 5 variants × 125 s ≈ 2 h.
 """
 
@@ -53,7 +53,7 @@ from torch import nn
 from ..config import LoraConfig
 from ..merge import merge_and_unload
 from ..methods import MethodSettings, get_method
-from .base import Report, Scale, markdown_table
+from .base import Report, Scale, markdown_table, torch_threads
 
 NAME = "latency"
 SUMMARY = "forward latency of the base, merged/unmerged LoRA, Adapter^H and Adapter^L"
@@ -235,14 +235,10 @@ def run(scale: Scale, workdir: Path) -> Report:
         raise TypeError(f"the latency experiment needs a LatencyScale, got {type(scale).__name__}")
     model, tokenizer = load_model(MODEL)
     variants = latency_variants(model)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(scale.threads or threads)
-    try:
+    with torch_threads(scale.threads):
         timings = time_forwards(
             variants, scale.shapes, len(scale.seeds), scale.warmup, tokenizer.vocab_size
         )
-    finally:
-        torch.set_num_threads(threads)
     return report_of(timings, scale, list(variants))
 
 
