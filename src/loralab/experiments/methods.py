@@ -14,7 +14,7 @@ from .base import Arm, Report, Scale, format_mean_std, markdown_table, run_arms,
 
 NAME = "methods"
 SUMMARY = "every method on nli, e2e and sql: trainable parameters and task metrics"
-QUICK = Scale(steps=30, train_size=1000, test_size=200, seeds=(0, 1), batch_size=16, quick=True)
+QUICK = Scale(steps=120, train_size=1000, test_size=200, seeds=(0, 1), batch_size=16, quick=True)
 FULL = Scale(steps=200, train_size=2000, test_size=200, seeds=(0, 1, 2))
 FULL_HOURS = 14  # measured per-run times × 81 runs on 2 cores; see the module docstring
 TASKS = ("nli", "e2e", "sql")
