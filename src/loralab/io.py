@@ -620,6 +620,18 @@ def _check_tensors(
         expected.update(zip(keys, _expected_factor_shapes(target), strict=True))
     extra = _extra_tensors(model, config, {t.name for t in targets}, adapter_name="")
     expected.update({key: tuple(p.shape) for key, p in extra.items()})
+    check_expected_tensors(expected, tensors, source)
+    return list(extra)
+
+
+def check_expected_tensors(
+    expected: dict[str, tuple[int, ...]],
+    tensors: dict[str, Tensor],
+    source: str,
+    expects: str = "the model expects",
+) -> None:
+    """The file holds exactly the ``expected`` tensor names, in their shapes; the first
+    difference is raised as an ``AdapterFileError`` naming the tensor and both shapes."""
     for key, shape in expected.items():
         if key not in tensors:
             raise AdapterFileError(
@@ -629,7 +641,7 @@ def _check_tensors(
         if tuple(tensors[key].shape) != shape:
             raise AdapterFileError(
                 f"{source}: tensor {key!r} has shape {tuple(tensors[key].shape)} in the "
-                f"file but the model expects {shape}; the adapter was made for another base"
+                f"file but {expects} {shape}; the adapter was made for another base"
             )
     unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
@@ -637,7 +649,6 @@ def _check_tensors(
             f"{source}: tensor {unexpected[0]!r} has no place in the model "
             f"({len(unexpected)} unexpected tensors); the adapter was made for another base"
         )
-    return list(extra)
 
 
 def factors_from_file(target: Target, tensors: dict[str, Tensor]) -> tuple[Tensor, Tensor]:

@@ -48,6 +48,7 @@ from ..io import (
     _task_type,
     _written_pattern,
     _written_targets,
+    check_expected_tensors,
     json_writer,
     read_tensors,
     write_files_atomically,
@@ -233,23 +234,7 @@ def load_adalora(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
 def _check_tensors(
     expected: dict[str, tuple[int, ...]], tensors: dict[str, Tensor], source: str
 ) -> None:
-    for key, shape in expected.items():
-        if key not in tensors:
-            raise AdapterFileError(
-                f"{source}: tensor {key!r} is missing from the file (the model expects shape "
-                f"{shape}); the adapter was made for another model or config"
-            )
-        if tuple(tensors[key].shape) != shape:
-            raise AdapterFileError(
-                f"{source}: tensor {key!r} has shape {tuple(tensors[key].shape)} in the file "
-                f"but the model and rank_pattern expect {shape}"
-            )
-    unexpected = sorted(set(tensors) - set(expected))
-    if unexpected:
-        raise AdapterFileError(
-            f"{source}: tensor {unexpected[0]!r} has no place in the model "
-            f"({len(unexpected)} unexpected tensors); the adapter was made for another base"
-        )
+    check_expected_tensors(expected, tensors, source, expects="the model and rank_pattern expect")
 
 
 # -- writing PEFT's ADALORA -------------------------------------------------------------------
