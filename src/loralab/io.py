@@ -154,6 +154,32 @@ def _inert(value: Any) -> bool:
     return value is None or value is False or value in ({}, [], "")
 
 
+def check_config_keys(
+    data: dict,
+    known: set[str],
+    features: dict[str, Any],
+    source: str,
+    feature_of: str = "a PEFT feature loralab",
+) -> None:
+    """Classify every key of an adapter config: a feature left at its off value or an
+    unknown key with an inert value passes (the latter with a warning); a feature that is
+    on, or an unknown key with a value, is an ``AdapterFileError`` naming it."""
+    known = known | set(features)
+    for key, value in data.items():
+        if key in features and not _inert(value) and value != features[key]:
+            raise AdapterFileError(
+                f"{source}: {key}={value!r} is {feature_of} does not implement; "
+                "this adapter cannot be loaded exactly"
+            )
+        if key not in known:
+            if _inert(value):
+                warnings.warn(f"{source}: skipping unknown key {key!r} ({value!r})", stacklevel=3)
+                continue
+            near = difflib.get_close_matches(key, sorted(known), n=3)
+            hint = f"; did you mean {', '.join(near)}?" if near else ""
+            raise AdapterFileError(f"{source}: unknown key {key!r} = {value!r}{hint}")
+
+
 def config_from_peft(data: Any, source: str = "adapter_config.json") -> LoraConfig:
     """A ``LoraConfig`` from the dict in a PEFT ``adapter_config.json``.
 
@@ -166,20 +192,7 @@ def config_from_peft(data: Any, source: str = "adapter_config.json") -> LoraConf
     peft_type = data.get("peft_type")
     if peft_type != "LORA":
         raise AdapterFileError(f"{source}: peft_type is {peft_type!r}; loralab reads 'LORA' here")
-    known = _MAPPED_KEYS | _DESCRIPTIVE_KEYS | set(_FEATURE_KEYS)
-    for key, value in data.items():
-        if key in _FEATURE_KEYS and not _inert(value) and value != _FEATURE_KEYS[key]:
-            raise AdapterFileError(
-                f"{source}: {key}={value!r} is a PEFT feature loralab does not implement; "
-                "this adapter cannot be loaded exactly"
-            )
-        if key not in known:
-            if _inert(value):
-                warnings.warn(f"{source}: skipping unknown key {key!r} ({value!r})", stacklevel=2)
-                continue
-            near = difflib.get_close_matches(key, sorted(known), n=3)
-            hint = f"; did you mean {', '.join(near)}?" if near else ""
-            raise AdapterFileError(f"{source}: unknown key {key!r} = {value!r}{hint}")
+    check_config_keys(data, _MAPPED_KEYS | _DESCRIPTIVE_KEYS, _FEATURE_KEYS, source)
     init = data.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
         raise AdapterFileError(

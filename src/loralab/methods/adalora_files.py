@@ -16,10 +16,8 @@ The importance scores are not saved (PEFT does not either).
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
-import warnings
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -42,12 +40,12 @@ from ..io import (
     WEIGHTS_FILE,
     AdapterFileError,
     _extra_tensors,
-    _inert,
     _read_json,
     _saved_modules_present,
     _task_type,
     _written_pattern,
     _written_targets,
+    check_config_keys,
     check_expected_tensors,
     json_writer,
     read_tensors,
@@ -107,20 +105,8 @@ def config_from_peft(
         raise AdapterFileError(
             f"{source}: peft_type is {data.get('peft_type')!r}; this reader needs 'ADALORA'"
         )
-    known = set(_SCHEDULE_KEYS) | set(_TARGET_KEYS) | _IGNORED_KEYS | set(_OFF_KEYS)
-    for key, value in data.items():
-        if key in _OFF_KEYS and not _inert(value) and value != _OFF_KEYS[key]:
-            raise AdapterFileError(
-                f"{source}: {key}={value!r} is a feature loralab's AdaLoRA does not implement; "
-                "this adapter cannot be loaded exactly"
-            )
-        if key not in known:
-            if _inert(value):
-                warnings.warn(f"{source}: skipping unknown key {key!r} ({value!r})", stacklevel=2)
-                continue
-            near = difflib.get_close_matches(key, sorted(known), n=3)
-            hint = f"; did you mean {', '.join(near)}?" if near else ""
-            raise AdapterFileError(f"{source}: unknown key {key!r} = {value!r}{hint}")
+    known = set(_SCHEDULE_KEYS) | set(_TARGET_KEYS) | _IGNORED_KEYS
+    check_config_keys(data, known, _OFF_KEYS, source, "a feature loralab's AdaLoRA")
     values = {k: data[k] for k in (*_SCHEDULE_KEYS, *_TARGET_KEYS) if data.get(k) is not None}
     if "target_modules" not in values:
         raise AdapterFileError(f"{source}: target_modules is missing or null")
