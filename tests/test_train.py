@@ -204,12 +204,7 @@ def test_bf16_autocast_and_tensorboard(tmp_path, tiny_model_dir):
 
 
 def test_classifier_training_trains_the_new_head(tmp_path):
-    records = [
-        {"text": f"{w} is {'big' if len(w) > 3 else 'small'}", "label": int(len(w) > 3)}
-        for w in WORDS * 4
-    ]
-    path = tmp_path / "cls.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    path = _classification_file(tmp_path)
     model, tokenizer = tiny_bert(), char_tokenizer()
     model.resize_token_embeddings(len(tokenizer))
     head_before = model.classifier.weight.detach().clone()
@@ -226,6 +221,42 @@ def test_classifier_training_trains_the_new_head(tmp_path):
     assert "base_model.model.classifier.weight" in adapter
     assert not torch.equal(adapter["base_model.model.classifier.weight"], head_before)
     assert result.steps == 5
+
+
+def test_same_seed_draws_the_same_new_classifier_head(tmp_path):
+    # The head is new: the saved model is the bare encoder. PyTorch seeds itself at random
+    # in every process; two runs after different global seeds stand in for two processes.
+    encoder, tokenizer = tiny_bert(), char_tokenizer()
+    encoder.resize_token_embeddings(len(tokenizer))
+    encoder.bert.save_pretrained(tmp_path / "encoder")
+    tokenizer.save_pretrained(tmp_path / "encoder")
+    path = _classification_file(tmp_path)
+    heads = []
+    for name, global_seed in (("a", 1), ("b", 2)):
+        torch.manual_seed(global_seed)
+        config = _config(
+            tmp_path,
+            name,
+            model=str(tmp_path / "encoder"),
+            data=str(path),
+            validation_data=None,
+            model_kind="classification",
+            target_modules=["q", "v"],
+            max_steps=2,
+        )
+        train(config)
+        heads.append(_adapter(tmp_path / name)["base_model.model.classifier.weight"])
+    assert torch.equal(heads[0], heads[1])
+
+
+def _classification_file(tmp_path):
+    records = [
+        {"text": f"{w} is {'big' if len(w) > 3 else 'small'}", "label": int(len(w) > 3)}
+        for w in WORDS * 4
+    ]
+    path = tmp_path / "cls.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
 
 
 def _cli(*args, cwd):

@@ -471,6 +471,9 @@ def _train(
         from .models import load_model
 
         labels = {"num_labels": len(examples.label_names)} if examples.label_names else {}
+        # A classifier's new head is drawn while the model loads: the seed fixes it too
+        # (PyTorch seeds itself at random in every new process).
+        torch.manual_seed(config.seed)
         model, tokenizer = load_model(config.model, kind=config.model_kind, **labels)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if checkpoint is None:
