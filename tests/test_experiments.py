@@ -4,14 +4,18 @@ model (its numbers mean nothing here) and writes its table, raw numbers and figu
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from loralab.cli import main
 from loralab.config import ConfigError
 from loralab.experiments import EXPERIMENT_NAMES, get_experiment, reproduce
 from loralab.experiments import base as experiments_base
-from loralab.experiments.base import Scale, mean_std, write_report
+from loralab.experiments.adalora import final_ranks_of
+from loralab.experiments.base import Arm, Scale, mean_std, run_arms, write_report
 
 TINY = Scale(steps=2, train_size=12, test_size=3, seeds=(0, 1), batch_size=4, max_length=400)
 
@@ -71,3 +75,44 @@ def test_training_experiments_run_end_to_end_and_write_their_outputs(
 def test_reproduce_refuses_zero_seeds(tmp_path):
     with pytest.raises(ConfigError, match="--seeds must be ≥ 1"):
         reproduce("ranks", quick=True, seeds=0, output_dir=tmp_path)
+
+
+def test_jobs_change_the_time_not_the_numbers(tiny_tasks, tmp_path):
+    """Runs in worker processes train the same adapters, bit for bit, as one after another,
+    and what ``inspect`` reads in a worker comes back."""
+    arms = [
+        Arm("LoRA", "e2e", {"method": "lora", "r": 2}),
+        Arm("AdaLoRA", "e2e", {"method": "adalora", "r": 4, "target_r": 2, "max_steps": 4}),
+    ]
+    results, lines = {}, []
+    for jobs in (1, 2):
+        workdir = tmp_path / f"jobs{jobs}"
+        scale = replace(TINY, jobs=jobs)
+        results[jobs] = run_arms("t", arms, scale, workdir, lines.append, final_ranks_of)
+    serial, parallel = results[1], results[2]
+    assert [(r.label, r.seed) for r in parallel] == [(r.label, r.seed) for r in serial]
+    assert len(lines) == 8 and lines[-1].startswith("[4/4] t: ")
+    for one, other in zip(serial, parallel, strict=True):
+        assert one.metrics == other.metrics and one.final_trainable == other.final_trainable
+        mine = load_file(f"{one.settings['output_dir']}/adapter/adapter_model.safetensors")
+        theirs = load_file(f"{other.settings['output_dir']}/adapter/adapter_model.safetensors")
+        assert mine.keys() == theirs.keys()
+        assert all(torch.equal(mine[k], theirs[k]) for k in mine), one.label
+    ranks = [r.extra["final_ranks"] for r in parallel if r.label == "AdaLoRA"]
+    assert len(ranks) == 2 and all(sum(r.values()) > 0 for r in ranks)
+    assert ranks == [r.extra["final_ranks"] for r in serial if r.label == "AdaLoRA"]
+
+
+def test_reproduce_refuses_zero_jobs(tmp_path):
+    with pytest.raises(ConfigError, match="--jobs must be ≥ 1"):
+        reproduce("ranks", quick=True, jobs=0, output_dir=tmp_path)
+
+
+def test_a_task_with_its_own_scale_keeps_the_experiments_seeds_and_jobs():
+    lm = Scale(steps=40, train_size=100, test_size=8, seeds=(0,), batch_size=2)
+    scale = replace(TINY, jobs=2, per_task=(("sql", lm),)).with_seeds(3)
+    assert scale.for_task("nli") is scale
+    sql = scale.for_task("sql")
+    assert (sql.steps, sql.test_size, sql.batch_size) == (40, 8, 2)
+    assert (sql.seeds, sql.jobs, sql.quick, sql.per_task) == ((0, 1, 2), 2, False, ())
+    assert "; sql: 40 steps × batch 2" in scale.describe() and "2 jobs" in scale.describe()

@@ -110,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("name", help=f"one of: {', '.join(EXPERIMENT_NAMES)}")
     reproduce.add_argument("--quick", action="store_true", help="the short mode (≤ 15 min)")
     reproduce.add_argument("--seeds", type=int, default=None, help="seeds (default: the mode's)")
+    reproduce.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="runs trained side by side, one thread each (default: one per core); "
+        "changes the time, not the numbers",
+    )
     reproduce.add_argument("--output-dir", type=Path, default=Path("results"))
     return parser
 
@@ -266,8 +273,11 @@ def _info(args: argparse.Namespace) -> int:
 def _reproduce(args: argparse.Namespace) -> int:
     from .experiments import reproduce
 
-    command = " ".join([PROGRAM, "reproduce", args.name, *(["--quick"] if args.quick else [])])
-    paths = reproduce(args.name, args.quick, args.seeds, args.output_dir, command)
+    words = [PROGRAM, "reproduce", args.name, *(["--quick"] if args.quick else [])]
+    words += [f"--{key} {value}" for key in ("seeds", "jobs") if (value := getattr(args, key))]
+    paths = reproduce(
+        args.name, args.quick, args.seeds, args.output_dir, " ".join(words), args.jobs
+    )
     print(paths["md"].read_text())
     print("written: " + ", ".join(str(p) for p in paths.values()))
     return 0

@@ -11,11 +11,12 @@ from __future__ import annotations
 import importlib
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 
 from ..config import ConfigError
-from .base import Report, Scale, write_report
+from .base import Report, Scale, default_jobs, write_report
 
 # name -> module, in the order of SPEC.md's findings
 EXPERIMENT_MODULES = {
@@ -46,12 +47,17 @@ def reproduce(
     seeds: int | None = None,
     output_dir: str | Path = "results",
     command: str | None = None,
+    jobs: int | None = None,
 ) -> dict[str, Path]:
-    """Run experiment ``name`` and write ``output_dir/NAME.{md,json,png}``."""
+    """Run experiment ``name`` and write ``output_dir/NAME.{md,json,png}``; ``jobs`` runs
+    train side by side (default: one per core; ``latency`` always times one at a time)."""
     experiment = get_experiment(name)
     if seeds is not None and seeds < 1:
         raise ConfigError(f"--seeds must be ≥ 1, got {seeds}")
+    if jobs is not None and jobs < 1:
+        raise ConfigError(f"--jobs must be ≥ 1, got {jobs}")
     scale: Scale = (experiment.QUICK if quick else experiment.FULL).with_seeds(seeds)
+    scale = replace(scale, jobs=jobs or default_jobs())
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"loralab-{name}-") as workdir:
         report: Report = experiment.run(scale, Path(workdir))

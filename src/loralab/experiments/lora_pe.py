@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .base import (
+    LM_FULL,
     Arm,
     Report,
     Scale,
@@ -19,9 +20,16 @@ from .methods import METHOD_ARMS
 
 NAME = "lora-pe"
 SUMMARY = "LoRA+PE against LoRA and PreEmbed"
-QUICK = Scale(steps=60, train_size=1000, test_size=200, seeds=(0, 1, 2), batch_size=16, quick=True)
-FULL = Scale(steps=200, train_size=2000, test_size=200, seeds=(0, 1, 2))
-FULL_HOURS = 3.0
+QUICK = Scale(steps=300, train_size=1000, test_size=500, seeds=(0, 1, 2), batch_size=8, quick=True)
+FULL = Scale(
+    steps=1500,
+    train_size=10_000,
+    test_size=1000,
+    seeds=(0, 1, 2),
+    batch_size=8,
+    per_task=(("e2e", LM_FULL),),
+)
+FULL_HOURS = 1.75  # estimated: 9 nli runs of about 5 min, 9 e2e runs of about 18 min
 QUICK_TASKS = ("nli",)
 FULL_TASKS = ("nli", "e2e")
 METRIC = {"nli": "accuracy", "e2e": "bleu", "sql": "execution_accuracy"}

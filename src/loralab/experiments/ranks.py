@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .base import (
+    LM_FULL,
     Arm,
     Report,
     Scale,
@@ -23,9 +24,18 @@ from .base import (
 
 NAME = "ranks"
 SUMMARY = "r ∈ {1, 2, 4, 8, 64} × weight types, and the fixed-budget comparison"
-QUICK = Scale(steps=20, train_size=1000, test_size=200, seeds=(0, 1), batch_size=16, quick=True)
-FULL = Scale(steps=300, train_size=4000, test_size=200, seeds=(0, 1, 2), batch_size=16)
-FULL_HOURS = 4.0  # nli (MiniLM): 15 arms × 3 seeds; sql (SmolLM2) adds most of it
+QUICK = Scale(steps=250, train_size=1000, test_size=500, seeds=(0, 1), batch_size=8, quick=True)
+FULL = Scale(
+    steps=1500,
+    train_size=10_000,
+    test_size=1000,
+    seeds=(0, 1, 2),
+    batch_size=8,
+    per_task=(("sql", LM_FULL),),
+)
+# Estimated from the measured step times (base.LM_QUICK): 45 nli runs of about 4.5 min,
+# 45 sql runs of about 17 min, two at a time.
+FULL_HOURS = 8.0
 QUICK_TASKS = ("nli",)
 FULL_TASKS = ("nli", "sql")
 METRIC = {"nli": "accuracy", "sql": "execution_accuracy", "e2e": "bleu"}

@@ -10,9 +10,9 @@ from .base import Arm, Report, Scale, markdown_table, mean_std, run_arms, runs_a
 
 NAME = "scaling"
 SUMMARY = "quality vs trainable parameters: PreEmbed/PreLayer tokens, LoRA rank (one figure)"
-QUICK = Scale(steps=20, train_size=1000, test_size=200, seeds=(0, 1), batch_size=16, quick=True)
-FULL = Scale(steps=300, train_size=4000, test_size=200, seeds=(0, 1, 2), batch_size=16)
-FULL_HOURS = 1.5
+QUICK = Scale(steps=200, train_size=1000, test_size=500, seeds=(0, 1), batch_size=8, quick=True)
+FULL = Scale(steps=1500, train_size=10_000, test_size=1000, seeds=(0, 1, 2), batch_size=8)
+FULL_HOURS = 2.0  # estimated: 42 runs of 4–12 min (64 prefix tokens triple a sequence)
 TASK = "nli"
 FAMILIES = {
     "PreEmbed": [("preembed", {"prefix_length": n}) for n in (2, 8, 32, 64)],

@@ -19,10 +19,10 @@ per layer and weight (``analysis.py`` holds the math):
 
 Seeds: ``--seeds 1`` skips the seed comparison; seeds after the second are not used.
 
-Threads: the runs train on one thread (``TRAIN_THREADS``, ``base.torch_threads``). On the
-2-core build machine, shared with other jobs, the quick mode took 21 min with PyTorch's
+Threads: every run trains on one thread, ``--jobs`` of them side by side (``base.py``). On
+the 2-core build machine, shared with other jobs, the quick mode took 21 min with PyTorch's
 two threads (they wait on each other at every operation while other jobs hold a core) and
-3.8 min with one.
+3.8 min with one, the runs one after another.
 
 Expected time: 6 training runs plus half a minute of analysis. Quick mode: 150 steps of
 batch 8 per run, 35 s each on one thread, 3.8 min in all (measured, machine busy). Full
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import copy
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +41,7 @@ from torch import Tensor, nn
 
 from ..analysis import amplification, random_subspace_similarity, subspace_similarity
 from . import base as experiment_base
-from .base import Arm, Report, RunResult, Scale, markdown_table, torch_threads, train_and_score
+from .base import Arm, Report, RunResult, Scale, markdown_table, run_plan
 
 NAME = "subspace"
 SUMMARY = "subspace similarity of LoRA's A across ranks and seeds; amplification of ΔW"
@@ -54,7 +53,6 @@ AMPLIFIED = "q"  # the weight of the amplification table, as the paper's Table 7
 SHOWN = 8  # heatmaps show i, j ≤ 8, as the paper's zoomed panels
 MAX_LAYERS_SHOWN = 6  # a deeper model shows this many layers, evenly spread
 RANDOM_DRAWS = 20
-TRAIN_THREADS = 1  # immune to other jobs on the machine; see base.torch_threads
 QUICK = Scale(steps=150, train_size=1200, test_size=120, seeds=(0, 1), max_length=64, quick=True)
 FULL = Scale(steps=600, train_size=4800, test_size=300, seeds=(0, 1), max_length=64)
 FULL_HOURS = 0.25  # 4× the quick mode's measured training time; see the module docstring
@@ -173,23 +171,14 @@ def run(scale: Scale, workdir: Path) -> Report:
     first = scale.seeds[0]
     second = scale.seeds[1] if len(scale.seeds) > 1 else None
     plan = [(r, first) for r in RANKS] + ([(COMPARED[0], second)] if second is not None else [])
-    runs: dict[tuple[int, int], RunResult] = {}
-    with torch_threads(TRAIN_THREADS):
-        for count, (r, seed) in enumerate(plan, 1):
-            started = time.perf_counter()
-            runs[(r, seed)] = train_and_score(arm(r), seed, scale, workdir)
-            accuracy = runs[(r, seed)].metrics["accuracy"]
-            print(
-                f"[{count}/{len(plan)}] {NAME}: r={r}, seed {seed}: accuracy {accuracy:.1f} "
-                f"({time.perf_counter() - started:.0f} s)",
-                flush=True,
-            )
-        # the same model the runs trained (looked up now: tests point the tasks elsewhere)
-        model_name, kind = experiment_base.TASK_MODELS[TASK]
-        labels = {"num_labels": len(get_task(TASK).labels)} if kind == "classification" else {}
-        base, _ = load_model(model_name, kind=kind, **labels)
-        factors = {key: learned_factors(base, result) for key, result in runs.items()}
-        analysis = analyse(factors, first, second)
+    results = run_plan(NAME, [(arm(r), seed) for r, seed in plan], scale, workdir)
+    runs: dict[tuple[int, int], RunResult] = dict(zip(plan, results, strict=True))
+    # the same model the runs trained (looked up now: tests point the tasks elsewhere)
+    model_name, kind = experiment_base.TASK_MODELS[TASK]
+    labels = {"num_labels": len(get_task(TASK).labels)} if kind == "classification" else {}
+    base, _ = load_model(model_name, kind=kind, **labels)
+    factors = {key: learned_factors(base, result) for key, result in runs.items()}
+    analysis = analyse(factors, first, second)
     return report_of(analysis, runs, scale, first, second)
 
 
@@ -302,7 +291,7 @@ def report_of(
     )
     body = (
         f"LoRA on W_q and W_v of the embedded MiniLM-L6 classifier, trained on `{TASK}` "
-        f"({TRAIN_THREADS} thread). "
+        "(one thread a run). "
         "φ(A1, A2, i, j) = ‖U1_iᵀ U2_j‖²_F / min(i, j), U_i the top-i right-singular "
         "vectors of A: 1 = the smaller subspace lies in the other, 0 = orthogonal. Each "
         "cell is *trained (at initialisation)*; the last row is the same φ between "

@@ -22,7 +22,7 @@ def final_ranks(model: nn.Module) -> dict[str, int]:
     return {name: f.rank for name, f in svd_factors(model).items()}
 
 
-def _layer_and_type(name: str) -> tuple[int | None, str]:
+def layer_and_type(name: str) -> tuple[int | None, str]:
     """``model.layers.3.self_attn.q_proj`` -> (3, ``self_attn.q_proj``)."""
     match = re.match(r"(?:.*?\.)?(?P<index>\d+)\.(?P<rest>.+)", name)
     if match is None:
@@ -32,7 +32,7 @@ def _layer_and_type(name: str) -> tuple[int | None, str]:
 
 def rank_grid(ranks: dict[str, int]) -> tuple[list[int | None], list[str], dict]:
     """Rows (layer indices), columns (weight types) and {(layer, type): rank}."""
-    cells = {_layer_and_type(name): rank for name, rank in ranks.items()}
+    cells = {layer_and_type(name): rank for name, rank in ranks.items()}
     layers = sorted({layer for layer, _ in cells}, key=lambda v: (v is None, v or 0))
     types = list(dict.fromkeys(kind for _, kind in sorted(cells, key=lambda c: c[1])))
     return layers, types, cells
