@@ -72,9 +72,14 @@ def run(scale: Scale, workdir: Path) -> Report:
             for metric in METRICS[task]:
                 row.append(format_mean_std([r.metrics[metric] for r in runs]))
         rows.append(row)
+    models = "nli runs on the embedded MiniLM-L6 classifier, e2e and sql on SmolLM2-135M-Instruct."
+    if scale.quick:
+        models = (
+            "The quick mode runs nli only, on the embedded MiniLM-L6 classifier (the 36 runs "
+            "on e2e and sql, on SmolLM2-135M-Instruct, would take about 75 minutes more)."
+        )
     body = (
-        "Trainable parameters and test metrics (mean ± std over seeds). nli runs on the "
-        "embedded MiniLM-L6 classifier, e2e and sql on SmolLM2-135M-Instruct.\n\n"
+        f"Trainable parameters and test metrics (mean ± std over seeds). {models}\n\n"
         + markdown_table(header, rows)
     )
 

@@ -14,11 +14,12 @@ QUICK = Scale(steps=200, train_size=1000, test_size=500, seeds=(0, 1), batch_siz
 FULL = Scale(steps=1500, train_size=10_000, test_size=1000, seeds=(0, 1, 2), batch_size=8)
 FULL_HOURS = 2.0  # estimated: 42 runs of 4–12 min (64 prefix tokens triple a sequence)
 TASK = "nli"
+ALPHA = 16  # the same α at every rank, as the paper (and ``ranks``)
 FAMILIES = {
     "PreEmbed": [("preembed", {"prefix_length": n}) for n in (2, 8, 32, 64)],
     "PreLayer": [("prelayer", {"prefix_length": n}) for n in (1, 2, 4, 8)],
     "LoRA": [
-        ("lora", {"r": r, "lora_alpha": 2 * r, "target_modules": ["q", "v"]})
+        ("lora", {"r": r, "lora_alpha": ALPHA, "target_modules": ["q", "v"]})
         for r in (1, 2, 4, 8, 16, 64)
     ],
 }
