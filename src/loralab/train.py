@@ -55,6 +55,7 @@ from .distributed import (
     wrap_ddp,
 )
 from .inject import trainable_parameters
+from .loss import causal_lm_loss
 from .methods import Method, MethodSettings, get_method
 from .methods.adalora import AdaLora, AdaLoraConfig
 from .methods.adalora_report import write_rank_report
@@ -141,6 +142,10 @@ class TrainConfig:
     """Gradient clipping by global norm (0 turns it off)."""
     bf16: bool = False
     """Run forward and backward under bf16 autocast."""
+    chunked_loss: bool = True
+    """Causal LMs: apply the output head and the loss only at the positions whose labels
+    count, in chunks, so that the full (batch, length, vocab) logits are never built
+    (``loss.py``; the same loss and gradient up to rounding). Off: the model's own loss."""
     gradient_checkpointing: bool = False
     """Keep only each transformer block's input and recompute the rest in the backward
     pass: less activation memory for about a third more compute (non-reentrant, so it works
@@ -370,6 +375,16 @@ def prepare_model(config: TrainConfig, model: nn.Module) -> nn.Module:
     torch.manual_seed(config.seed)  # the method's init is part of what the seed fixes
     method.apply(model, settings, lora)
     return model
+
+
+def batch_loss(
+    runner: nn.Module, model: nn.Module, batch: dict, config: TrainConfig, world: World
+) -> torch.Tensor:
+    """The batch's mean loss, with the head and loss on counted positions where they can be
+    (not under FSDP, whose output head is sharded outside the forward)."""
+    if config.chunked_loss and not (world.active and config.fsdp):
+        return causal_lm_loss(runner, model, batch)
+    return runner(**batch).loss
 
 
 @torch.no_grad()
@@ -700,7 +715,8 @@ def _optimizer_step(
         last = index == config.gradient_accumulation - 1
         with gradient_sync(world, runner, last):
             with torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=config.bf16):
-                loss = runner(**batch).loss / config.gradient_accumulation
+                loss = batch_loss(runner, model, batch, config, world)
+                loss = loss / config.gradient_accumulation
             extra = regularizer(model) if regularizer else None
             # DDP and FSDP average over ranks: W · share makes that average the batch's mean.
             objective = loss * (world.size * share) if world.active else loss
