@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 import loralab.train as train_module
 from conftest import char_tokenizer, tiny_bert
 from loralab.config import ConfigError
+from loralab.loss import counted_head
 from loralab.train import (
     TrainConfig,
     TrainingInterrupted,
@@ -150,6 +151,31 @@ def test_same_seed_repeats_bit_for_bit(tmp_path, tiny_model_dir):
         results.append(_adapter(tmp_path / name))
     assert results[0].keys() == results[1].keys()
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+
+
+def test_the_lean_paths_keep_the_plain_loss_curve(tmp_path, tiny_model_dir, monkeypatch):
+    """The head and loss on counted positions, and LoRA dropout without a copy of its
+    input, against the model's own loss and ``nn.Dropout`` (dropout 0.1, 6 steps)."""
+
+    def plain(x, A, B, scale, dropout):
+        return torch.nn.functional.linear(torch.nn.functional.linear(dropout(x), A), B) * scale
+
+    curves = {}
+    for name, chunked, dropout_path in (
+        ("lean", True, None),
+        ("plain-loss", False, None),
+        ("plain-dropout", True, plain),
+    ):
+        if dropout_path is not None:
+            monkeypatch.setattr("loralab.layers.low_rank_path", dropout_path)
+        model, tokenizer = _tiny(tiny_model_dir)
+        assert counted_head(model) is not None  # the chunked loss applies to this model
+        config = _config(tmp_path, name, chunked_loss=chunked, save_every=0)
+        curves[name] = train(config, model=model, tokenizer=tokenizer).losses
+    lean = torch.tensor(curves["lean"])
+    assert len(lean) == 6 and lean[-1] < lean[0]  # it learns
+    for name in ("plain-loss", "plain-dropout"):
+        assert torch.allclose(lean, torch.tensor(curves[name]), rtol=1e-5, atol=1e-6), name
 
 
 def test_ctrl_c_leaves_a_checkpoint_that_resumes_to_the_same_adapter(

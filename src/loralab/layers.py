@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from .dropout import low_rank_path
+
 # -- ΔW as pure functions of the factors (also used to merge state dicts) ----------------
 
 
@@ -195,8 +197,8 @@ class LoraLinear(LoraLayer):
         return min(base.in_features, base.out_features)
 
     def lora_update(self, x: Tensor, factors: LoraFactors) -> Tensor:
-        # (…, in) -> (…, r) -> (…, out)
-        return F.linear(F.linear(factors.dropout(x), factors.A), factors.B) * factors.scale
+        # (…, in) -> (…, r) -> (…, out); with dropout, a mask is kept rather than a copy of x
+        return low_rank_path(x, factors.A, factors.B, factors.scale, factors.dropout)
 
     def delta_weight(self, adapter_name: str | None = None) -> Tensor:
         f = self._factors(adapter_name)
