@@ -21,12 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +29,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from measure import (
+    Samples,
+    command_line,
+    interleaved,
+    load_average,
+    machine_line,
+    now,
+    result_line,
+    run_worker,
+    timed,
+)
 
 MODEL = "smollm2-135m"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -61,8 +67,6 @@ REPS = {
     "prefill64": ((0, 3), (0, 1)),
     "manage": ((1, 10), (1, 3)),
 }
-
-Samples = dict[str, list[float]]
 
 
 def adapter_names(count: int) -> list[str]:
@@ -151,25 +155,6 @@ class Side:
 
 def no_mixing() -> tuple[contextlib.AbstractContextManager, dict]:
     return contextlib.nullcontext(), {}
-
-
-def timed(fn: Callable[[], object]) -> float:
-    """Milliseconds that ``fn()`` takes."""
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e3
-
-
-def interleaved(cases: dict[str, Callable[[], float]], warmup: int, reps: int) -> Samples:
-    """Run the cases in turn, the order flipped every round; milliseconds after warm-up."""
-    samples: Samples = {label: [] for label in cases}
-    labels = list(cases)
-    for round_index in range(warmup + reps):
-        for label in labels if round_index % 2 == 0 else labels[::-1]:
-            ms = cases[label]()
-            if round_index >= warmup:
-                samples[label].append(ms)
-    return samples
 
 
 # -- the cases --------------------------------------------------------------------------------
@@ -375,41 +360,13 @@ def worker(side_name: str, directory: Path, count: int, quick: bool) -> None:
             start = time.perf_counter()
             results[case] = CASES[case](side, bare, warmup, reps)
             print(f"    {case}: {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    print("RESULT " + json.dumps(results))
+    result_line(results)
 
 
 # -- the driver -------------------------------------------------------------------------------
 
 
-def run_worker(directory: Path, side: str, count: int, quick: bool) -> dict[str, Samples]:
-    command = [sys.executable, __file__, "--worker", side, "--dir", str(directory),
-               "--count", str(count)] + (["--quick"] if quick else [])  # fmt: skip
-    print(f"  {side}, {count} adapters:", file=sys.stderr)
-    start = time.perf_counter()
-    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"the {side} worker failed (exit {done.returncode})")
-    print(f"    process: {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    line = next(x for x in reversed(done.stdout.splitlines()) if x.startswith("RESULT "))
-    return json.loads(line.removeprefix("RESULT "))
-
-
-def load_average() -> str:
-    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
-
-
 def driver(quick: bool, write: bool) -> None:
-    import peft
-    import transformers
-
     start = time.perf_counter()
     load_before = load_average()
     results: dict[tuple[str, int], dict[str, Samples]] = {}
@@ -420,23 +377,20 @@ def driver(quick: bool, write: bool) -> None:
         write_adapters(directory, count)
         for index, n in enumerate(PLAN):
             for side in SIDES if index % 2 == 0 else SIDES[::-1]:  # who goes first alternates
-                results[(side, n)] = run_worker(directory, side, n, quick)
+                arguments = [side, "--dir", str(directory), "--count", str(n)]
+                arguments += ["--quick"] if quick else []
+                results[(side, n)] = run_worker(__file__, arguments, f"{side}, {n} adapters")
         logits = {side: torch.load(directory / f"verify-{side}.pt") for side in SIDES}
     max_diff = float((logits["loralab"] - logits["peft"]).abs().max())
     if max_diff > 1e-4:
         raise SystemExit(f"the two sides disagree: max |Δlogits| = {max_diff:.3g} > 1e-4")
     print(f"outputs agree: max |Δlogits| = {max_diff:.2e}", file=sys.stderr)
 
-    command = "python benchmarks/bench_adapters.py" + "".join(f" {a}" for a in sys.argv[1:])
     header = {
-        "command": command,
-        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "command": command_line(__file__),
+        "date": now(),
         "took": f"{(time.perf_counter() - start) / 60:.1f} min",
-        "machine": (
-            f"{os.cpu_count()} CPU cores ({cpu_name()}), torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, "
-            f"peft {peft.__version__}, Python {platform.python_version()}"
-        ),
+        "machine": machine_line(),
         "load": f"{load_before} before, {load_average()} after",
         "max_diff": max_diff,
     }
