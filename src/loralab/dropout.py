@@ -5,8 +5,8 @@ Written plainly, ``dropout(x)`` is a new (…, in) tensor that A's product saves
 gradient: 4 bytes an element per adapted layer, on top of x itself. ``LowRankDropout``
 saves x (which the layers adapted side by side, such as W_q and W_v, share) and a 1-byte
 mask, and rebuilds ``dropout(x)`` in the backward pass. The mask is drawn exactly as
-``nn.Dropout`` draws it on the CPU (``bernoulli_(1 − p)`` on a tensor like x), so with the
-same generator state the output and every gradient are the plain computation's.
+``nn.Dropout`` draws it on the CPU (``bernoulli_(1 − p)``, one draw per element of x), so
+with the same generator state the output and every gradient are the plain computation's.
 """
 
 from __future__ import annotations
@@ -29,9 +29,11 @@ def low_rank_path(x: Tensor, A: Tensor, B: Tensor, scale: float, dropout: nn.Mod
 class LowRankDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, A: Tensor, B: Tensor, scale: float, p: float) -> Tensor:
-        noise = torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)  # as nn.Dropout draws it
+        # nn.Dropout's draws: one Bernoulli(1 − p) per element, in order, whatever the dtype
+        kept = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p)
+        noise = kept.to(x.dtype).div_(1 - p)
         hidden = F.linear(x * noise, A)  # (…, r)
-        ctx.save_for_backward(x, noise != 0, A, B, hidden)
+        ctx.save_for_backward(x, kept, A, B, hidden)
         ctx.scale, ctx.keep = scale, 1 - p
         return F.linear(hidden, B) * scale
 
