@@ -596,3 +596,21 @@ def test_a_classifier_head_and_a_rank_zero_matrix_travel_in_both_formats(tmp_pat
     lora = loralab.load_adapter(make_model("bert"), tmp_path / "lora")
     _assert_same("bert LORA -> loralab", _logits(lora, tokens), expected, base)
     assert len(loralab.lora_layers(lora)) == 3  # the rank-0 matrix is left out
+
+
+def test_lora_only_calls_refuse_an_adalora_adapter_with_the_way_out(tmp_path):
+    from loralab import combine_adapters, hot_swap_adapter, mixed_adapters, save_adapter
+
+    model = _pruned_model("llama")
+    expected = _logits(model, token_batch())
+    calls = {
+        "written in PEFT's LoRA format": lambda: save_adapter(model, tmp_path / "lora"),
+        "combined": lambda: combine_adapters(model, ["default"], [1.0], "sum"),
+        "hot-swapped": lambda: hot_swap_adapter(model, tmp_path, "default"),
+        "mixed per row": lambda: mixed_adapters(model, ["default", None]).__enter__(),
+    }
+    for action, call in calls.items():
+        with pytest.raises(TypeError, match=rf"cannot be {action}.*save_method.*export_lora"):
+            call()
+    assert not (tmp_path / "lora").exists()
+    torch.testing.assert_close(_logits(model, token_batch()), expected, atol=0, rtol=0)

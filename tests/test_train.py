@@ -178,6 +178,16 @@ def test_the_lean_paths_keep_the_plain_loss_curve(tmp_path, tiny_model_dir, monk
         assert torch.allclose(lean, torch.tensor(curves[name]), rtol=1e-5, atol=1e-6), name
 
 
+def test_training_forwards_build_no_kv_cache(tmp_path, tiny_model_dir):
+    model, tokenizer = _tiny(tiny_model_dir)
+    seen = []
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs.get("use_cache")), with_kwargs=True
+    )
+    train(_config(tmp_path, max_steps=2, save_every=0), model=model, tokenizer=tokenizer)
+    assert seen and all(value is False for value in seen)  # training steps and validation
+
+
 def test_ctrl_c_leaves_a_checkpoint_that_resumes_to_the_same_adapter(
     tmp_path, tiny_model_dir, monkeypatch
 ):

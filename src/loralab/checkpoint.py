@@ -32,6 +32,7 @@ RESUMABLE_CHANGES = {
     "log_every",
     "fsdp",
     "gradient_checkpointing",
+    "chunked_loss",  # the same loss and gradients, up to rounding
 }
 
 

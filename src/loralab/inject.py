@@ -20,6 +20,7 @@ from transformers.pytorch_utils import Conv1D
 from .config import ConfigError, LoraConfig
 from .layers import (
     FusedParts,
+    LoraFactors,
     LoraFusedLinear,
     LoraLayer,
     TrainableCopy,
@@ -531,6 +532,20 @@ def restore_requires_grad(model: nn.Module) -> None:
 def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
     """Every LoRA-wrapped module, by the name the module has in the user's model."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def require_lora_factors(model: nn.Module, adapter_name: str, action: str) -> None:
+    """Raise ``TypeError`` if the adapter is not LoRA's ``B A`` (AdaLoRA's ``P Λ Q`` shares
+    the wrappers): ``action`` says what cannot be done with it."""
+    for name, layer in lora_layers(model).items():
+        factors = layer.lora[adapter_name] if adapter_name in layer.lora else None  # noqa: SIM401
+        if factors is not None and not isinstance(factors, LoraFactors):
+            raise TypeError(
+                f"adapter {adapter_name!r} is not LoRA's B·A (module {name!r} holds "
+                f"{type(factors).__name__}): it cannot be {action}. An AdaLoRA adapter is "
+                "saved with loralab.methods.files.save_method, or exported as a plain LoRA "
+                "adapter with loralab.methods.adalora_files.export_lora"
+            )
 
 
 def _freeze(model: nn.Module, config: LoraConfig, adapted: set[str]) -> None:

@@ -40,6 +40,7 @@ from .inject import (
     name_matches,
     parameter_roles,
     plan_targets,
+    require_lora_factors,
     saved_module_names,
 )
 from .layers import LoraEmbedding, LoraFusedLinear, LoraLayer, TrainableCopy
@@ -389,6 +390,7 @@ def _config_of(model: nn.Module, adapter_name: str) -> LoraConfig:
     configs = adapter_configs(model)
     if adapter_name not in configs:
         raise KeyError(f"no adapter named {adapter_name!r}; the model has {sorted(configs)}")
+    require_lora_factors(model, adapter_name, "written in PEFT's LoRA format")
     return configs[adapter_name]
 
 

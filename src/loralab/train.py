@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import inspect
 import json
 import math
 import random
@@ -382,9 +383,20 @@ def batch_loss(
 ) -> torch.Tensor:
     """The batch's mean loss, with the head and loss on counted positions where they can be
     (not under FSDP, whose output head is sharded outside the forward)."""
+    batch = {**batch, **without_cache(model)}
     if config.chunked_loss and not (world.active and config.fsdp):
         return causal_lm_loss(runner, model, batch)
     return runner(**batch).loss
+
+
+def without_cache(model: nn.Module) -> dict[str, bool]:
+    """``use_cache=False`` for a model that would otherwise build a KV cache in every
+    training forward: nothing reads it, and on SmolLM2 (8 × 64 tokens) a step took 1.2×
+    as long with it (as the Transformers Trainer knows: it turns the cache off)."""
+    if getattr(getattr(model, "config", None), "use_cache", None) is None:
+        return {}
+    parameters = inspect.signature(model.forward).parameters
+    return {"use_cache": False} if "use_cache" in parameters else {}
 
 
 @torch.no_grad()
@@ -401,7 +413,7 @@ def validation_loss(
     for start in range(0, len(data), batch_size):
         items, share = rows_of_rank(world, data[start : start + batch_size])
         batch = to_device(collate(items, pad_id), world.device)
-        loss = model(**batch).loss.item()
+        loss = model(**batch, **without_cache(model)).loss.item()
         labels = batch["labels"]
         weight = int((labels[:, 1:] != -100).sum()) if labels.dim() == 2 else labels.numel()
         weight = weight if share else 0  # a rank left without rows ran a stand-in row
