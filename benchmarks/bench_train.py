@@ -213,7 +213,9 @@ def train_peft_loop(config) -> tuple[list[float], list[int], list[float]]:
     for batch, count in batches(config, tokenizer):
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        loss = model(**batch).loss
+        # No KV cache, as in loralab's loop and the Trainer (TrainingArguments.use_cache
+        # defaults to False): a training forward has no use for one.
+        loss = model(**batch, use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
         optimizer.step()
@@ -476,9 +478,24 @@ def driver(quick: bool, write: bool, rounds: int) -> None:
 # -- the table --------------------------------------------------------------------------------
 
 
+def with_range(ratios: list[float]) -> str:
+    """The median of the rounds' ratios, and their range when there are several."""
+    if len(ratios) == 1:
+        return f"{ratios[0]:.2f}"
+    return f"{median(ratios):.2f} [{min(ratios):.2f}–{max(ratios):.2f}]"
+
+
 def render(header: dict, train: dict, other: dict, quick: bool) -> str:
     def of(case: str, side: str, key: str) -> float:
         return median([run[key] for run in train[(case, side)]])
+
+    def paired(case: str, against: str, side: str, key: str) -> list[float]:
+        # Each round's loralab / PEFT: the two ran minutes apart, so a drift in the shared
+        # machine's speed over the run cancels in the ratio, unlike in a ratio of medians.
+        return [
+            ours[key] / theirs[key]
+            for ours, theirs in zip(train[(case, "loralab")], train[(against, side)], strict=True)
+        ]
 
     rows, ratios = [], {}
     for case, settings in TRAIN_CASES.items():
@@ -491,11 +508,13 @@ def render(header: dict, train: dict, other: dict, quick: bool) -> str:
             ("peak_rss_mb", "MB peak RSS", "lower"),
         ):
             values = {s: of(case, s, key) for s in TRAIN_SIDES if (case, s) in train}
-            peft = of(against, "peft", key)
-            trainer = (
-                of(against, "peft-trainer", key) if (against, "peft-trainer") in train else None
+            to_peft = paired(case, against, "peft", key)
+            to_trainer = (
+                paired(case, against, "peft-trainer", key)
+                if (against, "peft-trainer") in train
+                else None
             )
-            ratios[(case, key)] = values["loralab"] / peft
+            ratios[(case, key)] = median(to_peft)
             digits = 2 if key == "step_seconds" else 0
             shown = {s: f"{v:,.{digits}f}" for s, v in values.items()}
             rows.append(
@@ -504,8 +523,8 @@ def render(header: dict, train: dict, other: dict, quick: bool) -> str:
                     shown["loralab"],
                     shown.get("peft", ""),
                     shown.get("peft-trainer", ""),
-                    f"{ratios[(case, key)]:.2f}",
-                    "" if trainer is None else f"{values['loralab'] / trainer:.2f}",
+                    with_range(to_peft),
+                    "" if to_trainer is None else with_range(to_trainer),
                     better,
                 )
             )
@@ -524,11 +543,16 @@ def render(header: dict, train: dict, other: dict, quick: bool) -> str:
             )
         )
 
-    def ms(kind: str, side: str, case: str, label: str | None = None) -> float:
+    def per_round(kind: str, side: str, case: str, label: str | None = None) -> list[float]:
         runs = other[(kind, side)]
-        if label is None:
-            return median([median(run[case]) for run in runs])
-        return median([median(run[case][label]) for run in runs])
+        return [median(run[case] if label is None else run[case][label]) for run in runs]
+
+    def ms(kind: str, side: str, case: str, label: str | None = None) -> float:
+        return median(per_round(kind, side, case, label))
+
+    def to_peft(kind: str, case: str, label: str | None = None) -> str:
+        ours, theirs = (per_round(kind, side, case, label) for side in SIDES)
+        return with_range([a / b for a, b in zip(ours, theirs, strict=True)])
 
     overhead = {}
     for batch, length in INFER_SHAPES:
@@ -536,7 +560,7 @@ def render(header: dict, train: dict, other: dict, quick: bool) -> str:
         for label in ("bare", "merged", "unmerged"):
             ll, pf = ms("infer", "loralab", shape, label), ms("infer", "peft", shape, label)
             rows.append((f"forward {batch}×{length}: {label}", f"{ll:.1f} ms", f"{pf:.1f} ms",
-                         "", f"{ll / pf:.2f}", "", "lower"))  # fmt: skip
+                         "", to_peft("infer", shape, label), "", "lower"))  # fmt: skip
         for side in SIDES:
             overhead[(side, shape)] = ms("infer", side, shape, "unmerged") / ms(
                 "infer", side, shape, "merged"
@@ -551,7 +575,8 @@ def render(header: dict, train: dict, other: dict, quick: bool) -> str:
         ("switch", "switch the active adapter"),
     ):
         ll, pf = ms("manage", "loralab", label), ms("manage", "peft", label)
-        rows.append((what, f"{ll:.1f} ms", f"{pf:.1f} ms", "", f"{ll / pf:.2f}", "", "lower"))
+        rows.append((what, f"{ll:.1f} ms", f"{pf:.1f} ms", "", to_peft("manage", label), "",
+                     "lower"))  # fmt: skip
 
     def check(ok: bool) -> str:
         return "[x]" if ok else "[ ]"
@@ -560,8 +585,8 @@ def render(header: dict, train: dict, other: dict, quick: bool) -> str:
     memory = ratios[("smollm2", "peak_rss_mb")]
     saving = "smollm2, gradient checkpointing"
     recommended = (  # loralab's choice when memory counts, against PEFT's defaults
-        of(saving, "loralab", "tokens_per_s") / of("smollm2", "peft", "tokens_per_s"),
-        of(saving, "loralab", "peak_rss_mb") / of("smollm2", "peft", "peak_rss_mb"),
+        median(paired(saving, "smollm2", "peft", "tokens_per_s")),
+        median(paired(saving, "smollm2", "peft", "peak_rss_mb")),
     )
     batch1 = overhead[("loralab", f"{INFER_SHAPES[0][0]}x{INFER_SHAPES[0][1]}")]
     lines = [
@@ -573,12 +598,14 @@ def render(header: dict, train: dict, other: dict, quick: bool) -> str:
         f"- Load average (1, 5, 15 min): {header['load']}",
         "- Set-up: the same model, e2e batches (8 rows, max_length 64, grouped by length, "
         "right-padded), fp32, LoRA r=8, α=16 on W_q, W_v, dropout 0.05, AdamW lr 2e-4, "
-        "clipping 1.0, on every side; unmerged logits of loralab and PEFT on the same "
-        f"adapter file agree to {header['max_diff']:.1e}.",
+        "clipping 1.0, no KV cache in the training forward, on every side; unmerged "
+        "logits of loralab and PEFT on the same adapter file agree to "
+        f"{header['max_diff']:.1e}.",
         f"- Method: every measurement in its own process, the sides alternating, "
         f"{header['rounds']} round(s); medians over rounds of each process's median step. "
         "Peak RSS includes loading the model. Ratios are loralab / PEFT (plain loop) and "
-        "loralab / PEFT in the Trainer.",
+        "loralab / PEFT in the Trainer, taken in each round (the two runs minutes apart) and "
+        "shown as the median [lowest–highest] over rounds.",
         "",
         "| Case | loralab | PEFT loop | PEFT Trainer | loralab/PEFT | loralab/Trainer | better |",
         "|---|---:|---:|---:|---:|---:|---|",
