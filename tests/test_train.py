@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import torch
@@ -237,6 +238,18 @@ def test_bf16_autocast_and_tensorboard(tmp_path, tiny_model_dir):
         p.name.startswith("events.out.tfevents")
         for p in (tmp_path / "run" / "tensorboard").iterdir()
     )
+
+
+def test_bf16_on_a_cpu_without_bf16_kernels_warns(tmp_path, tiny_model_dir, monkeypatch):
+    model, tokenizer = _tiny(tiny_model_dir)
+    monkeypatch.setattr(train_module, "cpu_has_bf16_kernels", lambda: False)
+    with pytest.warns(UserWarning, match="--bf16 on a CPU without bf16 matrix instructions"):
+        train(_config(tmp_path, bf16=True, max_steps=1), model=model, tokenizer=tokenizer)
+    monkeypatch.setattr(train_module, "cpu_has_bf16_kernels", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        model, tokenizer = _tiny(tiny_model_dir)
+        train(_config(tmp_path, "native", bf16=True, max_steps=1), model=model, tokenizer=tokenizer)
 
 
 def test_classifier_training_trains_the_new_head(tmp_path):
