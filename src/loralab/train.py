@@ -474,7 +474,7 @@ def train(config: TrainConfig, model=None, tokenizer=None) -> TrainResult:
     if config.bf16 and world.device.type == "cpu" and not cpu_has_bf16_kernels():
         warnings.warn(
             "--bf16 on a CPU without bf16 matrix instructions (AVX512-BF16 or AMX): the "
-            "products are emulated, and a SmolLM2 step took 30x as long as in fp32 on "
+            "products are emulated, and a SmolLM2 step took 20-30x as long as in fp32 on "
             "such a CPU; leave --bf16 off here",
             stacklevel=2,
         )
