@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import LoraConfig
-from .inject import adapter_configs, lora_layers, plan_targets, replace_module, require_lora_factors
+from .inject import adapter_configs, lora_layers, plan_targets, replace_module, require_adapter
 from .io import (
     CONFIG_FILE,
     AdapterFileError,
@@ -59,17 +59,6 @@ class AdapterInfo:
         )
 
 
-def _require_adapter(model: nn.Module, name: str, needs_factors: str | None = None) -> LoraConfig:
-    """The adapter's config; with ``needs_factors`` (what is done with it), it must be
-    LoRA's B·A, not AdaLoRA's P·Λ·Q."""
-    configs = adapter_configs(model)
-    if name not in configs:
-        raise KeyError(f"no adapter named {name!r}; loaded adapters: {sorted(configs) or 'none'}")
-    if needs_factors:
-        require_lora_factors(model, name, needs_factors)
-    return configs[name]
-
-
 def list_adapters(model: nn.Module) -> list[AdapterInfo]:
     """Every adapter on ``model`` with its ranks, targets and state."""
     layers = lora_layers(model).values()
@@ -101,7 +90,7 @@ def set_active_adapter(model: nn.Module, name: str | None) -> None:
     keeps its zero-latency form; the base weights are restored to within rounding.
     """
     if name is not None:
-        _require_adapter(model, name)
+        require_adapter(model, name)
     layers = lora_layers(model).values()
     was_merged = any(layer.merged_adapters for layer in layers)
     for layer in layers:
@@ -139,7 +128,7 @@ def _merge_active(model: nn.Module, name: str) -> None:
 
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove an adapter (unmerging it first); a wrapper left with none is unwrapped."""
-    _require_adapter(model, name)
+    require_adapter(model, name)
     for module_name, layer in list(lora_layers(model).items()):
         if name not in layer.lora:
             continue
@@ -172,7 +161,7 @@ def hot_swap_adapter(model: nn.Module, directory: str | os.PathLike, adapter_nam
     error says which module or shape differs. A merged adapter stays merged, with the
     new weights.
     """
-    _require_adapter(model, adapter_name, "hot-swapped")
+    require_adapter(model, adapter_name, "hot-swapped")
     files = read_adapter(directory)
     holding = {n: layer for n, layer in lora_layers(model).items() if adapter_name in layer.lora}
     incoming = files.config
@@ -246,7 +235,7 @@ def combine_adapters(
     """
     if len(names) != len(weights) or not names:
         raise ValueError(f"give one weight per adapter: {len(names)} names, {len(weights)} weights")
-    configs = [_require_adapter(model, name, "combined") for name in names]
+    configs = [require_adapter(model, name, "combined") for name in names]
     if new_name in adapter_configs(model):
         raise ValueError(f"an adapter named {new_name!r} already exists")
     if rank is not None and rank < 1:
@@ -472,7 +461,7 @@ def mixed_adapters(model: nn.Module, row_adapters: Sequence[str | None]) -> Iter
     """
     rows = list(row_adapters)
     for name in {r for r in rows if r is not None}:
-        _require_adapter(model, name, "mixed per row")
+        require_adapter(model, name, "mixed per row")
     layers = lora_layers(model).values()
     if any(layer.merged_adapters for layer in layers):
         raise ValueError("unmerge the adapters first: a merged adapter would apply to every row")

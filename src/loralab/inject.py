@@ -534,6 +534,21 @@ def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
+def require_adapter(
+    model: nn.Module, adapter_name: str, needs_factors: str | None = None
+) -> LoraConfig:
+    """The config of ``adapter_name`` on ``model`` (``KeyError`` naming the loaded ones if
+    there is none); with ``needs_factors`` (what is done with it), the adapter must also be
+    LoRA's ``B A``, not AdaLoRA's ``P Λ Q``."""
+    configs = adapter_configs(model)
+    if adapter_name not in configs:
+        loaded = sorted(configs) or "none"
+        raise KeyError(f"no adapter named {adapter_name!r}; loaded adapters: {loaded}")
+    if needs_factors:
+        require_lora_factors(model, adapter_name, needs_factors)
+    return configs[adapter_name]
+
+
 def require_lora_factors(model: nn.Module, adapter_name: str, action: str) -> None:
     """Raise ``TypeError`` if the adapter is not LoRA's ``B A`` (AdaLoRA's ``P Λ Q`` shares
     the wrappers): ``action`` says what cannot be done with it."""

@@ -31,7 +31,6 @@ from transformers.pytorch_utils import Conv1D
 from .config import ConfigError, LoraConfig, pattern_value
 from .inject import (
     Target,
-    adapter_configs,
     apply_targets,
     base_module_names,
     in_saved_module,
@@ -40,7 +39,7 @@ from .inject import (
     name_matches,
     parameter_roles,
     plan_targets,
-    require_lora_factors,
+    require_adapter,
     saved_module_names,
 )
 from .layers import LoraEmbedding, LoraFusedLinear, LoraLayer, TrainableCopy
@@ -387,11 +386,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
 
 
 def _config_of(model: nn.Module, adapter_name: str) -> LoraConfig:
-    configs = adapter_configs(model)
-    if adapter_name not in configs:
-        raise KeyError(f"no adapter named {adapter_name!r}; the model has {sorted(configs)}")
-    require_lora_factors(model, adapter_name, "written in PEFT's LoRA format")
-    return configs[adapter_name]
+    return require_adapter(model, adapter_name, "written in PEFT's LoRA format")
 
 
 def peft_config_dict(
