@@ -146,3 +146,81 @@ def tiny_model_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tiny-llama")
     save_tiny_causal_lm(directory)
     return directory
+
+
+def _byte_level_alphabet() -> list[str]:
+    """GPT-2's byte-level BPE alphabet: each of the 256 bytes as one printable character,
+    in byte order (printable bytes stand for themselves, the rest map past U+0100)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    printable += range(ord("®"), ord("ÿ") + 1)
+    others = iter(range(256, 512))
+    return [chr(byte) if byte in printable else chr(next(others)) for byte in range(256)]
+
+
+def save_tiny_gguf(path, hidden_size: int = 32, layers: int = 2, seed: int = 0) -> None:
+    """A tiny Llama as a llama.cpp GGUF file (F32 tensors, a byte-level BPE tokenizer with
+    ChatML specials and a chat template), in the layout of the embedded SmolLM2's file."""
+    import gguf
+    import numpy as np
+
+    heads, kv_heads, ffn = 4, 2, 2 * hidden_size
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokens = [*specials, *_byte_level_alphabet(), "Ġt", "he", "Ġthe"]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny-llama")
+    writer.add_context_length(256)
+    writer.add_embedding_length(hidden_size)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(hidden_size // heads)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("smollm")
+    writer.add_token_list(tokens)
+    control, normal = gguf.TokenType.CONTROL, gguf.TokenType.NORMAL
+    writer.add_token_types([control] * len(specials) + [normal] * (len(tokens) - len(specials)))
+    writer.add_token_merges(["Ġ t", "h e", "Ġt he"])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_pad_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + "
+        "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}"
+        "{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+    rng = np.random.default_rng(seed)
+
+    def add(name: str, *shape: int) -> None:  # numpy's (out, in), as PyTorch's weights
+        writer.add_tensor(name, (0.02 * rng.standard_normal(shape)).astype(np.float32))
+
+    kv = kv_heads * hidden_size // heads
+    add("token_embd.weight", len(tokens), hidden_size)
+    for block in range(layers):
+        for norm in ("attn_norm", "ffn_norm"):
+            writer.add_tensor(f"blk.{block}.{norm}.weight", np.ones(hidden_size, np.float32))
+        add(f"blk.{block}.attn_q.weight", hidden_size, hidden_size)
+        add(f"blk.{block}.attn_k.weight", kv, hidden_size)
+        add(f"blk.{block}.attn_v.weight", kv, hidden_size)
+        add(f"blk.{block}.attn_output.weight", hidden_size, hidden_size)
+        add(f"blk.{block}.ffn_gate.weight", ffn, hidden_size)
+        add(f"blk.{block}.ffn_up.weight", ffn, hidden_size)
+        add(f"blk.{block}.ffn_down.weight", hidden_size, ffn)
+    writer.add_tensor("output_norm.weight", np.ones(hidden_size, np.float32))
+    add("output.weight", len(tokens), hidden_size)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-gguf") / "tiny-llama.gguf"
+    save_tiny_gguf(path)
+    return path
