@@ -81,6 +81,59 @@ def test_bad_records_name_file_line_and_field(tmp_path, content, message):
     assert str(path) in str(error.value)
 
 
+def test_csv_quoting_rfc_4180_with_the_line_each_record_starts_on(tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_bytes(
+        b'\xef\xbb\xbfprompt,completion\r\n"Say ""dog"":", dog\r\n\r\n"two\nlines",x\r\n'
+    )
+    # the byte-order mark is not part of the first column's name; "" is one quote
+    assert read_examples(path) == [
+        {"prompt": 'Say "dog":', "completion": " dog"},
+        {"prompt": "two\nlines", "completion": "x"},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        # a stray quote inside a quoted field: refused, not read as 'Say dog":"'
+        (
+            'prompt,completion\n"Say cat:", cat\n"Say "dog":", dog\n',
+            r"line 3: malformed CSV quoting \(',' expected after '\"'\)",
+        ),
+        # an unterminated quote swallows what follows: named where it opened
+        (
+            'prompt,completion\n"Say cat:, cat\nSay dog:, dog\nSay bird:, bird\n',
+            r"line 2: a quoted field opened here is never closed \(the file ends inside it, "
+            r"at line 4\)",
+        ),
+        (
+            'prompt,completion\n"Say cat:, cat\n"Say dog:", dog\n',
+            r"line 2 \(the record runs to line 3\): malformed CSV quoting",
+        ),
+        ("prompt,completion\na,b\nc\n", r"line 3: 1 value, fewer than the 2 header columns"),
+        ("prompt,completion\na,b,c\n", r"line 2: 3 values, more than the 2 header columns"),
+        ("text,label,text\na,1,b\n", r"line 1: the header names column 'text' twice"),
+    ],
+)
+def test_malformed_csv_names_the_line_where_it_went_wrong(tmp_path, content, message):
+    path = tmp_path / "train.csv"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError, match=message) as error:
+        read_examples(path)
+    assert str(error.value).startswith(f"{path}, line ")
+
+
+@pytest.mark.parametrize(
+    ("suffix", "before", "line"), [(".jsonl", b'{"text": "ok"}\n', 2), (".csv", b"text\nok\n", 3)]
+)
+def test_a_file_that_is_not_utf8_names_the_line(tmp_path, suffix, before, line):
+    path = tmp_path / f"train{suffix}"
+    path.write_bytes(before + b"caf\xe9\n")  # Latin-1
+    with pytest.raises(DataError, match=rf"line {line}: not UTF-8 text \(invalid continuation"):
+        read_examples(path)
+
+
 def test_unknown_format_and_missing_file(tmp_path):
     with pytest.raises(DataError, match="no such data file"):
         read_examples(tmp_path / "missing.jsonl")

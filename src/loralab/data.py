@@ -19,7 +19,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import Tensor
@@ -123,35 +123,107 @@ def read_examples(path: str | Path) -> list[dict]:
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     records = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        lines = _NumberedLines(path, handle)
+        for line in lines:
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
                 raise DataError(
-                    f"{path}, line {line_number}, column {error.colno}: not valid JSON "
+                    f"{path}, line {lines.number}, column {error.colno}: not valid JSON "
                     f"({error.msg})"
                 ) from None
             if not isinstance(record, dict):
-                raise DataError(f"{path}, line {line_number}: expected a JSON object")
-            records.append((line_number, record))
+                raise DataError(f"{path}, line {lines.number}: expected a JSON object")
+            records.append((lines.number, record))
     return records
 
 
 def _read_csv(path: Path) -> list[tuple[int, dict]]:
-    with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle)
+    """Records of an RFC 4180 CSV file with a header row, each with the line it starts on.
+
+    Parsing is strict: a quoted field must end with its quote right before a comma or the
+    line's end (a quote inside it is written twice), so a stray quote is refused where it
+    is, instead of silently becoming part of the text or swallowing the following lines.
+    """
+    with path.open("rb") as handle:
+        lines = _NumberedLines(path, handle)
+        reader = csv.reader(lines, strict=True)
+        header: list[str] | None = None
         records = []
-        for row in reader:
-            if None in row:
-                raise DataError(f"{path}, line {reader.line_num}: more values than header columns")
-            record = {k: v for k, v in row.items() if v is not None}
+        while True:
+            start = lines.number + 1  # a record may span lines (a quoted newline)
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as error:
+                raise _csv_quoting_error(path, start, lines.number, error) from None
+            if not row:
+                continue  # a blank line
+            if header is None:
+                header = _csv_header(path, start, row)
+                continue
+            if len(row) != len(header):
+                many = "more" if len(row) > len(header) else "fewer"
+                values = f"{len(row)} value" + ("s" if len(row) != 1 else "")
+                raise DataError(
+                    f"{path}, line {start}: {values}, {many} than the {len(header)} header "
+                    f"columns ({', '.join(header)})"
+                )
+            record = dict(zip(header, row, strict=True))
             if "label" in record and record["label"].lstrip("-").isdigit():
                 record["label"] = int(record["label"])
-            records.append((reader.line_num, record))
+            records.append((start, record))
     return records
+
+
+def _csv_header(path: Path, line: int, row: list[str]) -> list[str]:
+    seen = set()
+    for name in row:
+        if name in seen:
+            raise DataError(f"{path}, line {line}: the header names column {name!r} twice")
+        seen.add(name)
+    return row
+
+
+def _csv_quoting_error(path: Path, start: int, end: int, error: csv.Error) -> DataError:
+    how = (
+        "a quoted field must end with its quote right before a comma or the end of the line; "
+        'write a quote inside a field twice ("") and put the whole field in quotes'
+    )
+    if "unexpected end of data" in str(error):
+        return DataError(
+            f"{path}, line {start}: a quoted field opened here is never closed (the file "
+            f"ends inside it, at line {end}); {how}"
+        )
+    where = f"line {start}" if end == start else f"line {start} (the record runs to line {end})"
+    return DataError(f"{path}, {where}: malformed CSV quoting ({error}); {how}")
+
+
+class _NumberedLines:
+    """A file's lines as text, counted (a CSV record may span several); a line that is not
+    UTF-8 is refused with its number. Decoded line by line, so that number is exact; a
+    byte-order mark (as some editors write) is not part of the first line."""
+
+    def __init__(self, path: Path, handle: BinaryIO) -> None:
+        self.path, self.handle, self.number = path, handle, 0
+
+    def __iter__(self) -> _NumberedLines:
+        return self
+
+    def __next__(self) -> str:
+        raw = next(self.handle)
+        self.number += 1
+        try:
+            return raw.decode("utf-8-sig" if self.number == 1 else "utf-8")
+        except UnicodeDecodeError as error:
+            raise DataError(
+                f"{self.path}, line {self.number}: not UTF-8 text ({error.reason} at byte "
+                f"{error.start + 1} of the line); save the file as UTF-8"
+            ) from None
 
 
 # -- token ids ---------------------------------------------------------------------------------
