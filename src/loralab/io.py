@@ -16,7 +16,6 @@ import json
 import os
 import pickle
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from .atomic_write import json_writer, write_files_atomically
 from .config import ConfigError, LoraConfig, pattern_value
 from .inject import (
     Target,
@@ -491,35 +491,6 @@ def _written_pattern(values: dict[str, float], default: float) -> dict[str, floa
     return pattern
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_files_atomically(directory: Path, writers: dict[str, Any]) -> None:
-    """Write every file to a temporary name first, then rename them all into place.
-
-    A failure while writing (a full disk, an error in the writer) leaves the previous
-    files untouched: never new weights beside an old config, or the reverse.
-    """
-    staged: dict[Path, str] = {}
-    try:
-        for name, write in writers.items():
-            fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-            os.close(fd)
-            staged[directory / name] = temporary
-            write(temporary)
-            # mkstemp makes the file private (0600); give it the mode a plain write would.
-            os.chmod(temporary, 0o666 & ~_umask())
-        for path, temporary in staged.items():
-            os.replace(temporary, path)
-    except BaseException:
-        for temporary in staged.values():
-            Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def save_adapter(
     model: nn.Module,
     directory: str | os.PathLike,
@@ -550,11 +521,6 @@ def save_adapter(
         # A stale one from an earlier save would override the new config.
         (directory / LORALAB_FILE).unlink(missing_ok=True)
     return directory
-
-
-def json_writer(data: dict):
-    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
-    return lambda path: Path(path).write_text(text, encoding="utf-8")
 
 
 # -- loading ------------------------------------------------------------------------------

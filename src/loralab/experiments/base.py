@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from transformers.utils import logging as transformers_logging
 
-from ..io import json_writer, write_files_atomically
+from ..atomic_write import json_writer, write_files_atomically
 
 # The embedded model each built-in task runs on: the classifier for nli (the paper's
 # RoBERTa/DeBERTa analogue), the causal LM for the generation tasks (its GPT-2/GPT-3).

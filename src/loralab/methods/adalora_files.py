@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from ..atomic_write import json_writer, write_files_atomically
 from ..config import ConfigError
 from ..inject import adapter_configs, base_module_names, lora_layers
 from ..io import (
@@ -47,9 +48,7 @@ from ..io import (
     _written_targets,
     check_config_keys,
     check_expected_tensors,
-    json_writer,
     read_tensors,
-    write_files_atomically,
 )
 from .adalora import (
     ADAPTER_NAME,

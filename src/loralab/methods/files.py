@@ -18,17 +18,16 @@ from pathlib import Path
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from ..atomic_write import json_writer, write_files_atomically
 from ..config import ConfigError
 from ..inject import parameter_roles
 from ..io import (
     CONFIG_FILE,
     AdapterFileError,
-    json_writer,
     load_adapter_tensors,
     read_adapter,
     read_tensors,
     save_adapter,
-    write_files_atomically,
 )
 from .base import MethodSettings, applied_method, load_trained_state, shape_twin, trained_state
 
