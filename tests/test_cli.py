@@ -1,6 +1,8 @@
 """The command line on a tiny local model: train (flags and YAML), eval, generate, merge, info."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,3 +122,128 @@ def test_bad_input_is_one_clear_line(argv, message, trained, tiny_model_dir, cap
     err = capsys.readouterr().err
     assert err.startswith("loralab: error: ") and message in err
     assert "Traceback" not in err
+
+
+# -- every error a user can cause: one line, exit status 2, refused before slow work --------
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, list[str]]:
+    """Exit status and stderr lines of ``loralab ARGV`` (argparse's exits included)."""
+    try:
+        status = main(argv)
+    except SystemExit as stopped:
+        status = stopped.code
+    return status, capsys.readouterr().err.splitlines()
+
+
+def assert_one_line_error(status: int, lines: list[str], message: str) -> None:
+    assert status == 2, lines
+    assert len(lines) == 1 and lines[0].startswith("loralab: error: "), lines
+    assert message in lines[0]
+
+
+@pytest.fixture
+def nothing_loads(monkeypatch):
+    """Loading a model, or training, fails the test: the error must come before."""
+
+    def slow_work(*args, **kwargs):
+        raise AssertionError("slow work started before the bad input was refused")
+
+    import loralab.experiments.base
+    import loralab.models
+
+    monkeypatch.setattr(loralab.models, "load_model", slow_work)
+    monkeypatch.setattr(loralab.experiments.base, "train_and_score", slow_work)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--data", "{data}", "--output-dir", "{file}"], "is an existing file"),
+        (
+            ["train", "--data", "{data}", "--output-dir", "{file}/run"],
+            "is a file, so no directory can go there",
+        ),
+        (["merge", "--adapter", "{adapter}", "--output", "{file}"], "is an existing file"),
+        (
+            ["merge", "--adapter", "{adapter}", "--output", "{full}"],
+            "is a directory that is not empty; name a new directory (nothing in it was touched)",
+        ),
+        (["demo", "--output-dir", "{file}"], "--output-dir {file} is an existing file"),
+        (["demo", "--steps", "0"], "argument --steps: must be an integer ≥ 1, got 0"),
+        (["reproduce", "ranks", "--quick", "--output-dir", "{file}"], "is an existing file"),
+        (["eval", "--batch-size", "0"], "argument --batch-size: must be an integer ≥ 1"),
+        (["eval", "--split", "dev"], "argument --split: invalid choice: 'dev'"),
+        (["eval", "--chat-shots", "-1"], "--chat-shots must be ≥ 0, got -1"),
+        (["eval", "--task", "e2e", "--model-kind", "classification"], "e2e is a generation"),
+        (["generate", "--max-new-tokens", "0", "hi"], "must be an integer ≥ 1, got 0"),
+        (["train", "--config", "{full}"], "a directory, not a config file"),
+        (["train", "--config", "{broken_yaml}"], "line 2, column 1: malformed YAML (while"),
+        (["train", "--data", "{full}"], "a directory, not a data file"),
+        (
+            ["train", "--data", "{data}", "--model-kind", "classification"],
+            "model_kind 'classification' trains on {{text, label}} records; these are "
+            "prompt_completion records",
+        ),
+        (["train", "--data", "{labelled}"], "{{text, label}} records train a classifier"),
+    ],
+)
+def test_bad_input_is_refused_in_one_line_before_any_slow_work(
+    argv, message, trained, tmp_path, nothing_loads, capsys
+):
+    paths = {
+        "data": trained / "train.jsonl",
+        "adapter": trained / "run" / "adapter",
+        "file": tmp_path / "a-file",
+        "full": tmp_path / "full",
+        "broken_yaml": tmp_path / "run.yaml",
+        "labelled": tmp_path / "labelled.jsonl",
+    }
+    paths["file"].write_text("mine")
+    paths["full"].mkdir()
+    (paths["full"] / "keep.txt").write_text("mine")
+    paths["broken_yaml"].write_text("r: [\n")
+    paths["labelled"].write_text('{"text": "good", "label": 1}\n')
+    argv = [a.format(**paths) for a in argv]
+    status, lines = run_cli(argv, capsys)
+    assert_one_line_error(status, lines, message.format(**paths))
+    assert (
+        paths["file"].read_text() == "mine" and (paths["full"] / "keep.txt").read_text() == "mine"
+    )
+    assert sorted(p.name for p in paths["full"].iterdir()) == ["keep.txt"]
+
+
+def test_merge_of_an_adapter_with_a_nan_is_one_line_and_writes_nothing(
+    trained, tiny_model_dir, tmp_path, capsys
+):
+    from safetensors.torch import load_file, save_file
+
+    adapter = tmp_path / "nan-adapter"
+    shutil.copytree(trained / "run" / "adapter", adapter)
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    key = next(k for k in tensors if "lora_B" in k)
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, adapter / "adapter_model.safetensors")
+    output = tmp_path / "merged"
+    argv = ["merge", "--model", str(tiny_model_dir), "--adapter", str(adapter)]
+    status, lines = run_cli([*argv, "--output", str(output)], capsys)
+    assert_one_line_error(status, lines, "has a non-finite ΔW (NaN or Inf)")
+    assert "nothing was merged" in lines[0]
+    assert list(tmp_path.iterdir()) == [adapter]
+
+
+def test_a_merge_that_fails_while_writing_leaves_nothing(
+    trained, tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    from transformers import PreTrainedTokenizerBase
+
+    def disk_full(self, directory, **kwargs):
+        (Path(directory) / "tokenizer.json").write_text("{")  # half-written
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", disk_full)
+    output = tmp_path / "merged"
+    argv = ["merge", "--model", str(tiny_model_dir), "--adapter", str(trained / "run" / "adapter")]
+    status, lines = run_cli([*argv, "--output", str(output)], capsys)
+    assert_one_line_error(status, lines, "No space left on device")
+    assert list(tmp_path.iterdir()) == []  # neither the output nor a scratch directory

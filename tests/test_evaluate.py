@@ -7,8 +7,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import char_tokenizer, tiny_bert
+from loralab.data import DataError, encode_prompt
 from loralab.evaluate import classify, evaluate_task, generate, perplexity
-from loralab.tasks import get_task
+from loralab.tasks import TaskError, get_task
 
 
 def _tiny(directory):
@@ -60,3 +61,42 @@ def test_generation_task_scores_with_the_tasks_metric(tiny_model_dir):
     examples = task.splits(seed=0, test_size=4)["test"]
     result = evaluate_task(model, tokenizer, task, examples, batch_size=2)
     assert len(result.predictions) == 4 and "execution_accuracy" in result.metrics
+
+
+def test_chat_prompts_go_through_the_template_without_extra_special_tokens(tiny_model_dir):
+    from tokenizers import processors
+
+    _, tokenizer = _tiny(tiny_model_dir)
+    # A tokenizer that puts a BOS before every text it encodes, as Llama's do.
+    bos = tokenizer.eos_token_id
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<eos> $A", special_tokens=[("<eos>", bos)]
+    )
+    messages = [{"role": "user", "content": "hi"}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text == "<user>hi<eos><assistant>"
+    plain = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer(text)["input_ids"] == [bos, *plain]
+    assert encode_prompt(tokenizer, messages) == plain  # the template's tokens, no more
+    tokenizer.chat_template = None
+    with pytest.raises(DataError, match="a chat prompt needs a tokenizer with a chat template"):
+        encode_prompt(tokenizer, messages)
+
+
+def test_evaluate_with_chat_shots_scores_the_chat_replies(tiny_model_dir):
+    model, tokenizer = _tiny(tiny_model_dir)
+    task = get_task("e2e")
+    splits = task.splits(seed=0, train_size=1, test_size=3)
+    shots, examples = splits["train"], splits["test"]
+    result = evaluate_task(model, tokenizer, task, examples, batch_size=2, chat_shots=shots)
+    chats = [task.chat_messages(example, shots) for example in examples]
+    replies = generate(model, tokenizer, chats, task.max_new_tokens, stop_at_newline=False)
+    assert result.predictions == replies
+    assert result.metrics == task.score(replies, examples)
+    raw = evaluate_task(model, tokenizer, task, examples, batch_size=2)
+    assert raw.predictions == generate(
+        model, tokenizer, [e["prompt"] for e in examples], task.max_new_tokens
+    )
+    with pytest.raises(TaskError, match="sql: no instruction to prompt a chat model with"):
+        sql = get_task("sql")
+        evaluate_task(model, tokenizer, sql, sql.splits(test_size=1)["test"], chat_shots=[])

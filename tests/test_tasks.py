@@ -224,6 +224,19 @@ def test_e2e_score_is_100_for_any_reference_and_low_for_unrelated_text():
     assert task.score(run_on, examples)["bleu"] == pytest.approx(100.0)
 
 
+def test_e2e_chat_messages_ask_with_the_instruction_after_the_worked_examples():
+    task = get_task("e2e")
+    train, test = splits_of("e2e")["train"], splits_of("e2e")["test"]
+    shot, example = train[0], test[0]
+    messages = task.chat_messages(example, [shot])
+    assert [m["role"] for m in messages] == ["user", "assistant", "user"]
+    assert messages[0]["content"] == f"{e2e.INSTRUCTION}\n\n{shot['meaning_representation']}"
+    assert messages[1]["content"] == shot["completion"].strip() == shot["references"][0]
+    assert messages[2]["content"].endswith("\n\n" + example["meaning_representation"])
+    assert task.chat_messages(example) == messages[2:]  # zero-shot: the question alone
+    assert "\n" not in e2e.INSTRUCTION  # one line
+
+
 # -- sql --------------------------------------------------------------------------------------
 
 

@@ -21,7 +21,9 @@ from .config import ConfigError
 from .data import DataError
 from .distributed import DistributedError
 from .io import AdapterFileError
+from .layers import MergeError
 from .models import ModelLoadError
+from .output_dirs import check_output_dir
 from .train import TrainConfig, TrainingInterrupted
 
 PROGRAM = "loralab"
@@ -64,8 +66,23 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
             parser.add_argument(flag, type=str, **options)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with every error on one line like loralab's own (it prints the usage
+    first; ``--help`` still shows it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{PROGRAM}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer ≥ 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROGRAM, description="LoRA: train, evaluate, generate and merge adapters."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -78,27 +95,42 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(evaluate)
     evaluate.add_argument("--task", default="e2e", help="built-in task (default: e2e)")
     evaluate.add_argument("--split", default="test", choices=("train", "validation", "test"))
-    evaluate.add_argument("--size", type=int, default=None, help="examples to score")
+    evaluate.add_argument("--size", type=_at_least_one, default=None, help="examples to score")
     evaluate.add_argument("--seed", type=int, default=0, help="the task generator's seed")
-    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--batch-size", type=_at_least_one, default=16)
+    evaluate.add_argument(
+        "--chat-shots",
+        type=int,
+        default=None,
+        metavar="N",
+        help="prompt through the model's chat template with the task's instruction and N "
+        "worked examples from the training split (e2e; default: the raw prompt, as an "
+        "adapter trains on)",
+    )
 
     generate = commands.add_parser("generate", help="greedy completions of prompts")
     _model_flags(generate)
     generate.add_argument("prompts", nargs="+", help="prompt texts")
     generate.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn")
-    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--max-new-tokens", type=_at_least_one, default=64)
 
     merge = commands.add_parser("merge", help="merge an adapter into a plain model directory")
     _model_flags(merge, adapter_required=True)
-    merge.add_argument("--output", type=Path, required=True, help="the merged model directory")
+    merge.add_argument(
+        "--output", type=Path, required=True, help="the merged model directory (new or empty)"
+    )
 
     info = commands.add_parser("info", help="describe an adapter directory")
     info.add_argument("adapter", type=Path)
 
     demo = commands.add_parser("demo", help="the main job: before/after LoRA on the e2e task")
     demo.add_argument("--output-dir", type=Path, default=Path("runs/demo"))
-    demo.add_argument("--steps", type=int, default=None, help="training steps (default: 60)")
-    demo.add_argument("--test-size", type=int, default=None, help="scored examples (default 64)")
+    demo.add_argument(
+        "--steps", type=_at_least_one, default=None, help="training steps (default: 60)"
+    )
+    demo.add_argument(
+        "--test-size", type=_at_least_one, default=None, help="scored examples (default: 64)"
+    )
     from .experiments import EXPERIMENT_NAMES
 
     reproduce = commands.add_parser(
@@ -109,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reproduce.add_argument("name", help=f"one of: {', '.join(EXPERIMENT_NAMES)}")
     reproduce.add_argument("--quick", action="store_true", help="the short mode (≤ 15 min)")
-    reproduce.add_argument("--seeds", type=int, default=None, help="seeds (default: the mode's)")
+    reproduce.add_argument(
+        "--seeds", type=_at_least_one, default=None, help="seeds (default: the mode's)"
+    )
     reproduce.add_argument(
         "--jobs",
         type=int,
@@ -144,8 +178,16 @@ def main(argv: list[str] | None = None) -> int:
     except DistributedError as error:  # the processes could not meet, or another one failed
         print(f"{PROGRAM}: error: {error}", file=sys.stderr)
         return 1
-    except (ConfigError, DataError, AdapterFileError, ModelLoadError, ValueError) as error:
-        # TaskError is a ValueError too: every bad-input error is one line, exit code 2.
+    except (
+        ConfigError,
+        DataError,
+        AdapterFileError,
+        ModelLoadError,
+        MergeError,
+        ValueError,  # TaskError and OutputDirError are ValueErrors too
+        OSError,  # a file the user named could not be read or written
+    ) as error:
+        # Every error a user can cause is one line, exit code 2.
         print(f"{PROGRAM}: error: {error}", file=sys.stderr)
         return 2
 
@@ -184,10 +226,20 @@ def _eval(args: argparse.Namespace) -> int:
     from .tasks import get_task
 
     task = get_task(args.task)
+    if args.model_kind == "classification" and task.kind != "classification":
+        raise ConfigError(
+            f"--model-kind classification scores a classification task (nli); {task.name} "
+            f"is a {task.kind} task"
+        )
     sizes = {f"{args.split}_size": args.size} if args.size else {}
     examples = task.splits(seed=args.seed, **sizes)[args.split]  # bad sizes fail before loading
+    shots = None
+    if args.chat_shots is not None:
+        if args.chat_shots < 0:
+            raise ConfigError(f"--chat-shots must be ≥ 0, got {args.chat_shots}")
+        shots = task.splits(seed=args.seed, train_size=args.chat_shots)["train"]
     model, tokenizer = _load(args, len(task.labels) if task.labels else None)
-    result = evaluate_task(model, tokenizer, task, examples, args.batch_size)
+    result = evaluate_task(model, tokenizer, task, examples, args.batch_size, shots)
     print(
         json.dumps(
             {"task": task.name, "split": args.split, "examples": len(examples), **result.metrics},
@@ -203,12 +255,7 @@ def _generate(args: argparse.Namespace) -> int:
     model, tokenizer = _load(args)
     prompts = args.prompts
     if args.chat:
-        prompts = [
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-            )
-            for p in prompts
-        ]
+        prompts = [[{"role": "user", "content": prompt}] for prompt in prompts]
     for prompt, text in zip(
         args.prompts,
         generate(model, tokenizer, prompts, args.max_new_tokens, stop_at_newline=False),
@@ -219,9 +266,11 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
+    from .atomic_write import write_directory_atomically
     from .merge import merge_and_unload
     from .methods import applied_method, get_method
 
+    check_output_dir(args.output, "--output", empty=True)  # before the model loads
     model, tokenizer = _load(args)
     method = get_method(applied_method(model).name)
     if not method.mergeable:
@@ -230,9 +279,12 @@ def _merge(args: argparse.Namespace) -> int:
             "(it adds layers or tokens); use it as it is"
         )
     merged = merge_and_unload(model, safe=True) if method.uses_lora else model
-    args.output.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(args.output)
-    tokenizer.save_pretrained(args.output)
+
+    def save(directory: Path) -> None:
+        merged.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+
+    write_directory_atomically(args.output, save)
     print(f"merged model written to {args.output} (loads with AutoModelForCausalLM)")
     return 0
 

@@ -101,7 +101,8 @@ def read_examples(path: str | Path) -> list[dict]:
     """Read a JSONL or CSV file of examples, all of one shape."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: no such data file")
+        what = "a directory, not a data file" if path.is_dir() else "no such data file"
+        raise DataError(f"{path}: {what}")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
         records = _read_jsonl(path)
@@ -245,9 +246,20 @@ class Encoded:
         return len(self.input_ids)
 
 
-def encode_prompt(tokenizer, prompt: str, prompt_tokens: PromptTokens | None = None) -> list[int]:
-    """The ids a completion follows: prefix + prompt + infix (the prompt alone without)."""
-    ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+def encode_prompt(
+    tokenizer, prompt: str | list[dict], prompt_tokens: PromptTokens | None = None
+) -> list[int]:
+    """The ids a completion follows: prefix + prompt + infix (the prompt alone without).
+
+    A list of messages is a chat: rendered by the model's chat template up to the start of
+    the assistant's reply, with no special tokens added beyond what the template writes.
+    """
+    if isinstance(prompt, str):
+        ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    else:
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise DataError("a chat prompt needs a tokenizer with a chat template")
+        ids = _chat_ids(tokenizer, prompt, generation_prompt=True)
     if prompt_tokens is None:
         return ids
     return [*prompt_tokens.prefix, *ids, *prompt_tokens.infix]

@@ -4,30 +4,46 @@ On the embedded SmolLM2-135M-Instruct it scores the base model on the ``e2e`` ta
 trains LoRA (W_q and W_v, r = 8, as in the paper), scores again, merges, and reports the
 metric, trainable parameters against the total, adapter size against the model's, and
 the merged model's latency against the base's, with a few generated examples.
+
+The baseline is the base model asked as its makers intend: through its chat template,
+with a one-line instruction and one worked example (``E2ETask.chat_messages``). The
+same model on the raw prompt, which it was never trained to complete, is reported too,
+labelled as such; the adapter is scored on the raw prompt it was trained on.
 """
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from .atomic_write import json_writer, write_files_atomically
 from .evaluate import evaluate_task
 from .io import WEIGHTS_FILE
 from .merge import merge_and_unload
+from .output_dirs import check_output_dir
+from .tasks.base import as_text
 from .train import TrainConfig, train
 
 DEMO_STEPS = 60  # about 4 s each on 2 cores: the demo stays well inside 10 minutes
 DEMO_TEST_SIZE = 64
+WORKED_EXAMPLES = 1  # shown to the base model before each question (chat baseline)
+COLUMNS = {
+    "base_raw_prompt": "base, raw prompt",
+    "base": "base, chat template + instruction + 1 example",
+    "adapted": "with LoRA (raw prompt, as trained)",
+}
 
 
 @dataclass
 class DemoReport:
     base: dict[str, float]
+    """The baseline: the base model through its chat template, instruction and example."""
+    base_raw_prompt: dict[str, float]
+    """The base model on the raw prompt ("MR\\nDescription:"), as the adapter sees it."""
     adapted: dict[str, float]
     trainable: int
     total: int
@@ -36,13 +52,17 @@ class DemoReport:
     base_latency_ms: float
     merged_latency_ms: float
     train_seconds: float
+    baseline_chat: list[dict]
+    """The chat the base model got for the first test example (the others differ only in
+    their meaning representation)."""
     examples: list[dict]
 
     def table(self) -> str:
-        rows = [("metric", "base model", "with LoRA")]
+        scores = [("metric", *COLUMNS.values())]
         for name in self.base:
-            rows.append((name, f"{self.base[name]:.2f}", f"{self.adapted[name]:.2f}"))
-        rows += [
+            scores.append((name, *(f"{getattr(self, column)[name]:.2f}" for column in COLUMNS)))
+        costs = [
+            ("", "base model", "with LoRA"),
             (
                 "trainable parameters",
                 f"{self.total - self.trainable:,} (all)",
@@ -60,13 +80,17 @@ class DemoReport:
                 f"{self.merged_latency_ms / self.base_latency_ms:.2f}×)",
             ),
         ]
-        widths = [max(len(row[i]) for row in rows) for i in range(3)]
-        lines = [
-            "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
-            for row in rows
-        ]
-        lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-        return "\n".join(lines)
+        return _markdown_table(scores) + "\n\n" + _markdown_table(costs)
+
+
+def _markdown_table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [
+        "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
+        for row in rows
+    ]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
 
 
 @torch.no_grad()
@@ -92,20 +116,8 @@ def run_demo(
     from .models import DEFAULT_CAUSAL_LM, load_model
     from .tasks import get_task
 
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    print(f"loading {DEFAULT_CAUSAL_LM} (the embedded default model) …", flush=True)
-    model, tokenizer = load_model(DEFAULT_CAUSAL_LM)
-    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    task = get_task("e2e")
-    test = task.splits(seed=seed, test_size=test_size)["test"]
-    generator = torch.Generator().manual_seed(0)
-    latency_input = torch.randint(0, tokenizer.vocab_size, (1, 64), generator=generator)
-    base_latency = forward_latency_ms(model, latency_input)
-
-    print(f"scoring the base model on {len(test)} e2e test examples …", flush=True)
-    base = evaluate_task(model, tokenizer, task, test, batch_size=32)
+    # Everything that can be refused is refused before the model loads.
+    output_dir = check_output_dir(output_dir, "--output-dir")
     config = TrainConfig(
         model=DEFAULT_CAUSAL_LM,
         task="e2e",
@@ -123,6 +135,21 @@ def run_demo(
         save_every=0,
         seed=seed,
     )
+    task = get_task("e2e")
+    splits = task.splits(seed=seed, train_size=WORKED_EXAMPLES, test_size=test_size)
+    test, shots = splits["test"], splits["train"]  # the shots come from the training data
+    started = time.perf_counter()
+    print(f"loading {DEFAULT_CAUSAL_LM} (the embedded default model) …", flush=True)
+    model, tokenizer = load_model(DEFAULT_CAUSAL_LM)
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    generator = torch.Generator().manual_seed(0)
+    latency_input = torch.randint(0, tokenizer.vocab_size, (1, 64), generator=generator)
+    base_latency = forward_latency_ms(model, latency_input)
+
+    print(f"scoring the base model on {len(test)} e2e test examples, raw prompt …", flush=True)
+    base_raw = evaluate_task(model, tokenizer, task, test, batch_size=32)
+    print("… and through its chat template, instruction and one worked example …", flush=True)
+    base = evaluate_task(model, tokenizer, task, test, batch_size=32, chat_shots=shots)
     print(f"training LoRA (W_q, W_v, r = 8) for {steps} steps …", flush=True)
     result = train(config, model=model, tokenizer=tokenizer)
     print(f"scoring the adapted model on the same {len(test)} examples …", flush=True)
@@ -132,17 +159,19 @@ def run_demo(
     merged_latency = forward_latency_ms(merged, latency_input)
     examples = [
         {
-            "input": example["prompt"],
+            "input": example["meaning_representation"],
             "reference": example["completion"].strip(),
-            "base": before.strip(),
-            "lora": after.strip(),
+            "base_raw_prompt": as_text(raw),
+            "base": as_text(chat),
+            "lora": as_text(after),
         }
-        for example, before, after in zip(
-            test[:4], base.predictions, adapted.predictions, strict=False
+        for example, raw, chat, after in zip(
+            test[:4], base_raw.predictions, base.predictions, adapted.predictions, strict=False
         )
     ]
     report = DemoReport(
         base=base.metrics,
+        base_raw_prompt=base_raw.metrics,
         adapted=adapted.metrics,
         trainable=result.trainable,
         total=result.total,
@@ -151,40 +180,48 @@ def run_demo(
         base_latency_ms=base_latency,
         merged_latency_ms=merged_latency,
         train_seconds=result.seconds,
+        baseline_chat=task.chat_messages(test[0], shots),
         examples=examples,
     )
     _write(report, output_dir, time.perf_counter() - started, result)
     return report
 
 
-def _meaning_line(prompt: str) -> str:
-    # The line of the prompt that holds the meaning representation (slot[value] pairs).
-    lines = prompt.splitlines()
-    return next((line for line in lines if "[" in line), lines[0] if lines else prompt)
-
-
 def _write(report: DemoReport, output_dir: Path, seconds: float, result) -> None:
+    gain = {name: report.adapted[name] - report.base[name] for name in report.base}
     lines = [
         "# loralab demo: LoRA on SmolLM2-135M-Instruct, e2e task",
         "",
         report.table(),
         "",
-        f"Training: {result.steps} steps in {report.train_seconds:.0f} s; whole demo "
+        "LoRA against the baseline (the base model through its chat template): "
+        + ", ".join(f"{name} {value:+.2f}" for name, value in gain.items())
+        + f". Training: {result.steps} steps in {report.train_seconds:.0f} s; whole demo "
         f"{seconds:.0f} s. Adapter: `{result.adapter_dir}`; "
         f"loss curve: `{result.run_dir / 'loss.png'}`.",
+        "",
+        "The baseline's chat (the template adds its default system prompt):",
+        "",
+        *(f"> **{m['role']}**: {m['content']}".replace("\n", " ") for m in report.baseline_chat),
         "",
         "## Examples",
     ]
     for example in report.examples:
         lines += [
             "",
-            f"- input: `{_meaning_line(example['input'])}`",
+            f"- input: `{example['input']}`",
             f"  - reference: {example['reference']}",
-            f"  - base: {example['base']}",
+            f"  - base, raw prompt: {example['base_raw_prompt']}",
+            f"  - base, chat template: {example['base']}",
             f"  - LoRA: {example['lora']}",
         ]
     text = "\n".join(lines) + "\n"
-    (output_dir / "report.md").write_text(text, encoding="utf-8")
-    data = {**report.__dict__, "seconds": seconds}
-    (output_dir / "report.json").write_text(json.dumps(data, indent=2), encoding="utf-8")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_files_atomically(
+        output_dir,
+        {
+            "report.md": lambda path: Path(path).write_text(text, encoding="utf-8"),
+            "report.json": json_writer({**asdict(report), "seconds": seconds}),
+        },
+    )
     print("\n" + text)

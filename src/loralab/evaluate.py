@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 
 from .data import collate, encode_dataset, encode_prompt
 from .methods.prefix import prompt_tokens
+from .tasks import TaskError
 
 
 @dataclass
@@ -26,14 +28,16 @@ class Evaluation:
 def generate(
     model: nn.Module,
     tokenizer,
-    prompts: list[str],
+    prompts: Sequence[str | list[dict]],
     max_new_tokens: int,
     batch_size: int = 16,
     stop_at_newline: bool = True,
 ) -> list[str]:
     """Greedy completions of ``prompts`` (batched, left-padded), without the prompt.
 
-    A prefix method's tokens go around each prompt: prefix + prompt + infix.
+    A prompt is a text, or a chat (a list of ``{role, content}`` messages) that the
+    model's chat template renders up to the assistant's reply. A prefix method's tokens go
+    around each prompt: prefix + prompt + infix.
     """
     model.eval()
     tokens = prompt_tokens(model)
@@ -91,9 +95,20 @@ def perplexity(
 
 
 def evaluate_task(
-    model: nn.Module, tokenizer, task, examples: list[dict], batch_size: int = 16
+    model: nn.Module,
+    tokenizer,
+    task,
+    examples: list[dict],
+    batch_size: int = 16,
+    chat_shots: Sequence[dict] | None = None,
 ) -> Evaluation:
-    """Score ``model`` on ``examples`` of ``task`` with the task's own metric."""
+    """Score ``model`` on ``examples`` of ``task`` with the task's own metric.
+
+    A generation task's prompts are its raw prompts (what an adapter trains on), or, with
+    ``chat_shots``, chats through the model's chat template: the task's instruction, after
+    those worked examples as earlier turns (``[]`` for none). That is how an instruction-
+    tuned model is meant to be asked, and the fair baseline for it.
+    """
     started = time.perf_counter()
     if task.kind == "lm":
         value = perplexity(model, tokenizer, examples)
@@ -101,8 +116,20 @@ def evaluate_task(
     is_classifier = not hasattr(model, "generate") or type(model).__name__.endswith(
         "ForSequenceClassification"
     )
+    if chat_shots is not None and (is_classifier or not hasattr(task, "chat_messages")):
+        raise TaskError(
+            f"{task.name}: no instruction to prompt a chat model with; chat prompts exist "
+            "for e2e, scored by a causal LM"
+        )
     if is_classifier:
         predictions = classify(model, tokenizer, examples, task.labels, batch_size)
+    elif chat_shots is not None:
+        chats = [task.chat_messages(example, chat_shots) for example in examples]
+        # The reply ends at the template's end-of-turn token; the task's scorer reads its
+        # first line, as for a raw completion.
+        predictions = generate(
+            model, tokenizer, chats, task.max_new_tokens, batch_size, stop_at_newline=False
+        )
     else:
         prompts = [example["prompt"] for example in examples]
         predictions = generate(model, tokenizer, prompts, task.max_new_tokens, batch_size)

@@ -33,7 +33,15 @@ from torch import nn
 
 from .checkpoint import CHECKPOINT, check_resumable, find_checkpoint, save_checkpoint
 from .config import ConfigError, LoraConfig
-from .data import DataError, batch_stream, collate, encode_dataset, label_names_of, read_examples
+from .data import (
+    DataError,
+    batch_stream,
+    collate,
+    encode_dataset,
+    example_shape,
+    label_names_of,
+    read_examples,
+)
 from .distributed import (
     World,
     barrier,
@@ -63,6 +71,7 @@ from .methods.adalora import AdaLora, AdaLoraConfig
 from .methods.adalora_report import write_rank_report
 from .methods.files import load_method, save_method
 from .methods.prefix import PromptTokens, prompt_tokens
+from .output_dirs import check_output_dir
 
 SCHEDULES = ("linear", "cosine", "constant")
 MODEL_KINDS = ("causal-lm", "classification")
@@ -275,14 +284,20 @@ def _require(name: str, value: Any, check, allowed: str) -> None:
 def config_from_file(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """A ``TrainConfig`` from a YAML file, with ``overrides`` (the command line) on top."""
     path = Path(path)
+    if not path.is_file():
+        what = "a directory, not a config file" if path.is_dir() else "no such config file"
+        raise ConfigError(f"{path}: {what}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text ({error.reason})") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
-        where = f", line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{where}: malformed YAML ({error})") from None
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        # PyYAML's own message spans lines (it quotes the line); one line is enough here.
+        words = [getattr(error, "context", None), getattr(error, "problem", None)]
+        problem = "; ".join(w for w in words if w) or str(error).splitlines()[0]
+        raise ConfigError(f"{path}{where}: malformed YAML ({problem})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of settings")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -339,6 +354,9 @@ def load_examples(config: TrainConfig) -> Examples:
         validation_examples = (
             read_examples(config.validation_data) if config.validation_data else []
         )
+        _check_shape_fits_model(config.data, train_examples, classifier)
+        if validation_examples:
+            _check_shape_fits_model(config.validation_data, validation_examples, classifier)
         label_names = label_names_of(train_examples) if classifier else None
     else:
         from .tasks import get_task
@@ -351,6 +369,22 @@ def load_examples(config: TrainConfig) -> Examples:
         train_examples, validation_examples = splits["train"], splits["validation"]
         label_names = tuple(task.labels) if classifier else None
     return Examples(train_examples, validation_examples[: config.validation_size], label_names)
+
+
+def _check_shape_fits_model(path: str, examples: list[dict], classifier: bool) -> None:
+    """A classifier trains on {text, label} records and a causal LM on the other shapes;
+    said before the model loads, not when the first record is encoded."""
+    shape = example_shape(examples[0])
+    if classifier and shape != "text_label":
+        raise DataError(
+            f"{path}: model_kind 'classification' trains on {{text, label}} records; "
+            f"these are {shape} records (for a causal LM, leave model_kind at 'causal-lm')"
+        )
+    if not classifier and shape == "text_label":
+        raise DataError(
+            f"{path}: {{text, label}} records train a classifier; set model_kind to "
+            "'classification' (--model-kind classification)"
+        )
 
 
 def encode_examples(
@@ -501,6 +535,8 @@ def _train(
     """The run on this rank; ``cleanup`` keeps what the run needs until it ends (a copy of
     the checkpoint that rank 0 sent)."""
     run_dir = Path(config.output_dir)
+    if world.is_main:  # only rank 0 writes there
+        check_output_dir(run_dir, "output_dir")
     checkpoint = None
     if config.resume:
         found = from_main(world, lambda: _resumable_checkpoint(run_dir, config))

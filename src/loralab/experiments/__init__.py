@@ -16,6 +16,7 @@ from pathlib import Path
 from types import ModuleType
 
 from ..config import ConfigError
+from ..output_dirs import check_output_dir
 from .base import Report, Scale, default_jobs, write_report
 
 # name -> module, in the order of SPEC.md's findings
@@ -56,13 +57,14 @@ def reproduce(
         raise ConfigError(f"--seeds must be ≥ 1, got {seeds}")
     if jobs is not None and jobs < 1:
         raise ConfigError(f"--jobs must be ≥ 1, got {jobs}")
+    output_dir = check_output_dir(output_dir, "--output-dir")  # before hours of training
     scale: Scale = (experiment.QUICK if quick else experiment.FULL).with_seeds(seeds)
     scale = replace(scale, jobs=jobs or default_jobs())
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"loralab-{name}-") as workdir:
         report: Report = experiment.run(scale, Path(workdir))
     report.seconds = time.perf_counter() - started
-    return write_report(report, Path(output_dir), command)
+    return write_report(report, output_dir, command)
 
 
 __all__ = ["EXPERIMENT_NAMES", "get_experiment", "reproduce"]

@@ -71,6 +71,15 @@ PER_TRIPLE = 24  # MRs drawn per (name, eatType, food) triple
 # A split gets about a tenth (held out) or 8/10 (train) of the 816 triples; the maxima sit
 # well below PER_TRIPLE times that, so that every seed reaches them.
 REFERENCES = 3
+# What an instruction-tuned model is told through its chat template, to score it as its
+# makers intend (the demo's baseline). Chosen on 64 validation examples with SmolLM2-135M-
+# Instruct, greedy: BLEU 4.7 on the raw prompt, 12.7 with this instruction alone, 32.0 with
+# it and one worked example as an earlier user/assistant turn (20.5 with the example inside
+# the one user message); a longer variant of the instruction scored 8.9 and 29.3.
+INSTRUCTION = (
+    "Describe the restaurant below in one or two sentences, mentioning every attribute and "
+    "nothing more."
+)
 DEFAULT_SIZES = {"train": 2000, "validation": 200, "test": 200}
 MAXIMA = {"train": 12_000, "validation": 1_200, "test": 1_200}
 
@@ -90,6 +99,16 @@ class E2ETask(GeneratedTask):
 
     def candidates(self, seed: int) -> Iterable[Candidate]:
         return _candidates(seed)
+
+    def chat_messages(self, example: Example, shots: Sequence[Example] = ()) -> list[dict]:
+        """``example`` as a chat for an instruction-tuned model: the instruction and its
+        meaning representation as the user's turn, after each of ``shots`` (worked
+        examples) as a user turn answered by its reference."""
+        messages: list[dict] = []
+        for shot in shots:
+            messages.append({"role": "user", "content": _request(shot)})
+            messages.append({"role": "assistant", "content": shot["completion"].strip()})
+        return [*messages, {"role": "user", "content": _request(example)}]
 
     def score(self, predictions: Sequence[Any], examples: Sequence[Example]) -> dict[str, float]:
         """Corpus BLEU (sacrebleu) and mean best-reference ROUGE-L F1, both 0–100."""
@@ -113,6 +132,10 @@ class E2ETask(GeneratedTask):
             for hyp, refs in zip(hypotheses, references, strict=True)
         ]
         return {"bleu": bleu, "rouge_l": 100.0 * sum(rouge) / len(rouge)}
+
+
+def _request(example: Example) -> str:
+    return f"{INSTRUCTION}\n\n{example['meaning_representation']}"
 
 
 def meaning_representation(slots: dict[str, str]) -> str:
