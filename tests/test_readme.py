@@ -24,9 +24,10 @@ def test_quickstart_runs(capsys):
     assert "trainable parameters: 4,096" in out and "merged vs adapted" in out
 
 
-def test_readme_opens_with_the_two_commands_and_ci_runs_the_test_command():
+def test_readme_opens_with_the_two_commands_and_ci_runs_both():
     first, second = _bash_blocks()[:2]
     assert first.rstrip().endswith("loralab demo")
     assert "pytest" in second
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
-    assert "README.md" in ci and "test command" in ci
+    # how it runs them is tests/test_ci.py's subject
+    assert '"$helper" command 1' in ci and '"$helper" command 2' in ci

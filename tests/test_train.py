@@ -103,7 +103,12 @@ def test_yaml_config_with_command_line_overrides(tmp_path):
     ):
         config_from_file(path)
     path.write_text("r: [1\n")
-    with pytest.raises(ConfigError, match=r"run.yaml, line 2: malformed YAML"):
+    # one line: PyYAML's own message quotes the line on several
+    with pytest.raises(
+        ConfigError,
+        match=r"run.yaml, line 2, column 1: malformed YAML \(while parsing a flow sequence; "
+        r"expected ',' or '\]', but got '<stream end>'\)$",
+    ):
         config_from_file(path)
     path.write_text("r: 0\n")
     with pytest.raises(ConfigError, match=r"run.yaml: r must be"):
