@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from conftest import char_tokenizer, make_model, randomize_lora, token_batch
+from loralab.architectures import transformer_blocks
 from loralab.config import ConfigError, LoraConfig
 from loralab.data import IGNORE_INDEX, PromptTokens, encode_causal, encode_dataset
 from loralab.evaluate import generate, perplexity
 from loralab.inject import trainable_parameters
 from loralab.io import WEIGHTS_FILE
-from loralab.methods import METHODS, MethodSettings, get_method, transformer_blocks
+from loralab.methods import METHODS, MethodSettings, get_method
 from loralab.methods.files import METHOD_WEIGHTS, load_method, save_method
 from loralab.methods.prefix import PromptEmbedding, prompt_tokens
 

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .architectures import transformer_blocks
 from .config import ConfigError
 from .data import IGNORE_INDEX, Encoded
 
@@ -308,8 +309,6 @@ def shard_fsdp(model: nn.Module, world: World) -> nn.Module:
     share the units; only the trainable ones get gradients to reduce-scatter."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-
-    from .methods.base import transformer_blocks
 
     mesh = init_device_mesh(world.device.type, (world.size,))
     for _, block in transformer_blocks(model):

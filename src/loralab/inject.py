@@ -17,6 +17,14 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .architectures import (
+    FUSED_LAYOUTS,
+    Architecture,
+    FusedPart,
+    detect_architecture,
+    fused_layout,
+    output_head,
+)
 from .config import ConfigError, LoraConfig
 from .layers import (
     FusedParts,
@@ -27,71 +35,6 @@ from .layers import (
     lora_class_for,
     unsupported_reason,
 )
-
-# -- architectures: short names and fused projections -------------------------------------
-
-
-@dataclass(frozen=True)
-class FusedPart:
-    """A short name that means one part of a fused projection, e.g. q of GPT-2's c_attn."""
-
-    module_pattern: str
-    part: str
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """How one family of models names its weight matrices."""
-
-    name: str
-    short_names: dict[str, str | FusedPart]
-
-    def detects(self, module_names: list[str]) -> bool:
-        # A family is recognised by its query projection.
-        pattern = self.short_names["q"]
-        regex = pattern.module_pattern if isinstance(pattern, FusedPart) else pattern
-        return any(re.fullmatch(regex, name) for name in module_names)
-
-
-ARCHITECTURES = (
-    Architecture(
-        "llama-style (q_proj, k_proj, …)",
-        {
-            "q": r"(.*\.)?q_proj",
-            "k": r"(.*\.)?k_proj",
-            "v": r"(.*\.)?v_proj",
-            "o": r"(.*\.)?o_proj",
-            "gate": r"(.*\.)?gate_proj",
-            "up": r"(.*\.)?up_proj",
-            "down": r"(.*\.)?down_proj",
-        },
-    ),
-    Architecture(
-        "bert-style (query, key, value)",
-        {
-            "q": r"(.*\.)?attention\.self\.query",
-            "k": r"(.*\.)?attention\.self\.key",
-            "v": r"(.*\.)?attention\.self\.value",
-            "o": r"(.*\.)?attention\.output\.dense",
-            "up": r"(.*\.)?intermediate\.dense",
-            "down": r"(.*\.)?layer\.\d+\.output\.dense",
-        },
-    ),
-    Architecture(
-        "gpt2-style (fused c_attn)",
-        {
-            "q": FusedPart(r"(.*\.)?attn\.c_attn", "q"),
-            "k": FusedPart(r"(.*\.)?attn\.c_attn", "k"),
-            "v": FusedPart(r"(.*\.)?attn\.c_attn", "v"),
-            "o": r"(.*\.)?attn\.c_proj",
-            "up": r"(.*\.)?mlp\.c_fc",
-            "down": r"(.*\.)?mlp\.c_proj",
-        },
-    ),
-)
-
-# Fused projections whose output is several matrices side by side, in equal parts.
-FUSED_LAYOUTS: dict[str, tuple[str, ...]] = {r"(.*\.)?attn\.c_attn": ("q", "k", "v")}
 
 _FUSED_ENTRY = re.compile(r"^(?P<module>[^\[\]]+)\[(?P<parts>[^\[\]]+)\]$")
 
@@ -201,23 +144,6 @@ def _nearest(entry: str, names: list[str], count: int = 5) -> str:
     return ", ".join(dict.fromkeys(close))
 
 
-def detect_architecture(module_names: list[str]) -> Architecture | None:
-    """The family whose query projection appears in the model, if any."""
-    return next((arch for arch in ARCHITECTURES if arch.detects(module_names)), None)
-
-
-def _fused_layout(name: str) -> tuple[str, ...] | None:
-    return next((parts for rx, parts in FUSED_LAYOUTS.items() if re.fullmatch(rx, name)), None)
-
-
-def _output_head(model: nn.Module) -> nn.Module | None:
-    getter = getattr(model, "get_output_embeddings", None)
-    try:
-        return getter() if callable(getter) else None
-    except (AttributeError, NotImplementedError):
-        return None
-
-
 def _select(
     model: nn.Module, config: LoraConfig, modules: dict[str, nn.Module], strict: bool
 ) -> _Selection:
@@ -225,7 +151,7 @@ def _select(
     selection = _Selection()
     spec = config.target_modules
     if spec == "all-linear":
-        head = _output_head(model)
+        head = output_head(model)
         for name in names:
             module = modules[name]
             if isinstance(module, (nn.Linear, Conv1D)) and module is not head:
@@ -257,7 +183,7 @@ def _select_entry(
         parts = [p.strip() for p in fused["parts"].split(",")]
         matched = [n for n in names if name_matches(module_name, n)]
         for name in matched:
-            layout = _fused_layout(name)
+            layout = fused_layout(name)
             if layout is None:
                 known = ", ".join(f"{rx} {parts}" for rx, parts in FUSED_LAYOUTS.items())
                 raise TargetError(f"{entry!r}: module {name!r} has no known fused layout ({known})")
@@ -371,7 +297,7 @@ def _target(
         )
     fused = None
     if parts is not None:
-        layout = _fused_layout(name)
+        layout = fused_layout(name)
         out_features = base.weight.shape[1] if isinstance(base, Conv1D) else base.out_features
         size = out_features // len(layout)
         fused = FusedParts(layout, (size,) * len(layout), tuple(p for p in layout if p in parts))

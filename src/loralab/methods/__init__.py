@@ -9,7 +9,7 @@ from __future__ import annotations
 from ..config import ConfigError
 from .adalora import AdaLora
 from .adapter_layers import AdapterH, AdapterL
-from .base import Method, MethodRecord, MethodSettings, applied_method, transformer_blocks
+from .base import Method, MethodRecord, MethodSettings, applied_method
 from .bitfit import BitFit
 from .full import FullFineTuning, TopLayersFineTuning
 from .lora import Lora
@@ -51,5 +51,4 @@ __all__ = [
     "MethodSettings",
     "applied_method",
     "get_method",
-    "transformer_blocks",
 ]

@@ -17,16 +17,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..architectures import hidden_size, transformer_blocks
 from ..config import ConfigError, LoraConfig
-from .base import (
-    MethodSettings,
-    freeze,
-    head_parameters,
-    hidden_size,
-    record_method,
-    transformer_blocks,
-    unfreeze_head,
-)
+from .base import MethodSettings, freeze, head_parameters, record_method, unfreeze_head
 
 # Where the adapters go, as paths inside one block, by family: Llama/Mistral, GPT-2, BERT.
 ATTENTION_OUTPUT = ("self_attn.o_proj", "attn.c_proj", "attention.output.dense")

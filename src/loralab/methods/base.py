@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import re
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
+from ..architectures import classifier_head
 from ..config import ConfigError, LoraConfig
 
 METHOD_KEY = "_loralab_method"  # in model.__dict__: the MethodRecord of the applied method
@@ -113,46 +113,10 @@ class TrainingHooks(Protocol):
     def after_optimizer_step(self, model: nn.Module, step: int, max_steps: int) -> None: ...
 
 
-# -- finding the parts of a model ---------------------------------------------------------
-
-# The stack of transformer blocks, by family: Llama/Mistral, GPT-2, BERT-likes.
-_BLOCK_LISTS = (r"(.*\.)?layers", r"(.*\.)?h", r"(.*\.)?encoder\.layer")
-
-
-def transformer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The model's transformer blocks in order, as (module name, block)."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and any(re.fullmatch(p, name) for p in _BLOCK_LISTS):
-            return [(f"{name}.{i}", block) for i, block in enumerate(module)]
-    raise ConfigError(
-        f"cannot find the transformer blocks of {type(model).__name__}: expected a module list "
-        "named layers, h or encoder.layer"
-    )
-
-
-def hidden_size(model: nn.Module) -> int:
-    """d_model, from the model's config."""
-    config = getattr(model, "config", None)
-    for key in ("hidden_size", "n_embd", "d_model"):
-        value = getattr(config, key, None)
-        if isinstance(value, int):
-            return value
-    raise ConfigError(f"cannot read the hidden size of {type(model).__name__} from its config")
-
-
 def freeze(model: nn.Module) -> None:
     """Every parameter frozen; the method then unfreezes or adds what it trains."""
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-
-
-def classifier_head(model: nn.Module) -> nn.Module | None:
-    """A classification model's new head (``classifier`` or ``score``), which always trains."""
-    for name in ("classifier", "score"):
-        head = getattr(model, name, None)
-        if isinstance(head, nn.Module):
-            return head
-    return None
 
 
 def head_parameters(model: nn.Module) -> int:

@@ -24,16 +24,9 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..architectures import classifier_head, transformer_blocks
 from ..config import ConfigError, LoraConfig
-from .base import (
-    MethodSettings,
-    classifier_head,
-    freeze,
-    head_parameters,
-    record_method,
-    transformer_blocks,
-    unfreeze_head,
-)
+from .base import MethodSettings, freeze, head_parameters, record_method, unfreeze_head
 
 
 def _block_linears(model: nn.Module) -> list[nn.Linear]:

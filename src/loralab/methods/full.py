@@ -9,15 +9,9 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..architectures import transformer_blocks
 from ..config import ConfigError, LoraConfig
-from .base import (
-    MethodSettings,
-    freeze,
-    head_parameters,
-    record_method,
-    transformer_blocks,
-    unfreeze_head,
-)
+from .base import MethodSettings, freeze, head_parameters, record_method, unfreeze_head
 
 
 def _unique_numel(modules: list[nn.Module]) -> int:

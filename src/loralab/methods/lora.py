@@ -10,9 +10,10 @@ import dataclasses
 
 from torch import nn
 
+from ..architectures import classifier_head
 from ..config import LoraConfig
 from ..inject import inject_adapter, plan_targets
-from .base import MethodSettings, classifier_head, head_parameters, record_method
+from .base import MethodSettings, head_parameters, record_method
 
 
 def with_head(model: nn.Module, lora: LoraConfig) -> LoraConfig:

@@ -20,18 +20,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..architectures import hidden_size, transformer_blocks
 from ..config import ConfigError, LoraConfig
 from ..data import PromptTokens
 from ..inject import lora_layers, plan_targets
-from .base import (
-    MethodSettings,
-    freeze,
-    head_parameters,
-    hidden_size,
-    record_method,
-    transformer_blocks,
-    unfreeze_head,
-)
+from .base import MethodSettings, freeze, head_parameters, record_method, unfreeze_head
 from .lora import Lora, with_head
 
 PROMPT_SEED = 0
