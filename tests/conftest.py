@@ -141,6 +141,14 @@ def save_tiny_causal_lm(directory) -> None:
     char_tokenizer().save_pretrained(directory)
 
 
+def load_tiny_causal_lm(directory):
+    """The model and tokenizer ``save_tiny_causal_lm`` wrote, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(directory).eval()
+    return model, AutoTokenizer.from_pretrained(directory)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tiny-llama")

@@ -1,36 +1,19 @@
-"""Scoring: greedy generation without the prompt, perplexity, and classification."""
+"""Scoring: a generation task by its metric (raw or chat prompts), perplexity, and
+classification."""
 
 import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import char_tokenizer, tiny_bert
-from loralab.data import DataError, encode_prompt
-from loralab.evaluate import classify, evaluate_task, generate, perplexity
+from conftest import char_tokenizer, load_tiny_causal_lm, tiny_bert
+from loralab.evaluate import classify, evaluate_task, perplexity
+from loralab.generate import generate
 from loralab.tasks import TaskError, get_task
 
 
-def _tiny(directory):
-    return AutoModelForCausalLM.from_pretrained(directory).eval(), AutoTokenizer.from_pretrained(
-        directory
-    )
-
-
-def test_batched_generation_equals_one_prompt_at_a_time(tiny_model_dir):
-    model, tokenizer = _tiny(tiny_model_dir)
-    prompts = ["Say cat:", "A much longer prompt here:", "x"]
-    batched = generate(
-        model, tokenizer, prompts, max_new_tokens=6, batch_size=3, stop_at_newline=False
-    )
-    alone = [generate(model, tokenizer, [p], 6, stop_at_newline=False)[0] for p in prompts]
-    assert batched == alone  # left padding: each row continues its own prompt
-    assert tokenizer.padding_side == "right"  # restored afterwards
-
-
 def test_perplexity_is_exp_of_the_mean_token_loss(tiny_model_dir):
-    model, tokenizer = _tiny(tiny_model_dir)
+    model, tokenizer = load_tiny_causal_lm(tiny_model_dir)
     texts = [{"text": "hello world"}, {"text": "a longer piece of text"}]
     value = perplexity(model, tokenizer, texts)
     total = count = 0
@@ -56,35 +39,15 @@ def test_classifier_predictions_and_task_scoring():
 
 
 def test_generation_task_scores_with_the_tasks_metric(tiny_model_dir):
-    model, tokenizer = _tiny(tiny_model_dir)
+    model, tokenizer = load_tiny_causal_lm(tiny_model_dir)
     task = get_task("sql")
     examples = task.splits(seed=0, test_size=4)["test"]
     result = evaluate_task(model, tokenizer, task, examples, batch_size=2)
     assert len(result.predictions) == 4 and "execution_accuracy" in result.metrics
 
 
-def test_chat_prompts_go_through_the_template_without_extra_special_tokens(tiny_model_dir):
-    from tokenizers import processors
-
-    _, tokenizer = _tiny(tiny_model_dir)
-    # A tokenizer that puts a BOS before every text it encodes, as Llama's do.
-    bos = tokenizer.eos_token_id
-    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
-        single="<eos> $A", special_tokens=[("<eos>", bos)]
-    )
-    messages = [{"role": "user", "content": "hi"}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert text == "<user>hi<eos><assistant>"
-    plain = tokenizer(text, add_special_tokens=False)["input_ids"]
-    assert tokenizer(text)["input_ids"] == [bos, *plain]
-    assert encode_prompt(tokenizer, messages) == plain  # the template's tokens, no more
-    tokenizer.chat_template = None
-    with pytest.raises(DataError, match="a chat prompt needs a tokenizer with a chat template"):
-        encode_prompt(tokenizer, messages)
-
-
 def test_evaluate_with_chat_shots_scores_the_chat_replies(tiny_model_dir):
-    model, tokenizer = _tiny(tiny_model_dir)
+    model, tokenizer = load_tiny_causal_lm(tiny_model_dir)
     task = get_task("e2e")
     splits = task.splits(seed=0, train_size=1, test_size=3)
     shots, examples = splits["train"], splits["test"]

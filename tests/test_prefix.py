@@ -9,7 +9,8 @@ from conftest import char_tokenizer, make_model, randomize_lora, token_batch
 from loralab.architectures import transformer_blocks
 from loralab.config import ConfigError, LoraConfig
 from loralab.data import IGNORE_INDEX, PromptTokens, encode_causal, encode_dataset
-from loralab.evaluate import generate, perplexity
+from loralab.evaluate import perplexity
+from loralab.generate import generate
 from loralab.inject import trainable_parameters
 from loralab.io import WEIGHTS_FILE
 from loralab.methods import METHODS, MethodSettings, get_method

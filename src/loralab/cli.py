@@ -250,7 +250,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .evaluate import generate
+    from .generate import generate
 
     model, tokenizer = _load(args)
     prompts = args.prompts

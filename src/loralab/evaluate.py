@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .data import collate, encode_dataset, encode_prompt
+from .data import collate, encode_dataset
+from .generate import generate
 from .methods.prefix import prompt_tokens
 from .tasks import TaskError
 
@@ -22,46 +23,6 @@ class Evaluation:
     metrics: dict[str, float]
     predictions: list = field(default_factory=list)
     seconds: float = 0.0
-
-
-@torch.no_grad()
-def generate(
-    model: nn.Module,
-    tokenizer,
-    prompts: Sequence[str | list[dict]],
-    max_new_tokens: int,
-    batch_size: int = 16,
-    stop_at_newline: bool = True,
-) -> list[str]:
-    """Greedy completions of ``prompts`` (batched, left-padded), without the prompt.
-
-    A prompt is a text, or a chat (a list of ``{role, content}`` messages) that the
-    model's chat template renders up to the assistant's reply. A prefix method's tokens go
-    around each prompt: prefix + prompt + infix.
-    """
-    model.eval()
-    tokens = prompt_tokens(model)
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # new tokens must follow every prompt directly
-    outputs: list[str] = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
-            rows = [encode_prompt(tokenizer, prompt, tokens) for prompt in chunk]
-            encoded = tokenizer.pad({"input_ids": rows}, return_tensors="pt")
-            generated = model.generate(
-                **encoded,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-            new_tokens = generated[:, encoded["input_ids"].shape[1] :]
-            for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True):
-                outputs.append(text.split("\n")[0] if stop_at_newline else text)
-    finally:
-        tokenizer.padding_side = side
-    return outputs
 
 
 @torch.no_grad()
