@@ -146,7 +146,7 @@ def write_adapters(directory: Path) -> None:
 
 
 def train_config(model: str, steps: int, checkpointing: bool, output_dir: Path, **extra):
-    from loralab.train import TrainConfig
+    from loralab.train_config import TrainConfig
 
     return TrainConfig(
         model=model,

@@ -23,7 +23,8 @@ from safetensors.torch import load_file
 import loralab.train as train_module
 from loralab.cli import main as cli_main
 from loralab.config import ConfigError
-from loralab.train import TrainConfig, train
+from loralab.train import train
+from loralab.train_config import TrainConfig
 
 WORDS = ["cat", "dog", "bird", "fish", "lion", "bear", "wolf", "frog", "duck", "goat"]
 TOLERANCE = 1e-5

@@ -26,7 +26,8 @@ from loralab.experiments.subspace import analyse, learned_factors, site
 from loralab.experiments.subspace import report_of as subspace_report
 from loralab.inject import lora_layers
 from loralab.methods.files import save_method
-from loralab.train import TrainConfig, prepare_model
+from loralab.train import prepare_model
+from loralab.train_config import TrainConfig
 
 # -- latency ------------------------------------------------------------------------------
 

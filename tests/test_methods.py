@@ -15,7 +15,8 @@ from loralab.inject import trainable_parameters
 from loralab.io import AdapterFileError
 from loralab.methods import METHOD_NAMES, MethodSettings, applied_method, get_method
 from loralab.methods.files import METHOD_FILE, METHOD_WEIGHTS, load_method, save_method
-from loralab.train import TrainConfig, train
+from loralab.train import train
+from loralab.train_config import TrainConfig
 
 PAPER_METHODS = (
     "full",

@@ -24,7 +24,8 @@ from .io import AdapterFileError
 from .layers import MergeError
 from .models import ModelLoadError
 from .output_dirs import check_output_dir
-from .train import TrainConfig, TrainingInterrupted
+from .train import TrainingInterrupted
+from .train_config import TrainConfig
 
 PROGRAM = "loralab"
 
@@ -193,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .train import config_from_file, train
+    from .train import train
+    from .train_config import config_from_file
 
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     if args.config is not None:

@@ -1,4 +1,4 @@
-"""The typed settings of a LoRA adapter.
+"""The typed settings of a LoRA adapter, and the validators every settings class uses.
 
 One dataclass, validated once at construction. Every error names the field, the bad
 value and what is allowed, so a mistyped config never reaches a model.
@@ -72,23 +72,19 @@ class LoraConfig:
     """Modules trained in full and saved with the adapter (a new classifier head, say)."""
 
     def __post_init__(self) -> None:
-        _require_int("r", self.r, minimum=1)
-        _require_positive_number("lora_alpha", self.lora_alpha)
-        dropout = self.lora_dropout
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
-            raise ConfigError(f"lora_dropout must be a number in [0, 1), got {dropout!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ConfigError(f"lora_dropout must be in [0, 1), got {dropout!r}")
+        require_int("r", self.r, minimum=1)
+        require_number("lora_alpha", self.lora_alpha, above=0)
+        require_number("lora_dropout", self.lora_dropout, at_least=0, below=1)
         self.target_modules = _name_spec("target_modules", self.target_modules, allow_none=False)
         self.exclude_modules = _name_spec("exclude_modules", self.exclude_modules, allow_none=True)
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ConfigError("target_modules is an empty list; name at least one module")
         self.rank_pattern = _pattern_dict("rank_pattern", self.rank_pattern)
         for key, value in self.rank_pattern.items():
-            _require_int(f"rank_pattern[{key!r}]", value, minimum=1)
+            require_int(f"rank_pattern[{key!r}]", value, minimum=1)
         self.alpha_pattern = _pattern_dict("alpha_pattern", self.alpha_pattern)
         for key, value in self.alpha_pattern.items():
-            _require_positive_number(f"alpha_pattern[{key!r}]", value)
+            require_number(f"alpha_pattern[{key!r}]", value, above=0)
         layers = self.layers_to_transform
         if layers is not None:
             layer_list = [layers] if isinstance(layers, int) else layers
@@ -97,16 +93,15 @@ class LoraConfig:
                     f"layers_to_transform must be an int, a list of ints or None, got {layers!r}"
                 )
             for index in layer_list:
-                _require_int("layers_to_transform entry", index, minimum=0)
+                require_int("layers_to_transform entry", index, minimum=0)
             self.layers_to_transform = list(layer_list)
         if self.layers_pattern is not None:
             self.layers_pattern = _name_spec("layers_pattern", self.layers_pattern, False)
             if self.layers_to_transform is None:
                 raise ConfigError("layers_pattern is set but layers_to_transform is None")
-        _require_choice("bias", self.bias, BIAS_CHOICES)
-        _require_choice("init", self.init, INIT_CHOICES)
-        if not isinstance(self.use_rslora, bool):
-            raise ConfigError(f"use_rslora must be true or false, got {self.use_rslora!r}")
+        require_choice("bias", self.bias, BIAS_CHOICES)
+        require_choice("init", self.init, INIT_CHOICES)
+        require_bool("use_rslora", self.use_rslora)
         if self.modules_to_save is not None:
             spec = _name_spec("modules_to_save", self.modules_to_save, allow_none=False)
             if not isinstance(spec, list):
@@ -152,24 +147,57 @@ def pattern_value(
     return default
 
 
-def _require_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+# -- the validators every settings class uses ----------------------------------------------
+
+
+def is_int(value: Any) -> bool:
+    """An ``int`` that is not a ``bool`` (``True`` is an int to Python, not to a user)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def require_int(name: str, value: Any, minimum: int) -> None:
+    """Refuse ``value`` unless it is an integer ≥ ``minimum``, naming ``name``."""
+    if not is_int(value) or value < minimum:
         raise ConfigError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
-    if value < minimum:
-        raise ConfigError(f"{name} must be ≥ {minimum}, got {value}")
 
 
-def _require_positive_number(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{name} must be a number > 0, got {value!r}")
-    if not (value > 0 and math.isfinite(value)):
-        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
+def require_number(
+    name: str,
+    value: Any,
+    above: float | None = None,
+    at_least: float | None = None,
+    below: float | None = None,
+) -> None:
+    """Refuse ``value`` unless it is a finite number in the range the bounds give:
+    ``> above`` or ``≥ at_least``, and ``< below``."""
+    low = f"{above}" if above is not None else f"{at_least}" if at_least is not None else None
+    if below is not None:
+        allowed = f"a number in {'(' if above is not None else '['}{low}, {below})"
+    else:
+        allowed = f"a finite number {'>' if above is not None else '≥'} {low}"
+    fine = (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (above is None or value > above)
+        and (at_least is None or value >= at_least)
+        and (below is None or value < below)
+    )
+    if not fine:
+        raise ConfigError(f"{name} must be {allowed}, got {value!r}")
 
 
-def _require_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+def require_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    """Refuse ``value`` unless it is one of ``choices``."""
     if value not in choices:
         allowed = ", ".join(repr(c) for c in choices)
         raise ConfigError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def require_bool(name: str, value: Any) -> None:
+    """Refuse anything but ``True`` and ``False`` (a YAML ``yes`` is a string here)."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
 
 
 def _name_spec(name: str, value: Any, allow_none: bool) -> list[str] | str | None:

@@ -26,7 +26,8 @@ from .io import WEIGHTS_FILE
 from .merge import merge_and_unload
 from .output_dirs import check_output_dir
 from .tasks.base import as_text
-from .train import TrainConfig, train
+from .train import train
+from .train_config import TrainConfig
 
 DEMO_STEPS = 60  # about 4 s each on 2 cores: the demo stays well inside 10 minutes
 DEMO_TEST_SIZE = 64

@@ -14,8 +14,6 @@ Started by ``torchrun`` it trains on every process with DDP, or FSDP2 with ``fsd
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import difflib
 import inspect
 import json
 import math
@@ -23,7 +21,7 @@ import random
 import signal
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +30,7 @@ import yaml
 from torch import nn
 
 from .checkpoint import CHECKPOINT, check_resumable, find_checkpoint, save_checkpoint
-from .config import ConfigError, LoraConfig
+from .config import ConfigError
 from .data import (
     DataError,
     batch_stream,
@@ -66,251 +64,13 @@ from .distributed import (
 )
 from .inject import trainable_parameters
 from .loss import causal_lm_loss
-from .methods import Method, MethodSettings, get_method
-from .methods.adalora import AdaLora, AdaLoraConfig
 from .methods.adalora_report import write_rank_report
 from .methods.files import load_method, save_method
 from .methods.prefix import PromptTokens, prompt_tokens
 from .output_dirs import check_output_dir
+from .train_config import TrainConfig
 
-SCHEDULES = ("linear", "cosine", "constant")
-MODEL_KINDS = ("causal-lm", "classification")
 RANK_SEED_STRIDE = 1_000_003  # rank k draws its dropout masks from seed + k · stride
-
-
-@dataclass
-class TrainConfig:
-    """Everything a training run needs; the CLI flags and YAML keys are these fields."""
-
-    model: str = "smollm2-135m"
-    """An embedded model alias, a local model directory, a .gguf file, or a Hub id."""
-    model_kind: str = "causal-lm"
-    """``causal-lm`` or ``classification`` (a new classification head, trained in full)."""
-    task: str | None = "e2e"
-    """A built-in task (e2e, sql, nli, pydoc); ignored when ``data`` is given."""
-    data: str | None = None
-    """A JSONL or CSV training file: {prompt, completion}, {messages}, {text}, {text, label}."""
-    validation_data: str | None = None
-    """A file for validation loss; default: the task's validation split, or none."""
-    output_dir: str = "runs/latest"
-    """Where the config, metrics, loss curve, checkpoint and adapter are written."""
-    train_size: int | None = None
-    """Examples drawn from a built-in task's generator for training (None: its default)."""
-    validation_size: int = 64
-    """Validation examples used for the validation loss."""
-
-    method: str = "lora"
-    """How to adapt: lora, lora-pe, full, ft-top2, bitfit, preembed, prelayer, adapter-h,
-    adapter-l, adalora (``loralab.methods``)."""
-    r: int = 8
-    """LoRA rank."""
-    lora_alpha: float = 16
-    """LoRA α; the update is scaled by α / r."""
-    lora_dropout: float = 0.05
-    """Dropout on the input of the low-rank path."""
-    target_modules: list[str] = field(default_factory=lambda: ["q", "v"])
-    """Weights to adapt: names, suffixes or short names (q, k, v, o, …), or all-linear."""
-    prefix_length: int = 10
-    """Prefix methods: l_p trainable tokens before the prompt."""
-    infix_length: int = 0
-    """Prefix methods: l_i trainable tokens between the prompt and the completion."""
-    adapter_rank: int = 8
-    """Adapter^H / Adapter^L: the bottleneck width r."""
-    top_layers: int = 2
-    """FT-Top2: how many of the last transformer blocks train."""
-    target_r: int = 4
-    """AdaLoRA: the average rank per matrix at the end (``r`` is the initial rank)."""
-    adalora_tinit: int = 0
-    """AdaLoRA: warm-up steps before any pruning."""
-    adalora_tfinal: int = 0
-    """AdaLoRA: final steps with the ranks fixed."""
-    adalora_delta_t: int = 1
-    """AdaLoRA: steps between two re-allocations of the budget."""
-    adalora_beta1: float = 0.85
-    """AdaLoRA: EMA coefficient of the smoothed sensitivity."""
-    adalora_beta2: float = 0.85
-    """AdaLoRA: EMA coefficient of the uncertainty."""
-    orth_reg_weight: float = 0.5
-    """AdaLoRA: weight of the orthogonality regulariser on P and Q."""
-
-    learning_rate: float = 2e-4
-    """Peak learning rate of AdamW."""
-    weight_decay: float = 0.01
-    """AdamW's decoupled weight decay."""
-    schedule: str = "linear"
-    """Decay after warm-up: linear, cosine or constant."""
-    warmup_steps: int = 0
-    """Steps of linear warm-up from 0 to the peak learning rate."""
-    max_steps: int = 100
-    """Optimizer steps in the run."""
-    batch_size: int = 8
-    """Examples per micro-batch."""
-    gradient_accumulation: int = 1
-    """Micro-batches per optimizer step."""
-    max_length: int = 128
-    """Tokens per example at most (longer ones are cut)."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping by global norm (0 turns it off)."""
-    bf16: bool = False
-    """Run forward and backward under bf16 autocast."""
-    chunked_loss: bool = True
-    """Causal LMs: apply the output head and the loss only at the positions whose labels
-    count, in chunks, so that the full (batch, length, vocab) logits are never built
-    (``loss.py``; the same loss and gradient up to rounding). Off: the model's own loss."""
-    gradient_checkpointing: bool = False
-    """Keep only each transformer block's input and recompute the rest in the backward
-    pass: less activation memory for about a third more compute (non-reentrant, so it works
-    on a frozen base and with DDP and FSDP)."""
-    fsdp: bool = False
-    """Under torchrun: shard the model (frozen base and trained parameters) across the
-    processes with FSDP2, one unit per transformer block, instead of a whole copy on each
-    (DDP). For bases too large for one device."""
-    seed: int = 0
-    """Seeds the LoRA init, dropout and data order: a CPU run repeats bit for bit."""
-    data_seed: int | None = None
-    """Seeds a built-in task's examples and splits (None: ``seed``); fix it to compare
-    seeds of training on the same data."""
-
-    eval_every: int = 50
-    """Validation loss every N steps (0: only at the end)."""
-    save_every: int = 50
-    """Checkpoint every N steps (0: only at the end)."""
-    log_every: int = 1
-    """Write a metrics line every N steps."""
-    tensorboard: bool = False
-    """Also write TensorBoard event files (needs the tensorboard package)."""
-    progress: bool = True
-    """Show a progress bar."""
-    resume: bool = False
-    """Continue from the checkpoint in ``output_dir``."""
-
-    def __post_init__(self) -> None:
-        positive_ints = ("max_steps", "batch_size", "gradient_accumulation", "max_length", "r")
-        for name in positive_ints:
-            _require(name, getattr(self, name), lambda v: _is_int(v) and v >= 1, "an integer ≥ 1")
-        for name in ("warmup_steps", "eval_every", "save_every", "seed"):
-            _require(name, getattr(self, name), lambda v: _is_int(v) and v >= 0, "an integer ≥ 0")
-        _require("log_every", self.log_every, lambda v: _is_int(v) and v >= 1, "an integer ≥ 1")
-        _require("validation_size", self.validation_size, lambda v: _is_int(v) and v >= 0, "≥ 0")
-        if self.data_seed is not None:
-            _require("data_seed", self.data_seed, lambda v: _is_int(v) and v >= 0, "≥ 0")
-        if self.train_size is not None:
-            _require("train_size", self.train_size, lambda v: _is_int(v) and v >= 1, "≥ 1")
-        _require(
-            "learning_rate", self.learning_rate, lambda v: _is_number(v) and 0 < v < 1, "in (0, 1)"
-        )
-        _require("weight_decay", self.weight_decay, lambda v: _is_number(v) and v >= 0, "≥ 0")
-        _require("max_grad_norm", self.max_grad_norm, lambda v: _is_number(v) and v >= 0, "≥ 0")
-        _require("schedule", self.schedule, lambda v: v in SCHEDULES, f"one of {SCHEDULES}")
-        _require("model_kind", self.model_kind, lambda v: v in MODEL_KINDS, f"one of {MODEL_KINDS}")
-        if self.warmup_steps > self.max_steps:
-            raise ConfigError(
-                f"warmup_steps={self.warmup_steps} is longer than max_steps={self.max_steps}"
-            )
-        if self.data is None and self.task is None:
-            raise ConfigError("give a built-in task (task) or a data file (data)")
-        get_method(self.method)  # an unknown name lists the valid ones
-        self.method_settings()  # l_p, l_i, adapter rank, top layers: validated there
-        self.lora_config()  # r, alpha, dropout, targets: validated by LoraConfig itself
-        if self.method == "adalora":
-            self.adalora_config()  # target_r ≤ r, a schedule that fits max_steps
-            if self.fsdp:
-                raise ConfigError(
-                    "fsdp cannot train method='adalora': its rank allocation ranks the "
-                    "importance of whole matrices after every step; train it with DDP "
-                    "(torchrun without --fsdp)"
-                )
-
-    def adalora_config(self) -> AdaLoraConfig:
-        """AdaLoRA's settings: ``r`` is its initial rank, the schedule spans the run."""
-        targets = self.target_modules
-        targets = "all-linear" if targets in ("all-linear", ["all-linear"]) else targets
-        return AdaLoraConfig(
-            init_r=self.r,
-            target_r=self.target_r,
-            tinit=self.adalora_tinit,
-            tfinal=self.adalora_tfinal,
-            deltaT=self.adalora_delta_t,
-            beta1=self.adalora_beta1,
-            beta2=self.adalora_beta2,
-            orth_reg_weight=self.orth_reg_weight,
-            lora_alpha=self.lora_alpha,
-            lora_dropout=self.lora_dropout,
-            target_modules=targets,
-        ).for_steps(self.max_steps)
-
-    def method_object(self) -> Method:
-        """The method the run applies, built with the run's settings where it needs them."""
-        if self.method == "adalora":
-            return AdaLora(self.adalora_config())
-        return get_method(self.method)
-
-    def method_settings(self) -> MethodSettings:
-        return MethodSettings(
-            prefix_length=self.prefix_length,
-            infix_length=self.infix_length,
-            adapter_rank=self.adapter_rank,
-            top_layers=self.top_layers,
-        )
-
-    def lora_config(self) -> LoraConfig:
-        targets = self.target_modules
-        # On the command line every value is a list: one "all-linear" means the keyword.
-        targets = "all-linear" if targets in ("all-linear", ["all-linear"]) else targets
-        return LoraConfig(
-            r=self.r,
-            lora_alpha=self.lora_alpha,
-            lora_dropout=self.lora_dropout,
-            target_modules=targets,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _require(name: str, value: Any, check, allowed: str) -> None:
-    if not check(value):
-        raise ConfigError(f"{name} must be {allowed}, got {value!r}")
-
-
-def config_from_file(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """A ``TrainConfig`` from a YAML file, with ``overrides`` (the command line) on top."""
-    path = Path(path)
-    if not path.is_file():
-        what = "a directory, not a config file" if path.is_dir() else "no such config file"
-        raise ConfigError(f"{path}: {what}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except UnicodeDecodeError as error:
-        raise ConfigError(f"{path}: not UTF-8 text ({error.reason})") from None
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        # PyYAML's own message spans lines (it quotes the line); one line is enough here.
-        words = [getattr(error, "context", None), getattr(error, "problem", None)]
-        problem = "; ".join(w for w in words if w) or str(error).splitlines()[0]
-        raise ConfigError(f"{path}{where}: malformed YAML ({problem})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of settings")
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    for key in data:
-        if key not in known:
-            near = difflib.get_close_matches(str(key), sorted(known), n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else ""
-            raise ConfigError(f"{path}: unknown setting {key!r}{hint}")
-    merged = {**data, **(overrides or {})}
-    try:
-        return TrainConfig(**merged)
-    except ConfigError as error:
-        raise ConfigError(f"{path}: {error}") from None
 
 
 # -- the pieces of a run ------------------------------------------------------------------------

@@ -182,7 +182,8 @@ def train_and_score(
     ``model`` is the (name, kind) to train, by default ``TASK_MODELS[arm.task]``."""
     from ..evaluate import evaluate_task
     from ..tasks import get_task
-    from ..train import TrainConfig, train
+    from ..train import train
+    from ..train_config import TrainConfig
 
     model_name, kind = model or TASK_MODELS[arm.task]
     method = arm.settings.get("method", "lora")

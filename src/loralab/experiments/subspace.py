@@ -85,7 +85,8 @@ def learned_factors(base: nn.Module, run: RunResult) -> dict[str, LayerFactors]:
     """
     from ..inject import lora_layers
     from ..methods.files import load_method
-    from ..train import TrainConfig, prepare_model
+    from ..train import prepare_model
+    from ..train_config import TrainConfig
 
     trained = load_method(copy.deepcopy(base), Path(run.settings["output_dir"]) / "adapter")
     initial = prepare_model(TrainConfig(**run.settings), copy.deepcopy(base))

@@ -21,7 +21,6 @@ max_steps)`` after each ``optimizer.step()`` with the gradients still there.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from ..config import ConfigError, LoraConfig, _require_int
+from ..config import ConfigError, LoraConfig, require_int, require_number
 from ..inject import Target, TargetError, adapter_configs, apply_targets, plan_targets
 from ..layers import LoraLayer
 from ..merge import merge_and_unload
@@ -95,25 +94,17 @@ class AdaLoraConfig:
 
     def __post_init__(self) -> None:
         for name in ("init_r", "target_r", "deltaT"):
-            _require_int(name, getattr(self, name), minimum=1)
+            require_int(name, getattr(self, name), minimum=1)
         for name in ("tinit", "tfinal"):
-            _require_int(name, getattr(self, name), minimum=0)
+            require_int(name, getattr(self, name), minimum=0)
         if self.target_r > self.init_r:
             raise ConfigError(
                 f"target_r={self.target_r} is larger than init_r={self.init_r}: AdaLoRA only "
                 "prunes triplets, so target_r must be ≤ init_r"
             )
         for name in ("beta1", "beta2"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-                raise ConfigError(f"{name} must be a number in (0, 1), got {value!r}")
-        weight = self.orth_reg_weight
-        if (
-            isinstance(weight, bool)
-            or not isinstance(weight, (int, float))
-            or not (weight >= 0 and math.isfinite(weight))
-        ):
-            raise ConfigError(f"orth_reg_weight must be a finite number ≥ 0, got {weight!r}")
+            require_number(name, getattr(self, name), above=0, below=1)
+        require_number("orth_reg_weight", self.orth_reg_weight, at_least=0)
         if self.total_step is not None:
             check_schedule(self, self.total_step)
         self.targets()  # target_modules, lora_alpha, lora_dropout, bias…: LoraConfig's checks
@@ -138,7 +129,7 @@ class AdaLoraConfig:
 
         Raises ``ConfigError`` before training if the schedule does not fit the run.
         """
-        _require_int("max_steps", max_steps, minimum=1)
+        require_int("max_steps", max_steps, minimum=1)
         if self.total_step is None:
             return dataclasses.replace(self, total_step=max_steps)
         if self.total_step > max_steps:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch import Tensor
 
-from ..config import ConfigError, _require_int
+from ..config import ConfigError, require_int
 
 if TYPE_CHECKING:
     from .adalora import AdaLoraConfig
@@ -46,7 +46,7 @@ class Triplets(Protocol):
 
 def check_schedule(config: AdaLoraConfig, total_step: int) -> None:
     """Refuse a schedule that leaves no steps for the budget to shrink in."""
-    _require_int("total_step", total_step, minimum=1)
+    require_int("total_step", total_step, minimum=1)
     if config.tinit + config.tfinal >= total_step:
         raise ConfigError(
             f"tinit={config.tinit} + tfinal={config.tfinal} must be less than "

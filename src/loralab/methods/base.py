@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..architectures import classifier_head
-from ..config import ConfigError, LoraConfig
+from ..config import ConfigError, LoraConfig, require_int
 
 METHOD_KEY = "_loralab_method"  # in model.__dict__: the MethodRecord of the applied method
 
@@ -38,13 +38,9 @@ class MethodSettings:
 
     def __post_init__(self) -> None:
         for name in ("prefix_length", "infix_length"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 0:
-                raise ConfigError(f"{name} must be an integer ≥ 0, got {value!r}")
+            require_int(name, getattr(self, name), minimum=0)
         for name in ("adapter_rank", "top_layers"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 1:
-                raise ConfigError(f"{name} must be an integer ≥ 1, got {value!r}")
+            require_int(name, getattr(self, name), minimum=1)
 
     @property
     def prompt_tokens(self) -> int:
@@ -177,10 +173,6 @@ def record_method(
 def applied_method(model: nn.Module) -> MethodRecord | None:
     """The method ``apply`` put on ``model``, if any."""
     return model.__dict__.get(METHOD_KEY)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def shape_twin(model: nn.Module) -> nn.Module:
