@@ -646,7 +646,7 @@ def test_unknown_key_with_null_only_warns(tmp_path):
         ("layer_replication", [[0, 1]], "layer_replication"),
         ("init_lora_weights", "pissa", "init_lora_weights"),
         ("r", 0, r"\br must be"),
-        ("lora_dropout", 1.5, r"lora_dropout must be in \[0, 1\), got 1\.5"),
+        ("lora_dropout", 1.5, r"lora_dropout must be a number in \[0, 1\), got 1\.5"),
         ("lora_alpha", -1, "lora_alpha"),
         ("peft_type", "IA3", "peft_type"),
         ("target_modules", None, "target_modules"),

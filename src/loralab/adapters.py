@@ -36,6 +36,7 @@ from .layers import (
     LoraLinear,
     TrainableCopy,
 )
+from .state import model_state
 
 # -- which adapters there are, and which one runs ----------------------------------------------
 
@@ -80,7 +81,8 @@ def list_adapters(model: nn.Module) -> list[AdapterInfo]:
 
 def active_adapter(model: nn.Module) -> str | None:
     """The adapter the model runs now (None: the bare base)."""
-    return model.__dict__.get("_loralab_active", next(iter(adapter_configs(model)), None))
+    state = model_state(model)
+    return state.active if state.active_chosen else next(iter(state.adapters), None)
 
 
 def set_active_adapter(model: nn.Module, name: str | None) -> None:
@@ -100,7 +102,8 @@ def set_active_adapter(model: nn.Module, name: str | None) -> None:
     for module in model.modules():
         if isinstance(module, TrainableCopy):
             module.active_adapter = name if name in module.copies else None
-    model.__dict__["_loralab_active"] = name
+    state = model_state(model)
+    state.active, state.active_chosen = name, True
     if was_merged and name is not None:
         _merge_active(model, name)
 
@@ -147,7 +150,8 @@ def delete_adapter(model: nn.Module, name: str) -> None:
                 replace_module(model, module_name, module.original)
     del adapter_configs(model)[name]
     if active_adapter(model) == name:
-        model.__dict__["_loralab_active"] = None
+        state = model_state(model)
+        state.active, state.active_chosen = None, True
 
 
 # -- hot-swap ------------------------------------------------------------------------------------

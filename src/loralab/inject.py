@@ -35,6 +35,7 @@ from .layers import (
     lora_class_for,
     unsupported_reason,
 )
+from .state import model_state
 
 _FUSED_ENTRY = re.compile(r"^(?P<module>[^\[\]]+)\[(?P<parts>[^\[\]]+)\]$")
 
@@ -388,7 +389,10 @@ def apply_targets(
         holder.add_adapter(adapter_name)
     # The first adapter becomes the model's active one; a later one waits to be chosen,
     # also in layers that only it adapts (they would otherwise run it alongside).
-    active = model.__dict__.setdefault("_loralab_active", adapter_name)
+    state = model_state(model)
+    if not state.active_chosen:
+        state.active, state.active_chosen = adapter_name, True
+    active = state.active
     for target in targets:
         target.layer.active_adapter = active if active in target.layer.lora else None
     for name in saved:
@@ -411,12 +415,12 @@ def keep_head_input_foldable(model: nn.Module) -> None:
     49,152) at batch 32 took 280 ms of a 1.4 s prefill. Copying the small view first
     costs microseconds and gives the frozen head the fast path back.
     """
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    if not isinstance(head, nn.Module) or getattr(head, "_loralab_foldable", False):
+    head = output_head(model)
+    state = model_state(model)
+    if not isinstance(head, nn.Module) or state.head_hooked:
         return
     head.register_forward_pre_hook(_contiguous_input)
-    head.__dict__["_loralab_foldable"] = True  # not a state-dict entry
+    state.head_hooked = True
 
 
 def _contiguous_input(module: nn.Module, args: tuple) -> tuple | None:
@@ -434,23 +438,21 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
     """The configs of the adapters on ``model``, by adapter name (kept on the model)."""
-    if "_loralab_adapters" not in model.__dict__:
-        model.__dict__["_loralab_adapters"] = {}
-    return model.__dict__["_loralab_adapters"]
+    return model_state(model).adapters
 
 
 def _remember_requires_grad(model: nn.Module) -> None:
     # Kept once, before the first adapter freezes anything, so unloading gives the user
     # back the model with the trainability it had.
-    if "_loralab_requires_grad" not in model.__dict__:
-        model.__dict__["_loralab_requires_grad"] = {
-            name: p.requires_grad for name, p in model.named_parameters()
-        }
+    state = model_state(model)
+    if state.requires_grad is None:
+        state.requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
 
 
 def restore_requires_grad(model: nn.Module) -> None:
     """Give every parameter back the ``requires_grad`` it had before the first adapter."""
-    saved = model.__dict__.pop("_loralab_requires_grad", {})
+    state = model_state(model)
+    saved, state.requires_grad = state.requires_grad or {}, None
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(saved.get(name, True))
 

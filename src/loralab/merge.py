@@ -19,6 +19,7 @@ from .layers import (
     conv2d_delta,
     low_rank_product,
 )
+from .state import model_state
 
 
 def _tied_elsewhere(model: nn.Module) -> dict[int, list[str]]:
@@ -97,7 +98,9 @@ def _remove_wrappers(model: nn.Module, keep_trained_copies: bool) -> nn.Module:
         elif isinstance(module, LoraLayer):
             replace_module(model, name, module.base_layer)
     restore_requires_grad(model)
-    adapter_configs(model).clear()
+    state = model_state(model)
+    state.adapters.clear()
+    state.active, state.active_chosen = None, False  # a new adapter becomes active again
     return model
 
 

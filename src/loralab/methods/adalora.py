@@ -33,12 +33,12 @@ from ..config import ConfigError, LoraConfig, require_int, require_number
 from ..inject import Target, TargetError, adapter_configs, apply_targets, plan_targets
 from ..layers import LoraLayer
 from ..merge import merge_and_unload
+from ..state import has_state, model_state
 from .adalora_budget import RankAllocator, check_schedule
 from .base import MethodSettings, head_parameters, record_method
 from .lora import with_head
 
 ADAPTER_NAME = "default"  # AdaLoRA trains one adapter, as in PEFT
-STATE_KEY = "_loralab_adalora"  # in model.__dict__: the RankAllocator of the model
 RANKNUM_EPSILON = 1e-5  # PEFT divides by ranknum + 1e-5
 
 
@@ -293,14 +293,14 @@ def apply_adalora(model: nn.Module, config: AdaLoraConfig, strict: bool = True) 
     """
     targets_config, planned = plan_adalora(model, config, strict)
     apply_targets(model, targets_config, planned, ADAPTER_NAME)
-    model.__dict__[STATE_KEY] = RankAllocator(config)
+    model_state(model).method_state = RankAllocator(config)
     return model
 
 
 def adalora_state(model: nn.Module) -> RankAllocator:
     """The importance scores and schedule of the model's AdaLoRA (set by ``apply_adalora``)."""
-    state = model.__dict__.get(STATE_KEY)
-    if state is None:
+    state = model_state(model).method_state if has_state(model) else None
+    if not isinstance(state, RankAllocator):
         raise ValueError("the model carries no AdaLoRA: apply it first (apply_adalora)")
     return state
 
@@ -314,7 +314,7 @@ def merge_adalora(model: nn.Module, safe: bool = False) -> nn.Module:
     """Fold every ``ΔW = P Λ Q`` into its base weight and remove the wrappers: the plain
     model with its original modules and keys, and no added latency."""
     merge_and_unload(model, safe=safe)
-    model.__dict__.pop(STATE_KEY, None)
+    model_state(model).method_state = None
     return model
 
 

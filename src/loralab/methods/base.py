@@ -19,8 +19,7 @@ from torch import Tensor, nn
 
 from ..architectures import classifier_head
 from ..config import ConfigError, LoraConfig, require_int
-
-METHOD_KEY = "_loralab_method"  # in model.__dict__: the MethodRecord of the applied method
+from ..state import has_state, model_state
 
 
 @dataclass(frozen=True)
@@ -53,7 +52,7 @@ class MethodSettings:
 
 @dataclass(frozen=True)
 class MethodRecord:
-    """Which method a model carries, with its settings (kept in the model's ``__dict__``)."""
+    """Which method a model carries, with its settings (kept in its ``ModelState``)."""
 
     name: str
     settings: MethodSettings
@@ -167,12 +166,12 @@ def load_trained_state(
 def record_method(
     model: nn.Module, name: str, settings: MethodSettings, lora: LoraConfig | None
 ) -> None:
-    model.__dict__[METHOD_KEY] = MethodRecord(name, settings, lora)
+    model_state(model).method = MethodRecord(name, settings, lora)
 
 
 def applied_method(model: nn.Module) -> MethodRecord | None:
     """The method ``apply`` put on ``model``, if any."""
-    return model.__dict__.get(METHOD_KEY)
+    return model_state(model).method if has_state(model) else None
 
 
 def shape_twin(model: nn.Module) -> nn.Module:
