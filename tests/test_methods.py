@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +15,14 @@ from loralab import LoraConfig
 from loralab.config import ConfigError
 from loralab.inject import trainable_parameters
 from loralab.io import AdapterFileError
-from loralab.methods import METHOD_NAMES, MethodSettings, applied_method, get_method
+from loralab.methods import (
+    METHOD_NAMES,
+    METHODS,
+    Method,
+    MethodSettings,
+    applied_method,
+    get_method,
+)
 from loralab.methods.files import METHOD_FILE, METHOD_WEIGHTS, load_method, save_method
 from loralab.train import train
 from loralab.train_config import TrainConfig
@@ -231,3 +240,68 @@ def test_a_peft_adapter_listing_modules_the_model_lacks_loads_like_in_peft(tmp_p
     ids = token_batch()
     with torch.no_grad():
         torch.testing.assert_close(_output(loaded, ids), _output(model, ids), rtol=0, atol=0)
+
+
+CAPABILITIES = (
+    "fsdp_refusal",
+    "regularizer",
+    "after_optimizer_step",
+    "save",
+    "load",
+    "peft_type",
+    "write_report",
+    "final_trainable",
+)
+
+
+def test_every_method_declares_its_optional_capabilities():
+    for name, method in METHODS.items():
+        assert isinstance(method, Method), name
+        present = {c for c in CAPABILITIES if getattr(method, c) is not None}
+        expected = set(CAPABILITIES) if name == "adalora" else set()
+        assert present == expected, name
+        assert method.configured(TrainConfig(method=name)).name == name
+
+
+def _code_words(path: Path) -> tuple[set[str], set[str]]:
+    """The identifiers and the string constants of a module's code (docstrings aside)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef))
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    names, strings = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            names.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            names.add(node.attr)
+        elif isinstance(node, ast.alias):
+            names.add(node.name)
+        elif (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and id(node) not in docstrings
+        ):
+            strings.add(node.value)
+    return names, strings
+
+
+def test_the_training_loop_names_no_method_and_no_module_branches_on_adalora():
+    import loralab.experiments.base
+    import loralab.methods.files
+    import loralab.train
+
+    names, strings = _code_words(Path(loralab.train.__file__))
+    assert not strings & set(METHOD_NAMES)  # what a method does, it declares
+    for module in (loralab.train, loralab.methods.files, loralab.experiments.base):
+        names, strings = _code_words(Path(module.__file__))
+        # the experiments keep data per method name (learning rates); no code of AdaLoRA's
+        words = {
+            w.lower() for w in names | (set() if module is loralab.experiments.base else strings)
+        }
+        assert not any("adalora" in w for w in words), module.__name__

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import json
 import math
 import random
 import signal
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,12 +62,13 @@ from .distributed import (
     world_from_environment,
     wrap_ddp,
 )
-from .inject import trainable_parameters
+from .inject import ParameterReport, trainable_parameters
 from .loss import causal_lm_loss
-from .methods.adalora_report import write_rank_report
+from .methods import Method
 from .methods.files import load_method, save_method
 from .methods.prefix import PromptTokens, prompt_tokens
 from .output_dirs import check_output_dir
+from .run_log import RunLog, check_tensorboard, read_history
 from .train_config import TrainConfig
 
 RANK_SEED_STRIDE = 1_000_003  # rank k draws its dropout masks from seed + k · stride
@@ -164,7 +165,7 @@ def encode_examples(
 def prepare_model(config: TrainConfig, model: nn.Module) -> nn.Module:
     """Apply the run's method (LoRA by default) with its settings; a classifier's new head
     always trains in full."""
-    method = config.method_object()
+    method = config.method_object
     settings = config.method_settings()
     lora = config.lora_config() if method.uses_lora else None
     method.check(model, settings, lora, config.max_length)
@@ -289,22 +290,72 @@ def cpu_has_bf16_kernels() -> bool:
         return True
 
 
+@dataclass
+class _Run:
+    """Everything one rank's run holds between its steps."""
+
+    config: TrainConfig
+    world: World
+    run_dir: Path
+    model: nn.Module
+    tokenizer: Any
+    method: Method
+    datasets: Datasets
+    runner: nn.Module  # what runs forward: the model, or DDP's wrapper
+    parameters: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    stream: Iterator[list[int]]
+    log: RunLog
+    step: int
+    pad_id: int
+    trainable: ParameterReport
+
+
 def _train(
     config: TrainConfig, model, tokenizer, world: World, cleanup: contextlib.ExitStack
 ) -> TrainResult:
-    """The run on this rank; ``cleanup`` keeps what the run needs until it ends (a copy of
-    the checkpoint that rank 0 sent)."""
+    """The run on this rank: set up, then steps (each followed by the evaluation and the
+    checkpoint that fall due), then the finished adapter. ``cleanup`` keeps what the run
+    needs until it ends (a copy of the checkpoint that rank 0 sent)."""
+    run = _set_up(config, model, tokenizer, world, cleanup)
+    started = time.perf_counter()
+    # Under a launcher a repeated signal is the launcher tearing down, not a user in a
+    # hurry: the step still finishes, and the launcher's SIGKILL is the hard stop.
+    with _interruptible(escalate=not world.active) as stop:
+        while run.step < config.max_steps:
+            stopping = _train_step(run, stop)
+            _evaluate_if_due(run)
+            # A signal lets the step in flight finish, so the state saved is exactly the
+            # one an uninterrupted run has between two steps.
+            due_save = config.save_every and run.step % config.save_every == 0
+            if (due_save or stopping) and run.step < config.max_steps:
+                _save_checkpoint(run)
+            if stopping and run.step < config.max_steps:
+                run.log.close()
+                raise TrainingInterrupted(
+                    f"interrupted at step {run.step} of {config.max_steps}; a checkpoint is "
+                    f"in {run.run_dir / CHECKPOINT}: add --resume to continue"
+                )
+    return _finish(run, time.perf_counter() - started)
+
+
+def _set_up(
+    config: TrainConfig, model, tokenizer, world: World, cleanup: contextlib.ExitStack
+) -> _Run:
+    """Everything checked first (paths, the checkpoint to resume, TensorBoard, the data),
+    then the model loaded with the method applied (or the checkpoint's adapter), the
+    optimizer, and the data stream at the run's position."""
     run_dir = Path(config.output_dir)
     if world.is_main:  # only rank 0 writes there
         check_output_dir(run_dir, "output_dir")
-    checkpoint = None
+    checkpoint = saved = None
     if config.resume:
         found = from_main(world, lambda: _resumable_checkpoint(run_dir, config))
         # Only rank 0 reads the run directory; it sends the checkpoint to the others.
         checkpoint = cleanup.enter_context(shared_directory(world, found))
         saved = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=True)
-    # Fails before any work if not installed; only rank 0 writes.
-    writer = _tensorboard_writer(config, run_dir, create=world.is_main)
+    check_tensorboard(config.tensorboard)
     examples = load_examples(config)  # bad data fails before the model is loaded
     if model is None:
         from .models import load_model
@@ -324,11 +375,10 @@ def _train(
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    hooks = config.method_object()
-    report = trainable_parameters(model)
+    trainable = trainable_parameters(model)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    runner = _distribute(model, config, world)  # what runs forward: DDP's wrapper
+    runner = _distribute(model, config, world)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         parameters, lr=config.learning_rate, weight_decay=config.weight_decay
@@ -337,7 +387,7 @@ def _train(
         optimizer, lambda step: learning_rate_factor(step, config)
     )
     step = 0
-    if checkpoint is not None:
+    if saved is not None:
         optimizer_state = saved["optimizer"]
         if world.active and config.fsdp:
             optimizer_state = shard_optimizer_state(optimizer_state, parameters)
@@ -349,114 +399,114 @@ def _train(
     else:
         torch.manual_seed(config.seed + RANK_SEED_STRIDE * world.rank)
         random.seed(config.seed)
-
-    metrics_path = run_dir / "metrics.jsonl"
-    history = from_main(world, lambda: _read_history(metrics_path, up_to=step))
+    history = from_main(world, lambda: read_history(run_dir, up_to=step))
+    log = RunLog(
+        run_dir,
+        history,
+        step,
+        config.max_steps,
+        writes=world.is_main,
+        tensorboard=config.tensorboard,
+        progress=config.progress,
+    )
     lengths = [len(item) for item in datasets.train]
     consumed = step * config.gradient_accumulation  # the data order is fixed by the seed
     stream = batch_stream(lengths, config.batch_size, config.seed, start=consumed)
     runner.train()
-    started = time.perf_counter()
-    bar = _progress_bar(config, initial=step) if world.is_main else None
-    interrupted = False
-    # Under a launcher a repeated signal is the launcher tearing down, not a user in a
-    # hurry: the step still finishes, and the launcher's SIGKILL is the hard stop.
-    with _interruptible(escalate=not world.active) as stop:
-        while step < config.max_steps:
-            step_started = time.perf_counter()
-            loss_value, tokens = _optimizer_step(
-                model,
-                optimizer,
-                parameters,
-                stream,
-                datasets.train,
-                pad_id,
-                config,
-                hooks,
-                world=world,
-                runner=runner,
-            )
-            # One collective a step: the loss of the whole batch, and whether any rank
-            # was asked to stop (so that all stop after the same step).
-            loss_value, stopping = sum_over_ranks(world, [loss_value, stop.requested])
-            scheduler.step()
-            step += 1
-            if hasattr(hooks, "after_optimizer_step"):
-                hooks.after_optimizer_step(model, step, config.max_steps)
-            seconds = time.perf_counter() - step_started
-            entry = {
-                "step": step,
-                "loss": loss_value,
-                "lr": scheduler.get_last_lr()[0],
-                "tokens_per_s": tokens / seconds,
-                "seconds": seconds,
-            }
-            if step % config.log_every == 0 or step == config.max_steps:
-                history.append(entry)
-                if world.is_main:
-                    _append_jsonl(metrics_path, entry)
-                if writer:
-                    writer.add_scalar("train/loss", loss_value, step)
-                    writer.add_scalar("train/lr", entry["lr"], step)
-            due_eval = config.eval_every and step % config.eval_every == 0
-            if datasets.validation and (due_eval or step == config.max_steps):
-                value = validation_loss(
-                    model, datasets.validation, config.batch_size, pad_id, world
-                )
-                if world.active and config.fsdp:  # after a forward with no backward,
-                    model.reshard()  # FSDP keeps the root (embeddings, head) gathered
-                evaluation = {"step": step, "validation_loss": value}
-                history.append(evaluation)
-                if world.is_main:
-                    _append_jsonl(metrics_path, evaluation)
-                if writer:
-                    writer.add_scalar("validation/loss", value, step)
-            if bar:
-                bar.update(1)
-                bar.set_postfix(
-                    loss=f"{loss_value:.4f}",
-                    lr=f"{entry['lr']:.2e}",
-                    tok_s=f"{entry['tokens_per_s']:.0f}",
-                )
-            # A signal lets the step in flight finish, so the state saved is exactly the
-            # one an uninterrupted run has between two steps.
-            due_save = config.save_every and step % config.save_every == 0
-            if (due_save or stopping) and step < config.max_steps:
-                _save_checkpoint(run_dir, model, optimizer, scheduler, step, config, world)
-            if stopping and step < config.max_steps:
-                interrupted = True
-                break
-    if bar:
-        bar.close()
-    if writer:
-        writer.close()
-    if interrupted:
-        raise TrainingInterrupted(
-            f"interrupted at step {step} of {config.max_steps}; a checkpoint is in "
-            f"{run_dir / CHECKPOINT}: add --resume to continue"
-        )
-    adapter_dir = run_dir / "adapter"
-    with _whole_trainable_parameters(model, config, world):
-        if world.is_main:
-            save_method(model, adapter_dir, base_model_name_or_path=config.model)
-            if config.method == "adalora":  # the ranks AdaLoRA chose: table, JSON, heatmap
-                write_rank_report(model, run_dir)
-            _plot_losses(history, run_dir / "loss.png")
-    barrier(world)  # the others return once the adapter is complete
-    model.eval()
-    return TrainResult(
+    return _Run(
+        config=config,
+        world=world,
         run_dir=run_dir,
-        adapter_dir=adapter_dir,
-        steps=step,
-        losses=[e["loss"] for e in history if "loss" in e],
-        validation=[(e["step"], e["validation_loss"]) for e in history if "validation_loss" in e],
-        seconds=time.perf_counter() - started,
-        trainable=report.trainable,
-        total=report.total,
         model=model,
         tokenizer=tokenizer,
+        method=config.method_object,
         datasets=datasets,
-        rank=world.rank,
+        runner=runner,
+        parameters=parameters,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        stream=stream,
+        log=log,
+        step=step,
+        pad_id=pad_id,
+        trainable=trainable,
+    )
+
+
+def _train_step(run: _Run, stop: _StopFlag) -> bool:
+    """One optimizer step, the method's after-step hook, and its log entry; whether any
+    rank was asked to stop (so that all stop after the same step)."""
+    config, world = run.config, run.world
+    started = time.perf_counter()
+    loss_value, tokens = _optimizer_step(
+        run.model,
+        run.optimizer,
+        run.parameters,
+        run.stream,
+        run.datasets.train,
+        run.pad_id,
+        config,
+        run.method,
+        world=world,
+        runner=run.runner,
+    )
+    # One collective a step: the loss of the whole batch, and the stop requests.
+    loss_value, stopping = sum_over_ranks(world, [loss_value, stop.requested])
+    run.scheduler.step()
+    run.step += 1
+    if run.method.after_optimizer_step is not None:
+        run.method.after_optimizer_step(run.model, run.step, config.max_steps)
+    seconds = time.perf_counter() - started
+    entry = {
+        "step": run.step,
+        "loss": loss_value,
+        "lr": run.scheduler.get_last_lr()[0],
+        "tokens_per_s": tokens / seconds,
+        "seconds": seconds,
+    }
+    run.log.step(entry, run.step % config.log_every == 0 or run.step == config.max_steps)
+    return bool(stopping)
+
+
+def _evaluate_if_due(run: _Run) -> None:
+    """The validation loss every ``eval_every`` steps and after the last one."""
+    config = run.config
+    due = config.eval_every and run.step % config.eval_every == 0
+    if not run.datasets.validation or not (due or run.step == config.max_steps):
+        return
+    value = validation_loss(
+        run.model, run.datasets.validation, config.batch_size, run.pad_id, run.world
+    )
+    if run.world.active and config.fsdp:  # after a forward with no backward,
+        run.model.reshard()  # FSDP keeps the root (embeddings, head) gathered
+    run.log.validation(run.step, value)
+
+
+def _finish(run: _Run, seconds: float) -> TrainResult:
+    """The adapter, the method's report and the loss curve (rank 0), and the result."""
+    run.log.close()
+    adapter_dir = run.run_dir / "adapter"
+    with _whole_trainable_parameters(run.model, run.config, run.world):
+        if run.world.is_main:
+            save_method(run.model, adapter_dir, base_model_name_or_path=run.config.model)
+            if run.method.write_report is not None:
+                run.method.write_report(run.model, run.run_dir)
+            run.log.plot(run.run_dir / "loss.png")
+    barrier(run.world)  # the others return once the adapter is complete
+    run.model.eval()
+    return TrainResult(
+        run_dir=run.run_dir,
+        adapter_dir=adapter_dir,
+        steps=run.step,
+        losses=run.log.losses,
+        validation=run.log.validation_losses,
+        seconds=seconds,
+        trainable=run.trainable.trainable,
+        total=run.trainable.total,
+        model=run.model,
+        tokenizer=run.tokenizer,
+        datasets=run.datasets,
+        rank=run.world.rank,
     )
 
 
@@ -485,27 +535,19 @@ def _whole_trainable_parameters(model: nn.Module, config: TrainConfig, world: Wo
     return contextlib.nullcontext()
 
 
-def _save_checkpoint(run_dir, model, optimizer, scheduler, step, config, world: World) -> None:
+def _save_checkpoint(run: _Run) -> None:
     """Rank 0 writes (atomically, ``checkpoint.py``) what every rank's state gathers to;
     the others wait until it is complete. A rank that fails leaves the last one intact."""
-    if not world.active:
-        save_checkpoint(run_dir, model, optimizer, scheduler, step, config)
+    args = (run.run_dir, run.model, run.optimizer, run.scheduler, run.step, run.config)
+    if not run.world.active:
+        save_checkpoint(*args)
         return
-    optimizer_state = full_optimizer_state(optimizer)  # FSDP: gathered on every rank
-    generators = gather_objects(world, rng_state(world))  # each rank's dropout stream
-    with _whole_trainable_parameters(model, config, world):
-        if world.is_main:
-            save_checkpoint(
-                run_dir,
-                model,
-                optimizer,
-                scheduler,
-                step,
-                config,
-                optimizer_state=optimizer_state,
-                extra={"rng_ranks": generators},
-            )
-    barrier(world)
+    optimizer_state = full_optimizer_state(run.optimizer)  # FSDP: gathered on every rank
+    generators = gather_objects(run.world, rng_state(run.world))  # each rank's dropout
+    with _whole_trainable_parameters(run.model, run.config, run.world):
+        if run.world.is_main:
+            save_checkpoint(*args, optimizer_state=optimizer_state, extra={"rng_ranks": generators})
+    barrier(run.world)
 
 
 def _restore_rng(saved: dict, config: TrainConfig, world: World, step: int) -> None:
@@ -519,7 +561,7 @@ def _restore_rng(saved: dict, config: TrainConfig, world: World, step: int) -> N
 
 
 def _optimizer_step(
-    model, optimizer, parameters, stream, data, pad_id, config, hooks=None, world=None, runner=None
+    model, optimizer, parameters, stream, data, pad_id, config, method=None, world=None, runner=None
 ) -> tuple[float, int]:
     """Forward and backward over the micro-batches of one step, then the update.
 
@@ -529,7 +571,7 @@ def _optimizer_step(
     tokens, so the averaged gradient is the single-process one (``distributed.py``)."""
     world = world or World()
     runner = runner or model
-    regularizer = getattr(hooks, "regularizer", None)
+    regularizer = method.regularizer if method is not None else None
     optimizer.zero_grad(set_to_none=True)
     total_loss, tokens = 0.0, 0
     for index in range(config.gradient_accumulation):
@@ -584,63 +626,6 @@ def _interruptible(escalate: bool = True):
 def _as_python_state(state):
     # torch.load gives lists where random.getstate() had tuples.
     return (state[0], tuple(state[1]), state[2])
-
-
-def _read_history(path: Path, up_to: int) -> list[dict]:
-    """Metrics of the steps before a resume point; later lines (lost work) are dropped."""
-    if not path.exists() or up_to == 0:
-        path.unlink(missing_ok=True)
-        return []
-    kept = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    kept = [entry for entry in kept if entry["step"] <= up_to]
-    path.write_text("".join(json.dumps(entry) + "\n" for entry in kept))
-    return kept
-
-
-def _append_jsonl(path: Path, entry: dict) -> None:
-    with path.open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(entry) + "\n")
-
-
-def _progress_bar(config: TrainConfig, initial: int):
-    if not config.progress:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=config.max_steps, initial=initial, desc="train", unit="step")
-
-
-def _tensorboard_writer(config: TrainConfig, run_dir: Path, create: bool = True):
-    if not config.tensorboard:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ConfigError(
-            "--tensorboard needs the tensorboard package: pip install 'loralab[tensorboard]'"
-        ) from None
-    return SummaryWriter(log_dir=str(run_dir / "tensorboard")) if create else None
-
-
-def _plot_losses(history: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6, 3.5))
-    train = [(e["step"], e["loss"]) for e in history if "loss" in e]
-    validation = [(e["step"], e["validation_loss"]) for e in history if "validation_loss" in e]
-    if train:
-        axis.plot(*zip(*train, strict=True), label="training loss", linewidth=1)
-    if validation:
-        axis.plot(*zip(*validation, strict=True), "o-", label="validation loss")
-    axis.set_xlabel("step")
-    axis.set_ylabel("loss")
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
 
 
 __all__ = ["DataError", "TrainConfig", "TrainResult", "TrainingInterrupted", "train"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,6 @@ from .config import (
     require_number,
 )
 from .methods import Method, MethodSettings, get_method
-from .methods.adalora import AdaLora, AdaLoraConfig
 
 SCHEDULES = ("linear", "cosine", "constant")
 MODEL_KINDS = ("causal-lm", "classification")
@@ -159,41 +159,17 @@ class TrainConfig:
             )
         if self.data is None and self.task is None:
             raise ConfigError("give a built-in task (task) or a data file (data)")
-        get_method(self.method)  # an unknown name lists the valid ones
         self.method_settings()  # l_p, l_i, adapter rank, top layers: validated there
         self.lora_config()  # r, alpha, dropout, targets: validated by LoraConfig itself
-        if self.method == "adalora":
-            self.adalora_config()  # target_r ≤ r, a schedule that fits max_steps
-            if self.fsdp:
-                raise ConfigError(
-                    "fsdp cannot train method='adalora': its rank allocation ranks the "
-                    "importance of whole matrices after every step; train it with DDP "
-                    "(torchrun without --fsdp)"
-                )
+        method = self.method_object  # an unknown name lists the valid ones; AdaLoRA's schedule
+        if self.fsdp and method.fsdp_refusal:
+            raise ConfigError(f"fsdp cannot train method={self.method!r}: {method.fsdp_refusal}")
 
-    def adalora_config(self) -> AdaLoraConfig:
-        """AdaLoRA's settings: ``r`` is its initial rank, the schedule spans the run."""
-        targets = self.target_modules
-        targets = "all-linear" if targets in ("all-linear", ["all-linear"]) else targets
-        return AdaLoraConfig(
-            init_r=self.r,
-            target_r=self.target_r,
-            tinit=self.adalora_tinit,
-            tfinal=self.adalora_tfinal,
-            deltaT=self.adalora_delta_t,
-            beta1=self.adalora_beta1,
-            beta2=self.adalora_beta2,
-            orth_reg_weight=self.orth_reg_weight,
-            lora_alpha=self.lora_alpha,
-            lora_dropout=self.lora_dropout,
-            target_modules=targets,
-        ).for_steps(self.max_steps)
-
+    @functools.cached_property
     def method_object(self) -> Method:
-        """The method the run applies, built with the run's settings where it needs them."""
-        if self.method == "adalora":
-            return AdaLora(self.adalora_config())
-        return get_method(self.method)
+        """The method the run applies, built once with the run's settings where it has its
+        own (AdaLoRA's initial rank and schedule)."""
+        return get_method(self.method).configured(self)
 
     def method_settings(self) -> MethodSettings:
         return MethodSettings(

@@ -154,16 +154,6 @@ class RunResult:
     extra: dict[str, Any] = field(default_factory=dict)  # what ``inspect`` read from the model
 
 
-def kept_parameters(model) -> int | None:
-    """AdaLoRA's parameters after pruning: a kept triplet holds d + k + 1 numbers."""
-    from ..methods.adalora import svd_factors
-
-    factors = svd_factors(model)
-    if not factors:
-        return None
-    return sum(f.rank * (f.P.shape[0] + f.Q.shape[1] + 1) for f in factors.values())
-
-
 Inspect = Callable[["RunResult", Any], "dict[str, Any] | None"]
 """Reads more from a trained model: ``inspect(run, model)`` returns ``run.extra``. It runs in
 the run's process, so it is a module-level function (a worker process imports it)."""
@@ -181,6 +171,7 @@ def train_and_score(
 
     ``model`` is the (name, kind) to train, by default ``TASK_MODELS[arm.task]``."""
     from ..evaluate import evaluate_task
+    from ..methods import get_method
     from ..tasks import get_task
     from ..train import train
     from ..train_config import TrainConfig
@@ -211,7 +202,7 @@ def train_and_score(
     task = get_task(arm.task)
     test = task.splits(seed=DATA_SEED, test_size=scale.test_size)["test"]
     evaluation = evaluate_task(result.model, result.tokenizer, task, test, batch_size=32)
-    kept = kept_parameters(result.model)
+    final = get_method(method).final_trainable
     run = RunResult(
         label=arm.label,
         task=arm.task,
@@ -222,7 +213,7 @@ def train_and_score(
         train_seconds=result.seconds,
         eval_seconds=evaluation.seconds,
         settings=settings,
-        final_trainable=result.trainable if kept is None else kept,
+        final_trainable=result.trainable if final is None else final(result.model),
     )
     if inspect is not None:
         run.extra = inspect(run, result.model) or {}

@@ -9,10 +9,10 @@ from __future__ import annotations
 from ..config import ConfigError
 from .adalora import AdaLora
 from .adapter_layers import AdapterH, AdapterL
-from .base import Method, MethodRecord, MethodSettings, applied_method
 from .bitfit import BitFit
 from .full import FullFineTuning, TopLayersFineTuning
 from .lora import Lora
+from .method import Method, MethodRecord, MethodSettings, applied_method
 from .prefix import LoraPrefixEmbedding, PreEmbed, PreLayer
 
 METHODS: dict[str, Method] = {

@@ -35,8 +35,9 @@ from ..layers import LoraLayer
 from ..merge import merge_and_unload
 from ..state import has_state, model_state
 from .adalora_budget import RankAllocator, check_schedule
-from .base import MethodSettings, head_parameters, record_method
 from .lora import with_head
+from .method import MethodSettings, PlainMethod, record_method
+from .trained import head_parameters
 
 ADAPTER_NAME = "default"  # AdaLoRA trains one adapter, as in PEFT
 RANKNUM_EPSILON = 1e-5  # PEFT divides by ranknum + 1e-5
@@ -332,8 +333,8 @@ def adalora_parameters(model: nn.Module, config: AdaLoraConfig) -> int:
 # -- the method -----------------------------------------------------------------------------
 
 
-class AdaLora:
-    """AdaLoRA behind the ``Method`` protocol, with the training hooks (``TrainingHooks``).
+class AdaLora(PlainMethod):
+    """AdaLoRA behind the ``Method`` protocol, with its training capabilities.
 
     The method object holds the ``AdaLoraConfig`` it applies (``AdaLora(config)``; the
     registry's instance uses the defaults). The hooks keep no state of their own: the
@@ -346,9 +347,33 @@ class AdaLora:
     adds_depth = False
     uses_lora = False  # its settings are an AdaLoraConfig, carried by the method object
     companion = None
+    fsdp_refusal = (
+        "its rank allocation ranks the importance of whole matrices after every step; "
+        "train it with DDP (torchrun without --fsdp)"
+    )
+    peft_type = "ADALORA"
 
     def __init__(self, config: AdaLoraConfig | None = None) -> None:
         self.config = config if config is not None else AdaLoraConfig()
+
+    def configured(self, run) -> AdaLora:
+        """AdaLoRA as a training run applies it: ``run.r`` is the initial rank, and the
+        schedule spans the run (a schedule that does not fit is refused before training)."""
+        return AdaLora(
+            AdaLoraConfig(
+                init_r=run.r,
+                target_r=run.target_r,
+                tinit=run.adalora_tinit,
+                tfinal=run.adalora_tfinal,
+                deltaT=run.adalora_delta_t,
+                beta1=run.adalora_beta1,
+                beta2=run.adalora_beta2,
+                orth_reg_weight=run.orth_reg_weight,
+                lora_alpha=run.lora_alpha,
+                lora_dropout=run.lora_dropout,
+                target_modules=run.lora_config().target_modules,
+            ).for_steps(run.max_steps)
+        )
 
     def check(
         self, model: nn.Module, settings: MethodSettings, lora: LoraConfig | None, max_length: int
@@ -364,7 +389,7 @@ class AdaLora:
     ) -> int:
         return adalora_parameters(model, self.config)
 
-    # -- TrainingHooks ------------------------------------------------------------------
+    # -- what only AdaLoRA does in training ------------------------------------------------
 
     def regularizer(self, model: nn.Module) -> Tensor | None:
         """γ · the mean over P's and Q's of ‖PᵀP − I‖_F and ‖QQᵀ − I‖_F (see
@@ -389,3 +414,13 @@ class AdaLora:
         load_adalora(model, directory)
         record_method(model, self.name, MethodSettings(), None)
         return model
+
+    def write_report(self, model: nn.Module, run_dir) -> dict:
+        """The ranks AdaLoRA chose: a table, a JSON file and a layer × weight heatmap."""
+        from .adalora_report import write_rank_report
+
+        return write_rank_report(model, run_dir)
+
+    def final_trainable(self, model: nn.Module) -> int:
+        """The parameters left after pruning: a kept triplet holds d + k + 1 numbers."""
+        return sum(f.rank * (f.P.shape[0] + f.Q.shape[1] + 1) for f in svd_factors(model).values())

@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from ..architectures import hidden_size, transformer_blocks
 from ..config import ConfigError, LoraConfig
-from .base import MethodSettings, freeze, head_parameters, record_method, unfreeze_head
+from .method import MethodSettings, PlainMethod, record_method
+from .trained import freeze, head_parameters, unfreeze_head
 
 # Where the adapters go, as paths inside one block, by family: Llama/Mistral, GPT-2, BERT.
 ATTENTION_OUTPUT = ("self_attn.o_proj", "attn.c_proj", "attention.output.dense")
@@ -92,7 +93,7 @@ def _has_submodule(module: nn.Module, path: str) -> bool:
     return True
 
 
-class _AdapterMethod:
+class _AdapterMethod(PlainMethod):
     """What Adapter^H and Adapter^L share; they differ in sites and the LayerNorm."""
 
     name: str

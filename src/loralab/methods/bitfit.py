@@ -26,7 +26,8 @@ from transformers.pytorch_utils import Conv1D
 
 from ..architectures import classifier_head, transformer_blocks
 from ..config import ConfigError, LoraConfig
-from .base import MethodSettings, freeze, head_parameters, record_method, unfreeze_head
+from .method import MethodSettings, PlainMethod, record_method
+from .trained import freeze, head_parameters, unfreeze_head
 
 
 def _block_linears(model: nn.Module) -> list[nn.Linear]:
@@ -54,7 +55,7 @@ def _bias_size(module: nn.Module) -> int:
     return module.bias.numel()  # any other biased module: its bias as it stands
 
 
-class BitFit:
+class BitFit(PlainMethod):
     name = "bitfit"
     summary = "BitFit: only the bias vectors train (zero biases added where layers have none)"
     mergeable = True  # a plain model; added biases need bias=True layers (module docstring)

@@ -3,8 +3,8 @@
 LoRA writes PEFT's adapter files (``io.save_adapter``), so the ecosystem reads them. Every
 other method writes ``method.json`` (the method's name and settings) and
 ``method.safetensors`` (its trained parameters, by their names in the model); LoRA+PE
-writes both. A method with a format of its own (AdaLoRA: PEFT's ADALORA files) has
-``save`` and ``load`` methods, and those are used. The files of one save are replaced
+writes both. A method with a format of its own (AdaLoRA: PEFT's ADALORA files) declares
+``save`` and ``load`` (``Method``), and those are used. The files of one save are replaced
 together or not at all, and a load checks every name and shape on a weightless twin of
 the model before touching it.
 """
@@ -29,7 +29,8 @@ from ..io import (
     read_tensors,
     save_adapter,
 )
-from .base import MethodSettings, applied_method, load_trained_state, shape_twin, trained_state
+from .method import MethodSettings, applied_method
+from .trained import load_trained_state, shape_twin, trained_state
 
 METHOD_FILE = "method.json"
 METHOD_WEIGHTS = "method.safetensors"
@@ -52,11 +53,11 @@ def save_method(
         raise ValueError("the model carries no method: apply one first (methods.get_method)")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    own_format = getattr(get_method(record.name), "save", None)
-    if own_format is not None:  # AdaLoRA writes PEFT's own files for it
+    method = get_method(record.name)
+    if method.save is not None:  # a format of its own (AdaLoRA: PEFT's ADALORA files)
         (directory / METHOD_FILE).unlink(missing_ok=True)
         (directory / METHOD_WEIGHTS).unlink(missing_ok=True)
-        return own_format(model, directory, base_model_name_or_path)
+        return method.save(model, directory, base_model_name_or_path)
     if record.lora is not None:
         save_adapter(model, directory, base_model_name_or_path=base_model_name_or_path)
     if record.name == "lora":
@@ -80,10 +81,6 @@ def save_method(
     return directory
 
 
-# PEFT adapters that a method of ours reads as a whole (a plain PEFT LoRA reads as "lora").
-_PEFT_METHODS = {"ADALORA": "adalora"}
-
-
 def _peft_type(directory: Path) -> str | None:
     try:
         data = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
@@ -92,13 +89,22 @@ def _peft_type(directory: Path) -> str | None:
     return data.get("peft_type") if isinstance(data, dict) else None
 
 
+def _method_of_peft_type(peft_type: str | None) -> str:
+    """The method that reads a PEFT adapter of ``peft_type`` as a whole; a plain PEFT LoRA
+    (or an unknown type, which the LoRA reader then names) reads as ``lora``."""
+    from . import METHODS
+
+    owners = {m.peft_type: m.name for m in METHODS.values() if m.peft_type is not None}
+    return owners.get(peft_type, "lora")
+
+
 def read_method_description(directory: str | os.PathLike) -> dict:
     """``method.json`` of a saved method, checked; a PEFT adapter alone reads as LoRA."""
     directory = Path(directory)
     path = directory / METHOD_FILE
     if not path.exists():
         if (directory / CONFIG_FILE).exists():
-            return {"method": _PEFT_METHODS.get(_peft_type(directory), "lora"), "settings": {}}
+            return {"method": _method_of_peft_type(_peft_type(directory)), "settings": {}}
         raise AdapterFileError(f"{directory}: neither {METHOD_FILE} nor {CONFIG_FILE} is there")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -127,9 +133,8 @@ def load_method(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         settings = MethodSettings(**description.get("settings", {}))
     except ConfigError as error:
         raise AdapterFileError(f"{directory / METHOD_FILE}: {error}") from None
-    own_format = getattr(method, "load", None)
-    if own_format is not None:
-        return own_format(model, directory)
+    if method.load is not None:
+        return method.load(model, directory)
     adapter = read_adapter(directory) if method.uses_lora else None
     tensors = read_tensors(directory / METHOD_WEIGHTS) if method.name != "lora" else {}
     source = str(directory / METHOD_WEIGHTS)
@@ -149,7 +154,7 @@ def load_method(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
 
 
 def _apply_and_load(method, model, settings, adapter, tensors, source) -> None:
-    from .base import record_method
+    from .method import record_method
 
     if adapter is not None:
         # LoRA's part comes from the PEFT files (checked and injected by the core loader);

@@ -11,7 +11,8 @@ from torch import nn
 
 from ..architectures import transformer_blocks
 from ..config import ConfigError, LoraConfig
-from .base import MethodSettings, freeze, head_parameters, record_method, unfreeze_head
+from .method import MethodSettings, PlainMethod, record_method
+from .trained import freeze, head_parameters, unfreeze_head
 
 
 def _unique_numel(modules: list[nn.Module]) -> int:
@@ -22,7 +23,7 @@ def _unique_numel(modules: list[nn.Module]) -> int:
     return sum(seen.values())
 
 
-class FullFineTuning:
+class FullFineTuning(PlainMethod):
     name = "full"
     summary = "FT: every parameter trains"
     mergeable = True  # the result is a plain model: nothing to merge
@@ -42,7 +43,7 @@ class FullFineTuning:
         return _unique_numel([model])
 
 
-class TopLayersFineTuning:
+class TopLayersFineTuning(PlainMethod):
     name = "ft-top2"
     summary = "FT-Top2: only the last transformer blocks train (top_layers, default 2)"
     mergeable = True

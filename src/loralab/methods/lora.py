@@ -13,7 +13,8 @@ from torch import nn
 from ..architectures import classifier_head
 from ..config import LoraConfig
 from ..inject import inject_adapter, plan_targets
-from .base import MethodSettings, head_parameters, record_method
+from .method import MethodSettings, PlainMethod, record_method
+from .trained import head_parameters
 
 
 def with_head(model: nn.Module, lora: LoraConfig) -> LoraConfig:
@@ -31,7 +32,7 @@ def _require(lora: LoraConfig | None) -> LoraConfig:
     return lora
 
 
-class Lora:
+class Lora(PlainMethod):
     name = "lora"
     summary = "LoRA: ΔW = (α/r)·B·A on the chosen weights, base frozen"
     mergeable = True

@@ -24,8 +24,9 @@ from ..architectures import hidden_size, transformer_blocks
 from ..config import ConfigError, LoraConfig
 from ..data import PromptTokens
 from ..inject import lora_layers, plan_targets
-from .base import MethodSettings, freeze, head_parameters, record_method, unfreeze_head
 from .lora import Lora, with_head
+from .method import MethodSettings, PlainMethod, record_method
+from .trained import freeze, head_parameters, unfreeze_head
 
 PROMPT_SEED = 0
 """Seeds the choice of real tokens whose embeddings the table starts from."""
@@ -168,7 +169,7 @@ def _add_prompt_embedding(
     return embedding, ids
 
 
-class PreEmbed:
+class PreEmbed(PlainMethod):
     """Prefix-embedding tuning: only the prompt tokens' input embeddings train.
 
     Beside LoRA (LoRA+PE, or a model that already has LoRA layers) it adds only its table:
@@ -198,7 +199,7 @@ class PreEmbed:
         return prompt_table_parameters(model, settings) + head_parameters(model)
 
 
-class PreLayer:
+class PreLayer(PlainMethod):
     """Prefix-layer tuning: at the prompt positions every block's input is learned.
 
     The paper learns "the activations after every Transformer layer", L·d·(l_p + l_i)
@@ -264,7 +265,7 @@ def _block_outputs(model: nn.Module, blocks: list[nn.Module], ids: Tensor) -> li
     return outputs
 
 
-class LoraPrefixEmbedding:
+class LoraPrefixEmbedding(PlainMethod):
     """LoRA+PE: LoRA together with prefix-embedding tuning (Sec. 5.1)."""
 
     name = "lora-pe"
