@@ -19,17 +19,8 @@ import loralab
 from conftest import make_model, token_batch
 from loralab.config import ConfigError
 from loralab.inject import TargetError, trainable_parameters
-from loralab.io import AdapterFileError
 from loralab.methods import MethodSettings, applied_method, get_method
-from loralab.methods.adalora import (
-    AdaLora,
-    AdaLoraConfig,
-    SvdLinear,
-    adalora_state,
-    apply_adalora,
-    merge_adalora,
-    svd_factors,
-)
+from loralab.methods.adalora import AdaLora
 from loralab.methods.adalora_budget import (
     apply_masks,
     keep_best,
@@ -37,7 +28,15 @@ from loralab.methods.adalora_budget import (
     rank_budget,
     triplet_scores,
 )
+from loralab.methods.adalora_config import AdaLoraConfig
 from loralab.methods.adalora_files import export_lora, load_adalora, save_adalora
+from loralab.methods.adalora_layers import (
+    SvdLinear,
+    adalora_state,
+    apply_adalora,
+    merge_adalora,
+    svd_factors,
+)
 from loralab.methods.adalora_report import (
     final_ranks,
     rank_table,
@@ -45,6 +44,7 @@ from loralab.methods.adalora_report import (
     write_rank_report,
 )
 from loralab.methods.files import load_method, save_method
+from loralab.peft_config import AdapterFileError
 
 ATOL = 1e-5
 TARGETS = {"llama": ["q_proj", "v_proj", "o_proj"], "gpt2": ["c_attn", "c_proj"]}

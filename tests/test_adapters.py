@@ -26,7 +26,7 @@ from loralab.adapters import (
     save_all_adapters,
     set_active_adapter,
 )
-from loralab.io import AdapterFileError
+from loralab.peft_config import AdapterFileError
 
 CONFIGS = {
     "a": LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"]),

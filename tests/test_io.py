@@ -21,6 +21,7 @@ from transformers import GPT2LMHeadModel
 
 import loralab
 import loralab.io
+import loralab.peft_config
 from conftest import make_model, randomize_lora, tiny_llama, token_batch
 from loralab import AdapterFileError, LoraConfig, LoraConv1D, LoraFusedLinear, lora_layers
 
@@ -544,7 +545,7 @@ def test_merge_state_dicts_does_not_modify_its_inputs(tmp_path):
     loralab.inject_adapter(model, LoraConfig(r=4, target_modules=["q"]))
     randomize_lora(model)
     tensors = loralab.adapter_state_dict(model)
-    loralab.merge_state_dicts(base_state, tensors, loralab.io.peft_config_dict(model))
+    loralab.merge_state_dicts(base_state, tensors, loralab.peft_config.peft_config_dict(model))
     assert all(torch.equal(base_state[k], kept[k]) for k in kept)
 
 

@@ -16,7 +16,7 @@ from loralab import (
     unload,
     unmerge_adapter,
 )
-from loralab.io import peft_config_dict
+from loralab.peft_config import peft_config_dict
 
 CONFIGS = {
     "llama": LoraConfig(r=4, lora_alpha=8, target_modules=["q", "k", "v", "o", "up"]),

@@ -14,7 +14,6 @@ from conftest import make_model, token_batch
 from loralab import LoraConfig
 from loralab.config import ConfigError
 from loralab.inject import trainable_parameters
-from loralab.io import AdapterFileError
 from loralab.methods import (
     METHOD_NAMES,
     METHODS,
@@ -24,6 +23,7 @@ from loralab.methods import (
     get_method,
 )
 from loralab.methods.files import METHOD_FILE, METHOD_WEIGHTS, load_method, save_method
+from loralab.peft_config import AdapterFileError
 from loralab.train import train
 from loralab.train_config import TrainConfig
 

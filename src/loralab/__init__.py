@@ -23,14 +23,7 @@ from .inject import (
     plan_targets,
     trainable_parameters,
 )
-from .io import (
-    AdapterFileError,
-    adapter_state_dict,
-    import_loralib,
-    load_adapter,
-    read_adapter,
-    save_adapter,
-)
+from .io import adapter_state_dict, import_loralib, load_adapter, read_adapter, save_adapter
 from .layers import (
     FusedParts,
     LoraConv1D,
@@ -42,6 +35,7 @@ from .layers import (
     MergeError,
 )
 from .merge import merge_adapter, merge_and_unload, merge_state_dicts, unload, unmerge_adapter
+from .peft_config import AdapterFileError
 
 __version__ = "0.1.0"
 

@@ -21,14 +21,7 @@ from torch import Tensor, nn
 
 from .config import LoraConfig
 from .inject import adapter_configs, lora_layers, plan_targets, replace_module, require_adapter
-from .io import (
-    CONFIG_FILE,
-    AdapterFileError,
-    factors_from_file,
-    load_adapter,
-    read_adapter,
-    save_adapter,
-)
+from .io import factors_from_file, load_adapter, read_adapter, save_adapter
 from .layers import (
     LoraConv1D,
     LoraFusedLinear,
@@ -36,6 +29,7 @@ from .layers import (
     LoraLinear,
     TrainableCopy,
 )
+from .peft_config import CONFIG_FILE, AdapterFileError
 from .state import model_state
 
 # -- which adapters there are, and which one runs ----------------------------------------------

@@ -20,10 +20,10 @@ from pathlib import Path
 from .config import ConfigError
 from .data import DataError
 from .distributed import DistributedError
-from .io import AdapterFileError
 from .layers import MergeError
 from .models import ModelLoadError
 from .output_dirs import check_output_dir
+from .peft_config import AdapterFileError
 from .train import TrainingInterrupted
 from .train_config import TrainConfig
 

@@ -11,15 +11,11 @@ only then touches the model, so a failed load leaves the model as it was.
 
 from __future__ import annotations
 
-import difflib
-import json
 import os
 import pickle
 import re
-import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -28,200 +24,31 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from .atomic_write import json_writer, write_files_atomically
-from .config import ConfigError, LoraConfig, pattern_value
+from .config import ConfigError, LoraConfig
 from .inject import (
     Target,
     apply_targets,
     base_module_names,
-    in_saved_module,
-    layer_index,
     lora_layers,
-    name_matches,
     parameter_roles,
     plan_targets,
-    require_adapter,
     saved_module_names,
 )
 from .layers import LoraEmbedding, LoraFusedLinear, LoraLayer, TrainableCopy
+from .peft_config import (
+    CONFIG_FILE,
+    PEFT_PREFIX,
+    AdapterFileError,
+    config_from_peft,
+    peft_config_dict,
+    present_modules_to_save,
+    read_json,
+    require_lora_adapter,
+)
 
-PEFT_PREFIX = "base_model.model."
-CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_WEIGHTS_FILE = "adapter_model.bin"
 LORALAB_FILE = "loralab.json"
-
-
-class AdapterFileError(ValueError):
-    """An adapter file is missing, corrupted, or does not fit the model."""
-
-
-# -- PEFT's config keys -------------------------------------------------------------------
-
-# Keys that map onto LoraConfig fields.
-_MAPPED_KEYS = {
-    "r",
-    "lora_alpha",
-    "lora_dropout",
-    "target_modules",
-    "exclude_modules",
-    "rank_pattern",
-    "alpha_pattern",
-    "layers_to_transform",
-    "layers_pattern",
-    "bias",
-    "use_rslora",
-    "modules_to_save",
-    "init_lora_weights",
-}
-# Keys that describe the adapter but do not change its weights.
-_DESCRIPTIVE_KEYS = {
-    "peft_type",
-    "base_model_name_or_path",
-    "revision",
-    "task_type",
-    "inference_mode",
-    "peft_version",
-    "auto_mapping",
-    "fan_in_fan_out",
-    "megatron_core",
-    "qalora_group_size",
-    "loftq_config",
-    "eva_config",
-    "corda_config",
-    "ensure_weight_tying",
-    "lora_ga_config",
-}
-# PEFT features that change the computation; loralab reads them only at their off value.
-_FEATURE_KEYS = {
-    "use_dora": False,
-    "lora_bias": False,
-    "layer_replication": None,
-    "target_parameters": None,
-    "trainable_token_indices": None,
-    "use_qalora": False,
-    "alora_invocation_tokens": None,
-    "arrow_config": None,
-    "use_bdlora": None,
-    "megatron_config": None,
-    "kasa_config": None,
-    "monteclora_config": None,
-    "velora_config": None,
-}
-# init_lora_weights values that rewrite the base weights themselves: such an adapter only
-# fits a base that PEFT converted, so it is refused rather than silently wrong.
-_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
-
-# What loralab writes: keys every PEFT release since rsLoRA (0.7) knows.
-_WRITTEN_KEYS = (
-    "alpha_pattern",
-    "base_model_name_or_path",
-    "bias",
-    "fan_in_fan_out",
-    "inference_mode",
-    "init_lora_weights",
-    "layers_pattern",
-    "layers_to_transform",
-    "lora_alpha",
-    "lora_dropout",
-    "modules_to_save",
-    "peft_type",
-    "r",
-    "rank_pattern",
-    "revision",
-    "target_modules",
-    "task_type",
-    "use_rslora",
-)
-
-_TASK_TYPES = {
-    "ForCausalLM": "CAUSAL_LM",
-    "LMHeadModel": "CAUSAL_LM",
-    "ForSequenceClassification": "SEQ_CLS",
-    "ForTokenClassification": "TOKEN_CLS",
-    "ForQuestionAnswering": "QUESTION_ANS",
-    "ForConditionalGeneration": "SEQ_2_SEQ_LM",
-}
-# Heads that PEFT adds to modules_to_save by itself for these task types (matching
-# module names by their ending), and then expects to find in the adapter file.
-_TASK_SAVED_HEADS = {
-    "SEQ_CLS": ("classifier", "score"),
-    "TOKEN_CLS": ("classifier", "score"),
-    "QUESTION_ANS": ("qa_outputs",),
-}
-
-
-def _inert(value: Any) -> bool:
-    return value is None or value is False or value in ({}, [], "")
-
-
-def check_config_keys(
-    data: dict,
-    known: set[str],
-    features: dict[str, Any],
-    source: str,
-    feature_of: str = "a PEFT feature loralab",
-) -> None:
-    """Classify every key of an adapter config: a feature left at its off value or an
-    unknown key with an inert value passes (the latter with a warning); a feature that is
-    on, or an unknown key with a value, is an ``AdapterFileError`` naming it."""
-    known = known | set(features)
-    for key, value in data.items():
-        if key in features and not _inert(value) and value != features[key]:
-            raise AdapterFileError(
-                f"{source}: {key}={value!r} is {feature_of} does not implement; "
-                "this adapter cannot be loaded exactly"
-            )
-        if key not in known:
-            if _inert(value):
-                warnings.warn(f"{source}: skipping unknown key {key!r} ({value!r})", stacklevel=3)
-                continue
-            near = difflib.get_close_matches(key, sorted(known), n=3)
-            hint = f"; did you mean {', '.join(near)}?" if near else ""
-            raise AdapterFileError(f"{source}: unknown key {key!r} = {value!r}{hint}")
-
-
-def config_from_peft(data: Any, source: str = "adapter_config.json") -> LoraConfig:
-    """A ``LoraConfig`` from the dict in a PEFT ``adapter_config.json``.
-
-    Unknown keys with a value are an error that names the key (a typo, or a PEFT feature
-    loralab lacks); unknown keys left at an off value (None, false, empty) are skipped
-    with a warning, so a newer PEFT's extra keys do not break loading.
-    """
-    if not isinstance(data, dict):
-        raise AdapterFileError(f"{source}: expected a JSON object, got {type(data).__name__}")
-    peft_type = data.get("peft_type")
-    if peft_type != "LORA":
-        raise AdapterFileError(f"{source}: peft_type is {peft_type!r}; loralab reads 'LORA' here")
-    check_config_keys(data, _MAPPED_KEYS | _DESCRIPTIVE_KEYS, _FEATURE_KEYS, source)
-    init = data.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
-        raise AdapterFileError(
-            f"{source}: init_lora_weights={init!r} changes the base weights themselves; "
-            "convert the adapter to a plain LoRA with PEFT first"
-        )
-    values = {key: data[key] for key in _MAPPED_KEYS - {"init_lora_weights"} if key in data}
-    if values.get("target_modules") is None:
-        raise AdapterFileError(f"{source}: target_modules is missing or null")
-    values["rank_pattern"] = values.get("rank_pattern") or {}
-    values["alpha_pattern"] = values.get("alpha_pattern") or {}
-    values["init"] = "gaussian" if init == "gaussian" else "kaiming"
-    try:
-        return LoraConfig(**values)
-    except (ConfigError, TypeError) as error:
-        raise AdapterFileError(f"{source}: {error}") from None
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise AdapterFileError(f"{path} does not exist") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise AdapterFileError(
-            f"{path}, line {error.lineno}, column {error.colno}: malformed JSON ({error.msg})"
-        ) from None
 
 
 # -- reading tensors ----------------------------------------------------------------------
@@ -271,11 +98,11 @@ def read_adapter(directory: str | os.PathLike) -> AdapterFiles:
     if not directory.is_dir():
         raise AdapterFileError(f"{directory} is not an adapter directory")
     config_path = directory / CONFIG_FILE
-    peft_config = _read_json(config_path)
+    peft_config = read_json(config_path)
     config = config_from_peft(peft_config, str(config_path))
     extra_path = directory / LORALAB_FILE
     if extra_path.exists():  # settings PEFT cannot express (fused parts) take precedence
-        extra = _read_json(extra_path)
+        extra = read_json(extra_path)
         try:
             config = LoraConfig(**extra["config"])
         except (KeyError, TypeError, ConfigError) as error:
@@ -340,7 +167,7 @@ def _expected_factor_shapes(target: Target) -> tuple[tuple[int, ...], tuple[int,
     return a_shape, b_shape
 
 
-def _extra_tensors(
+def extra_tensors(
     model: nn.Module, config: LoraConfig, targets: set[str], adapter_name: str
 ) -> dict[str, Tensor]:
     """Trained biases and ``modules_to_save`` parameters, under PEFT's names.
@@ -370,7 +197,7 @@ def _extra_tensors(
 
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, Tensor]:
     """The adapter's tensors under PEFT's names (``base_model.model.<module>.lora_A.weight``)."""
-    config = _config_of(model, adapter_name)
+    config = require_lora_adapter(model, adapter_name)
     tensors: dict[str, Tensor] = {}
     layers = {n: layer for n, layer in lora_layers(model).items() if adapter_name in layer.lora}
     for name, layer in layers.items():
@@ -380,115 +207,9 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
             A, B = _fused_to_peft(layer, A, B)
         key_a, key_b = _factor_keys(name, layer)
         tensors[key_a], tensors[key_b] = A, B
-    for key, parameter in _extra_tensors(model, config, set(layers), adapter_name).items():
+    for key, parameter in extra_tensors(model, config, set(layers), adapter_name).items():
         tensors[key] = parameter.detach()
     return {key: t.contiguous().cpu() for key, t in tensors.items()}
-
-
-def _config_of(model: nn.Module, adapter_name: str) -> LoraConfig:
-    return require_adapter(model, adapter_name, "written in PEFT's LoRA format")
-
-
-def peft_config_dict(
-    model: nn.Module, adapter_name: str = "default", base_model_name_or_path: str | None = None
-) -> dict:
-    """The ``adapter_config.json`` that makes PEFT build exactly this adapter.
-
-    Targets, ranks and alphas are written so that PEFT's own matching rules select the
-    same modules with the same scale; the written form is checked against them.
-    """
-    config = _config_of(model, adapter_name)
-    layers = {n: layer for n, layer in lora_layers(model).items() if adapter_name in layer.lora}
-    effective = {}  # module -> (r, alpha) as PEFT must see them
-    for name, layer in layers.items():
-        factors = layer.lora[adapter_name]
-        r, alpha = factors.r, factors.alpha
-        if isinstance(layer, LoraFusedLinear):
-            # p parts of rank r become one rank-p·r pair with the same scale.
-            p = len(layer.parts.enabled)
-            alpha = alpha * (p**0.5 if config.use_rslora else p)
-            r = r * p
-        effective[name] = (r, alpha)
-    candidates = base_module_names(model)
-    target_modules, layers_to_transform, layers_pattern = _written_targets(
-        config, set(layers), candidates
-    )
-    default_r = config.r
-    default_alpha = config.lora_alpha
-    data = {
-        "peft_type": "LORA",
-        "task_type": _task_type(model, config),
-        "base_model_name_or_path": base_model_name_or_path,
-        "revision": None,
-        "inference_mode": True,
-        "r": default_r,
-        "lora_alpha": default_alpha,
-        "lora_dropout": config.lora_dropout,
-        "target_modules": target_modules,
-        "layers_to_transform": layers_to_transform,
-        "layers_pattern": layers_pattern,
-        "rank_pattern": _written_pattern({n: v[0] for n, v in effective.items()}, default_r),
-        "alpha_pattern": _written_pattern({n: v[1] for n, v in effective.items()}, default_alpha),
-        "bias": config.bias,
-        "use_rslora": config.use_rslora,
-        "modules_to_save": config.modules_to_save,
-        "fan_in_fan_out": any(isinstance(layer.base_layer, Conv1D) for layer in layers.values()),
-        "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
-    }
-    assert set(data) == set(_WRITTEN_KEYS)
-    return data
-
-
-def _task_type(model: nn.Module, config: LoraConfig) -> str | None:
-    name = type(model).__name__
-    task = next((task for suffix, task in _TASK_TYPES.items() if name.endswith(suffix)), None)
-    # For a classification task PEFT trains the head in full and loads it from the file;
-    # if this adapter left the head frozen, no task type keeps PEFT's model equal to ours.
-    saved = set(saved_module_names(model, config))
-    heads = _TASK_SAVED_HEADS.get(task, ())
-    if any(n.endswith(heads) and n not in saved for n in base_module_names(model) if n):
-        return None
-    return task
-
-
-def _peft_selects(entries: list[str], layers: list[int] | None, pattern, names) -> set[str]:
-    chosen = set()
-    for name in names:
-        if not any(name_matches(entry, name) for entry in entries):
-            continue
-        if layers is not None and name not in entries and layer_index(name, pattern) not in layers:
-            continue
-        chosen.add(name)
-    return chosen
-
-
-def _written_targets(config: LoraConfig, chosen: set[str], modules: dict[str, nn.Module]):
-    """The shortest target list PEFT reads as exactly ``chosen``; full names at worst."""
-    names = [n for n in modules if n and not in_saved_module(config, n)]
-    for depth in (1, 2, 3):
-        entries = sorted({".".join(n.split(".")[-depth:]) for n in chosen})
-        for layers, pattern in ((None, None), (config.layers_to_transform, config.layers_pattern)):
-            if _peft_selects(entries, layers, pattern, names) == chosen:
-                return entries, layers, pattern
-    return sorted(chosen), None, None
-
-
-def _written_pattern(values: dict[str, float], default: float) -> dict[str, float]:
-    """rank_pattern/alpha_pattern entries for the modules whose value is not the default.
-
-    A leaf name is used when every module with that leaf shares the value, the full name
-    otherwise; PEFT's suffix-regex rule then gives back exactly ``values``.
-    """
-    by_leaf: dict[str, set] = {}
-    for name, value in values.items():
-        by_leaf.setdefault(name.rsplit(".", 1)[-1], set()).add(value)
-    pattern: dict[str, float] = {}
-    for name, value in sorted(values.items()):
-        if value != default:
-            leaf = name.rsplit(".", 1)[-1]
-            pattern[re.escape(leaf if by_leaf[leaf] == {value} else name)] = value
-    assert all(pattern_value(pattern, n, default) == v for n, v in values.items())
-    return pattern
 
 
 def save_adapter(
@@ -499,7 +220,7 @@ def save_adapter(
 ) -> Path:
     """Write the adapter in PEFT's format; the files are replaced together or not at all."""
     directory = Path(directory)
-    config = _config_of(model, adapter_name)
+    config = require_lora_adapter(model, adapter_name)
     tensors = adapter_state_dict(model, adapter_name)
     peft_config = peft_config_dict(model, adapter_name, base_model_name_or_path)
     fused = {
@@ -548,7 +269,7 @@ def load_adapter_tensors(
 ) -> nn.Module:
     """Apply ``config`` and set its tensors (PEFT names) on ``model``, all or nothing."""
     try:
-        config = _saved_modules_present(model, config)
+        config = present_modules_to_save(model, config)
         targets = plan_targets(model, config, adapter_name, strict=False)
         extra_keys = _check_tensors(model, config, targets, tensors, source)
         factors = {t.name: factors_from_file(t, tensors) for t in targets}
@@ -556,7 +277,7 @@ def load_adapter_tensors(
         raise AdapterFileError(f"{source}: {error}") from None
     apply_targets(model, config, targets, adapter_name)
     layers = lora_layers(model)
-    live = _extra_tensors(model, config, set(factors), adapter_name)
+    live = extra_tensors(model, config, set(factors), adapter_name)
     with torch.no_grad():
         for module_name, (A, B) in factors.items():
             layers[module_name].lora[adapter_name].A.copy_(A)
@@ -564,19 +285,6 @@ def load_adapter_tensors(
         for key in extra_keys:
             live[key].copy_(tensors[key])
     return model
-
-
-def _saved_modules_present(model: nn.Module, config: LoraConfig) -> LoraConfig:
-    """``config`` with only the ``modules_to_save`` entries that name a module of ``model``.
-
-    PEFT skips entries that match nothing, and writes some itself: a ``SEQ_CLS`` adapter
-    lists ``["classifier", "score"]`` whatever the model's head is called.
-    """
-    if not config.modules_to_save:
-        return config
-    names = [n for n in base_module_names(model) if n]
-    present = [m for m in config.modules_to_save if any(name_matches(m, n) for n in names)]
-    return replace(config, modules_to_save=list(dict.fromkeys(present)) or None)
 
 
 def _check_tensors(
@@ -594,7 +302,7 @@ def _check_tensors(
     for target in targets:
         keys = _factor_keys(target.name, target.layer)
         expected.update(zip(keys, _expected_factor_shapes(target), strict=True))
-    extra = _extra_tensors(model, config, {t.name for t in targets}, adapter_name="")
+    extra = extra_tensors(model, config, {t.name for t in targets}, adapter_name="")
     expected.update({key: tuple(p.shape) for key, p in extra.items()})
     check_expected_tensors(expected, tensors, source)
     return list(extra)

@@ -11,7 +11,6 @@ from torch import Tensor, nn
 
 from .config import pattern_value
 from .inject import adapter_configs, lora_layers, replace_module, restore_requires_grad
-from .io import PEFT_PREFIX
 from .layers import (
     LoraLayer,
     MergeError,
@@ -19,6 +18,7 @@ from .layers import (
     conv2d_delta,
     low_rank_product,
 )
+from .peft_config import PEFT_PREFIX
 from .state import model_state
 
 

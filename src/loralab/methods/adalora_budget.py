@@ -24,15 +24,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from ..config import ConfigError, require_int
-
-if TYPE_CHECKING:
-    from .adalora import AdaLoraConfig
+from ..config import ConfigError
+from .adalora_config import AdaLoraConfig, check_schedule
 
 
 class Triplets(Protocol):
@@ -42,16 +40,6 @@ class Triplets(Protocol):
     E: Tensor  # (r,)
     Q: Tensor  # (r, in)
     mask: Tensor  # (r,) bool
-
-
-def check_schedule(config: AdaLoraConfig, total_step: int) -> None:
-    """Refuse a schedule that leaves no steps for the budget to shrink in."""
-    require_int("total_step", total_step, minimum=1)
-    if config.tinit + config.tfinal >= total_step:
-        raise ConfigError(
-            f"tinit={config.tinit} + tfinal={config.tfinal} must be less than "
-            f"total_step={total_step}: no steps are left for the budget to shrink in"
-        )
 
 
 def rank_budget(

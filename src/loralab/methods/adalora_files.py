@@ -32,33 +32,28 @@ from ..atomic_write import json_writer, write_files_atomically
 from ..config import ConfigError
 from ..inject import adapter_configs, base_module_names, lora_layers
 from ..io import (
-    _DESCRIPTIVE_KEYS,
-    _FEATURE_KEYS,
-    _WRITTEN_KEYS,
-    CONFIG_FILE,
     LORALAB_FILE,
-    PEFT_PREFIX,
     WEIGHTS_FILE,
-    AdapterFileError,
-    _extra_tensors,
-    _read_json,
-    _saved_modules_present,
-    _task_type,
-    _written_pattern,
-    _written_targets,
-    check_config_keys,
     check_expected_tensors,
+    extra_tensors,
     read_tensors,
 )
-from .adalora import (
-    ADAPTER_NAME,
-    AdaLoraConfig,
-    SvdFactors,
-    adalora_state,
-    apply_adalora,
-    plan_adalora,
-    svd_factors,
+from ..peft_config import (
+    CONFIG_FILE,
+    DESCRIPTIVE_KEYS,
+    FEATURE_KEYS,
+    PEFT_PREFIX,
+    AdapterFileError,
+    check_config_keys,
+    lora_config_json,
+    peft_header,
+    present_modules_to_save,
+    read_json,
+    written_pattern,
+    written_targets,
 )
+from .adalora_config import ADAPTER_NAME, AdaLoraConfig
+from .adalora_layers import SvdFactors, adalora_state, apply_adalora, plan_adalora, svd_factors
 
 # PEFT's keys that map onto AdaLoraConfig fields.
 _SCHEDULE_KEYS = (
@@ -84,9 +79,9 @@ _TARGET_KEYS = (
 )
 # Keys that do not change an AdaLoRA's weights: PEFT ignores ``r`` for AdaLoRA, and the
 # init is replaced by the file's tensors.
-_IGNORED_KEYS = {"r", "init_lora_weights", "rank_pattern"} | _DESCRIPTIVE_KEYS
+_IGNORED_KEYS = {"r", "init_lora_weights", "rank_pattern"} | DESCRIPTIVE_KEYS
 # LoRA features that AdaLoRA reads only at their off value.
-_OFF_KEYS = {**_FEATURE_KEYS, "use_rslora": False, "alpha_pattern": {}}
+_OFF_KEYS = {**FEATURE_KEYS, "use_rslora": False, "alpha_pattern": {}}
 
 _RANK_PATTERN_KEY = re.compile(r"(?P<module>.+)\.lora_E(\.[^.]+)?")
 
@@ -158,7 +153,7 @@ def read_adalora(directory: str | os.PathLike) -> AdaLoraFiles:
     if not directory.is_dir():
         raise AdapterFileError(f"{directory} is not an adapter directory")
     config_path = directory / CONFIG_FILE
-    config, pattern = config_from_peft(_read_json(config_path), str(config_path))
+    config, pattern = config_from_peft(read_json(config_path), str(config_path))
     return AdaLoraFiles(directory, config, pattern, read_tensors(directory / WEIGHTS_FILE))
 
 
@@ -175,7 +170,7 @@ def load_adalora(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     files = read_adalora(directory)
     source = str(files.directory)
     # PEFT lists heads it may not find (a SEQ_CLS file names both classifier and score).
-    present = _saved_modules_present(model, files.config.targets()).modules_to_save
+    present = present_modules_to_save(model, files.config.targets()).modules_to_save
     config = replace(files.config, modules_to_save=present)
     pattern = files.rank_pattern or {}
     try:
@@ -194,13 +189,13 @@ def load_adalora(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         (_, in_features), (out_features, _) = target.layer.factor_shapes(config.init_r)
         shapes = ((kept, in_features), (out_features, kept), (kept, 1))
         expected.update(zip(_factor_keys(target.name), shapes, strict=True))
-    extra = _extra_tensors(model, targets_config, names, adapter_name="")
+    extra = extra_tensors(model, targets_config, names, adapter_name="")
     expected.update({key: tuple(p.shape) for key, p in extra.items()})
     _check_tensors(expected, files.tensors, source)
 
     apply_adalora(model, config, strict=False)
     state = adalora_state(model)
-    live_extra = _extra_tensors(model, targets_config, names, ADAPTER_NAME)
+    live_extra = extra_tensors(model, targets_config, names, ADAPTER_NAME)
     with torch.no_grad():
         for name, factors in svd_factors(model).items():
             key_a, key_b, key_e = _factor_keys(name)
@@ -243,7 +238,7 @@ def adalora_state_dict(model: nn.Module) -> dict[str, Tensor]:
         tensors[key_a] = f.Q.detach()[keep]  # (k, in)
         tensors[key_b] = f.P.detach()[:, keep]  # (out, k)
         tensors[key_e] = f.E.detach()[keep].unsqueeze(1)  # (k, 1)
-    for key, parameter in _extra_tensors(model, targets_config, set(factors), ADAPTER_NAME).items():
+    for key, parameter in extra_tensors(model, targets_config, set(factors), ADAPTER_NAME).items():
         tensors[key] = parameter.detach()
     return {key: t.contiguous().cpu() for key, t in tensors.items()}
 
@@ -263,15 +258,11 @@ def adalora_config_dict(model: nn.Module, base_model_name_or_path: str | None = 
     # PEFT refuses a config without total_step; a model never trained has no run length,
     # so the shortest schedule that PEFT accepts is written (it only matters for training).
     total_step = total_step or config.tinit + config.tfinal + 1
-    target_modules, layers_to_transform, layers_pattern = _written_targets(
+    target_modules, layers_to_transform, layers_pattern = written_targets(
         targets_config, set(factors), base_module_names(model)
     )
     return {
-        "peft_type": "ADALORA",
-        "task_type": _task_type(model, targets_config),
-        "base_model_name_or_path": base_model_name_or_path,
-        "revision": None,
-        "inference_mode": True,
+        **peft_header("ADALORA", model, targets_config, base_model_name_or_path),
         **{key: getattr(config, key) for key in _SCHEDULE_KEYS},
         "total_step": total_step,
         "rank_pattern": _rank_pattern(factors),
@@ -345,31 +336,25 @@ def lora_config_dict(
     _, targets_config = _layers_and_targets(model)
     config = adalora_state(model).config
     default_r = Counter(ranks.values()).most_common(1)[0][0]
-    target_modules, layers_to_transform, layers_pattern = _written_targets(
+    target_modules, layers_to_transform, layers_pattern = written_targets(
         targets_config, set(ranks), base_module_names(model)
     )
-    data = {
-        "peft_type": "LORA",
-        "task_type": _task_type(model, targets_config),
-        "base_model_name_or_path": base_model_name_or_path,
-        "revision": None,
-        "inference_mode": True,
-        "r": default_r,
-        "lora_alpha": config.lora_alpha,
-        "lora_dropout": config.lora_dropout,
-        "target_modules": target_modules,
-        "layers_to_transform": layers_to_transform,
-        "layers_pattern": layers_pattern,
-        "rank_pattern": _written_pattern(ranks, default_r),
-        "alpha_pattern": {},
-        "bias": config.bias,
-        "use_rslora": False,
-        "modules_to_save": targets_config.modules_to_save,
-        "fan_in_fan_out": _any_conv1d(model, ranks),
-        "init_lora_weights": True,
-    }
-    assert set(data) == set(_WRITTEN_KEYS)
-    return data
+    return lora_config_json(
+        peft_header("LORA", model, targets_config, base_model_name_or_path),
+        r=default_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=target_modules,
+        layers_to_transform=layers_to_transform,
+        layers_pattern=layers_pattern,
+        rank_pattern=written_pattern(ranks, default_r),
+        alpha_pattern={},
+        bias=config.bias,
+        use_rslora=False,
+        modules_to_save=targets_config.modules_to_save,
+        fan_in_fan_out=_any_conv1d(model, ranks),
+        init_lora_weights=True,
+    )
 
 
 def export_lora(
@@ -397,7 +382,7 @@ def export_lora(
     for name, (A, B) in exported.items():
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = B
-    extra = _extra_tensors(model, targets_config, set(exported), ADAPTER_NAME)
+    extra = extra_tensors(model, targets_config, set(exported), ADAPTER_NAME)
     for key, parameter in extra.items():
         # A matrix left out is a plain module in the export: its bias has no base_layer.
         for name in dropped:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .adalora import adalora_config, svd_factors
+from .adalora_layers import adalora_config, svd_factors
 
 RANKS_TABLE = "adalora_ranks.txt"
 RANKS_JSON = "adalora_ranks.json"

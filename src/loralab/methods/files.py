@@ -21,14 +21,8 @@ from torch import Tensor, nn
 from ..atomic_write import json_writer, write_files_atomically
 from ..config import ConfigError
 from ..inject import parameter_roles
-from ..io import (
-    CONFIG_FILE,
-    AdapterFileError,
-    load_adapter_tensors,
-    read_adapter,
-    read_tensors,
-    save_adapter,
-)
+from ..io import load_adapter_tensors, read_adapter, read_tensors, save_adapter
+from ..peft_config import CONFIG_FILE, AdapterFileError
 from .method import MethodSettings, applied_method
 from .trained import load_trained_state, shape_twin, trained_state
 
