@@ -149,11 +149,11 @@ def nothing_loads(monkeypatch):
     def slow_work(*args, **kwargs):
         raise AssertionError("slow work started before the bad input was refused")
 
-    import loralab.experiments.base
+    import loralab.experiments.runs
     import loralab.models
 
     monkeypatch.setattr(loralab.models, "load_model", slow_work)
-    monkeypatch.setattr(loralab.experiments.base, "train_and_score", slow_work)
+    monkeypatch.setattr(loralab.experiments.runs, "train_and_score", slow_work)
 
 
 @pytest.mark.parametrize(

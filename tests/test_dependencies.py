@@ -81,10 +81,11 @@ for command in commands:
 # reproduce: the methods experiment at a tiny scale, on the GGUF model, in this process
 from pathlib import Path
 
-from loralab.experiments import base, get_experiment
-from loralab.experiments.base import Scale, write_report
+from loralab.experiments import get_experiment, settings
+from loralab.experiments.report import write_report
+from loralab.experiments.settings import Scale
 
-base.TASK_MODELS = {task: (gguf, "causal-lm") for task in ("nli", "e2e", "sql")}
+settings.TASK_MODELS = {task: (gguf, "causal-lm") for task in ("nli", "e2e", "sql")}
 methods = get_experiment("methods")
 methods.QUICK_TASKS = ("e2e",)
 scale = Scale(steps=1, train_size=4, test_size=2, seeds=(0,), batch_size=2, max_length=400,

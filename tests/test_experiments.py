@@ -13,9 +13,11 @@ from safetensors.torch import load_file
 from loralab.cli import main
 from loralab.config import ConfigError
 from loralab.experiments import EXPERIMENT_NAMES, get_experiment, reproduce
-from loralab.experiments import base as experiments_base
+from loralab.experiments import settings as experiment_settings
 from loralab.experiments.adalora import final_ranks_of
-from loralab.experiments.base import Arm, Scale, mean_std, run_arms, write_report
+from loralab.experiments.report import mean_std, write_report
+from loralab.experiments.runs import run_arms
+from loralab.experiments.settings import Arm, Scale
 
 TINY = Scale(steps=2, train_size=12, test_size=3, seeds=(0, 1), batch_size=4, max_length=400)
 
@@ -24,7 +26,9 @@ TINY = Scale(steps=2, train_size=12, test_size=3, seeds=(0, 1), batch_size=4, ma
 def tiny_tasks(monkeypatch, tiny_model_dir):
     """Every task runs on the tiny causal LM (nli as label words)."""
     tiny = (str(tiny_model_dir), "causal-lm")
-    monkeypatch.setattr(experiments_base, "TASK_MODELS", dict.fromkeys(("nli", "e2e", "sql"), tiny))
+    monkeypatch.setattr(
+        experiment_settings, "TASK_MODELS", dict.fromkeys(("nli", "e2e", "sql"), tiny)
+    )
 
 
 def test_every_finding_of_the_paper_has_an_experiment():

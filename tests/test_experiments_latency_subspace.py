@@ -13,7 +13,6 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from conftest import VOCAB, make_model, token_batch
 from loralab.experiments import get_experiment
-from loralab.experiments.base import RunResult, Scale, write_report
 from loralab.experiments.latency import (
     VARIANTS,
     LatencyScale,
@@ -22,6 +21,9 @@ from loralab.experiments.latency import (
     summarize,
     time_forwards,
 )
+from loralab.experiments.report import write_report
+from loralab.experiments.runs import RunResult
+from loralab.experiments.settings import Scale
 from loralab.experiments.subspace import analyse, learned_factors, site
 from loralab.experiments.subspace import report_of as subspace_report
 from loralab.inject import lora_layers
@@ -187,11 +189,11 @@ def test_subspace_analysis_and_report(tmp_path):
 
 
 def test_subspace_runs_end_to_end_on_a_tiny_model(monkeypatch, tiny_model_dir, tmp_path):
-    from loralab.experiments import base as experiment_base
+    from loralab.experiments import settings as experiment_settings
     from loralab.experiments import subspace
 
     tiny = (str(tiny_model_dir), "causal-lm")  # nli as label words; 32 wide, so r ≤ 8
-    monkeypatch.setattr(experiment_base, "TASK_MODELS", {"nli": tiny})
+    monkeypatch.setattr(experiment_settings, "TASK_MODELS", {"nli": tiny})
     monkeypatch.setattr(subspace, "RANKS", (2, 8))
     monkeypatch.setattr(subspace, "COMPARED", (2, 8))
     scale = Scale(2, 8, 2, seeds=(0, 1), batch_size=4, max_length=400, quick=True)
@@ -205,7 +207,7 @@ def test_subspace_runs_end_to_end_on_a_tiny_model(monkeypatch, tiny_model_dir, t
 
 
 def test_torch_threads_are_set_inside_the_block_and_restored():
-    from loralab.experiments.base import torch_threads
+    from loralab.experiments.runs import torch_threads
 
     before = torch.get_num_threads()
     with torch_threads(1):

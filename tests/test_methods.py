@@ -292,16 +292,16 @@ def _code_words(path: Path) -> tuple[set[str], set[str]]:
 
 
 def test_the_training_loop_names_no_method_and_no_module_branches_on_adalora():
-    import loralab.experiments.base
+    import loralab.experiments.runs
     import loralab.methods.files
     import loralab.train
 
     names, strings = _code_words(Path(loralab.train.__file__))
     assert not strings & set(METHOD_NAMES)  # what a method does, it declares
-    for module in (loralab.train, loralab.methods.files, loralab.experiments.base):
+    for module in (loralab.train, loralab.methods.files, loralab.experiments.runs):
         names, strings = _code_words(Path(module.__file__))
         # the experiments keep data per method name (learning rates); no code of AdaLoRA's
         words = {
-            w.lower() for w in names | (set() if module is loralab.experiments.base else strings)
+            w.lower() for w in names | (set() if module is loralab.experiments.runs else strings)
         }
         assert not any("adalora" in w for w in words), module.__name__

@@ -25,7 +25,7 @@ from .evaluate import evaluate_task
 from .io import WEIGHTS_FILE
 from .merge import merge_and_unload
 from .output_dirs import check_output_dir
-from .tasks.base import as_text
+from .tasks.task import as_text
 from .train import train
 from .train_config import TrainConfig
 

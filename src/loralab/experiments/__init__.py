@@ -17,7 +17,8 @@ from types import ModuleType
 
 from ..config import ConfigError
 from ..output_dirs import check_output_dir
-from .base import Report, Scale, default_jobs, write_report
+from .report import Report, write_report
+from .settings import Scale, default_jobs
 
 # name -> module, in the order of SPEC.md's findings
 EXPERIMENT_MODULES = {

@@ -12,19 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..methods.adalora_report import layer_and_type
-from . import base as experiment_base
-from .base import (
-    LM_FULL,
-    LM_QUICK,
-    Arm,
-    Report,
-    Scale,
-    format_mean_std,
-    markdown_table,
-    mean_std,
-    run_arms,
-    runs_as_dicts,
-)
+from . import settings as experiment_settings
+from .report import Report, format_mean_std, markdown_table, mean_std, runs_as_dicts
+from .runs import run_arms
+from .settings import LM_FULL, LM_QUICK, Arm, Scale
 
 NAME = "adalora"
 SUMMARY = "AdaLoRA against LoRA at the same final parameter budget, on nli and sql"
@@ -125,7 +116,7 @@ def run(scale: Scale, workdir: Path) -> Report:
             means = [sum(per_type[t]) / len(per_type[t]) for t in types]
             rows_of_task.append([str(seed), *[f"{m:.2f}" for m in means]])
         spread.append(
-            f"### {task} ({experiment_base.TASK_MODELS[task][0]})\n\n"
+            f"### {task} ({experiment_settings.TASK_MODELS[task][0]})\n\n"
             + markdown_table(["seed", *types], rows_of_task)
         )
     body = (

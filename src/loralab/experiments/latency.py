@@ -53,7 +53,9 @@ from torch import nn
 from ..config import LoraConfig
 from ..merge import merge_and_unload
 from ..methods import MethodSettings, get_method
-from .base import Report, Scale, markdown_table, torch_threads
+from .report import Report, markdown_table
+from .runs import torch_threads
+from .settings import Scale
 
 NAME = "latency"
 SUMMARY = "forward latency of the base, merged/unmerged LoRA, Adapter^H and Adapter^L"

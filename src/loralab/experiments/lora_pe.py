@@ -5,18 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import (
-    LM_FULL,
-    Arm,
-    Report,
-    Scale,
-    format_mean_std,
-    markdown_table,
-    mean_std,
-    run_arms,
-    runs_as_dicts,
-)
 from .methods import METHOD_ARMS
+from .report import Report, format_mean_std, markdown_table, mean_std, runs_as_dicts
+from .runs import run_arms
+from .settings import LM_FULL, Arm, Scale
 
 NAME = "lora-pe"
 SUMMARY = "LoRA+PE against LoRA and PreEmbed"

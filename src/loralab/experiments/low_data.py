@@ -6,17 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import (
-    Arm,
-    Report,
-    Scale,
-    format_mean_std,
-    markdown_table,
-    mean_std,
-    run_arms,
-    runs_as_dicts,
-)
 from .methods import METHOD_ARMS
+from .report import Report, format_mean_std, markdown_table, mean_std, runs_as_dicts
+from .runs import run_arms
+from .settings import Arm, Scale
 
 NAME = "low-data"
 SUMMARY = "FT, PreEmbed, PreLayer and LoRA with 100 / 1k / 10k training examples (nli)"

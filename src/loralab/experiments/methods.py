@@ -10,16 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import (
-    LM_FULL,
-    Arm,
-    Report,
-    Scale,
-    format_mean_std,
-    markdown_table,
-    run_arms,
-    runs_as_dicts,
-)
+from .report import Report, format_mean_std, markdown_table, runs_as_dicts
+from .runs import run_arms
+from .settings import LM_FULL, Arm, Scale
 
 NAME = "methods"
 SUMMARY = "every method on nli, e2e and sql: trainable parameters and task metrics"

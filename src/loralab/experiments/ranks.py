@@ -10,17 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import (
-    LM_FULL,
-    Arm,
-    Report,
-    Scale,
-    format_mean_std,
-    markdown_table,
-    mean_std,
-    run_arms,
-    runs_as_dicts,
-)
+from .report import Report, format_mean_std, markdown_table, mean_std, runs_as_dicts
+from .runs import run_arms
+from .settings import LM_FULL, Arm, Scale
 
 NAME = "ranks"
 SUMMARY = "r ∈ {1, 2, 4, 8, 64} × weight types, and the fixed-budget comparison"

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import Arm, Report, Scale, markdown_table, mean_std, run_arms, runs_as_dicts
+from .report import Report, markdown_table, mean_std, runs_as_dicts
+from .runs import run_arms
+from .settings import Arm, Scale
 
 NAME = "scaling"
 SUMMARY = "quality vs trainable parameters: PreEmbed/PreLayer tokens, LoRA rank (one figure)"

@@ -42,8 +42,10 @@ import torch
 from torch import Tensor, nn
 
 from ..analysis import amplification, random_subspace_similarity, subspace_similarity
-from . import base as experiment_base
-from .base import Arm, Report, RunResult, Scale, markdown_table, run_plan
+from . import settings as experiment_settings
+from .report import Report, markdown_table
+from .runs import RunResult, run_plan
+from .settings import Arm, Scale
 
 NAME = "subspace"
 SUMMARY = "subspace similarity of LoRA's A across ranks and seeds; amplification of ΔW"
@@ -177,7 +179,7 @@ def run(scale: Scale, workdir: Path) -> Report:
     results = run_plan(NAME, [(arm(r), seed) for r, seed in plan], scale, workdir)
     runs: dict[tuple[int, int], RunResult] = dict(zip(plan, results, strict=True))
     # the same model the runs trained (looked up now: tests point the tasks elsewhere)
-    model_name, kind = experiment_base.TASK_MODELS[TASK]
+    model_name, kind = experiment_settings.TASK_MODELS[TASK]
     labels = {"num_labels": len(get_task(TASK).labels)} if kind == "classification" else {}
     base, _ = load_model(model_name, kind=kind, **labels)
     factors = {key: learned_factors(base, result) for key, result in runs.items()}
@@ -326,7 +328,7 @@ def report_of(
     )
     raw = {
         "task": TASK,
-        "model": experiment_base.TASK_MODELS[TASK][0],
+        "model": experiment_settings.TASK_MODELS[TASK][0],
         "ranks": list(RANKS),
         "compared": list(COMPARED),
         "target_modules": TARGETS,

@@ -10,11 +10,11 @@ Everything is generated from a seed: no downloads, the same splits in every proc
 
 from __future__ import annotations
 
-from .base import Task, TaskError
 from .e2e import E2ETask
 from .nli import NliTask
 from .pydoc import PydocTask
 from .sql import SqlTask
+from .task import Task, TaskError
 
 _TASKS: dict[str, type] = {"e2e": E2ETask, "sql": SqlTask, "nli": NliTask, "pydoc": PydocTask}
 TASK_NAMES: tuple[str, ...] = tuple(_TASKS)

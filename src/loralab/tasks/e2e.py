@@ -22,7 +22,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from functools import cache
 from typing import Any
 
-from .base import Candidate, Example, GeneratedTask, TaskError, as_text, check_lengths
+from .splits import Candidate, GeneratedTask
+from .task import Example, TaskError, as_text, check_lengths
 
 NAMES = (
     "Alimentum", "Aromi", "Bibimbap House", "Blue Spice", "Browns Cambridge", "Clowns",

@@ -26,14 +26,8 @@ from functools import cache
 from itertools import product
 from typing import Any, NamedTuple
 
-from .base import (
-    Candidate,
-    Example,
-    GeneratedTask,
-    check_lengths,
-    label_index,
-    percent,
-)
+from .splits import Candidate, GeneratedTask
+from .task import Example, check_lengths, label_index, percent
 
 LABELS = ("entailment", "neutral", "contradiction")
 ENTAILMENT, NEUTRAL, CONTRADICTION = range(3)

@@ -21,7 +21,8 @@ from collections.abc import Sequence
 from pydoc_data.topics import topics as TOPICS
 from typing import Any
 
-from .base import HELD_OUT_FRACTION, SPLIT_NAMES, Example, TaskError, resolve_sizes
+from .splits import HELD_OUT_FRACTION, SPLIT_NAMES, resolve_sizes
+from .task import Example, TaskError
 
 
 class PydocTask:

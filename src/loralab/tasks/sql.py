@@ -24,16 +24,9 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from .base import (
-    Candidate,
-    Example,
-    GeneratedTask,
-    TaskError,
-    as_text,
-    check_lengths,
-    percent,
-)
+from .splits import Candidate, GeneratedTask
 from .sql_tables import TABLES, Column, Table, table_rows
+from .task import Example, TaskError, as_text, check_lengths, percent
 
 AGGREGATIONS = ("", "COUNT", "MAX", "MIN", "SUM", "AVG")  # "" selects the column itself
 DEFAULT_SIZES = {"train": 2000, "validation": 200, "test": 200}

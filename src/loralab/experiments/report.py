@@ -1,0 +1,111 @@
+"""An experiment's outputs: statistics over seeds, Markdown tables, and the three files
+(a Markdown table, a JSON file of every raw number, a PNG figure), written all or none.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import platform
+import statistics
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..atomic_write import json_writer, write_files_atomically
+from .runs import RunResult
+from .settings import Scale, default_jobs
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    values = [float(v) for v in values]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def metric_of(results: Sequence[RunResult], label: str, task: str, metric: str) -> list[float]:
+    return [r.metrics[metric] for r in results if r.label == label and r.task == task]
+
+
+def format_mean_std(values: Sequence[float], digits: int = 1) -> str:
+    mean, std = mean_std(values)
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine_line() -> str:
+    return (
+        f"{platform.processor() or platform.machine()}, {default_jobs()} cores, torch "
+        f"{torch.__version__}, Python {platform.python_version()}"
+    )
+
+
+@dataclass
+class Report:
+    """An experiment's outputs before they are written."""
+
+    name: str
+    title: str
+    body: str  # Markdown: the tables and what they show
+    raw: dict[str, Any]  # every number, for the JSON file
+    draw: Callable[[Any], None]  # draws the figure on a matplotlib Figure
+    scale: Scale
+    seconds: float = 0.0
+
+    def markdown(self, command: str) -> str:
+        date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        return (
+            f"# {self.title}\n\n"
+            f"- Command: `{command}`\n"
+            f"- Date: {date}; the run took {self.seconds / 60:.1f} min\n"
+            f"- Machine: {machine_line()}\n"
+            f"- Scale: {self.scale.describe()}\n\n"
+            f"{self.body}\n"
+        )
+
+
+def write_report(report: Report, directory: Path, command: str | None = None) -> dict[str, Path]:
+    """Write ``NAME.md``, ``NAME.json`` and ``NAME.png`` to ``directory``, all or none."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    command = command or " ".join(["loralab", *sys.argv[1:]])
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {kind: directory / f"{report.name}.{kind}" for kind in ("md", "json", "png")}
+    figure = plt.figure(figsize=(7, 4.5))
+    try:
+        report.draw(figure)
+        figure.tight_layout()
+
+        def save_png(path: str) -> None:
+            figure.savefig(path, dpi=120, format="png")
+
+        raw = {"experiment": report.name, "scale": asdict(report.scale), **report.raw}
+        write_files_atomically(
+            directory,
+            {
+                paths["md"].name: lambda p: Path(p).write_text(report.markdown(command)),
+                paths["json"].name: json_writer(raw),
+                paths["png"].name: save_png,
+            },
+        )
+    finally:
+        plt.close(figure)
+    return paths
+
+
+def runs_as_dicts(results: Sequence[RunResult]) -> list[dict]:
+    return [asdict(r) for r in results]
