@@ -139,7 +139,7 @@ class Side:
         """(context, forward kwargs) that make row i run ``self.rows[i]``."""
         if self.name == "peft":
             return contextlib.nullcontext(), {"adapter_names": self.rows}
-        from loralab.adapters import mixed_adapters
+        from loralab.mixing import mixed_adapters
 
         return mixed_adapters(self.model, self.rows), {}
 

@@ -232,3 +232,21 @@ def tiny_gguf_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-gguf") / "tiny-llama.gguf"
     save_tiny_gguf(path)
     return path
+
+
+@pytest.fixture
+def three(tmp_path):
+    """A Llama with adapters a, b, c loaded from files, and each file's own output."""
+    from loralab import load_adapter
+    from several_adapters import logits_alone, saved_adapter
+
+    kind = "llama"
+    dirs = {name: saved_adapter(tmp_path, kind, name, seed) for seed, name in enumerate("abc", 1)}
+    model = make_model(kind)
+    for name, directory in dirs.items():
+        load_adapter(model, directory, adapter_name=name)
+    tokens = token_batch(batch=4)
+    alone = {name: logits_alone(kind, d, tokens) for name, d in dirs.items()}
+    with torch.no_grad():
+        alone[None] = make_model(kind)(tokens).logits
+    return model, dirs, tokens, alone

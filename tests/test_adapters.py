@@ -5,11 +5,10 @@ import random
 import pytest
 import torch
 
-from conftest import make_model, randomize_lora, token_batch
+from conftest import make_model
 from loralab import (
     LoraConfig,
     inject_adapter,
-    load_adapter,
     lora_layers,
     merge_adapter,
     save_adapter,
@@ -22,51 +21,11 @@ from loralab.adapters import (
     hot_swap_adapter,
     list_adapters,
     load_all_adapters,
-    mixed_adapters,
     save_all_adapters,
     set_active_adapter,
 )
 from loralab.peft_config import AdapterFileError
-
-CONFIGS = {
-    "a": LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"]),
-    "b": LoraConfig(r=2, lora_alpha=4, target_modules=["v", "o"]),
-    "c": LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"]),
-}
-
-
-def _saved(tmp_path, kind, name, seed):
-    """An adapter directory trained (here: randomised) alone on the base."""
-    model = make_model(kind)
-    inject_adapter(model, CONFIGS[name])
-    randomize_lora(model, seed=seed)
-    save_adapter(model, tmp_path / f"{kind}-{name}-{seed}")
-    return tmp_path / f"{kind}-{name}-{seed}"
-
-
-def _alone(kind, directory, tokens):
-    with torch.no_grad():
-        return load_adapter(make_model(kind), directory)(tokens).logits
-
-
-@pytest.fixture
-def three(tmp_path):
-    """A Llama with adapters a, b, c loaded from files, and each file's own output."""
-    kind = "llama"
-    dirs = {name: _saved(tmp_path, kind, name, seed) for seed, name in enumerate("abc", 1)}
-    model = make_model(kind)
-    for name, directory in dirs.items():
-        load_adapter(model, directory, adapter_name=name)
-    tokens = token_batch(batch=4)
-    alone = {name: _alone(kind, d, tokens) for name, d in dirs.items()}
-    with torch.no_grad():
-        alone[None] = make_model(kind)(tokens).logits
-    return model, dirs, tokens, alone
-
-
-def _logits(model, tokens):
-    with torch.no_grad():
-        return model(tokens).logits
+from several_adapters import logits, logits_alone, saved_adapter
 
 
 def test_list_switch_disable(three):
@@ -77,14 +36,14 @@ def test_list_switch_disable(three):
     assert infos["b"].ranks == (2,) and infos["b"].modules == 4
     assert infos["b"].target_modules == ["o_proj", "v_proj"]  # as the file wrote them
     # the first adapter runs, and only it: o_proj (only b adapts it) stays the base
-    torch.testing.assert_close(_logits(model, tokens), alone["a"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits(model, tokens), alone["a"], atol=1e-5, rtol=1e-5)
     for name in ("b", "c", None, "a"):
         set_active_adapter(model, name)
         assert active_adapter(model) == name
-        torch.testing.assert_close(_logits(model, tokens), alone[name], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logits(model, tokens), alone[name], atol=1e-5, rtol=1e-5)
     with disabled_adapters(model):
-        torch.testing.assert_close(_logits(model, tokens), alone[None], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(_logits(model, tokens), alone["a"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logits(model, tokens), alone[None], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits(model, tokens), alone["a"], atol=1e-5, rtol=1e-5)
 
 
 def test_unknown_adapter_lists_the_loaded_ones(three):
@@ -100,42 +59,42 @@ def test_delete_unwraps_layers_left_without_adapters(three):
     delete_adapter(model, "b")
     assert [i.name for i in list_adapters(model)] == ["a", "c"]
     assert not any("o_proj" in name for name in lora_layers(model))
-    torch.testing.assert_close(_logits(model, tokens), alone["a"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits(model, tokens), alone["a"], atol=1e-5, rtol=1e-5)
     merge_adapter(model)  # deleting a merged adapter restores the base weights first
     delete_adapter(model, "a")
     set_active_adapter(model, None)
-    torch.testing.assert_close(_logits(model, tokens), alone[None], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits(model, tokens), alone[None], atol=1e-5, rtol=1e-5)
 
 
 def test_hot_swap_replaces_weights_in_place(three, tmp_path):
     model, _, tokens, _ = three
-    other = _saved(tmp_path, "llama", "a", seed=9)
+    other = saved_adapter(tmp_path, "llama", "a", seed=9)
     layer = lora_layers(model)["model.layers.0.self_attn.q_proj"]
     parameter = layer.lora["a"].A
     hot_swap_adapter(model, other, "a")
     assert lora_layers(model)["model.layers.0.self_attn.q_proj"] is layer
     assert layer.lora["a"].A is parameter  # the same tensors, new values
     torch.testing.assert_close(
-        _logits(model, tokens), _alone("llama", other, tokens), atol=1e-5, rtol=1e-5
+        logits(model, tokens), logits_alone("llama", other, tokens), atol=1e-5, rtol=1e-5
     )
 
 
 def test_hot_swap_keeps_a_merged_adapter_merged_with_the_new_weights(three, tmp_path):
     model, _, tokens, _ = three
     merge_adapter(model)
-    other = _saved(tmp_path, "llama", "a", seed=11)
+    other = saved_adapter(tmp_path, "llama", "a", seed=11)
     hot_swap_adapter(model, other, "a")
     assert all(
         layer.merged_adapters == ["a"] for layer in lora_layers(model).values() if "a" in layer.lora
     )
     torch.testing.assert_close(
-        _logits(model, tokens), _alone("llama", other, tokens), atol=1e-5, rtol=1e-5
+        logits(model, tokens), logits_alone("llama", other, tokens), atol=1e-5, rtol=1e-5
     )
 
 
 def test_hot_swap_with_other_shapes_says_why_and_changes_nothing(three, tmp_path):
     model, dirs, tokens, _ = three
-    before = _logits(model, tokens)
+    before = logits(model, tokens)
     with pytest.raises(
         AdapterFileError, match=r"rank 2 in the file, 4 loaded|adapts other modules"
     ):
@@ -145,7 +104,7 @@ def test_hot_swap_with_other_shapes_says_why_and_changes_nothing(three, tmp_path
     save_adapter(bigger, tmp_path / "r8")
     with pytest.raises(AdapterFileError, match=r"rank 8 in the file, 4 loaded"):
         hot_swap_adapter(model, tmp_path / "r8", "a")
-    assert torch.equal(_logits(model, tokens), before)
+    assert torch.equal(logits(model, tokens), before)
 
 
 def _hand_merged(kind, parts):
@@ -169,7 +128,7 @@ def test_combine_exactly(three):
     set_active_adapter(model, "mix")
     expected = _hand_merged("llama", [(model, "a", 0.5), (model, "b", 2.0)])
     torch.testing.assert_close(
-        _logits(model, tokens), _logits(expected, tokens), atol=1e-5, rtol=1e-5
+        logits(model, tokens), logits(expected, tokens), atol=1e-5, rtol=1e-5
     )
 
 
@@ -199,83 +158,6 @@ def test_combine_refuses_bad_requests(three):
         combine_adapters(model, ["a"], [1], "b")
 
 
-def test_mixed_batch_rows_equal_each_row_alone(three):
-    model, _, tokens, alone = three
-    rows = ["a", None, "c", "b"]
-    with mixed_adapters(model, rows):
-        mixed = _logits(model, tokens)
-    for index, name in enumerate(rows):
-        torch.testing.assert_close(mixed[index], alone[name][index], atol=1e-5, rtol=1e-5)
-    # outside the block the active adapter runs again
-    torch.testing.assert_close(_logits(model, tokens), alone["a"], atol=1e-5, rtol=1e-5)
-
-
-def test_mixed_batch_sees_weights_changed_since_the_last_one(three, tmp_path):
-    model, _, tokens, alone = three
-    rows = ["a", "b", None, "a"]
-    with mixed_adapters(model, rows):
-        _logits(model, tokens)  # builds (and keeps) the stacked banks
-    other = _saved(tmp_path, "llama", "a", seed=21)
-    hot_swap_adapter(model, other, "a")
-    with mixed_adapters(model, rows):
-        mixed = _logits(model, tokens)
-    swapped = _alone("llama", other, tokens)
-    for index in (0, 3):
-        torch.testing.assert_close(mixed[index], swapped[index], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(mixed[1], alone["b"][1], atol=1e-5, rtol=1e-5)
-
-
-def test_mixed_batch_on_fused_and_embedding_layers(tmp_path):
-    model = make_model("gpt2")
-    configs = {
-        "q": LoraConfig(r=2, target_modules=["q", "v"]),
-        "w": LoraConfig(r=3, target_modules=["wte", "o"]),
-    }
-    alone = {}
-    tokens = token_batch(batch=3)
-    for seed, (name, config) in enumerate(configs.items()):
-        single = make_model("gpt2")
-        inject_adapter(single, config)
-        randomize_lora(single, seed=seed)
-        save_adapter(single, tmp_path / name)
-        load_adapter(model, tmp_path / name, adapter_name=name)
-        alone[name] = _logits(single, tokens)
-    alone[None] = _logits(make_model("gpt2"), tokens)
-    rows = ["w", "q", None]
-    with mixed_adapters(model, rows):
-        mixed = _logits(model, tokens)
-    for index, name in enumerate(rows):
-        torch.testing.assert_close(mixed[index], alone[name][index], atol=1e-5, rtol=1e-5)
-
-
-def test_generation_with_per_row_adapters(three):
-    model, _, _, _ = three
-    prompts = token_batch(seed=5, batch=3, length=4)
-    rows = ["b", "a", None]
-    with mixed_adapters(model, rows):
-        mixed = model.generate(prompts, max_new_tokens=5, do_sample=False, pad_token_id=0)
-    for index, name in enumerate(rows):
-        set_active_adapter(model, name)
-        single = model.generate(
-            prompts[index : index + 1], max_new_tokens=5, do_sample=False, pad_token_id=0
-        )
-        assert torch.equal(mixed[index], single[0])
-
-
-def test_mixed_batch_refuses_merged_adapters_and_wrong_sizes(three):
-    model, _, tokens, _ = three
-    with pytest.raises(KeyError, match="no adapter named 'x'"), mixed_adapters(model, ["x"] * 4):
-        pass
-    with (
-        pytest.raises(ValueError, match="2 row adapters but the batch has 4 rows"),
-        mixed_adapters(model, ["a", "b"]),
-    ):
-        model(tokens)
-    merge_adapter(model)
-    with pytest.raises(ValueError, match="unmerge"), mixed_adapters(model, ["a"] * 4):
-        pass
-
-
 def test_long_random_sequence_of_merged_switches_restores_the_base(three):
     model, _, tokens, alone = three
     w0 = {n: layer.base_layer.weight.detach().clone() for n, layer in lora_layers(model).items()}
@@ -284,7 +166,7 @@ def test_long_random_sequence_of_merged_switches_restores_the_base(three):
     for _ in range(200):
         set_active_adapter(model, rng.choice(["a", "b", "c", None]))
     set_active_adapter(model, "b")
-    torch.testing.assert_close(_logits(model, tokens), alone["b"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits(model, tokens), alone["b"], atol=1e-5, rtol=1e-5)
     set_active_adapter(model, None)
     for name, layer in lora_layers(model).items():
         weight = layer.base_layer.weight
@@ -302,9 +184,9 @@ def test_save_and_load_all_adapters(three, tmp_path):
     assert load_all_adapters(fresh, tmp_path / "all") == ["default", "a", "b", "c"]
     for name in ("a", "b", "c"):
         set_active_adapter(fresh, name)
-        torch.testing.assert_close(_logits(fresh, tokens), alone[name], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logits(fresh, tokens), alone[name], atol=1e-5, rtol=1e-5)
     set_active_adapter(fresh, "default")
-    torch.testing.assert_close(_logits(fresh, tokens), alone["b"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits(fresh, tokens), alone["b"], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.slow
@@ -313,8 +195,8 @@ def test_hot_swap_keeps_a_compiled_model_working(three, tmp_path):
     compiled = torch.compile(model)
     with torch.no_grad():
         compiled(tokens)
-    other = _saved(tmp_path, "llama", "a", seed=13)
+    other = saved_adapter(tmp_path, "llama", "a", seed=13)
     hot_swap_adapter(model, other, "a")
     with torch.no_grad():
         swapped = compiled(tokens).logits
-    torch.testing.assert_close(swapped, _alone("llama", other, tokens), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(swapped, logits_alone("llama", other, tokens), atol=1e-5, rtol=1e-5)

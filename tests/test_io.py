@@ -643,7 +643,7 @@ def test_unknown_key_with_null_only_warns(tmp_path):
 @pytest.mark.parametrize(
     ("field", "value", "match"),
     [
-        ("use_dora", True, "use_dora"),
+        ("lora_bias", True, "lora_bias"),
         ("layer_replication", [[0, 1]], "layer_replication"),
         ("init_lora_weights", "pissa", "init_lora_weights"),
         ("r", 0, r"\br must be"),

@@ -9,11 +9,11 @@ from .adapters import (
     hot_swap_adapter,
     list_adapters,
     load_all_adapters,
-    mixed_adapters,
     save_all_adapters,
     set_active_adapter,
 )
 from .config import ConfigError, LoraConfig
+from .dora import DoraConv1D, DoraFactors, DoraLinear
 from .inject import (
     ParameterReport,
     TargetError,
@@ -29,12 +29,14 @@ from .layers import (
     LoraConv1D,
     LoraConv2d,
     LoraEmbedding,
+    LoraFactors,
     LoraFusedLinear,
     LoraLayer,
     LoraLinear,
     MergeError,
 )
 from .merge import merge_adapter, merge_and_unload, merge_state_dicts, unload, unmerge_adapter
+from .mixing import mixed_adapters
 from .peft_config import AdapterFileError
 
 __version__ = "0.1.0"
@@ -43,11 +45,15 @@ __all__ = [
     "AdapterFileError",
     "AdapterInfo",
     "ConfigError",
+    "DoraConv1D",
+    "DoraFactors",
+    "DoraLinear",
     "FusedParts",
     "LoraConfig",
     "LoraConv1D",
     "LoraConv2d",
     "LoraEmbedding",
+    "LoraFactors",
     "LoraFusedLinear",
     "LoraLayer",
     "LoraLinear",

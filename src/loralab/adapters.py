@@ -1,9 +1,9 @@
 """Several named adapters on one frozen base: list, switch, disable, delete, hot-swap,
-combine, save/load them all, and mix them per batch row.
+combine, and save/load them all (each batch row with its own adapter: ``mixing.py``).
 
 Every adapter lives in the same ``LoraLayer`` wrappers (``layer.lora[name]``), so this
-module only moves the ``active_adapter`` pointers, merges and unmerges, and builds the
-per-row banks that ``mixed_adapters`` hands to the layers for one batch.
+module only moves the ``active_adapter`` pointers, merges and unmerges, and reads and
+writes the factors' tensors (``factors.tensors()``), whatever kind of factors they are.
 """
 
 from __future__ import annotations
@@ -23,10 +23,8 @@ from .config import LoraConfig
 from .inject import adapter_configs, lora_layers, plan_targets, replace_module, require_adapter
 from .io import factors_from_file, load_adapter, read_adapter, save_adapter
 from .layers import (
-    LoraConv1D,
     LoraFusedLinear,
     LoraLayer,
-    LoraLinear,
     TrainableCopy,
 )
 from .peft_config import CONFIG_FILE, AdapterFileError
@@ -171,7 +169,7 @@ def hot_swap_adapter(model: nn.Module, directory: str | os.PathLike, adapter_nam
             f"{directory}: cannot hot-swap into {adapter_name!r}: it adapts other modules "
             f"(only in the file: {only_new}; only in the model: {only_old})"
         )
-    new_factors = {}
+    new_tensors = {}
     for name, layer in holding.items():
         target = targets[name]
         factors = layer.lora[adapter_name]
@@ -180,25 +178,32 @@ def hot_swap_adapter(model: nn.Module, directory: str | os.PathLike, adapter_nam
                 f"{directory}: cannot hot-swap {name!r}: rank {target.r} in the file, "
                 f"{factors.r} loaded; shapes must match to swap in place"
             )
+        if type(target.layer) is not type(layer):
+            raise AdapterFileError(
+                f"{directory}: cannot hot-swap {name!r}: the file's adapter is a "
+                f"{type(target.layer).__name__}, the loaded one a {type(layer).__name__}"
+            )
         try:
-            A, B = factors_from_file(target, files.tensors)
+            tensors = factors_from_file(target, files.tensors)
         except KeyError as missing:
             raise AdapterFileError(f"{directory}: tensor {missing} is missing") from None
-        if A.shape != factors.A.shape or B.shape != factors.B.shape:
-            raise AdapterFileError(
-                f"{directory}: cannot hot-swap {name!r}: factors {tuple(A.shape)}, "
-                f"{tuple(B.shape)} in the file, {tuple(factors.A.shape)}, "
-                f"{tuple(factors.B.shape)} loaded"
-            )
-        new_factors[name] = (A, B, target.alpha, incoming.scale(target.r, target.alpha))
+        held = factors.tensors()
+        for attr, tensor in tensors.items():
+            if tensor.shape != held[attr].shape:
+                raise AdapterFileError(
+                    f"{directory}: cannot hot-swap {name!r}: {attr} has shape "
+                    f"{tuple(tensor.shape)} in the file, {tuple(held[attr].shape)} loaded"
+                )
+        new_tensors[name] = (tensors, target.alpha, incoming.scale(target.r, target.alpha))
     merged = [layer for layer in holding.values() if adapter_name in layer.merged_adapters]
     for layer in merged:
         layer.unmerge(adapter_name)
     with torch.no_grad():
-        for name, (A, B, alpha, scale) in new_factors.items():
+        for name, (tensors, alpha, scale) in new_tensors.items():
             factors = holding[name].lora[adapter_name]
-            factors.A.copy_(A)
-            factors.B.copy_(B)
+            held = factors.tensors()
+            for attr, tensor in tensors.items():
+                held[attr].copy_(tensor)
             factors.alpha, factors.scale = alpha, scale
     for layer in merged:
         layer.merge(adapter_name)
@@ -244,6 +249,13 @@ def combine_adapters(
         missing = [name for name in names if name not in layer.lora]
         if missing and isinstance(layer, LoraFusedLinear):
             raise ValueError(f"{module_name!r}: fused parts need every adapter; {missing} lack it")
+        for name in names:
+            if name in layer.lora and layer.lora[name].low_rank() is None:
+                kind = type(layer.lora[name]).__name__
+                raise ValueError(
+                    f"adapter {name!r} cannot be combined: its ΔW in {module_name!r} "
+                    f"({kind}) is not a product of two factors"
+                )
     built: dict[str, tuple[Tensor, Tensor]] = {}
     error_sq = total_sq = 0.0
     for module_name, layer in layers.items():
@@ -270,8 +282,9 @@ def combine_adapters(
         r = ranks[module_name]
         layer.add_adapter(new_name, r, r, 1.0, 0.0, "kaiming")
         with torch.no_grad():
-            layer.lora[new_name].A.copy_(built[module_name][0])
-            layer.lora[new_name].B.copy_(built[module_name][1])
+            held = layer.lora[new_name].tensors()  # a plain LoRA adapter: A and B
+            held["A"].copy_(built[module_name][0])
+            held["B"].copy_(built[module_name][1])
         layer.lora[new_name].requires_grad_(False)
     adapter_configs(model)[new_name] = combined
     relative = (error_sq / total_sq) ** 0.5 if total_sq > 0 else 0.0
@@ -288,9 +301,9 @@ def _concatenated(layer: LoraLayer, present: list[tuple[str, float]]) -> tuple[T
     rank_dim_b = B_RANK_DIM.get(type(layer), 1)
     As, Bs = [], []
     for name, weight in present:
-        f = layer.lora[name]
-        As.append(f.A.detach().float())
-        Bs.append(f.B.detach().float() * (weight * f.scale))
+        A, B = layer.lora[name].low_rank()  # the scale is inside B
+        As.append(A.detach().float())
+        Bs.append(B.detach().float() * weight)
     return torch.cat(As, dim=rank_dim_a), torch.cat(Bs, dim=rank_dim_b)
 
 
@@ -357,117 +370,3 @@ def load_all_adapters(model: nn.Module, directory: str | os.PathLike) -> list[st
     for name, path in found:
         load_adapter(model, path, adapter_name=name)
     return [name for name, _ in found]
-
-
-# -- mixed batches: each row its own adapter -------------------------------------------------------
-
-
-class RowMix:
-    """One layer's per-row factors for one mixed batch, and how to apply them.
-
-    For ``Linear``/``Conv1D`` each row's ``A`` and scaled ``Bᵀ`` are gathered once, when
-    the block is entered (the rows are fixed inside it), so every forward — each decoding
-    step of ``generate`` — is two batched matrix products whatever the number of
-    adapters, the second one accumulating straight into the base output. Other layer
-    types run one update per adapter present, on that adapter's rows.
-    """
-
-    def __init__(self, layer: LoraLayer, names: list[str | None], rows: list[str | None]):
-        self.rows = torch.tensor([names.index(r) for r in rows])
-        self.names = names
-        self.layer = layer
-        self.batched = type(layer) in (LoraLinear, LoraConv1D)
-        if self.batched:
-            A, Bt = _cached_bank(layer, names)
-            index = self.rows.to(A.device)
-            self.A = A.index_select(0, index)  # (batch, r, in)
-            self.Bt = Bt.index_select(0, index)  # (batch, r, out), scales folded in
-
-    def __call__(self, x: Tensor, result: Tensor) -> Tensor:
-        """``result`` (the base layer's output) plus each row's own update."""
-        if x.shape[0] != self.rows.numel():
-            raise ValueError(
-                f"mixed_adapters was given {self.rows.numel()} row adapters but the batch "
-                f"has {x.shape[0]} rows"
-            )
-        if self.batched:
-            batch = x.shape[0]
-            flat = x.to(self.A.dtype).reshape(batch, -1, x.shape[-1])  # (batch, tokens, in)
-            hidden = torch.bmm(flat, self.A.transpose(1, 2))  # (batch, tokens, r)
-            base = result.to(self.A.dtype).reshape(batch, -1, result.shape[-1])
-            return torch.baddbmm(base, hidden, self.Bt).reshape(result.shape).to(result.dtype)
-        rows = self.rows.to(x.device)
-        out = result
-        for index, name in enumerate(self.names):
-            if name is None or name not in self.layer.lora:
-                continue
-            selected = (rows == index).nonzero().squeeze(1)
-            if selected.numel() == 0:
-                continue
-            factors = self.layer.lora[name]
-            update = self.layer.lora_update(self.layer._lora_input(x[selected], factors), factors)
-            out = out.index_add(0, selected, update.to(out.dtype))
-        return out
-
-
-def _cached_bank(layer: LoraLayer, names: list[str | None]) -> tuple[Tensor, Tensor]:
-    """``_bank``, rebuilt only when the adapters asked for or their weights changed.
-
-    Stacking is most of the cost of entering a mixed batch (a few small copies per
-    adapter and layer); a server mixes the same adapters again and again. The key holds
-    each factor's in-place version counter, which hot-swaps and optimizer steps bump. One
-    bank per layer is kept, about the size of the adapters it stacks.
-    """
-    present = [layer.lora[n] for n in names if n is not None and n in layer.lora]
-    key = (tuple(names), tuple((f.A._version, f.B._version, f.scale) for f in present))
-    cached = layer.__dict__.get("_loralab_bank")
-    if cached is None or cached[0] != key:
-        cached = (key, _bank(layer, names))
-        layer.__dict__["_loralab_bank"] = cached
-    return cached[1]
-
-
-def _bank(layer: LoraLayer, names: list[str | None]) -> tuple[Tensor, Tensor]:
-    """Stacked A (n, r_max, in) and scaled Bᵀ (n, r_max, out); entry i is ``names[i]``.
-
-    The bare base (None, or an adapter this layer lacks) is a zero entry; smaller ranks
-    are zero-padded, which changes no product.
-    """
-    reference = layer.lora[next(iter(layer.lora))]
-    present = [layer.lora[n] if n is not None and n in layer.lora else None for n in names]
-    r_max = max((f.r for f in present if f is not None), default=1)
-    zero_a = reference.A.new_zeros(r_max, reference.A.shape[1])
-    zero_bt = reference.B.new_zeros(r_max, reference.B.shape[0])
-    As, Bts = [], []
-    for f in present:
-        if f is None:
-            As.append(zero_a)
-            Bts.append(zero_bt)
-        else:
-            As.append(F.pad(f.A.detach(), (0, 0, 0, r_max - f.r)))
-            Bts.append(F.pad(f.B.detach().T * f.scale, (0, 0, 0, r_max - f.r)))
-    return torch.stack(As), torch.stack(Bts)
-
-
-@contextlib.contextmanager
-def mixed_adapters(model: nn.Module, row_adapters: Sequence[str | None]) -> Iterator[None]:
-    """Inside the block, row ``i`` of every batch runs adapter ``row_adapters[i]``.
-
-    ``None`` runs the bare base for that row. Works for a forward pass and for
-    ``model.generate`` (the rows keep their adapters at every step). Adapters must not be
-    merged (a merged one is in every row's weights); this is for inference: no dropout.
-    """
-    rows = list(row_adapters)
-    for name in {r for r in rows if r is not None}:
-        require_adapter(model, name, "mixed per row")
-    layers = lora_layers(model).values()
-    if any(layer.merged_adapters for layer in layers):
-        raise ValueError("unmerge the adapters first: a merged adapter would apply to every row")
-    names: list[str | None] = [None, *sorted({r for r in rows if r is not None})]
-    for layer in layers:
-        layer.row_mix = RowMix(layer, names, rows)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.row_mix = None

@@ -292,33 +292,34 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from .io import WEIGHTS_FILE, read_adapter
+    from .io import WEIGHTS_FILE, factor_tensors_by_module, read_adapter
+    from .layers import factors_class_with
 
     files = read_adapter(args.adapter)
     config = files.config
     parameters = sum(t.numel() for t in files.tensors.values())
-    modules = sorted(
-        {
-            key.split(".lora_")[0].removeprefix("base_model.model.")
-            for key in files.tensors
-            if ".lora_" in key
-        }
-    )
-    size = (
-        (args.adapter / WEIGHTS_FILE).stat().st_size
-        if (args.adapter / WEIGHTS_FILE).exists()
-        else 0
-    )
-    ranks = {}
-    for key, tensor in files.tensors.items():
-        if key.endswith(("lora_A.weight", "lora_embedding_A")):
-            ranks[key.split(".lora_")[0].removeprefix("base_model.model.")] = tensor.shape[0]
+    by_module, _ = factor_tensors_by_module(files.tensors)
+    ranks, kinds = {}, set()
+    for module, (_, found) in by_module.items():
+        factors_class = factors_class_with(set(found))
+        if factors_class is not None:  # the PEFT form's rank (a fused subset's is p · r)
+            names = factors_class.peft_names.items()
+            ranks[module] = factors_class.rank_of({a: found[n] for a, n in names})
+            kinds.add(factors_class.__name__)
+    weights = args.adapter / WEIGHTS_FILE
+    size = weights.stat().st_size if weights.exists() else 0
     print(f"adapter: {args.adapter}")
     print(f"base model: {files.peft_config.get('base_model_name_or_path')}")
-    print(f"r = {config.r}, lora_alpha = {config.lora_alpha:g}, use_rslora = {config.use_rslora}")
+    print(
+        f"r = {config.r}, lora_alpha = {config.lora_alpha:g}, use_rslora = {config.use_rslora}"
+        f", use_dora = {config.use_dora}"
+    )
     print(f"target_modules: {config.target_modules}")
-    print(f"adapted modules: {len(modules)}; ranks: {sorted(set(ranks.values()))}")
-    for module in modules:
+    print(
+        f"adapted modules: {len(by_module)}; ranks: {sorted(set(ranks.values()))}; "
+        f"factors: {', '.join(sorted(kinds))}"
+    )
+    for module in sorted(by_module):
         print(f"  {module}  r={ranks.get(module)}")
     print(f"parameters: {parameters:,}; file size: {size / 1e6:.2f} MB")
     return 0

@@ -71,6 +71,10 @@ class LoraConfig:
     modules_to_save: list[str] | None = None
     """Modules trained in full and saved with the adapter (a new classifier head, say)."""
 
+    use_dora: bool = False
+    """DoRA: each adapted weight is a learned length per output row times the direction
+    of ``W0 + (α/r)·B A`` (``dora.py``); Linear and Conv1D weights only."""
+
     def __post_init__(self) -> None:
         require_int("r", self.r, minimum=1)
         require_number("lora_alpha", self.lora_alpha, above=0)
@@ -102,6 +106,7 @@ class LoraConfig:
         require_choice("bias", self.bias, BIAS_CHOICES)
         require_choice("init", self.init, INIT_CHOICES)
         require_bool("use_rslora", self.use_rslora)
+        require_bool("use_dora", self.use_dora)
         if self.modules_to_save is not None:
             spec = _name_spec("modules_to_save", self.modules_to_save, allow_none=False)
             if not isinstance(spec, list):

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from . import bases
 from .architectures import (
     FUSED_LAYOUTS,
     Architecture,
@@ -26,6 +27,7 @@ from .architectures import (
     output_head,
 )
 from .config import ConfigError, LoraConfig
+from .dora import dora_class_for
 from .layers import (
     FusedParts,
     LoraFactors,
@@ -289,19 +291,25 @@ def _target(
     strict: bool,
 ) -> Target:
     existing = model.get_submodule(name)
-    layer_class = lora_class_for(base)
+    layer_class = (dora_class_for if config.use_dora else lora_class_for)(base)
     reason = unsupported_reason(base)
     if layer_class is None or reason:
+        supported = "Linear, Conv1D" if config.use_dora else "Linear, Conv1D, Embedding, Conv2d"
+        method = "DoRA" if config.use_dora else "LoRA"
         raise TargetError(
-            f"module {name!r} is a {type(base).__name__}, which LoRA cannot adapt"
-            + (f": {reason}" if reason else " (supported: Linear, Conv1D, Embedding, Conv2d)")
+            f"module {name!r} is a {type(base).__name__}, which {method} cannot adapt"
+            + (f": {reason}" if reason else f" (supported: {supported})")
         )
     fused = None
     if parts is not None:
         layout = fused_layout(name)
-        out_features = base.weight.shape[1] if isinstance(base, Conv1D) else base.out_features
-        size = out_features // len(layout)
+        size = bases.in_out(base)[1] // len(layout)
         fused = FusedParts(layout, (size,) * len(layout), tuple(p for p in layout if p in parts))
+    if fused is not None and config.use_dora:
+        raise TargetError(
+            f"DoRA adapts whole matrices, not the parts {list(fused.enabled)} of the fused "
+            f"{name!r}: target it whole"
+        )
     if isinstance(existing, LoraLayer):
         layer = existing
         if adapter_name in layer.lora:
@@ -310,6 +318,12 @@ def _target(
             raise TargetError(
                 f"module {name!r} is already adapted as {layer.extra_repr()}; a second "
                 "adapter on it must use the same fused parts"
+            )
+        if fused is None and type(layer) is not layer_class:
+            raise TargetError(
+                f"module {name!r} already holds {type(layer).__name__} adapters; a second "
+                f"adapter on it must be of the same kind (use_dora={config.use_dora} asks "
+                f"for {layer_class.__name__})"
             )
     elif fused is not None:
         layer = LoraFusedLinear(base, fused)
@@ -326,7 +340,7 @@ def _target(
     if r > limit and strict:
         raise TargetError(
             f"rank r={r} for {name!r} is larger than its matrix allows "
-            f"(weight {tuple(base.weight.shape)}: at most {limit})"
+            f"(weight {bases.weight_shape(base)}: at most {limit})"
         )
     return Target(name, layer, r, alpha, short_names, fused)
 

@@ -21,8 +21,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from transformers.pytorch_utils import Conv1D
 
+from . import bases
 from .atomic_write import json_writer, write_files_atomically
 from .config import ConfigError, LoraConfig
 from .inject import (
@@ -34,7 +34,7 @@ from .inject import (
     plan_targets,
     saved_module_names,
 )
-from .layers import LoraEmbedding, LoraFusedLinear, LoraLayer, TrainableCopy
+from .layers import FACTOR_CLASSES, LoraEmbedding, LoraFusedLinear, LoraLayer, TrainableCopy
 from .peft_config import (
     CONFIG_FILE,
     PEFT_PREFIX,
@@ -118,53 +118,38 @@ def read_adapter(directory: str | os.PathLike) -> AdapterFiles:
 # -- the mapping between loralab's layers and PEFT's tensor names -------------------------
 
 
-def _factor_keys(name: str, layer: LoraLayer) -> tuple[str, str]:
-    if isinstance(layer, LoraEmbedding):
-        return f"{PEFT_PREFIX}{name}.lora_embedding_A", f"{PEFT_PREFIX}{name}.lora_embedding_B"
-    return f"{PEFT_PREFIX}{name}.lora_A.weight", f"{PEFT_PREFIX}{name}.lora_B.weight"
+def factor_keys(module_name: str, layer: LoraLayer) -> dict[str, str]:
+    """Each factors tensor of ``layer`` (by attribute) -> its full key in a PEFT file."""
+    return {attr: f"{PEFT_PREFIX}{module_name}.{name}" for attr, name in layer.peft_names().items()}
 
 
-def _fused_to_peft(layer: LoraFusedLinear, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
-    """Stacked per-part factors -> one rank-(p·r) pair for the whole fused matrix.
-
-    A (p, r, in) -> (p·r, in); B (p, o, r) -> a block matrix (out, p·r) whose rows of
-    the frozen parts are zero, so ``B A`` is exactly ``[B_q A_q; 0; B_v A_v]``.
-    """
-    p, r, in_features = A.shape
-    spans = layer.parts.offsets()
-    out_features = sum(layer.parts.sizes)
-    block = B.new_zeros(out_features, p * r)
-    for index, part in enumerate(layer.parts.enabled):
-        start, end = spans[part]
-        block[start:end, index * r : (index + 1) * r] = B[index]
-    return A.reshape(p * r, in_features), block
+# An embedding's factors carry names of their own in PEFT's files.
+_EMBEDDING_NAMES = {name: attr for attr, name in LoraEmbedding.peft_renames.items()}
 
 
-def _fused_from_peft(layer: LoraFusedLinear, A: Tensor, B: Tensor, key: str):
-    """The inverse of ``_fused_to_peft``; the off-diagonal blocks must be exactly zero."""
-    p = len(layer.parts.enabled)
-    r = A.shape[0] // p
-    spans = layer.parts.offsets()
-    stacked_b = []
-    mask = torch.ones_like(B, dtype=torch.bool)
-    for index, part in enumerate(layer.parts.enabled):
-        start, end = spans[part]
-        stacked_b.append(B[start:end, index * r : (index + 1) * r])
-        mask[start:end, index * r : (index + 1) * r] = False
-    if B[mask].count_nonzero():
-        raise AdapterFileError(
-            f"{key}: the blocks outside the parts {layer.parts.enabled} are not zero, so "
-            "this is not a fused-subset adapter"
-        )
-    return A.reshape(p, r, A.shape[1]), torch.stack(stacked_b)
+def factor_tensors_by_module(adapter_tensors: dict[str, Tensor]):
+    """A PEFT file's factor tensors grouped by module, ``module -> (embedding?, {name:
+    tensor})`` with an embedding's names read as the others' (``lora_A.weight``…), and the
+    rest (trained biases, modules trained in full), by key."""
+    known = {n for c in FACTOR_CLASSES for n in c.peft_names.values()} | set(_EMBEDDING_NAMES)
+    modules: dict[str, tuple[bool, dict[str, Tensor]]] = {}
+    rest = {}
+    for key, tensor in adapter_tensors.items():
+        name = key.removeprefix(PEFT_PREFIX)
+        suffix = next((s for s in known if name.endswith("." + s)), None)
+        if suffix is None:
+            rest[key] = tensor
+            continue
+        module = name.removesuffix("." + suffix)
+        _, found = modules.setdefault(module, (suffix in _EMBEDDING_NAMES, {}))
+        found[_EMBEDDING_NAMES.get(suffix, suffix)] = tensor
+    return modules, rest
 
 
-def _expected_factor_shapes(target: Target) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    a_shape, b_shape = target.layer.factor_shapes(target.r)
-    if target.parts is not None:  # the PEFT form of stacked parts: (p·r, in), (out, p·r)
-        p, r, in_features = a_shape
-        return (p * r, in_features), (sum(target.parts.sizes), p * r)
-    return a_shape, b_shape
+def expected_factor_shapes(target: Target) -> dict[str, tuple[int, ...]]:
+    """The PEFT keys and shapes of a planned target's factors."""
+    shapes = target.layer.peft_shapes(target.r)
+    return {f"{PEFT_PREFIX}{target.name}.{name}": shape for name, shape in shapes.items()}
 
 
 def extra_tensors(
@@ -201,12 +186,8 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     tensors: dict[str, Tensor] = {}
     layers = {n: layer for n, layer in lora_layers(model).items() if adapter_name in layer.lora}
     for name, layer in layers.items():
-        factors = layer.lora[adapter_name]
-        A, B = factors.A.detach(), factors.B.detach()
-        if isinstance(layer, LoraFusedLinear):
-            A, B = _fused_to_peft(layer, A, B)
-        key_a, key_b = _factor_keys(name, layer)
-        tensors[key_a], tensors[key_b] = A, B
+        for suffix, tensor in layer.peft_tensors(adapter_name).items():
+            tensors[f"{PEFT_PREFIX}{name}.{suffix}"] = tensor
     for key, parameter in extra_tensors(model, config, set(layers), adapter_name).items():
         tensors[key] = parameter.detach()
     return {key: t.contiguous().cpu() for key, t in tensors.items()}
@@ -279,9 +260,10 @@ def load_adapter_tensors(
     layers = lora_layers(model)
     live = extra_tensors(model, config, set(factors), adapter_name)
     with torch.no_grad():
-        for module_name, (A, B) in factors.items():
-            layers[module_name].lora[adapter_name].A.copy_(A)
-            layers[module_name].lora[adapter_name].B.copy_(B)
+        for module_name, values in factors.items():
+            held = layers[module_name].lora[adapter_name].tensors()
+            for attr, value in values.items():
+                held[attr].copy_(value)
         for key in extra_keys:
             live[key].copy_(tensors[key])
     return model
@@ -300,8 +282,7 @@ def _check_tensors(
     """
     expected: dict[str, tuple[int, ...]] = {}
     for target in targets:
-        keys = _factor_keys(target.name, target.layer)
-        expected.update(zip(keys, _expected_factor_shapes(target), strict=True))
+        expected.update(expected_factor_shapes(target))
     extra = extra_tensors(model, config, {t.name for t in targets}, adapter_name="")
     expected.update({key: tuple(p.shape) for key, p in extra.items()})
     check_expected_tensors(expected, tensors, source)
@@ -335,13 +316,13 @@ def check_expected_tensors(
         )
 
 
-def factors_from_file(target: Target, tensors: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """The ``A`` and ``B`` a planned target gets from PEFT-named file tensors."""
-    key_a, key_b = _factor_keys(target.name, target.layer)
-    A, B = tensors[key_a], tensors[key_b]
-    if target.parts is not None:
-        A, B = _fused_from_peft(target.layer, A, B, key_b)
-    return A, B
+def factors_from_file(target: Target, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The factors tensors (by attribute) a planned target gets from PEFT-named tensors."""
+    keys = factor_keys(target.name, target.layer)
+    try:
+        return target.layer.from_peft({attr: tensors[key] for attr, key in keys.items()}, keys["B"])
+    except ValueError as error:
+        raise AdapterFileError(str(error)) from None
 
 
 # -- the paper's reference code (loralib) -------------------------------------------------
@@ -376,7 +357,7 @@ def import_loralib(
             raise AdapterFileError(f"{label}: {key!r} has no matching {name}.lora_B")
         A, B = tensors[key], tensors[f"{name}.lora_B"]
         base = modules[name]
-        out_features = base.weight.shape[1] if isinstance(base, Conv1D) else base.weight.shape[0]
+        out_features = bases.in_out(base)[1]
         if A.dim() != 2 or B.dim() != 2:
             raise AdapterFileError(
                 f"{label}: {key!r} has shape {tuple(A.shape)}; loralib's ConvLoRA layout "
@@ -421,8 +402,9 @@ def import_loralib(
     layers = lora_layers(model)
     with torch.no_grad():
         for name, (A, B) in factors.items():
-            layers[name].lora[adapter_name].A.copy_(A)
-            layers[name].lora[adapter_name].B.copy_(B)
+            held = layers[name].lora[adapter_name].tensors()
+            held["A"].copy_(A)  # loralib's are LoRA's own two factors
+            held["B"].copy_(B)
     return model
 
 
@@ -430,7 +412,7 @@ def _loralib_parts(
     base: nn.Module, B: Tensor, parts: tuple[str, ...] | None, key: str, label: str
 ) -> tuple[str, ...]:
     layout = ("q", "k", "v")
-    out_features = base.weight.shape[1] if isinstance(base, Conv1D) else base.weight.shape[0]
+    out_features = bases.in_out(base)[1]
     part_size = out_features // len(layout)
     count = B.shape[0] // part_size
     if B.shape[0] % part_size:

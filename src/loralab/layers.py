@@ -1,15 +1,19 @@
 """The LoRA layers: ``h = W0 x + (α/r) · B A x`` around a frozen base layer.
 
-Each wrapper keeps the user's layer as ``base_layer`` untouched and holds one
-``LoraFactors`` (the trainable ``A`` and ``B``) per named adapter. ``delta_weight()`` is
-the single source of truth for merge, unmerge, export and analysis: it returns ``ΔW`` in
-the base weight's own layout, computed in fp32.
+Each wrapper keeps the user's layer as ``base_layer`` untouched and holds one factors
+object per named adapter. The factors own their tensors: which ones they hold, under which
+name PEFT's files keep each, and how they make ``ΔW`` (``LoraFactors``; DoRA's and
+AdaLoRA's beside it). The layer knows its geometry: the factors' shapes, the low-rank path
+of its forward, and where ``ΔW`` lies in the base weight (``bases.py`` reads the base).
+``delta_weight()`` is the single source of truth for merge, unmerge, export and analysis.
+``merge()`` remembers the ``ΔW`` it added, and ``unmerge()`` subtracts exactly that.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -17,31 +21,51 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from . import bases
 from .dropout import low_rank_path
-
-# -- ΔW as pure functions of the factors (also used to merge state dicts) ----------------
 
 
 def low_rank_product(A: Tensor, B: Tensor, scale: float) -> Tensor:
-    """``scale · B A`` in fp32: (out, r) @ (r, in) -> (out, in)."""
-    return (B.float() @ A.float()) * scale
-
-
-def conv2d_delta(A: Tensor, B: Tensor, scale: float) -> Tensor:
-    """ΔW of a conv LoRA: A is a (r, in, kh, kw) conv, B a 1×1 conv (out, r, 1, 1)."""
-    out_channels = B.shape[0]
-    return low_rank_product(A.flatten(1), B.flatten(1), scale).view(out_channels, *A.shape[1:])
+    """``scale · B A`` in fp32: (out, r) @ (r, in) -> (out, in); stacked parts batch,
+    (p, out, r) @ (p, r, in) -> (p, out, in); a conv's factors, (r, in, kh, kw) and
+    (out, r, 1, 1), are multiplied as matrices (out, in · kh · kw)."""
+    A, B = A.float(), B.float()
+    if A.dim() == 4:
+        A, B = A.flatten(1), B.flatten(1)
+    return (B @ A) * scale
 
 
 class MergeError(RuntimeError):
     """A merge was refused (non-finite delta in safe mode, or inconsistent state)."""
 
 
-# -- the trainable pair -------------------------------------------------------------------
+FACTOR_CLASSES: list[type[LoraFactors]] = []
+"""Every kind of factors (LoRA's; variants register theirs), for reading PEFT tensors."""
+
+
+def register_factors(factors_class: type[LoraFactors]) -> type[LoraFactors]:
+    """Make a factors class known to the readers that see only tensors (state-dict merge)."""
+    if factors_class not in FACTOR_CLASSES:
+        FACTOR_CLASSES.append(factors_class)
+    return factors_class
+
+
+def factors_class_with(peft_names: set[str]) -> type[LoraFactors] | None:
+    """The factors class whose tensors have exactly these PEFT names."""
+    return next((c for c in FACTOR_CLASSES if set(c.peft_names.values()) == peft_names), None)
+
+
+# -- the factors of one adapter on one layer ------------------------------------------------
 
 
 class LoraFactors(nn.Module):
     """One adapter's ``A`` and ``B`` for one layer, with its scale and dropout."""
+
+    peft_names: Mapping[str, str] = {"A": "lora_A.weight", "B": "lora_B.weight"}
+    """Each tensor the factors hold (by attribute) and its name in PEFT's files, after the
+    module's name; a layer may rename them (an embedding's are ``lora_embedding_A``…)."""
+    reads_weight = False
+    """Whether ``ΔW`` depends on the frozen base weight (DoRA's does; LoRA's does not)."""
 
     def __init__(
         self,
@@ -63,14 +87,39 @@ class LoraFactors(nn.Module):
         self.scale = scale
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
+    @staticmethod
+    def tensor_shapes(a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> dict[str, tuple]:
+        """The shape of each tensor, by attribute, for factors of these ``A`` and ``B``."""
+        return {"A": a_shape, "B": b_shape}
+
+    @staticmethod
+    def rank_of(tensors: Mapping[str, Tensor]) -> int:
+        """The rank of factors with these tensors (by attribute)."""
+        return tensors["A"].shape[0]
+
+    def tensors(self) -> dict[str, nn.Parameter]:
+        """The tensors, by attribute (``peft_names``' keys)."""
+        return {name: getattr(self, name) for name in self.peft_names}
+
+    @staticmethod
+    def delta_from(tensors: Mapping[str, Tensor], scale: float, weight: Tensor | None) -> Tensor:
+        """``ΔW = scale · B A`` (fp32, ``bases.weight_matrix``' layout) from the tensors, by
+        attribute; ``weight`` is the frozen base matrix (out, in) where ``reads_weight``."""
+        return low_rank_product(tensors["A"], tensors["B"], scale)
+
+    def delta(self, weight: Tensor | None) -> Tensor:
+        return self.delta_from(self.tensors(), self.scale, weight)
+
+    def low_rank(self) -> tuple[Tensor, Tensor] | None:
+        """``ΔW = B' A'`` with the scale inside ``B'``: the two factors that mixed batches
+        stack and combining concatenates; None where ΔW is not one such product."""
+        return self.A, self.B * self.scale
+
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha:g}, scale={self.scale:g}"
 
 
-def _factor_dtype(weight: Tensor) -> torch.dtype:
-    # Half-precision bases train their adapters in fp32: the factors are tiny and the
-    # low-rank path is where precision is lost first.
-    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+register_factors(LoraFactors)
 
 
 # -- the wrappers ---------------------------------------------------------------------------
@@ -79,16 +128,20 @@ def _factor_dtype(weight: Tensor) -> torch.dtype:
 class LoraLayer(nn.Module):
     """A frozen ``base_layer`` plus named low-rank updates; one of them is active."""
 
+    factors_class: type[LoraFactors] = LoraFactors
+    peft_renames: Mapping[str, str] = {}
+    """The layer's own PEFT names for some of its factors' tensors."""
+
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.lora = nn.ModuleDict()
         self.active_adapter: str | None = None
-        self.merged_adapters: list[str] = []
-        self.row_mix = None  # set by adapters.mixed_adapters for one mixed batch
+        self.merged: dict[str, Tensor] = {}  # adapter -> the ΔW merge added to the weight
         self.train(base_layer.training)  # wrapping never switches eval mode (dropout) on
 
-    # Subclasses define the factor shapes, the init of A, the low-rank path and ΔW.
+    # Subclasses define the factor shapes, the init of A, the low-rank path and where ΔW
+    # lies in the base weight.
     def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Shapes of A and B at rank r."""
         raise NotImplementedError
@@ -100,8 +153,13 @@ class LoraLayer(nn.Module):
     def lora_update(self, x: Tensor, factors: LoraFactors) -> Tensor:
         raise NotImplementedError
 
-    def delta_weight(self, adapter_name: str | None = None) -> Tensor:
-        raise NotImplementedError
+    def weight_delta(self, delta: Tensor) -> Tensor:
+        """The factors' ΔW (``bases.weight_matrix``' layout) in the base weight's layout."""
+        return bases.to_weight_layout(self.base_layer, delta)
+
+    def init_factors(self, factors: LoraFactors, init: str) -> None:
+        """Draw a new adapter's starting values (B stays zero)."""
+        self._init_a(factors.A, init)
 
     def _init_a(self, A: Tensor, init: str) -> None:
         if init == "gaussian":
@@ -118,18 +176,23 @@ class LoraLayer(nn.Module):
                 raise
             return getattr(self.base_layer, name)
 
+    @property
+    def merged_adapters(self) -> list[str]:
+        """The adapters merged into the base weight, in the order they were merged."""
+        return list(self.merged)
+
     def add_adapter(
         self, name: str, r: int, alpha: float, scale: float, dropout: float, init: str
     ) -> None:
         if name in self.lora:
             raise ValueError(f"adapter {name!r} already exists on this layer")
-        weight = self.base_layer.weight
         a_shape, b_shape = self.factor_shapes(r)
-        factors = LoraFactors(
-            a_shape, b_shape, r, alpha, scale, dropout, weight.device, _factor_dtype(weight)
+        base = self.base_layer
+        factors = self.factors_class(
+            a_shape, b_shape, r, alpha, scale, dropout, bases.device(base), bases.factor_dtype(base)
         )
         with torch.no_grad():
-            self._init_a(factors.A, init)
+            self.init_factors(factors, init)
         factors.train(self.training)  # a new adapter follows the model's train/eval mode
         self.lora[name] = factors
         if self.active_adapter is None:
@@ -137,12 +200,13 @@ class LoraLayer(nn.Module):
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        if self.row_mix is not None:  # a mixed batch: each row its own adapter
-            return self.row_mix(x, result)
         name = self.active_adapter
-        if name is None or name in self.merged_adapters:
+        if name is None or name in self.merged:
             return result
-        factors = self.lora[name]
+        return self.adapted(x, result, self.lora[name])
+
+    def adapted(self, x: Tensor, result: Tensor, factors: LoraFactors) -> Tensor:
+        """The base layer's ``result`` for input ``x``, with the adapter's update."""
         return result + self.lora_update(self._lora_input(x, factors), factors).to(result.dtype)
 
     def _lora_input(self, x: Tensor, factors: LoraFactors) -> Tensor:
@@ -155,82 +219,99 @@ class LoraLayer(nn.Module):
             raise KeyError(f"no adapter {name!r} on this layer; it has {list(self.lora)}")
         return self.lora[name]
 
+    def delta_weight(self, adapter_name: str | None = None) -> Tensor:
+        """``ΔW`` of an adapter (the active one by default), in fp32, in the layout of the
+        base weight."""
+        factors = self._factors(adapter_name)
+        weight = bases.weight_matrix(self.base_layer) if factors.reads_weight else None
+        return self.weight_delta(factors.delta(weight))
+
+    # -- the PEFT form of the factors ------------------------------------------------------
+
+    def to_peft(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The factors' tensors (by attribute) as PEFT holds them for this layer."""
+        return dict(tensors)
+
+    def from_peft(self, tensors: Mapping[str, Tensor], source: str) -> dict[str, Tensor]:
+        """The inverse of ``to_peft``; ``source`` names the file in an error."""
+        return dict(tensors)
+
+    def peft_names(self) -> dict[str, str]:
+        """Attribute -> the PEFT name of each factors tensor on this layer."""
+        names = self.factors_class.peft_names
+        return {attr: self.peft_renames.get(name, name) for attr, name in names.items()}
+
+    def peft_tensors(self, adapter_name: str) -> dict[str, Tensor]:
+        """The adapter's tensors under their PEFT names (after the module's name)."""
+        peft = self.to_peft({k: t.detach() for k, t in self.lora[adapter_name].tensors().items()})
+        return {self.peft_names()[attr]: tensor for attr, tensor in peft.items()}
+
+    def peft_shapes(self, r: int) -> dict[str, tuple[int, ...]]:
+        """The shape of each PEFT-named tensor of an adapter of rank ``r``."""
+        shapes = self.factors_class.tensor_shapes(*self.factor_shapes(r))
+        empty = {attr: torch.empty(shape, device="meta") for attr, shape in shapes.items()}
+        empty = self.to_peft(empty)
+        return {self.peft_names()[attr]: tuple(t.shape) for attr, t in empty.items()}
+
     # -- merging: W ← W ± ΔW, computed in fp32 and cast once ------------------------------
 
     def merge(self, adapter_name: str | None = None, safe: bool = False) -> None:
         """Add ``ΔW`` into the base weight. Merging an adapter twice does nothing."""
         name = adapter_name or self.active_adapter
-        if name in self.merged_adapters:
+        if name in self.merged:
             return
         delta = self.delta_weight(name)
         if safe and not torch.isfinite(delta).all():
             raise MergeError(f"adapter {name!r} has a non-finite ΔW (NaN or Inf); not merged")
-        self._add_to_weight(delta)
-        self.merged_adapters.append(name)
+        bases.add_to_weight(self.base_layer, delta)
+        self.merged[name] = delta
 
     def unmerge(self, adapter_name: str | None = None) -> None:
-        """Subtract a merged adapter's ``ΔW`` again; does nothing if it is not merged."""
+        """Subtract exactly the ``ΔW`` that merging added; does nothing if not merged (a
+        ΔW that depends on the weight, as DoRA's, comes back out exactly too)."""
         name = adapter_name or self.active_adapter
-        if name not in self.merged_adapters:
-            return
-        self._add_to_weight(-self.delta_weight(name))
-        self.merged_adapters.remove(name)
-
-    def _add_to_weight(self, delta: Tensor) -> None:
-        weight = self.base_layer.weight
-        with torch.no_grad():
-            weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
+        delta = self.merged.pop(name, None)
+        if delta is not None:
+            bases.add_to_weight(self.base_layer, -delta)
 
     def extra_repr(self) -> str:
         return f"active={self.active_adapter!r}, merged={self.merged_adapters}"
 
 
 class LoraLinear(LoraLayer):
-    """LoRA around ``nn.Linear``: weight (out, in), A (r, in), B (out, r)."""
+    """LoRA around ``nn.Linear`` (or GPT-2's ``Conv1D``): A (r, in), B (out, r)."""
 
     def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        base = self.base_layer
-        return (r, base.in_features), (base.out_features, r)
+        in_features, out_features = bases.in_out(self.base_layer)
+        return (r, in_features), (out_features, r)
 
     def max_rank(self) -> int:
-        base = self.base_layer
-        return min(base.in_features, base.out_features)
+        return min(bases.in_out(self.base_layer))
 
     def lora_update(self, x: Tensor, factors: LoraFactors) -> Tensor:
         # (…, in) -> (…, r) -> (…, out); with dropout, a mask is kept rather than a copy of x
         return low_rank_path(x, factors.A, factors.B, factors.scale, factors.dropout)
 
-    def delta_weight(self, adapter_name: str | None = None) -> Tensor:
-        f = self._factors(adapter_name)
-        return low_rank_product(f.A, f.B, f.scale)
-
 
 class LoraConv1D(LoraLinear):
-    """LoRA around GPT-2's ``Conv1D``, whose weight is stored transposed: (in, out)."""
-
-    def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        base = self.base_layer
-        in_features, out_features = base.weight.shape
-        return (r, in_features), (out_features, r)
-
-    def max_rank(self) -> int:
-        base = self.base_layer
-        return min(base.weight.shape)
-
-    def delta_weight(self, adapter_name: str | None = None) -> Tensor:
-        return super().delta_weight(adapter_name).T  # (in, out), like the base weight
+    """LoRA around GPT-2's ``Conv1D``, whose weight is stored transposed, (in, out): the
+    layer is ``LoraLinear``'s; ``bases.py`` reads the base either way."""
 
 
 class LoraEmbedding(LoraLayer):
     """LoRA around ``nn.Embedding``: weight (num, dim), A (r, num), B (dim, r), ΔW = (BA)ᵀ."""
 
+    peft_renames: Mapping[str, str] = {
+        "lora_A.weight": "lora_embedding_A",
+        "lora_B.weight": "lora_embedding_B",
+    }
+
     def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        base = self.base_layer
-        return (r, base.num_embeddings), (base.embedding_dim, r)
+        num, dim = bases.in_out(self.base_layer)
+        return (r, num), (dim, r)
 
     def max_rank(self) -> int:
-        base = self.base_layer
-        return min(base.num_embeddings, base.embedding_dim)
+        return min(bases.in_out(self.base_layer))
 
     def _init_a(self, A: Tensor, init: str) -> None:
         # A is read by lookup, not by a matrix product over its fan-in, so Kaiming's
@@ -243,10 +324,6 @@ class LoraEmbedding(LoraLayer):
 
     def _lora_input(self, x: Tensor, factors: LoraFactors) -> Tensor:
         return x  # token ids stay integers
-
-    def delta_weight(self, adapter_name: str | None = None) -> Tensor:
-        f = self._factors(adapter_name)
-        return low_rank_product(f.A, f.B, f.scale).T
 
 
 class LoraConv2d(LoraLayer):
@@ -267,10 +344,6 @@ class LoraConv2d(LoraLayer):
             factors.dropout(x), factors.A, None, conv.stride, conv.padding, conv.dilation
         )
         return F.conv2d(hidden, factors.B) * factors.scale
-
-    def delta_weight(self, adapter_name: str | None = None) -> Tensor:
-        f = self._factors(adapter_name)
-        return conv2d_delta(f.A, f.B, f.scale)
 
 
 @dataclass(frozen=True)
@@ -299,26 +372,27 @@ class LoraFusedLinear(LoraLayer):
     Each enabled part has its own rank-r pair, stacked: A (p, r, in), B (p, part, r), so
     ``W_q`` and ``W_v`` are adapted as separate matrices while ``W_k`` stays exactly
     frozen — the paper's GPT-2 set-up, which a plain LoRA on ``c_attn`` cannot express.
+    PEFT holds the same adapter as one rank-(p·r) pair for the whole matrix, whose ``B``
+    is zero outside the parts' blocks (``to_peft``).
     """
 
     def __init__(self, base_layer: nn.Module, parts: FusedParts) -> None:
         super().__init__(base_layer)
         self.parts = parts
-        self.transposed = isinstance(base_layer, Conv1D)
         sizes = {name: size for name, size in zip(parts.names, parts.sizes, strict=True)}
         enabled_sizes = {sizes[name] for name in parts.enabled}
         if len(enabled_sizes) != 1:
             raise ValueError(f"fused parts {parts.enabled} must have equal sizes, got {sizes}")
 
     def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        in_features = _in_out(self.base_layer)[0]
+        in_features = bases.in_out(self.base_layer)[0]
         part_size = dict(zip(self.parts.names, self.parts.sizes, strict=True))[
             self.parts.enabled[0]
         ]
         return (len(self.parts.enabled), r, in_features), (len(self.parts.enabled), part_size, r)
 
     def max_rank(self) -> int:
-        return min(_in_out(self.base_layer)[0], *self.parts.sizes)
+        return min(bases.in_out(self.base_layer)[0], *self.parts.sizes)
 
     def _init_a(self, A: Tensor, init: str) -> None:
         for part in A:  # each part is its own (r, in) matrix with its own fan-in
@@ -338,27 +412,54 @@ class LoraFusedLinear(LoraLayer):
                 pieces.append(updates.new_zeros(*updates.shape[:-2], size))
         return torch.cat(pieces, dim=-1)
 
-    def delta_weight(self, adapter_name: str | None = None) -> Tensor:
-        f = self._factors(adapter_name)
-        in_features = f.A.shape[-1]
+    def weight_delta(self, delta: Tensor) -> Tensor:
+        """The parts' stacked ΔW (p, part, in) as rows of the whole matrix, zero for the
+        frozen parts, in the base weight's layout."""
         rows = []
         for name, size in zip(self.parts.names, self.parts.sizes, strict=True):
             if name in self.parts.enabled:
-                index = self.parts.enabled.index(name)
-                rows.append(low_rank_product(f.A[index], f.B[index], f.scale))
+                rows.append(delta[self.parts.enabled.index(name)])
             else:
-                rows.append(torch.zeros(size, in_features, device=f.A.device))
-        delta = torch.cat(rows, dim=0)  # (out, in)
-        return delta.T if self.transposed else delta
+                rows.append(delta.new_zeros(size, delta.shape[-1]))
+        return super().weight_delta(torch.cat(rows, dim=0))  # (out, in)
+
+    def to_peft(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Stacked per-part factors -> one rank-(p·r) pair for the whole fused matrix.
+
+        A (p, r, in) -> (p·r, in); B (p, o, r) -> a block matrix (out, p·r) whose rows of
+        the frozen parts are zero, so ``B A`` is exactly ``[B_q A_q; 0; B_v A_v]``.
+        """
+        A, B = tensors["A"], tensors["B"]
+        p, r, in_features = A.shape
+        spans = self.parts.offsets()
+        block = B.new_zeros(sum(self.parts.sizes), p * r)
+        if B.device.type != "meta":
+            for index, part in enumerate(self.parts.enabled):
+                start, end = spans[part]
+                block[start:end, index * r : (index + 1) * r] = B[index]
+        return {"A": A.reshape(p * r, in_features), "B": block}
+
+    def from_peft(self, tensors: Mapping[str, Tensor], source: str) -> dict[str, Tensor]:
+        """The inverse of ``to_peft``; the off-diagonal blocks must be exactly zero."""
+        A, B = tensors["A"], tensors["B"]
+        p = len(self.parts.enabled)
+        r = A.shape[0] // p
+        spans = self.parts.offsets()
+        stacked_b = []
+        mask = torch.ones_like(B, dtype=torch.bool)
+        for index, part in enumerate(self.parts.enabled):
+            start, end = spans[part]
+            stacked_b.append(B[start:end, index * r : (index + 1) * r])
+            mask[start:end, index * r : (index + 1) * r] = False
+        if B[mask].count_nonzero():
+            raise ValueError(
+                f"{source}: the blocks outside the parts {self.parts.enabled} are not zero, so "
+                "this is not a fused-subset adapter"
+            )
+        return {"A": A.reshape(p, r, A.shape[1]), "B": torch.stack(stacked_b)}
 
     def extra_repr(self) -> str:
         return f"parts={self.parts.enabled} of {self.parts.names}, " + super().extra_repr()
-
-
-def _in_out(base: nn.Module) -> tuple[int, int]:
-    if isinstance(base, Conv1D):
-        return base.weight.shape[0], base.weight.shape[1]
-    return base.in_features, base.out_features
 
 
 def lora_class_for(module: nn.Module) -> type[LoraLayer] | None:

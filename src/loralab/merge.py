@@ -1,7 +1,8 @@
-"""Merging: ``W = W0 + (α/r) B A`` for zero added latency, and back.
+"""Merging: ``W = W0 + ΔW`` for zero added latency, and back.
 
-Merging is explicit and idempotent, never a side effect of ``.eval()``. It also exists as
-a pure function over state dicts (``merge_state_dicts``), so an export needs no model.
+Merging is explicit and idempotent, never a side effect of ``.eval()``. A layer remembers
+the ``ΔW`` it added, so unmerging subtracts exactly that. It also exists as a pure function
+over state dicts (``merge_state_dicts``), so an export needs no model.
 """
 
 from __future__ import annotations
@@ -9,14 +10,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from . import bases
 from .config import pattern_value
 from .inject import adapter_configs, lora_layers, replace_module, restore_requires_grad
+from .io import factor_tensors_by_module
 from .layers import (
     LoraLayer,
     MergeError,
     TrainableCopy,
-    conv2d_delta,
-    low_rank_product,
+    factors_class_with,
 )
 from .peft_config import PEFT_PREFIX
 from .state import model_state
@@ -30,13 +32,11 @@ def _tied_elsewhere(model: nn.Module) -> dict[int, list[str]]:
     return {key: names for key, names in holders.items() if len(names) > 1}
 
 
-def merge_adapter(model: nn.Module, adapter_name: str | None = None, safe: bool = False) -> None:
-    """Add each layer's ``ΔW`` into its base weight (the active adapter by default).
-
-    With ``safe=True`` every ``ΔW`` is checked for NaN/Inf first and nothing is merged
-    if one is bad. A weight tied to another module (GPT-2's ``wte`` and ``lm_head``) is
-    refused: merging would change both, while the unmerged update only touched one.
-    """
+def _layers_to_merge(
+    model: nn.Module, adapter_name: str | None, safe: bool
+) -> dict[str, tuple[LoraLayer, str | None]]:
+    """Every LoRA layer with the adapter to merge into it (None: nothing), after the checks
+    that must pass before any weight changes."""
     if adapter_name is not None and adapter_name not in adapter_configs(model):
         raise KeyError(
             f"no adapter named {adapter_name!r}; the model has {sorted(adapter_configs(model))}"
@@ -44,27 +44,40 @@ def merge_adapter(model: nn.Module, adapter_name: str | None = None, safe: bool 
     layers = lora_layers(model)
     tied = _tied_elsewhere(model)
     for name, layer in layers.items():
-        holders = [h for h in tied.get(id(layer.base_layer.weight), []) if not h.startswith(name)]
+        weight = bases.weight_of(layer.base_layer)
+        holders = [h for h in tied.get(id(weight), []) if not h.startswith(name)]
         if holders:
             raise MergeError(
                 f"cannot merge into {name!r}: its weight is tied to {holders}, so merging "
                 "would change the other module too; untie the weights first"
             )
+    chosen = {}
+    for name, layer in layers.items():
+        adapter = adapter_name or layer.active_adapter
+        chosen[name] = (layer, adapter if adapter in layer.lora else None)
     if safe:
         # A first pass over every ΔW, so that a bad one leaves all weights untouched; the
         # deltas are recomputed when merging rather than held, which would double memory.
-        for name, layer in layers.items():
-            adapter = adapter_name or layer.active_adapter
-            if adapter in layer.merged_adapters or adapter not in layer.lora:
+        for name, (layer, adapter) in chosen.items():
+            if adapter is None or adapter in layer.merged:
                 continue
             if not torch.isfinite(layer.delta_weight(adapter)).all():
                 raise MergeError(
                     f"adapter {adapter!r} has a non-finite ΔW (NaN or Inf) in {name!r}; "
                     "nothing was merged"
                 )
-    for layer in layers.values():
-        adapter = adapter_name or layer.active_adapter
-        if adapter in layer.lora:
+    return chosen
+
+
+def merge_adapter(model: nn.Module, adapter_name: str | None = None, safe: bool = False) -> None:
+    """Add each layer's ``ΔW`` into its base weight (the active adapter by default).
+
+    With ``safe=True`` every ``ΔW`` is checked for NaN/Inf first and nothing is merged
+    if one is bad. A weight tied to another module (GPT-2's ``wte`` and ``lm_head``) is
+    refused: merging would change both, while the unmerged update only touched one.
+    """
+    for layer, adapter in _layers_to_merge(model, adapter_name, safe).values():
+        if adapter is not None:
             layer.merge(adapter)
 
 
@@ -79,8 +92,14 @@ def unmerge_adapter(model: nn.Module, adapter_name: str | None = None) -> None:
 def merge_and_unload(
     model: nn.Module, adapter_name: str | None = None, safe: bool = False
 ) -> nn.Module:
-    """Merge, then put the original modules back: a plain model with its original keys."""
-    merge_adapter(model, adapter_name, safe=safe)
+    """Merge, then put the original modules back: a plain model with its original keys.
+
+    Each layer is unwrapped as soon as it is merged, so the ``ΔW`` it remembers is freed
+    at once rather than held for the whole model."""
+    for name, (layer, adapter) in _layers_to_merge(model, adapter_name, safe).items():
+        if adapter is not None:
+            layer.merge(adapter)
+        replace_module(model, name, layer.base_layer)
     return _remove_wrappers(model, keep_trained_copies=True)
 
 
@@ -114,32 +133,30 @@ def merge_state_dicts(
 
     ``adapter_tensors`` and ``peft_config`` are what ``adapter_model.safetensors`` and
     ``adapter_config.json`` hold. Returns a new dict with the same keys as ``base_state``.
+    Each module's tensors say which factors they are (LoRA's A and B, DoRA's with a
+    magnitude), and those factors compute ΔW.
     """
     merged = dict(base_state)
     r_default, alpha_default = peft_config["r"], peft_config["lora_alpha"]
     rslora = peft_config.get("use_rslora", False)
-    transposed = peft_config.get("fan_in_fan_out", False)
-    for key, A in adapter_tensors.items():
-        name = key.removeprefix(PEFT_PREFIX)
-        if name.endswith((".lora_B.weight", ".lora_embedding_B")):
-            continue  # read together with its A
-        if name.endswith(".lora_A.weight"):
-            module, b_key = name.removesuffix(".lora_A.weight"), key.replace(".lora_A.", ".lora_B.")
-        elif name.endswith(".lora_embedding_A"):
-            module, b_key = name.removesuffix(".lora_embedding_A"), key[:-1] + "B"
-        else:  # a trained bias or a module trained in full replaces the base tensor
-            target = name.replace(".base_layer.", ".")
-            if target not in base_state:
-                raise KeyError(f"adapter tensor {key!r} has no base tensor {target!r}")
-            merged[target] = A.to(base_state[target].dtype)
-            continue
-        B = adapter_tensors[b_key]
+    fan_in_fan_out = peft_config.get("fan_in_fan_out", False)
+    modules, rest = factor_tensors_by_module(adapter_tensors)
+    for key, tensor in rest.items():  # a trained bias or a module trained in full
+        target = key.removeprefix(PEFT_PREFIX).replace(".base_layer.", ".")
+        if target not in base_state:
+            raise KeyError(f"adapter tensor {key!r} has no base tensor {target!r}")
+        merged[target] = tensor.to(base_state[target].dtype)
+    for module, (embedding, found) in modules.items():
+        factors_class = factors_class_with(set(found))
+        if factors_class is None:
+            raise KeyError(f"adapter tensors {sorted(found)} of {module!r} are no known factors")
+        tensors = {attr: found[name] for attr, name in factors_class.peft_names.items()}
         r = pattern_value(peft_config.get("rank_pattern") or {}, module, r_default)
         alpha = pattern_value(peft_config.get("alpha_pattern") or {}, module, alpha_default)
         scale = alpha / r**0.5 if rslora else alpha / r
         weight_key = f"{module}.weight"
         if weight_key not in base_state:
-            raise KeyError(f"adapter tensor {key!r} has no base weight {weight_key!r}")
+            raise KeyError(f"adapter tensors of {module!r} have no base weight {weight_key!r}")
         weight = base_state[weight_key]
         tied = [k for k, t in base_state.items() if k != weight_key and _same_storage(t, weight)]
         if tied:
@@ -147,18 +164,16 @@ def merge_state_dicts(
                 f"cannot merge into {weight_key!r}: it is tied to {tied}, which would keep "
                 "the unmerged weight; untie the weights first"
             )
-        if A.dim() == 4:
-            delta = conv2d_delta(A, B, scale)
-        elif name.endswith("lora_embedding_A"):
-            delta = low_rank_product(A, B, scale).T
-        else:
-            delta = low_rank_product(A, B, scale)
-            delta = delta.T if transposed else delta
-        if delta.shape != weight.shape:
+        in_out = embedding or (fan_in_fan_out and weight.dim() == 2)
+        matrix = bases.matrix_of(weight, in_out)
+        reads = matrix if factors_class.reads_weight else None
+        delta = factors_class.delta_from(tensors, scale, reads)
+        if delta.numel() != weight.numel():
             raise ValueError(
-                f"adapter tensor {key!r} gives ΔW of shape {tuple(delta.shape)} but base "
-                f"weight {weight_key!r} has shape {tuple(weight.shape)}"
+                f"adapter tensors of {module!r} give ΔW of shape {tuple(delta.shape)} but "
+                f"base weight {weight_key!r} has shape {tuple(weight.shape)}"
             )
+        delta = bases.in_weight_layout(delta, tuple(weight.shape), in_out)
         merged[weight_key] = (weight.float() + delta).to(weight.dtype)
     return merged
 

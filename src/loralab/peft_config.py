@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
+from . import bases
 from .config import ConfigError, LoraConfig, pattern_value
 from .inject import (
     base_module_names,
@@ -54,6 +54,7 @@ MAPPED_KEYS = {
     "use_rslora",
     "modules_to_save",
     "init_lora_weights",
+    "use_dora",
 }
 # Keys that describe the adapter but do not change its weights.
 DESCRIPTIVE_KEYS = {
@@ -75,7 +76,6 @@ DESCRIPTIVE_KEYS = {
 }
 # PEFT features that change the computation; loralab reads them only at their off value.
 FEATURE_KEYS = {
-    "use_dora": False,
     "lora_bias": False,
     "layer_replication": None,
     "target_parameters": None,
@@ -184,6 +184,7 @@ def config_from_peft(data: Any, source: str = "adapter_config.json") -> LoraConf
     values = {key: data[key] for key in MAPPED_KEYS - {"init_lora_weights"} if key in data}
     if values.get("target_modules") is None:
         raise AdapterFileError(f"{source}: target_modules is missing or null")
+    values["use_dora"] = values.get("use_dora") or False  # older files write no key
     values["rank_pattern"] = values.get("rank_pattern") or {}
     values["alpha_pattern"] = values.get("alpha_pattern") or {}
     values["init"] = "gaussian" if init == "gaussian" else "kaiming"
@@ -316,8 +317,9 @@ def peft_config_dict(
         bias=config.bias,
         use_rslora=config.use_rslora,
         modules_to_save=config.modules_to_save,
-        fan_in_fan_out=any(isinstance(layer.base_layer, Conv1D) for layer in layers.values()),
+        fan_in_fan_out=any(bases.fan_in_fan_out(layer.base_layer) for layer in layers.values()),
         init_lora_weights="gaussian" if config.init == "gaussian" else True,
+        use_dora=config.use_dora,
     )
 
 
@@ -334,11 +336,13 @@ def peft_header(
     }
 
 
-def lora_config_json(header: dict, **values: Any) -> dict:
+def lora_config_json(header: dict, use_dora: bool = False, **values: Any) -> dict:
     """A PEFT LORA ``adapter_config.json``: ``header`` and exactly the ``WRITTEN_KEYS``,
-    which every PEFT release since rsLoRA (0.7) reads."""
-    data = {**header, **values}
-    missing, unknown = set(WRITTEN_KEYS) - set(data), set(data) - set(WRITTEN_KEYS)
+    which every PEFT release since rsLoRA (0.7) reads, and ``use_dora`` (PEFT 0.9) only
+    where it is true, so that older releases still read a plain LoRA."""
+    data = {**header, **values, **({"use_dora": True} if use_dora else {})}
+    written = set(WRITTEN_KEYS) | ({"use_dora"} if use_dora else set())
+    missing, unknown = written - set(data), set(data) - written
     if missing or unknown:
         raise ValueError(f"a LORA config needs {sorted(missing)}; not {sorted(unknown)}")
     return data

@@ -62,6 +62,9 @@ class TrainConfig:
     """Dropout on the input of the low-rank path."""
     target_modules: list[str] = field(default_factory=lambda: ["q", "v"])
     """Weights to adapt: names, suffixes or short names (q, k, v, o, …), or all-linear."""
+    use_dora: bool = False
+    """DoRA: a learned length per output row times the direction of W0 + (α/r)·B A
+    (Linear and Conv1D weights)."""
     prefix_length: int = 10
     """Prefix methods: l_p trainable tokens before the prompt."""
     infix_length: int = 0
@@ -151,7 +154,7 @@ class TrainConfig:
         require_number("max_grad_norm", self.max_grad_norm, at_least=0)
         require_choice("schedule", self.schedule, SCHEDULES)
         require_choice("model_kind", self.model_kind, MODEL_KINDS)
-        for name in ("bf16", "chunked_loss", "gradient_checkpointing", "fsdp"):
+        for name in ("bf16", "chunked_loss", "gradient_checkpointing", "fsdp", "use_dora"):
             require_bool(name, getattr(self, name))
         if self.warmup_steps > self.max_steps:
             raise ConfigError(
@@ -188,6 +191,7 @@ class TrainConfig:
             lora_alpha=self.lora_alpha,
             lora_dropout=self.lora_dropout,
             target_modules=targets,
+            use_dora=self.use_dora,
         )
 
     def to_dict(self) -> dict[str, Any]:

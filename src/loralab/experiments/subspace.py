@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .. import bases
 from ..analysis import amplification, random_subspace_similarity, subspace_similarity
 from . import settings as experiment_settings
 from .report import Report, markdown_table
@@ -101,7 +102,7 @@ def learned_factors(base: nn.Module, run: RunResult) -> dict[str, LayerFactors]:
                 A=layer.lora[adapter].A.detach().clone(),
                 A_init=initial_layers[name].lora[adapter].A.detach().clone(),
                 delta=layer.delta_weight(adapter),
-                weight=layer.base_layer.weight.detach().clone(),
+                weight=bases.weight_copy(layer.base_layer),
             )
     return factors
 

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
-from transformers.pytorch_utils import Conv1D
 
+from .. import bases
 from ..atomic_write import json_writer, write_files_atomically
 from ..config import ConfigError
 from ..inject import adapter_configs, base_module_names, lora_layers
@@ -81,7 +81,7 @@ _TARGET_KEYS = (
 # init is replaced by the file's tensors.
 _IGNORED_KEYS = {"r", "init_lora_weights", "rank_pattern"} | DESCRIPTIVE_KEYS
 # LoRA features that AdaLoRA reads only at their off value.
-_OFF_KEYS = {**FEATURE_KEYS, "use_rslora": False, "alpha_pattern": {}}
+_OFF_KEYS = {**FEATURE_KEYS, "use_rslora": False, "use_dora": False, "alpha_pattern": {}}
 
 _RANK_PATTERN_KEY = re.compile(r"(?P<module>.+)\.lora_E(\.[^.]+)?")
 
@@ -280,7 +280,7 @@ def adalora_config_dict(model: nn.Module, base_model_name_or_path: str | None = 
 
 def _any_conv1d(model: nn.Module, names) -> bool:
     layers = lora_layers(model)
-    return any(isinstance(layers[name].base_layer, Conv1D) for name in names)
+    return any(bases.fan_in_fan_out(layers[name].base_layer) for name in names)
 
 
 def save_adalora(

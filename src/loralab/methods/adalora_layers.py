@@ -6,12 +6,14 @@ does not fit leaves the model unchanged), with the budget's state kept on the mo
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from .. import bases
 from ..config import ConfigError, LoraConfig
 from ..inject import Target, TargetError, adapter_configs, apply_targets, plan_targets
 from ..layers import LoraLayer
@@ -32,10 +34,14 @@ class SvdFactors(nn.Module):
     (pruned ones have Λ_i = 0 right after it; they may regrow until the next one).
     """
 
+    peft_names: Mapping[str, str] = {"Q": "lora_A", "P": "lora_B", "E": "lora_E"}
+    """PEFT's ADALORA names (its files keep only the kept triplets: ``adalora_files.py``)."""
+    reads_weight = False
+
     def __init__(
         self,
-        out_features: int,
-        in_features: int,
+        a_shape: tuple[int, int],
+        b_shape: tuple[int, int],
         r: int,
         alpha: float,
         scale: float,
@@ -44,6 +50,7 @@ class SvdFactors(nn.Module):
         dtype: torch.dtype,
     ) -> None:
         super().__init__()
+        (_, in_features), (out_features, _) = a_shape, b_shape
         # P and Q random, Λ zero, so ΔW = 0 at step 0 (AdaLoRA Sec. 3.1; PEFT's N(0, 0.02)).
         self.P = nn.Parameter(torch.randn(out_features, r, device=device, dtype=dtype) * 0.02)
         self.E = nn.Parameter(torch.zeros(r, device=device, dtype=dtype))
@@ -53,6 +60,25 @@ class SvdFactors(nn.Module):
         self.alpha = alpha
         self.scale = scale
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    @staticmethod
+    def tensor_shapes(a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> dict[str, tuple]:
+        return {"Q": a_shape, "P": b_shape, "E": (a_shape[0],)}
+
+    def tensors(self) -> dict[str, nn.Parameter]:
+        return {name: getattr(self, name) for name in self.peft_names}
+
+    @staticmethod
+    def delta_from(tensors: Mapping[str, Tensor], scale: float, weight: Tensor | None) -> Tensor:
+        """``ΔW = scale · P diag(Λ) Q`` in fp32, (out, in)."""
+        P, E, Q = (tensors[name].float() for name in ("P", "E", "Q"))
+        return (P * E) @ Q * scale
+
+    def delta(self, weight: Tensor | None) -> Tensor:
+        return self.delta_from(self.tensors(), self.scale, weight)
+
+    def low_rank(self) -> tuple[Tensor, Tensor]:
+        return self.Q, self.P * self.E * self.scale
 
     @property
     def rank(self) -> int:
@@ -64,40 +90,20 @@ class SvdFactors(nn.Module):
 
 
 class SvdLinear(LoraLayer):
-    """AdaLoRA around ``nn.Linear`` (weight (out, in)) or GPT-2's ``Conv1D`` ((in, out))."""
+    """AdaLoRA around ``nn.Linear`` or GPT-2's ``Conv1D`` (``bases.py`` reads either)."""
 
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__(base_layer)
-        self.transposed = isinstance(base_layer, Conv1D)
-
-    def _in_out(self) -> tuple[int, int]:
-        rows, columns = self.base_layer.weight.shape
-        return (rows, columns) if self.transposed else (columns, rows)
+    factors_class = SvdFactors
 
     def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Shapes of Q and P (LoRA's A and B) at rank r."""
-        in_features, out_features = self._in_out()
+        in_features, out_features = bases.in_out(self.base_layer)
         return (r, in_features), (out_features, r)
 
     def max_rank(self) -> int:
-        return min(self._in_out())
+        return min(bases.in_out(self.base_layer))
 
-    def add_adapter(
-        self, name: str, r: int, alpha: float, scale: float, dropout: float, init: str
-    ) -> None:
-        # ``init`` is LoRA's choice for A; AdaLoRA has one init (SvdFactors).
-        if name in self.lora:
-            raise ValueError(f"adapter {name!r} already exists on this layer")
-        weight = self.base_layer.weight
-        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-        in_features, out_features = self._in_out()
-        factors = SvdFactors(
-            out_features, in_features, r, alpha, scale, dropout, weight.device, dtype
-        )
-        factors.train(self.training)
-        self.lora[name] = factors
-        if self.active_adapter is None:
-            self.active_adapter = name
+    def init_factors(self, factors: SvdFactors, init: str) -> None:
+        pass  # ``init`` is LoRA's choice for A; AdaLoRA's triplets start as SvdFactors makes them
 
     def _lora_input(self, x: Tensor, factors: SvdFactors) -> Tensor:
         return x.to(factors.Q.dtype)
@@ -105,11 +111,6 @@ class SvdLinear(LoraLayer):
     def lora_update(self, x: Tensor, factors: SvdFactors) -> Tensor:
         hidden = F.linear(factors.dropout(x), factors.Q) * factors.E  # (…, in) -> (…, r)
         return F.linear(hidden, factors.P) * factors.scale  # (…, out)
-
-    def delta_weight(self, adapter_name: str | None = None) -> Tensor:
-        f = self._factors(adapter_name)
-        delta = (f.P.float() * f.E.float()) @ f.Q.float() * f.scale  # (out, in)
-        return delta.T if self.transposed else delta
 
 
 def svd_factors(model: nn.Module) -> dict[str, SvdFactors]:
