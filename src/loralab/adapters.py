@@ -250,7 +250,7 @@ def combine_adapters(
         if missing and isinstance(layer, LoraFusedLinear):
             raise ValueError(f"{module_name!r}: fused parts need every adapter; {missing} lack it")
         for name in names:
-            if name in layer.lora and layer.lora[name].low_rank() is None:
+            if name in layer.lora and not layer.lora[name].is_product:
                 kind = type(layer.lora[name]).__name__
                 raise ValueError(
                     f"adapter {name!r} cannot be combined: its ΔW in {module_name!r} "

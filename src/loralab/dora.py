@@ -41,6 +41,7 @@ class DoraFactors(LoraFactors):
         "magnitude": "lora_magnitude_vector",
     }
     reads_weight = True
+    is_product = False  # ΔW rescales W0's rows: no product B' A'
 
     def __init__(self, a_shape, b_shape, r, alpha, scale, dropout, device, dtype) -> None:
         super().__init__(a_shape, b_shape, r, alpha, scale, dropout, device, dtype)
@@ -58,7 +59,7 @@ class DoraFactors(LoraFactors):
         return length[:, None] * adapted - weight
 
     def low_rank(self) -> None:
-        return None  # ΔW rescales W0's rows: it is no product B' A'
+        return None
 
 
 class DoraLinear(LoraLinear):

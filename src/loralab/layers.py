@@ -66,6 +66,9 @@ class LoraFactors(nn.Module):
     module's name; a layer may rename them (an embedding's are ``lora_embedding_A``…)."""
     reads_weight = False
     """Whether ``ΔW`` depends on the frozen base weight (DoRA's does; LoRA's does not)."""
+    is_product = True
+    """Whether ``ΔW`` is a product of two factors (``low_rank()``), as mixing per row and
+    combining need."""
 
     def __init__(
         self,
@@ -122,6 +125,33 @@ class LoraFactors(nn.Module):
 register_factors(LoraFactors)
 
 
+@dataclass
+class MergedDelta:
+    """What merging an adapter added to a weight, kept for unmerging to subtract exactly.
+
+    ΔW itself where it depends on the weight (DoRA); otherwise a copy of the factors'
+    tensors, r·(d + k) numbers rather than d·k, from which the same computation gives the
+    same ΔW again."""
+
+    factors_class: type[LoraFactors]
+    scale: float
+    tensors: dict[str, Tensor] | None = None
+    added: Tensor | None = None  # ΔW in the base weight's layout
+
+    @classmethod
+    def of(cls, factors: LoraFactors, added: Tensor) -> MergedDelta:
+        if factors.reads_weight:
+            return cls(type(factors), factors.scale, added=added)
+        copies = {name: t.detach().clone() for name, t in factors.tensors().items()}
+        return cls(type(factors), factors.scale, tensors=copies)
+
+    def weight_delta(self, layer: LoraLayer) -> Tensor:
+        """ΔW in the layout of ``layer``'s base weight, as merging added it."""
+        if self.added is not None:
+            return self.added
+        return layer.weight_delta(self.factors_class.delta_from(self.tensors, self.scale, None))
+
+
 # -- the wrappers ---------------------------------------------------------------------------
 
 
@@ -137,7 +167,7 @@ class LoraLayer(nn.Module):
         self.base_layer = base_layer
         self.lora = nn.ModuleDict()
         self.active_adapter: str | None = None
-        self.merged: dict[str, Tensor] = {}  # adapter -> the ΔW merge added to the weight
+        self.merged: dict[str, MergedDelta] = {}  # adapter -> what merge added to the weight
         self.train(base_layer.training)  # wrapping never switches eval mode (dropout) on
 
     # Subclasses define the factor shapes, the init of A, the low-rank path and where ΔW
@@ -264,15 +294,15 @@ class LoraLayer(nn.Module):
         if safe and not torch.isfinite(delta).all():
             raise MergeError(f"adapter {name!r} has a non-finite ΔW (NaN or Inf); not merged")
         bases.add_to_weight(self.base_layer, delta)
-        self.merged[name] = delta
+        self.merged[name] = MergedDelta.of(self._factors(name), delta)
 
     def unmerge(self, adapter_name: str | None = None) -> None:
-        """Subtract exactly the ``ΔW`` that merging added; does nothing if not merged (a
-        ΔW that depends on the weight, as DoRA's, comes back out exactly too)."""
+        """Subtract exactly the ``ΔW`` that merging added (even if the factors changed
+        since, or ΔW depends on the weight, as DoRA's); does nothing if not merged."""
         name = adapter_name or self.active_adapter
-        delta = self.merged.pop(name, None)
-        if delta is not None:
-            bases.add_to_weight(self.base_layer, -delta)
+        record = self.merged.pop(name, None)
+        if record is not None:
+            bases.add_to_weight(self.base_layer, -record.weight_delta(self))
 
     def extra_repr(self) -> str:
         return f"active={self.active_adapter!r}, merged={self.merged_adapters}"

@@ -127,7 +127,7 @@ def mixed_adapters(model: nn.Module, row_adapters: Sequence[str | None]) -> Iter
         raise ValueError("unmerge the adapters first: a merged adapter would apply to every row")
     for module_name, layer in layers.items():
         for name in {r for r in rows if r is not None and r in layer.lora}:
-            if layer.lora[name].low_rank() is None:
+            if not layer.lora[name].is_product:
                 raise ValueError(
                     f"adapter {name!r} cannot be mixed per row: its ΔW in {module_name!r} "
                     f"({type(layer.lora[name]).__name__}) is not a product of two factors"

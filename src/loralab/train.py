@@ -344,8 +344,8 @@ def _set_up(
     config: TrainConfig, model, tokenizer, world: World, cleanup: contextlib.ExitStack
 ) -> _Run:
     """Everything checked first (paths, the checkpoint to resume, TensorBoard, the data),
-    then the model loaded with the method applied (or the checkpoint's adapter), the
-    optimizer, and the data stream at the run's position."""
+    then the model with the method applied (or the checkpoint's adapter), the optimizer,
+    and the data stream at the run's position."""
     run_dir = Path(config.output_dir)
     if world.is_main:  # only rank 0 writes there
         check_output_dir(run_dir, "output_dir")
@@ -357,19 +357,7 @@ def _set_up(
         saved = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=True)
     check_tensorboard(config.tensorboard)
     examples = load_examples(config)  # bad data fails before the model is loaded
-    if model is None:
-        from .models import load_model
-
-        labels = {"num_labels": len(examples.label_names)} if examples.label_names else {}
-        # A classifier's new head is drawn while the model loads: the seed fixes it too
-        # (PyTorch seeds itself at random in every new process).
-        torch.manual_seed(config.seed)
-        model, tokenizer = load_model(config.model, kind=config.model_kind, **labels)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    if checkpoint is None:
-        prepare_model(config, model)
-    else:
-        load_method(model, checkpoint / "adapter")
+    model, tokenizer = _adapted_model(config, model, tokenizer, examples, checkpoint)
     # After the method: a prefix method's special tokens are part of every example.
     datasets = encode_examples(config, examples, tokenizer, prompt_tokens(model))
     if world.is_main:
@@ -380,29 +368,10 @@ def _set_up(
         enable_gradient_checkpointing(model)
     runner = _distribute(model, config, world)
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        parameters, lr=config.learning_rate, weight_decay=config.weight_decay
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: learning_rate_factor(step, config)
-    )
-    step = 0
-    if saved is not None:
-        optimizer_state = saved["optimizer"]
-        if world.active and config.fsdp:
-            optimizer_state = shard_optimizer_state(optimizer_state, parameters)
-        optimizer.load_state_dict(optimizer_state)
-        scheduler.load_state_dict(saved["scheduler"])
-        step = saved["step"]
-        _restore_rng(saved, config, world, step)
-        random.setstate(_as_python_state(saved["rng_python"]))
-    else:
-        torch.manual_seed(config.seed + RANK_SEED_STRIDE * world.rank)
-        random.seed(config.seed)
-    history = from_main(world, lambda: read_history(run_dir, up_to=step))
+    optimizer, scheduler, step = _optimizer_at(config, world, parameters, saved)
     log = RunLog(
         run_dir,
-        history,
+        from_main(world, lambda: read_history(run_dir, up_to=step)),
         step,
         config.max_steps,
         writes=world.is_main,
@@ -411,7 +380,6 @@ def _set_up(
     )
     lengths = [len(item) for item in datasets.train]
     consumed = step * config.gradient_accumulation  # the data order is fixed by the seed
-    stream = batch_stream(lengths, config.batch_size, config.seed, start=consumed)
     runner.train()
     return _Run(
         config=config,
@@ -425,12 +393,54 @@ def _set_up(
         parameters=parameters,
         optimizer=optimizer,
         scheduler=scheduler,
-        stream=stream,
+        stream=batch_stream(lengths, config.batch_size, config.seed, start=consumed),
         log=log,
         step=step,
-        pad_id=pad_id,
+        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
         trainable=trainable,
     )
+
+
+def _adapted_model(config: TrainConfig, model, tokenizer, examples: Examples, checkpoint):
+    """The model (loaded unless given) with the run's method applied, or with the
+    checkpoint's adapter when resuming."""
+    if model is None:
+        from .models import load_model
+
+        labels = {"num_labels": len(examples.label_names)} if examples.label_names else {}
+        # A classifier's new head is drawn while the model loads: the seed fixes it too
+        # (PyTorch seeds itself at random in every new process).
+        torch.manual_seed(config.seed)
+        model, tokenizer = load_model(config.model, kind=config.model_kind, **labels)
+    if checkpoint is None:
+        prepare_model(config, model)
+    else:
+        load_method(model, checkpoint / "adapter")
+    return model, tokenizer
+
+
+def _optimizer_at(config: TrainConfig, world: World, parameters: list, saved: dict | None):
+    """AdamW and the schedule, at step 0 or where the checkpoint ``saved`` left them (with
+    the random number generators where they were)."""
+    optimizer = torch.optim.AdamW(
+        parameters, lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: learning_rate_factor(step, config)
+    )
+    if saved is None:
+        torch.manual_seed(config.seed + RANK_SEED_STRIDE * world.rank)
+        random.seed(config.seed)
+        return optimizer, scheduler, 0
+    optimizer_state = saved["optimizer"]
+    if world.active and config.fsdp:
+        optimizer_state = shard_optimizer_state(optimizer_state, parameters)
+    optimizer.load_state_dict(optimizer_state)
+    scheduler.load_state_dict(saved["scheduler"])
+    step = saved["step"]
+    _restore_rng(saved, config, world, step)
+    random.setstate(_as_python_state(saved["rng_python"]))
+    return optimizer, scheduler, step
 
 
 def _train_step(run: _Run, stop: _StopFlag) -> bool:

@@ -19,7 +19,7 @@ per layer and weight (``analysis.py`` holds the math):
 
 Seeds: ``--seeds 1`` skips the seed comparison; seeds after the second are not used.
 
-Threads: every run trains on one thread, ``--jobs`` of them side by side (``base.py``). On
+Threads: every run trains on one thread, ``--jobs`` of them side by side (``runs.py``). On
 the 2-core build machine, shared with other jobs, the quick mode took 21 min with PyTorch's
 two threads (they wait on each other at every operation while other jobs hold a core) and
 3.8 min with one, the runs one after another.
@@ -203,97 +203,15 @@ def report_of(
     second_seed: int | None,
 ) -> Report:
     """Tables, JSON and figure from ``analyse``'s numbers."""
-    low, high = COMPARED
+    high = COMPARED[1]
     modules = analysis["modules"]
-    random = analysis["random"]
-
-    def cell(entry: dict, key: str, i: int, j: int) -> str:
-        if key not in entry:
-            return "—"
-        return f"{_phi(entry[key], i, j):.2f} ({_phi(entry[f'{key}_init'], i, j):.2f})"
-
-    header = [
-        "Layer",
-        "W",
-        f"r={low} vs {high}: φ(1,1)",
-        f"φ({low},{low})",
-        f"φ({low},{high})",
-        f"seed {first_seed} vs {second_seed}: φ(1,1)" if second_seed is not None else "seeds",
-        f"φ({low},{low})",
-    ]
-    rows = [
-        [
-            str(entry["layer"]),
-            f"W_{entry['weight']}",
-            cell(entry, "ranks", 1, 1),
-            cell(entry, "ranks", low, low),
-            cell(entry, "ranks", low, high),
-            cell(entry, "seeds", 1, 1),
-            cell(entry, "seeds", low, low),
-        ]
-        for entry in modules.values()
-    ]
-
-    def random_cell(label: str, i: int, j: int) -> str:
-        return f"{_phi(random[label]['mean'], i, j):.2f} ± {_phi(random[label]['std'], i, j):.2f}"
-
-    rows.append(
-        [
-            "random",
-            "Gaussian",
-            random_cell("ranks", 1, 1),
-            random_cell("ranks", low, low),
-            random_cell("ranks", low, high),
-            random_cell("seeds", 1, 1),
-            random_cell("seeds", low, low),
-        ]
-    )
-    run_rows = []
-    for (r, seed), result in runs.items():
-        moved = analysis["moved"][f"r={r},seed={seed}"].values()
-        run_rows.append(
-            [
-                str(r),
-                str(seed),
-                f"{result.metrics['accuracy']:.1f}",
-                f"{result.trainable:,}",
-                f"{sum(moved) / len(moved):.2f} [{min(moved):.2f}–{max(moved):.2f}]",
-            ]
-        )
     amplified = {name: entry for name, entry in modules.items() if entry["weight"] == AMPLIFIED}
-    layers = sorted(entry["layer"] for entry in amplified.values())
-    middle = layers[len(layers) // 2]
-    middle_name = next(n for n, e in amplified.items() if e["layer"] == middle)
-    amp_rows = []
-    for r, by_module in analysis["amplification"].items():
-        a = by_module[middle_name]
-        amp_rows.append(
-            [
-                r,
-                f"{a['delta_norm']:.3f}",
-                f"{a['projected']:.3f}",
-                f"{a['projected_own']:.2f}",
-                f"{a['projected_random']:.3f}",
-                f"{a['weight_norm']:.2f}",
-                f"{a['factor']:.1f}",
-            ]
-        )
-    factor_header = ["Layer", *(f"r={r}" for r in analysis["amplification"])]
-    factor_rows = [
-        [
-            str(entry["layer"]),
-            *(
-                f"{analysis['amplification'][r][name]['factor']:.1f}"
-                for r in analysis["amplification"]
-            ),
-        ]
-        for name, entry in amplified.items()
-    ]
-    heatmap_layers = shown_layers(sorted({e["layer"] for e in modules.values()}))
+    all_layers = sorted({e["layer"] for e in modules.values()})
+    heatmap_layers = shown_layers(all_layers)
     selection = (
         "every layer"
-        if len(heatmap_layers) == len({e["layer"] for e in modules.values()})
-        else f"layers {heatmap_layers} of {len({e['layer'] for e in modules.values()})}"
+        if len(heatmap_layers) == len(all_layers)
+        else f"layers {heatmap_layers} of {len(all_layers)}"
     )
     body = (
         f"LoRA on W_q and W_v of the embedded MiniLM-L6 classifier, trained on `{TASK}` "
@@ -303,27 +221,12 @@ def report_of(
         "cell is *trained (at initialisation)*; the last row is the same φ between "
         f"Gaussian matrices of the same shapes (mean ± std of {RANDOM_DRAWS} draws), which "
         "is what overlap by chance looks like.\n\n"
-        + markdown_table(header, rows)
+        + _similarity_table(analysis, first_seed, second_seed)
         + "\n\nThe runs: test accuracy, and how far training moved A from its "
         "initialisation, ‖A − A₀‖_F / ‖A₀‖_F (mean [min–max] over the adapted matrices):\n\n"
-        + markdown_table(["r", "seed", "accuracy", "trainable", "A moved"], run_rows)
-        + f"\n\nAmplification of W_{AMPLIFIED} in layer {middle} (of {len(layers)}), seed "
-        f"{first_seed}: U, V are the top-r singular vectors of ΔW (or of W itself, or "
-        "random orthonormal ones); factor = ‖ΔW‖_F / ‖Uᵀ W Vᵀ‖_F with ΔW's U, V:\n\n"
-        + markdown_table(
-            [
-                "r",
-                "‖ΔW‖_F",
-                "‖UᵀWVᵀ‖_F, ΔW's",
-                "W's own top-r",
-                "random",
-                "‖W‖_F",
-                "factor",
-            ],
-            amp_rows,
-        )
-        + f"\n\nAmplification factor of W_{AMPLIFIED} in every layer:\n\n"
-        + markdown_table(factor_header, factor_rows)
+        + _runs_table(analysis, runs)
+        + "\n\n"
+        + _amplification_tables(analysis, amplified, first_seed)
         + f"\n\nThe figure shows φ for i, j ≤ {SHOWN}, {selection} (all numbers, up to "
         f"j = {high}, are in the JSON file)."
     )
@@ -349,48 +252,150 @@ def report_of(
     }
 
     def draw(figure) -> None:
-        comparisons = [("ranks", w, f"W_{w}: r={low} vs {high}") for w in ("q", "v")]
-        if second_seed is not None:
-            comparisons += [
-                ("seeds", w, f"W_{w}: seed {first_seed} vs {second_seed}") for w in ("q", "v")
-            ]
-        columns = len(heatmap_layers) + 1
-        figure.set_size_inches(1.7 * columns + 1, 1.7 * (len(comparisons) + 1) + 0.5)
-        grid = figure.add_gridspec(len(comparisons) + 1, columns)
-        by_site = {(e["layer"], e["weight"]): e for e in modules.values()}
-        image = None
-        for row, (key, weight, title) in enumerate(comparisons):
-            panels = [(f"layer {layer}", by_site[(layer, weight)][key]) for layer in heatmap_layers]
-            panels.append(("random", random[key]["mean"]))
-            for column, (label, matrix) in enumerate(panels):
-                axis = figure.add_subplot(grid[row, column])
-                shown = [line[:SHOWN] for line in matrix[:SHOWN]]
-                image = axis.imshow(shown, vmin=0, vmax=1, cmap="viridis", origin="upper")
-                ticks = range(0, len(shown[0]), max(1, len(shown[0]) // 4))
-                axis.set_xticks(list(ticks), [str(t + 1) for t in ticks], fontsize=5)
-                ticks = range(0, len(shown), max(1, len(shown) // 4))
-                axis.set_yticks(list(ticks), [str(t + 1) for t in ticks], fontsize=5)
-                axis.set_title(label, fontsize=6)
-                if column == 0:
-                    axis.set_ylabel(f"{title}\ni", fontsize=6)
-                if row == len(comparisons) - 1:
-                    axis.set_xlabel("j", fontsize=6)
-        if image is not None:
-            bar_axis = figure.add_subplot(grid[len(comparisons), columns - 1])
-            figure.colorbar(image, cax=bar_axis, orientation="horizontal").set_label("φ", size=7)
-            bar_axis.tick_params(labelsize=6)
-            bar_axis.set_box_aspect(0.15)
-        axis = figure.add_subplot(grid[len(comparisons), : columns - 1])
-        ranks = [int(r) for r in analysis["amplification"]]
-        for name, entry in amplified.items():
-            factors = [analysis["amplification"][str(r)][name]["factor"] for r in ranks]
-            axis.plot(ranks, factors, marker="o", markersize=3, label=f"layer {entry['layer']}")
-        axis.set_xscale("log", base=2)
-        axis.set_yscale("log")
-        axis.set_xticks(ranks, [str(r) for r in ranks])
-        axis.set_xlabel("r", fontsize=7)
-        axis.set_ylabel(f"amplification, W_{AMPLIFIED}", fontsize=7)
-        axis.tick_params(labelsize=6)
-        axis.legend(fontsize=5, ncol=2)
+        _draw(figure, analysis, amplified, heatmap_layers, first_seed, second_seed)
 
     return Report(NAME, "What LoRA learns: subspaces and amplification", body, raw, draw, scale)
+
+
+def _similarity_table(analysis: dict, first_seed: int, second_seed: int | None) -> str:
+    """φ across ranks and across seeds per adapted matrix, and between random matrices."""
+    low, high = COMPARED
+    random = analysis["random"]
+
+    def cell(entry: dict, key: str, i: int, j: int) -> str:
+        if key not in entry:
+            return "—"
+        return f"{_phi(entry[key], i, j):.2f} ({_phi(entry[f'{key}_init'], i, j):.2f})"
+
+    def random_cell(label: str, i: int, j: int) -> str:
+        return f"{_phi(random[label]['mean'], i, j):.2f} ± {_phi(random[label]['std'], i, j):.2f}"
+
+    header = [
+        "Layer",
+        "W",
+        f"r={low} vs {high}: φ(1,1)",
+        f"φ({low},{low})",
+        f"φ({low},{high})",
+        f"seed {first_seed} vs {second_seed}: φ(1,1)" if second_seed is not None else "seeds",
+        f"φ({low},{low})",
+    ]
+    cells = [("ranks", 1, 1), ("ranks", low, low), ("ranks", low, high), ("seeds", 1, 1)]
+    cells.append(("seeds", low, low))
+    rows = [
+        [str(entry["layer"]), f"W_{entry['weight']}", *(cell(entry, *c) for c in cells)]
+        for entry in analysis["modules"].values()
+    ]
+    rows.append(["random", "Gaussian", *(random_cell(*c) for c in cells)])
+    return markdown_table(header, rows)
+
+
+def _runs_table(analysis: dict, runs: dict[tuple[int, int], RunResult]) -> str:
+    rows = []
+    for (r, seed), result in runs.items():
+        moved = analysis["moved"][f"r={r},seed={seed}"].values()
+        rows.append(
+            [
+                str(r),
+                str(seed),
+                f"{result.metrics['accuracy']:.1f}",
+                f"{result.trainable:,}",
+                f"{sum(moved) / len(moved):.2f} [{min(moved):.2f}–{max(moved):.2f}]",
+            ]
+        )
+    return markdown_table(["r", "seed", "accuracy", "trainable", "A moved"], rows)
+
+
+def _amplification_tables(analysis: dict, amplified: dict, first_seed: int) -> str:
+    """The amplification of one middle layer in detail, then the factor in every layer."""
+    layers = sorted(entry["layer"] for entry in amplified.values())
+    middle = layers[len(layers) // 2]
+    middle_name = next(n for n, e in amplified.items() if e["layer"] == middle)
+    rows = []
+    for r, by_module in analysis["amplification"].items():
+        a = by_module[middle_name]
+        rows.append(
+            [
+                r,
+                f"{a['delta_norm']:.3f}",
+                f"{a['projected']:.3f}",
+                f"{a['projected_own']:.2f}",
+                f"{a['projected_random']:.3f}",
+                f"{a['weight_norm']:.2f}",
+                f"{a['factor']:.1f}",
+            ]
+        )
+    header = ["r", "‖ΔW‖_F", "‖UᵀWVᵀ‖_F, ΔW's", "W's own top-r", "random", "‖W‖_F", "factor"]
+    factor_rows = [
+        [
+            str(entry["layer"]),
+            *(
+                f"{analysis['amplification'][r][name]['factor']:.1f}"
+                for r in analysis["amplification"]
+            ),
+        ]
+        for name, entry in amplified.items()
+    ]
+    return (
+        f"Amplification of W_{AMPLIFIED} in layer {middle} (of {len(layers)}), seed "
+        f"{first_seed}: U, V are the top-r singular vectors of ΔW (or of W itself, or "
+        "random orthonormal ones); factor = ‖ΔW‖_F / ‖Uᵀ W Vᵀ‖_F with ΔW's U, V:\n\n"
+        + markdown_table(header, rows)
+        + f"\n\nAmplification factor of W_{AMPLIFIED} in every layer:\n\n"
+        + markdown_table(["Layer", *(f"r={r}" for r in analysis["amplification"])], factor_rows)
+    )
+
+
+def _draw(
+    figure,
+    analysis: dict,
+    amplified: dict,
+    heatmap_layers: list[int],
+    first_seed: int,
+    second_seed: int | None,
+) -> None:
+    """φ heatmaps per layer (and for random matrices), then the amplification factors."""
+    low, high = COMPARED
+    modules, random = analysis["modules"], analysis["random"]
+    comparisons = [("ranks", w, f"W_{w}: r={low} vs {high}") for w in ("q", "v")]
+    if second_seed is not None:
+        comparisons += [
+            ("seeds", w, f"W_{w}: seed {first_seed} vs {second_seed}") for w in ("q", "v")
+        ]
+    columns = len(heatmap_layers) + 1
+    figure.set_size_inches(1.7 * columns + 1, 1.7 * (len(comparisons) + 1) + 0.5)
+    grid = figure.add_gridspec(len(comparisons) + 1, columns)
+    by_site = {(e["layer"], e["weight"]): e for e in modules.values()}
+    image = None
+    for row, (key, weight, title) in enumerate(comparisons):
+        panels = [(f"layer {layer}", by_site[(layer, weight)][key]) for layer in heatmap_layers]
+        panels.append(("random", random[key]["mean"]))
+        for column, (label, matrix) in enumerate(panels):
+            axis = figure.add_subplot(grid[row, column])
+            shown = [line[:SHOWN] for line in matrix[:SHOWN]]
+            image = axis.imshow(shown, vmin=0, vmax=1, cmap="viridis", origin="upper")
+            ticks = range(0, len(shown[0]), max(1, len(shown[0]) // 4))
+            axis.set_xticks(list(ticks), [str(t + 1) for t in ticks], fontsize=5)
+            ticks = range(0, len(shown), max(1, len(shown) // 4))
+            axis.set_yticks(list(ticks), [str(t + 1) for t in ticks], fontsize=5)
+            axis.set_title(label, fontsize=6)
+            if column == 0:
+                axis.set_ylabel(f"{title}\ni", fontsize=6)
+            if row == len(comparisons) - 1:
+                axis.set_xlabel("j", fontsize=6)
+    if image is not None:
+        bar_axis = figure.add_subplot(grid[len(comparisons), columns - 1])
+        figure.colorbar(image, cax=bar_axis, orientation="horizontal").set_label("φ", size=7)
+        bar_axis.tick_params(labelsize=6)
+        bar_axis.set_box_aspect(0.15)
+    axis = figure.add_subplot(grid[len(comparisons), : columns - 1])
+    ranks = [int(r) for r in analysis["amplification"]]
+    for name, entry in amplified.items():
+        factors = [analysis["amplification"][str(r)][name]["factor"] for r in ranks]
+        axis.plot(ranks, factors, marker="o", markersize=3, label=f"layer {entry['layer']}")
+    axis.set_xscale("log", base=2)
+    axis.set_yscale("log")
+    axis.set_xticks(ranks, [str(r) for r in ranks])
+    axis.set_xlabel("r", fontsize=7)
+    axis.set_ylabel(f"amplification, W_{AMPLIFIED}", fontsize=7)
+    axis.tick_params(labelsize=6)
+    axis.legend(fontsize=5, ncol=2)

@@ -1,6 +1,6 @@
 """The ways to adapt a frozen model that the paper compares (SPEC.md, "The baselines").
 
-Every method follows ``Method`` (``base.py``); ``get_method`` finds one by its command-line
+Every method follows ``Method`` (``method.py``); ``get_method`` finds one by its command-line
 name, and ``files.py`` saves and loads what any of them trained.
 """
 

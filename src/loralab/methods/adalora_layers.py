@@ -37,6 +37,7 @@ class SvdFactors(nn.Module):
     peft_names: Mapping[str, str] = {"Q": "lora_A", "P": "lora_B", "E": "lora_E"}
     """PEFT's ADALORA names (its files keep only the kept triplets: ``adalora_files.py``)."""
     reads_weight = False
+    is_product = True
 
     def __init__(
         self,
