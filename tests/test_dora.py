@@ -232,3 +232,24 @@ def test_training_with_use_dora_writes_a_dora_adapter(tmp_path, tiny_model_dir):
     assert len(magnitudes) == 4  # q and v in two layers
     loaded = loralab.load_adapter(load_tiny_causal_lm(tiny_model_dir)[0], run / "adapter")
     assert all(isinstance(layer, DoraLinear) for layer in loralab.lora_layers(loaded).values())
+
+
+def test_a_merged_adapter_reports_the_delta_it_added():
+    layer = DoraLinear(nn.Linear(8, 5))
+    layer.add_adapter("default", R, ALPHA, SCALE, 0.0, "kaiming")
+    _randomized(layer)
+    before = layer.delta_weight()
+    layer.merge()  # the weight now holds W0 + ΔW; ΔW is not recomputed from it
+    torch.testing.assert_close(layer.delta_weight(), before)
+
+
+def test_hot_swapping_a_dora_file_into_a_lora_adapter_says_why(tmp_path):
+    dora = make_model("llama")
+    loralab.inject_adapter(dora, LoraConfig(r=2, target_modules=["q"], use_dora=True))
+    loralab.save_adapter(dora, tmp_path)
+    model = make_model("llama")
+    loralab.inject_adapter(model, LoraConfig(r=2, target_modules=["q"]))
+    with pytest.raises(
+        loralab.AdapterFileError, match=r"cannot hot-swap into 'default'.*same kind"
+    ):
+        loralab.hot_swap_adapter(model, tmp_path, "default")

@@ -139,6 +139,21 @@ def test_merge_unmerge_idempotent_and_restores_w0():
     torch.testing.assert_close(layer(x), unmerged, atol=1e-6, rtol=1e-6)
 
 
+def test_unmerge_subtracts_what_merge_added_even_after_the_factors_change():
+    torch.manual_seed(0)
+    layer = _with_adapter(LoraLinear(nn.Linear(16, 12)))
+    w0 = layer.base_layer.weight.detach().clone()
+    layer.merge()
+    with torch.no_grad():  # a step of training, or a new file, while merged
+        layer.lora["default"].B.mul_(3.0)
+    layer.unmerge()
+    torch.testing.assert_close(layer.base_layer.weight, w0, atol=1e-6, rtol=0)
+    # what is kept for it is a copy of the factors, not a dense ΔW
+    layer.merge()
+    record = layer.merged["default"]
+    assert record.added is None and set(record.tensors) == {"A", "B"}
+
+
 def test_eval_does_not_merge():
     layer = _with_adapter(LoraLinear(nn.Linear(8, 8)))
     w0 = layer.base_layer.weight.detach().clone()

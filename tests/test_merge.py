@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import loralab
 from conftest import make_model, randomize_lora, token_batch
 from loralab import (
     LoraConfig,
@@ -141,3 +142,14 @@ def test_merging_an_unknown_adapter_lists_the_loaded_ones():
     model = _adapted("llama")
     with pytest.raises(KeyError, match=r"no adapter named 'other'; the model has \['default'\]"):
         merge_adapter(model, "other")
+
+
+def test_merge_state_dicts_refuses_a_delta_in_the_wrong_layout():
+    """GPT-2's Conv1D weights are (in, out): a config without fan_in_fan_out gives ΔW the
+    other way round, which must not be folded in as if it fit."""
+    model = make_model("gpt2")
+    loralab.inject_adapter(model, loralab.LoraConfig(r=2, target_modules=["c_fc"]))
+    tensors = {k: v for k, v in loralab.adapter_state_dict(model).items()}
+    config = {**peft_config_dict(model), "fan_in_fan_out": False}
+    with pytest.raises(ValueError, match=r"give ΔW of shape \(128, 32\) but base weight"):
+        loralab.merge_state_dicts(make_model("gpt2").state_dict(), tensors, config)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import LoraConfig
+from .config import ConfigError, LoraConfig
 from .inject import adapter_configs, lora_layers, plan_targets, replace_module, require_adapter
 from .io import factors_from_file, load_adapter, read_adapter, save_adapter
 from .layers import (
@@ -161,7 +161,12 @@ def hot_swap_adapter(model: nn.Module, directory: str | os.PathLike, adapter_nam
     files = read_adapter(directory)
     holding = {n: layer for n, layer in lora_layers(model).items() if adapter_name in layer.lora}
     incoming = files.config
-    targets = {t.name: t for t in plan_targets(model, incoming, "__hot_swap__", strict=False)}
+    try:  # another kind of adapter (DoRA for LoRA) does not fit the loaded layers
+        planned = plan_targets(model, incoming, "__hot_swap__", strict=False)
+    except ConfigError as error:
+        message = f"{directory}: cannot hot-swap into {adapter_name!r}: {error}"
+        raise AdapterFileError(message) from None
+    targets = {t.name: t for t in planned}
     if set(targets) != set(holding):
         only_new = sorted(set(targets) - set(holding))[:3]
         only_old = sorted(set(holding) - set(targets))[:3]
@@ -177,11 +182,6 @@ def hot_swap_adapter(model: nn.Module, directory: str | os.PathLike, adapter_nam
             raise AdapterFileError(
                 f"{directory}: cannot hot-swap {name!r}: rank {target.r} in the file, "
                 f"{factors.r} loaded; shapes must match to swap in place"
-            )
-        if type(target.layer) is not type(layer):
-            raise AdapterFileError(
-                f"{directory}: cannot hot-swap {name!r}: the file's adapter is a "
-                f"{type(target.layer).__name__}, the loaded one a {type(layer).__name__}"
             )
         try:
             tensors = factors_from_file(target, files.tensors)

@@ -58,8 +58,8 @@ class DoraFactors(LoraFactors):
         length = tensors["magnitude"].float() / adapted.norm(dim=1)
         return length[:, None] * adapted - weight
 
-    def low_rank(self) -> None:
-        return None
+    def low_rank(self) -> tuple[Tensor, Tensor]:
+        raise TypeError("DoRA's ΔW rescales the rows of W0: it is not a product B' A'")
 
 
 class DoraLinear(LoraLinear):

@@ -431,10 +431,10 @@ def keep_head_input_foldable(model: nn.Module) -> None:
     """
     head = output_head(model)
     state = model_state(model)
-    if not isinstance(head, nn.Module) or state.head_hooked:
-        return
+    if not isinstance(head, nn.Module) or state.hooked_head is head:
+        return  # hooked already; a head replaced since (resized, say) gets its own
     head.register_forward_pre_hook(_contiguous_input)
-    state.head_hooked = True
+    state.hooked_head = head
 
 
 def _contiguous_input(module: nn.Module, args: tuple) -> tuple | None:
@@ -492,8 +492,9 @@ def require_adapter(
 
 
 def require_lora_factors(model: nn.Module, adapter_name: str, action: str) -> None:
-    """Raise ``TypeError`` if the adapter is not LoRA's ``B A`` (AdaLoRA's ``P Λ Q`` shares
-    the wrappers): ``action`` says what cannot be done with it."""
+    """Raise ``TypeError`` if the adapter's factors are not LoRA's (``B A``, or DoRA's on
+    top of them), as AdaLoRA's ``P Λ Q`` in the same wrappers: ``action`` says what cannot
+    be done with it."""
     for name, layer in lora_layers(model).items():
         factors = layer.lora[adapter_name] if adapter_name in layer.lora else None  # noqa: SIM401
         if factors is not None and not isinstance(factors, LoraFactors):

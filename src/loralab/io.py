@@ -141,8 +141,9 @@ def factor_tensors_by_module(adapter_tensors: dict[str, Tensor]):
             rest[key] = tensor
             continue
         module = name.removesuffix("." + suffix)
-        _, found = modules.setdefault(module, (suffix in _EMBEDDING_NAMES, {}))
+        embedding, found = modules.get(module, (False, {}))
         found[_EMBEDDING_NAMES.get(suffix, suffix)] = tensor
+        modules[module] = (embedding or suffix in _EMBEDDING_NAMES, found)
     return modules, rest
 
 

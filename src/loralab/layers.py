@@ -6,7 +6,8 @@ name PEFT's files keep each, and how they make ``ΔW`` (``LoraFactors``; DoRA's 
 AdaLoRA's beside it). The layer knows its geometry: the factors' shapes, the low-rank path
 of its forward, and where ``ΔW`` lies in the base weight (``bases.py`` reads the base).
 ``delta_weight()`` is the single source of truth for merge, unmerge, export and analysis.
-``merge()`` remembers the ``ΔW`` it added, and ``unmerge()`` subtracts exactly that.
+``merge()`` remembers what it added (``MergedDelta``), and ``unmerge()`` subtracts exactly
+that.
 """
 
 from __future__ import annotations
@@ -113,9 +114,9 @@ class LoraFactors(nn.Module):
     def delta(self, weight: Tensor | None) -> Tensor:
         return self.delta_from(self.tensors(), self.scale, weight)
 
-    def low_rank(self) -> tuple[Tensor, Tensor] | None:
+    def low_rank(self) -> tuple[Tensor, Tensor]:
         """``ΔW = B' A'`` with the scale inside ``B'``: the two factors that mixed batches
-        stack and combining concatenates; None where ΔW is not one such product."""
+        stack and combining concatenates (only where ``is_product``)."""
         return self.A, self.B * self.scale
 
     def extra_repr(self) -> str:
@@ -251,8 +252,11 @@ class LoraLayer(nn.Module):
 
     def delta_weight(self, adapter_name: str | None = None) -> Tensor:
         """``ΔW`` of an adapter (the active one by default), in fp32, in the layout of the
-        base weight."""
+        base weight; for a merged adapter, what merging added."""
         factors = self._factors(adapter_name)
+        merged = self.merged.get(adapter_name or self.active_adapter)
+        if merged is not None:  # the base weight now holds it (DoRA's ΔW reads the weight)
+            return merged.weight_delta(self)
         weight = bases.weight_matrix(self.base_layer) if factors.reads_weight else None
         return self.weight_delta(factors.delta(weight))
 

@@ -1,8 +1,9 @@
 """Merging: ``W = W0 + ΔW`` for zero added latency, and back.
 
 Merging is explicit and idempotent, never a side effect of ``.eval()``. A layer remembers
-the ``ΔW`` it added, so unmerging subtracts exactly that. It also exists as a pure function
-over state dicts (``merge_state_dicts``), so an export needs no model.
+what it added (``layers.MergedDelta``), so unmerging subtracts exactly that. It also
+exists as a pure function over state dicts (``merge_state_dicts``), so an export needs no
+model.
 """
 
 from __future__ import annotations
@@ -94,8 +95,8 @@ def merge_and_unload(
 ) -> nn.Module:
     """Merge, then put the original modules back: a plain model with its original keys.
 
-    Each layer is unwrapped as soon as it is merged, so the ``ΔW`` it remembers is freed
-    at once rather than held for the whole model."""
+    Each layer is unwrapped as soon as it is merged, so what it remembers of the merge is
+    freed at once rather than held for the whole model."""
     for name, (layer, adapter) in _layers_to_merge(model, adapter_name, safe).items():
         if adapter is not None:
             layer.merge(adapter)
@@ -166,13 +167,21 @@ def merge_state_dicts(
             )
         in_out = embedding or (fan_in_fan_out and weight.dim() == 2)
         matrix = bases.matrix_of(weight, in_out)
+        if factors_class.reads_weight and weight.dim() != 2:
+            raise ValueError(
+                f"adapter tensors of {module!r} are {factors_class.__name__}, which merge "
+                f"into a matrix; base weight {weight_key!r} has shape {tuple(weight.shape)}"
+            )
+        A, B = tensors["A"], tensors["B"]
+        product = (B.shape[0], A[0].numel())  # ΔW in the matrix layout: (out, in)
+        if product != tuple(matrix.shape):
+            shown = product[::-1] if in_out else B.shape[:1] + A.shape[1:]
+            raise ValueError(
+                f"adapter tensors of {module!r} give ΔW of shape {tuple(shown)} but base "
+                f"weight {weight_key!r} has shape {tuple(weight.shape)}"
+            )
         reads = matrix if factors_class.reads_weight else None
         delta = factors_class.delta_from(tensors, scale, reads)
-        if delta.numel() != weight.numel():
-            raise ValueError(
-                f"adapter tensors of {module!r} give ΔW of shape {tuple(delta.shape)} but "
-                f"base weight {weight_key!r} has shape {tuple(weight.shape)}"
-            )
         delta = bases.in_weight_layout(delta, tuple(weight.shape), in_out)
         merged[weight_key] = (weight.float() + delta).to(weight.dtype)
     return merged

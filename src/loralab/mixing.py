@@ -139,7 +139,9 @@ def mixed_adapters(model: nn.Module, row_adapters: Sequence[str | None]) -> Iter
     try:
         for layer, mix in mixes.items():
             layer.active_adapter = None  # the layer runs the bare base; the hook adds the rows'
-            handles.append(layer.register_forward_hook(_add_rows(mix)))
+            # First among the layer's hooks, so that a user's own hooks see the mixed output.
+            hook = _add_rows(mix)
+            handles.append(layer.register_forward_hook(hook, prepend=True, with_kwargs=True))
         yield
     finally:
         for handle in handles:
@@ -149,7 +151,8 @@ def mixed_adapters(model: nn.Module, row_adapters: Sequence[str | None]) -> Iter
 
 
 def _add_rows(mix: RowMix):
-    def hook(layer: nn.Module, args: tuple, output: Tensor) -> Tensor:
-        return mix(args[0], output)
+    def hook(layer: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
+        x = args[0] if args else next(iter(kwargs.values()))  # the input, however passed
+        return mix(x, output)
 
     return hook

@@ -273,8 +273,8 @@ def written_pattern(values: dict[str, float], default: float) -> dict[str, float
 
 
 def require_lora_adapter(model: nn.Module, adapter_name: str) -> LoraConfig:
-    """The config of ``adapter_name``, which must be LoRA's ``B A`` to be written as PEFT's
-    LORA (an AdaLoRA adapter has its own format)."""
+    """The config of ``adapter_name``, whose factors must be LoRA's (``B A``, or DoRA's) to
+    be written as PEFT's LORA (an AdaLoRA adapter has its own format)."""
     return require_adapter(model, adapter_name, "written in PEFT's LoRA format")
 
 

@@ -37,8 +37,8 @@ class ModelState:
     """The ``MethodRecord`` of the method applied to the model, if any."""
     method_state: Any = None
     """What that method keeps while it trains (AdaLoRA: its ``RankAllocator``)."""
-    head_hooked: bool = False
-    """Whether the output head has the hook that keeps its input contiguous (``inject.py``)."""
+    hooked_head: Any = None
+    """The output head that has the hook keeping its input contiguous (``inject.py``)."""
 
 
 def model_state(model: nn.Module) -> ModelState:

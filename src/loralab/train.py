@@ -337,7 +337,7 @@ def _train(
                     f"interrupted at step {run.step} of {config.max_steps}; a checkpoint is "
                     f"in {run.run_dir / CHECKPOINT}: add --resume to continue"
                 )
-    return _finish(run, time.perf_counter() - started)
+    return _finish(run, started)
 
 
 def _set_up(
@@ -492,8 +492,9 @@ def _evaluate_if_due(run: _Run) -> None:
     run.log.validation(run.step, value)
 
 
-def _finish(run: _Run, seconds: float) -> TrainResult:
-    """The adapter, the method's report and the loss curve (rank 0), and the result."""
+def _finish(run: _Run, started: float) -> TrainResult:
+    """The adapter, the method's report and the loss curve (rank 0), and the result;
+    ``started`` is when the steps began (the time reported includes the saving)."""
     run.log.close()
     adapter_dir = run.run_dir / "adapter"
     with _whole_trainable_parameters(run.model, run.config, run.world):
@@ -510,7 +511,7 @@ def _finish(run: _Run, seconds: float) -> TrainResult:
         steps=run.step,
         losses=run.log.losses,
         validation=run.log.validation_losses,
-        seconds=seconds,
+        seconds=time.perf_counter() - started,
         trainable=run.trainable.trainable,
         total=run.trainable.total,
         model=run.model,

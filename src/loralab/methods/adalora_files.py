@@ -158,7 +158,8 @@ def read_adalora(directory: str | os.PathLike) -> AdaLoraFiles:
 
 
 def _factor_keys(name: str) -> tuple[str, str, str]:
-    return tuple(f"{PEFT_PREFIX}{name}.{part}" for part in ("lora_A", "lora_B", "lora_E"))
+    """The file's keys of Q, P and Λ (PEFT's lora_A, lora_B, lora_E)."""
+    return tuple(f"{PEFT_PREFIX}{name}.{SvdFactors.peft_names[part]}" for part in "QPE")
 
 
 def load_adalora(model: nn.Module, directory: str | os.PathLike) -> nn.Module:

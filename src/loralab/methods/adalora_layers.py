@@ -37,7 +37,6 @@ class SvdFactors(nn.Module):
     peft_names: Mapping[str, str] = {"Q": "lora_A", "P": "lora_B", "E": "lora_E"}
     """PEFT's ADALORA names (its files keep only the kept triplets: ``adalora_files.py``)."""
     reads_weight = False
-    is_product = True
 
     def __init__(
         self,
@@ -62,10 +61,6 @@ class SvdFactors(nn.Module):
         self.scale = scale
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
-    @staticmethod
-    def tensor_shapes(a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> dict[str, tuple]:
-        return {"Q": a_shape, "P": b_shape, "E": (a_shape[0],)}
-
     def tensors(self) -> dict[str, nn.Parameter]:
         return {name: getattr(self, name) for name in self.peft_names}
 
@@ -77,9 +72,6 @@ class SvdFactors(nn.Module):
 
     def delta(self, weight: Tensor | None) -> Tensor:
         return self.delta_from(self.tensors(), self.scale, weight)
-
-    def low_rank(self) -> tuple[Tensor, Tensor]:
-        return self.Q, self.P * self.E * self.scale
 
     @property
     def rank(self) -> int:
