@@ -13,10 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from .. import bases
 from ..config import ConfigError, LoraConfig
 from ..inject import Target, TargetError, adapter_configs, apply_targets, plan_targets
-from ..layers import LoraLayer
+from ..layers import LoraLinear
 from ..merge import merge_and_unload
 from ..state import has_state, model_state
 from .adalora_budget import RankAllocator
@@ -82,18 +81,11 @@ class SvdFactors(nn.Module):
         return f"r={self.r}, kept={self.rank}, alpha={self.alpha:g}, scale={self.scale:g}"
 
 
-class SvdLinear(LoraLayer):
-    """AdaLoRA around ``nn.Linear`` or GPT-2's ``Conv1D`` (``bases.py`` reads either)."""
+class SvdLinear(LoraLinear):
+    """AdaLoRA around ``nn.Linear`` or GPT-2's ``Conv1D``: LoRA's geometry (Q is (r, in)
+    where A is, P (out, r) where B is), with its own factors and low-rank path."""
 
     factors_class = SvdFactors
-
-    def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """Shapes of Q and P (LoRA's A and B) at rank r."""
-        in_features, out_features = bases.in_out(self.base_layer)
-        return (r, in_features), (out_features, r)
-
-    def max_rank(self) -> int:
-        return min(bases.in_out(self.base_layer))
 
     def init_factors(self, factors: SvdFactors, init: str) -> None:
         pass  # ``init`` is LoRA's choice for A; AdaLoRA's triplets start as SvdFactors makes them
