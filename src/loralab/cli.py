@@ -293,19 +293,16 @@ def _merge(args: argparse.Namespace) -> int:
 
 def _info(args: argparse.Namespace) -> int:
     from .io import WEIGHTS_FILE, factor_tensors_by_module, read_adapter
-    from .layers import factors_class_with
 
     files = read_adapter(args.adapter)
     config = files.config
     parameters = sum(t.numel() for t in files.tensors.values())
     by_module, _ = factor_tensors_by_module(files.tensors)
     ranks, kinds = {}, set()
-    for module, (_, found) in by_module.items():
-        factors_class = factors_class_with(set(found))
-        if factors_class is not None:  # the PEFT form's rank (a fused subset's is p · r)
-            names = factors_class.peft_names.items()
-            ranks[module] = factors_class.rank_of({a: found[n] for a, n in names})
-            kinds.add(factors_class.__name__)
+    for module, factors in by_module.items():
+        if factors.factors_class is not None:  # the PEFT form's rank (a fused subset's: p·r)
+            ranks[module] = factors.factors_class.rank_of(factors.tensors)
+            kinds.add(factors.factors_class.__name__)
     weights = args.adapter / WEIGHTS_FILE
     size = weights.stat().st_size if weights.exists() else 0
     print(f"adapter: {args.adapter}")

@@ -34,7 +34,15 @@ from .inject import (
     plan_targets,
     saved_module_names,
 )
-from .layers import FACTOR_CLASSES, LoraEmbedding, LoraFusedLinear, LoraLayer, TrainableCopy
+from .layers import (
+    FACTOR_CLASSES,
+    LoraEmbedding,
+    LoraFactors,
+    LoraFusedLinear,
+    LoraLayer,
+    TrainableCopy,
+    factors_class_with,
+)
 from .peft_config import (
     CONFIG_FILE,
     PEFT_PREFIX,
@@ -127,10 +135,21 @@ def factor_keys(module_name: str, layer: LoraLayer) -> dict[str, str]:
 _EMBEDDING_NAMES = {name: attr for attr, name in LoraEmbedding.peft_renames.items()}
 
 
-def factor_tensors_by_module(adapter_tensors: dict[str, Tensor]):
-    """A PEFT file's factor tensors grouped by module, ``module -> (embedding?, {name:
-    tensor})`` with an embedding's names read as the others' (``lora_A.weight``…), and the
-    rest (trained biases, modules trained in full), by key."""
+@dataclass
+class ModuleFactors:
+    """One module's factor tensors in a PEFT file, as the factors class they belong to."""
+
+    embedding: bool  # its tensors carry an embedding's names (lora_embedding_A…)
+    factors_class: type[LoraFactors] | None  # None: no known factors have these names
+    tensors: dict[str, Tensor]  # by attribute (A, B, …); by PEFT name where unknown
+
+
+def factor_tensors_by_module(
+    adapter_tensors: dict[str, Tensor],
+) -> tuple[dict[str, ModuleFactors], dict[str, Tensor]]:
+    """A PEFT file's factor tensors grouped by module (an embedding's names read as the
+    others', ``lora_A.weight``…), and the rest (trained biases, modules trained in full),
+    by key."""
     known = {n for c in FACTOR_CLASSES for n in c.peft_names.values()} | set(_EMBEDDING_NAMES)
     modules: dict[str, tuple[bool, dict[str, Tensor]]] = {}
     rest = {}
@@ -144,7 +163,13 @@ def factor_tensors_by_module(adapter_tensors: dict[str, Tensor]):
         embedding, found = modules.get(module, (False, {}))
         found[_EMBEDDING_NAMES.get(suffix, suffix)] = tensor
         modules[module] = (embedding or suffix in _EMBEDDING_NAMES, found)
-    return modules, rest
+    grouped = {}
+    for module, (embedding, found) in modules.items():
+        factors_class = factors_class_with(set(found))
+        if factors_class is not None:
+            found = {attr: found[name] for attr, name in factors_class.peft_names.items()}
+        grouped[module] = ModuleFactors(embedding, factors_class, found)
+    return grouped, rest
 
 
 def expected_factor_shapes(target: Target) -> dict[str, tuple[int, ...]]:

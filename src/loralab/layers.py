@@ -101,6 +101,11 @@ class LoraFactors(nn.Module):
         """The rank of factors with these tensors (by attribute)."""
         return tensors["A"].shape[0]
 
+    @staticmethod
+    def matrix_shape(tensors: Mapping[str, Tensor]) -> tuple[int, int]:
+        """(out, in) of the ΔW these tensors make, as ``bases.weight_matrix`` lays it."""
+        return tensors["B"].shape[0], tensors["A"][0].numel()
+
     def tensors(self) -> dict[str, nn.Parameter]:
         """The tensors, by attribute (``peft_names``' keys)."""
         return {name: getattr(self, name) for name in self.peft_names}

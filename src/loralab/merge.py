@@ -19,7 +19,6 @@ from .layers import (
     LoraLayer,
     MergeError,
     TrainableCopy,
-    factors_class_with,
 )
 from .peft_config import PEFT_PREFIX
 from .state import model_state
@@ -147,11 +146,10 @@ def merge_state_dicts(
         if target not in base_state:
             raise KeyError(f"adapter tensor {key!r} has no base tensor {target!r}")
         merged[target] = tensor.to(base_state[target].dtype)
-    for module, (embedding, found) in modules.items():
-        factors_class = factors_class_with(set(found))
+    for module, factors in modules.items():
+        factors_class, tensors = factors.factors_class, factors.tensors
         if factors_class is None:
-            raise KeyError(f"adapter tensors {sorted(found)} of {module!r} are no known factors")
-        tensors = {attr: found[name] for attr, name in factors_class.peft_names.items()}
+            raise KeyError(f"adapter tensors {sorted(tensors)} of {module!r} are no known factors")
         r = pattern_value(peft_config.get("rank_pattern") or {}, module, r_default)
         alpha = pattern_value(peft_config.get("alpha_pattern") or {}, module, alpha_default)
         scale = alpha / r**0.5 if rslora else alpha / r
@@ -165,17 +163,16 @@ def merge_state_dicts(
                 f"cannot merge into {weight_key!r}: it is tied to {tied}, which would keep "
                 "the unmerged weight; untie the weights first"
             )
-        in_out = embedding or (fan_in_fan_out and weight.dim() == 2)
+        in_out = factors.embedding or (fan_in_fan_out and weight.dim() == 2)
         matrix = bases.matrix_of(weight, in_out)
         if factors_class.reads_weight and weight.dim() != 2:
             raise ValueError(
                 f"adapter tensors of {module!r} are {factors_class.__name__}, which merge "
                 f"into a matrix; base weight {weight_key!r} has shape {tuple(weight.shape)}"
             )
-        A, B = tensors["A"], tensors["B"]
-        product = (B.shape[0], A[0].numel())  # ΔW in the matrix layout: (out, in)
+        product = factors_class.matrix_shape(tensors)  # (out, in)
         if product != tuple(matrix.shape):
-            shown = product[::-1] if in_out else B.shape[:1] + A.shape[1:]
+            shown = product[::-1] if in_out else product  # a conv's as (out, in · kh · kw)
             raise ValueError(
                 f"adapter tensors of {module!r} give ΔW of shape {tuple(shown)} but base "
                 f"weight {weight_key!r} has shape {tuple(weight.shape)}"
