@@ -132,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--test-size", type=_at_least_one, default=None, help="scored examples (default: 64)"
     )
+    _serve_flags(commands)
     from .experiments import EXPERIMENT_NAMES
 
     reproduce = commands.add_parser(
@@ -154,6 +155,58 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reproduce.add_argument("--output-dir", type=Path, default=Path("results"))
     return parser
+
+
+def _serve_flags(commands) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="serve the base and its adapters over an OpenAI-compatible HTTP API",
+        description="One base, many adapters, one continuously batched engine. The request's "
+        "`model` field picks the adapter (the base's name: none).",
+    )
+    serve.add_argument("--model", default="smollm2-135m", help="model alias, directory or id")
+    serve.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        type=_named_dir,
+        metavar="NAME=DIR",
+        help="an adapter loaded at start-up and never evicted (repeatable)",
+    )
+    serve.add_argument(
+        "--adapter-dir",
+        type=Path,
+        default=None,
+        help="allow POST /v1/load_lora_adapter for adapters inside this directory only "
+        "(without it, loading at run time is off)",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: local only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--max-batch", type=_at_least_one, default=32, help="rows decoded together (default: 32)"
+    )
+    serve.add_argument(
+        "--max-loras", type=_at_least_one, default=8, help="adapters resident at once (default: 8)"
+    )
+    serve.add_argument(
+        "--max-waiting",
+        type=_at_least_one,
+        default=256,
+        help="requests queued for a row before the server answers 429 (default: 256)",
+    )
+    serve.add_argument(
+        "--api-key",
+        default=None,
+        help="require Authorization: Bearer KEY on every route but /health "
+        "(default: $LORALAB_API_KEY if set)",
+    )
+
+
+def _named_dir(text: str) -> tuple[str, Path]:
+    name, sep, directory = text.partition("=")
+    if not sep or not name or not directory:
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {text!r}")
+    return name, Path(directory)
 
 
 def _model_flags(parser: argparse.ArgumentParser, adapter_required: bool = False) -> None:
@@ -335,6 +388,26 @@ def _reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import os
+
+    from .serve import ServeOptions, serve
+
+    options = ServeOptions(
+        model=args.model,
+        adapters=args.adapter,
+        adapter_dir=args.adapter_dir,
+        host=args.host,
+        port=args.port,
+        max_batch=args.max_batch,
+        max_loras=args.max_loras,
+        max_waiting=args.max_waiting,
+        api_key=args.api_key or os.environ.get("LORALAB_API_KEY") or None,
+    )
+    serve(options)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -351,6 +424,7 @@ COMMANDS = {
     "info": _info,
     "demo": _demo,
     "reproduce": _reproduce,
+    "serve": _serve,
 }
 
 

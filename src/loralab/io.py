@@ -100,8 +100,11 @@ class AdapterFiles:
     tensors: dict[str, Tensor]
 
 
-def read_adapter(directory: str | os.PathLike) -> AdapterFiles:
-    """Read and validate an adapter directory (PEFT layout) without a model."""
+def read_adapter(directory: str | os.PathLike, safetensors_only: bool = False) -> AdapterFiles:
+    """Read and validate an adapter directory (PEFT layout) without a model.
+
+    ``safetensors_only`` refuses a directory whose weights are a pickle (a server reads
+    only files that cannot carry code)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise AdapterFileError(f"{directory} is not an adapter directory")
@@ -116,6 +119,8 @@ def read_adapter(directory: str | os.PathLike) -> AdapterFiles:
         except (KeyError, TypeError, ConfigError) as error:
             raise AdapterFileError(f"{extra_path}: {error}") from None
     weights = directory / WEIGHTS_FILE
+    if not weights.exists() and safetensors_only:
+        raise AdapterFileError(f"{directory} has no {WEIGHTS_FILE} (only safetensors are read)")
     if not weights.exists() and (directory / PICKLE_WEIGHTS_FILE).exists():
         weights = directory / PICKLE_WEIGHTS_FILE
     if not weights.exists():

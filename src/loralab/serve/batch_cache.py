@@ -1,0 +1,94 @@
+"""The running requests' keys and values, one row each, as one left-padded cache.
+
+Every row ends at the same column, so one decoding step appends one column for all rows;
+a row with a shorter history has padding on its left, masked out. A request that joins is
+prefilled alone and its cache is padded to the batch's width (or the batch to its); one
+that leaves drops its row, and columns that only padding is left in are cut away.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+
+class UnsupportedModel(ValueError):
+    """The model's cache is not one the batch can pad and split by rows."""
+
+
+def new_cache(config) -> DynamicCache:
+    """An empty cache for one request, refused for caches that are not plain per-layer
+    keys and values (sliding windows, linear attention, …): their rows cannot be padded."""
+    cache = DynamicCache(config=config)
+    odd = {type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer}
+    if odd:
+        raise UnsupportedModel(
+            f"serving needs a model whose every layer keeps plain keys and values; "
+            f"{config.model_type} has {', '.join(sorted(odd))}"
+        )
+    return cache
+
+
+class BatchCache:
+    """Rows of keys and values, left-padded to one width, with each row's real length."""
+
+    def __init__(self, config) -> None:
+        self.config = config
+        self.cache: DynamicCache | None = None
+        self.lengths: list[int] = []
+
+    @property
+    def width(self) -> int:
+        return 0 if self.cache is None else self.cache.get_seq_length()
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def step_inputs(self) -> tuple[Tensor, Tensor]:
+        """The attention mask (rows, width + 1) and position ids (rows, 1) of the next step,
+        whose one new token per row goes in the last column."""
+        lengths = torch.tensor(self.lengths)
+        width = self.width
+        columns = torch.arange(width + 1)
+        mask = (columns[None, :] >= (width - lengths)[:, None]).long()
+        return mask, lengths[:, None]
+
+    def stepped(self) -> None:
+        """Count the column the last step appended."""
+        self.lengths = [n + 1 for n in self.lengths]
+
+    def add(self, row: DynamicCache) -> None:
+        """Append one request's cache (batch of one, no padding) as the last row."""
+        length = row.get_seq_length()
+        if self.cache is None:
+            self.cache, self.lengths = row, [length]
+            return
+        width = self.width
+        for mine, theirs in zip(self.cache.layers, row.layers, strict=True):
+            if length > width:  # the batch grows to the newcomer's width
+                mine.keys = _pad_left(mine.keys, length - width)
+                mine.values = _pad_left(mine.values, length - width)
+            mine.keys = torch.cat([mine.keys, _pad_left(theirs.keys, width - length)])
+            mine.values = torch.cat([mine.values, _pad_left(theirs.values, width - length)])
+        self.lengths.append(length)
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only ``rows`` (in that order), and cut the columns left all padding."""
+        if not rows:
+            self.cache, self.lengths = None, []
+            return
+        if rows == list(range(len(self.lengths))):
+            return
+        self.lengths = [self.lengths[i] for i in rows]
+        cut = self.width - max(self.lengths)
+        index = torch.tensor(rows)
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, cut:]
+            layer.values = layer.values.index_select(0, index)[:, :, cut:]
+
+
+def _pad_left(states: Tensor, columns: int) -> Tensor:
+    return F.pad(states, (0, 0, max(columns, 0), 0)) if columns > 0 else states

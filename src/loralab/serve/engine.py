@@ -1,0 +1,287 @@
+"""Continuous batching: one thread runs one decoding step for every running request.
+
+A request waits in a bounded queue until a row is free and its adapter is resident; it
+is then prefilled alone (exactly as ``loralab generate`` prefills one prompt) and joins
+the batch between two steps. At every step each row runs its own adapter (or none,
+through ``mixed_adapters``) and samples its own next token; a request that finished,
+or whose client went away, leaves at once and frees its row. Everything that changes the
+model (loading, swapping, evicting adapters) runs on this thread too, between steps, so
+a step never sees a half-changed model.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..adapters import set_active_adapter
+from ..mixing import mixed_adapters
+from .adapter_pool import AdapterPool
+from .batch_cache import BatchCache, new_cache
+from .errors import RequestError
+from .metrics import Metrics
+from .sampling import Sampler, Sampling
+from .text import TextStream
+
+log = logging.getLogger("loralab.serve")
+
+
+@dataclass
+class Text:
+    """New text for the client (may be empty only in the final event's company)."""
+
+    text: str
+
+
+@dataclass
+class Finished:
+    reason: str  # "stop" or "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Failed:
+    error: RequestError
+
+
+Event = Text | Finished | Failed
+
+
+@dataclass
+class Job:
+    """One completion to produce (one choice of one HTTP request)."""
+
+    prompt: list[int]
+    adapter: str | None
+    max_tokens: int
+    sampling: Sampling
+    stop: tuple[str, ...]
+    emit: Callable[[Event], None]  # called on the engine's thread
+    arrived: float = field(default_factory=time.monotonic)
+    cancelled: bool = False  # set by the client's side; the engine drops the job
+
+
+@dataclass
+class _Row:
+    job: Job
+    sampler: Sampler
+    text: TextStream
+    last: int = 0  # the token the next step feeds
+    generated: int = 0
+
+
+class QueueFull(RequestError):
+    pass
+
+
+class Engine:
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        pool: AdapterPool,
+        metrics: Metrics,
+        max_batch: int = 32,
+        max_waiting: int = 256,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.pool = pool
+        self.metrics = metrics
+        self.max_batch = max_batch
+        self.max_waiting = max_waiting
+        self.context_length = int(model.config.max_position_embeddings)
+        self.eos = tokenizer.eos_token_id
+        new_cache(model.config)  # refuses models whose cache cannot be split by rows
+        self.cache = BatchCache(model.config)
+        self.rows: list[_Row] = []
+        self.waiting: deque[Job] = deque()
+        self.commands: deque[tuple[Callable, concurrent.futures.Future]] = deque()
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="loralab-engine", daemon=True)
+
+    # -- the client's side (any thread) --------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join()
+
+    def submit(self, job: Job) -> None:
+        with self._wake:
+            if len(self.waiting) >= self.max_waiting:
+                raise QueueFull(
+                    f"the server is full: {self.max_waiting} requests are already waiting; "
+                    "retry later",
+                    status=429,
+                )
+            self.waiting.append(job)
+            self.metrics.waiting.set(len(self.waiting))
+            self._wake.notify()
+
+    def call(self, function: Callable) -> concurrent.futures.Future:
+        """Run ``function()`` on the engine's thread between two steps."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._wake:
+            self.commands.append((function, future))
+            self._wake.notify()
+        return future
+
+    # -- the engine's thread --------------------------------------------------------------
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._wake:
+                while not (self._stopping or self.commands or self.waiting or self.rows):
+                    self._wake.wait()
+                if self._stopping:
+                    break
+                commands = list(self.commands)
+                self.commands.clear()
+            for function, future in commands:
+                try:
+                    future.set_result(function())
+                except BaseException as error:  # the caller's to report
+                    future.set_exception(error)
+            self._admit()
+            if self.rows:
+                try:
+                    self._step()
+                except Exception:  # a bug must not stop the server: fail this batch only
+                    log.exception("decoding step failed")
+                    for row in self.rows:
+                        self._end(row, Failed(RequestError("internal error", status=500)))
+                    self.rows, self.cache = [], BatchCache(self.model.config)
+        for job in [*self.waiting, *(row.job for row in self.rows)]:
+            job.emit(Failed(RequestError("the server is shutting down", status=503)))
+
+    def _admit(self) -> None:
+        """Prefill waiting jobs into free rows, oldest first; a job whose adapter cannot be
+        resident yet (every slot in use) lets later ones pass."""
+        with self._wake:
+            candidates = list(self.waiting)
+        for job in candidates:
+            if len(self.rows) >= self.max_batch:
+                break
+            if not job.cancelled:
+                try:
+                    if not self.pool.acquire(job.adapter):
+                        continue
+                except RequestError as error:
+                    self._take(job)
+                    job.emit(Failed(error))
+                    continue
+            self._take(job)
+            if job.cancelled:
+                continue
+            try:
+                self._prefill(job)
+            except Exception:
+                log.exception("prefill failed")
+                self.pool.release(job.adapter)
+                job.emit(Failed(RequestError("internal error", status=500)))
+
+    def _take(self, job: Job) -> None:
+        with self._wake:
+            self.waiting.remove(job)
+            self.metrics.waiting.set(len(self.waiting))
+
+    def _prefill(self, job: Job) -> None:
+        set_active_adapter(self.model, job.adapter)
+        ids = torch.tensor([job.prompt])
+        cache = new_cache(self.model.config)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            position_ids=torch.arange(ids.shape[1])[None],
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self.metrics.prompt_tokens.inc(len(job.prompt))
+        self.metrics.time_to_first_token.observe(time.monotonic() - job.arrived)
+        row = _Row(job, Sampler(job.sampling), TextStream(self.tokenizer, job.stop))
+        if not self._advance(row, row.sampler(out.logits[0, -1])):
+            self.rows.append(row)
+            self.cache.add(cache)
+        self.metrics.running.set(len(self.rows))
+
+    def _step(self) -> None:
+        """One new token for every running row."""
+        live = [i for i, row in enumerate(self.rows) if not row.job.cancelled]
+        for row in self.rows:
+            if row.job.cancelled:
+                self._end(row, None)
+        self._keep(live)
+        if not self.rows:
+            return
+        mask, positions = self.cache.step_inputs()
+        ids = torch.tensor([[row.last] for row in self.rows])
+        self.metrics.batch_size.observe(len(self.rows))
+        with mixed_adapters(self.model, [row.job.adapter for row in self.rows]):
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                cache=self.cache.cache,
+                use_cache=True,
+            )
+        self.cache.stepped()
+        logits = out.logits[:, -1]
+        going = [
+            i for i, row in enumerate(self.rows) if not self._advance(row, row.sampler(logits[i]))
+        ]
+        self._keep(going)
+
+    def _keep(self, indices: list[int]) -> None:
+        if len(indices) != len(self.rows):
+            self.rows = [self.rows[i] for i in indices]
+            self.cache.keep(indices)
+            self.metrics.running.set(len(self.rows))
+
+    def _advance(self, row: _Row, token: int) -> bool:
+        """Take the row's new token; True when the row has finished (and was ended)."""
+        row.generated += 1
+        self.metrics.generation_tokens.inc()
+        job = row.job
+        if token == self.eos:
+            reason = "stop"
+            text = row.text.finish()
+        else:
+            text = row.text.push(token)
+            reason = None
+            if row.text.stopped:
+                reason = "stop"
+            elif (
+                row.generated >= job.max_tokens
+                or len(job.prompt) + row.generated >= self.context_length
+            ):
+                reason = "length"
+                text += row.text.finish()
+        if text:
+            job.emit(Text(text))
+        if reason is None:
+            row.last = token
+            return False
+        self._end(row, Finished(reason, len(job.prompt), row.generated))
+        return True
+
+    def _end(self, row: _Row, event: Event | None) -> None:
+        self.pool.release(row.job.adapter)
+        if event is not None:
+            row.job.emit(event)

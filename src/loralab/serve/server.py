@@ -1,0 +1,95 @@
+"""``loralab serve``: load the base and the pinned adapters, then run the app on uvicorn."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import uvicorn
+
+from ..models import load_model
+from .adapter_pool import AdapterPool
+from .app import DEFAULT_MAX_BODY, ServerState, create_app
+from .engine import Engine
+from .errors import RequestError
+from .metrics import Metrics
+
+
+@dataclass
+class ServeOptions:
+    model: str = "smollm2-135m"
+    adapters: list[tuple[str, Path]] = field(default_factory=list)  # pinned, NAME=DIR
+    adapter_dir: Path | None = None  # run-time loading from inside it only
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch: int = 32
+    max_loras: int = 8
+    max_waiting: int = 256
+    api_key: str | None = None
+    max_body: int = DEFAULT_MAX_BODY
+
+
+class ServeError(ValueError):
+    """A start-up setting or file the server cannot use (one line on the command line)."""
+
+
+def build_state(options: ServeOptions) -> ServerState:
+    """Everything but the socket: the model, the pinned adapters, the engine."""
+    for flag, value in (
+        ("--max-batch", options.max_batch),
+        ("--max-loras", options.max_loras),
+        ("--max-waiting", options.max_waiting),
+    ):
+        if value < 1:
+            raise ServeError(f"{flag} must be ≥ 1, got {value}")
+    if options.adapter_dir is not None and not options.adapter_dir.is_dir():
+        raise ServeError(f"--adapter-dir {options.adapter_dir} is not a directory")
+    for name, directory in options.adapters:
+        if not Path(directory).is_dir():
+            raise ServeError(f"--adapter {name}={directory}: not an adapter directory")
+    model, tokenizer = load_model(options.model)
+    metrics = Metrics()
+    pool = AdapterPool(model, options.model, options.max_loras, options.adapter_dir, metrics)
+    for name, directory in options.adapters:
+        try:
+            pool.add_pinned(name, Path(directory))
+        except RequestError as error:
+            raise ServeError(f"--adapter {name}={directory}: {error.message}") from None
+    engine = Engine(model, tokenizer, pool, metrics, options.max_batch, options.max_waiting)
+    return ServerState(
+        engine, pool, tokenizer, options.model, metrics, options.api_key, options.max_body
+    )
+
+
+def serve(options: ServeOptions) -> None:
+    """Serve until interrupted."""
+    state = build_state(options)
+    uvicorn.run(create_app(state), host=options.host, port=options.port, log_level="info")
+
+
+class BackgroundServer:
+    """The server on a thread of this process, on a free port (tests, notebooks)."""
+
+    def __init__(self, state: ServerState, host: str = "127.0.0.1", port: int = 0) -> None:
+        config = uvicorn.Config(create_app(state), host=host, port=port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.state = state
+        self.thread = threading.Thread(target=self.server.run, name="loralab-http", daemon=True)
+
+    def __enter__(self) -> BackgroundServer:
+        self.thread.start()
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError("the server did not start")
+            threading.Event().wait(0.02)
+        return self
+
+    @property
+    def url(self) -> str:
+        host, port = self.server.servers[0].sockets[0].getsockname()[:2]
+        return f"http://{host}:{port}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join()
