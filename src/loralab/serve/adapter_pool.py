@@ -74,10 +74,7 @@ class AdapterPool:
             raise RequestError(
                 f"more adapters named at start-up than --max-loras {self.max_loras} allows"
             )
-        entry = Entry(name, Path(path), pinned=True)
-        self._read_onto_model(entry)
-        with self._lock:
-            self.entries[name] = entry
+        self._register(Entry(name, Path(path), pinned=True))
 
     # -- the network's requests (engine thread) ----------------------------------------------
 
@@ -148,14 +145,7 @@ class AdapterPool:
         entry = Entry(name, path, pinned=False, used=next(self._clock))
         if self.resident_count() >= self.max_loras:
             self._evict_one()
-        with self._lock:
-            self.entries[name] = entry
-        try:
-            self._read_onto_model(entry)  # checks everything first: a bad file loads nothing
-        except RequestError:
-            with self._lock:
-                del self.entries[name]
-            raise
+        self._register(entry)
         if self.resident_count() > self.max_loras:  # every slot busy: it waits off the model
             self._off_model(entry)
         return f"adapter {name!r} loaded from {path.name}"
@@ -203,6 +193,17 @@ class AdapterPool:
         self._drop_if_free(entry)
 
     # -- the model ------------------------------------------------------------------------
+
+    def _register(self, entry: Entry) -> None:
+        """Know ``entry`` and read it onto the model; on any error it is not known."""
+        with self._lock:
+            self.entries[entry.name] = entry
+        try:
+            self._read_onto_model(entry)  # checks everything first: a bad file loads nothing
+        except RequestError:
+            with self._lock:
+                del self.entries[entry.name]
+            raise
 
     def _read_onto_model(self, entry: Entry) -> None:
         try:

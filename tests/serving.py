@@ -1,0 +1,40 @@
+"""A served tiny Llama with eight adapters, and what ``loralab generate`` says they write."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import randomize_lora
+from loralab import LoraConfig, inject_adapter, load_adapter, save_adapter
+from loralab.generate import generate
+from loralab.models import load_model
+from loralab.serve import BackgroundServer, ServeOptions, build_state
+
+# Different targets and ranks, so that a batch mixes layers with and without each adapter.
+TARGETS = (["q_proj", "v_proj"], ["q_proj", "o_proj", "down_proj"], ["v_proj", "up_proj"])
+
+
+def save_adapters(base: Path, directory: Path, count: int = 8, seed: int = 0) -> list[str]:
+    """``count`` random adapters on the tiny base, saved as ``directory/a<i>``."""
+    names = []
+    for i in range(count):
+        model, _ = load_model(str(base))
+        config = LoraConfig(r=4 + 4 * (i % 2), lora_alpha=8, target_modules=TARGETS[i % 3])
+        inject_adapter(model, config)
+        randomize_lora(model, seed=seed + i, std=0.3)
+        save_adapter(model, directory / f"a{i}")
+        names.append(f"a{i}")
+    return names
+
+
+def reference(base: Path, adapter_dir: Path | None, prompt, max_new_tokens: int) -> str:
+    """What ``loralab generate`` writes for one prompt (a text or a chat), greedy."""
+    model, tokenizer = load_model(str(base))
+    if adapter_dir is not None:
+        load_adapter(model, adapter_dir)
+    return generate(model, tokenizer, [prompt], max_new_tokens, stop_at_newline=False)[0]
+
+
+def start(base: Path, **options) -> BackgroundServer:
+    """A server on a free local port (use as a context manager)."""
+    return BackgroundServer(build_state(ServeOptions(model=str(base), **options)))
