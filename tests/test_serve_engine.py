@@ -161,8 +161,8 @@ def test_rows_of_the_batch_cache_keep_their_own_keys(tiny_model_dir):
         rows.append(cache)
     batch = BatchCache(model.config)
     originals = [[layer.keys.clone() for layer in row.layers] for row in rows]
-    for row in rows:
-        batch.add(row)
+    for row, length in zip(rows, (3, 7, 5), strict=True):
+        batch.add(row, [length], [0])
     assert batch.width == 7 and batch.lengths == [3, 7, 5]
     batch.keep([2, 0])  # the longest row leaves: the batch narrows to 5
     assert batch.width == 5
@@ -174,6 +174,20 @@ def test_rows_of_the_batch_cache_keep_their_own_keys(tiny_model_dir):
             length = keys.shape[2]
             assert torch.equal(layer.keys[i, :, batch.width - length :], keys[0])
             assert not layer.keys[i, :, : batch.width - length].any()  # padding
+
+
+def test_rows_of_a_prefill_that_finished_at_once_are_not_added(tiny_model_dir):
+    model, _ = load_model(str(tiny_model_dir))
+    joint = new_cache(model.config)  # two prompts, left-padded to 6: lengths 6 and 2
+    mask = torch.tensor([[1] * 6, [0, 0, 0, 0, 1, 1]])
+    ids = torch.randint(3, 90, (2, 6))
+    model(input_ids=ids, attention_mask=mask, cache=joint, use_cache=True)
+    short = [layer.keys[1:, :, 4:].clone() for layer in joint.layers]
+    batch = BatchCache(model.config)
+    batch.add(joint, [6, 2], [1])  # the long one ended with its first token
+    assert batch.lengths == [2] and batch.width == 2  # its padding went with it
+    for layer, keys in zip(batch.cache.layers, short, strict=True):
+        assert torch.equal(layer.keys, keys)
 
 
 # -- sampling and text ---------------------------------------------------------------------

@@ -491,11 +491,16 @@ def require_adapter(
     return configs[adapter_name]
 
 
-def require_lora_factors(model: nn.Module, adapter_name: str, action: str) -> None:
+def require_lora_factors(
+    model: nn.Module,
+    adapter_name: str,
+    action: str,
+    layers: dict[str, LoraLayer] | None = None,
+) -> None:
     """Raise ``TypeError`` if the adapter's factors are not LoRA's (``B A``, or DoRA's on
     top of them), as AdaLoRA's ``P Λ Q`` in the same wrappers: ``action`` says what cannot
-    be done with it."""
-    for name, layer in lora_layers(model).items():
+    be done with it. ``layers``: the model's ``lora_layers``, when the caller has them."""
+    for name, layer in (lora_layers(model) if layers is None else layers).items():
         factors = layer.lora[adapter_name] if adapter_name in layer.lora else None  # noqa: SIM401
         if factors is not None and not isinstance(factors, LoraFactors):
             raise TypeError(

@@ -19,15 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .inject import lora_layers, require_adapter
+from .inject import lora_layers, require_adapter, require_lora_factors
 from .layers import LoraConv1D, LoraLayer, LoraLinear
 
 
 class RowMix:
     """One layer's per-row factors for one mixed batch, and how to apply them."""
 
-    def __init__(self, layer: LoraLayer, names: list[str | None], rows: list[str | None]):
-        self.rows = torch.tensor([names.index(r) for r in rows])
+    def __init__(self, layer: LoraLayer, names: list[str | None], rows: Tensor):
+        self.rows = rows  # each row's index into names
         self.names = names
         self.layer = layer
         self.batched = type(layer) in (LoraLinear, LoraConv1D)
@@ -120,9 +120,10 @@ def mixed_adapters(model: nn.Module, row_adapters: Sequence[str | None]) -> Iter
     merged (a merged one is in every row's weights); this is for inference: no dropout.
     """
     rows = list(row_adapters)
+    layers = lora_layers(model)  # once: walking the model per adapter costs more than a step
     for name in {r for r in rows if r is not None}:
-        require_adapter(model, name, "mixed per row")
-    layers = lora_layers(model)
+        require_adapter(model, name)
+        require_lora_factors(model, name, "mixed per row", layers)
     if any(layer.merged_adapters for layer in layers.values()):
         raise ValueError("unmerge the adapters first: a merged adapter would apply to every row")
     for module_name, layer in layers.items():
@@ -133,7 +134,9 @@ def mixed_adapters(model: nn.Module, row_adapters: Sequence[str | None]) -> Iter
                     f"({type(layer.lora[name]).__name__}) is not a product of two factors"
                 )
     names: list[str | None] = [None, *sorted({r for r in rows if r is not None})]
-    mixes = {layer: RowMix(layer, names, rows) for layer in layers.values()}
+    index = {name: i for i, name in enumerate(names)}
+    row_index = torch.tensor([index[r] for r in rows])
+    mixes = {layer: RowMix(layer, names, row_index) for layer in layers.values()}
     active = {layer: layer.active_adapter for layer in layers.values()}
     handles = []
     try:

@@ -60,6 +60,9 @@ class AdapterPool:
             entry = self.entries.get(name)
             return entry is not None and not entry.removed
 
+    def is_resident(self, name: str | None) -> bool:
+        return name is None or (name in self.entries and self.entries[name].resident)
+
     def resident_count(self) -> int:
         return sum(e.resident for e in self.entries.values())
 
@@ -188,9 +191,15 @@ class AdapterPool:
     def release(self, name: str | None) -> None:
         if name is None:
             return
-        entry = self.entries[name]
-        entry.users -= 1
-        self._drop_if_free(entry)
+        self.entries[name].users -= 1  # an unloaded one goes at the next sweep()
+
+    def has_garbage(self) -> bool:
+        return any(e.removed and not e.users for e in self.entries.values())
+
+    def sweep(self) -> None:
+        """Take off the model the unloaded adapters that no request runs on any more."""
+        for entry in list(self.entries.values()):
+            self._drop_if_free(entry)
 
     # -- the model ------------------------------------------------------------------------
 

@@ -164,6 +164,7 @@ class _Run:
                         sampling=sampling,
                         stop=parsed.stop,
                         emit=_emitter(loop, self.queue, index),
+                        ignore_eos=parsed.ignore_eos,
                     )
                 )
         self.done = [False] * len(self.jobs)

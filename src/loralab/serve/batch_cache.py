@@ -1,9 +1,10 @@
 """The running requests' keys and values, one row each, as one left-padded cache.
 
 Every row ends at the same column, so one decoding step appends one column for all rows;
-a row with a shorter history has padding on its left, masked out. A request that joins is
-prefilled alone and its cache is padded to the batch's width (or the batch to its); one
-that leaves drops its row, and columns that only padding is left in are cut away.
+a row with a shorter history has padding on its left, masked out. Requests that join are
+prefilled together, left-padded, and their rows are padded to the batch's width (or the
+batch to theirs); one that leaves drops its row, and the columns left holding only
+padding are cut away.
 """
 
 from __future__ import annotations
@@ -60,20 +61,33 @@ class BatchCache:
         """Count the column the last step appended."""
         self.lengths = [n + 1 for n in self.lengths]
 
-    def add(self, row: DynamicCache) -> None:
-        """Append one request's cache (batch of one, no padding) as the last row."""
-        length = row.get_seq_length()
-        if self.cache is None:
-            self.cache, self.lengths = row, [length]
+    def add(self, rows: DynamicCache, lengths: list[int], take: list[int]) -> None:
+        """Append rows ``take`` of a prefill's cache, left-padded with real ``lengths``."""
+        if not take:
             return
-        width = self.width
-        for mine, theirs in zip(self.cache.layers, row.layers, strict=True):
-            if length > width:  # the batch grows to the newcomer's width
+        lengths = [lengths[i] for i in take]
+        index = torch.tensor(take)
+        cut = rows.get_seq_length() - max(lengths)  # columns only padding of dropped rows
+        new = [
+            (
+                layer.keys.index_select(0, index)[:, :, cut:],
+                layer.values.index_select(0, index)[:, :, cut:],
+            )
+            for layer in rows.layers
+        ]
+        if self.cache is None:
+            for layer, (keys, values) in zip(rows.layers, new, strict=True):
+                layer.keys, layer.values = keys, values
+            self.cache, self.lengths = rows, lengths
+            return
+        width, length = self.width, max(lengths)
+        for mine, (keys, values) in zip(self.cache.layers, new, strict=True):
+            if length > width:  # the batch grows to the newcomers' width
                 mine.keys = _pad_left(mine.keys, length - width)
                 mine.values = _pad_left(mine.values, length - width)
-            mine.keys = torch.cat([mine.keys, _pad_left(theirs.keys, width - length)])
-            mine.values = torch.cat([mine.values, _pad_left(theirs.values, width - length)])
-        self.lengths.append(length)
+            mine.keys = torch.cat([mine.keys, _pad_left(keys, width - length)])
+            mine.values = torch.cat([mine.values, _pad_left(values, width - length)])
+        self.lengths += lengths
 
     def keep(self, rows: list[int]) -> None:
         """Keep only ``rows`` (in that order), and cut the columns left all padding."""

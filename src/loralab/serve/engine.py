@@ -12,6 +12,7 @@ a step never sees a half-changed model.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
@@ -66,6 +67,7 @@ class Job:
     sampling: Sampling
     stop: tuple[str, ...]
     emit: Callable[[Event], None]  # called on the engine's thread
+    ignore_eos: bool = False
     arrived: float = field(default_factory=time.monotonic)
     cancelled: bool = False  # set by the client's side; the engine drops the job
 
@@ -108,6 +110,10 @@ class Engine:
         self.commands: deque[tuple[Callable, concurrent.futures.Future]] = deque()
         self._wake = threading.Condition()
         self._stopping = False
+        # The rows' mixed_adapters block stays open across steps while the rows and the
+        # model stay as they are; entering it gathers every layer's factors for the rows.
+        self._mix: contextlib.ExitStack | None = None
+        self._mix_rows: tuple[str | None, ...] = ()
         self._thread = threading.Thread(target=self._loop, name="loralab-engine", daemon=True)
 
     # -- the client's side (any thread) --------------------------------------------------
@@ -153,6 +159,9 @@ class Engine:
                     break
                 commands = list(self.commands)
                 self.commands.clear()
+            if commands or self.pool.has_garbage():
+                self._unmix()  # the model may change: no step sees it half-changed
+                self.pool.sweep()
             for function, future in commands:
                 try:
                     future.set_result(function())
@@ -167,32 +176,42 @@ class Engine:
                     for row in self.rows:
                         self._end(row, Failed(RequestError("internal error", status=500)))
                     self.rows, self.cache = [], BatchCache(self.model.config)
+                    self._unmix()
+        self._unmix()
         for job in [*self.waiting, *(row.job for row in self.rows)]:
             job.emit(Failed(RequestError("the server is shutting down", status=503)))
 
     def _admit(self) -> None:
-        """Prefill waiting jobs into free rows, oldest first; a job whose adapter cannot be
-        resident yet (every slot in use) lets later ones pass."""
+        """Prefill waiting jobs into free rows, oldest first, all in one forward; a job
+        whose adapter cannot be resident yet (every slot in use) lets later ones pass."""
         with self._wake:
             candidates = list(self.waiting)
+        chosen: list[Job] = []
         for job in candidates:
-            if len(self.rows) >= self.max_batch:
+            if len(self.rows) + len(chosen) >= self.max_batch:
                 break
-            if not job.cancelled:
-                try:
-                    if not self.pool.acquire(job.adapter):
-                        continue
-                except RequestError as error:
-                    self._take(job)
-                    job.emit(Failed(error))
-                    continue
-            self._take(job)
-            if job.cancelled:
+            if job.cancelled:  # its client left while it waited
+                self._take(job)
                 continue
+            if not self.pool.is_resident(job.adapter):
+                self._unmix()  # acquiring it changes the model
             try:
-                self._prefill(job)
-            except Exception:
-                log.exception("prefill failed")
+                if not self.pool.acquire(job.adapter):
+                    continue
+            except RequestError as error:
+                self._take(job)
+                job.emit(Failed(error))
+                continue
+            self._take(job)
+            chosen.append(job)
+        if not chosen:
+            return
+        self._unmix()  # the prefill mixes its own rows
+        try:
+            self._prefill(chosen)
+        except Exception:
+            log.exception("prefill failed")
+            for job in chosen:
                 self.pool.release(job.adapter)
                 job.emit(Failed(RequestError("internal error", status=500)))
 
@@ -201,24 +220,38 @@ class Engine:
             self.waiting.remove(job)
             self.metrics.waiting.set(len(self.waiting))
 
-    def _prefill(self, job: Job) -> None:
-        set_active_adapter(self.model, job.adapter)
-        ids = torch.tensor([job.prompt])
+    def _prefill(self, jobs: list[Job]) -> None:
+        """The jobs' prompts in one forward (left-padded), and each one's first token.
+
+        A job alone runs exactly as ``loralab generate`` runs one prompt: its adapter
+        active, no padding.
+        """
+        lengths = [len(job.prompt) for job in jobs]
+        width = max(lengths)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.tensor([[pad] * (width - len(job.prompt)) + job.prompt for job in jobs])
+        columns = torch.arange(width)
+        starts = torch.tensor([width - n for n in lengths])[:, None]
+        mask = (columns[None, :] >= starts).long()
+        positions = (columns[None, :] - starts).clamp(min=0)
         cache = new_cache(self.model.config)
-        out = self.model(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            position_ids=torch.arange(ids.shape[1])[None],
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        self.metrics.prompt_tokens.inc(len(job.prompt))
-        self.metrics.time_to_first_token.observe(time.monotonic() - job.arrived)
-        row = _Row(job, Sampler(job.sampling), TextStream(self.tokenizer, job.stop))
-        if not self._advance(row, row.sampler(out.logits[0, -1])):
-            self.rows.append(row)
-            self.cache.add(cache)
+        inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+        with contextlib.ExitStack() as stack:
+            if len(jobs) == 1:
+                set_active_adapter(self.model, jobs[0].adapter)
+            else:
+                stack.enter_context(mixed_adapters(self.model, [job.adapter for job in jobs]))
+            out = self.model(**inputs, cache=cache, use_cache=True, logits_to_keep=1)
+        now = time.monotonic()
+        going = []
+        for i, job in enumerate(jobs):
+            self.metrics.prompt_tokens.inc(lengths[i])
+            self.metrics.time_to_first_token.observe(now - job.arrived)
+            row = _Row(job, Sampler(job.sampling), TextStream(self.tokenizer, job.stop))
+            if not self._advance(row, row.sampler(out.logits[i, -1])):
+                self.rows.append(row)
+                going.append(i)
+        self.cache.add(cache, lengths, going)
         self.metrics.running.set(len(self.rows))
 
     def _step(self) -> None:
@@ -233,20 +266,34 @@ class Engine:
         mask, positions = self.cache.step_inputs()
         ids = torch.tensor([[row.last] for row in self.rows])
         self.metrics.batch_size.observe(len(self.rows))
-        with mixed_adapters(self.model, [row.job.adapter for row in self.rows]):
-            out = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                cache=self.cache.cache,
-                use_cache=True,
-            )
+        self._mixed()
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=self.cache.cache,
+            use_cache=True,
+        )
         self.cache.stepped()
         logits = out.logits[:, -1]
         going = [
             i for i, row in enumerate(self.rows) if not self._advance(row, row.sampler(logits[i]))
         ]
         self._keep(going)
+
+    def _mixed(self) -> None:
+        rows = tuple(row.job.adapter for row in self.rows)
+        if self._mix is not None and rows == self._mix_rows:
+            return
+        self._unmix()
+        stack = contextlib.ExitStack()
+        stack.enter_context(mixed_adapters(self.model, rows))
+        self._mix, self._mix_rows = stack, rows
+
+    def _unmix(self) -> None:
+        if self._mix is not None:
+            self._mix.close()
+            self._mix = None
 
     def _keep(self, indices: list[int]) -> None:
         if len(indices) != len(self.rows):
@@ -259,7 +306,7 @@ class Engine:
         row.generated += 1
         self.metrics.generation_tokens.inc()
         job = row.job
-        if token == self.eos:
+        if token == self.eos and not job.ignore_eos:
             reason = "stop"
             text = row.text.finish()
         else:

@@ -49,6 +49,7 @@ class Completion:
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
+    ignore_eos: bool = False  # vLLM's extension: run to max_tokens (benchmarks use it)
 
 
 def parse_completion(
@@ -122,6 +123,7 @@ def parse_completion(
         stop=_stops(body),
         stream=stream,
         include_usage=include_usage,
+        ignore_eos=_optional(body, "ignore_eos", bool, False),
     )
 
 
