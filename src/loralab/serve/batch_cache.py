@@ -21,8 +21,8 @@ class UnsupportedModel(ValueError):
 
 
 def new_cache(config) -> DynamicCache:
-    """An empty cache for one request, refused for caches that are not plain per-layer
-    keys and values (sliding windows, linear attention, …): their rows cannot be padded."""
+    """An empty cache for a prefill, refused for caches that are not plain per-layer keys
+    and values (sliding windows, linear attention, …): their rows cannot be padded."""
     cache = DynamicCache(config=config)
     odd = {type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer}
     if odd:
@@ -30,7 +30,47 @@ def new_cache(config) -> DynamicCache:
             f"serving needs a model whose every layer keeps plain keys and values; "
             f"{config.model_type} has {', '.join(sorted(odd))}"
         )
+    cache.layers = [GrowingLayer() for _ in cache.layers]
     return cache
+
+
+class GrowingLayer(DynamicLayer):
+    """A layer's keys and values as the first columns of buffers with room for more.
+
+    Transformers' own layer concatenates, copying the whole cache at every step (11 of a
+    140 ms step at 32 rows × 35 columns on SmolLM2, growing with the length); here a
+    step writes its column in place, and only a buffer that is full, or was replaced by
+    the batch's own padding and selecting, is copied into a larger one.
+    """
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self.keys, self.values = key_states, value_states
+        else:
+            self.keys = _append(self.keys, key_states)
+            self.values = _append(self.values, value_states)
+        return self.keys, self.values
+
+
+def _append(states: Tensor, new: Tensor) -> Tensor:
+    rows, heads, length, dim = states.shape
+    count = new.shape[-2]
+    buffer = states._base
+    if (
+        buffer is not None
+        and buffer.dim() == 4
+        and buffer.shape[:2] == (rows, heads)
+        and buffer.shape[2] >= length + count
+        and states.data_ptr() == buffer.data_ptr()
+        and states.stride() == buffer.stride()
+    ):  # the leading columns of a buffer with room
+        buffer[:, :, length : length + count] = new
+        return buffer[:, :, : length + count]
+    buffer = states.new_empty(rows, heads, length + count + max(32, length // 4), dim)
+    buffer[:, :, :length] = states
+    buffer[:, :, length : length + count] = new
+    return buffer[:, :, : length + count]
 
 
 class BatchCache:

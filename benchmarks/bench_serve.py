@@ -1,0 +1,407 @@
+"""Serving many adapters over HTTP: ``loralab serve`` against the naive server and vLLM-CPU.
+
+A closed loop of C concurrent clients (bounded in requests and in time) sends streamed
+completions of a fixed prompt and a fixed output length (``ignore_eos``), each request
+drawing its adapter from N; the same load goes, one server after another and the order
+flipped every round, to:
+
+- ``loralab serve`` (continuous batching, each row its own adapter);
+- ``naive_server.py``: FastAPI and PEFT, one request at a time, ``set_adapter`` then
+  ``generate`` (not streamed: its time to first token is the whole request);
+- vLLM's CPU build serving the same adapter files with its OpenAI server, from a venv of
+  its own (``--vllm-python``; skipped when there is none). Only adapter requests are
+  sent: vLLM 0.32's CPU LoRA kernel applies the last adapter slot to base rows that share
+  a batch with adapter rows (vllm-project/vllm PR #48421).
+
+Then one decoding step of 32 rows over 32 adapters is profiled in this process, against
+the time of its matrix products alone at this machine's measured speed.
+
+    python benchmarks/bench_serve.py [--quick] [--write] [--vllm-python PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_adapters import write_adapters  # PEFT-written adapter files
+from measure import command_line, load_average, machine_line, median, now
+
+MODEL = "smollm2-135m"
+PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle:"
+NEW_TOKENS = 32
+CLIENTS = 32
+ADAPTER_COUNTS = (1, 8, 32)
+VLLM_PYTHON = Path("/work/vllm-venv/bin/python")
+HERE = Path(__file__).resolve().parent
+
+
+# -- the servers ----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_command(side: str, adapters: Path, port: int, vllm_python: Path) -> tuple[list, dict]:
+    names = [f"a{i}" for i in range(max(ADAPTER_COUNTS))]
+    env = dict(os.environ)
+    if side == "loralab":
+        pinned = [x for n in names for x in ("--adapter", f"{n}={adapters / n}")]
+        command = [sys.executable, "-m", "loralab", "serve", "--model", MODEL, "--port", str(port)]
+        return [*command, "--max-batch", str(CLIENTS), "--max-loras", str(len(names)), *pinned], env
+    if side == "naive":
+        command = [sys.executable, str(HERE / "naive_server.py"), "--adapter-dir", str(adapters)]
+        return [*command, "--port", str(port)], env
+    from loralab.models import embedded_model_dir
+
+    env["VLLM_CPU_KVCACHE_SPACE"] = "1"  # GiB; its default asks for most of the memory
+    command = [str(vllm_python), "-m", "vllm.entrypoints.openai.api_server"]
+    command += ["--model", str(embedded_model_dir(MODEL)), "--host", "127.0.0.1"]
+    command += ["--port", str(port), "--dtype", "float32", "--max-model-len", "512"]
+    command += ["--enable-lora", "--max-loras", str(len(names)), "--max-lora-rank", "8"]
+    command += ["--lora-modules", *(f"{n}={adapters / n}" for n in names)]
+    return command, env
+
+
+@contextlib.contextmanager
+def running(side: str, adapters: Path, vllm_python: Path, log_dir: Path):
+    port = free_port()
+    command, env = server_command(side, adapters, port, vllm_python)
+    log = (log_dir / f"{side}.log").open("a")
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        command, env=env, stdout=log, stderr=log, cwd=log_dir, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"{side} did not start; see {log.name}")
+            time.sleep(0.5)
+        print(f"  {side} up in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.close()
+
+
+# -- the clients ----------------------------------------------------------------------------
+
+
+async def one_request(http: httpx.AsyncClient, url: str, model: str, stream: bool) -> dict:
+    body = {
+        "model": model,
+        "prompt": PROMPT,
+        "max_tokens": NEW_TOKENS,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
+    start = time.perf_counter()
+    if not stream:
+        response = await http.post(url + "/v1/completions", json=body)
+        response.raise_for_status()
+        done = time.perf_counter() - start
+        return {"tokens": response.json()["usage"]["completion_tokens"], "ttft": done, "gaps": []}
+    body |= {"stream": True, "stream_options": {"include_usage": True}}
+    arrivals, tokens = [], 0
+    async with http.stream("POST", url + "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if any(c.get("text") for c in chunk.get("choices", [])):
+                arrivals.append(time.perf_counter())
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    return {"tokens": tokens, "ttft": arrivals[0] - start, "gaps": gaps}
+
+
+async def closed_loop(url: str, adapters: int, seconds: float, per_client: int, stream: bool):
+    names = [f"a{i}" for i in range(adapters)]
+    results: list[dict] = []
+    deadline = time.monotonic() + seconds
+    limits = httpx.Limits(max_connections=CLIENTS + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+
+        async def client(index: int) -> None:
+            draw = random.Random(index)
+            for _ in range(per_client):
+                if time.monotonic() > deadline:
+                    return
+                results.append(await one_request(http, url, draw.choice(names), stream))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client(i) for i in range(CLIENTS)))
+        wall = time.perf_counter() - start
+    ttft = [r["ttft"] for r in results]
+    gaps = [g for r in results for g in r["gaps"]]
+    return {
+        "requests": len(results),
+        "tokens_per_s": sum(r["tokens"] for r in results) / wall,
+        "ttft_p50": percentile(ttft, 50),
+        "ttft_p99": percentile(ttft, 99),
+        "itl_p50": percentile(gaps, 50),
+        "itl_p99": percentile(gaps, 99),
+    }
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def measure_side(side: str, url: str, seconds: float, per_client: int) -> dict:
+    stream = side != "naive"
+    asyncio.run(closed_loop(url, max(ADAPTER_COUNTS), 600, 1, stream))  # warm: one each
+    return {
+        n: asyncio.run(closed_loop(url, n, seconds, per_client, stream)) for n in ADAPTER_COUNTS
+    }
+
+
+# -- one decoding step, profiled --------------------------------------------------------------
+
+
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def profile_step(adapters: Path, steps: int = 8) -> dict:
+    """One decoding step of 32 rows over 32 adapters inside the engine, and the time its
+    matrix products take alone (each shape re-run by itself at this machine's speed)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from loralab.models import load_model
+    from loralab.serve.adapter_pool import AdapterPool
+    from loralab.serve.engine import Engine, Job
+    from loralab.serve.metrics import Metrics
+    from loralab.serve.sampling import Sampling
+
+    torch.set_grad_enabled(False)
+    model, tokenizer = load_model(MODEL)
+    metrics = Metrics()
+    pool = AdapterPool(model, MODEL, CLIENTS, adapters, metrics)
+    for i in range(CLIENTS):
+        pool.add_pinned(f"a{i}", adapters / f"a{i}")
+    engine = Engine(model, tokenizer, pool, metrics, max_batch=CLIENTS)
+    prompt = tokenizer(PROMPT)["input_ids"]
+    for i in range(CLIENTS):
+        job = Job(list(prompt), f"a{i}", 4 * steps + 8, Sampling(temperature=0), (), lambda e: None)
+        engine.submit(job)
+    engine._admit()  # the engine's own methods, on this thread: nothing else runs
+    for _ in range(3):
+        engine._step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        engine._step()
+        times.append((time.perf_counter() - start) * 1e3)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(steps):
+            engine._step()
+    events = prof.key_averages(group_by_input_shape=True)
+    total = sum(e.self_cpu_time_total for e in events) / steps / 1e3
+    in_matmuls = sum(e.self_cpu_time_total for e in events if e.key in MATMULS) / steps / 1e3
+    alone = sum(
+        alone_ms(e.key, e.input_shapes, e.count // steps) for e in events if e.key in MATMULS
+    )
+    by_op: dict[str, float] = {}
+    for e in prof.key_averages():
+        by_op[e.key] = e.self_cpu_time_total / steps / 1e3
+    top = sorted(by_op.items(), key=lambda kv: -kv[1])[:8]
+    flops = sum(
+        matmul_flops(e.key, e.input_shapes) * e.count / steps for e in events if e.key in MATMULS
+    )
+    return {
+        "rows": CLIENTS,
+        "width": engine.cache.width,
+        "step_ms": median(times),
+        "profiled_ms": total,
+        "matmul_ms": in_matmuls,
+        "matmul_alone_ms": alone,
+        "gflop": flops / 1e9,
+        "top": top,
+    }
+
+
+def _operands(key: str, shapes: list) -> tuple[list, list]:
+    """The two factors of a matrix product as the profiler recorded its inputs."""
+    if key in ("aten::addmm", "aten::baddbmm"):
+        return shapes[1], shapes[2]
+    return shapes[0], shapes[1]
+
+
+def matmul_flops(key: str, shapes: list) -> float:
+    left, right = _operands(key, shapes)
+    batch = left[0] if len(left) == 3 else 1
+    return 2.0 * batch * left[-2] * left[-1] * right[-1]
+
+
+def alone_ms(key: str, shapes: list, count: int, reps: int = 5) -> float:
+    """``count`` products of these shapes by themselves, as the step runs them: each with
+    its own weight (out, in), read transposed, so that weights come from memory as in a
+    step and not from a cache warmed by the same one run again."""
+    import torch
+
+    left, right = _operands(key, shapes)
+    a = torch.randn(left)
+    if len(right) == 2:
+        weights = [torch.randn(right[1], right[0]).t() for _ in range(count)]
+        product = torch.mm
+    else:
+        weights = [torch.randn(right) for _ in range(count)]
+        product = torch.bmm
+    for b in weights:
+        product(a, b)
+    start = time.perf_counter()
+    for _ in range(reps):
+        for b in weights:
+            product(a, b)
+    return (time.perf_counter() - start) / reps * 1e3
+
+
+# -- the report ---------------------------------------------------------------------------------
+
+
+def summarize(rounds: list[dict]) -> dict:
+    """The median over rounds of every figure, per side and adapter count."""
+    out: dict = {}
+    for side in rounds[0]:
+        out[side] = {}
+        for n in ADAPTER_COUNTS:
+            figures = [r[side][n] for r in rounds if side in r]
+            out[side][n] = {k: median([f[k] for f in figures]) for k in figures[0]}
+            out[side][n]["range"] = (
+                min(f["tokens_per_s"] for f in figures),
+                max(f["tokens_per_s"] for f in figures),
+            )
+    return out
+
+
+def report(results: dict, profile_figures: dict, settings: str, loads: tuple) -> str:
+    lines = [
+        "# Serving many adapters: `loralab serve` against the naive server and vLLM-CPU",
+        "",
+        f"`{command_line(__file__)}`, {now()}; {machine_line()}; load average before "
+        f"{loads[0]}, after {loads[1]}.",
+        "",
+        f"SmolLM2-135M-Instruct, fp32; {CLIENTS} clients in a closed loop ({settings}); "
+        f"prompt of {len(PROMPT.split())} words, {NEW_TOKENS} new tokens each "
+        "(`ignore_eos`), greedy; each request's adapter drawn from N (r = 8 on q, v, "
+        "written by PEFT). Medians over the rounds; the tokens/s range in brackets.",
+        "",
+        "| server | N | output tokens/s | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | requests |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for side, by_n in results.items():
+        for n, f in by_n.items():
+            low, high = f["range"]
+            itl = "—" if side == "naive" else f"{f['itl_p50'] * 1e3:.0f} / {f['itl_p99'] * 1e3:.0f}"
+            lines.append(
+                f"| {side} | {n} | {f['tokens_per_s']:.1f} [{low:.1f}–{high:.1f}] | "
+                f"{f['ttft_p50'] * 1e3:.0f} / {f['ttft_p99'] * 1e3:.0f} | {itl} | "
+                f"{f['requests']:.0f} |"
+            )
+    lines += ["", "Ratios of output tokens/s:", ""]
+    ours = results["loralab"]
+    for other in [s for s in results if s != "loralab"]:
+        cells = ", ".join(
+            f"N = {n}: {ours[n]['tokens_per_s'] / results[other][n]['tokens_per_s']:.2f}×"
+            for n in ADAPTER_COUNTS
+        )
+        lines.append(f"- loralab / {other}: {cells}")
+    top, low = max(ADAPTER_COUNTS), min(ADAPTER_COUNTS)
+    lines.append(
+        f"- loralab over {top} adapters / over {low}: "
+        f"{ours[top]['tokens_per_s'] / ours[low]['tokens_per_s']:.2f}×"
+    )
+    p = profile_figures
+    lines += [
+        "",
+        f"One decoding step of {p['rows']} rows over {p['rows']} adapters (cache width "
+        f"{p['width']}), in the engine: {p['step_ms']:.1f} ms (median of the timed steps; "
+        f"{p['profiled_ms']:.1f} ms under the profiler). Its matrix products are "
+        f"{p['gflop']:.2f} GFLOP: {p['matmul_ms']:.1f} ms inside the step, "
+        f"{p['matmul_alone_ms']:.1f} ms when each shape runs alone "
+        f"({p['gflop'] / p['matmul_alone_ms'] * 1e3:.0f} GFLOP/s): the step is "
+        f"{p['step_ms'] / p['matmul_alone_ms']:.2f}× its products' time alone.",
+        "",
+        "Where the profiled step goes (self time, ms): "
+        + ", ".join(f"`{k}` {v:.1f}" for k, v in p["top"]),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="one short round (smoke run)")
+    parser.add_argument("--write", action="store_true", help="also write results_serve.md")
+    parser.add_argument("--vllm-python", type=Path, default=VLLM_PYTHON)
+    parser.add_argument(
+        "--sides",
+        nargs="+",
+        default=["loralab", "naive", "vllm"],
+        choices=["loralab", "naive", "vllm"],
+    )
+    args = parser.parse_args()
+    seconds, per_client, rounds = (10, 3, 1) if args.quick else (40, 6, 2)
+    sides = list(args.sides)
+    if "vllm" in sides and not args.vllm_python.exists():
+        print(f"no vLLM at {args.vllm_python}: its side is skipped", file=sys.stderr)
+        sides.remove("vllm")
+    loads = [load_average()]
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        adapters = scratch / "adapters"
+        write_adapters(adapters, max(ADAPTER_COUNTS))
+        measured = []
+        for index in range(rounds):
+            order = sides if index % 2 == 0 else sides[::-1]
+            this_round = {}
+            for side in order:
+                print(f"round {index + 1}: {side}", file=sys.stderr)
+                with running(side, adapters, args.vllm_python, scratch) as url:
+                    this_round[side] = measure_side(side, url, seconds, per_client)
+            measured.append({s: this_round[s] for s in sides})
+        profile_figures = profile_step(adapters)
+    loads.append(load_average())
+    settings = f"at most {per_client} requests a client and {seconds} s a case, {rounds} round(s)"
+    text = report(summarize(measured), profile_figures, settings, tuple(loads))
+    print(text)
+    if args.write:
+        (HERE / "results_serve.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
