@@ -92,6 +92,20 @@ scale = Scale(steps=1, train_size=4, test_size=2, seeds=(0,), batch_size=2, max_
               quick=True, jobs=1)
 report = methods.run(scale, Path(out) / "work")
 write_report(report, Path(out) / "results", command="reproduce")
+
+# serve: the trained adapter over HTTP, asked with the standard library only
+import urllib.request
+
+from loralab.serve import BackgroundServer, ServeOptions, build_state
+
+options = ServeOptions(model=gguf, adapters=[("mine", Path(adapter))], max_loras=1)
+with BackgroundServer(build_state(options)) as server:
+    body = json.dumps({"model": "mine", "prompt": "hi", "max_tokens": 2}).encode()
+    request = urllib.request.Request(server.url + "/v1/completions", data=body)
+    with urllib.request.urlopen(request) as response:
+        assert json.load(response)["usage"]["completion_tokens"] == 2
+    with urllib.request.urlopen(server.url + "/metrics") as response:
+        assert b"loralab_generation_tokens_total 2.0" in response.read()
 print(json.dumps(sorted(name for name in sys.modules if name.split(".")[0] == name)))
 """
 
@@ -111,5 +125,6 @@ def test_the_main_commands_run_with_only_the_declared_dependencies(tiny_gguf_fil
     imported = set(json.loads(result.stdout.strip().splitlines()[-1]))
     # The run really went through the paths that need these.
     assert {"accelerate", "gguf", "sacrebleu", "rouge_score", "matplotlib"} <= imported
+    assert {"starlette", "uvicorn", "prometheus_client"} <= imported
     assert (tmp_path / "merged" / "config.json").is_file()
     assert (tmp_path / "results" / "methods.png").is_file()

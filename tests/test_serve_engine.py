@@ -96,11 +96,15 @@ def test_the_end_token_stops_a_row(tiny_model_dir, adapters):
     try:
         job, collect = _job(tokenizer, "stop soon", "a0", 20, temperature=0)
         engine.submit(job)
-        assert collect.ended.wait(30)
+        onward, past = _job(tokenizer, "stop soon", "a0", 20, temperature=0)
+        onward.ignore_eos = True  # vLLM's extension: run to max_tokens
+        engine.submit(onward)
+        assert collect.ended.wait(30) and past.ended.wait(30)
     finally:
         engine.stop()
     assert collect.text == first[0]
     assert collect.events[-1].reason == "stop" and collect.events[-1].completion_tokens == 2
+    assert past.events[-1].reason == "length" and past.events[-1].completion_tokens == 20
 
 
 def test_a_failed_step_fails_its_batch_and_the_engine_goes_on(

@@ -94,7 +94,12 @@ class AdapterPool:
         candidate = Path(lora_path)
         if not candidate.is_absolute():
             candidate = self.adapter_dir / candidate
-        real = candidate.resolve()  # every symlink that exists is followed
+        try:
+            real = candidate.resolve()  # every symlink that exists is followed
+        except (OSError, RuntimeError, ValueError) as error:  # a loop, a NUL byte …
+            raise RequestError(
+                f"lora_path {lora_path!r} cannot be resolved: {error}", param="lora_path"
+            ) from None
         if not real.is_relative_to(self.adapter_dir):
             raise RequestError(
                 f"lora_path {lora_path!r} resolves outside --adapter-dir; refused",
@@ -254,11 +259,18 @@ class AdapterPool:
                     entry.path = old  # the old weights come back: nothing is lost
                     self._read_onto_model(entry)
                     raise
-        else:
-            try:  # at least readable before it is kept
-                read_adapter(path, safetensors_only=True)
-            except AdapterFileError as error:
-                raise RequestError(str(error), param="lora_path") from None
+        else:  # read onto the model once, so that a file for another base is refused now
+            if self.resident_count() >= self.max_loras:
+                self._evict_one()
+            old = entry.path
+            entry.path = path
+            try:
+                self._read_onto_model(entry)
+            except RequestError:
+                entry.path = old
+                raise
+            if self.resident_count() > self.max_loras:
+                self._off_model(entry)
         entry.path = path
         return f"adapter {entry.name!r} replaced in place from {path.name}"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,8 @@ from .app import DEFAULT_MAX_BODY, ServerState, create_app
 from .engine import Engine
 from .errors import RequestError
 from .metrics import Metrics
+
+log = logging.getLogger("loralab.serve")
 
 
 @dataclass
@@ -65,6 +68,11 @@ def build_state(options: ServeOptions) -> ServerState:
 def serve(options: ServeOptions) -> None:
     """Serve until interrupted."""
     state = build_state(options)
+    if options.host not in ("127.0.0.1", "localhost", "::1") and options.api_key is None:
+        log.warning(
+            "serving on %s without --api-key: anyone who can reach this port can use it",
+            options.host,
+        )
     uvicorn.run(create_app(state), host=options.host, port=options.port, log_level="info")
 
 
