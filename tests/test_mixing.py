@@ -86,3 +86,24 @@ def test_mixed_batch_refuses_merged_adapters_and_wrong_sizes(three):
     merge_adapter(model)
     with pytest.raises(ValueError, match="unmerge"), mixed_adapters(model, ["a"] * 4):
         pass
+
+
+def test_an_adapter_loaded_again_under_its_name_is_not_mixed_from_the_old_bank(tmp_path):
+    """The stacked factors a layer keeps are rebuilt when an adapter is replaced by a new
+    one of the same name, even while another adapter keeps the layer wrapped."""
+    from loralab import delete_adapter
+
+    one = saved_adapter(tmp_path, "llama", "a", 1)
+    other = saved_adapter(tmp_path, "llama", "a", 2)
+    keeper = saved_adapter(tmp_path, "llama", "c", 3)
+    model = load_adapter(make_model("llama"), one, adapter_name="x")
+    load_adapter(model, keeper, adapter_name="keep")
+    tokens = token_batch(batch=2)
+    with mixed_adapters(model, ["x", "keep"]):
+        logits(model, tokens)  # builds the banks with the first "x"
+    delete_adapter(model, "x")
+    load_adapter(model, other, adapter_name="x")
+    with mixed_adapters(model, ["x", "keep"]):
+        mixed = logits(model, tokens)
+    expected = logits_alone("llama", other, tokens[:1])
+    torch.testing.assert_close(mixed[:1], expected, rtol=1e-5, atol=1e-5)

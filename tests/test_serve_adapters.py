@@ -192,3 +192,26 @@ def _exit_code(main, argv) -> int:
         return main(argv)
     except SystemExit as stopped:
         return stopped.code
+
+
+def test_unreadable_or_linked_files_are_refused_and_nothing_is_kept(tiny_model_dir, library):
+    allowed = library / "allowed"
+    broken = allowed / "broken"
+    shutil.copytree(allowed / "a0", broken, dirs_exist_ok=True)
+    (broken / "adapter_config.json").write_bytes(b"\xff\xfe not utf-8")
+    linked = allowed / "linked"
+    linked.mkdir(exist_ok=True)
+    shutil.copy(allowed / "a0" / "adapter_config.json", linked)
+    target = library / "outside" / "a0" / "adapter_model.safetensors"
+    if not (linked / "adapter_model.safetensors").exists():
+        os.symlink(target, linked / "adapter_model.safetensors")
+    with start(tiny_model_dir, adapter_dir=allowed) as server:
+        refused = _load(server, "broken", "broken")
+        assert refused.status_code == 400 and "cannot be read" in refused.text
+        refused = _load(server, "linked", "linked")
+        assert refused.status_code == 403
+        assert "is not a regular file inside --adapter-dir" in refused.text
+        models = [m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"]]
+        assert models == [str(tiny_model_dir)]
+        assert _load(server, "fine", "a0").status_code == 200  # the engine goes on
+        assert _complete(server, "fine") == reference(tiny_model_dir, allowed / "a0", "Adapt:", 12)

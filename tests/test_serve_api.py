@@ -301,3 +301,43 @@ def test_an_api_key_guards_every_route_but_health(tiny_model_dir):
             wrong.models.list()
         right = openai.OpenAI(base_url=guarded.url + "/v1", api_key="s3cret", max_retries=0)
         assert [m.id for m in right.models.list().data] == [str(tiny_model_dir)]
+
+
+def test_odd_but_valid_sampling_values_do_not_fail_anyone(client, tiny_model_dir, adapters):
+    """A seed past 64 bits and a temperature too small to divide by (greedy) run; the
+    requests beside them in the same prefill are untouched."""
+    directory, _ = adapters
+    expected = reference(tiny_model_dir, directory / "a3", "odd", 12)
+    calls = [
+        {"seed": 2**70, "temperature": 1.0},
+        {"temperature": 1e-40},
+        {"temperature": 0},
+        {"seed": -5, "temperature": 0.5},
+    ]
+
+    def ask(extra):
+        return (
+            client.completions.create(model="a3", prompt="odd", max_tokens=12, **extra)
+            .choices[0]
+            .text
+        )
+
+    with concurrent.futures.ThreadPoolExecutor(len(calls)) as pool:
+        texts = list(pool.map(ask, calls))
+    assert texts[1] == texts[2] == expected
+    assert all(len(t) for t in texts)
+
+
+def test_more_bad_bodies_are_400(server):
+    url = server.url + "/v1/completions"
+    for body, words in [
+        (b"[" * 100_000 + b"]" * 100_000, "cannot be read as JSON"),
+        (b'{"max_tokens": ' + b"9" * 5000 + b"}", "cannot be read as JSON"),
+        (b'{"model": "\xff"}', "not UTF-8"),
+        (json.dumps({"model": "a0", "prompt": ""}).encode(), "the prompt is empty"),
+        (json.dumps({"model": "a0", "prompt": [100_000]}).encode(), "token ids"),
+        (json.dumps({"model": "a0", "prompt": ["x"] * 17, "n": 16}).encode(), "queues at most"),
+    ]:
+        response = httpx.post(url, content=body)
+        assert response.status_code == 400, (body[:40], response.text)
+        assert words in _error(response)["message"]

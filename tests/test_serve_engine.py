@@ -231,3 +231,36 @@ def test_text_is_given_out_only_when_final():
     assert stream.finish() == ""
     plain = TextStream(tokenizer)
     assert plain.push(4) == "" and plain.finish() == "\ufffd"  # what is there at the end
+
+
+def test_a_row_that_fails_fails_alone_and_gives_its_adapter_back(
+    tiny_model_dir, adapters, monkeypatch
+):
+    directory, names = adapters
+    engine, tokenizer = _engine(tiny_model_dir, directory, names)
+    draw = Sampler.__call__
+
+    def faulty(self, logits):
+        if self.sampling.seed == 666:
+            raise RuntimeError("bad row")
+        return draw(self, logits)
+
+    monkeypatch.setattr(Sampler, "__call__", faulty)
+    jobs = [
+        _job(tokenizer, "one", "a0", 8, temperature=0),
+        _job(tokenizer, "two", "a0", 8, temperature=1.0, seed=666),
+        _job(tokenizer, "three", "a1", 8, temperature=0),
+    ]
+    for job, _ in jobs:
+        engine.submit(job)  # prefilled together
+    engine.start()
+    try:
+        for _, collect in jobs:
+            assert collect.ended.wait(30)
+    finally:
+        engine.stop()
+    (_, one), (_, two), (_, three) = jobs
+    assert isinstance(two.events[-1], Failed) and two.events[-1].error.status == 500
+    assert one.text == reference(tiny_model_dir, directory / "a0", "one", 8)
+    assert three.text == reference(tiny_model_dir, directory / "a1", "three", 8)
+    assert all(e.users == 0 for e in engine.pool.entries.values())

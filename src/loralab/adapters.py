@@ -149,16 +149,21 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 # -- hot-swap ------------------------------------------------------------------------------------
 
 
-def hot_swap_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str) -> None:
+def hot_swap_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    adapter_name: str,
+    safetensors_only: bool = False,
+) -> None:
     """Replace the weights of a loaded adapter with another file's, in place.
 
     No module is created or replaced, so a ``torch.compile``d model keeps working. The new
     file must adapt the same modules with the same ranks; otherwise nothing changes and the
     error says which module or shape differs. A merged adapter stays merged, with the
-    new weights.
+    new weights. ``safetensors_only`` refuses pickled weights (a server's choice).
     """
     require_adapter(model, adapter_name, "hot-swapped")
-    files = read_adapter(directory)
+    files = read_adapter(directory, safetensors_only=safetensors_only)
     holding = {n: layer for n, layer in lora_layers(model).items() if adapter_name in layer.lora}
     incoming = files.config
     try:  # another kind of adapter (DoRA for LoRA) does not fit the loaded layers

@@ -74,11 +74,16 @@ def _cached_bank(layer: LoraLayer, names: list[str | None]) -> tuple[Tensor, Ten
 
     Stacking is most of the cost of entering a mixed batch (a few small copies per
     adapter and layer); a server mixes the same adapters again and again. The key holds
-    each tensor's in-place version counter, which hot-swaps and optimizer steps bump.
+    each tensor's in-place version counter, which hot-swaps and optimizer steps bump,
+    and the factors it was built from.
     """
     present = [layer.lora[n] for n in names if n is not None and n in layer.lora]
     versions = tuple((tuple(t._version for t in f.tensors().values()), f.scale) for f in present)
-    key = (tuple(names), versions)
+    # The factors themselves too: an adapter deleted and loaded again under its name has
+    # new tensors whose version counters may read the same (a dead reference never
+    # equals a live one).
+    owners = tuple(weakref.ref(f) for f in present)
+    key = (tuple(names), versions, owners)
     cached = _BANKS.get(layer)
     if cached is None or cached[0] != key:
         cached = (key, _bank(layer, names))

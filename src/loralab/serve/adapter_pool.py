@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +19,8 @@ from pathlib import Path
 from torch import nn
 
 from ..adapters import delete_adapter, hot_swap_adapter
-from ..io import WEIGHTS_FILE, load_adapter_tensors, read_adapter
-from ..peft_config import AdapterFileError
+from ..io import LORALAB_FILE, WEIGHTS_FILE, load_adapter_tensors, read_adapter
+from ..peft_config import CONFIG_FILE, AdapterFileError
 from .errors import RequestError
 
 _NAME = re.compile(r"[\w.:@+/-]{1,200}")
@@ -62,6 +63,13 @@ class AdapterPool:
 
     def is_resident(self, name: str | None) -> bool:
         return name is None or (name in self.entries and self.entries[name].resident)
+
+    def has_room(self) -> bool:
+        """Whether one more adapter can be made resident now (a free slot, or an idle one
+        to evict)."""
+        return self.resident_count() < self.max_loras or any(
+            e.resident and not e.pinned and not e.users for e in self.entries.values()
+        )
 
     def resident_count(self) -> int:
         return sum(e.resident for e in self.entries.values())
@@ -112,12 +120,37 @@ class AdapterPool:
                 status=404,
                 param="lora_path",
             )
-        if not (real / WEIGHTS_FILE).is_file():
+        self._check_files(real)
+        return real
+
+    def _check_files(self, directory: Path) -> None:
+        """The directory, and every file an adapter is read from, lie inside --adapter-dir
+        once their symlinks are followed, and the files are regular files (a FIFO would
+        block the engine); checked again at every read, since the disk may change."""
+        if not directory.resolve().is_relative_to(self.adapter_dir):
             raise RequestError(
-                f"lora_path {lora_path!r} has no {WEIGHTS_FILE} (only safetensors are read)",
+                f"{directory.name} now resolves outside --adapter-dir; refused",
+                status=403,
                 param="lora_path",
             )
-        return real
+        for name in (CONFIG_FILE, WEIGHTS_FILE, LORALAB_FILE):
+            path = directory / name
+            if name == LORALAB_FILE and not path.exists():
+                continue
+            try:
+                real = path.resolve(strict=True)
+                regular = stat.S_ISREG(real.stat().st_mode)
+            except (OSError, RuntimeError):
+                hint = " (only safetensors are read)" if name == WEIGHTS_FILE else ""
+                raise RequestError(
+                    f"{directory.name} has no {name}{hint}", param="lora_path"
+                ) from None
+            if not regular or not real.is_relative_to(self.adapter_dir):
+                raise RequestError(
+                    f"{directory.name}/{name} is not a regular file inside --adapter-dir; refused",
+                    status=403,
+                    param="lora_path",
+                )
 
     def load(self, name: str, path: Path, inplace: bool) -> str:
         """Register ``name`` at ``path`` and read it onto the model; a message for the client.
@@ -151,11 +184,8 @@ class AdapterPool:
                 param="lora_name",
             )
         entry = Entry(name, path, pinned=False, used=next(self._clock))
-        if self.resident_count() >= self.max_loras:
-            self._evict_one()
-        self._register(entry)
-        if self.resident_count() > self.max_loras:  # every slot busy: it waits off the model
-            self._off_model(entry)
+        self._register(entry)  # checked on the model before anything is evicted for it
+        self._fit(entry)
         return f"adapter {name!r} loaded from {path.name}"
 
     def unload(self, name: str) -> str:
@@ -186,9 +216,8 @@ class AdapterPool:
                 return False
             try:
                 self._read_onto_model(entry)
-            except RequestError as error:
-                error.status = 500  # its directory changed since it was loaded
-                raise
+            except RequestError as error:  # its directory changed since it was loaded
+                raise RequestError(error.message, status=500, param="model") from None
         entry.users += 1
         entry.used = next(self._clock)
         return True
@@ -208,18 +237,26 @@ class AdapterPool:
 
     # -- the model ------------------------------------------------------------------------
 
+    def _fit(self, entry: Entry) -> None:
+        """Back within --max-loras after ``entry`` was read on: the least recently used idle
+        adapter goes, or, with every slot busy, ``entry`` waits off the model."""
+        if self.resident_count() > self.max_loras and not self._evict_one(keep=entry):
+            self._off_model(entry)
+
     def _register(self, entry: Entry) -> None:
         """Know ``entry`` and read it onto the model; on any error it is not known."""
         with self._lock:
             self.entries[entry.name] = entry
         try:
             self._read_onto_model(entry)  # checks everything first: a bad file loads nothing
-        except RequestError:
+        except BaseException:
             with self._lock:
                 del self.entries[entry.name]
             raise
 
     def _read_onto_model(self, entry: Entry) -> None:
+        if not entry.pinned:  # a path the network gave: checked again at every read
+            self._check_files(entry.path)
         try:
             files = read_adapter(entry.path, safetensors_only=True)
             config = files.config
@@ -235,6 +272,10 @@ class AdapterPool:
             )
         except AdapterFileError as error:
             raise RequestError(str(error), param="lora_path") from None
+        except (OSError, UnicodeDecodeError, ValueError) as error:
+            raise RequestError(
+                f"{entry.path.name}: cannot be read: {error}", param="lora_path"
+            ) from None
         entry.resident = True
         self.metrics.adapter_loads.inc()
         self.metrics.adapters_resident.set(self.resident_count())
@@ -244,7 +285,7 @@ class AdapterPool:
         adapter of other shapes replaces it only while no request runs on it."""
         if entry.resident:
             try:
-                hot_swap_adapter(self.model, path, entry.name)
+                hot_swap_adapter(self.model, path, entry.name, safetensors_only=True)
             except AdapterFileError as error:
                 if entry.users:
                     raise RequestError(
@@ -260,8 +301,6 @@ class AdapterPool:
                     self._read_onto_model(entry)
                     raise
         else:  # read onto the model once, so that a file for another base is refused now
-            if self.resident_count() >= self.max_loras:
-                self._evict_one()
             old = entry.path
             entry.path = path
             try:
@@ -269,8 +308,7 @@ class AdapterPool:
             except RequestError:
                 entry.path = old
                 raise
-            if self.resident_count() > self.max_loras:
-                self._off_model(entry)
+            self._fit(entry)
         entry.path = path
         return f"adapter {entry.name!r} replaced in place from {path.name}"
 
@@ -286,8 +324,12 @@ class AdapterPool:
             with self._lock:
                 del self.entries[entry.name]
 
-    def _evict_one(self) -> bool:
-        idle = [e for e in self.entries.values() if e.resident and not e.pinned and not e.users]
+    def _evict_one(self, keep: Entry | None = None) -> bool:
+        idle = [
+            e
+            for e in self.entries.values()
+            if e.resident and not e.pinned and not e.users and e is not keep
+        ]
         if not idle:
             return False
         self._off_model(min(idle, key=lambda e: e.used))

@@ -129,6 +129,7 @@ async def _complete(state: ServerState, request: Request, chat: bool) -> Respons
         state.base_name,
         state.pool.names(),
         state.engine.context_length,
+        state.engine.vocab_size,
     )
     run = _Run(state, parsed)
     if parsed.stream:
@@ -168,6 +169,12 @@ class _Run:
                     )
                 )
         self.done = [False] * len(self.jobs)
+        if len(self.jobs) > state.engine.max_waiting:
+            raise RequestError(
+                f"the request asks for {len(self.jobs)} completions (prompts × n); the "
+                f"server queues at most {state.engine.max_waiting}",
+                param="n",
+            )
         try:
             for job in self.jobs:
                 state.engine.submit(job)
@@ -184,13 +191,19 @@ class _Run:
         texts = [""] * len(self.jobs)
         reasons: list[str | None] = [None] * len(self.jobs)
         usage = _Usage()
+        check = time.monotonic() + 1.0
         try:
             while not all(self.done):
                 try:
-                    index, event = await asyncio.wait_for(self.queue.get(), timeout=1.0)
+                    wait = max(check - time.monotonic(), 0.0)
+                    index, event = await asyncio.wait_for(self.queue.get(), timeout=wait)
                 except TimeoutError:
+                    event = None
+                if time.monotonic() >= check:  # about once a second, tokens flowing or not
                     if await request.is_disconnected():
                         return {}
+                    check = time.monotonic() + 1.0
+                if event is None:
                     continue
                 if isinstance(event, Text):
                     texts[index] += event.text
@@ -334,6 +347,8 @@ async def _json_body(request: Request, limit: int) -> Any:
         raise RequestError(
             f"the request body is not UTF-8: {error.reason} at byte {error.start}"
         ) from None
+    except (RecursionError, ValueError) as error:  # nested too deep, a 5,000-digit number
+        raise RequestError(f"the request body cannot be read as JSON: {error}") from None
 
 
 def _field(body: Any, name: str, kind: type) -> Any:

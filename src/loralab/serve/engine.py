@@ -75,10 +75,11 @@ class Job:
 @dataclass
 class _Row:
     job: Job
-    sampler: Sampler
+    sampler: Sampler | None
     text: TextStream
     last: int = 0  # the token the next step feeds
     generated: int = 0
+    ended: bool = False  # its event was sent and its adapter given back
 
 
 class QueueFull(RequestError):
@@ -102,6 +103,7 @@ class Engine:
         self.max_batch = max_batch
         self.max_waiting = max_waiting
         self.context_length = int(model.config.max_position_embeddings)
+        self.vocab_size = model.get_input_embeddings().num_embeddings  # valid input ids
         self.eos = tokenizer.eos_token_id
         new_cache(model.config)  # refuses models whose cache cannot be split by rows
         self.cache = BatchCache(model.config)
@@ -167,16 +169,16 @@ class Engine:
                     future.set_result(function())
                 except BaseException as error:  # the caller's to report
                     future.set_exception(error)
-            self._admit()
-            if self.rows:
-                try:
+            try:
+                self._admit()
+                if self.rows:
                     self._step()
-                except Exception:  # a bug must not stop the server: fail this batch only
-                    log.exception("decoding step failed")
-                    for row in self.rows:
-                        self._end(row, Failed(RequestError("internal error", status=500)))
-                    self.rows, self.cache = [], BatchCache(self.model.config)
-                    self._unmix()
+            except Exception:  # a bug must not stop the server: fail this batch only
+                log.exception("the engine failed a step")
+                for row in self.rows:
+                    self._end(row, Failed(RequestError("internal error", status=500)))
+                self.rows, self.cache = [], BatchCache(self.model.config)
+                self._unmix()
         self._unmix()
         for job in [*self.waiting, *(row.job for row in self.rows)]:
             job.emit(Failed(RequestError("the server is shutting down", status=503)))
@@ -185,15 +187,17 @@ class Engine:
         """Prefill waiting jobs into free rows, oldest first, all in one forward; a job
         whose adapter cannot be resident yet (every slot in use) lets later ones pass."""
         with self._wake:
+            for job in [job for job in self.waiting if job.cancelled]:  # clients that left
+                self.waiting.remove(job)
+            self.metrics.waiting.set(len(self.waiting))
             candidates = list(self.waiting)
         chosen: list[Job] = []
         for job in candidates:
             if len(self.rows) + len(chosen) >= self.max_batch:
                 break
-            if job.cancelled:  # its client left while it waited
-                self._take(job)
-                continue
             if not self.pool.is_resident(job.adapter):
+                if not self.pool.has_room():
+                    continue  # it waits for a slot; the model is left as it is
                 self._unmix()  # acquiring it changes the model
             try:
                 if not self.pool.acquire(job.adapter):
@@ -210,10 +214,21 @@ class Engine:
         try:
             self._prefill(chosen)
         except Exception:
+            if len(chosen) == 1:
+                log.exception("prefill failed")
+                self.pool.release(chosen[0].adapter)
+                chosen[0].emit(Failed(RequestError("internal error", status=500)))
+                return
+            for job in chosen:  # one job's fault must not fail the others: each alone
+                self._admit_alone(job)
+
+    def _admit_alone(self, job: Job) -> None:
+        try:
+            self._prefill([job])
+        except Exception:
             log.exception("prefill failed")
-            for job in chosen:
-                self.pool.release(job.adapter)
-                job.emit(Failed(RequestError("internal error", status=500)))
+            self.pool.release(job.adapter)
+            job.emit(Failed(RequestError("internal error", status=500)))
 
     def _take(self, job: Job) -> None:
         with self._wake:
@@ -243,24 +258,33 @@ class Engine:
                 stack.enter_context(mixed_adapters(self.model, [job.adapter for job in jobs]))
             out = self.model(**inputs, cache=cache, use_cache=True, logits_to_keep=1)
         now = time.monotonic()
-        going = []
+        rows, going = [], []
         for i, job in enumerate(jobs):
             self.metrics.prompt_tokens.inc(lengths[i])
             self.metrics.time_to_first_token.observe(now - job.arrived)
-            row = _Row(job, Sampler(job.sampling), TextStream(self.tokenizer, job.stop))
-            if not self._advance(row, row.sampler(out.logits[i, -1])):
-                self.rows.append(row)
+            row = _Row(job, None, TextStream(self.tokenizer, job.stop))
+            try:
+                row.sampler = Sampler(job.sampling)
+                finished = self._advance(row, row.sampler(out.logits[i, -1]))
+            except Exception:  # this job's fault alone
+                log.exception("a row failed")
+                self._end(row, Failed(RequestError("internal error", status=500)))
+                continue
+            if not finished:
+                rows.append(row)
                 going.append(i)
+        # only now, when every job has its first token, do the rows join the batch
+        self.rows += rows
         self.cache.add(cache, lengths, going)
         self.metrics.running.set(len(self.rows))
 
     def _step(self) -> None:
         """One new token for every running row."""
-        live = [i for i, row in enumerate(self.rows) if not row.job.cancelled]
-        for row in self.rows:
-            if row.job.cancelled:
+        cancelled = [row.job.cancelled for row in self.rows]  # one reading: clients go any time
+        for row, gone in zip(self.rows, cancelled, strict=True):
+            if gone:
                 self._end(row, None)
-        self._keep(live)
+        self._keep([i for i, gone in enumerate(cancelled) if not gone])
         if not self.rows:
             return
         mask, positions = self.cache.step_inputs()
@@ -276,9 +300,14 @@ class Engine:
         )
         self.cache.stepped()
         logits = out.logits[:, -1]
-        going = [
-            i for i, row in enumerate(self.rows) if not self._advance(row, row.sampler(logits[i]))
-        ]
+        going = []
+        for i, row in enumerate(self.rows):
+            try:
+                if not self._advance(row, row.sampler(logits[i])):
+                    going.append(i)
+            except Exception:  # this row's fault alone
+                log.exception("a row failed")
+                self._end(row, Failed(RequestError("internal error", status=500)))
         self._keep(going)
 
     def _mixed(self) -> None:
@@ -329,6 +358,10 @@ class Engine:
         return True
 
     def _end(self, row: _Row, event: Event | None) -> None:
+        """Send the row's last event and give its adapter back, once whatever the path."""
+        if row.ended:
+            return
+        row.ended = True
         self.pool.release(row.job.adapter)
         if event is not None:
             row.job.emit(event)

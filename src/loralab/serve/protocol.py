@@ -59,6 +59,7 @@ def parse_completion(
     base_name: str,
     adapters: list[str],
     context_length: int,
+    vocab_size: int,
 ) -> Completion:
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
@@ -73,7 +74,11 @@ def parse_completion(
     for name, off in _UNSUPPORTED.items():
         if body.get(name) not in off:
             raise RequestError(f"{name} is not supported by loralab serve", param=name)
-    prompts = _chat_prompt(body, tokenizer) if chat else _text_prompts(body, tokenizer)
+    prompts = _chat_prompt(body, tokenizer) if chat else _text_prompts(body, tokenizer, vocab_size)
+    if any(not ids for ids in prompts):
+        raise RequestError(
+            "the prompt is empty (it encodes to no tokens)", param="messages" if chat else "prompt"
+        )
     limit_name = (
         "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
     )
@@ -149,9 +154,8 @@ def _stops(body: dict) -> tuple[str, ...]:
     return tuple(stop)
 
 
-def _text_prompts(body: dict, tokenizer) -> list[list[int]]:
+def _text_prompts(body: dict, tokenizer, vocab: int) -> list[list[int]]:
     prompt = body.get("prompt")
-    vocab = len(tokenizer)
     if isinstance(prompt, str):
         return [encode_prompt(tokenizer, prompt)]
     if isinstance(prompt, list) and prompt:

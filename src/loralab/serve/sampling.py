@@ -18,6 +18,11 @@ class Sampling:
     seed: int | None = None
 
 
+# Below this a temperature is greedy: dividing by it would overflow the softmax (vLLM
+# draws the same line).
+GREEDY_BELOW = 1e-5
+
+
 class Sampler:
     """One request's draws; with a seed they repeat whatever else is in the batch, since
     the request has its own generator."""
@@ -25,9 +30,10 @@ class Sampler:
     def __init__(self, sampling: Sampling) -> None:
         self.sampling = sampling
         self.generator: torch.Generator | None = None
-        if sampling.temperature > 0:
+        if sampling.temperature >= GREEDY_BELOW:
             seed = sampling.seed if sampling.seed is not None else random.getrandbits(63)
-            self.generator = torch.Generator().manual_seed(seed)
+            # any integer a client sends is a valid seed; torch takes [0, 2**64)
+            self.generator = torch.Generator().manual_seed(seed % 2**64)
 
     def __call__(self, logits: Tensor) -> int:
         """The next token id from one row of logits (vocab,)."""
