@@ -179,6 +179,7 @@ def test_start_up_refusals_are_one_line(tiny_model_dir, library, capsys):
         ),
         (["--adapter-dir", str(allowed / "absent")], "is not a directory"),
         (["--max-batch", "0"], "must be an integer ≥ 1"),
+        (["--port", "70000"], "--port must be in 0-65535"),
     ]
     for extra, words in cases:
         assert _exit_code(main, ["serve", "--model", str(tiny_model_dir), *extra]) == 2

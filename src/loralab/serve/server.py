@@ -46,6 +46,8 @@ def build_state(options: ServeOptions) -> ServerState:
     ):
         if value < 1:
             raise ServeError(f"{flag} must be ≥ 1, got {value}")
+    if not 0 <= options.port <= 65535:
+        raise ServeError(f"--port must be in 0-65535 (0: any free port), got {options.port}")
     if options.adapter_dir is not None and not options.adapter_dir.is_dir():
         raise ServeError(f"--adapter-dir {options.adapter_dir} is not a directory")
     for name, directory in options.adapters:
