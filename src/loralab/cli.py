@@ -121,6 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", type=Path, required=True, help="the merged model directory (new or empty)"
     )
 
+    export = commands.add_parser(
+        "export", help="write an adapter in another runtime's format (llama.cpp's GGUF)"
+    )
+    _model_flags(export, adapter_required=True)
+    export.add_argument("--format", choices=("gguf",), default="gguf", help="(default: gguf)")
+    export.add_argument("--output", type=Path, required=True, help="the .gguf file to write")
+    export.add_argument(
+        "--outtype",
+        default="f32",
+        help="f32, f16 or q8_0 for the factors (default: f32; q8_0 keeps in f16 the "
+        "factors whose rows are not a multiple of 32)",
+    )
+
     info = commands.add_parser("info", help="describe an adapter directory")
     info.add_argument("adapter", type=Path)
 
@@ -344,6 +357,30 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .gguf_adapter import OUTTYPES, ExportError, export_adapter_gguf
+
+    if args.outtype not in OUTTYPES:  # before the model loads
+        raise ExportError(f"--outtype must be one of {', '.join(OUTTYPES)}, got {args.outtype!r}")
+    if args.output.is_dir():
+        raise ExportError(f"--output {args.output} is a directory; give the .gguf file to write")
+    model, _ = _load(args)  # the adapter is checked against the base here
+    exported = export_adapter_gguf(args.adapter, model.config, args.output, args.outtype)
+    print(
+        f"wrote {exported.path}: llama.cpp LoRA adapter for {exported.architecture}, "
+        f"{exported.tensors} tensors, adapter.lora.alpha = {exported.alpha:g}"
+    )
+    if exported.rescaled:
+        print(
+            f"  {len(exported.rescaled)} modules have another scale than alpha / r "
+            f"(rsLoRA or a pattern): it is folded into their lora_b: {exported.rescaled}"
+        )
+    if exported.kept_f16:
+        print(f"  kept in f16 (rows not a multiple of 32): {len(exported.kept_f16)} tensors")
+    print(f"  run it: llama-cli -m BASE.gguf --lora {exported.path}")
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     from .io import WEIGHTS_FILE, factor_tensors_by_module, read_adapter
 
@@ -421,6 +458,7 @@ COMMANDS = {
     "eval": _eval,
     "generate": _generate,
     "merge": _merge,
+    "export": _export,
     "info": _info,
     "demo": _demo,
     "reproduce": _reproduce,
