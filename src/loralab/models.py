@@ -96,6 +96,9 @@ DEFAULT_CLASSIFIER = "minilm-l6"
 
 KINDS = {"causal-lm": AutoModelForCausalLM, "classification": AutoModelForSequenceClassification}
 MARKER_FILE = "loralab-model.json"
+# A model shipped as GGUF keeps that file beside the converted one: llama.cpp runs it, and
+# an export for llama.cpp starts from its metadata and tensors.
+SOURCE_GGUF = "source.gguf"
 
 
 def cache_dir() -> Path:
@@ -119,6 +122,15 @@ def embedded_model_dir(name: str) -> Path:
     if not _is_complete(target, model):
         _build(model, target)
     return target
+
+
+def embedded_gguf(name: str) -> Path:
+    """The GGUF file the embedded model ``name`` was shipped as (fetched and cached as
+    ``embedded_model_dir`` is)."""
+    model = _embedded(name)
+    if not model.member.endswith(".gguf"):
+        raise ModelLoadError(f"{name} was not shipped as a GGUF file")
+    return embedded_model_dir(name) / SOURCE_GGUF
 
 
 def load_model(
@@ -268,6 +280,8 @@ def _is_complete(directory: Path, model: EmbeddedModel) -> bool:
         marker.get("name") == model.name
         and marker.get("wheel_sha256") == model.wheel_sha256
         and (directory / "config.json").is_file()
+        # a cache built before the GGUF was kept is built again, once
+        and (not model.member.endswith(".gguf") or (directory / SOURCE_GGUF).is_file())
     )
 
 
@@ -294,6 +308,7 @@ def _build(model: EmbeddedModel, target: Path) -> None:
             member.rename(content)
         else:
             _convert_gguf(member, content)
+            member.rename(content / SOURCE_GGUF)
         if not (content / "config.json").is_file():
             raise ModelLoadError(
                 f"{model.member} in the wheel of {model.package}=={model.version} "
