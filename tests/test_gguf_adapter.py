@@ -56,8 +56,13 @@ def test_the_base_alone_agrees_with_llama_cpp(tiny_gguf_file):
 
 @pytest.mark.parametrize(
     "config",
-    [{}, {"use_rslora": True}, {"rank_pattern": {"v_proj": 2}, "alpha_pattern": {"o_proj": 3}}],
-    ids=["plain", "rslora", "patterns"],
+    [
+        {},
+        {"use_rslora": True},
+        {"rank_pattern": {"v_proj": 2}, "alpha_pattern": {"o_proj": 3}},
+        {"r": 3, "lora_alpha": 16, "target_modules": [*ALL, "lm_head"]},
+    ],
+    ids=["plain", "rslora", "patterns", "head-and-odd-rank"],
 )
 def test_llama_cpp_runs_our_adapter_as_we_do(tiny_gguf_file, tmp_path, config):
     model, adapter = _adapted(tiny_gguf_file, tmp_path, **config)
@@ -73,6 +78,8 @@ def test_llama_cpp_runs_our_adapter_as_we_do(tiny_gguf_file, tmp_path, config):
         assert exported.rescaled == []
     if "rank_pattern" in config:
         assert exported.rescaled  # their scale differs from the file's alpha / r
+    if config.get("r") == 3:
+        assert exported.rescaled == []  # 16/3 · 3 is 16 up to rounding: nothing to fold
 
 
 def test_the_file_holds_llama_cpps_keys_and_names(tiny_gguf_file, tmp_path):

@@ -21,6 +21,7 @@ embedding adapters (not written yet).
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,9 +104,10 @@ def export_adapter_gguf(
         A, B = factors.tensors["A"].float(), factors.tensors["B"].float()
         r = A.shape[0]
         scale = files.config.scale(r, files.config.alpha_for(module))
-        if permutes and gguf_name.split(".")[2] in ("attn_q", "attn_k"):
+        tensor = gguf_name.split(".")[-2]  # attn_q in blk.3.attn_q.weight; output …
+        if permutes and tensor in ("attn_q", "attn_k"):
             heads = base_config.num_attention_heads
-            if gguf_name.split(".")[2] == "attn_k":
+            if tensor == "attn_k":
                 heads = getattr(base_config, "num_key_value_heads", None) or heads
             B = rotary_rows(B, heads)
         pairs[gguf_name] = (A, B, scale * r)  # llama.cpp's alpha that gives this scale
@@ -117,7 +119,7 @@ def export_adapter_gguf(
     tensors: dict[str, np.ndarray] = {}
     kinds: dict[str, gguf.GGMLQuantizationType] = {}
     for gguf_name, (A, B, wanted) in pairs.items():
-        if wanted != alpha:
+        if not math.isclose(wanted, alpha, rel_tol=1e-9):  # α/r·r is α up to rounding
             B = B * (wanted / alpha)
             rescaled.append(gguf_name.removesuffix(".weight"))
         for suffix, tensor in (("lora_a", A), ("lora_b", B)):
@@ -181,7 +183,7 @@ def _file_alpha(config, pairs: dict) -> float:
     """The file's one alpha: the config's ``lora_alpha`` when it gives some module its
     scale exactly, else the first module's (so that as few B as possible are rescaled)."""
     wanted = [w for _, _, w in pairs.values()]
-    if any(w == config.lora_alpha for w in wanted):
+    if any(math.isclose(w, config.lora_alpha, rel_tol=1e-9) for w in wanted):
         return float(config.lora_alpha)
     return float(max(set(wanted), key=wanted.count))
 
