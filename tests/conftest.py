@@ -19,6 +19,23 @@ logging.set_verbosity_error()  # tiny configs trip Transformers' token-id range 
 VOCAB = 97
 
 
+def run_cli(argv: list[str], capsys) -> tuple[int, list[str]]:
+    """Exit status and stderr lines of ``loralab ARGV`` (argparse's exits included)."""
+    from loralab.cli import main
+
+    try:
+        status = main(argv)
+    except SystemExit as stopped:
+        status = stopped.code
+    return status, capsys.readouterr().err.splitlines()
+
+
+def assert_one_line_error(status: int, lines: list[str], message: str) -> None:
+    assert status == 2, lines
+    assert len(lines) == 1 and lines[0].startswith("loralab: error: "), lines
+    assert message in lines[0]
+
+
 def tiny_gpt2() -> GPT2LMHeadModel:
     config = GPT2Config(
         n_embd=32,

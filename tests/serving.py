@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
+
 from conftest import randomize_lora
 from loralab import LoraConfig, inject_adapter, load_adapter, save_adapter
 from loralab.generate import generate
@@ -38,3 +40,11 @@ def reference(base: Path, adapter_dir: Path | None, prompt, max_new_tokens: int)
 def start(base: Path, **options) -> BackgroundServer:
     """A server on a free local port (use as a context manager)."""
     return BackgroundServer(build_state(ServeOptions(model=str(base), **options)))
+
+
+def metric(server: BackgroundServer, name: str) -> float:
+    """One unlabelled figure from the server's ``/metrics``."""
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} is not in /metrics")

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import assert_one_line_error, run_cli
 from loralab.cli import main
 
 WORDS = ["cat", "dog", "bird", "fish", "lion", "bear", "wolf", "frog"]
@@ -125,21 +126,6 @@ def test_bad_input_is_one_clear_line(argv, message, trained, tiny_model_dir, cap
 
 
 # -- every error a user can cause: one line, exit status 2, refused before slow work --------
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, list[str]]:
-    """Exit status and stderr lines of ``loralab ARGV`` (argparse's exits included)."""
-    try:
-        status = main(argv)
-    except SystemExit as stopped:
-        status = stopped.code
-    return status, capsys.readouterr().err.splitlines()
-
-
-def assert_one_line_error(status: int, lines: list[str], message: str) -> None:
-    assert status == 2, lines
-    assert len(lines) == 1 and lines[0].startswith("loralab: error: "), lines
-    assert message in lines[0]
 
 
 @pytest.fixture

@@ -10,9 +10,9 @@ import httpx
 import openai
 import pytest
 
-from conftest import randomize_lora, tiny_llama
+from conftest import assert_one_line_error, randomize_lora, run_cli, tiny_llama
 from loralab import LoraConfig, inject_adapter, save_adapter
-from serving import reference, save_adapters, start
+from serving import metric, reference, save_adapters, start
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +45,6 @@ def _complete(server, model, prompt="Adapt:", max_tokens=12):
     )
 
 
-def _metric(server, name):
-    for line in httpx.get(server.url + "/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(name)
-
-
 def test_load_use_swap_in_place_and_unload(tiny_model_dir, library):
     allowed = library / "allowed"
     with start(tiny_model_dir, adapter_dir=allowed) as server:
@@ -75,7 +68,7 @@ def test_load_use_swap_in_place_and_unload(tiny_model_dir, library):
         )
         with pytest.raises(openai.NotFoundError):
             _complete(server, "mine")
-        assert _metric(server, "loralab_adapters_resident") == 0
+        assert metric(server, "loralab_adapters_resident") == 0
 
 
 def test_paths_outside_the_adapter_dir_are_refused(tiny_model_dir, library, tmp_path):
@@ -120,7 +113,7 @@ def test_an_adapter_for_another_base_names_the_tensor_and_loads_nothing(tiny_mod
         message = refused.json()["error"]["message"]
         assert "tensor 'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight'" in message
         assert "the adapter was made for another base" in message
-        assert _metric(server, "loralab_adapters_resident") == 0
+        assert metric(server, "loralab_adapters_resident") == 0
         assert len(httpx.get(server.url + "/v1/models").json()["data"]) == 1
         assert _complete(server, str(tiny_model_dir)) == before
 
@@ -131,13 +124,13 @@ def test_least_recently_used_adapters_are_evicted_and_read_again(tiny_model_dir,
     with start(tiny_model_dir, adapters=pinned, adapter_dir=allowed, max_loras=2) as server:
         for name in ("a0", "a1", "a2"):
             assert _load(server, name, name).status_code == 200
-        assert _metric(server, "loralab_adapters_resident") == 2  # kept + the newest
+        assert metric(server, "loralab_adapters_resident") == 2  # kept + the newest
         for name in ("a0", "a1", "a2", "a0", "kept"):
             assert _complete(server, name) == reference(
                 tiny_model_dir, allowed / (name if name != "kept" else "a3"), "Adapt:", 12
             )
-        assert _metric(server, "loralab_adapter_evictions_total") >= 4
-        assert _metric(server, "loralab_adapters_resident") == 2
+        assert metric(server, "loralab_adapter_evictions_total") >= 4
+        assert metric(server, "loralab_adapters_resident") == 2
         listed = {m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"]}
         assert listed == {str(tiny_model_dir), "kept", "a0", "a1", "a2"}  # evicted, still known
 
@@ -153,15 +146,13 @@ def test_concurrent_loads_and_unloads_of_one_name_stay_consistent(tiny_model_dir
             statuses = list(pool.map(churn, range(40)))
         assert set(statuses) <= {200, 404}
         names = {m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"]}
-        resident = _metric(server, "loralab_adapters_resident")
+        resident = metric(server, "loralab_adapters_resident")
         assert resident == (1 if "x" in names else 0)
         _load(server, "x", "a1")
         assert _complete(server, "x") == reference(tiny_model_dir, allowed / "a1", "Adapt:", 12)
 
 
 def test_start_up_refusals_are_one_line(tiny_model_dir, library, capsys):
-    from loralab.cli import main
-
     allowed = library / "allowed"
     cases = [
         (["--adapter", f"a={allowed / 'absent'}"], "not an adapter directory"),
@@ -182,17 +173,8 @@ def test_start_up_refusals_are_one_line(tiny_model_dir, library, capsys):
         (["--port", "70000"], "--port must be in 0-65535"),
     ]
     for extra, words in cases:
-        assert _exit_code(main, ["serve", "--model", str(tiny_model_dir), *extra]) == 2
-        err = capsys.readouterr().err
-        assert words in err and err.count("\n") == 1, err
-
-
-def _exit_code(main, argv) -> int:
-    """What the command exits with, whether argparse or loralab itself refused it."""
-    try:
-        return main(argv)
-    except SystemExit as stopped:
-        return stopped.code
+        status, lines = run_cli(["serve", "--model", str(tiny_model_dir), *extra], capsys)
+        assert_one_line_error(status, lines, words)
 
 
 def test_unreadable_or_linked_files_are_refused_and_nothing_is_kept(tiny_model_dir, library):

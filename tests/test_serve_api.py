@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from serving import reference, save_adapters, start
+from serving import metric, reference, save_adapters, start
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +237,7 @@ def test_bad_clients_do_not_stop_the_others(client, server, tiny_model_dir, adap
 
 
 def test_a_client_that_leaves_mid_stream_cancels_its_request(server):
-    metrics_before = _metric(server, "loralab_generation_tokens_total")
+    metrics_before = metric(server, "loralab_generation_tokens_total")
     body = {"model": "a6", "prompt": "long", "max_tokens": 250, "stream": True, "temperature": 0}
     with httpx.stream("POST", server.url + "/v1/completions", json=body) as response:
         lines = response.iter_lines()
@@ -247,28 +247,21 @@ def test_a_client_that_leaves_mid_stream_cancels_its_request(server):
     import time
 
     deadline = time.monotonic() + 10
-    while _metric(server, "loralab_requests_running") and time.monotonic() < deadline:
+    while metric(server, "loralab_requests_running") and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _metric(server, "loralab_requests_running") == 0
-    assert _metric(server, "loralab_generation_tokens_total") - metrics_before < 200
-
-
-def _metric(server, name: str) -> float:
-    for line in httpx.get(server.url + "/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} is not in /metrics")
+    assert metric(server, "loralab_requests_running") == 0
+    assert metric(server, "loralab_generation_tokens_total") - metrics_before < 200
 
 
 def test_metrics_count_requests_tokens_and_adapters(server, client):
-    before = _metric(server, "loralab_prompt_tokens_total")
+    before = metric(server, "loralab_prompt_tokens_total")
     client.completions.create(model="a4", prompt="count me", max_tokens=3)
-    assert _metric(server, "loralab_prompt_tokens_total") == before + len("count me")
+    assert metric(server, "loralab_prompt_tokens_total") == before + len("count me")
     text = httpx.get(server.url + "/metrics").text
     assert 'loralab_requests_total{route="/v1/completions",status="200"}' in text
     assert "loralab_batch_size_bucket" in text
-    assert _metric(server, "loralab_adapters_resident") == 8
-    assert _metric(server, "loralab_requests_waiting") == 0
+    assert metric(server, "loralab_adapters_resident") == 8
+    assert metric(server, "loralab_requests_waiting") == 0
 
 
 # -- limits and keys ---------------------------------------------------------------------------

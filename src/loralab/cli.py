@@ -358,12 +358,9 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .gguf_adapter import OUTTYPES, ExportError, export_adapter_gguf
+    from .gguf_adapter import check_export_target, export_adapter_gguf
 
-    if args.outtype not in OUTTYPES:  # before the model loads
-        raise ExportError(f"--outtype must be one of {', '.join(OUTTYPES)}, got {args.outtype!r}")
-    if args.output.is_dir():
-        raise ExportError(f"--output {args.output} is a directory; give the .gguf file to write")
+    check_export_target(args.output, args.outtype)  # before the model loads
     model, _ = _load(args)  # the adapter is checked against the base here
     exported = export_adapter_gguf(args.adapter, model.config, args.output, args.outtype)
     print(

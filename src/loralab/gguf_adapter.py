@@ -71,11 +71,7 @@ def export_adapter_gguf(
     ``base_config`` is the base model's Transformers config (its architecture and head
     counts). The file is written whole or not at all.
     """
-    if outtype not in OUTTYPES:
-        raise ExportError(f"--outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
-    output = Path(output)
-    if output.is_dir():
-        raise ExportError(f"--output {output} is a directory; give the .gguf file to write")
+    output = check_export_target(output, outtype)
     model_type = getattr(base_config, "model_type", None)
     if model_type not in ARCHITECTURES:
         raise ExportError(
@@ -148,6 +144,17 @@ def export_adapter_gguf(
         sorted(rescaled),
         kept_f16,
     )
+
+
+def check_export_target(output: str | os.PathLike, outtype: str) -> Path:
+    """Refuse an unknown ``outtype`` or an ``output`` that is a directory (the command
+    asks before the model loads)."""
+    if outtype not in OUTTYPES:
+        raise ExportError(f"--outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
+    output = Path(output)
+    if output.is_dir():
+        raise ExportError(f"--output {output} is a directory; give the .gguf file to write")
+    return output
 
 
 def rotary_rows(rows: Tensor, heads: int) -> Tensor:

@@ -56,20 +56,13 @@ class AdapterPool:
         with self._lock:
             return [e.name for e in self.entries.values() if not e.removed]
 
-    def knows(self, name: str) -> bool:
-        with self._lock:
-            entry = self.entries.get(name)
-            return entry is not None and not entry.removed
-
     def is_resident(self, name: str | None) -> bool:
         return name is None or (name in self.entries and self.entries[name].resident)
 
     def has_room(self) -> bool:
         """Whether one more adapter can be made resident now (a free slot, or an idle one
         to evict)."""
-        return self.resident_count() < self.max_loras or any(
-            e.resident and not e.pinned and not e.users for e in self.entries.values()
-        )
+        return self.resident_count() < self.max_loras or bool(self._idle())
 
     def resident_count(self) -> int:
         return sum(e.resident for e in self.entries.values())
@@ -324,12 +317,16 @@ class AdapterPool:
             with self._lock:
                 del self.entries[entry.name]
 
-    def _evict_one(self, keep: Entry | None = None) -> bool:
-        idle = [
+    def _idle(self, keep: Entry | None = None) -> list[Entry]:
+        """The resident adapters that may be evicted: not pinned, no request on them."""
+        return [
             e
             for e in self.entries.values()
             if e.resident and not e.pinned and not e.users and e is not keep
         ]
+
+    def _evict_one(self, keep: Entry | None = None) -> bool:
+        idle = self._idle(keep)
         if not idle:
             return False
         self._off_model(min(idle, key=lambda e: e.used))

@@ -215,20 +215,18 @@ class Engine:
             self._prefill(chosen)
         except Exception:
             if len(chosen) == 1:
-                log.exception("prefill failed")
-                self.pool.release(chosen[0].adapter)
-                chosen[0].emit(Failed(RequestError("internal error", status=500)))
+                self._fail_prefill(chosen[0])
                 return
             for job in chosen:  # one job's fault must not fail the others: each alone
-                self._admit_alone(job)
+                try:
+                    self._prefill([job])
+                except Exception:
+                    self._fail_prefill(job)
 
-    def _admit_alone(self, job: Job) -> None:
-        try:
-            self._prefill([job])
-        except Exception:
-            log.exception("prefill failed")
-            self.pool.release(job.adapter)
-            job.emit(Failed(RequestError("internal error", status=500)))
+    def _fail_prefill(self, job: Job) -> None:
+        log.exception("prefill failed")
+        self.pool.release(job.adapter)
+        job.emit(Failed(RequestError("internal error", status=500)))
 
     def _take(self, job: Job) -> None:
         with self._wake:
