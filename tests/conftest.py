@@ -182,9 +182,12 @@ def _byte_level_alphabet() -> list[str]:
     return [chr(byte) if byte in printable else chr(next(others)) for byte in range(256)]
 
 
-def save_tiny_gguf(path, hidden_size: int = 32, layers: int = 2, seed: int = 0) -> None:
+def save_tiny_gguf(
+    path, hidden_size: int = 32, layers: int = 2, seed: int = 0, tied: bool = False
+) -> None:
     """A tiny Llama as a llama.cpp GGUF file (F32 tensors, a byte-level BPE tokenizer with
-    ChatML specials and a chat template), in the layout of the embedded SmolLM2's file."""
+    ChatML specials and a chat template), in the layout of the embedded SmolLM2's file
+    (whose output is its embedding, as with ``tied``)."""
     import gguf
     import numpy as np
 
@@ -237,7 +240,8 @@ def save_tiny_gguf(path, hidden_size: int = 32, layers: int = 2, seed: int = 0) 
         add(f"blk.{block}.ffn_up.weight", ffn, hidden_size)
         add(f"blk.{block}.ffn_down.weight", hidden_size, ffn)
     writer.add_tensor("output_norm.weight", np.ones(hidden_size, np.float32))
-    add("output.weight", len(tokens), hidden_size)
+    if not tied:
+        add("output.weight", len(tokens), hidden_size)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

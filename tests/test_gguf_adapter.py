@@ -8,49 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import randomize_lora, save_tiny_gguf
-from loralab import LoraConfig, inject_adapter, save_adapter
-from loralab.gguf_adapter import ExportError, export_adapter_gguf, rotary_rows
+from conftest import save_tiny_gguf
+from llama_cpp_runs import ALL, adapted, llama_logits, loralab_logits
+from loralab.gguf_adapter import export_adapter_gguf
+from loralab.gguf_layout import ExportError, rotary_rows
 from loralab.models import load_model
-
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-TOKENS = [1, 40, 77, 101, 5, 200, 33, 90, 150, 7, 61, 250]
-
-
-def _adapted(gguf_file, tmp_path, **config):
-    """The tiny GGUF base with a random adapter on it, and the adapter's directory."""
-    model, _ = load_model(str(gguf_file))
-    inject_adapter(model, LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": ALL, **config}))
-    randomize_lora(model, std=0.3)
-    save_adapter(model, tmp_path / "adapter")
-    return model, tmp_path / "adapter"
-
-
-def _llama_logits(gguf_file, adapter_file=None) -> np.ndarray:
-    options = {"lora_path": str(adapter_file)} if adapter_file else {}
-    llm = llama_cpp.Llama(
-        model_path=str(gguf_file),
-        n_ctx=64,
-        logits_all=True,
-        verbose=False,
-        # its KV cache in f32 too (llama.cpp's default is f16), so that what is compared
-        # is the arithmetic, not the cache's rounding
-        type_k=llama_cpp.GGML_TYPE_F32,
-        type_v=llama_cpp.GGML_TYPE_F32,
-        **options,
-    )
-    llm.eval(TOKENS)
-    return np.array(llm.scores[: len(TOKENS)])
-
-
-def _ours(model) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.tensor([TOKENS])).logits[0].numpy()
 
 
 def test_the_base_alone_agrees_with_llama_cpp(tiny_gguf_file):
     model, _ = load_model(str(tiny_gguf_file))
-    difference = np.abs(_llama_logits(tiny_gguf_file) - _ours(model)).max()
+    difference = np.abs(llama_logits(tiny_gguf_file) - loralab_logits(model)).max()
     assert difference < 1e-4, difference
 
 
@@ -61,15 +28,16 @@ def test_the_base_alone_agrees_with_llama_cpp(tiny_gguf_file):
         {"use_rslora": True},
         {"rank_pattern": {"v_proj": 2}, "alpha_pattern": {"o_proj": 3}},
         {"r": 3, "lora_alpha": 16, "target_modules": [*ALL, "lm_head"]},
+        {"target_modules": ["embed_tokens", "q_proj"]},
     ],
-    ids=["plain", "rslora", "patterns", "head-and-odd-rank"],
+    ids=["plain", "rslora", "patterns", "head-and-odd-rank", "embedding"],
 )
 def test_llama_cpp_runs_our_adapter_as_we_do(tiny_gguf_file, tmp_path, config):
-    model, adapter = _adapted(tiny_gguf_file, tmp_path, **config)
+    model, adapter = adapted(tiny_gguf_file, tmp_path, **config)
     exported = export_adapter_gguf(adapter, model.config, tmp_path / "adapter.gguf")
-    ours = _ours(model)
-    theirs = _llama_logits(tiny_gguf_file, exported.path)
-    base = _llama_logits(tiny_gguf_file)
+    ours = loralab_logits(model)
+    theirs = llama_logits(tiny_gguf_file, exported.path)
+    base = llama_logits(tiny_gguf_file)
     assert np.abs(base - ours).max() > 0.05  # the adapter changes what llama.cpp computes
     assert np.abs(theirs - ours).max() < 1e-4, np.abs(theirs - ours).max()
     assert (theirs.argmax(-1) == ours.argmax(-1)).all()
@@ -83,7 +51,7 @@ def test_llama_cpp_runs_our_adapter_as_we_do(tiny_gguf_file, tmp_path, config):
 
 
 def test_the_file_holds_llama_cpps_keys_and_names(tiny_gguf_file, tmp_path):
-    model, adapter = _adapted(tiny_gguf_file, tmp_path, target_modules=["q_proj", "v_proj"])
+    model, adapter = adapted(tiny_gguf_file, tmp_path, target_modules=["q_proj", "v_proj"])
     exported = export_adapter_gguf(adapter, model.config, tmp_path / "a.gguf", outtype="f16")
     reader = gguf.GGUFReader(exported.path)
     fields = {name: reader.fields[name] for name in reader.fields}
@@ -102,17 +70,17 @@ def test_the_file_holds_llama_cpps_keys_and_names(tiny_gguf_file, tmp_path):
     assert list(names["blk.0.attn_q.weight.lora_a"].shape) == [32, 4]  # ggml's (in, r)
     assert list(names["blk.0.attn_q.weight.lora_b"].shape) == [4, 32]
     assert names["blk.0.attn_q.weight.lora_a"].tensor_type == gguf.GGMLQuantizationType.F16
-    theirs = _llama_logits(tiny_gguf_file, exported.path)
-    print(f"f16: max |Δ| {np.abs(theirs - _ours(model)).max():.2e}")
-    assert np.abs(theirs - _ours(model)).max() < 2e-2  # f16 factors
+    theirs = llama_logits(tiny_gguf_file, exported.path)
+    print(f"f16: max |Δ| {np.abs(theirs - loralab_logits(model)).max():.2e}")
+    assert np.abs(theirs - loralab_logits(model)).max() < 2e-2  # f16 factors
 
 
 def test_q8_0_keeps_rows_it_cannot_block_in_f16(tiny_gguf_file, tmp_path):
-    model, adapter = _adapted(tiny_gguf_file, tmp_path)
+    model, adapter = adapted(tiny_gguf_file, tmp_path)
     exported = export_adapter_gguf(adapter, model.config, tmp_path / "a.gguf", outtype="q8_0")
     assert exported.kept_f16 and all(k.endswith("lora_b") for k in exported.kept_f16)  # rows of r
-    theirs, ours = _llama_logits(tiny_gguf_file, exported.path), _ours(model)
-    effect = np.abs(_llama_logits(tiny_gguf_file) - ours).max()
+    theirs, ours = llama_logits(tiny_gguf_file, exported.path), loralab_logits(model)
+    effect = np.abs(llama_logits(tiny_gguf_file) - ours).max()
     error = np.abs(theirs - ours).max()
     print(f"q8_0: max |Δ| {error:.2e} against the adapter's own effect {effect:.2e}")
     # llama.cpp multiplies a q8_0 weight with activations quantized to 8 bits as well;
@@ -135,11 +103,11 @@ def test_what_the_format_cannot_hold_is_refused_and_nothing_is_written(tiny_gguf
     ]
     for index, (extra, words) in enumerate(cases):
         directory = tmp_path / f"case{index}"
-        _, adapter = _adapted(tiny_gguf_file, directory, target_modules=["q_proj"], **extra)
+        _, adapter = adapted(tiny_gguf_file, directory, target_modules=["q_proj"], **extra)
         with pytest.raises(ExportError, match=words):
             export_adapter_gguf(adapter, model.config, directory / "out.gguf")
         assert not (directory / "out.gguf").exists()
-    _, adapter = _adapted(tiny_gguf_file, tmp_path / "ok", target_modules=["q_proj"])
+    _, adapter = adapted(tiny_gguf_file, tmp_path / "ok", target_modules=["q_proj"])
     with pytest.raises(ExportError, match="--outtype must be one of f32, f16, q8_0, got 'q4'"):
         export_adapter_gguf(adapter, model.config, tmp_path / "x.gguf", outtype="q4")
     with pytest.raises(ExportError, match="is a directory"):
@@ -153,13 +121,13 @@ def test_what_the_format_cannot_hold_is_refused_and_nothing_is_written(tiny_gguf
 def test_the_command_exports_and_refuses_in_one_line(tiny_gguf_file, tmp_path, capsys):
     from loralab.cli import main
 
-    model, adapter = _adapted(tiny_gguf_file, tmp_path, target_modules=["q_proj", "v_proj"])
+    model, adapter = adapted(tiny_gguf_file, tmp_path, target_modules=["q_proj", "v_proj"])
     out = tmp_path / "out" / "adapter.gguf"
     argv = ["export", "--model", str(tiny_gguf_file), "--adapter", str(adapter)]
     assert main([*argv, "--output", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "llama.cpp LoRA adapter for llama, 8 tensors, adapter.lora.alpha = 8" in printed
-    assert np.abs(_llama_logits(tiny_gguf_file, out) - _ours(model)).max() < 1e-4
+    assert np.abs(llama_logits(tiny_gguf_file, out) - loralab_logits(model)).max() < 1e-4
     assert main([*argv, "--output", str(tmp_path / "q.gguf"), "--outtype", "q4"]) == 2
     assert "--outtype must be one of f32, f16, q8_0" in capsys.readouterr().err
     other = tmp_path / "other.gguf"

@@ -51,6 +51,11 @@ def json_writer(data: dict) -> Callable[[str], Any]:
     return lambda path: Path(path).write_text(text, encoding="utf-8")
 
 
+def text_writer(text: str) -> Callable[[str], Any]:
+    """A writer for ``write_files_atomically``: ``text`` as UTF-8."""
+    return lambda path: Path(path).write_text(text, encoding="utf-8")
+
+
 def write_directory_atomically(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call ``write(scratch)`` on a new directory beside ``target``, then rename it to
     ``target``, which must not exist or be empty. On any failure nothing is left."""

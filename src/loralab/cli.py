@@ -115,11 +115,24 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn")
     generate.add_argument("--max-new-tokens", type=_at_least_one, default=64)
 
-    merge = commands.add_parser("merge", help="merge an adapter into a plain model directory")
-    _model_flags(merge, adapter_required=True)
-    merge.add_argument(
-        "--output", type=Path, required=True, help="the merged model directory (new or empty)"
+    merge = commands.add_parser(
+        "merge", help="merge an adapter into the base: a Transformers directory or one GGUF file"
     )
+    _model_flags(merge)
+    merge.add_argument(
+        "--format",
+        choices=("transformers", "gguf"),
+        default="transformers",
+        help="transformers: a model directory (default); gguf: one llama.cpp file, for a "
+        "base that came from a GGUF (without --adapter: the base itself in --outtype)",
+    )
+    merge.add_argument(
+        "--output",
+        type=Path,
+        required=True,
+        help="the merged model directory (new or empty), or the .gguf file to write",
+    )
+    _outtype_flag(merge, "the merged tensors (and without --adapter, every tensor)")
 
     export = commands.add_parser(
         "export", help="write an adapter in another runtime's format (llama.cpp's GGUF)"
@@ -127,12 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(export, adapter_required=True)
     export.add_argument("--format", choices=("gguf",), default="gguf", help="(default: gguf)")
     export.add_argument("--output", type=Path, required=True, help="the .gguf file to write")
-    export.add_argument(
-        "--outtype",
-        default="f32",
-        help="f32, f16 or q8_0 for the factors (default: f32; q8_0 keeps in f16 the "
-        "factors whose rows are not a multiple of 32)",
-    )
+    _outtype_flag(export, "the factors")
 
     info = commands.add_parser("info", help="describe an adapter directory")
     info.add_argument("adapter", type=Path)
@@ -220,6 +228,15 @@ def _named_dir(text: str) -> tuple[str, Path]:
     if not sep or not name or not directory:
         raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {text!r}")
     return name, Path(directory)
+
+
+def _outtype_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--outtype",
+        default="f32",
+        help=f"f32, f16 or q8_0 for {what} (default: f32; q8_0 keeps in f16 the tensors "
+        "whose rows are not a multiple of 32, and vectors stay f32)",
+    )
 
 
 def _model_flags(parser: argparse.ArgumentParser, adapter_required: bool = False) -> None:
@@ -334,19 +351,16 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
+    if args.format == "gguf":
+        return _merge_gguf(args)
     from .atomic_write import write_directory_atomically
     from .merge import merge_and_unload
-    from .methods import applied_method, get_method
 
+    if args.adapter is None:
+        raise ConfigError("--adapter is required (only --format gguf writes the base alone)")
     check_output_dir(args.output, "--output", empty=True)  # before the model loads
     model, tokenizer = _load(args)
-    method = get_method(applied_method(model).name)
-    if not method.mergeable:
-        raise ConfigError(
-            f"{args.adapter}: a {method.name} model cannot be merged into the base weights "
-            "(it adds layers or tokens); use it as it is"
-        )
-    merged = merge_and_unload(model, safe=True) if method.uses_lora else model
+    merged = _merged(model, args.adapter, merge_and_unload)
 
     def save(directory: Path) -> None:
         merged.save_pretrained(directory)
@@ -357,12 +371,72 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export(args: argparse.Namespace) -> int:
-    from .gguf_adapter import check_export_target, export_adapter_gguf
+def _merged(model, adapter: Path, merge_and_unload):
+    from .methods import applied_method, get_method
+
+    method = get_method(applied_method(model).name)
+    if not method.mergeable:
+        raise ConfigError(
+            f"{adapter}: a {method.name} model cannot be merged into the base weights "
+            "(it adds layers or tokens); use it as it is"
+        )
+    return merge_and_unload(model, safe=True) if method.uses_lora else model
+
+
+def _merge_gguf(args: argparse.Namespace) -> int:
+    from .atomic_write import text_writer
+    from .gguf_layout import check_export_target
+    from .gguf_merge import read_gguf, source_gguf, write_merged_gguf
+    from .merge import merge_and_unload
+    from .ollama import modelfile, modelfile_name
 
     check_export_target(args.output, args.outtype)  # before the model loads
-    model, _ = _load(args)  # the adapter is checked against the base here
-    exported = export_adapter_gguf(args.adapter, model.config, args.output, args.outtype)
+    source = source_gguf(args.model)
+    template = read_gguf(source).fields.get("tokenizer.chat_template")
+    merged = None
+    if args.adapter is not None:
+        model, _ = _load(args)  # the adapter is checked against the base here
+        merged = _merged(model, args.adapter, merge_and_unload)
+    text = modelfile(args.output, None, template.contents() if template else None)
+    written = write_merged_gguf(
+        source,
+        args.output,
+        args.outtype,
+        merged,
+        {modelfile_name(args.output): text_writer(text)},
+    )
+    what = f"{len(written.replaced)} merged tensors in {args.outtype}, the rest as in {source}"
+    if merged is None:
+        what = f"the base, every tensor in {args.outtype}"
+    print(f"wrote {written.path}: {written.architecture} GGUF, {written.tensors} tensors ({what})")
+    if written.kept_f16:
+        print(f"  kept in f16 (rows not a multiple of 32): {len(written.kept_f16)} tensors")
+    print(f"  run it: llama-cli -m {written.path}")
+    print(f"  Ollama: ollama create NAME -f {written.path.with_name(modelfile_name(written.path))}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .atomic_write import text_writer
+    from .gguf_adapter import export_adapter_gguf
+    from .gguf_layout import ExportError, check_export_target
+    from .gguf_merge import source_gguf
+    from .ollama import modelfile, modelfile_name
+
+    check_export_target(args.output, args.outtype)  # before the model loads
+    model, tokenizer = _load(args)  # the adapter is checked against the base here
+    try:
+        base = source_gguf(args.model)
+    except ExportError:  # a Transformers directory: Ollama converts it itself
+        base = Path(model.name_or_path)
+    text = modelfile(base, args.output, getattr(tokenizer, "chat_template", None))
+    exported = export_adapter_gguf(
+        args.adapter,
+        model.config,
+        args.output,
+        args.outtype,
+        {modelfile_name(args.output): text_writer(text)},
+    )
     print(
         f"wrote {exported.path}: llama.cpp LoRA adapter for {exported.architecture}, "
         f"{exported.tensors} tensors, adapter.lora.alpha = {exported.alpha:g}"
@@ -374,7 +448,10 @@ def _export(args: argparse.Namespace) -> int:
         )
     if exported.kept_f16:
         print(f"  kept in f16 (rows not a multiple of 32): {len(exported.kept_f16)} tensors")
-    print(f"  run it: llama-cli -m BASE.gguf --lora {exported.path}")
+    print(f"  run it: llama-cli -m {base} --lora {exported.path}")
+    print(
+        f"  Ollama: ollama create NAME -f {exported.path.with_name(modelfile_name(exported.path))}"
+    )
     return 0
 
 

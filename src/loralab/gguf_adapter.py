@@ -6,8 +6,10 @@ the base's ``general.architecture``, and for each adapted weight the pair
 ``<the base tensor's GGUF name>.lora_a`` / ``.lora_b`` holding PEFT's ``A`` (r, in) and
 ``B`` (out, r) as they are. llama.cpp scales each pair by ``alpha / r``, ``r`` read from
 ``lora_b``. The GGUF names come from the ``gguf`` package's own tables for the
-architecture. Two facts of llama.cpp's layout are applied here:
+architecture (``gguf_layout``). Three facts of llama.cpp's layout are applied here:
 
+- an embedding's ``lora_a`` is PEFT's ``A`` transposed, (vocab, r): llama.cpp looks its
+  rows up by token;
 - its converter permutes the rows of Llama's q and k projections (heads' rotary halves
   interleaved); a ``B`` on q or k is permuted the same way, so ``B A`` matches the base;
 - its scale is one ``alpha`` for the file: a module whose own scale (rsLoRA's α/√r, a
@@ -15,8 +17,8 @@ architecture. Two facts of llama.cpp's layout are applied here:
   folded into its ``B`` (exact up to rounding), and the result says which.
 
 What the format cannot hold is refused with the reason: DoRA magnitudes, modules trained
-in full (``modules_to_save``), trained biases, a LoRA on part of a fused projection, and
-embedding adapters (not written yet).
+in full (``modules_to_save``), trained biases, a LoRA on part of a fused projection, and a
+LoRA on the embedding or the head of a base that ties the two.
 """
 
 from __future__ import annotations
@@ -28,26 +30,15 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-import torch
 from torch import Tensor
 
 from .atomic_write import write_files_atomically
+from .gguf_layout import ExportError, GgufLayout, check_export_target, encode
 from .io import LORALAB_FILE, factor_tensors_by_module, read_adapter
 from .layers import LoraFactors
 
-OUTTYPES = ("f32", "f16", "q8_0")
-
-# Transformers' model_type → the GGUF architecture llama.cpp's converter writes for it, and
-# whether that converter permutes the q and k rows (its Llama family does; Qwen2 does not).
-ARCHITECTURES: dict[str, tuple[gguf.MODEL_ARCH, bool]] = {
-    "llama": (gguf.MODEL_ARCH.LLAMA, True),
-    "mistral": (gguf.MODEL_ARCH.LLAMA, True),
-    "qwen2": (gguf.MODEL_ARCH.QWEN2, False),
-}
-
-
-class ExportError(ValueError):
-    """An adapter or setting that llama.cpp's format cannot hold (one line, the reason)."""
+# With tied embeddings llama.cpp has one tensor, token_embd, for the input and the output.
+TIED = ("token_embd.weight", "output.weight")
 
 
 @dataclass
@@ -65,106 +56,79 @@ def export_adapter_gguf(
     base_config,
     output: str | os.PathLike,
     outtype: str = "f32",
+    extra_files: dict | None = None,
 ) -> ExportedAdapter:
     """Write ``adapter_dir`` (PEFT's files) as llama.cpp's LoRA GGUF at ``output``.
 
     ``base_config`` is the base model's Transformers config (its architecture and head
-    counts). The file is written whole or not at all.
+    counts). The file is written whole or not at all, together with ``extra_files``
+    (name → writer, beside it: the Ollama Modelfile).
     """
     output = check_export_target(output, outtype)
-    model_type = getattr(base_config, "model_type", None)
-    if model_type not in ARCHITECTURES:
-        raise ExportError(
-            f"exporting to GGUF supports the architectures {sorted(ARCHITECTURES)}; the base "
-            f"is {model_type!r}"
-        )
-    architecture, permutes = ARCHITECTURES[model_type]
+    layout = GgufLayout(base_config)
     adapter_dir = Path(adapter_dir)
     files = read_adapter(adapter_dir)
     _refuse_what_gguf_cannot_hold(adapter_dir, files)
     by_module, _ = factor_tensors_by_module(files.tensors)
-    names = gguf.get_tensor_name_map(architecture, base_config.num_hidden_layers)
     pairs: dict[str, tuple[Tensor, Tensor, float]] = {}
     for module, factors in sorted(by_module.items()):
         if factors.factors_class is not LoraFactors:
-            kind = "an embedding's" if factors.embedding else "these"
             raise ExportError(
-                f"{adapter_dir}: {module} has {kind} factors, which llama.cpp's LoRA format "
-                "does not take from loralab yet"
+                f"{adapter_dir}: {module} has {factors.factors_class or 'unknown'} factors, "
+                "which llama.cpp's LoRA format does not hold"
             )
-        gguf_name = names.get_name(module + ".weight", try_suffixes=(".weight",))
+        gguf_name = layout.name(module + ".weight")
         if gguf_name is None:
             raise ExportError(
-                f"{adapter_dir}: {module} has no tensor in llama.cpp's {model_type} layout"
+                f"{adapter_dir}: {module} has no tensor in llama.cpp's {layout.model_type} layout"
+            )
+        if getattr(base_config, "tie_word_embeddings", False) and gguf_name in TIED:
+            raise ExportError(
+                f"{adapter_dir}: {module} is adapted, but the base ties its output to its "
+                "embedding, and llama.cpp applies a token_embd adapter to both (its graph "
+                "then fails); merge the adapter into the base instead (loralab merge "
+                "--format gguf)"
             )
         A, B = factors.tensors["A"].float(), factors.tensors["B"].float()
         r = A.shape[0]
         scale = files.config.scale(r, files.config.alpha_for(module))
-        tensor = gguf_name.split(".")[-2]  # attn_q in blk.3.attn_q.weight; output …
-        if permutes and tensor in ("attn_q", "attn_k"):
-            heads = base_config.num_attention_heads
-            if tensor == "attn_k":
-                heads = getattr(base_config, "num_key_value_heads", None) or heads
-            B = rotary_rows(B, heads)
+        if factors.embedding:
+            # llama.cpp looks an embedding's rows up in lora_a: (vocab, r), PEFT's A (r,
+            # vocab) transposed; lora_b stays (dim, r)
+            A = A.T
+        else:
+            B = layout.rows(gguf_name, B)
         pairs[gguf_name] = (A, B, scale * r)  # llama.cpp's alpha that gives this scale
     if not pairs:
         raise ExportError(f"{adapter_dir}: the adapter holds no LoRA factors")
     alpha = _file_alpha(files.config, pairs)
     rescaled = []
     kept_f16: list[str] = []
-    tensors: dict[str, np.ndarray] = {}
-    kinds: dict[str, gguf.GGMLQuantizationType] = {}
+    tensors: dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType]] = {}
     for gguf_name, (A, B, wanted) in pairs.items():
         if not math.isclose(wanted, alpha, rel_tol=1e-9):  # α/r·r is α up to rounding
             B = B * (wanted / alpha)
             rescaled.append(gguf_name.removesuffix(".weight"))
         for suffix, tensor in (("lora_a", A), ("lora_b", B)):
             key = f"{gguf_name}.{suffix}"
-            tensors[key], kinds[key] = _encoded(tensor, outtype, key, kept_f16)
+            tensors[key] = encode(tensor, outtype, key, kept_f16)
 
     def write(path: str) -> None:
-        writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[architecture])
+        writer = gguf.GGUFWriter(path, layout.architecture_name)
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
-        for key, array in tensors.items():
-            writer.add_tensor(key, array, raw_dtype=kinds[key])
+        for key, (array, kind) in tensors.items():
+            writer.add_tensor(key, array, raw_dtype=kind)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    write_files_atomically(output.parent, {output.name: write})
+    write_files_atomically(output.parent, {output.name: write, **(extra_files or {})})
     return ExportedAdapter(
-        output,
-        gguf.MODEL_ARCH_NAMES[architecture],
-        alpha,
-        len(tensors),
-        sorted(rescaled),
-        kept_f16,
-    )
-
-
-def check_export_target(output: str | os.PathLike, outtype: str) -> Path:
-    """Refuse an unknown ``outtype`` or an ``output`` that is a directory (the command
-    asks before the model loads)."""
-    if outtype not in OUTTYPES:
-        raise ExportError(f"--outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
-    output = Path(output)
-    if output.is_dir():
-        raise ExportError(f"--output {output} is a directory; give the .gguf file to write")
-    return output
-
-
-def rotary_rows(rows: Tensor, heads: int) -> Tensor:
-    """The rows of a q or k projection (or of its ``B``) in llama.cpp's order: within each
-    head, Transformers keeps the two rotary halves apart, llama.cpp interleaves them."""
-    out = rows.shape[0]
-    return (
-        rows.reshape(heads, 2, out // heads // 2, *rows.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(rows.shape)
+        output, layout.architecture_name, alpha, len(tensors), sorted(rescaled), kept_f16
     )
 
 
@@ -193,15 +157,3 @@ def _file_alpha(config, pairs: dict) -> float:
     if any(math.isclose(w, config.lora_alpha, rel_tol=1e-9) for w in wanted):
         return float(config.lora_alpha)
     return float(max(set(wanted), key=wanted.count))
-
-
-def _encoded(tensor: Tensor, outtype: str, key: str, kept_f16: list[str]):
-    array = tensor.detach().to(torch.float32).contiguous().numpy()
-    if outtype == "f32":
-        return array, gguf.GGMLQuantizationType.F32
-    if outtype == "q8_0":
-        if array.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
-            kind = gguf.GGMLQuantizationType.Q8_0
-            return gguf.quants.quantize(array, kind), kind
-        kept_f16.append(key)  # q8_0 blocks are 32 values of a row
-    return array.astype(np.float16), gguf.GGMLQuantizationType.F16
