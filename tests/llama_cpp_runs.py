@@ -23,23 +23,54 @@ def adapted(gguf_file, tmp_path, **config):
     return model, tmp_path / "adapter"
 
 
-def llama_logits(gguf_file, adapter_file=None) -> np.ndarray:
+def open_llama(gguf_file, adapter_file=None, n_ctx: int = 64, f32_cache: bool = True):
+    """llama.cpp on ``gguf_file`` (with ``adapter_file``), every position's logits kept."""
     options = {"lora_path": str(adapter_file)} if adapter_file else {}
-    llm = llama_cpp.Llama(
-        model_path=str(gguf_file),
-        n_ctx=64,
-        logits_all=True,
-        verbose=False,
+    if f32_cache:
         # its KV cache in f32 too (llama.cpp's default is f16), so that what is compared
         # is the arithmetic, not the cache's rounding
-        type_k=llama_cpp.GGML_TYPE_F32,
-        type_v=llama_cpp.GGML_TYPE_F32,
-        **options,
+        options.update(type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    return llama_cpp.Llama(
+        model_path=str(gguf_file), n_ctx=n_ctx, logits_all=True, verbose=False, **options
     )
-    llm.eval(TOKENS)
-    return np.array(llm.scores[: len(TOKENS)])
 
 
-def loralab_logits(model) -> np.ndarray:
+def llama_logits(gguf_file, adapter_file=None, tokens=TOKENS) -> np.ndarray:
+    llm = open_llama(gguf_file, adapter_file, n_ctx=max(64, len(tokens)))
+    llm.eval(tokens)
+    return np.array(llm.scores[: len(tokens)])
+
+
+def llama_greedy(llm, tokens: list[int], new: int) -> list[int]:
+    """``new`` greedy tokens after ``tokens`` (the end token does not stop them)."""
+    llm.reset()
+    llm.eval(tokens)
+    out = []
+    for _ in range(new):
+        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval(out[-1:])
+    return out
+
+
+def loralab_greedy(model, tokens: list[int], new: int) -> list[int]:
+    """The same in PyTorch, one token at a time through the KV cache."""
+    out, past, step = [], None, torch.tensor([tokens])
     with torch.no_grad():
-        return model(torch.tensor([TOKENS])).logits[0].numpy()
+        for _ in range(new):
+            result = model(step, past_key_values=past, use_cache=True)
+            past = result.past_key_values
+            out.append(int(result.logits[0, -1].argmax()))
+            step = torch.tensor([out[-1:]])
+    return out
+
+
+def agreeing(a: list[int], b: list[int]) -> int:
+    """How many tokens agree before the first difference."""
+    return next(
+        (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+    )
+
+
+def loralab_logits(model, tokens=TOKENS) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].numpy()
