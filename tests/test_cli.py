@@ -233,3 +233,32 @@ def test_a_merge_that_fails_while_writing_leaves_nothing(
     status, lines = run_cli([*argv, "--output", str(output)], capsys)
     assert_one_line_error(status, lines, "No space left on device")
     assert list(tmp_path.iterdir()) == []  # neither the output nor a scratch directory
+
+
+def test_merge_folds_an_adalora_adapter_into_a_plain_directory(tiny_model_dir, tmp_path):
+    """AdaLoRA is mergeable: its P Λ Q goes into the weights, and the directory is a plain
+    model (it once came out with AdaLoRA's wrappers still in it, unmerged)."""
+    from loralab.methods.adalora_config import AdaLoraConfig
+    from loralab.methods.adalora_files import save_adalora
+    from loralab.methods.adalora_layers import apply_adalora, svd_factors
+    from loralab.models import load_model
+
+    model, _ = load_model(str(tiny_model_dir))
+    apply_adalora(
+        model, AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=["q_proj"])
+    )
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for factors in svd_factors(model).values():
+            for parameter in (factors.P, factors.E, factors.Q):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    save_adalora(model, tmp_path / "adalora")
+    tokens = torch.tensor([[1, 5, 9, 3, 7]])
+    with torch.no_grad():
+        expected = model(tokens).logits
+    argv = ["merge", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "adalora")]
+    assert main([*argv, "--output", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any("lora" in name for name in merged.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(merged(tokens).logits, expected, atol=1e-5)

@@ -71,6 +71,9 @@ commands = [
     ["eval", "--model", gguf, "--task", "sql", "--size", "2"],
     ["generate", "--model", gguf, "--adapter", adapter, "--chat", "--max-new-tokens", "3", "hi"],
     ["merge", "--model", gguf, "--adapter", adapter, "--output", f"{out}/merged"],
+    ["merge", "--format", "gguf", "--model", gguf, "--adapter", adapter, "--outtype", "q8_0",
+     "--output", f"{out}/merged.gguf"],
+    ["export", "--model", gguf, "--adapter", adapter, "--output", f"{out}/adapter.gguf"],
     ["info", adapter],
 ]
 for command in commands:
@@ -127,4 +130,8 @@ def test_the_main_commands_run_with_only_the_declared_dependencies(tiny_gguf_fil
     assert {"accelerate", "gguf", "sacrebleu", "rouge_score", "matplotlib"} <= imported
     assert {"starlette", "uvicorn", "prometheus_client"} <= imported
     assert (tmp_path / "merged" / "config.json").is_file()
+    assert {"merged.gguf", "merged.Modelfile", "adapter.gguf", "adapter.Modelfile"} <= {
+        p.name for p in tmp_path.iterdir()
+    }
+    assert "jinja2" in imported  # the Modelfile's default system prompt
     assert (tmp_path / "results" / "methods.png").is_file()

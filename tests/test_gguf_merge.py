@@ -116,6 +116,12 @@ def test_the_command_merges_writes_a_modelfile_and_refuses_in_one_line(
         ),
         (["merge", "--output", str(tmp_path / "dir")], "--adapter is required"),
     ]
+    not_gguf = tmp_path / "not.gguf"
+    not_gguf.write_text("not a GGUF file")
+    cases.append(
+        (["merge", "--format", "gguf", "--model", str(not_gguf), "--output", "y.gguf"],
+         "not.gguf is not a readable GGUF file")
+    )  # fmt: skip
     other = tmp_path / "other.gguf"
     save_tiny_gguf(other, hidden_size=48)
     cases.append(
@@ -166,3 +172,28 @@ def test_a_tied_base_refuses_an_embedding_adapter_llama_cpp_would_apply_twice(tm
     merged = write_merged_gguf(tied, tmp_path / "same.gguf", "f32", model)
     assert merged.replaced == []  # the tied head is the embedding's tensor, not a new one
     assert "output.weight" not in _tensors(merged.path)
+
+
+def test_the_command_merges_an_adalora_adapter_too(tiny_gguf_file, tmp_path):
+    """Any mergeable method's files: AdaLoRA's P Λ Q is folded in as LoRA's B A is."""
+    import torch
+
+    from loralab.methods.adalora_config import AdaLoraConfig
+    from loralab.methods.adalora_files import save_adalora
+    from loralab.methods.adalora_layers import apply_adalora, svd_factors
+
+    model, _ = load_model(str(tiny_gguf_file))
+    config = AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=["q_proj", "k_proj"])
+    apply_adalora(model, config)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for factors in svd_factors(model).values():
+            for parameter in (factors.P, factors.E, factors.Q):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    save_adalora(model, tmp_path / "adalora")
+    expected = loralab_logits(model)
+    out = tmp_path / "merged.gguf"
+    argv = ["merge", "--format", "gguf", "--model", str(tiny_gguf_file)]
+    assert main([*argv, "--adapter", str(tmp_path / "adalora"), "--output", str(out)]) == 0
+    assert np.abs(llama_logits(tiny_gguf_file) - expected).max() > 0.05
+    assert np.abs(llama_logits(out) - expected).max() < 1e-4

@@ -354,13 +354,12 @@ def _merge(args: argparse.Namespace) -> int:
     if args.format == "gguf":
         return _merge_gguf(args)
     from .atomic_write import write_directory_atomically
-    from .merge import merge_and_unload
 
     if args.adapter is None:
         raise ConfigError("--adapter is required (only --format gguf writes the base alone)")
     check_output_dir(args.output, "--output", empty=True)  # before the model loads
     model, tokenizer = _load(args)
-    merged = _merged(model, args.adapter, merge_and_unload)
+    merged = _merged(model, args.adapter)
 
     def save(directory: Path) -> None:
         merged.save_pretrained(directory)
@@ -371,7 +370,10 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _merged(model, adapter: Path, merge_and_unload):
+def _merged(model, adapter: Path):
+    """The model with its adapter merged in: a plain model (refused for a method that adds
+    layers or tokens)."""
+    from .merge import merge_and_unload
     from .methods import applied_method, get_method
 
     method = get_method(applied_method(model).name)
@@ -380,14 +382,15 @@ def _merged(model, adapter: Path, merge_and_unload):
             f"{adapter}: a {method.name} model cannot be merged into the base weights "
             "(it adds layers or tokens); use it as it is"
         )
-    return merge_and_unload(model, safe=True) if method.uses_lora else model
+    # every mergeable method's layers (LoRA's, AdaLoRA's) fold in; a model trained in full
+    # or by BitFit has none, and is unwrapped as it is
+    return merge_and_unload(model, safe=True)
 
 
 def _merge_gguf(args: argparse.Namespace) -> int:
     from .atomic_write import text_writer
     from .gguf_layout import check_export_target
     from .gguf_merge import read_gguf, source_gguf, write_merged_gguf
-    from .merge import merge_and_unload
     from .ollama import modelfile, modelfile_name
 
     check_export_target(args.output, args.outtype)  # before the model loads
@@ -396,7 +399,7 @@ def _merge_gguf(args: argparse.Namespace) -> int:
     merged = None
     if args.adapter is not None:
         model, _ = _load(args)  # the adapter is checked against the base here
-        merged = _merged(model, args.adapter, merge_and_unload)
+        merged = _merged(model, args.adapter)
     text = modelfile(args.output, None, template.contents() if template else None)
     written = write_merged_gguf(
         source,
