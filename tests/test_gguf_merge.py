@@ -166,7 +166,7 @@ def test_a_tied_base_refuses_an_embedding_adapter_llama_cpp_would_apply_twice(tm
     for target in ("embed_tokens", "lm_head"):
         model, adapter = adapted(tied, tmp_path / target, target_modules=[target])
         assert model.config.tie_word_embeddings
-        with pytest.raises(ExportError, match="ties its output to its embedding"):
+        with pytest.raises(ExportError, match="ties its head to its embedding"):
             export_adapter_gguf(adapter, model.config, tmp_path / "a.gguf")
     model, _ = load_model(str(tied))
     merged = write_merged_gguf(tied, tmp_path / "same.gguf", "f32", model)

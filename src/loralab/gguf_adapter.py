@@ -74,8 +74,9 @@ def export_adapter_gguf(
     for module, factors in sorted(by_module.items()):
         if factors.factors_class is not LoraFactors:
             raise ExportError(
-                f"{adapter_dir}: {module} has {factors.factors_class or 'unknown'} factors, "
-                "which llama.cpp's LoRA format does not hold"
+                f"{adapter_dir}: {module} has "
+                f"{getattr(factors.factors_class, '__name__', 'unrecognised')} factors, which "
+                "llama.cpp's LoRA format does not hold"
             )
         gguf_name = layout.name(module + ".weight")
         if gguf_name is None:
@@ -84,10 +85,9 @@ def export_adapter_gguf(
             )
         if getattr(base_config, "tie_word_embeddings", False) and gguf_name in TIED:
             raise ExportError(
-                f"{adapter_dir}: {module} is adapted, but the base ties its output to its "
+                f"{adapter_dir}: {module} is adapted, but the base ties its head to its "
                 "embedding, and llama.cpp applies a token_embd adapter to both (its graph "
-                "then fails); merge the adapter into the base instead (loralab merge "
-                "--format gguf)"
+                "then fails): this adapter cannot run in llama.cpp on this base"
             )
         A, B = factors.tensors["A"].float(), factors.tensors["B"].float()
         r = A.shape[0]
