@@ -106,6 +106,22 @@ def randomize_lora(model: torch.nn.Module, seed: int = 3, std: float = 0.2) -> N
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
 
 
+def save_random_adalora(model: torch.nn.Module, directory, targets: list[str]) -> None:
+    """AdaLoRA on ``targets`` with large random P, Λ, Q (ΔW far from zero), saved in PEFT's
+    ADALORA files at ``directory``; the model keeps it, unmerged."""
+    from loralab.methods.adalora_config import AdaLoraConfig
+    from loralab.methods.adalora_files import save_adalora
+    from loralab.methods.adalora_layers import apply_adalora, svd_factors
+
+    apply_adalora(model, AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=targets))
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for factors in svd_factors(model).values():
+            for parameter in (factors.P, factors.E, factors.Q):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    save_adalora(model, directory)
+
+
 @pytest.fixture(params=sorted(TINY_MODELS))
 def model_kind(request) -> str:
     return request.param

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, run_cli, save_random_adalora
 from loralab.cli import main
 
 WORDS = ["cat", "dog", "bird", "fish", "lion", "bear", "wolf", "frog"]
@@ -238,21 +238,10 @@ def test_a_merge_that_fails_while_writing_leaves_nothing(
 def test_merge_folds_an_adalora_adapter_into_a_plain_directory(tiny_model_dir, tmp_path):
     """AdaLoRA is mergeable: its P Λ Q goes into the weights, and the directory is a plain
     model (it once came out with AdaLoRA's wrappers still in it, unmerged)."""
-    from loralab.methods.adalora_config import AdaLoraConfig
-    from loralab.methods.adalora_files import save_adalora
-    from loralab.methods.adalora_layers import apply_adalora, svd_factors
     from loralab.models import load_model
 
     model, _ = load_model(str(tiny_model_dir))
-    apply_adalora(
-        model, AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=["q_proj"])
-    )
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for factors in svd_factors(model).values():
-            for parameter in (factors.P, factors.E, factors.Q):
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
-    save_adalora(model, tmp_path / "adalora")
+    save_random_adalora(model, tmp_path / "adalora", ["q_proj"])
     tokens = torch.tensor([[1, 5, 9, 3, 7]])
     with torch.no_grad():
         expected = model(tokens).logits

@@ -6,7 +6,7 @@ import gguf
 import numpy as np
 import pytest
 
-from conftest import save_tiny_gguf
+from conftest import save_random_adalora, save_tiny_gguf
 from llama_cpp_runs import adapted, llama_logits, loralab_logits
 from loralab.cli import main
 from loralab.gguf_layout import ExportError
@@ -176,21 +176,8 @@ def test_a_tied_base_refuses_an_embedding_adapter_llama_cpp_would_apply_twice(tm
 
 def test_the_command_merges_an_adalora_adapter_too(tiny_gguf_file, tmp_path):
     """Any mergeable method's files: AdaLoRA's P Λ Q is folded in as LoRA's B A is."""
-    import torch
-
-    from loralab.methods.adalora_config import AdaLoraConfig
-    from loralab.methods.adalora_files import save_adalora
-    from loralab.methods.adalora_layers import apply_adalora, svd_factors
-
     model, _ = load_model(str(tiny_gguf_file))
-    config = AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=["q_proj", "k_proj"])
-    apply_adalora(model, config)
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for factors in svd_factors(model).values():
-            for parameter in (factors.P, factors.E, factors.Q):
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
-    save_adalora(model, tmp_path / "adalora")
+    save_random_adalora(model, tmp_path / "adalora", ["q_proj", "k_proj"])
     expected = loralab_logits(model)
     out = tmp_path / "merged.gguf"
     argv = ["merge", "--format", "gguf", "--model", str(tiny_gguf_file)]

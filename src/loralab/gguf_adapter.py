@@ -32,8 +32,7 @@ import gguf
 import numpy as np
 from torch import Tensor
 
-from .atomic_write import write_files_atomically
-from .gguf_layout import ExportError, GgufLayout, check_export_target, encode
+from .gguf_layout import ExportError, GgufLayout, check_export_target, encode, write_gguf
 from .io import LORALAB_FILE, factor_tensors_by_module, read_adapter
 from .layers import LoraFactors
 
@@ -113,20 +112,14 @@ def export_adapter_gguf(
             key = f"{gguf_name}.{suffix}"
             tensors[key] = encode(tensor, outtype, key, kept_f16)
 
-    def write(path: str) -> None:
+    def start(path: str) -> gguf.GGUFWriter:
         writer = gguf.GGUFWriter(path, layout.architecture_name)
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
-        for key, (array, kind) in tensors.items():
-            writer.add_tensor(key, array, raw_dtype=kind)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        return writer
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    write_files_atomically(output.parent, {output.name: write, **(extra_files or {})})
+    write_gguf(output, start, tensors, extra_files)
     return ExportedAdapter(
         output, layout.architecture_name, alpha, len(tensors), sorted(rescaled), kept_f16
     )

@@ -9,12 +9,15 @@ the row order of Llama's q and k projections, and how a tensor is stored in each
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import gguf
 import numpy as np
 import torch
 from torch import Tensor
+
+from .atomic_write import write_files_atomically
 
 OUTTYPES = ("f32", "f16", "q8_0")
 
@@ -108,3 +111,26 @@ def encode(
             return gguf.quants.quantize(array, kind), kind
         kept_f16.append(name)
     return array.astype(np.float16), gguf.GGMLQuantizationType.F16
+
+
+def write_gguf(
+    output: Path,
+    start: Callable[[str], gguf.GGUFWriter],
+    tensors: dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType]],
+    extra_files: dict | None = None,
+) -> None:
+    """Write a GGUF file whole or not at all: ``start(path)`` opens the writer with its
+    metadata, then come ``tensors`` (name → array and type), and ``extra_files`` (name →
+    writer) are written beside it in the same atomic step."""
+
+    def write(path: str) -> None:
+        writer = start(path)
+        for name, (array, kind) in tensors.items():
+            writer.add_tensor(name, array, raw_dtype=kind)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    write_files_atomically(output.parent, {output.name: write, **(extra_files or {})})

@@ -20,8 +20,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from .atomic_write import write_files_atomically
-from .gguf_layout import FILE_TYPES, ExportError, GgufLayout, check_export_target, encode
+from .gguf_layout import (
+    FILE_TYPES,
+    ExportError,
+    GgufLayout,
+    check_export_target,
+    encode,
+    write_gguf,
+)
 from .models import EMBEDDED_MODELS, ModelLoadError, embedded_gguf
 
 # Header fields the writer writes itself.
@@ -104,7 +110,7 @@ def write_merged_gguf(
         tensors[name] = encode(new, outtype, name, kept_f16)
         replaced.append(name)
 
-    def write(path: str) -> None:
+    def start(path: str) -> gguf.GGUFWriter:
         writer = gguf.GGUFWriter(path, architecture)
         alignment = reader.fields.get(gguf.Keys.General.ALIGNMENT)
         if alignment is not None:
@@ -119,15 +125,9 @@ def write_merged_gguf(
             writer.add_key_value(key, value, part.types[0], sub_type)
         if merged is None and gguf.Keys.General.FILE_TYPE not in reader.fields:
             writer.add_file_type(int(FILE_TYPES[outtype]))
-        for name, (array, kind) in tensors.items():
-            writer.add_tensor(name, array, raw_dtype=kind)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        return writer
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    write_files_atomically(output.parent, {output.name: write, **(extra_files or {})})
+    write_gguf(output, start, tensors, extra_files)
     return MergedGguf(output, architecture, len(tensors), replaced, kept_f16)
 
 
