@@ -78,7 +78,7 @@ def test_training_experiments_run_end_to_end_and_write_their_outputs(
 
 def test_reproduce_refuses_zero_seeds(tmp_path):
     with pytest.raises(ConfigError, match="--seeds must be ≥ 1"):
-        reproduce("ranks", quick=True, seeds=0, output_dir=tmp_path)
+        reproduce("ranks", "quick", seeds=0, output_dir=tmp_path)
 
 
 def test_jobs_change_the_time_not_the_numbers(tiny_tasks, tmp_path):
@@ -109,7 +109,7 @@ def test_jobs_change_the_time_not_the_numbers(tiny_tasks, tmp_path):
 
 def test_reproduce_refuses_zero_jobs(tmp_path):
     with pytest.raises(ConfigError, match="--jobs must be ≥ 1"):
-        reproduce("ranks", quick=True, jobs=0, output_dir=tmp_path)
+        reproduce("ranks", "quick", jobs=0, output_dir=tmp_path)
 
 
 def test_a_task_with_its_own_scale_keeps_the_experiments_seeds_and_jobs():

@@ -158,12 +158,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     reproduce = commands.add_parser(
         "reproduce",
-        help="run one of the paper's experiments",
+        help="run one of the paper's experiments, or write the verdict report",
         description="Run one of the paper's experiments and write NAME.md, NAME.json and "
-        f"NAME.png. Experiments: {', '.join(EXPERIMENT_NAMES)}.",
+        f"NAME.png. Experiments: {', '.join(EXPERIMENT_NAMES)}. `reproduce report` reads "
+        "what the experiments wrote and writes REPORT.md: a verdict per finding.",
     )
-    reproduce.add_argument("name", help=f"one of: {', '.join(EXPERIMENT_NAMES)}")
-    reproduce.add_argument("--quick", action="store_true", help="the short mode (≤ 15 min)")
+    reproduce.add_argument("name", help=f"one of: {', '.join(EXPERIMENT_NAMES)}, report")
+    reproduce.add_argument(
+        "--quick", action="store_true", help="the short mode (≤ 15 min): --scale quick"
+    )
+    reproduce.add_argument(
+        "--scale",
+        choices=("quick", "standard", "full"),
+        default=None,
+        help="quick, standard (the methods on e2e with SmolLM2, about 2 h) or full "
+        "(default: full, or quick with --quick)",
+    )
     reproduce.add_argument(
         "--seeds", type=_at_least_one, default=None, help="seeds (default: the mode's)"
     )
@@ -174,7 +184,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="runs trained side by side, one thread each (default: one per core); "
         "changes the time, not the numbers",
     )
-    reproduce.add_argument("--output-dir", type=Path, default=Path("results"))
+    reproduce.add_argument(
+        "--shard",
+        default=None,
+        metavar="K/N",
+        help="train only every N-th run of the plan, from the K-th (a job array of N over "
+        "one shared --output-dir covers the plan once); the report waits for all of them",
+    )
+    reproduce.add_argument(
+        "--output-dir",
+        type=Path,
+        default=None,
+        help="where the tables and the stored runs (OUTPUT_DIR/runs) go (default: results/MODE)",
+    )
     return parser
 
 
@@ -490,13 +512,28 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    from .experiments import reproduce
+    from .experiments import Shard, reproduce
 
+    if args.quick and args.scale not in (None, "quick"):
+        raise ConfigError(f"--quick and --scale {args.scale} ask for two modes; give one")
+    mode = "quick" if args.quick else args.scale or "full"
+    if args.name == "report":
+        from .experiments.verdicts import write_verdicts
+
+        written = write_verdicts(args.output_dir or Path("results") / mode)
+        print(written.read_text())
+        print(f"written: {written}")
+        return 0
+    shard = Shard.parse(args.shard) if args.shard else None
     words = [PROGRAM, "reproduce", args.name, *(["--quick"] if args.quick else [])]
+    if args.scale and not args.quick:
+        words.append(f"--scale {args.scale}")
     words += [f"--{key} {value}" for key in ("seeds", "jobs") if (value := getattr(args, key))]
     paths = reproduce(
-        args.name, args.quick, args.seeds, args.output_dir, " ".join(words), args.jobs
+        args.name, mode, args.seeds, args.output_dir, " ".join(words), args.jobs, shard
     )
+    if not paths:  # this shard's runs are done; the others' are not
+        return 0
     print(paths["md"].read_text())
     print("written: " + ", ".join(str(p) for p in paths.values()))
     return 0

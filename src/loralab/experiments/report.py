@@ -109,3 +109,35 @@ def write_report(report: Report, directory: Path, command: str | None = None) ->
 
 def runs_as_dicts(results: Sequence[RunResult]) -> list[dict]:
     return [asdict(r) for r in results]
+
+
+def raw_of(results: Sequence[RunResult]) -> dict[str, Any]:
+    """The JSON file's runs, and how each arm's learning rate was chosen (if it was)."""
+    raw: dict[str, Any] = {"runs": runs_as_dicts(results)}
+    selections = getattr(results, "selections", [])
+    if selections:
+        raw["selection"] = [asdict(s) for s in selections]
+    return raw
+
+
+def selection_section(results: Sequence[RunResult]) -> str:
+    """A table of the learning-rate selection: every candidate's validation score, the
+    choice in bold (empty when the rates were not selected)."""
+    selections = getattr(results, "selections", [])
+    if not selections:
+        return ""
+    width = max(len(s.candidates) for s in selections)
+    rows = []
+    for s in selections:
+        cells = [
+            f"**{c['learning_rate']:.2g}: {c['validation']:.1f}**"
+            if c["learning_rate"] == s.chosen
+            else f"{c['learning_rate']:.2g}: {c['validation']:.1f}"
+            for c in s.candidates
+        ]
+        rows.append([s.label, s.task, s.metric, *cells, *[""] * (width - len(cells))])
+    header = ["Arm", "task", "validation", *[f"rate {i + 1}" for i in range(width)]]
+    return (
+        "\n\nLearning rates, chosen on validation with the first seed (rate: score; the "
+        "choice in bold), then trained with every seed:\n\n" + markdown_table(header, rows)
+    )

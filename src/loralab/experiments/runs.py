@@ -16,6 +16,7 @@ number of jobs and of the machine's core count.
 from __future__ import annotations
 
 import contextlib
+import math
 import multiprocessing
 import signal
 from collections.abc import Callable, Sequence
@@ -28,7 +29,8 @@ import torch
 from transformers.utils import logging as transformers_logging
 
 from . import settings as experiment_settings
-from .settings import DATA_SEED, LEARNING_RATES, RUN_THREADS, Arm, Scale
+from .settings import DATA_SEED, LEARNING_RATES, PRIMARY_METRIC, RUN_THREADS, Arm, Scale
+from .store import RunStore, run_key
 
 
 @dataclass
@@ -46,6 +48,7 @@ class RunResult:
     settings: dict[str, Any]
     final_trainable: int = 0  # parameters that still matter at the end (AdaLoRA prunes)
     extra: dict[str, Any] = field(default_factory=dict)  # what ``inspect`` read from the model
+    validation: dict[str, float] = field(default_factory=dict)  # scored when selecting
 
 
 Inspect = Callable[["RunResult", Any], "dict[str, Any] | None"]
@@ -53,26 +56,15 @@ Inspect = Callable[["RunResult", Any], "dict[str, Any] | None"]
 the run's process, so it is a module-level function (a worker process imports it)."""
 
 
-def train_and_score(
-    arm: Arm,
-    seed: int,
-    scale: Scale,
-    workdir: Path,
-    inspect: Inspect | None = None,
-    model: tuple[str, str] | None = None,
-) -> RunResult:
-    """Train ``arm`` with ``seed`` at ``scale`` and score it on the task's test split.
+def run_settings(
+    arm: Arm, seed: int, scale: Scale, workdir: Path, model: tuple[str, str] | None = None
+) -> dict[str, Any]:
+    """Every ``TrainConfig`` field a run of ``arm`` with ``seed`` at ``scale`` sets.
 
     ``model`` is the (name, kind) to train, by default ``settings.TASK_MODELS[arm.task]``."""
-    from ..evaluate import evaluate_task
-    from ..methods import get_method
-    from ..tasks import get_task
-    from ..train import train
-    from ..train_config import TrainConfig
-
     model_name, kind = model or experiment_settings.TASK_MODELS[arm.task]
     method = arm.settings.get("method", "lora")
-    settings = {
+    return {
         "model": model_name,
         "model_kind": kind,
         "task": arm.task,
@@ -92,11 +84,37 @@ def train_and_score(
         "output_dir": str(workdir / f"{_slug(arm.label)}-{arm.task}-seed{seed}"),
         **arm.settings,
     }
+
+
+def train_and_score(
+    arm: Arm,
+    seed: int,
+    scale: Scale,
+    workdir: Path,
+    inspect: Inspect | None = None,
+    model: tuple[str, str] | None = None,
+    validation_size: int = 0,
+) -> RunResult:
+    """Train ``arm`` with ``seed`` at ``scale`` and score it on the task's test split (and
+    on ``validation_size`` validation examples, held out from training and test)."""
+    from ..evaluate import evaluate_task
+    from ..methods import get_method
+    from ..tasks import get_task
+    from ..train import train
+    from ..train_config import TrainConfig
+
+    settings = run_settings(arm, seed, scale, workdir, model)
     result = train(TrainConfig(**settings))
     task = get_task(arm.task)
-    test = task.splits(seed=DATA_SEED, test_size=scale.test_size)["test"]
-    evaluation = evaluate_task(result.model, result.tokenizer, task, test, batch_size=32)
-    final = get_method(method).final_trainable
+    splits = task.splits(seed=DATA_SEED, test_size=scale.test_size, validation_size=validation_size)
+    evaluation = evaluate_task(result.model, result.tokenizer, task, splits["test"], batch_size=32)
+    validation = {}
+    if validation_size:
+        scored = evaluate_task(
+            result.model, result.tokenizer, task, splits["validation"], batch_size=32
+        )
+        validation = scored.metrics
+    final = get_method(settings.get("method", "lora")).final_trainable
     run = RunResult(
         label=arm.label,
         task=arm.task,
@@ -108,6 +126,7 @@ def train_and_score(
         eval_seconds=evaluation.seconds,
         settings=settings,
         final_trainable=result.trainable if final is None else final(result.model),
+        validation=validation,
     )
     if inspect is not None:
         run.extra = inspect(run, result.model) or {}
@@ -124,11 +143,39 @@ class _Job:
     workdir: Path
     model: tuple[str, str]  # resolved by the parent: tests point the tasks at tiny models
     inspect: Inspect | None
+    validation_size: int = 0
+
+    def key(self) -> tuple[str, dict[str, Any]]:
+        """The run's key in the result store, and what it hashes."""
+        settings = run_settings(self.arm, self.seed, self.scale, self.workdir, self.model)
+        inspect = self.inspect and f"{self.inspect.__module__}.{self.inspect.__qualname__}"
+        scoring = {
+            "test_size": self.scale.test_size,
+            "validation_size": self.validation_size,
+            "eval_batch_size": 32,
+            "inspect": inspect,
+        }
+        return run_key(settings, scoring)
+
+
+class RunsMissing(Exception):
+    """Runs of the plan that are neither in the store nor this shard's to train: the
+    report waits for them (another shard, or a later run, trains them)."""
+
+    def __init__(self, name: str, missing: int, total: int, store: Path | None) -> None:
+        self.missing, self.total = missing, total
+        super().__init__(
+            f"{name}: {missing} of {total} runs are not in {store} yet (other shards train "
+            "them); run the same command again when they are, or without --shard, and the "
+            "report is written from the store"
+        )
 
 
 def _run_job(job: _Job) -> RunResult:
     with torch_threads(RUN_THREADS):
-        return train_and_score(job.arm, job.seed, job.scale, job.workdir, job.inspect, job.model)
+        return train_and_score(
+            job.arm, job.seed, job.scale, job.workdir, job.inspect, job.model, job.validation_size
+        )
 
 
 def run_plan(
@@ -138,52 +185,74 @@ def run_plan(
     workdir: Path,
     log: Callable[[str], None] = print,
     inspect: Inspect | None = None,
+    validate: bool = False,
 ) -> list[RunResult]:
     """Every (arm, seed) of ``plan``, ``scale.jobs`` at a time, with one line per finished
-    run; the results come back in the plan's order."""
-    jobs = [
-        _Job(
-            arm,
-            seed,
-            scale.for_task(arm.task),
-            workdir,
-            experiment_settings.TASK_MODELS[arm.task],
-            inspect,
+    run; the results come back in the plan's order.
+
+    ``validate`` scores each run on its scale's validation examples too. With
+    ``scale.store`` a run already stored there is read, not trained, and each run is
+    stored as soon as it finishes; with ``scale.shard`` only this shard's share of the
+    rest is trained, and ``RunsMissing`` says how many others the plan still waits for.
+    """
+    jobs = []
+    for arm, seed in plan:
+        own = scale.for_task(arm.task)
+        model = experiment_settings.TASK_MODELS[arm.task]
+        jobs.append(
+            _Job(arm, seed, own, workdir, model, inspect, own.validation_size if validate else 0)
         )
-        for arm, seed in plan
-    ]
+    store = RunStore(scale.store) if scale.store else None
+    keys = [job.key() for job in jobs] if store is not None else [None] * len(jobs)
     results: list[RunResult | None] = [None] * len(jobs)
+    todo = []
+    for index in range(len(jobs)):
+        stored = store.get(keys[index][0]) if store is not None else None
+        if stored is not None:
+            results[index] = RunResult(**stored)
+        elif scale.shard is None or scale.shard.owns(index):
+            todo.append(index)
+    if store is not None and len(todo) < len(jobs):
+        found = sum(r is not None for r in results)
+        log(f"{name}: {found} of {len(jobs)} runs found in {store.directory}")
     finished = 0
 
-    def done(run: RunResult) -> None:
+    def done(index: int, run: RunResult) -> None:
         nonlocal finished
+        results[index] = run
+        if store is not None:
+            store.put(keys[index][0], keys[index][1], run)
         finished += 1
         shown = ", ".join(f"{k} {v:.2f}" for k, v in run.metrics.items())
         log(
-            f"[{finished}/{len(jobs)}] {name}: {run.label} on {run.task}, seed {run.seed}: "
+            f"[{finished}/{len(todo)}] {name}: {run.label} on {run.task}, seed {run.seed}: "
             f"{shown} ({run.train_seconds + run.eval_seconds:.0f} s)"
         )
 
-    workers = min(scale.jobs, len(jobs))
+    workers = min(scale.jobs, len(todo))
     if workers <= 1:
-        for index, job in enumerate(jobs):
-            results[index] = _run_job(job)
-            done(results[index])
-        return results
-    # spawn, not fork: a fork of a process whose PyTorch threads have started can hang.
-    context = multiprocessing.get_context("spawn")
-    quiet = (transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled())
-    with ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_start_worker, initargs=quiet
-    ) as pool:
-        futures = {pool.submit(_run_job, job): index for index, job in enumerate(jobs)}
-        try:
-            for future in as_completed(futures):
-                results[futures[future]] = future.result()
-                done(results[futures[future]])
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)  # the runs in flight still finish
-            raise
+        for index in todo:
+            done(index, _run_job(jobs[index]))
+    elif todo:
+        # spawn, not fork: a fork of a process whose PyTorch threads have started can hang.
+        context = multiprocessing.get_context("spawn")
+        quiet = (
+            transformers_logging.get_verbosity(),
+            transformers_logging.is_progress_bar_enabled(),
+        )
+        with ProcessPoolExecutor(
+            workers, mp_context=context, initializer=_start_worker, initargs=quiet
+        ) as pool:
+            futures = {pool.submit(_run_job, jobs[index]): index for index in todo}
+            try:
+                for future in as_completed(futures):
+                    done(futures[future], future.result())
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)  # the runs in flight still finish
+                raise
+    missing = sum(r is None for r in results)
+    if missing:
+        raise RunsMissing(name, missing, len(jobs), store.directory if store is not None else None)
     return results
 
 
@@ -200,6 +269,25 @@ def _start_worker(verbosity: int, progress_bars: bool) -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+@dataclass
+class Selection:
+    """How one arm's learning rate was chosen: every candidate's validation score."""
+
+    label: str
+    task: str
+    metric: str
+    candidates: list[dict[str, float]]  # {"learning_rate": …, "validation": …}
+    chosen: float
+
+
+class Runs(list):
+    """An experiment's results, in its plan's order, with how each arm's rate was chosen."""
+
+    def __init__(self, results: Sequence[RunResult], selections: Sequence[Selection] = ()):
+        super().__init__(results)
+        self.selections = list(selections)
+
+
 def run_arms(
     name: str,
     arms: Sequence[Arm],
@@ -207,10 +295,68 @@ def run_arms(
     workdir: Path,
     log: Callable[[str], None] = print,
     inspect: Inspect | None = None,
-) -> list[RunResult]:
-    """Every arm with every seed (seeds outermost: a cut-short run still covers every arm)."""
-    plan = [(arm, seed) for seed in scale.seeds for arm in arms]
-    return run_plan(name, plan, scale, workdir, log, inspect)
+) -> Runs:
+    """Every arm with every seed (seeds outermost: a cut-short run still covers every arm).
+
+    With a learning-rate grid (``Scale.lr_grid``) each arm first trains every candidate
+    rate with the first seed, scored on validation too; the best rate then trains with the
+    other seeds, and the first seed's run of it is reused."""
+    first, seeds = scale.seeds[0], scale.seeds
+    options = [_candidates(arm, scale.for_task(arm.task)) for arm in arms]
+    searched = [i for i, found in enumerate(options) if len(found) > 1]
+    chosen, first_runs, selections = list(arms), {}, []
+    if searched:
+        grid = [(option, first) for i in searched for option in options[i]]
+        scored = iter(run_plan(f"{name} (selection)", grid, scale, workdir, log, inspect, True))
+        for i in searched:
+            arm, runs = arms[i], [next(scored) for _ in options[i]]
+            metric = PRIMARY_METRIC[arm.task]
+            # the best validation score; on a tie, the rate nearest the method's own
+            best = max(runs, key=lambda r: (r.validation[metric], -_distance(r, arm)))
+            rate = best.settings["learning_rate"]
+            chosen[i] = Arm(arm.label, arm.task, {**arm.settings, "learning_rate": rate}, arm.x)
+            first_runs[i] = best  # the first seed's run of the chosen rate: not trained again
+            tried = [
+                {"learning_rate": r.settings["learning_rate"], "validation": r.validation[metric]}
+                for r in runs
+            ]
+            selections.append(Selection(arm.label, arm.task, metric, tried, rate))
+    needed = [
+        (i, seed)
+        for seed in seeds
+        for i in range(len(arms))
+        if not (seed == first and i in first_runs)
+    ]
+    trained = run_plan(
+        name, [(chosen[i], seed) for i, seed in needed], scale, workdir, log, inspect
+    )
+    by_run = dict(zip(needed, trained, strict=True))
+    results = [
+        first_runs[i] if seed == first and i in first_runs else by_run[(i, seed)]
+        for seed in seeds
+        for i in range(len(arms))
+    ]
+    return Runs(results, selections)
+
+
+def _candidates(arm: Arm, scale: Scale) -> list[Arm]:
+    """The arm at every learning rate of the scale's grid (just itself without a grid)."""
+    if len(scale.lr_grid) < 2:
+        return [arm]
+    rate = _own_rate(arm)
+    return [
+        Arm(arm.label, arm.task, {**arm.settings, "learning_rate": rate * factor}, arm.x)
+        for factor in scale.lr_grid
+    ]
+
+
+def _own_rate(arm: Arm) -> float:
+    method = arm.settings.get("method", "lora")
+    return arm.settings.get("learning_rate", LEARNING_RATES.get(method, 2e-3))
+
+
+def _distance(run: RunResult, arm: Arm) -> float:
+    return abs(math.log(run.settings["learning_rate"] / _own_rate(arm)))
 
 
 @contextlib.contextmanager

@@ -9,6 +9,8 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .store import Shard
+
 # The embedded model each built-in task runs on: the classifier for nli (the paper's
 # RoBERTa/DeBERTa analogue), the causal LM for the generation tasks (its GPT-2/GPT-3).
 TASK_MODELS = {
@@ -36,6 +38,8 @@ LEARNING_RATES = {
     "lora-pe": 1e-3,
     "adalora": 5e-3,
 }
+# The metric a task's learning rate is chosen by (on validation), the first of its table.
+PRIMARY_METRIC = {"nli": "accuracy", "e2e": "bleu", "sql": "execution_accuracy"}
 DATA_SEED = 0  # every arm and seed sees the same examples and the same test split
 RUN_THREADS = 1  # every run trains on one thread, whatever the number of jobs
 
@@ -57,7 +61,21 @@ class Scale:
     the time changes, the numbers do not."""
     per_task: tuple[tuple[str, Scale], ...] = ()
     """Tasks that run at a size of their own: a task on the 135M-parameter causal LM takes
-    some 30× longer a step than nli on MiniLM. Their seeds, jobs and mode are this scale's."""
+    some 30× longer a step than nli on MiniLM. Their seeds, jobs, mode, selection and
+    store are this scale's."""
+    lr_grid: tuple[float, ...] = ()
+    """Learning-rate selection: each method's rate times each of these factors is trained
+    with the first seed and scored on ``validation_size`` validation examples; the best
+    is then trained with every seed and scored on test. Empty: each method's own rate."""
+    validation_size: int = 0
+    name: str = ""
+    """The mode (``quick``, ``standard``, ``full``): the results folder's name."""
+    store: str | None = None
+    """The result store's folder (``experiments/store.py``): runs found there are read, not
+    trained, and each run is kept there as it finishes. Not part of what a run computes."""
+    shard: Shard | None = None
+    """``--shard K/N``: train only every N-th run of each plan (the others' shards train
+    the rest). Not part of what a run computes."""
 
     def with_seeds(self, count: int | None) -> Scale:
         if count is None:
@@ -69,7 +87,8 @@ class Scale:
         own = dict(self.per_task).get(task)
         if own is None:
             return self
-        return replace(own, seeds=self.seeds, jobs=self.jobs, quick=self.quick, per_task=())
+        shared = ("seeds", "jobs", "quick", "name", "store", "shard")
+        return replace(own, per_task=(), **{key: getattr(self, key) for key in shared})
 
     def describe(self) -> str:
         """One line for the report: what was run, at what size."""
@@ -82,10 +101,17 @@ class Scale:
         )
 
     def _size(self) -> str:
-        return (
+        size = (
             f"{self.steps} steps × batch {self.batch_size}, {self.train_size} training "
             f"examples, {self.test_size} test examples"
         )
+        if self.lr_grid:
+            factors = ", ".join(f"{f:g}" for f in self.lr_grid)
+            size += (
+                f", learning rate chosen from ×{{{factors}}} of each method's on "
+                f"{self.validation_size} validation examples"
+            )
+        return size
 
 
 # The sizes of a run on the embedded causal LM (e2e, sql on SmolLM2-135M), in an

@@ -1,0 +1,469 @@
+"""``loralab reproduce report``: one verdict per finding of the paper (and AdaLoRA's),
+computed from what the experiments wrote.
+
+It reads every ``NAME.json`` in a results folder, puts the measured numbers beside the
+paper's and gives each finding a verdict — ``holds``, ``partly``, ``does not hold`` or
+``not measured`` — by a rule written next to it. The rules compare means over seeds, and
+a difference counts only when it is larger than its standard error (that of the
+difference of two means, ``√(s₁²/n₁ + s₂²/n₂)``) and than one point of the metric, so
+that neither a seed's luck nor a hair's breadth decides a verdict. The page is
+``REPORT.md``, beside the experiments' own tables and figures.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..atomic_write import text_writer, write_files_atomically
+from .report import markdown_table
+from .settings import PRIMARY_METRIC
+
+HOLDS, PARTLY, FAILS, UNMEASURED = "holds", "partly", "does not hold", "not measured"
+
+
+@dataclass(frozen=True)
+class Stat:
+    """A metric's mean over seeds, its sample standard deviation and the seed count."""
+
+    mean: float
+    std: float
+    n: int
+
+    def __str__(self) -> str:
+        return f"{self.mean:.1f} ± {self.std:.1f}" if self.n > 1 else f"{self.mean:.1f}"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    finding: str
+    paper: str
+    measured: str
+    rule: str
+    verdict: str
+
+
+MARGIN = 1.0
+"""A difference smaller than this (points of accuracy, BLEU, …) never counts, however small
+the seeds' spread: the paper calls 73.4 against 73.8 a match."""
+
+
+def beats(a: Stat, b: Stat) -> bool:
+    """``a`` above ``b`` by more than the margin of their difference."""
+    return a.mean - b.mean > _margin(a, b)
+
+
+def within(a: Stat, b: Stat) -> bool:
+    """``a`` no lower than ``b`` by more than the margin of their difference."""
+    return a.mean >= b.mean - _margin(a, b)
+
+
+def _margin(a: Stat, b: Stat) -> float:
+    """The standard error of the difference of the means, and at least ``MARGIN``."""
+    return max(MARGIN, math.sqrt(a.std**2 / a.n + b.std**2 / b.n))
+
+
+class Results:
+    """The experiments' JSON files in one folder, and their metrics by arm."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.raw = {
+            path.stem: json.loads(path.read_text(encoding="utf-8"))
+            for path in sorted(directory.glob("*.json"))
+        }
+
+    def tasks(self, experiment: str) -> list[str]:
+        runs = self.raw.get(experiment, {}).get("runs", [])
+        return sorted({r["task"] for r in runs}, key=list(PRIMARY_METRIC).index)
+
+    def stat(self, experiment: str, label: str, task: str) -> Stat | None:
+        values = [
+            r["metrics"][PRIMARY_METRIC[task]]
+            for r in self.raw.get(experiment, {}).get("runs", [])
+            if r["label"] == label and r["task"] == task
+        ]
+        if not values:
+            return None
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        return Stat(statistics.fmean(values), std, len(values))
+
+    def labels(self, experiment: str, task: str) -> list[str]:
+        runs = self.raw.get(experiment, {}).get("runs", [])
+        return list(dict.fromkeys(r["label"] for r in runs if r["task"] == task))
+
+    def trainable(self, experiment: str, label: str, task: str) -> int | None:
+        for r in self.raw.get(experiment, {}).get("runs", []):
+            if r["label"] == label and r["task"] == task:
+                return r["trainable"]
+        return None
+
+
+# -- the findings -----------------------------------------------------------------------------
+
+# The paper's numbers (Hu et al., 2022, and Zhang et al., 2023), as its tables give them.
+PAPER = {
+    1: "GPT-3 175B (Table 4), WikiSQL / MNLI-m: FT 73.8 / 89.5 (175B parameters), LoRA "
+    "73.4 / 91.7 (4.7M), Adapter^H 71.9 / 89.8 (7.1M), BitFit 71.3 / 91.0, PreLayer "
+    "70.1 / 89.5, PreEmbed 63.1 / 88.6; GPT-2 medium on E2E (Table 3), BLEU: LoRA 70.4 "
+    "(0.35M), FT 68.2 (355M), FT-Top2 68.1, PreLayer 69.7, Adapter^H 67.3, Adapter^L 66.3",
+    3: "GPT-3, 18M parameters (Table 5), WikiSQL / MNLI: W_q r=8 70.4 / 91.0; W_q, W_v "
+    "r=4 73.7 / 91.3; W_q, W_k, W_v, W_o r=2 73.7 / 91.7",
+}
+
+
+def finding_1(results: Results) -> list[Verdict]:
+    rule = (
+        f"{HOLDS}: LoRA within the margin of FT (or above) with under 1% of its "
+        "trainable parameters, and no other method (FT-Top2, BitFit, PreEmbed, PreLayer, "
+        f"Adapter^H, Adapter^L) above LoRA by more than the margin; {PARTLY}: one "
+        f"of the two; {FAILS}: neither"
+    )
+    verdicts = []
+    for task in results.tasks("methods"):
+        lora, ft = results.stat("methods", "LoRA", task), results.stat("methods", "FT", task)
+        if lora is None or ft is None:
+            continue
+        others = {
+            label: results.stat("methods", label, task)
+            for label in results.labels("methods", task)
+            if label not in ("FT", "LoRA", "LoRA+PE")
+        }
+        ratio = results.trainable("methods", "LoRA", task) / results.trainable(
+            "methods", "FT", task
+        )
+        close = within(lora, ft) and ratio < 0.01
+        better = [label for label, stat in others.items() if beats(stat, lora)]
+        best = max(others, key=lambda label: others[label].mean)
+        measured = (
+            f"{task} {PRIMARY_METRIC[task]}: LoRA {lora}, FT {ft} (LoRA trains "
+            f"{ratio:.2%} of FT's parameters); best other: {best} {others[best]}"
+            + (f"; above LoRA: {', '.join(better)}" if better else "")
+        )
+        verdict = _count(close, not better)
+        verdicts.append(
+            Verdict(
+                "1. LoRA matches FT and beats the other methods", PAPER[1], measured, rule, verdict
+            )
+        )
+    return verdicts or [
+        _unmeasured("1. LoRA matches FT and beats the other methods", PAPER[1], "methods")
+    ]
+
+
+def finding_2(results: Results) -> list[Verdict]:
+    name = "2. LoRA is stable across ranks (r = 1 … 64)"
+    paper = (
+        "GPT-3 (Table 6), W_q, W_v at r = 1, 2, 4, 8, 64: WikiSQL 73.4, 73.3, 73.7, 73.8, "
+        "73.5; MNLI 91.3, 91.4, 91.3, 91.6, 91.4"
+    )
+    rule = (
+        f"{HOLDS}: every rank of W_q, W_v within the margin of the best rank; "
+        f"{PARTLY}: all ranks but one; {FAILS}: otherwise"
+    )
+    verdicts = []
+    for task in results.tasks("ranks"):
+        labels = [
+            label for label in results.labels("ranks", task) if label.startswith("W_q, W_v, r=")
+        ]
+        if len(labels) < 2:
+            continue
+        stats = {label.rsplit("=", 1)[1]: results.stat("ranks", label, task) for label in labels}
+        best = max(stats.values(), key=lambda s: s.mean)
+        low = [r for r, s in stats.items() if not within(s, best)]
+        measured = f"{task}: " + ", ".join(f"r={r} {s}" for r, s in stats.items())
+        verdict = HOLDS if not low else PARTLY if len(low) == 1 else FAILS
+        if low:
+            measured += f"; below the best: r={', r='.join(low)}"
+        verdicts.append(Verdict(name, paper, measured, rule, verdict))
+    return verdicts or [_unmeasured(name, paper, "ranks")]
+
+
+def finding_3(results: Results) -> list[Verdict]:
+    name = "3. More weight types at a small rank beat one at a large rank"
+    rule = (
+        f"{HOLDS}: W_q, W_v at r=4 and all four at r=2 each above W_q at r=8 by more than the "
+        f"margin; {PARTLY}: one of them, or both higher within the margin; "
+        f"{FAILS}: otherwise"
+    )
+    single_label, multi = "W_q, r=8", ("W_q, W_v, r=4", "W_q, W_k, W_v, W_o, r=2")
+    verdicts = []
+    for task in results.tasks("ranks"):
+        single = results.stat("ranks", single_label, task)
+        others = [results.stat("ranks", label, task) for label in multi]
+        if single is None or None in others:
+            continue
+        wins = sum(beats(other, single) for other in others)
+        higher = all(other.mean > single.mean for other in others)
+        measured = f"{task}: W_q r=8 {single}; W_q, W_v r=4 {others[0]}; all four r=2 {others[1]}"
+        verdict = HOLDS if wins == 2 else PARTLY if wins == 1 or higher else FAILS
+        verdicts.append(Verdict(name, PAPER[3], measured, rule, verdict))
+    return verdicts or [_unmeasured(name, PAPER[3], "ranks")]
+
+
+def finding_4(results: Results) -> list[Verdict]:
+    name = "4. Low data: LoRA stays close to FT; prefix methods degrade sharply"
+    paper = (
+        "GPT-3 on MNLI-n (Table 16): with 100 examples FT 60.2, LoRA 63.8, PreEmbed 37.6, "
+        "PreLayer 48.3; with 10k FT 88.9, LoRA 89.2, PreEmbed 79.5, PreLayer 85.9"
+    )
+    rule = (
+        f"{HOLDS}: at every size LoRA within the margin of FT (or above), and at "
+        "the smallest size both PreEmbed and PreLayer below LoRA by more than the margin, "
+        f"by a wider gap than at the largest size; {PARTLY}: one of the two; "
+        f"{FAILS}: neither"
+    )
+    verdicts = []
+    for task in results.tasks("low-data"):
+        sizes = sorted({int(label.rsplit("=", 1)[1]) for label in results.labels("low-data", task)})
+        if len(sizes) < 2:
+            continue
+
+        def at(method: str, size: int, task: str = task) -> Stat:
+            return results.stat("low-data", f"{method}, n={size}", task)
+
+        small, large = sizes[0], sizes[-1]
+        close = all(within(at("LoRA", n), at("FT", n)) for n in sizes)
+        degrade = all(
+            beats(at("LoRA", small), at(prefix, small))
+            and at("LoRA", small).mean - at(prefix, small).mean
+            > at("LoRA", large).mean - at(prefix, large).mean
+            for prefix in ("PreEmbed", "PreLayer")
+        )
+        measured = f"{task}: " + "; ".join(
+            f"n={n:,}: FT {at('FT', n)}, LoRA {at('LoRA', n)}, PreEmbed {at('PreEmbed', n)}, "
+            f"PreLayer {at('PreLayer', n)}"
+            for n in sizes
+        )
+        verdicts.append(Verdict(name, paper, measured, rule, _count(close, degrade)))
+    return verdicts or [_unmeasured(name, paper, "low-data")]
+
+
+def finding_5(results: Results) -> list[Verdict]:
+    name = "5. Prefix tuning is non-monotonic in its size; LoRA is not"
+    paper = (
+        "GPT-3 (Section 5.5, Table 15), WikiSQL: PreEmbed 63.1 at 256 tokens, 55.9 at 512; "
+        "PreLayer 70.1 at 16, 64.9 at 64; LoRA (Table 6) 73.4–73.8 from r = 1 to 64"
+    )
+    rule = (
+        f"{HOLDS}: PreEmbed or PreLayer has a larger size scoring below a smaller one by "
+        "more than the margin, and LoRA has no such fall; "
+        f"{PARTLY}: one of the two; {FAILS}: neither"
+    )
+    verdicts = []
+    for task in results.tasks("scaling"):
+        families: dict[str, list[tuple[int, Stat]]] = {}
+        for label in results.labels("scaling", task):
+            family, size = label.split(", ")
+            families.setdefault(family, []).append(
+                (int(size.split("=")[1]), results.stat("scaling", label, task))
+            )
+        if "LoRA" not in families:
+            continue
+
+        def falls(points: list[tuple[int, Stat]]) -> bool:
+            points = sorted(points)
+            return any(beats(a, b) for i, (_, a) in enumerate(points) for _, b in points[i + 1 :])
+
+        prefix_falls = any(falls(families[f]) for f in ("PreEmbed", "PreLayer") if f in families)
+        measured = f"{task}: " + "; ".join(
+            f"{family}: " + ", ".join(f"{size} {stat}" for size, stat in sorted(points))
+            for family, points in families.items()
+        )
+        verdicts.append(
+            Verdict(name, paper, measured, rule, _count(prefix_falls, not falls(families["LoRA"])))
+        )
+    return verdicts or [_unmeasured(name, paper, "scaling")]
+
+
+def finding_6(results: Results) -> list[Verdict]:
+    name = "6. LoRA+PE can add a little on some tasks"
+    paper = (
+        "GPT-3, WikiSQL / MNLI-m: LoRA 73.4 / 91.7 (Table 4), LoRA+PE (r = 8, l_p = 8, "
+        "l_i = 4) 75.0 / 91.4 (Table 15)"
+    )
+    rule = (
+        f"{HOLDS}: LoRA+PE above LoRA by more than the margin on some task; "
+        f"{PARTLY}: higher on some task, within the margin; {FAILS}: lower on every task"
+    )
+    rows, verdict = [], FAILS
+    for task in results.tasks("lora-pe"):
+        both, lora = results.stat("lora-pe", "LoRA+PE", task), results.stat("lora-pe", "LoRA", task)
+        if both is None or lora is None:
+            continue
+        rows.append(f"{task}: LoRA {lora}, LoRA+PE {both}")
+        if beats(both, lora):
+            verdict = HOLDS
+        elif both.mean > lora.mean and verdict == FAILS:
+            verdict = PARTLY
+    if not rows:
+        return [_unmeasured(name, paper, "lora-pe")]
+    return [Verdict(name, paper, "; ".join(rows), rule, verdict)]
+
+
+def finding_7(results: Results) -> list[Verdict]:
+    name = "7. Merged LoRA adds no latency; adapters do"
+    paper = (
+        "GPT-2 medium (Table 1): at batch 1, sequence 128, Adapter^L +20.7% and Adapter^H "
+        "+30.3%; at batch 32, sequence 512, +2.2% and +3.0%; merged LoRA as fine-tuning"
+    )
+    rule = (
+        f"{HOLDS}: merged LoRA within 5% of the base at every shape, and an adapter at least "
+        f"10% slower at the smallest shape and less so at the largest; {PARTLY}: the first "
+        f"only; {FAILS}: merged LoRA more than 5% slower somewhere"
+    )
+    raw = results.raw.get("latency")
+    if not raw:
+        return [_unmeasured(name, paper, "latency")]
+    summary = raw["summary"]
+    shapes = list(summary)
+    merged = {s: summary[s]["lora-merged"]["ratio_median"] for s in shapes}
+    adapter = {s: summary[s]["adapter-h"]["ratio_median"] for s in shapes}
+    measured = "; ".join(
+        f"{s}: merged LoRA ×{merged[s]:.2f}, Adapter^H ×{adapter[s]:.2f}" for s in shapes
+    )
+    if not all(abs(m - 1) <= 0.05 for m in merged.values()):
+        verdict = FAILS
+    else:
+        first, last = shapes[0], shapes[-1]
+        verdict = HOLDS if adapter[first] >= 1.10 and adapter[last] < adapter[first] else PARTLY
+    return [Verdict(name, paper, measured, rule, verdict)]
+
+
+def finding_8(results: Results) -> list[Verdict]:
+    name = "8. A's top directions at r=8 and r=64 overlap; ΔW amplifies what W does not stress"
+    paper = (
+        "GPT-3 (Section 7): the top direction of A_{r=8} and A_{r=64} overlaps with φ above "
+        "0.5; ΔW_q amplifies its directions in W_q by 21.5 at r = 4 (Table 7: 6.91 / 0.32) "
+        "and by about 2 at r = 64"
+    )
+    rule = (
+        f"{HOLDS}: the mean φ(1, 1) over the adapted matrices above 0.5 and three times that "
+        "of random matrices, and the amplification factor of W_q above 1 at every rank and "
+        f"largest at the smallest rank; {PARTLY}: one of the two; {FAILS}: neither"
+    )
+    raw = results.raw.get("subspace")
+    if not raw:
+        return [_unmeasured(name, paper, "subspace")]
+    phi = statistics.fmean(m["ranks"][0][0] for m in raw["modules"].values())
+    at_init = statistics.fmean(m["ranks_init"][0][0] for m in raw["modules"].values())
+    random = raw["random"]["ranks"]["mean"][0][0]
+    factors = {
+        int(r): statistics.median(entry["factor"] for entry in by_module.values())
+        for r, by_module in raw["amplification"].items()
+    }
+    ranks = sorted(factors)
+    overlap = phi > 0.5 and phi > 3 * random
+    amplified = all(f > 1 for f in factors.values()) and factors[ranks[0]] == max(factors.values())
+    measured = (
+        f"φ(1, 1) = {phi:.2f} (at initialisation {at_init:.2f}, random {random:.3f}); "
+        "amplification of W_q (median over layers): "
+        + ", ".join(f"r={r} {factors[r]:.1f}" for r in ranks)
+    )
+    return [Verdict(name, paper, measured, rule, _count(overlap, amplified))]
+
+
+def finding_adalora(results: Results) -> list[Verdict]:
+    name = "AdaLoRA beats LoRA at the same final budget"
+    paper = (
+        "DeBERTaV3-base, MNLI-m (AdaLoRA's Table 1): LoRA r = 2 90.30 (0.33M parameters), "
+        "AdaLoRA 90.66 (0.32M); LoRA r = 8 90.65 (1.33M), AdaLoRA 90.76 (1.27M)"
+    )
+    rule = (
+        f"{HOLDS}: AdaLoRA above LoRA of the same final rank by more than the margin; "
+        f"{PARTLY}: higher within the margin; {FAILS}: lower"
+    )
+    raw = results.raw.get("adalora")
+    if not raw:
+        return [_unmeasured(name, paper, "adalora")]
+    verdicts = []
+    for task in results.tasks("adalora"):
+        labels = results.labels("adalora", task)
+        ada = next((label for label in labels if label.startswith("AdaLoRA")), None)
+        lora = next((label for label in labels if label.startswith("LoRA")), None)
+        if ada is None or lora is None:
+            continue
+        a, b = results.stat("adalora", ada, task), results.stat("adalora", lora, task)
+        verdict = HOLDS if beats(a, b) else PARTLY if a.mean > b.mean else FAILS
+        verdicts.append(Verdict(name, paper, f"{task}: {ada} {a}, {lora} {b}", rule, verdict))
+    return verdicts or [_unmeasured(name, paper, "adalora")]
+
+
+FINDINGS: Sequence[Callable[[Results], list[Verdict]]] = (
+    finding_1,
+    finding_2,
+    finding_3,
+    finding_4,
+    finding_5,
+    finding_6,
+    finding_7,
+    finding_8,
+    finding_adalora,
+)
+
+
+def _count(first: bool, second: bool) -> str:
+    return HOLDS if first and second else PARTLY if first or second else FAILS
+
+
+def _unmeasured(name: str, paper: str, experiment: str) -> Verdict:
+    return Verdict(
+        name,
+        paper,
+        f"no {experiment}.json here",
+        f"run `loralab reproduce {experiment}`",
+        UNMEASURED,
+    )
+
+
+# -- the page ---------------------------------------------------------------------------------
+
+
+def verdicts(directory: str | Path) -> list[Verdict]:
+    """Every finding's verdicts from the results in ``directory``."""
+    results = Results(Path(directory))
+    return [verdict for finding in FINDINGS for verdict in finding(results)]
+
+
+def write_verdicts(directory: str | Path) -> Path:
+    """Write ``directory/REPORT.md``: the verdict table, then each finding's numbers,
+    rule and figure."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(
+            f"{directory} is not a results folder (run loralab reproduce first)"
+        )
+    found = verdicts(directory)
+    results = Results(directory)
+    rows = [[v.finding, v.verdict, v.measured] for v in found]
+    lines = [
+        f"# What held: the paper's findings at this scale ({directory.name})",
+        "",
+        "Computed by `loralab reproduce report` from the experiments' JSON files in this "
+        "folder. A difference counts only when it is larger than its *margin*: the standard "
+        "error of the difference of the two means over seeds, and at least one point of the "
+        "metric. Each finding's rule is written under it.",
+        "",
+        markdown_table(["Finding", "Verdict", "Measured"], rows),
+        "",
+    ]
+    for verdict in found:
+        lines += [
+            f"## {verdict.finding}",
+            "",
+            f"- Paper: {verdict.paper}",
+            f"- Measured: {verdict.measured}",
+            f"- Rule: {verdict.rule}",
+            f"- Verdict: **{verdict.verdict}**",
+            "",
+        ]
+    figures = [name for name in results.raw if (directory / f"{name}.png").is_file()]
+    if figures:
+        lines += ["## Figures", ""] + [f"![{name}]({name}.png)" for name in figures] + [""]
+    page = directory / "REPORT.md"
+    write_files_atomically(directory, {page.name: text_writer("\n".join(lines))})
+    return page
