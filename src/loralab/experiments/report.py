@@ -68,10 +68,29 @@ class Report:
         return (
             f"# {self.title}\n\n"
             f"- Command: `{command}`\n"
-            f"- Date: {date}; the run took {self.seconds / 60:.1f} min\n"
+            f"- Date: {date}; the run took {self.seconds / 60:.1f} min{self._runs_time()}\n"
             f"- Machine: {machine_line()}\n"
             f"- Scale: {self.scale.describe()}\n\n"
             f"{self.body}\n"
+        )
+
+    def _runs_time(self) -> str:
+        """What the runs themselves took, reused ones included: a mode's cost even when it
+        ran in pieces (one thread each: divide by the jobs for the time on the clock)."""
+        runs = self.raw.get("runs", [])
+        if not runs:
+            return ""
+        seconds = sum(r["train_seconds"] + r["eval_seconds"] for r in runs)
+        tried = [
+            c
+            for s in self.raw.get("selection", [])
+            for c in s["candidates"]
+            if c["learning_rate"] != s["chosen"]  # the chosen one is among the runs
+        ]
+        seconds += sum(c["seconds"] for c in tried)
+        return (
+            f" ({len(runs) + len(tried)} runs: {seconds / 60:.1f} min of training and "
+            "scoring, one thread each)"
         )
 
 

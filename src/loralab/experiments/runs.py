@@ -108,12 +108,12 @@ def train_and_score(
     task = get_task(arm.task)
     splits = task.splits(seed=DATA_SEED, test_size=scale.test_size, validation_size=validation_size)
     evaluation = evaluate_task(result.model, result.tokenizer, task, splits["test"], batch_size=32)
-    validation = {}
+    validation, seconds = {}, evaluation.seconds
     if validation_size:
         scored = evaluate_task(
             result.model, result.tokenizer, task, splits["validation"], batch_size=32
         )
-        validation = scored.metrics
+        validation, seconds = scored.metrics, seconds + scored.seconds
     final = get_method(settings.get("method", "lora")).final_trainable
     run = RunResult(
         label=arm.label,
@@ -123,7 +123,7 @@ def train_and_score(
         trainable=result.trainable,
         total=result.total,
         train_seconds=result.seconds,
-        eval_seconds=evaluation.seconds,
+        eval_seconds=seconds,
         settings=settings,
         final_trainable=result.trainable if final is None else final(result.model),
         validation=validation,
@@ -276,7 +276,7 @@ class Selection:
     label: str
     task: str
     metric: str
-    candidates: list[dict[str, float]]  # {"learning_rate": …, "validation": …}
+    candidates: list[dict[str, float]]  # {"learning_rate", "validation", "seconds"}
     chosen: float
 
 
@@ -317,7 +317,11 @@ def run_arms(
             chosen[i] = Arm(arm.label, arm.task, {**arm.settings, "learning_rate": rate}, arm.x)
             first_runs[i] = best  # the first seed's run of the chosen rate: not trained again
             tried = [
-                {"learning_rate": r.settings["learning_rate"], "validation": r.validation[metric]}
+                {
+                    "learning_rate": r.settings["learning_rate"],
+                    "validation": r.validation[metric],
+                    "seconds": r.train_seconds + r.eval_seconds,
+                }
                 for r in runs
             ]
             selections.append(Selection(arm.label, arm.task, metric, tried, rate))
