@@ -172,3 +172,11 @@ def test_every_method_repeats_bit_for_bit_at_any_number_of_jobs(tiny_tasks, tmp_
             other = trained[attempt][label]
             assert first and first.keys() == other.keys(), label
             assert all(torch.equal(first[k], other[k]) for k in first), (label, attempt)
+
+
+def test_a_failing_run_keeps_the_ones_that_finished_beside_it(tiny_tasks, tmp_path):
+    arms = [ARMS[0], Arm("broken", "e2e", {"method": "lora", "r": 0})]
+    scale = replace(TINY, seeds=(0,), jobs=2, store=str(tmp_path / "runs"))
+    with pytest.raises(ConfigError, match="r"):
+        run_arms("t", arms, scale, tmp_path / "w", lambda _: None)
+    assert RunStore(tmp_path / "runs").count() == 1  # LoRA's, trained beside the failure

@@ -51,6 +51,11 @@ class RunResult:
     validation: dict[str, float] = field(default_factory=dict)  # scored when selecting
 
 
+def say(line: str) -> None:
+    """Print a progress line at once (a log redirected to a file is not left buffered)."""
+    print(line, flush=True)
+
+
 Inspect = Callable[["RunResult", Any], "dict[str, Any] | None"]
 """Reads more from a trained model: ``inspect(run, model)`` returns ``run.extra``. It runs in
 the run's process, so it is a module-level function (a worker process imports it)."""
@@ -183,7 +188,7 @@ def run_plan(
     plan: Sequence[tuple[Arm, int]],
     scale: Scale,
     workdir: Path,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = say,
     inspect: Inspect | None = None,
     validate: bool = False,
 ) -> list[RunResult]:
@@ -249,6 +254,10 @@ def run_plan(
                     done(futures[future], future.result())
             except BaseException:
                 pool.shutdown(wait=True, cancel_futures=True)  # the runs in flight still finish
+                for future, index in futures.items():  # and are kept, for the next attempt
+                    finished_well = future.done() and not future.cancelled()
+                    if results[index] is None and finished_well and future.exception() is None:
+                        done(index, future.result())
                 raise
     missing = sum(r is None for r in results)
     if missing:
@@ -293,7 +302,7 @@ def run_arms(
     arms: Sequence[Arm],
     scale: Scale,
     workdir: Path,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = say,
     inspect: Inspect | None = None,
 ) -> Runs:
     """Every arm with every seed (seeds outermost: a cut-short run still covers every arm).
