@@ -4,12 +4,13 @@ sharply with little data)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from .methods import METHOD_ARMS
 from .report import Report, format_mean_std, markdown_table, mean_std, raw_of, selection_section
 from .runs import run_arms
-from .settings import PRIMARY_METRIC, Arm, Scale
+from .settings import LM_STANDARD, PRIMARY_METRIC, Arm, Scale
 
 NAME = "low-data"
 SUMMARY = (
@@ -20,15 +21,7 @@ QUICK = Scale(steps=200, train_size=10_000, test_size=500, seeds=(0, 1), batch_s
 FULL = Scale(steps=1500, train_size=10_000, test_size=1000, seeds=(0, 1, 2), batch_size=8)
 # On e2e with SmolLM2 (see methods.STANDARD), two sizes, each method's learning rate
 # chosen from three per size: 24 selection runs and 8 more for the second seed, about 50 min.
-STANDARD = Scale(
-    steps=30,
-    train_size=1000,
-    test_size=64,
-    seeds=(0, 1),
-    batch_size=8,
-    lr_grid=(0.5, 1.0, 2.0),
-    validation_size=32,
-)
+STANDARD = replace(LM_STANDARD, steps=30)
 FULL_HOURS = 1.5  # estimated: 36 runs of 4–8 min (full fine-tuning takes twice as long)
 TASK = "nli"
 STANDARD_TASK = "e2e"

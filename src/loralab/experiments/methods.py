@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .report import Report, format_mean_std, markdown_table, raw_of, selection_section
 from .runs import run_arms
-from .settings import LM_FULL, Arm, Scale
+from .settings import LM_FULL, LM_STANDARD, Arm, Scale
 
 NAME = "methods"
 SUMMARY = "every method on nli, e2e and sql: trainable parameters and task metrics"
@@ -30,15 +30,7 @@ FULL = Scale(
 # Measured with two one-thread runs side by side: 3.2–3.9 s a step of batch 8 (FT 7.7 s),
 # 12–19 s to score 32 examples; 27 selection runs and 9 more for the second seed, about an
 # hour.
-STANDARD = Scale(
-    steps=40,
-    train_size=1000,
-    test_size=64,
-    seeds=(0, 1),
-    batch_size=8,
-    lr_grid=(0.5, 1.0, 2.0),
-    validation_size=32,
-)
+STANDARD = LM_STANDARD
 # Estimated from the measured step times (base.LM_QUICK): nli 27 runs of about 5 min, e2e
 # and sql 54 runs of about 18 min, two at a time.
 FULL_HOURS = 9.5

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,25 +105,23 @@ class Results:
 
 # -- the findings -----------------------------------------------------------------------------
 
-# The paper's numbers (Hu et al., 2022, and Zhang et al., 2023), as its tables give them.
-PAPER = {
-    1: "GPT-3 175B (Table 4), WikiSQL / MNLI-m: FT 73.8 / 89.5 (175B parameters), LoRA "
-    "73.4 / 91.7 (4.7M), Adapter^H 71.9 / 89.8 (7.1M), BitFit 71.3 / 91.0, PreLayer "
-    "70.1 / 89.5, PreEmbed 63.1 / 88.6; GPT-2 medium on E2E (Table 3), BLEU: LoRA 70.4 "
-    "(0.35M), FT 68.2 (355M), FT-Top2 68.1, PreLayer 69.7, Adapter^H 67.3, Adapter^L 66.3",
-    3: "GPT-3, 18M parameters (Table 5), WikiSQL / MNLI: W_q r=8 70.4 / 91.0; W_q, W_v "
-    "r=4 73.7 / 91.3; W_q, W_k, W_v, W_o r=2 73.7 / 91.7",
-}
+Judged = list[tuple[str, str]]
+"""What a finding's judge returns: (the measured numbers, the verdict), one per task."""
 
 
-def finding_1(results: Results) -> list[Verdict]:
-    rule = (
-        f"{HOLDS}: LoRA within the margin of FT (or above) with under 1% of its "
-        "trainable parameters, and no other method (FT-Top2, BitFit, PreEmbed, PreLayer, "
-        f"Adapter^H, Adapter^L) above LoRA by more than the margin; {PARTLY}: one "
-        f"of the two; {FAILS}: neither"
-    )
-    verdicts = []
+@dataclass(frozen=True)
+class Finding:
+    """One of the paper's findings: its numbers there, the rule, and who measures it."""
+
+    name: str
+    paper: str  # the paper's numbers (Hu et al., 2022; Zhang et al., 2023), as its tables say
+    rule: str
+    experiment: str
+    judge: Callable[[Results], Judged]
+
+
+def lora_against_the_methods(results: Results) -> Judged:
+    judged = []
     for task in results.tasks("methods"):
         lora, ft = results.stat("methods", "LoRA", task), results.stat("methods", "FT", task)
         if lora is None or ft is None:
@@ -136,7 +134,6 @@ def finding_1(results: Results) -> list[Verdict]:
         ratio = results.trainable("methods", "LoRA", task) / results.trainable(
             "methods", "FT", task
         )
-        close = within(lora, ft) and ratio < 0.01
         better = [label for label, stat in others.items() if beats(stat, lora)]
         best = max(others, key=lambda label: others[label].mean)
         measured = (
@@ -144,82 +141,51 @@ def finding_1(results: Results) -> list[Verdict]:
             f"{ratio:.2%} of FT's parameters); best other: {best} {others[best]}"
             + (f"; above LoRA: {', '.join(better)}" if better else "")
         )
-        verdict = _count(close, not better)
-        verdicts.append(
-            Verdict(
-                "1. LoRA matches FT and beats the other methods", PAPER[1], measured, rule, verdict
-            )
-        )
-    return verdicts or [
-        _unmeasured("1. LoRA matches FT and beats the other methods", PAPER[1], "methods")
-    ]
+        judged.append((measured, _both(within(lora, ft) and ratio < 0.01, not better)))
+    return judged
 
 
-def finding_2(results: Results) -> list[Verdict]:
-    name = "2. LoRA is stable across ranks (r = 1 … 64)"
-    paper = (
-        "GPT-3 (Table 6), W_q, W_v at r = 1, 2, 4, 8, 64: WikiSQL 73.4, 73.3, 73.7, 73.8, "
-        "73.5; MNLI 91.3, 91.4, 91.3, 91.6, 91.4"
-    )
-    rule = (
-        f"{HOLDS}: every rank of W_q, W_v within the margin of the best rank; "
-        f"{PARTLY}: all ranks but one; {FAILS}: otherwise"
-    )
-    verdicts = []
+QV = "W_q, W_v, r="  # the weight types whose ranks finding 2 compares, as the paper's Table 6
+
+
+def stable_across_ranks(results: Results) -> Judged:
+    judged = []
     for task in results.tasks("ranks"):
-        labels = [
-            label for label in results.labels("ranks", task) if label.startswith("W_q, W_v, r=")
-        ]
+        labels = [label for label in results.labels("ranks", task) if label.startswith(QV)]
         if len(labels) < 2:
             continue
         stats = {label.rsplit("=", 1)[1]: results.stat("ranks", label, task) for label in labels}
         best = max(stats.values(), key=lambda s: s.mean)
         low = [r for r, s in stats.items() if not within(s, best)]
         measured = f"{task}: " + ", ".join(f"r={r} {s}" for r, s in stats.items())
-        verdict = HOLDS if not low else PARTLY if len(low) == 1 else FAILS
         if low:
             measured += f"; below the best: r={', r='.join(low)}"
-        verdicts.append(Verdict(name, paper, measured, rule, verdict))
-    return verdicts or [_unmeasured(name, paper, "ranks")]
+        judged.append((measured, HOLDS if not low else PARTLY if len(low) == 1 else FAILS))
+    return judged
 
 
-def finding_3(results: Results) -> list[Verdict]:
-    name = "3. More weight types at a small rank beat one at a large rank"
-    rule = (
-        f"{HOLDS}: W_q, W_v at r=4 and all four at r=2 each above W_q at r=8 by more than the "
-        f"margin; {PARTLY}: one of them, or both higher within the margin; "
-        f"{FAILS}: otherwise"
-    )
-    single_label, multi = "W_q, r=8", ("W_q, W_v, r=4", "W_q, W_k, W_v, W_o, r=2")
-    verdicts = []
+def more_weight_types(results: Results) -> Judged:
+    judged = []
     for task in results.tasks("ranks"):
-        single = results.stat("ranks", single_label, task)
-        others = [results.stat("ranks", label, task) for label in multi]
+        single = results.stat("ranks", "W_q, r=8", task)
+        others = [
+            results.stat("ranks", label, task)
+            for label in ("W_q, W_v, r=4", "W_q, W_k, W_v, W_o, r=2")
+        ]
         if single is None or None in others:
             continue
         wins = sum(beats(other, single) for other in others)
         higher = all(other.mean > single.mean for other in others)
         measured = f"{task}: W_q r=8 {single}; W_q, W_v r=4 {others[0]}; all four r=2 {others[1]}"
-        verdict = HOLDS if wins == 2 else PARTLY if wins == 1 or higher else FAILS
-        verdicts.append(Verdict(name, PAPER[3], measured, rule, verdict))
-    return verdicts or [_unmeasured(name, PAPER[3], "ranks")]
+        judged.append((measured, HOLDS if wins == 2 else PARTLY if wins == 1 or higher else FAILS))
+    return judged
 
 
-def finding_4(results: Results) -> list[Verdict]:
-    name = "4. Low data: LoRA stays close to FT; prefix methods degrade sharply"
-    paper = (
-        "GPT-3 on MNLI-n (Table 16): with 100 examples FT 60.2, LoRA 63.8, PreEmbed 37.6, "
-        "PreLayer 48.3; with 10k FT 88.9, LoRA 89.2, PreEmbed 79.5, PreLayer 85.9"
-    )
-    rule = (
-        f"{HOLDS}: at every size LoRA within the margin of FT (or above), and at "
-        "the smallest size both PreEmbed and PreLayer below LoRA by more than the margin, "
-        f"by a wider gap than at the largest size; {PARTLY}: one of the two; "
-        f"{FAILS}: neither"
-    )
-    verdicts = []
+def low_data(results: Results) -> Judged:
+    judged = []
     for task in results.tasks("low-data"):
-        sizes = sorted({int(label.rsplit("=", 1)[1]) for label in results.labels("low-data", task)})
+        labels = results.labels("low-data", task)
+        sizes = sorted({int(label.rsplit("=", 1)[1]) for label in labels})
         if len(sizes) < 2:
             continue
 
@@ -239,22 +205,12 @@ def finding_4(results: Results) -> list[Verdict]:
             f"PreLayer {at('PreLayer', n)}"
             for n in sizes
         )
-        verdicts.append(Verdict(name, paper, measured, rule, _count(close, degrade)))
-    return verdicts or [_unmeasured(name, paper, "low-data")]
+        judged.append((measured, _both(close, degrade)))
+    return judged
 
 
-def finding_5(results: Results) -> list[Verdict]:
-    name = "5. Prefix tuning is non-monotonic in its size; LoRA is not"
-    paper = (
-        "GPT-3 (Section 5.5, Table 15), WikiSQL: PreEmbed 63.1 at 256 tokens, 55.9 at 512; "
-        "PreLayer 70.1 at 16, 64.9 at 64; LoRA (Table 6) 73.4–73.8 from r = 1 to 64"
-    )
-    rule = (
-        f"{HOLDS}: PreEmbed or PreLayer has a larger size scoring below a smaller one by "
-        "more than the margin, and LoRA has no such fall; "
-        f"{PARTLY}: one of the two; {FAILS}: neither"
-    )
-    verdicts = []
+def prefix_size(results: Results) -> Judged:
+    judged = []
     for task in results.tasks("scaling"):
         families: dict[str, list[tuple[int, Stat]]] = {}
         for label in results.labels("scaling", task):
@@ -264,35 +220,26 @@ def finding_5(results: Results) -> list[Verdict]:
             )
         if "LoRA" not in families:
             continue
-
-        def falls(points: list[tuple[int, Stat]]) -> bool:
-            points = sorted(points)
-            return any(beats(a, b) for i, (_, a) in enumerate(points) for _, b in points[i + 1 :])
-
-        prefix_falls = any(falls(families[f]) for f in ("PreEmbed", "PreLayer") if f in families)
+        prefix_falls = any(_falls(families[f]) for f in ("PreEmbed", "PreLayer") if f in families)
         measured = f"{task}: " + "; ".join(
             f"{family}: " + ", ".join(f"{size} {stat}" for size, stat in sorted(points))
             for family, points in families.items()
         )
-        verdicts.append(
-            Verdict(name, paper, measured, rule, _count(prefix_falls, not falls(families["LoRA"])))
-        )
-    return verdicts or [_unmeasured(name, paper, "scaling")]
+        judged.append((measured, _both(prefix_falls, not _falls(families["LoRA"]))))
+    return judged
 
 
-def finding_6(results: Results) -> list[Verdict]:
-    name = "6. LoRA+PE can add a little on some tasks"
-    paper = (
-        "GPT-3, WikiSQL / MNLI-m: LoRA 73.4 / 91.7 (Table 4), LoRA+PE (r = 8, l_p = 8, "
-        "l_i = 4) 75.0 / 91.4 (Table 15)"
-    )
-    rule = (
-        f"{HOLDS}: LoRA+PE above LoRA by more than the margin on some task; "
-        f"{PARTLY}: higher on some task, within the margin; {FAILS}: lower on every task"
-    )
+def _falls(points: list[tuple[int, Stat]]) -> bool:
+    """Whether a larger size scores below a smaller one by more than the margin."""
+    points = sorted(points)
+    return any(beats(a, b) for i, (_, a) in enumerate(points) for _, b in points[i + 1 :])
+
+
+def lora_with_prefix(results: Results) -> Judged:
     rows, verdict = [], FAILS
     for task in results.tasks("lora-pe"):
-        both, lora = results.stat("lora-pe", "LoRA+PE", task), results.stat("lora-pe", "LoRA", task)
+        both = results.stat("lora-pe", "LoRA+PE", task)
+        lora = results.stat("lora-pe", "LoRA", task)
         if both is None or lora is None:
             continue
         rows.append(f"{task}: LoRA {lora}, LoRA+PE {both}")
@@ -300,25 +247,13 @@ def finding_6(results: Results) -> list[Verdict]:
             verdict = HOLDS
         elif both.mean > lora.mean and verdict == FAILS:
             verdict = PARTLY
-    if not rows:
-        return [_unmeasured(name, paper, "lora-pe")]
-    return [Verdict(name, paper, "; ".join(rows), rule, verdict)]
+    return [("; ".join(rows), verdict)] if rows else []
 
 
-def finding_7(results: Results) -> list[Verdict]:
-    name = "7. Merged LoRA adds no latency; adapters do"
-    paper = (
-        "GPT-2 medium (Table 1): at batch 1, sequence 128, Adapter^L +20.7% and Adapter^H "
-        "+30.3%; at batch 32, sequence 512, +2.2% and +3.0%; merged LoRA as fine-tuning"
-    )
-    rule = (
-        f"{HOLDS}: merged LoRA within 5% of the base at every shape, and an adapter at least "
-        f"10% slower at the smallest shape and less so at the largest; {PARTLY}: the first "
-        f"only; {FAILS}: merged LoRA more than 5% slower somewhere"
-    )
+def latency(results: Results) -> Judged:
     raw = results.raw.get("latency")
     if not raw:
-        return [_unmeasured(name, paper, "latency")]
+        return []
     summary = raw["summary"]
     shapes = list(summary)
     merged = {s: summary[s]["lora-merged"]["ratio_median"] for s in shapes}
@@ -327,28 +262,16 @@ def finding_7(results: Results) -> list[Verdict]:
         f"{s}: merged LoRA ×{merged[s]:.2f}, Adapter^H ×{adapter[s]:.2f}" for s in shapes
     )
     if not all(abs(m - 1) <= 0.05 for m in merged.values()):
-        verdict = FAILS
-    else:
-        first, last = shapes[0], shapes[-1]
-        verdict = HOLDS if adapter[first] >= 1.10 and adapter[last] < adapter[first] else PARTLY
-    return [Verdict(name, paper, measured, rule, verdict)]
+        return [(measured, FAILS)]
+    first, last = shapes[0], shapes[-1]
+    slower = adapter[first] >= 1.10 and adapter[last] < adapter[first]
+    return [(measured, HOLDS if slower else PARTLY)]
 
 
-def finding_8(results: Results) -> list[Verdict]:
-    name = "8. A's top directions at r=8 and r=64 overlap; ΔW amplifies what W does not stress"
-    paper = (
-        "GPT-3 (Section 7): the top direction of A_{r=8} and A_{r=64} overlaps with φ above "
-        "0.5; ΔW_q amplifies its directions in W_q by 21.5 at r = 4 (Table 7: 6.91 / 0.32) "
-        "and by about 2 at r = 64"
-    )
-    rule = (
-        f"{HOLDS}: the mean φ(1, 1) over the adapted matrices above 0.5 and three times that "
-        "of random matrices, and the amplification factor of W_q above 1 at every rank and "
-        f"largest at the smallest rank; {PARTLY}: one of the two; {FAILS}: neither"
-    )
+def subspace(results: Results) -> Judged:
     raw = results.raw.get("subspace")
     if not raw:
-        return [_unmeasured(name, paper, "subspace")]
+        return []
     phi = statistics.fmean(m["ranks"][0][0] for m in raw["modules"].values())
     at_init = statistics.fmean(m["ranks_init"][0][0] for m in raw["modules"].values())
     random = raw["random"]["ranks"]["mean"][0][0]
@@ -364,23 +287,11 @@ def finding_8(results: Results) -> list[Verdict]:
         "amplification of W_q (median over layers): "
         + ", ".join(f"r={r} {factors[r]:.1f}" for r in ranks)
     )
-    return [Verdict(name, paper, measured, rule, _count(overlap, amplified))]
+    return [(measured, _both(overlap, amplified))]
 
 
-def finding_adalora(results: Results) -> list[Verdict]:
-    name = "AdaLoRA beats LoRA at the same final budget"
-    paper = (
-        "DeBERTaV3-base, MNLI-m (AdaLoRA's Table 1): LoRA r = 2 90.30 (0.33M parameters), "
-        "AdaLoRA 90.66 (0.32M); LoRA r = 8 90.65 (1.33M), AdaLoRA 90.76 (1.27M)"
-    )
-    rule = (
-        f"{HOLDS}: AdaLoRA above LoRA of the same final rank by more than the margin; "
-        f"{PARTLY}: higher within the margin; {FAILS}: lower"
-    )
-    raw = results.raw.get("adalora")
-    if not raw:
-        return [_unmeasured(name, paper, "adalora")]
-    verdicts = []
+def adalora_against_lora(results: Results) -> Judged:
+    judged = []
     for task in results.tasks("adalora"):
         labels = results.labels("adalora", task)
         ada = next((label for label in labels if label.startswith("AdaLoRA")), None)
@@ -389,35 +300,107 @@ def finding_adalora(results: Results) -> list[Verdict]:
             continue
         a, b = results.stat("adalora", ada, task), results.stat("adalora", lora, task)
         verdict = HOLDS if beats(a, b) else PARTLY if a.mean > b.mean else FAILS
-        verdicts.append(Verdict(name, paper, f"{task}: {ada} {a}, {lora} {b}", rule, verdict))
-    return verdicts or [_unmeasured(name, paper, "adalora")]
+        judged.append((f"{task}: {ada} {a}, {lora} {b}", verdict))
+    return judged
 
 
-FINDINGS: Sequence[Callable[[Results], list[Verdict]]] = (
-    finding_1,
-    finding_2,
-    finding_3,
-    finding_4,
-    finding_5,
-    finding_6,
-    finding_7,
-    finding_8,
-    finding_adalora,
+_ONE_OF_TWO = f"{PARTLY}: one of the two; {FAILS}: neither"
+
+FINDINGS = (
+    Finding(
+        "1. LoRA matches FT and beats the other methods",
+        "GPT-3 175B (Table 4), WikiSQL / MNLI-m: FT 73.8 / 89.5 (175B parameters), LoRA "
+        "73.4 / 91.7 (4.7M), Adapter^H 71.9 / 89.8 (7.1M), BitFit 71.3 / 91.0, PreLayer "
+        "70.1 / 89.5, PreEmbed 63.1 / 88.6; GPT-2 medium on E2E (Table 3), BLEU: LoRA 70.4 "
+        "(0.35M), FT 68.2 (355M), FT-Top2 68.1, PreLayer 69.7, Adapter^H 67.3, Adapter^L 66.3",
+        f"{HOLDS}: LoRA within the margin of FT (or above) with under 1% of its trainable "
+        "parameters, and no other method (FT-Top2, BitFit, PreEmbed, PreLayer, Adapter^H, "
+        f"Adapter^L) above LoRA by more than the margin; {_ONE_OF_TWO}",
+        "methods",
+        lora_against_the_methods,
+    ),
+    Finding(
+        "2. LoRA is stable across ranks (r = 1 … 64)",
+        "GPT-3 (Table 6), W_q, W_v at r = 1, 2, 4, 8, 64: WikiSQL 73.4, 73.3, 73.7, 73.8, "
+        "73.5; MNLI 91.3, 91.4, 91.3, 91.6, 91.4",
+        f"{HOLDS}: every rank of W_q, W_v within the margin of the best rank; {PARTLY}: all "
+        f"ranks but one; {FAILS}: otherwise",
+        "ranks",
+        stable_across_ranks,
+    ),
+    Finding(
+        "3. More weight types at a small rank beat one at a large rank",
+        "GPT-3, 18M parameters (Table 5), WikiSQL / MNLI: W_q r=8 70.4 / 91.0; W_q, W_v "
+        "r=4 73.7 / 91.3; W_q, W_k, W_v, W_o r=2 73.7 / 91.7",
+        f"{HOLDS}: W_q, W_v at r=4 and all four at r=2 each above W_q at r=8 by more than "
+        f"the margin; {PARTLY}: one of them, or both higher within the margin; {FAILS}: "
+        "otherwise",
+        "ranks",
+        more_weight_types,
+    ),
+    Finding(
+        "4. Low data: LoRA stays close to FT; prefix methods degrade sharply",
+        "GPT-3 on MNLI-n (Table 16): with 100 examples FT 60.2, LoRA 63.8, PreEmbed 37.6, "
+        "PreLayer 48.3; with 10k FT 88.9, LoRA 89.2, PreEmbed 79.5, PreLayer 85.9",
+        f"{HOLDS}: at every size LoRA within the margin of FT (or above), and at the "
+        "smallest size both PreEmbed and PreLayer below LoRA by more than the margin, by a "
+        f"wider gap than at the largest size; {_ONE_OF_TWO}",
+        "low-data",
+        low_data,
+    ),
+    Finding(
+        "5. Prefix tuning is non-monotonic in its size; LoRA is not",
+        "GPT-3 (Section 5.5, Table 15), WikiSQL: PreEmbed 63.1 at 256 tokens, 55.9 at 512; "
+        "PreLayer 70.1 at 16, 64.9 at 64; LoRA (Table 6) 73.4–73.8 from r = 1 to 64",
+        f"{HOLDS}: PreEmbed or PreLayer has a larger size scoring below a smaller one by "
+        f"more than the margin, and LoRA has no such fall; {_ONE_OF_TWO}",
+        "scaling",
+        prefix_size,
+    ),
+    Finding(
+        "6. LoRA+PE can add a little on some tasks",
+        "GPT-3, WikiSQL / MNLI-m: LoRA 73.4 / 91.7 (Table 4), LoRA+PE (r = 8, l_p = 8, "
+        "l_i = 4) 75.0 / 91.4 (Table 15)",
+        f"{HOLDS}: LoRA+PE above LoRA by more than the margin on some task; {PARTLY}: "
+        f"higher on some task, within the margin; {FAILS}: lower on every task",
+        "lora-pe",
+        lora_with_prefix,
+    ),
+    Finding(
+        "7. Merged LoRA adds no latency; adapters do",
+        "GPT-2 medium (Table 1): at batch 1, sequence 128, Adapter^L +20.7% and Adapter^H "
+        "+30.3%; at batch 32, sequence 512, +2.2% and +3.0%; merged LoRA as fine-tuning",
+        f"{HOLDS}: merged LoRA within 5% of the base at every shape, and an adapter at "
+        f"least 10% slower at the smallest shape and less so at the largest; {PARTLY}: the "
+        f"first only; {FAILS}: merged LoRA more than 5% slower somewhere",
+        "latency",
+        latency,
+    ),
+    Finding(
+        "8. A's top directions at r=8 and r=64 overlap; ΔW amplifies what W does not stress",
+        "GPT-3 (Section 7): the top direction of A_{r=8} and A_{r=64} overlaps with φ above "
+        "0.5; ΔW_q amplifies its directions in W_q by 21.5 at r = 4 (Table 7: 6.91 / 0.32) "
+        "and by about 2 at r = 64",
+        f"{HOLDS}: the mean φ(1, 1) over the adapted matrices above 0.5 and three times "
+        "that of random matrices, and the amplification factor of W_q above 1 at every "
+        f"rank and largest at the smallest rank; {_ONE_OF_TWO}",
+        "subspace",
+        subspace,
+    ),
+    Finding(
+        "AdaLoRA beats LoRA at the same final budget",
+        "DeBERTaV3-base, MNLI-m (AdaLoRA's Table 1): LoRA r = 2 90.30 (0.33M parameters), "
+        "AdaLoRA 90.66 (0.32M); LoRA r = 8 90.65 (1.33M), AdaLoRA 90.76 (1.27M)",
+        f"{HOLDS}: AdaLoRA above LoRA of the same final rank by more than the margin; "
+        f"{PARTLY}: higher within the margin; {FAILS}: lower",
+        "adalora",
+        adalora_against_lora,
+    ),
 )
 
 
-def _count(first: bool, second: bool) -> str:
+def _both(first: bool, second: bool) -> str:
     return HOLDS if first and second else PARTLY if first or second else FAILS
-
-
-def _unmeasured(name: str, paper: str, experiment: str) -> Verdict:
-    return Verdict(
-        name,
-        paper,
-        f"no {experiment}.json here",
-        f"run `loralab reproduce {experiment}`",
-        UNMEASURED,
-    )
 
 
 # -- the page ---------------------------------------------------------------------------------
@@ -426,7 +409,13 @@ def _unmeasured(name: str, paper: str, experiment: str) -> Verdict:
 def verdicts(directory: str | Path) -> list[Verdict]:
     """Every finding's verdicts from the results in ``directory``."""
     results = Results(Path(directory))
-    return [verdict for finding in FINDINGS for verdict in finding(results)]
+    found = []
+    for f in FINDINGS:
+        judged = f.judge(results) or [
+            (f"no {f.experiment}.json here: run `loralab reproduce {f.experiment}`", UNMEASURED)
+        ]
+        found += [Verdict(f.name, f.paper, measured, f.rule, v) for measured, v in judged]
+    return found
 
 
 def write_verdicts(directory: str | Path) -> Path:
