@@ -324,3 +324,37 @@ def test_adalora_training_prunes_to_the_target_and_reports_the_ranks(tmp_path, t
     assert len(ranks) == 4 and sum(ranks.values()) == 2 * 4  # the total budget, spread
     for name in ("adalora_ranks.txt", "adalora_ranks.json", "adalora_ranks.png"):
         assert (tmp_path / "run" / name).exists(), name
+
+
+def test_a_classifier_head_can_take_its_own_learning_rate(tmp_path):
+    """After one step AdamW moves every parameter by lr × its normalised moment: the head
+    ten times as far at ten times the rate, and LoRA exactly as far as without it."""
+    path = _classification_file(tmp_path)
+    trained = {}
+    for name, head_rate in (("same", None), ("faster", 1e-2)):
+        torch.manual_seed(0)  # the same base and head in both runs
+        model, tokenizer = tiny_bert(), char_tokenizer()
+        model.resize_token_embeddings(len(tokenizer))
+        head_before = model.classifier.weight.detach().clone()
+        config = _config(
+            tmp_path,
+            name,
+            data=str(path),
+            validation_data=None,
+            model_kind="classification",
+            target_modules=["q", "v"],
+            max_steps=1,
+            warmup_steps=0,
+            learning_rate=1e-3,
+            head_learning_rate=head_rate,
+            seed=3,
+        )
+        train(config, model=model, tokenizer=tokenizer)
+        adapter = _adapter(tmp_path / name)
+        trained[name] = (adapter, adapter["base_model.model.classifier.weight"] - head_before)
+    (same, moved_same), (faster, moved_faster) = trained["same"], trained["faster"]
+    lora = [k for k in same if ".lora_" in k]
+    assert lora and all(torch.equal(same[k], faster[k]) for k in lora)
+    assert torch.allclose(moved_faster, 10 * moved_same, rtol=1e-4, atol=1e-9)
+    with pytest.raises(ConfigError, match="head_learning_rate is for a classifier's new head"):
+        _config(tmp_path, "lm", head_learning_rate=1e-2)

@@ -29,6 +29,7 @@ import torch
 import yaml
 from torch import nn
 
+from .architectures import classifier_head
 from .checkpoint import CHECKPOINT, check_resumable, find_checkpoint, save_checkpoint
 from .config import ConfigError
 from .data import (
@@ -368,7 +369,9 @@ def _set_up(
         enable_gradient_checkpointing(model)
     runner = _distribute(model, config, world)
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer, scheduler, step = _optimizer_at(config, world, parameters, saved)
+    optimizer, scheduler, step = _optimizer_at(
+        config, world, _groups(model, config, parameters), saved
+    )
     log = RunLog(
         run_dir,
         from_main(world, lambda: read_history(run_dir, up_to=step)),
@@ -417,6 +420,18 @@ def _adapted_model(config: TrainConfig, model, tokenizer, examples: Examples, ch
     else:
         load_method(model, checkpoint / "adapter")
     return model, tokenizer
+
+
+def _groups(model, config: TrainConfig, parameters: list) -> list:
+    """The parameters as AdamW takes them: one group, or the head in a group of its own
+    at ``head_learning_rate`` (the schedule scales both alike)."""
+    if config.head_learning_rate is None:
+        return parameters
+    head = classifier_head(model)
+    head_ids = {id(p) for p in head.parameters()} if head is not None else set()
+    rest = [p for p in parameters if id(p) not in head_ids]
+    in_head = [p for p in parameters if id(p) in head_ids]
+    return [{"params": rest}, {"params": in_head, "lr": config.head_learning_rate}]
 
 
 def _optimizer_at(config: TrainConfig, world: World, parameters: list, saved: dict | None):

@@ -90,6 +90,10 @@ class TrainConfig:
 
     learning_rate: float = 2e-4
     """Peak learning rate of AdamW."""
+    head_learning_rate: float | None = None
+    """A classifier's new head's peak learning rate (``model_kind: classification``; default:
+    ``learning_rate``). The head starts from random values while an adapter starts at zero,
+    so the two may want different steps."""
     weight_decay: float = 0.01
     """AdamW's decoupled weight decay."""
     schedule: str = "linear"
@@ -150,6 +154,15 @@ class TrainConfig:
         if self.train_size is not None:
             require_int("train_size", self.train_size, minimum=1)
         require_number("learning_rate", self.learning_rate, above=0, below=1)
+        if self.head_learning_rate is not None:
+            require_number("head_learning_rate", self.head_learning_rate, above=0, below=1)
+            if self.model_kind != "classification":
+                raise ConfigError(
+                    "head_learning_rate is for a classifier's new head "
+                    f"(model_kind: classification); this run is model_kind: {self.model_kind}"
+                )
+            if self.fsdp:
+                raise ConfigError("fsdp trains every parameter at one learning rate")
         require_number("weight_decay", self.weight_decay, at_least=0)
         require_number("max_grad_norm", self.max_grad_norm, at_least=0)
         require_choice("schedule", self.schedule, SCHEDULES)
