@@ -111,12 +111,19 @@ def test_the_learning_rate_is_chosen_on_validation_and_its_first_run_reused(tiny
     scale = replace(TINY, lr_grid=(0.5, 1.0, 2.0), validation_size=3, store=str(tmp_path / "r"))
     lines: list[str] = []
     runs = run_arms("t", ARMS, scale, tmp_path / "w", lines.append)
-    # 2 arms × 3 rates with seed 0 (scored on validation too), then 2 arms × seed 1
-    assert len(_trained(lines)) == 8 and len(runs) == 4
+    # 2 arms × 3 rates with seed 0 (scored on validation too), one more rate for an arm
+    # whose best sits on the grid's edge, then 2 arms × seed 1
+    tried = sum(len(s.candidates) for s in runs.selections)
+    assert len(_trained(lines)) == tried + 2 and len(runs) == 4
     for selection in runs.selections:
-        assert [c["learning_rate"] for c in selection.candidates] == pytest.approx(
-            [f * selection.candidates[1]["learning_rate"] for f in (0.5, 1, 2)]
-        )
+        own = selection.candidates[1]["learning_rate"]
+        rates = [c["learning_rate"] for c in selection.candidates]
+        assert rates[:3] == pytest.approx([f * own for f in (0.5, 1, 2)])
+        scores = [c["validation"] for c in selection.candidates[:3]]
+        if len(rates) == 4:  # the best of the grid was its lowest or its highest rate
+            edge = 0 if max(scores) == scores[0] and scores[0] > scores[1] else 2
+            assert scores[edge] == max(scores)
+            assert rates[3] == pytest.approx(rates[edge] * (0.5 if edge == 0 else 2))
         best = max(c["validation"] for c in selection.candidates)
         winners = [c for c in selection.candidates if c["validation"] == best]
         assert selection.chosen in [c["learning_rate"] for c in winners]
@@ -180,3 +187,22 @@ def test_a_failing_run_keeps_the_ones_that_finished_beside_it(tiny_tasks, tmp_pa
     with pytest.raises(ConfigError, match="r"):
         run_arms("t", arms, scale, tmp_path / "w", lambda _: None)
     assert RunStore(tmp_path / "runs").count() == 1  # LoRA's, trained beside the failure
+
+
+def test_a_best_rate_on_the_grid_s_edge_is_tried_one_step_further():
+    from types import SimpleNamespace
+
+    from loralab.experiments.runs import _beyond
+
+    scale = replace(TINY, lr_grid=(0.5, 1.0, 2.0))
+    arm = Arm("LoRA", "e2e", {"method": "lora", "learning_rate": 1e-3})
+
+    def run(rate, bleu):
+        return SimpleNamespace(settings={"learning_rate": rate}, validation={"bleu": bleu})
+
+    top = _beyond(arm, [run(5e-4, 1.0), run(1e-3, 2.0), run(2e-3, 3.0)], scale)
+    assert top.settings["learning_rate"] == pytest.approx(4e-3)
+    bottom = _beyond(arm, [run(5e-4, 3.0), run(1e-3, 2.0), run(2e-3, 1.0)], scale)
+    assert bottom.settings["learning_rate"] == pytest.approx(2.5e-4)
+    assert _beyond(arm, [run(5e-4, 1.0), run(1e-3, 3.0), run(2e-3, 2.0)], scale) is None
+    assert _beyond(arm, [run(1e-3, 1.0), run(2e-3, 3.0)], replace(TINY, lr_grid=(1.0, 2.0))) is None

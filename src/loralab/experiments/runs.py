@@ -308,7 +308,8 @@ def run_arms(
     """Every arm with every seed (seeds outermost: a cut-short run still covers every arm).
 
     With a learning-rate grid (``Scale.lr_grid``) each arm first trains every candidate
-    rate with the first seed, scored on validation too; the best rate then trains with the
+    rate with the first seed, scored on validation too; where the best sits on the grid's
+    edge, one more rate a grid step outward is tried. The best rate then trains with the
     other seeds, and the first seed's run of it is reused."""
     first, seeds = scale.seeds[0], scale.seeds
     options = [_candidates(arm, scale.for_task(arm.task)) for arm in arms]
@@ -317,15 +318,24 @@ def run_arms(
     if searched:
         grid = [(option, first) for i in searched for option in options[i]]
         scored = iter(run_plan(f"{name} (selection)", grid, scale, workdir, log, inspect, True))
+        tried = {i: [next(scored) for _ in options[i]] for i in searched}
+        # A best rate at the grid's edge may not be the best: one more step outward.
+        edges = {i: edge for i in searched if (edge := _beyond(arms[i], tried[i], scale))}
+        if edges:
+            plan = [(edge, first) for edge in edges.values()]
+            more = run_plan(
+                f"{name} (selection, beyond the grid)", plan, scale, workdir, log, inspect, True
+            )
+            for i, run in zip(edges, more, strict=True):
+                tried[i].append(run)
         for i in searched:
-            arm, runs = arms[i], [next(scored) for _ in options[i]]
-            metric = PRIMARY_METRIC[arm.task]
-            # the best validation score; on a tie, the rate nearest the method's own
-            best = max(runs, key=lambda r: (r.validation[metric], -_distance(r, arm)))
+            arm, runs = arms[i], tried[i]
+            best = _best(arm, runs)
             rate = best.settings["learning_rate"]
             chosen[i] = Arm(arm.label, arm.task, {**arm.settings, "learning_rate": rate}, arm.x)
             first_runs[i] = best  # the first seed's run of the chosen rate: not trained again
-            tried = [
+            metric = PRIMARY_METRIC[arm.task]
+            candidates = [
                 {
                     "learning_rate": r.settings["learning_rate"],
                     "validation": r.validation[metric],
@@ -333,7 +343,7 @@ def run_arms(
                 }
                 for r in runs
             ]
-            selections.append(Selection(arm.label, arm.task, metric, tried, rate))
+            selections.append(Selection(arm.label, arm.task, metric, candidates, rate))
     needed = [
         (i, seed)
         for seed in seeds
@@ -350,6 +360,29 @@ def run_arms(
         for i in range(len(arms))
     ]
     return Runs(results, selections)
+
+
+def _best(arm: Arm, runs: Sequence[RunResult]) -> RunResult:
+    """The best validation score; on a tie, the rate nearest the method's own."""
+    metric = PRIMARY_METRIC[arm.task]
+    return max(runs, key=lambda r: (r.validation[metric], -_distance(r, arm)))
+
+
+def _beyond(arm: Arm, runs: Sequence[RunResult], scale: Scale) -> Arm | None:
+    """The arm one grid step past the grid's edge when the best rate sits on that edge
+    (None when it lies inside, or the grid is too short to have a step)."""
+    factors = sorted(scale.for_task(arm.task).lr_grid)
+    if len(factors) < 3:
+        return None
+    rates = sorted(r.settings["learning_rate"] for r in runs)
+    rate = _best(arm, runs).settings["learning_rate"]
+    if rate == rates[-1]:
+        rate *= factors[-1] / factors[-2]
+    elif rate == rates[0]:
+        rate *= factors[0] / factors[1]
+    else:
+        return None
+    return Arm(arm.label, arm.task, {**arm.settings, "learning_rate": rate}, arm.x)
 
 
 def _candidates(arm: Arm, scale: Scale) -> list[Arm]:
