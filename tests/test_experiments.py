@@ -73,6 +73,7 @@ def test_training_experiments_run_end_to_end_and_write_their_outputs(
     assert seeds == {0, 1}
     text = paths["md"].read_text()
     assert "±" in text and f"loralab reproduce {name} --quick" in text
+    assert f"({len(raw['runs'])} runs: " in text and "min of training and scoring" in text
     assert paths["png"].stat().st_size > 1000
 
 

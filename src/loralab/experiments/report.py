@@ -77,7 +77,8 @@ class Report:
     def _runs_time(self) -> str:
         """What the runs themselves took, reused ones included: a mode's cost even when it
         ran in pieces (one thread each: divide by the jobs for the time on the clock)."""
-        runs = self.raw.get("runs", [])
+        # RunResult records (the subspace analysis keeps its own kind of "runs")
+        runs = [r for r in self.raw.get("runs", []) if "train_seconds" in r and "eval_seconds" in r]
         if not runs:
             return ""
         seconds = sum(r["train_seconds"] + r["eval_seconds"] for r in runs)
