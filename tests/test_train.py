@@ -358,3 +358,11 @@ def test_a_classifier_head_can_take_its_own_learning_rate(tmp_path):
     assert torch.allclose(moved_faster, 10 * moved_same, rtol=1e-4, atol=1e-9)
     with pytest.raises(ConfigError, match="head_learning_rate is for a classifier's new head"):
         _config(tmp_path, "lm", head_learning_rate=1e-2)
+    for bad, words in (
+        ({"fsdp": True}, "fsdp trains every parameter at one learning rate"),
+        ({"head_learning_rate": 0}, r"head_learning_rate must be a number in \(0, 1\)"),
+    ):
+        with pytest.raises(ConfigError, match=words):
+            _config(
+                tmp_path, "bad", model_kind="classification", **{"head_learning_rate": 1e-2, **bad}
+            )

@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--test-size", type=_at_least_one, default=None, help="scored examples (default: 64)"
     )
     _serve_flags(commands)
-    from .experiments import EXPERIMENT_NAMES
+    from .experiments import EXPERIMENT_NAMES, MODES
 
     reproduce = commands.add_parser(
         "reproduce",
@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reproduce.add_argument(
         "--scale",
-        choices=("quick", "standard", "full"),
+        choices=MODES,
         default=None,
         help="quick, standard (the methods on e2e with SmolLM2, about 2 h) or full "
         "(default: full, or quick with --quick)",
@@ -416,13 +416,12 @@ def _merge_gguf(args: argparse.Namespace) -> int:
     from .ollama import modelfile, modelfile_name
 
     check_export_target(args.output, args.outtype)  # before the model loads
-    source = source_gguf(args.model)
-    template = read_gguf(source).fields.get("tokenizer.chat_template")
+    source = read_gguf(source_gguf(args.model))  # once: the Modelfile's template and the copy
     merged = None
     if args.adapter is not None:
         model, _ = _load(args)  # the adapter is checked against the base here
         merged = _merged(model, args.adapter)
-    text = modelfile(args.output, None, template.contents() if template else None)
+    text = modelfile(args.output, None, source.chat_template)
     written = write_merged_gguf(
         source,
         args.output,
@@ -430,15 +429,22 @@ def _merge_gguf(args: argparse.Namespace) -> int:
         merged,
         {modelfile_name(args.output): text_writer(text)},
     )
-    what = f"{len(written.replaced)} merged tensors in {args.outtype}, the rest as in {source}"
+    what = f"{len(written.replaced)} merged tensors in {args.outtype}, the rest as in {source.path}"
     if merged is None:
         what = f"the base, every tensor in {args.outtype}"
     print(f"wrote {written.path}: {written.architecture} GGUF, {written.tensors} tensors ({what})")
-    if written.kept_f16:
-        print(f"  kept in f16 (rows not a multiple of 32): {len(written.kept_f16)} tensors")
-    print(f"  run it: llama-cli -m {written.path}")
-    print(f"  Ollama: ollama create NAME -f {written.path.with_name(modelfile_name(written.path))}")
+    _say_how_to_run(written.path, written.kept_f16, f"llama-cli -m {written.path}")
     return 0
+
+
+def _say_how_to_run(path: Path, kept_f16: list[str], run: str) -> None:
+    """The lines after an export: what stayed f16, and how llama.cpp and Ollama run it."""
+    from .ollama import modelfile_name
+
+    if kept_f16:
+        print(f"  kept in f16 (rows not a multiple of 32): {len(kept_f16)} tensors")
+    print(f"  run it: {run}")
+    print(f"  Ollama: ollama create NAME -f {path.with_name(modelfile_name(path))}")
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -471,12 +477,7 @@ def _export(args: argparse.Namespace) -> int:
             f"  {len(exported.rescaled)} modules have another scale than alpha / r "
             f"(rsLoRA or a pattern): it is folded into their lora_b: {exported.rescaled}"
         )
-    if exported.kept_f16:
-        print(f"  kept in f16 (rows not a multiple of 32): {len(exported.kept_f16)} tensors")
-    print(f"  run it: llama-cli -m {base} --lora {exported.path}")
-    print(
-        f"  Ollama: ollama create NAME -f {exported.path.with_name(modelfile_name(exported.path))}"
-    )
+    _say_how_to_run(exported.path, exported.kept_f16, f"llama-cli -m {base} --lora {exported.path}")
     return 0
 
 

@@ -66,29 +66,43 @@ _CONVERT_FIRST = (
 )
 
 
-def read_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
+@dataclass(frozen=True)
+class SourceGguf:
+    """A GGUF file, read once (its metadata alone takes seconds: SmolLM2's 49k tokens)."""
+
+    path: Path
+    reader: gguf.GGUFReader
+
+    @property
+    def chat_template(self) -> str | None:
+        found = self.reader.fields.get(gguf.Keys.Tokenizer.CHAT_TEMPLATE)
+        return found.contents() if found is not None else None
+
+
+def read_gguf(path: str | os.PathLike) -> SourceGguf:
     """Open a GGUF file, or say in one line that it is not one."""
     try:
-        return gguf.GGUFReader(path)
+        return SourceGguf(Path(path), gguf.GGUFReader(path))
     except (ValueError, OSError, IndexError) as error:  # bad magic, a truncated file …
         raise ExportError(f"{path} is not a readable GGUF file: {error}") from None
 
 
 def write_merged_gguf(
-    source: str | os.PathLike,
+    source: str | os.PathLike | SourceGguf,
     output: str | os.PathLike,
     outtype: str = "f32",
     merged: nn.Module | None = None,
     extra_files: dict | None = None,
 ) -> MergedGguf:
-    """Write ``source`` again at ``output`` with the tensors of ``merged`` (a plain model,
-    its adapter merged) that differ from the source's; without ``merged``, every tensor
-    in ``outtype``. Written whole or not at all, with ``extra_files`` beside it."""
+    """Write ``source`` (a path, or the file already read) again at ``output`` with the
+    tensors of ``merged`` (a plain model, its adapter merged) that differ from the
+    source's; without ``merged``, every tensor in ``outtype``. Written whole or not at all,
+    with ``extra_files`` beside it."""
     output = check_export_target(output, outtype)
-    source = Path(source)
-    if output.resolve() == source.resolve():
+    path = source.path if isinstance(source, SourceGguf) else Path(source)
+    if output.resolve() == path.resolve():
         raise ExportError(f"--output {output} is the source GGUF itself; write a new file")
-    reader = read_gguf(source)
+    reader = (source if isinstance(source, SourceGguf) else read_gguf(source)).reader
     architecture = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
     ours = _changed_candidates(merged, architecture) if merged is not None else {}
     kept_f16: list[str] = []

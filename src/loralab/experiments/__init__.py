@@ -91,7 +91,7 @@ def reproduce(
         try:
             report: Report = experiment.run(scale, Path(workdir))
         except RunsMissing as missing:
-            print(f"{missing}")
+            print(missing)
             return {}
     report.seconds = time.perf_counter() - started
     return write_report(report, output_dir, command)

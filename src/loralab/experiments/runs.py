@@ -21,7 +21,7 @@ import multiprocessing
 import signal
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +68,6 @@ def run_settings(
 
     ``model`` is the (name, kind) to train, by default ``settings.TASK_MODELS[arm.task]``."""
     model_name, kind = model or experiment_settings.TASK_MODELS[arm.task]
-    method = arm.settings.get("method", "lora")
     return {
         "model": model_name,
         "model_kind": kind,
@@ -81,7 +80,7 @@ def run_settings(
         "warmup_steps": max(1, scale.steps // 10),
         "batch_size": scale.batch_size,
         "max_length": scale.max_length,
-        "learning_rate": LEARNING_RATES.get(method, 2e-3),
+        "learning_rate": _own_rate(arm),
         "lora_dropout": 0.0,
         "eval_every": 0,
         "save_every": 0,
@@ -332,7 +331,7 @@ def run_arms(
             arm, runs = arms[i], tried[i]
             best = _best(arm, runs)
             rate = best.settings["learning_rate"]
-            chosen[i] = Arm(arm.label, arm.task, {**arm.settings, "learning_rate": rate}, arm.x)
+            chosen[i] = _at_rate(arm, rate)
             first_runs[i] = best  # the first seed's run of the chosen rate: not trained again
             metric = PRIMARY_METRIC[arm.task]
             candidates = [
@@ -382,21 +381,22 @@ def _beyond(arm: Arm, runs: Sequence[RunResult], scale: Scale) -> Arm | None:
         rate *= factors[0] / factors[1]
     else:
         return None
-    return Arm(arm.label, arm.task, {**arm.settings, "learning_rate": rate}, arm.x)
+    return _at_rate(arm, rate)
 
 
 def _candidates(arm: Arm, scale: Scale) -> list[Arm]:
     """The arm at every learning rate of the scale's grid (just itself without a grid)."""
     if len(scale.lr_grid) < 2:
         return [arm]
-    rate = _own_rate(arm)
-    return [
-        Arm(arm.label, arm.task, {**arm.settings, "learning_rate": rate * factor}, arm.x)
-        for factor in scale.lr_grid
-    ]
+    return [_at_rate(arm, _own_rate(arm) * factor) for factor in scale.lr_grid]
+
+
+def _at_rate(arm: Arm, rate: float) -> Arm:
+    return replace(arm, settings={**arm.settings, "learning_rate": rate})
 
 
 def _own_rate(arm: Arm) -> float:
+    """The method's learning rate (``settings.LEARNING_RATES``) unless the arm sets one."""
     method = arm.settings.get("method", "lora")
     return arm.settings.get("learning_rate", LEARNING_RATES.get(method, 2e-3))
 
