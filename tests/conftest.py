@@ -189,6 +189,20 @@ def tiny_model_dir(tmp_path_factory):
     return directory
 
 
+@pytest.fixture(scope="session")
+def tiny_classifier_dir(tmp_path_factory):
+    """A tiny BERT classifier of three labels and its character tokenizer, saved as a normal
+    model directory (positions for 64 tokens)."""
+    directory = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    tokenizer = char_tokenizer()
+    model = tiny_bert()
+    model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 def _byte_level_alphabet() -> list[str]:
     """GPT-2's byte-level BPE alphabet: each of the 256 bytes as one printable character,
     in byte order (printable bytes stand for themselves, the rest map past U+0100)."""

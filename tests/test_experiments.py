@@ -121,3 +121,40 @@ def test_a_task_with_its_own_scale_keeps_the_experiments_seeds_and_jobs():
     assert (sql.steps, sql.test_size, sql.batch_size) == (40, 8, 2)
     assert (sql.seeds, sql.jobs, sql.quick, sql.per_task) == ((0, 1, 2), 2, False, ())
     assert "; sql: 40 steps × batch 2" in scale.describe() and "2 jobs" in scale.describe()
+
+
+def test_the_recipe_experiment_trains_each_change_on_a_classifier(
+    monkeypatch, tiny_classifier_dir, tmp_path
+):
+    classifier = (str(tiny_classifier_dir), "classification")
+    monkeypatch.setattr(experiment_settings, "TASK_MODELS", {"nli": classifier})
+    module = get_experiment("recipe")
+    scale = replace(TINY, steps=10, max_length=64, quick=True)
+    paths = write_report(module.run(scale, tmp_path / "work"), tmp_path / "out")
+    runs = json.loads(paths["json"].read_text())["runs"]
+    variants = module.variants(scale)
+    assert len(runs) == 2 * len(variants) and {r["seed"] for r in runs} == {0, 1}
+    settings = {r["label"]: r["settings"] for r in runs if r["seed"] == 0}
+    assert settings[variants[0][0]]["warmup_steps"] == 1  # what every experiment runs
+    for label, changes in variants[1:]:
+        assert changes and all(settings[label][k] == v for k, v in changes.items()), label
+    assert settings["warm-up 30 %"]["warmup_steps"] == 3
+    assert settings["head at 1e-4"]["head_learning_rate"] == pytest.approx(1e-4)
+    text = paths["md"].read_text()
+    assert "| Recipe | accuracy by seed | mean ± std | stuck |" in text
+    assert text.count(" of 2 |") == len(variants)
+
+
+@pytest.mark.parametrize("name", ["lora-pe", "adalora"])
+def test_an_experiment_that_selects_rates_reports_the_selection(
+    name, tiny_tasks, monkeypatch, tmp_path
+):
+    module = get_experiment(name)
+    monkeypatch.setattr(module, "TASKS" if name == "adalora" else "QUICK_TASKS", ("e2e",))
+    scale = replace(TINY, seeds=(0,), quick=True, lr_grid=(0.5, 1.0, 2.0), validation_size=3)
+    paths = write_report(module.run(scale, tmp_path / "work"), tmp_path / "out")
+    raw = json.loads(paths["json"].read_text())
+    arms = {run["label"] for run in raw["runs"]}
+    assert {s["label"] for s in raw["selection"]} == arms
+    assert all(len(s["candidates"]) >= 3 for s in raw["selection"])
+    assert "Learning rates, chosen on validation with the first seed" in paths["md"].read_text()

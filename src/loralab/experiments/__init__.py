@@ -32,6 +32,7 @@ EXPERIMENT_MODULES = {
     "adalora": "adalora",
     "latency": "latency",
     "subspace": "subspace",
+    "recipe": "recipe",  # not a finding: whether LoRA's plateau on nli is the recipe's
 }
 EXPERIMENT_NAMES = tuple(EXPERIMENT_MODULES)
 

@@ -6,22 +6,34 @@ from __future__ import annotations
 from pathlib import Path
 
 from .methods import METHOD_ARMS
-from .report import Report, format_mean_std, markdown_table, mean_std, runs_as_dicts
+from .report import Report, format_mean_std, markdown_table, mean_std, raw_of, selection_section
 from .runs import run_arms
-from .settings import LM_FULL, Arm, Scale
+from .settings import LM_FULL_SELECTED, LR_GRID, NLI_VALIDATION, Arm, Scale
 
 NAME = "lora-pe"
 SUMMARY = "LoRA+PE against LoRA and PreEmbed"
-QUICK = Scale(steps=300, train_size=1000, test_size=500, seeds=(0, 1, 2), batch_size=8, quick=True)
+QUICK = Scale(
+    steps=300,
+    train_size=1000,
+    test_size=500,
+    seeds=(0, 1, 2),
+    batch_size=8,
+    quick=True,
+    lr_grid=LR_GRID,
+    validation_size=NLI_VALIDATION,
+)
 FULL = Scale(
     steps=1500,
     train_size=10_000,
     test_size=1000,
     seeds=(0, 1, 2),
     batch_size=8,
-    per_task=(("e2e", LM_FULL),),
+    lr_grid=LR_GRID,
+    validation_size=500,
+    per_task=(("e2e", LM_FULL_SELECTED),),
 )
-FULL_HOURS = 1.75  # estimated: 9 nli runs of about 5 min, 9 e2e runs of about 18 min
+# estimated, with the selection: 17 nli runs of about 5 min, 17 e2e runs of about 18 min
+FULL_HOURS = 3.2
 QUICK_TASKS = ("nli",)
 FULL_TASKS = ("nli", "e2e")
 METRIC = {"nli": "accuracy", "e2e": "bleu", "sql": "execution_accuracy"}
@@ -44,7 +56,7 @@ def run(scale: Scale, workdir: Path) -> Report:
             [method, f"{trainable:,}", *[format_mean_std(values(method, t)) for t in tasks]]
         )
     header = ["Method", "trainable", *[f"{t} {METRIC[t]}" for t in tasks]]
-    body = "Mean ± std over seeds.\n\n" + markdown_table(header, rows)
+    body = "Mean ± std over seeds.\n\n" + markdown_table(header, rows) + selection_section(results)
 
     def draw(figure) -> None:
         axes = figure.subplots(1, len(tasks), squeeze=False)[0]
@@ -53,4 +65,4 @@ def run(scale: Scale, workdir: Path) -> Report:
             axis.bar(METHODS, [m for m, _ in stats], yerr=[s for _, s in stats], capsize=4)
             axis.set_ylabel(f"{task} {METRIC[task]}")
 
-    return Report(NAME, "LoRA+PE", body, {"runs": runs_as_dicts(results)}, draw, scale)
+    return Report(NAME, "LoRA+PE", body, raw_of(results), draw, scale)

@@ -119,10 +119,17 @@ class Scale:
 # side by side: 4.7 s a step of batch 8 (MiniLM on nli: 0.16 s, full fine-tuning 0.3 s),
 # and about 25 s to score 64 sql or e2e test examples. A quick run: 40 steps, about 4 min.
 LM_QUICK = Scale(steps=40, train_size=1000, test_size=64, seeds=(0, 1), batch_size=8)
+# Learning-rate selection: each method's own rate halved, kept and doubled (and one step
+# further where the best is at an edge, runs.run_arms).
+LR_GRID = (0.5, 1.0, 2.0)
+# nli validation examples a candidate rate is scored on: MiniLM scores 200 in about 3 s.
+NLI_VALIDATION = 200
 # The standard mode: the quick size, each method's learning rate chosen from three on 32
 # validation examples (a run scores 96 examples, about 50 s, beside 40 steps of 3–4 s).
-LM_STANDARD = replace(LM_QUICK, lr_grid=(0.5, 1.0, 2.0), validation_size=32)
+LM_STANDARD = replace(LM_QUICK, lr_grid=LR_GRID, validation_size=32)
 LM_FULL = Scale(steps=200, train_size=2000, test_size=200, seeds=(0, 1, 2), batch_size=8)
+# The full mode of the experiments that compare methods: rates chosen on 100 examples.
+LM_FULL_SELECTED = replace(LM_FULL, lr_grid=LR_GRID, validation_size=100)
 
 
 def default_jobs() -> int:
