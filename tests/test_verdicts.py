@@ -124,3 +124,13 @@ def test_an_experiment_not_run_is_not_measured_and_the_command_writes_the_page(t
     assert "- Rule: holds: LoRA+PE above LoRA" in page
     assert main(["reproduce", "report", "--output-dir", str(tmp_path / "none")]) == 2
     assert "is not a results folder" in capsys.readouterr().err
+
+
+def test_finding_6_reads_the_methods_table_where_lora_pe_did_not_run(tmp_path):
+    arms = {"FT": [56.0, 57.0], "LoRA": [55.0, 56.0], "LoRA+PE": [50.6, 50.8]}
+    _write(tmp_path, "methods", arms, task="e2e")
+    found = [v for v in verdicts(tmp_path) if v.finding.startswith("6.")]
+    assert [v.verdict for v in found] == [FAILS]
+    assert found[0].measured == "e2e (methods.json): LoRA 55.5 ± 0.7, LoRA+PE 50.7 ± 0.1"
+    _write(tmp_path, "lora-pe", {"LoRA": [70.0, 70.2], "LoRA+PE": [75.1, 75.3]})
+    assert _verdict(tmp_path, "6.") == HOLDS  # its own experiment, where there is one

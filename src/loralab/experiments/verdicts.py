@@ -135,12 +135,14 @@ def lora_against_the_methods(results: Results) -> Judged:
             "methods", "FT", task
         )
         better = [label for label, stat in others.items() if beats(stat, lora)]
-        best = max(others, key=lambda label: others[label].mean)
         measured = (
             f"{task} {PRIMARY_METRIC[task]}: LoRA {lora}, FT {ft} (LoRA trains "
-            f"{ratio:.2%} of FT's parameters); best other: {best} {others[best]}"
-            + (f"; above LoRA: {', '.join(better)}" if better else "")
+            f"{ratio:.2%} of FT's parameters)"
         )
+        if others:
+            best = max(others, key=lambda label: others[label].mean)
+            measured += f"; best other: {best} {others[best]}"
+        measured += f"; above LoRA: {', '.join(better)}" if better else ""
         judged.append((measured, _both(within(lora, ft) and ratio < 0.01, not better)))
     return judged
 
@@ -236,13 +238,17 @@ def _falls(points: list[tuple[int, Stat]]) -> bool:
 
 
 def lora_with_prefix(results: Results) -> Judged:
+    # The methods table has both arms too: where lora-pe did not run (the standard mode),
+    # it is what measured them.
+    source = next((e for e in ("lora-pe", "methods") if results.tasks(e)), "lora-pe")
     rows, verdict = [], FAILS
-    for task in results.tasks("lora-pe"):
-        both = results.stat("lora-pe", "LoRA+PE", task)
-        lora = results.stat("lora-pe", "LoRA", task)
+    for task in results.tasks(source):
+        both = results.stat(source, "LoRA+PE", task)
+        lora = results.stat(source, "LoRA", task)
         if both is None or lora is None:
             continue
-        rows.append(f"{task}: LoRA {lora}, LoRA+PE {both}")
+        named = "" if source == "lora-pe" else f" ({source}.json)"
+        rows.append(f"{task}{named}: LoRA {lora}, LoRA+PE {both}")
         if beats(both, lora):
             verdict = HOLDS
         elif both.mean > lora.mean and verdict == FAILS:
