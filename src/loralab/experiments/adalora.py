@@ -15,7 +15,7 @@ from ..methods.adalora_report import layer_and_type
 from . import settings as experiment_settings
 from .report import Report, format_mean_std, markdown_table, mean_std, raw_of, selection_section
 from .runs import run_arms
-from .settings import LM_FULL_SELECTED, LM_QUICK, LR_GRID, Arm, Scale
+from .settings import LM_FULL_SELECTED, LM_QUICK, Arm, Scale, selecting
 
 NAME = "adalora"
 SUMMARY = "AdaLoRA against LoRA at the same final parameter budget, on nli and sql"
@@ -28,15 +28,16 @@ QUICK = Scale(
     quick=True,
     per_task=(("sql", LM_QUICK),),
 )
-FULL = Scale(
-    steps=1500,
-    train_size=10_000,
-    test_size=1000,
-    seeds=(0, 1, 2),
-    batch_size=8,
-    lr_grid=LR_GRID,
-    validation_size=500,
-    per_task=(("sql", LM_FULL_SELECTED),),
+FULL = selecting(
+    Scale(
+        steps=1500,
+        train_size=10_000,
+        test_size=1000,
+        seeds=(0, 1, 2),
+        batch_size=8,
+        per_task=(("sql", LM_FULL_SELECTED),),
+    ),
+    500,
 )
 # estimated, with the selection: 11 nli runs of about 5 min, 11 sql runs of about 18 min
 FULL_HOURS = 2.2

@@ -8,29 +8,24 @@ from pathlib import Path
 from .methods import METHOD_ARMS
 from .report import Report, format_mean_std, markdown_table, mean_std, raw_of, selection_section
 from .runs import run_arms
-from .settings import LM_FULL_SELECTED, LR_GRID, NLI_VALIDATION, Arm, Scale
+from .settings import LM_FULL_SELECTED, NLI_VALIDATION, Arm, Scale, selecting
 
 NAME = "lora-pe"
 SUMMARY = "LoRA+PE against LoRA and PreEmbed"
-QUICK = Scale(
-    steps=300,
-    train_size=1000,
-    test_size=500,
-    seeds=(0, 1, 2),
-    batch_size=8,
-    quick=True,
-    lr_grid=LR_GRID,
-    validation_size=NLI_VALIDATION,
+QUICK = selecting(
+    Scale(steps=300, train_size=1000, test_size=500, seeds=(0, 1, 2), batch_size=8, quick=True),
+    NLI_VALIDATION,
 )
-FULL = Scale(
-    steps=1500,
-    train_size=10_000,
-    test_size=1000,
-    seeds=(0, 1, 2),
-    batch_size=8,
-    lr_grid=LR_GRID,
-    validation_size=500,
-    per_task=(("e2e", LM_FULL_SELECTED),),
+FULL = selecting(
+    Scale(
+        steps=1500,
+        train_size=10_000,
+        test_size=1000,
+        seeds=(0, 1, 2),
+        batch_size=8,
+        per_task=(("e2e", LM_FULL_SELECTED),),
+    ),
+    500,
 )
 # estimated, with the selection: 17 nli runs of about 5 min, 17 e2e runs of about 18 min
 FULL_HOURS = 3.2

@@ -10,31 +10,19 @@ from pathlib import Path
 from .methods import METHOD_ARMS
 from .report import Report, format_mean_std, markdown_table, mean_std, raw_of, selection_section
 from .runs import run_arms
-from .settings import LM_STANDARD, LR_GRID, NLI_VALIDATION, PRIMARY_METRIC, Arm, Scale
+from .settings import LM_STANDARD, NLI_VALIDATION, PRIMARY_METRIC, Arm, Scale, selecting
 
 NAME = "low-data"
 SUMMARY = (
     "FT, PreEmbed, PreLayer and LoRA with 100 / 1k / 10k training examples (nli; e2e in "
     "the standard mode)"
 )
-QUICK = Scale(
-    steps=200,
-    train_size=10_000,
-    test_size=500,
-    seeds=(0, 1),
-    batch_size=8,
-    quick=True,
-    lr_grid=LR_GRID,
-    validation_size=NLI_VALIDATION,
+QUICK = selecting(
+    Scale(steps=200, train_size=10_000, test_size=500, seeds=(0, 1), batch_size=8, quick=True),
+    NLI_VALIDATION,
 )
-FULL = Scale(
-    steps=1500,
-    train_size=10_000,
-    test_size=1000,
-    seeds=(0, 1, 2),
-    batch_size=8,
-    lr_grid=LR_GRID,
-    validation_size=500,
+FULL = selecting(
+    Scale(steps=1500, train_size=10_000, test_size=1000, seeds=(0, 1, 2), batch_size=8), 500
 )
 # On e2e with SmolLM2 (see methods.STANDARD), two sizes, each method's learning rate
 # chosen from three per size: 24 selection runs and 8 more for the second seed, about 50 min.

@@ -12,29 +12,24 @@ from pathlib import Path
 
 from .report import Report, format_mean_std, markdown_table, raw_of, selection_section
 from .runs import run_arms
-from .settings import LM_FULL_SELECTED, LM_STANDARD, LR_GRID, NLI_VALIDATION, Arm, Scale
+from .settings import LM_FULL_SELECTED, LM_STANDARD, NLI_VALIDATION, Arm, Scale, selecting
 
 NAME = "methods"
 SUMMARY = "every method on nli, e2e and sql: trainable parameters and task metrics"
-QUICK = Scale(
-    steps=300,
-    train_size=1000,
-    test_size=500,
-    seeds=(0, 1),
-    batch_size=8,
-    quick=True,
-    lr_grid=LR_GRID,
-    validation_size=NLI_VALIDATION,
+QUICK = selecting(
+    Scale(steps=300, train_size=1000, test_size=500, seeds=(0, 1), batch_size=8, quick=True),
+    NLI_VALIDATION,
 )
-FULL = Scale(
-    steps=1500,
-    train_size=10_000,
-    test_size=1000,
-    seeds=(0, 1, 2),
-    batch_size=8,
-    lr_grid=LR_GRID,
-    validation_size=500,
-    per_task=(("e2e", LM_FULL_SELECTED), ("sql", LM_FULL_SELECTED)),
+FULL = selecting(
+    Scale(
+        steps=1500,
+        train_size=10_000,
+        test_size=1000,
+        seeds=(0, 1, 2),
+        batch_size=8,
+        per_task=(("e2e", LM_FULL_SELECTED), ("sql", LM_FULL_SELECTED)),
+    ),
+    500,
 )
 # The paper's setting at a laptop's size: every method on e2e with SmolLM2 (the GPT-2 and
 # GPT-3 generation tasks), each method's learning rate chosen from three on validation.

@@ -124,12 +124,20 @@ LM_QUICK = Scale(steps=40, train_size=1000, test_size=64, seeds=(0, 1), batch_si
 LR_GRID = (0.5, 1.0, 2.0)
 # nli validation examples a candidate rate is scored on: MiniLM scores 200 in about 3 s.
 NLI_VALIDATION = 200
+
+
+def selecting(scale: Scale, validation_size: int) -> Scale:
+    """``scale`` with each method's learning rate chosen from ``LR_GRID`` on
+    ``validation_size`` validation examples."""
+    return replace(scale, lr_grid=LR_GRID, validation_size=validation_size)
+
+
 # The standard mode: the quick size, each method's learning rate chosen from three on 32
 # validation examples (a run scores 96 examples, about 50 s, beside 40 steps of 3–4 s).
-LM_STANDARD = replace(LM_QUICK, lr_grid=LR_GRID, validation_size=32)
+LM_STANDARD = selecting(LM_QUICK, 32)
 LM_FULL = Scale(steps=200, train_size=2000, test_size=200, seeds=(0, 1, 2), batch_size=8)
 # The full mode of the experiments that compare methods: rates chosen on 100 examples.
-LM_FULL_SELECTED = replace(LM_FULL, lr_grid=LR_GRID, validation_size=100)
+LM_FULL_SELECTED = selecting(LM_FULL, 100)
 
 
 def default_jobs() -> int:
