@@ -129,20 +129,38 @@ def test_the_recipe_experiment_trains_each_change_on_a_classifier(
     classifier = (str(tiny_classifier_dir), "classification")
     monkeypatch.setattr(experiment_settings, "TASK_MODELS", {"nli": classifier})
     module = get_experiment("recipe")
-    scale = replace(TINY, steps=10, max_length=64, quick=True)
+    monkeypatch.setattr(module, "METHOD_ARMS", module.METHOD_ARMS[:1] + module.METHOD_ARMS[-2:-1])
+    scale = replace(TINY, steps=10, max_length=64, quick=True, seeds=(0, 1, 2))
     paths = write_report(module.run(scale, tmp_path / "work"), tmp_path / "out")
     runs = json.loads(paths["json"].read_text())["runs"]
     variants = module.variants(scale)
-    assert len(runs) == 2 * len(variants) and {r["seed"] for r in runs} == {0, 1}
+    assert len(runs) == 3 * len(variants) + 2 * 2  # FT's two heads on the first two seeds
     settings = {r["label"]: r["settings"] for r in runs if r["seed"] == 0}
-    assert settings[variants[0][0]]["warmup_steps"] == 1  # what every experiment runs
+    first = settings[variants[0][0]]
+    assert first["warmup_steps"] == 1 and first["head_learning_rate"] is None
     for label, changes in variants[1:]:
         assert changes and all(settings[label][k] == v for k, v in changes.items()), label
     assert settings["warm-up 30 %"]["warmup_steps"] == 3
     assert settings["head at 1e-4"]["head_learning_rate"] == pytest.approx(1e-4)
+    # every experiment now trains a classifier's head at HEAD_LEARNING_RATE
+    assert settings["FT, head 1e-2"]["head_learning_rate"] == experiment_settings.HEAD_LEARNING_RATE
+    assert settings["FT, head own"]["head_learning_rate"] is None
+    assert {r["seed"] for r in runs if r["label"].startswith("FT")} == {0, 1}
     text = paths["md"].read_text()
     assert "| Recipe | accuracy by seed | mean ± std | stuck |" in text
-    assert text.count(" of 2 |") == len(variants)
+    assert text.count(" of 3 |") == len(variants)
+    assert "| Method | head at its rate | mean ± std | head at 1e-2 | mean ± std |" in text
+
+
+def test_a_stored_run_keeps_the_label_of_the_plan_that_reads_it(tiny_tasks, tmp_path):
+    """The key holds what a run computes, not its name: a renamed arm reuses the run and
+    shows its new name; a None that is the default is the same run as the default unset."""
+    scale = replace(TINY, seeds=(0,), store=str(tmp_path / "runs"))
+    run_arms("t", [Arm("old", "e2e", {"method": "lora", "r": 2})], scale, tmp_path / "a")
+    lines = []
+    again = [Arm("new", "e2e", {"method": "lora", "r": 2, "head_learning_rate": None})]
+    (run,) = run_arms("t", again, scale, tmp_path / "b", lines.append)
+    assert run.label == "new" and lines == ["t: 1 of 1 runs found in " + str(tmp_path / "runs")]
 
 
 @pytest.mark.parametrize("name", ["lora-pe", "adalora"])

@@ -29,7 +29,15 @@ import torch
 from transformers.utils import logging as transformers_logging
 
 from . import settings as experiment_settings
-from .settings import DATA_SEED, LEARNING_RATES, PRIMARY_METRIC, RUN_THREADS, Arm, Scale
+from .settings import (
+    DATA_SEED,
+    HEAD_LEARNING_RATE,
+    LEARNING_RATES,
+    PRIMARY_METRIC,
+    RUN_THREADS,
+    Arm,
+    Scale,
+)
 from .store import RunStore, run_key
 
 
@@ -68,6 +76,7 @@ def run_settings(
 
     ``model`` is the (name, kind) to train, by default ``settings.TASK_MODELS[arm.task]``."""
     model_name, kind = model or experiment_settings.TASK_MODELS[arm.task]
+    head = {"head_learning_rate": HEAD_LEARNING_RATE} if kind == "classification" else {}
     return {
         "model": model_name,
         "model_kind": kind,
@@ -86,6 +95,7 @@ def run_settings(
         "save_every": 0,
         "progress": False,
         "output_dir": str(workdir / f"{_slug(arm.label)}-{arm.task}-seed{seed}"),
+        **head,
         **arm.settings,
     }
 
@@ -212,8 +222,8 @@ def run_plan(
     todo = []
     for index in range(len(jobs)):
         stored = store.get(keys[index][0]) if store is not None else None
-        if stored is not None:
-            results[index] = RunResult(**stored)
+        if stored is not None:  # under this plan's label: the key does not hold one
+            results[index] = replace(RunResult(**stored), label=jobs[index].arm.label)
         elif scale.shard is None or scale.shard.owns(index):
             todo.append(index)
     if store is not None and len(todo) < len(jobs):

@@ -19,12 +19,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from ..atomic_write import json_writer, write_files_atomically
 from ..config import ConfigError
+from ..train_config import TrainConfig
 
 STORE_FOLDER = "runs"  # in a results folder: results/standard/runs/<key>.json
 STORE_VERSION = 1
@@ -33,13 +34,22 @@ no longer match any key, and are trained again."""
 
 # Settings that change where a run writes or what it prints, not what it computes.
 _NOT_DETERMINING = ("output_dir", "progress")
+# TrainConfig fields whose default is None: set to None they are the same run as unset,
+# so they hash alike (an arm may name the default, as recipe's does for the head's rate).
+_NONE_BY_DEFAULT = frozenset(
+    f.name for f in fields(TrainConfig) if f.default is None and f.default_factory is MISSING
+)
 
 
 def run_key(settings: dict[str, Any], scoring: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """The key of a run and the inputs it hashes."""
     inputs = {
         "store_version": STORE_VERSION,
-        "settings": {k: v for k, v in sorted(settings.items()) if k not in _NOT_DETERMINING},
+        "settings": {
+            k: v
+            for k, v in sorted(settings.items())
+            if k not in _NOT_DETERMINING and not (v is None and k in _NONE_BY_DEFAULT)
+        },
         "scoring": scoring,
         "environment": _environment(),
     }
