@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reproduce.add_argument("name", help=f"one of: {', '.join(EXPERIMENT_NAMES)}, report")
     reproduce.add_argument(
-        "--quick", action="store_true", help="the short mode (≤ 15 min): --scale quick"
+        "--quick", action="store_true", help="the short mode (up to about 20 min): --scale quick"
     )
     reproduce.add_argument(
         "--scale",

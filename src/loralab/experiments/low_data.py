@@ -25,7 +25,8 @@ FULL = selecting(
     Scale(steps=1500, train_size=10_000, test_size=1000, seeds=(0, 1, 2), batch_size=8), 500
 )
 # On e2e with SmolLM2 (see methods.STANDARD), two sizes, each method's learning rate
-# chosen from three per size: 24 selection runs and 8 more for the second seed, about 50 min.
+# chosen from three per size: 24 selection runs, 4 beyond the grid and 8 more for the second
+# seed took 47 min here (92.6 min of one-thread runs).
 STANDARD = replace(LM_STANDARD, steps=30)
 FULL_HOURS = 2.7  # estimated: 66 runs of 4–8 min with the selection (FT takes twice as long)
 TASK = "nli"

@@ -34,8 +34,8 @@ FULL = selecting(
 # The paper's setting at a laptop's size: every method on e2e with SmolLM2 (the GPT-2 and
 # GPT-3 generation tasks), each method's learning rate chosen from three on validation.
 # Measured with two one-thread runs side by side: 3.2–3.9 s a step of batch 8 (FT 7.7 s),
-# 12–19 s to score 32 examples; 27 selection runs and 9 more for the second seed, about an
-# hour.
+# 12–19 s to score 32 examples; 27 selection runs, 7 beyond the grid and 9 more for the
+# second seed took 64 min here (125.3 min of one-thread runs).
 STANDARD = LM_STANDARD
 # Estimated from the measured step times (settings.LM_QUICK), two runs at a time: per
 # method and task 3 selection runs, about one beyond the grid in two, and 2 more seeds;
