@@ -33,6 +33,8 @@ RESUMABLE_CHANGES = {
     "fsdp",
     "gradient_checkpointing",
     "chunked_loss",  # the same loss and gradients, up to rounding
+    "lean_mlp",  # the same loss and gradients, bit for bit
+    "return_freed_memory",  # how memory is allocated, not what is computed
 }
 
 

@@ -29,6 +29,7 @@ import torch
 import yaml
 from torch import nn
 
+from .allocator import map_large_blocks
 from .architectures import classifier_head
 from .checkpoint import CHECKPOINT, check_resumable, find_checkpoint, save_checkpoint
 from .config import ConfigError
@@ -64,6 +65,7 @@ from .distributed import (
     wrap_ddp,
 )
 from .inject import ParameterReport, trainable_parameters
+from .lean_mlp import lean_mlp
 from .loss import causal_lm_loss
 from .methods import Method
 from .methods.files import load_method, save_method
@@ -365,6 +367,10 @@ def _set_up(
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     trainable = trainable_parameters(model)
+    if config.return_freed_memory:
+        map_large_blocks()
+    if config.lean_mlp:
+        cleanup.enter_context(lean_mlp(model))  # the model's own forward again at the end
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     runner = _distribute(model, config, world)
