@@ -132,16 +132,37 @@ TRAIN_CASES = {
     },
     "tiny Llama": {"model": "tiny", "steps": ((5, 40), (5, 20)), "sides": TRAIN_SIDES},
 }
-# Written by the driver with random weights: the shapes matter for speed and memory, not
-# the values. SmolLM2-360M's shape, with SmolLM2's tokenizer (so the same e2e batches).
-LOCAL_MODELS = ("tiny", "llama-360m")
+# Written by the driver with random weights (``write_random_llama``): the shapes matter for
+# speed and memory, not the values. "llama-360m" is SmolLM2-360M's shape (32 blocks of
+# width 960, 15 heads over 5 key-value heads, 362M parameters).
+LOCAL_MODELS = {
+    "tiny": {
+        "hidden_size": 64,
+        "intermediate_size": 256,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+    },
+    "llama-360m": {
+        "hidden_size": 960,
+        "intermediate_size": 2560,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 15,
+        "num_key_value_heads": 5,
+        "max_position_embeddings": 8192,
+        "rope_theta": 100000.0,
+        "rms_norm_eps": 1e-5,
+    },
+}
 
 
-# -- the tiny model and the adapter files, written once by the driver -------------------------
+# -- the random Llamas and the adapter files, written once by the driver ----------------------
 
 
-def write_tiny_llama(directory: Path) -> None:
-    """A small Llama with SmolLM2's tokenizer (so it reads the same e2e batches)."""
+def write_random_llama(directory: Path, shape: dict) -> None:
+    """A Llama of ``shape`` with random weights and SmolLM2's tokenizer (so it reads the
+    same e2e batches)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from loralab.models import load_model
@@ -149,40 +170,8 @@ def write_tiny_llama(directory: Path) -> None:
     _, tokenizer = load_model(MODEL)
     torch.manual_seed(0)
     config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **shape,
         vocab_size=len(tokenizer),
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-
-
-def write_llama_360m(directory: Path) -> None:
-    """SmolLM2-360M's shape (32 blocks of width 960, 15 heads over 5 key-value heads,
-    362M parameters) with random weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from loralab.models import load_model
-
-    _, tokenizer = load_model(MODEL)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=960,
-        intermediate_size=2560,
-        num_hidden_layers=32,
-        num_attention_heads=15,
-        num_key_value_heads=5,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=8192,
-        rope_theta=100000.0,
-        rms_norm_eps=1e-5,
         tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -573,9 +562,9 @@ def driver(quick: bool, write: bool, rounds: int) -> None:
     other: dict[tuple[str, str], list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-train-") as scratch:
         scratch = Path(scratch)
-        print("writing the tiny Llama and two PEFT adapters ...", file=sys.stderr)
-        write_tiny_llama(scratch / "tiny")
-        write_llama_360m(scratch / "llama-360m")
+        print("writing the tiny and 360M Llamas and two PEFT adapters ...", file=sys.stderr)
+        for name, shape in LOCAL_MODELS.items():
+            write_random_llama(scratch / name, shape)
         write_adapters(scratch / "adapters")
         flag = ["--quick"] if quick else []
         for index in range(rounds):
