@@ -47,3 +47,26 @@ def test_freed_large_blocks_leave_the_resident_set():
     assert map_large_blocks()
     assert _released_mb("mapped") > 350  # of the 400 MB freed
     assert _released_mb("default") < 100  # glibc's adaptive threshold keeps them
+
+
+def test_training_fixes_the_threshold_only_when_asked(tmp_path, tiny_model_dir, monkeypatch):
+    from loralab.train import train
+    from test_train import _config, _tiny
+
+    calls = []
+    monkeypatch.setattr("loralab.train.map_large_blocks", lambda: calls.append(1) or True)
+    for name, asked in (("default", None), ("asked", True)):
+        model, tokenizer = _tiny(tiny_model_dir)
+        extra = {} if asked is None else {"return_freed_memory": asked}
+        config = _config(tmp_path, name, max_steps=1, save_every=0, eval_every=0, **extra)
+        train(config, model=model, tokenizer=tokenizer)
+    assert calls == [1]  # off by default, on when set
+
+
+def test_the_memory_settings_refuse_what_is_not_a_bool():
+    from loralab.config import ConfigError
+    from loralab.train_config import TrainConfig
+
+    for name in ("lean_mlp", "return_freed_memory"):
+        with pytest.raises(ConfigError, match=f"{name} must be true or false, got 'yes'"):
+            TrainConfig(**{name: "yes"})
