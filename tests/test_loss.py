@@ -3,6 +3,8 @@ without ever building the full logits."""
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -10,7 +12,7 @@ from transformers import LlamaForCausalLM
 
 from conftest import make_model, randomize_lora, token_batch
 from loralab import LoraConfig, inject_adapter
-from loralab.loss import causal_lm_loss, counted_head
+from loralab.loss import NORMALISER_ROWS, causal_lm_loss, counted_head, row_logsumexp
 
 
 def _batch(seed: int = 1, rows: int = 3, length: int = 11) -> dict[str, torch.Tensor]:
@@ -129,3 +131,55 @@ def test_the_head_is_back_in_place_after_an_error_in_the_forward(monkeypatch):
     with pytest.raises(RuntimeError, match="out of memory"):
         causal_lm_loss(model, model, _batch())
     assert model.lm_head is head
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4])
+@pytest.mark.parametrize("count", [1, 2, 16, 17, 18, 33, 40, 170])
+def test_the_log_normaliser_by_blocks_of_rows_is_torchs_to_the_last_bit(count, threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        logits = torch.randn(count, 49_152, generator=torch.Generator().manual_seed(count)) * 6
+        assert torch.equal(row_logsumexp(logits), torch.logsumexp(logits, dim=-1))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_loss_holds_one_chunk_of_logits_at_a_time():
+    config = make_model("llama").config
+    config.vocab_size = 1000
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    inject_adapter(model, LoraConfig(r=4, target_modules=["q", "v"]))
+    batch = _batch(rows=4, length=16)
+    chunk = NORMALISER_ROWS + 2  # a block of rows and a part of one
+    counted = int((batch["labels"][:, 1:] != -100).sum())
+    assert counted > 2 * chunk
+    block = (NORMALISER_ROWS + 1) * config.vocab_size
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}  # and their views
+
+    class ChunksAlive(TorchDispatchMode):
+        """The most tensors larger than a block of rows' logits alive at once."""
+
+        def __init__(self):
+            super().__init__()
+            self.alive: dict[int, weakref.ref] = {}  # by storage: in-place ops return it
+            self.most = self.made = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for tensor in out if isinstance(out, (tuple, list)) else [out]:
+                large = isinstance(tensor, torch.Tensor) and tensor.numel() > block
+                where = tensor.untyped_storage().data_ptr() if large else None
+                if not large or where in weights:
+                    continue
+                self.alive = {k: ref for k, ref in self.alive.items() if ref() is not None}
+                if where not in self.alive:
+                    self.alive[where] = weakref.ref(tensor)
+                    self.most, self.made = max(self.most, len(self.alive)), self.made + 1
+            return out
+
+    with ChunksAlive() as seen:
+        causal_lm_loss(model, model, batch, chunk=chunk).backward()
+    assert seen.made >= 2  # the logits of two chunks or more were made, one after the other
+    assert seen.most == 1

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 1 << 23  # logits of one chunk: 8M floats (32 MB in fp32)
+NORMALISER_ROWS = 16  # rows of a chunk whose log-normaliser is computed at once
 
 # Transformers model types whose logits are exactly lm_head(final hidden states): no soft
 # capping (Gemma 2), logit scale (Cohere) or divisor (Granite) after the head.
@@ -91,6 +92,27 @@ def chunk_size(head: nn.Linear) -> int:
     return max(1, CHUNK_ELEMENTS // head.out_features)
 
 
+def row_logsumexp(logits: Tensor, rows: int = NORMALISER_ROWS) -> Tensor:
+    """``torch.logsumexp(logits, dim=-1)`` of a (C, V) tensor, ``rows`` rows at a time.
+
+    ``logsumexp`` builds ``exp(logits − max)`` in full before it sums it: a second chunk of
+    logits (32 MB on SmolLM2) at the moment a training step's memory peaks. A block of rows
+    needs a block of that. The values are the same to the last bit: a reduction over the
+    last dimension of two rows or more splits its work by rows, so each row is summed by
+    the same code in the same order; a lone row is summed in two halves instead, so no
+    block is left with one row unless the whole tensor has one.
+    """
+    count = logits.shape[0]
+    if count <= rows + 1:
+        return torch.logsumexp(logits, dim=-1)
+    starts = list(range(0, count, rows))
+    if count - starts[-1] == 1:
+        starts.pop()  # the last block takes the lone row: rows + 1 of them
+    ends = [*starts[1:], count]
+    blocks = zip(starts, ends, strict=True)
+    return torch.cat([torch.logsumexp(logits[a:b], dim=-1) for a, b in blocks])
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """Σ cross_entropy(hidden @ Wᵀ + b, targets) over N rows, ``chunk`` rows at a time.
 
@@ -111,10 +133,13 @@ class LinearCrossEntropy(torch.autograd.Function):
         )
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
+            # The last chunk's logits (which the three names hold) go before this chunk's
+            # are made: otherwise two chunks of logits exist at the step's peak.
+            logits = probabilities = grad_logits = None
             rows = hidden[start : start + chunk]
             wanted = targets[start : start + chunk]
             logits = F.linear(rows, weight, bias).float()  # (C, V)
-            log_normaliser = torch.logsumexp(logits, dim=-1)  # (C,)
+            log_normaliser = row_logsumexp(logits)  # (C,)
             picked = logits.gather(1, wanted.unsqueeze(1)).squeeze(1)
             total += (log_normaliser - picked).sum()
             if not (want_hidden or want_weight or want_bias):
@@ -143,4 +168,10 @@ class LinearCrossEntropy(torch.autograd.Function):
         return *grads, None, None
 
 
-__all__ = ["PLAIN_HEAD_MODELS", "LinearCrossEntropy", "causal_lm_loss", "counted_head"]
+__all__ = [
+    "PLAIN_HEAD_MODELS",
+    "LinearCrossEntropy",
+    "causal_lm_loss",
+    "counted_head",
+    "row_logsumexp",
+]
