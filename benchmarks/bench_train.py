@@ -14,18 +14,21 @@ callback. Tokens per second count the batch's real (unpadded) tokens on every si
 
 Besides the equal-settings cases: loralab as it was before its memory changes (the gated
 MLP that keeps two tensors, glibc's mmap threshold; ``TrainConfig.lean_mlp`` and
-``return_freed_memory`` off), so that a change is judged against it in the same run; full
-fine-tuning against LoRA, on SmolLM2 and on a 360M-parameter Llama (SmolLM2-360M's shape,
-random weights); and ``torch.profiler`` over a few steps of each side, which says what
-share of a step the frozen base's matrix products take (the work no library can skip).
+``return_freed_memory`` off), so that a change is judged against it in the same run, and
+with ``return_freed_memory`` on its own; full fine-tuning against LoRA, on SmolLM2 and on
+a 360M-parameter Llama (SmolLM2-360M's shape, random weights); ``torch.profiler`` over a
+few steps of each side, which says what share of a step the frozen base's matrix products
+take (the work no library can skip) and which operators make the rest; and the memory
+floor, what a step must hold whatever the library or the allocator does: the model with
+every weight read, and the activations each side keeps for the backward pass.
 
 Every measurement runs in a process of its own (this script with ``--worker``), the sides
 alternating and the order flipped every round; the figures are medians over rounds (and,
 inside a process, over the timed steps after warm-up). Peak memory is the process's peak
 RSS, model loading included (the same on every side).
 
-    python benchmarks/bench_train.py            # 3 rounds (~36 min on 2 cores)
-    python benchmarks/bench_train.py --quick    # 1 round, fewer steps (~8 min)
+    python benchmarks/bench_train.py            # 3 rounds (~51 min on 2 cores)
+    python benchmarks/bench_train.py --quick    # 1 round, fewer steps (~11 min)
     python benchmarks/bench_train.py --write    # also writes benchmarks/RESULTS.md
 """
 
@@ -370,6 +373,7 @@ def train_worker(side: str, case: str, model: str, quick: bool) -> dict:
 
 PROFILE_STEPS = ((2, 3), (1, 1))  # (warm-up, profiled) steps, full run and --quick
 MATRIX_PRODUCTS = ("aten::mm", "aten::addmm")
+LARGEST_OTHERS = 8  # the operators of "everything else" that the table lists
 
 
 def time_category(name: str, shapes: list) -> str:
@@ -421,14 +425,24 @@ def profile_worker(side: str, quick: bool) -> dict:
             else:
                 train_peft_loop(config, after_step)
         seconds: dict[str, float] = {}
+        others: dict[str, float] = {}  # "everything else" by operator
         for event in prof.events():
             category = time_category(event.name, event.input_shapes)
+            own = event.self_cpu_time_total / 1e6
             if category != "everything else":
-                seconds[category] = seconds.get(category, 0.0) + event.self_cpu_time_total / 1e6
+                seconds[category] = seconds.get(category, 0.0) + own
+            elif event.name.startswith("aten::"):
+                others[event.name] = others.get(event.name, 0.0) + own
     wall = sum(walls[warmup:]) / active
     shares = {category: total / active / wall for category, total in seconds.items()}
     shares["everything else"] = 1 - sum(shares.values())  # Python, elementwise ops, AdamW …
-    return {"step_seconds": wall, "shares": shares}
+    largest = sorted(others.items(), key=lambda item: -item[1])[:LARGEST_OTHERS]
+    return {
+        "step_seconds": wall,
+        "shares": shares,
+        "largest_others": {name: total / active / wall for name, total in largest},
+        "aten_others": sum(others.values()) / active / wall,  # the rest: Python, autograd
+    }
 
 
 # -- the memory no library can go below ------------------------------------------------------
@@ -911,6 +925,7 @@ def render(header: dict, train: dict, other: dict, quick: bool) -> str:
         "|---|---:|---:|",
         *profile_rows,
         "",
+        *largest_others_lines(profiles),
         "## The memory floor",
         "",
         "What a step holds whatever the allocator does, measured in a process of its own for "
@@ -951,6 +966,39 @@ def render(header: dict, train: dict, other: dict, quick: bool) -> str:
         *fine_tuning_rows,
     ]
     return "\n".join(lines) + "\n"
+
+
+def largest_others_lines(profiles: dict[str, list[dict]]) -> list[str]:
+    """The ATen operators that make most of each side's "everything else" (medians over
+    rounds of their share of a step)."""
+    shares: dict[tuple[str, str], list[float]] = {}
+    for side, runs in profiles.items():
+        for run in runs:
+            for name, share in run.get("largest_others", {}).items():
+                shares.setdefault((side, name), []).append(share)
+    names = sorted(
+        {name for side, name in shares},
+        key=lambda name: -median(shares.get(("loralab", name), [0.0])),
+    )
+    if not names:
+        return []
+    cell = {key: f"{median(values):.3f}" for key, values in shares.items()}
+    aten = {side: median([run.get("aten_others", 0.0) for run in profiles[side]]) for side in SIDES}
+    return [
+        'The largest operators of "everything else" (own CPU time as a share of a step; '
+        "blank: not among a side's largest). All its ATen operators together take "
+        f"{aten['loralab']:.2f} of loralab's step and {aten['peft']:.2f} of PEFT's; the rest "
+        'of "everything else" is time outside them: Python, the autograd engine, the '
+        "profiler's own cost.",
+        "",
+        "| operator | loralab | PEFT loop |",
+        "|---|---:|---:|",
+        *(
+            f"| `{name}` | {cell.get(('loralab', name), '')} | {cell.get(('peft', name), '')} |"
+            for name in names
+        ),
+        "",
+    ]
 
 
 def main() -> None:
