@@ -53,6 +53,7 @@ from measure import (
     peak_rss_mb,
     result_line,
     run_worker,
+    status_mb,
     timed,
 )
 
@@ -248,6 +249,26 @@ def train_loralab(config) -> tuple[list[float], list[int], list[float]]:
     return [e["seconds"] for e in entries], tokens, [e["loss"] for e in entries]
 
 
+def train_loralab_stepwise(config, after_step, model=None, tokenizer=None) -> None:
+    """``loralab.train`` with ``after_step(seconds)`` called after each of its steps (the
+    loop's own step, wrapped from outside, as the PEFT loop's ``after_step``)."""
+    import loralab.train as loralab_train
+
+    step = loralab_train._train_step
+
+    def timed_step(*args, **kwargs):
+        start = time.perf_counter()
+        stopping = step(*args, **kwargs)
+        after_step(time.perf_counter() - start)
+        return stopping
+
+    loralab_train._train_step = timed_step
+    try:
+        loralab_train.train(config, model, tokenizer)
+    finally:
+        loralab_train._train_step = step
+
+
 def peft_model_for(config):
     from peft import LoraConfig, get_peft_model
 
@@ -410,18 +431,7 @@ def profile_worker(side: str, quick: bool) -> dict:
                 prof.step()
 
             if side == "loralab":
-                import loralab.train as loralab_train
-
-                step = loralab_train._train_step  # the loop's own step, timed from outside
-
-                def timed_step(*args, **kwargs):
-                    start = time.perf_counter()
-                    stopping = step(*args, **kwargs)
-                    after_step(time.perf_counter() - start)
-                    return stopping
-
-                loralab_train._train_step = timed_step
-                loralab_train.train(config)
+                train_loralab_stepwise(config, after_step)
             else:
                 train_peft_loop(config, after_step)
         seconds: dict[str, float] = {}
@@ -448,15 +458,6 @@ def profile_worker(side: str, quick: bool) -> dict:
 # -- the memory no library can go below ------------------------------------------------------
 
 
-def rss_mb() -> float:
-    """This process's resident set size now, in MB (``VmRSS``)."""
-    with open("/proc/self/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024  # kB
-    raise OSError("no VmRSS in /proc/self/status")
-
-
 def memory_worker(side: str, quick: bool) -> dict:
     """What a step must hold whatever the library: the model in memory with every weight
     read once (a forward without gradients on the longest batch, before any training: the
@@ -471,7 +472,9 @@ def memory_worker(side: str, quick: bool) -> dict:
         longest, _ = max(batches(config, tokenizer), key=lambda b: b[0]["input_ids"].shape[1])
         with torch.no_grad():
             model(input_ids=longest["input_ids"], attention_mask=longest["attention_mask"])
-        weights_read = rss_mb()
+        weights_read = status_mb("VmRSS")
+        if weights_read is None:
+            raise SystemExit("the memory floor reads VmRSS from /proc/self/status (Linux)")
         if side == "peft":
             del model  # the PEFT loop loads its own copy
         kept: dict[int, int] = {}  # storage -> bytes, this step
@@ -484,23 +487,13 @@ def memory_worker(side: str, quick: bool) -> dict:
                 kept[storage.data_ptr()] = storage.nbytes()
             return tensor
 
-        def after_step(_seconds: float = 0.0) -> None:
+        def after_step(_seconds: float) -> None:
             most[0] = max(most[0], sum(kept.values()))
             kept.clear()
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             if side == "loralab":
-                import loralab.train as loralab_train
-
-                step = loralab_train._train_step  # the loop's own step, marked from outside
-
-                def marked_step(*args, **kwargs):
-                    stopping = step(*args, **kwargs)
-                    after_step()
-                    return stopping
-
-                loralab_train._train_step = marked_step
-                loralab_train.train(config, model, tokenizer)
+                train_loralab_stepwise(config, after_step, model, tokenizer)
             else:
                 train_peft_loop(config, after_step)
     return {"weights_read_mb": weights_read, "saved_mb": most[0] / 1e6}

@@ -69,17 +69,22 @@ def test_a_trained_tied_head_gets_its_gradient_too():
         assert torch.allclose(our_grads[name], grad, rtol=1e-5, atol=1e-7), name
 
 
-def test_the_full_logits_are_never_built():
+def _large_vocab_model() -> tuple[LlamaForCausalLM, dict[str, torch.Tensor], set[int]]:
+    """A tiny Llama with LoRA whose logits outgrow every other tensor, as in a real model;
+    a batch for it; and its parameters' storages (their views share them)."""
     config = make_model("llama").config
-    config.vocab_size = 1000  # the logits outgrow every other tensor, as in a real model
+    config.vocab_size = 1000
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     inject_adapter(model, LoraConfig(r=4, target_modules=["q", "v"]))
-    batch = _batch(rows=4, length=16)
-    vocab = config.vocab_size
-    full_logits = 4 * 16 * vocab
-
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return model, _batch(rows=4, length=16), weights
+
+
+def test_the_full_logits_are_never_built():
+    model, batch, weights = _large_vocab_model()
+    vocab = model.config.vocab_size
+    full_logits = 4 * 16 * vocab
 
     class LargestTensor(TorchDispatchMode):
         """The most elements of any tensor an operation creates (views of weights aside)."""
@@ -146,17 +151,11 @@ def test_the_log_normaliser_by_blocks_of_rows_is_torchs_to_the_last_bit(count, t
 
 
 def test_the_loss_holds_one_chunk_of_logits_at_a_time():
-    config = make_model("llama").config
-    config.vocab_size = 1000
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    inject_adapter(model, LoraConfig(r=4, target_modules=["q", "v"]))
-    batch = _batch(rows=4, length=16)
+    model, batch, weights = _large_vocab_model()
     chunk = NORMALISER_ROWS + 2  # a block of rows and a part of one
     counted = int((batch["labels"][:, 1:] != -100).sum())
     assert counted > 2 * chunk
-    block = (NORMALISER_ROWS + 1) * config.vocab_size
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}  # and their views
+    block = (NORMALISER_ROWS + 1) * model.config.vocab_size
 
     class ChunksAlive(TorchDispatchMode):
         """The most tensors larger than a block of rows' logits alive at once."""
