@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .config import ConfigError, LoraConfig
 from .inject import adapter_configs, lora_layers, plan_targets, replace_module, require_adapter
-from .io import factors_from_file, load_adapter, read_adapter, save_adapter
+from .io import AdapterFiles, factors_from_file, load_adapter, read_adapter, save_adapter
 from .layers import (
     LoraFusedLinear,
     LoraLayer,
@@ -164,6 +164,17 @@ def hot_swap_adapter(
     """
     require_adapter(model, adapter_name, "hot-swapped")
     files = read_adapter(directory, safetensors_only=safetensors_only)
+    hot_swap_files(model, files, adapter_name, source=str(directory))
+
+
+def hot_swap_files(
+    model: nn.Module, files: AdapterFiles, adapter_name: str, source: str | None = None
+) -> None:
+    """``hot_swap_adapter`` from files already read and checked (a server reads each
+    file once, from what it checked, and swaps from memory); ``source`` names them in
+    errors."""
+    require_adapter(model, adapter_name, "hot-swapped")
+    directory = source if source is not None else str(files.directory)
     holding = {n: layer for n, layer in lora_layers(model).items() if adapter_name in layer.lora}
     incoming = files.config
     try:  # another kind of adapter (DoRA for LoRA) does not fit the loaded layers

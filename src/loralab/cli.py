@@ -232,6 +232,13 @@ def _serve_flags(commands) -> None:
         "--max-loras", type=_at_least_one, default=8, help="adapters resident at once (default: 8)"
     )
     serve.add_argument(
+        "--max-cpu-loras",
+        type=_at_least_one,
+        default=None,
+        help="run-time adapters kept in memory, as read and checked, to be put back on the "
+        "model after an eviction; loading more answers 409 (default: max(--max-loras, 64))",
+    )
+    serve.add_argument(
         "--max-waiting",
         type=_at_least_one,
         default=256,
@@ -553,6 +560,7 @@ def _serve(args: argparse.Namespace) -> int:
         port=args.port,
         max_batch=args.max_batch,
         max_loras=args.max_loras,
+        max_cpu_loras=args.max_cpu_loras,
         max_waiting=args.max_waiting,
         api_key=args.api_key or os.environ.get("LORALAB_API_KEY") or None,
     )

@@ -7,9 +7,10 @@ value and what is allowed, so a mistyped config never reaches a model.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
+
+from . import patterns
 
 BIAS_CHOICES = ("none", "all", "lora_only")
 INIT_CHOICES = ("kaiming", "gaussian")
@@ -100,7 +101,9 @@ class LoraConfig:
                 require_int("layers_to_transform entry", index, minimum=0)
             self.layers_to_transform = list(layer_list)
         if self.layers_pattern is not None:
-            self.layers_pattern = _name_spec("layers_pattern", self.layers_pattern, False)
+            self.layers_pattern = _name_spec(
+                "layers_pattern", self.layers_pattern, False, patterns.LAYERS
+            )
             if self.layers_to_transform is None:
                 raise ConfigError("layers_pattern is set but layers_to_transform is None")
         require_choice("bias", self.bias, BIAS_CHOICES)
@@ -119,11 +122,31 @@ class LoraConfig:
 
     def rank_for(self, module_name: str, short_names: tuple[str, ...] = ()) -> int:
         """The rank of the module called ``module_name`` (``rank_pattern`` first)."""
-        return int(pattern_value(self.rank_pattern, module_name, self.r, short_names))
+        return int(
+            pattern_value(self.rank_pattern, module_name, self.r, short_names, "rank_pattern")
+        )
 
     def alpha_for(self, module_name: str, short_names: tuple[str, ...] = ()) -> float:
         """The α of the module called ``module_name`` (``alpha_pattern`` first)."""
-        return float(pattern_value(self.alpha_pattern, module_name, self.lora_alpha, short_names))
+        alpha = pattern_value(
+            self.alpha_pattern, module_name, self.lora_alpha, short_names, "alpha_pattern"
+        )
+        return float(alpha)
+
+    def match_patterns(self, module_names: list[str]) -> None:
+        """Match each of this config's regexes against every name once. A server does
+        this off its engine's thread, under ``patterns.matching_deadline``, so that a
+        pattern that backtracks without end is refused before it reaches the model."""
+        for name in module_names:
+            for field_name in ("target_modules", "exclude_modules"):
+                spec = getattr(self, field_name)
+                if isinstance(spec, str) and spec != "all-linear":
+                    patterns.fullmatch(field_name, spec, name)
+            self.rank_for(name)
+            self.alpha_for(name)
+            layers = self.layers_pattern
+            for source in [layers] if isinstance(layers, str) else layers or []:
+                patterns.match("layers_pattern", source, name, patterns.LAYERS)
 
     def scale(self, r: int, alpha: float) -> float:
         """The factor in front of ``B A``: α / r, or α / √r with rsLoRA."""
@@ -137,17 +160,21 @@ class LoraConfig:
         return [f.name for f in fields(cls)]
 
 
-def pattern_matches(key: str, module_name: str) -> bool:
+def pattern_matches(key: str, module_name: str, field: str = "rank_pattern") -> bool:
     """PEFT's rule for ``rank_pattern`` keys: a regex matching the end of the name."""
-    return re.match(rf"(.*\.)?({key})$", module_name) is not None
+    return patterns.match(f"{field} key", key, module_name, patterns.NAME_END) is not None
 
 
 def pattern_value(
-    patterns: dict[str, Any], module_name: str, default: Any, short_names: tuple[str, ...] = ()
+    values: dict[str, Any],
+    module_name: str,
+    default: Any,
+    short_names: tuple[str, ...] = (),
+    field: str = "rank_pattern",
 ) -> Any:
     """The value of the first key that names the module (PEFT's rule, or a short name)."""
-    for key, value in patterns.items():
-        if key in short_names or pattern_matches(key, module_name):
+    for key, value in values.items():
+        if key in short_names or pattern_matches(key, module_name, field):
             return value
     return default
 
@@ -205,8 +232,11 @@ def require_bool(name: str, value: Any) -> None:
         raise ConfigError(f"{name} must be true or false, got {value!r}")
 
 
-def _name_spec(name: str, value: Any, allow_none: bool) -> list[str] | str | None:
-    """A list of names, or a single string (a regex or ``"all-linear"``)."""
+def _name_spec(
+    name: str, value: Any, allow_none: bool, template: str = patterns.WHOLE_NAME
+) -> list[str] | str | None:
+    """A list of names, or a single string (a regex or ``"all-linear"``), whose regex is
+    valid where PEFT places it (``template``)."""
     if value is None:
         if allow_none:
             return None
@@ -215,16 +245,15 @@ def _name_spec(name: str, value: Any, allow_none: bool) -> list[str] | str | Non
         if not value:
             raise ConfigError(f"{name} is an empty string")
         if value != "all-linear":
-            try:
-                re.compile(value)
-            except re.error as error:
-                raise ConfigError(f"{name} is not a valid regex: {value!r} ({error})") from None
+            _check_pattern(name, value, template)
         return value
     if isinstance(value, (list, tuple, set)):
         items = sorted(value) if isinstance(value, set) else list(value)
         for item in items:
             if not isinstance(item, str) or not item:
                 raise ConfigError(f"{name} entries must be non-empty strings, got {item!r}")
+            if template != patterns.WHOLE_NAME:  # list entries are regexes here too
+                _check_pattern(name, item, template)
         return items
     raise ConfigError(f"{name} must be a list of names or a regex string, got {value!r}")
 
@@ -237,8 +266,12 @@ def _pattern_dict(name: str, value: Any) -> dict[str, Any]:
     for key in value:
         if not isinstance(key, str) or not key:
             raise ConfigError(f"{name} keys must be non-empty strings, got {key!r}")
-        try:
-            re.compile(key)
-        except re.error as error:
-            raise ConfigError(f"{name} key {key!r} is not a valid regex ({error})") from None
+        _check_pattern(f"{name} key", key, patterns.NAME_END)
     return dict(value)
+
+
+def _check_pattern(name: str, source: str, template: str) -> None:
+    try:
+        patterns.compile_pattern(name, source, template)
+    except patterns.PatternError as error:
+        raise ConfigError(str(error)) from None

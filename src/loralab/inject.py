@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import bases
+from . import bases, patterns
 from .architectures import (
     FUSED_LAYOUTS,
     Architecture,
@@ -162,7 +162,7 @@ def _select(
         return selection
     if isinstance(spec, str):  # a regex over the whole name, as PEFT reads a string
         for name in names:
-            if re.fullmatch(spec, name):
+            if patterns.fullmatch("target_modules", spec, name):
                 selection.add(name, None, None)
         return selection
     architecture = detect_architecture(names)
@@ -217,10 +217,10 @@ def layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None
     if not layers_pattern:
         match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
     else:
-        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        sources = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
         match = None
-        for pattern in patterns:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+        for source in sources:
+            match = patterns.match("layers_pattern", source, name, patterns.LAYERS)
             if match:
                 break
     return int(match["idx"]) if match else None
@@ -231,7 +231,7 @@ def _excluded(config: LoraConfig, name: str) -> bool:
     if spec is None:
         return False
     if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
+        return patterns.fullmatch("exclude_modules", spec, name) is not None
     return any(name_matches(entry, name) for entry in spec)
 
 
@@ -253,6 +253,13 @@ def plan_targets(
     model lacks, and PEFT itself writes ranks above a small head's size (wasteful but
     exact), which loading must reproduce rather than refuse.
     """
+    try:
+        return _plan(model, config, adapter_name, strict)
+    except patterns.PatternError as error:  # a regex that backtracks without end
+        raise TargetError(str(error)) from None
+
+
+def _plan(model: nn.Module, config: LoraConfig, adapter_name: str, strict: bool) -> list[Target]:
     modules = base_module_names(model)
     selection = _select(model, config, modules, strict)
     layers_apply = config.layers_to_transform is not None and not isinstance(

@@ -16,6 +16,7 @@ import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -110,14 +111,8 @@ def read_adapter(directory: str | os.PathLike, safetensors_only: bool = False) -
         raise AdapterFileError(f"{directory} is not an adapter directory")
     config_path = directory / CONFIG_FILE
     peft_config = read_json(config_path)
-    config = config_from_peft(peft_config, str(config_path))
     extra_path = directory / LORALAB_FILE
-    if extra_path.exists():  # settings PEFT cannot express (fused parts) take precedence
-        extra = read_json(extra_path)
-        try:
-            config = LoraConfig(**extra["config"])
-        except (KeyError, TypeError, ConfigError) as error:
-            raise AdapterFileError(f"{extra_path}: {error}") from None
+    extra = read_json(extra_path) if extra_path.exists() else None
     weights = directory / WEIGHTS_FILE
     if not weights.exists() and safetensors_only:
         raise AdapterFileError(f"{directory} has no {WEIGHTS_FILE} (only safetensors are read)")
@@ -125,7 +120,32 @@ def read_adapter(directory: str | os.PathLike, safetensors_only: bool = False) -
         weights = directory / PICKLE_WEIGHTS_FILE
     if not weights.exists():
         raise AdapterFileError(f"{directory} has neither {WEIGHTS_FILE} nor {PICKLE_WEIGHTS_FILE}")
-    return AdapterFiles(directory, peft_config, config, read_tensors(weights))
+    return adapter_files(directory, peft_config, extra, read_tensors(weights), str(weights))
+
+
+def adapter_files(
+    directory: Path,
+    peft_config: Any,
+    extra: Any | None,
+    tensors: dict[str, Tensor],
+    weights_source: str,
+) -> AdapterFiles:
+    """An adapter's three files, already read and parsed, checked as one adapter: the
+    config from ``adapter_config.json`` (``peft_config``), overridden by ``loralab.json``
+    (``extra``) where PEFT cannot express a setting, and finite tensors."""
+    config = config_from_peft(peft_config, str(directory / CONFIG_FILE))
+    if extra is not None:  # settings PEFT cannot express (fused parts) take precedence
+        try:
+            config = LoraConfig(**extra["config"])
+        except (KeyError, TypeError, ConfigError) as error:
+            raise AdapterFileError(f"{directory / LORALAB_FILE}: {error}") from None
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise AdapterFileError(
+                f"{weights_source}: tensor {key!r} holds NaN or infinite values; "
+                "the adapter was saved from a run that diverged"
+            )
+    return AdapterFiles(directory, peft_config, config, tensors)
 
 
 # -- the mapping between loralab's layers and PEFT's tensor names -------------------------

@@ -196,15 +196,29 @@ def config_from_peft(data: Any, source: str = "adapter_config.json") -> LoraConf
 
 def read_json(path: Path) -> Any:
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise AdapterFileError(f"{path} does not exist") from None
+    return parse_json(data, str(path))
+
+
+def parse_json(data: bytes, source: str) -> Any:
+    """The JSON value in a file's bytes; an ``AdapterFileError`` naming ``source`` (and the
+    line and column) for anything a hostile file can make ``json`` raise."""
     try:
-        return json.loads(text)
+        return json.loads(data.decode("utf-8"))
     except json.JSONDecodeError as error:
         raise AdapterFileError(
-            f"{path}, line {error.lineno}, column {error.colno}: malformed JSON ({error.msg})"
+            f"{source}, line {error.lineno}, column {error.colno}: malformed JSON ({error.msg})"
         ) from None
+    except UnicodeDecodeError as error:
+        raise AdapterFileError(
+            f"{source}: not UTF-8 ({error.reason} at byte {error.start})"
+        ) from None
+    except RecursionError:
+        raise AdapterFileError(f"{source}: JSON nested too deeply to be a config") from None
+    except ValueError as error:  # a number of more digits than Python converts
+        raise AdapterFileError(f"{source}: cannot be read as JSON: {error}") from None
 
 
 def present_modules_to_save(model: nn.Module, config: LoraConfig) -> LoraConfig:

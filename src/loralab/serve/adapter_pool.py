@@ -2,34 +2,44 @@
 
 At most ``max_loras`` adapters are on the model at once. Adapters named at start-up are
 pinned; one loaded at run time that no running request uses may be evicted, least
-recently used first, and is read again from its directory when a request asks for it.
-Every change to the model runs on the engine's thread, between decoding steps; the list
-of names may be read from any thread.
+recently used first, and is put back on the model when a request asks for it. Each
+adapter's files are read once, off the engine's thread (``read``), and kept in memory as
+checked (at most ``max_cpu_loras`` of them): the engine's thread never opens a file, and
+what it puts on the model after an eviction is what was checked, whatever became of the
+directory since. Every change to the model runs on the engine's thread, between decoding
+steps; the list of names may be read from any thread.
 """
 
 from __future__ import annotations
 
 import itertools
 import re
-import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
 
-from ..adapters import delete_adapter, hot_swap_adapter
-from ..io import LORALAB_FILE, WEIGHTS_FILE, load_adapter_tensors, read_adapter
-from ..peft_config import CONFIG_FILE, AdapterFileError
+from .. import patterns
+from ..adapters import delete_adapter, hot_swap_files
+from ..config import ConfigError
+from ..inject import base_module_names
+from ..io import load_adapter_tensors, read_adapter
+from ..peft_config import AdapterFileError
+from .adapter_reader import AdapterReader, AdapterSnapshot
 from .errors import RequestError
 
 _NAME = re.compile(r"[\w.:@+/-]{1,200}")
+# The time one adapter's regexes may take over the model's module names, all together;
+# matching real patterns over a few hundred names takes a few milliseconds.
+PATTERN_SECONDS = 0.5
+DEFAULT_MAX_ADAPTER_BYTES = 4 << 30
 
 
 @dataclass
 class Entry:
     name: str
-    path: Path
+    snapshot: AdapterSnapshot  # its files as read and checked, put on the model from here
     pinned: bool
     resident: bool = False
     users: int = 0  # running requests on it
@@ -39,16 +49,29 @@ class Entry:
 
 class AdapterPool:
     def __init__(
-        self, model: nn.Module, base_name: str, max_loras: int, adapter_dir: Path | None, metrics
+        self,
+        model: nn.Module,
+        base_name: str,
+        max_loras: int,
+        adapter_dir: Path | None,
+        metrics,
+        max_cpu_loras: int | None = None,
+        max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
     ) -> None:
         self.model = model
         self.base_name = base_name
         self.max_loras = max_loras
-        self.adapter_dir = adapter_dir.resolve(strict=True) if adapter_dir else None
+        self.max_cpu_loras = max_cpu_loras if max_cpu_loras is not None else max(max_loras, 64)
+        self.reader = AdapterReader(adapter_dir, max_adapter_bytes) if adapter_dir else None
+        self.module_names = [n for n in base_module_names(model) if n]  # before any adapter
         self.metrics = metrics
         self.entries: dict[str, Entry] = {}
         self._clock = itertools.count(1)
         self._lock = threading.Lock()  # guards entries for readers on other threads
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
 
     # -- reading (any thread) -------------------------------------------------------------
 
@@ -58,6 +81,11 @@ class AdapterPool:
 
     def is_resident(self, name: str | None) -> bool:
         return name is None or (name in self.entries and self.entries[name].resident)
+
+    def is_pinned(self, name: str | None) -> bool:
+        """The base (``None``) and adapters named at start-up: never evicted, so rows on
+        them never keep a slot from a waiting adapter."""
+        return name is None or (name in self.entries and self.entries[name].pinned)
 
     def has_room(self) -> bool:
         """Whether one more adapter can be made resident now (a free slot, or an idle one
@@ -78,92 +106,54 @@ class AdapterPool:
             raise RequestError(
                 f"more adapters named at start-up than --max-loras {self.max_loras} allows"
             )
-        self._register(Entry(name, Path(path), pinned=True))
+        try:  # the operator's own path, anywhere: read once, as it is
+            files = read_adapter(path, safetensors_only=True)
+        except AdapterFileError as error:
+            raise RequestError(str(error)) from None
+        label = Path(path).name  # responses show no server path
+        self._register(Entry(name, AdapterSnapshot(label, files), pinned=True))
 
     # -- the network's requests (engine thread) ----------------------------------------------
 
-    def resolve(self, lora_path: str) -> Path:
-        """The adapter directory a client named, only if it lies inside ``--adapter-dir``
-        (after every ``..`` and symlink is resolved): the network never picks other files."""
-        if self.adapter_dir is None:
+    def read(self, lora_path: str) -> AdapterSnapshot:
+        """The adapter a client named, read once from inside ``--adapter-dir`` and checked
+        (``AdapterReader``), its regexes timed over the model's module names; blocking, so
+        it runs on a worker thread, never on the engine's or the event loop's."""
+        if self.reader is None:
             raise RequestError(
                 "loading adapters at run time is off: start the server with --adapter-dir DIR "
                 "to allow adapters from inside DIR",
                 status=403,
                 param="lora_path",
             )
-        candidate = Path(lora_path)
-        if not candidate.is_absolute():
-            candidate = self.adapter_dir / candidate
+        snapshot = self.reader.read(lora_path)
         try:
-            real = candidate.resolve()  # every symlink that exists is followed
-        except (OSError, RuntimeError, ValueError) as error:  # a loop, a NUL byte …
-            raise RequestError(
-                f"lora_path {lora_path!r} cannot be resolved: {error}", param="lora_path"
-            ) from None
-        if not real.is_relative_to(self.adapter_dir):
-            raise RequestError(
-                f"lora_path {lora_path!r} resolves outside --adapter-dir; refused",
-                status=403,
-                param="lora_path",
-            )
-        if not real.is_dir():
-            raise RequestError(
-                f"lora_path {lora_path!r} is not a directory inside --adapter-dir",
-                status=404,
-                param="lora_path",
-            )
-        self._check_files(real)
-        return real
+            with patterns.matching_deadline(PATTERN_SECONDS):
+                snapshot.files.config.match_patterns(self.module_names)
+        except patterns.PatternError as error:
+            raise RequestError(f"{snapshot.label}: {error}", param="lora_path") from None
+        return snapshot
 
-    def _check_files(self, directory: Path) -> None:
-        """The directory, and every file an adapter is read from, lie inside --adapter-dir
-        once their symlinks are followed, and the files are regular files (a FIFO would
-        block the engine); checked again at every read, since the disk may change."""
-        if not directory.resolve().is_relative_to(self.adapter_dir):
-            raise RequestError(
-                f"{directory.name} now resolves outside --adapter-dir; refused",
-                status=403,
-                param="lora_path",
-            )
-        for name in (CONFIG_FILE, WEIGHTS_FILE, LORALAB_FILE):
-            path = directory / name
-            if name == LORALAB_FILE and not path.exists():
-                continue
-            try:
-                real = path.resolve(strict=True)
-                regular = stat.S_ISREG(real.stat().st_mode)
-            except (OSError, RuntimeError):
-                hint = " (only safetensors are read)" if name == WEIGHTS_FILE else ""
-                raise RequestError(
-                    f"{directory.name} has no {name}{hint}", param="lora_path"
-                ) from None
-            if not regular or not real.is_relative_to(self.adapter_dir):
-                raise RequestError(
-                    f"{directory.name}/{name} is not a regular file inside --adapter-dir; refused",
-                    status=403,
-                    param="lora_path",
-                )
+    def load(self, name: str, snapshot: AdapterSnapshot, inplace: bool) -> str:
+        """Register ``name`` with the adapter ``read`` gave and put it on the model; a
+        message for the client.
 
-    def load(self, name: str, path: Path, inplace: bool) -> str:
-        """Register ``name`` at ``path`` and read it onto the model; a message for the client.
-
-        Loading a name again with the same directory changes nothing. With ``inplace`` a
+        Loading a name again from the same directory changes nothing. With ``inplace`` a
         loaded name takes the new weights (hot-swap) and running requests go on with them.
         """
         self._check_name(name)
         entry = self.entries.get(name)
         if entry is not None and not entry.removed:
             if not inplace:
-                if entry.path == path:
-                    return f"adapter {name!r} is already loaded from {path.name}"
+                if entry.snapshot.label == snapshot.label:
+                    return f"adapter {name!r} is already loaded from {snapshot.label}"
                 raise RequestError(
                     f"adapter {name!r} is already loaded (from another directory); pass "
                     "load_inplace=true to replace its weights, or unload it first",
                     status=409,
                     param="lora_name",
                 )
-            return self._replace(entry, path)
+            return self._replace(entry, snapshot)
         if entry is not None:  # unloaded but still running: finish with it first
             raise RequestError(
                 f"adapter {name!r} is being unloaded; retry when its requests finish",
@@ -176,10 +166,17 @@ class AdapterPool:
                 f"no room: all --max-loras {self.max_loras} slots hold adapters pinned at start-up",
                 param="lora_name",
             )
-        entry = Entry(name, path, pinned=False, used=next(self._clock))
+        if len(self.names()) >= self.max_cpu_loras:
+            raise RequestError(
+                f"no room: the server keeps at most --max-cpu-loras {self.max_cpu_loras} "
+                "adapters; unload one first",
+                status=409,
+                param="lora_name",
+            )
+        entry = Entry(name, snapshot, pinned=False, used=next(self._clock))
         self._register(entry)  # checked on the model before anything is evicted for it
         self._fit(entry)
-        return f"adapter {name!r} loaded from {path.name}"
+        return f"adapter {name!r} loaded from {snapshot.label}"
 
     def unload(self, name: str) -> str:
         entry = self.entries.get(name)
@@ -207,10 +204,7 @@ class AdapterPool:
         if not entry.resident:
             if self.resident_count() >= self.max_loras and not self._evict_one():
                 return False
-            try:
-                self._read_onto_model(entry)
-            except RequestError as error:  # its directory changed since it was loaded
-                raise RequestError(error.message, status=500, param="model") from None
+            self._put_on_model(entry)  # from memory, as it was checked when loaded
         entry.users += 1
         entry.used = next(self._clock)
         return True
@@ -241,69 +235,62 @@ class AdapterPool:
         with self._lock:
             self.entries[entry.name] = entry
         try:
-            self._read_onto_model(entry)  # checks everything first: a bad file loads nothing
+            self._put_on_model(entry)  # checks everything first: a bad file loads nothing
         except BaseException:
             with self._lock:
                 del self.entries[entry.name]
             raise
 
-    def _read_onto_model(self, entry: Entry) -> None:
-        if not entry.pinned:  # a path the network gave: checked again at every read
-            self._check_files(entry.path)
-        try:
-            files = read_adapter(entry.path, safetensors_only=True)
-            config = files.config
-            if config.use_dora or config.modules_to_save:
-                what = "DoRA magnitudes" if config.use_dora else "modules_to_save copies"
-                raise RequestError(
-                    f"{entry.path.name}: adapters with {what} cannot run per row of a batch; "
-                    "merge it into a base and serve that instead",
-                    param="lora_path",
-                )
-            load_adapter_tensors(
-                self.model, config, files.tensors, entry.name, source=entry.path.name
-            )
-        except AdapterFileError as error:
-            raise RequestError(str(error), param="lora_path") from None
-        except (OSError, UnicodeDecodeError, ValueError) as error:
+    def _put_on_model(self, entry: Entry) -> None:
+        files, source = entry.snapshot.files, entry.snapshot.label
+        config = files.config
+        if config.use_dora or config.modules_to_save:
+            what = "DoRA magnitudes" if config.use_dora else "modules_to_save copies"
             raise RequestError(
-                f"{entry.path.name}: cannot be read: {error}", param="lora_path"
-            ) from None
+                f"{source}: adapters with {what} cannot run per row of a batch; "
+                "merge it into a base and serve that instead",
+                param="lora_path",
+            )
+        try:
+            with patterns.matching_deadline(PATTERN_SECONDS):
+                load_adapter_tensors(self.model, config, files.tensors, entry.name, source=source)
+        except (AdapterFileError, ConfigError) as error:
+            raise RequestError(str(error), param="lora_path") from None
         entry.resident = True
         self.metrics.adapter_loads.inc()
         self.metrics.adapters_resident.set(self.resident_count())
 
-    def _replace(self, entry: Entry, path: Path) -> str:
+    def _replace(self, entry: Entry, snapshot: AdapterSnapshot) -> str:
         """New weights for a known name: swapped in place when the shapes allow; an
         adapter of other shapes replaces it only while no request runs on it."""
+        old = entry.snapshot
         if entry.resident:
             try:
-                hot_swap_adapter(self.model, path, entry.name, safetensors_only=True)
-            except AdapterFileError as error:
+                with patterns.matching_deadline(PATTERN_SECONDS):
+                    hot_swap_files(self.model, snapshot.files, entry.name, snapshot.label)
+            except (AdapterFileError, ConfigError) as error:
                 if entry.users:
                     raise RequestError(
                         f"{error} (and requests are running on it)", param="lora_path"
                     ) from None
-                old = entry.path
                 self._off_model(entry)
-                entry.path = path
+                entry.snapshot = snapshot
                 try:
-                    self._read_onto_model(entry)
+                    self._put_on_model(entry)
                 except RequestError:
-                    entry.path = old  # the old weights come back: nothing is lost
-                    self._read_onto_model(entry)
+                    entry.snapshot = old  # the old weights come back: nothing is lost
+                    self._put_on_model(entry)
                     raise
-        else:  # read onto the model once, so that a file for another base is refused now
-            old = entry.path
-            entry.path = path
+        else:  # put on the model once, so that a file for another base is refused now
+            entry.snapshot = snapshot
             try:
-                self._read_onto_model(entry)
+                self._put_on_model(entry)
             except RequestError:
-                entry.path = old
+                entry.snapshot = old
                 raise
             self._fit(entry)
-        entry.path = path
-        return f"adapter {entry.name!r} replaced in place from {path.name}"
+        entry.snapshot = snapshot
+        return f"adapter {entry.name!r} replaced in place from {snapshot.label}"
 
     def _off_model(self, entry: Entry) -> None:
         delete_adapter(self.model, entry.name)

@@ -8,6 +8,7 @@ jobs; anything one client sends ends in an error response for that client alone.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import hmac
 import json
@@ -29,6 +30,8 @@ from .metrics import Metrics
 from .protocol import Completion, parse_completion
 
 DEFAULT_MAX_BODY = 1 << 20  # bytes; prompts of a whole context fit many times over
+BODY_SECONDS = 30.0  # for a whole request body to arrive
+READ_SECONDS = 30.0  # for one adapter's files to be read (a hung file system fails the load)
 
 
 @dataclass
@@ -41,6 +44,13 @@ class ServerState:
     api_key: str | None = None
     max_body: int = DEFAULT_MAX_BODY
     created: int = field(default_factory=lambda: int(time.time()))
+    # Adapter reads run here, apart from the default executor that parses requests: a
+    # read stuck in a hung file system holds one of these threads, never a parser.
+    readers: concurrent.futures.ThreadPoolExecutor = field(
+        default_factory=lambda: concurrent.futures.ThreadPoolExecutor(
+            max_workers=4, thread_name_prefix="loralab-read"
+        )
+    )
 
 
 def create_app(state: ServerState) -> Starlette:
@@ -62,8 +72,16 @@ def create_app(state: ServerState) -> Starlette:
             raise RequestError(
                 f"load_inplace must be a boolean, got {inplace!r}", param="load_inplace"
             )
-        directory = state.pool.resolve(path)
-        message = await _on_engine(state, lambda: state.pool.load(name, directory, inplace))
+        reading = state.readers.submit(state.pool.read, path)
+        try:
+            snapshot = await asyncio.wait_for(asyncio.wrap_future(reading), READ_SECONDS)
+        except TimeoutError:
+            raise RequestError(
+                f"reading the adapter at {path!r} took over {READ_SECONDS:g} s; abandoned",
+                status=504,
+                param="lora_path",
+            ) from None
+        message = await _on_engine(state, lambda: state.pool.load(name, snapshot, inplace))
         return PlainTextResponse(f"Success: {message}")
 
     async def unload_lora_adapter(request: Request) -> Response:
@@ -113,6 +131,8 @@ def _lifespan(state: ServerState):
             yield
         finally:
             await asyncio.to_thread(state.engine.stop)
+            state.readers.shutdown(wait=False, cancel_futures=True)
+            state.pool.close()
 
     return lifespan
 
@@ -121,15 +141,19 @@ def _lifespan(state: ServerState):
 
 
 async def _complete(state: ServerState, request: Request, chat: bool) -> Response:
-    body = await _json_body(request, state.max_body)
-    parsed = parse_completion(
-        body,
-        chat,
-        state.tokenizer,
-        state.base_name,
-        state.pool.names(),
-        state.engine.context_length,
-        state.engine.vocab_size,
+    data = await _body_bytes(request, state.max_body)
+    # JSON, the chat template and the tokenizer take time on large bodies: on a worker
+    # thread, so that the event loop goes on relaying every other client's tokens
+    parsed = await asyncio.to_thread(
+        lambda: parse_completion(
+            _parse_json(data),
+            chat,
+            state.tokenizer,
+            state.base_name,
+            state.pool.names(),
+            state.engine.context_length,
+            state.engine.vocab_size,
+        )
     )
     run = _Run(state, parsed)
     if parsed.stream:
@@ -326,16 +350,36 @@ async def _on_engine(state: ServerState, function):
 
 
 async def _json_body(request: Request, limit: int) -> Any:
+    return _parse_json(await _body_bytes(request, limit))
+
+
+async def _body_bytes(request: Request, limit: int) -> bytes:
+    """The request's body, at most ``limit`` bytes, arrived within ``BODY_SECONDS``."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise RequestError(
             f"the request body is {declared} bytes; the limit is {limit}", status=413
         )
-    data = bytearray()
-    async for chunk in request.stream():
-        data += chunk
-        if len(data) > limit:
-            raise RequestError(f"the request body is over the limit of {limit} bytes", status=413)
+
+    async def receive() -> bytes:
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > limit:
+                raise RequestError(
+                    f"the request body is over the limit of {limit} bytes", status=413
+                )
+        return bytes(data)
+
+    try:
+        return await asyncio.wait_for(receive(), BODY_SECONDS)
+    except TimeoutError:
+        raise RequestError(
+            f"the request body did not arrive within {BODY_SECONDS:g} s", status=408
+        ) from None
+
+
+def _parse_json(data: bytes) -> Any:
     try:
         return json.loads(data)
     except json.JSONDecodeError as error:

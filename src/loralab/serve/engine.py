@@ -34,6 +34,9 @@ from .text import TextStream
 
 log = logging.getLogger("loralab.serve")
 
+# How long a job waiting for an adapter slot lets later jobs take the slots' adapters.
+PRIORITY_AFTER_S = 2.0
+
 
 @dataclass
 class Text:
@@ -171,6 +174,10 @@ class Engine:
                     future.set_exception(error)
             try:
                 self._admit()
+            except Exception:  # a bug: no request may wait on a state that fails each step
+                log.exception("the engine failed to admit requests")
+                self._fail_waiting()
+            try:
                 if self.rows:
                     self._step()
             except Exception:  # a bug must not stop the server: fail this batch only
@@ -184,25 +191,38 @@ class Engine:
             job.emit(Failed(RequestError("the server is shutting down", status=503)))
 
     def _admit(self) -> None:
-        """Prefill waiting jobs into free rows, oldest first, all in one forward; a job
-        whose adapter cannot be resident yet (every slot in use) lets later ones pass."""
+        """Prefill waiting jobs into free rows, oldest first, all in one forward.
+
+        A job whose adapter cannot be resident yet (every slot in use) lets later ones
+        pass, but only for ``PRIORITY_AFTER_S``: from then on, later jobs that would keep
+        an evictable adapter busy wait too, so that one of those adapters falls idle and
+        the oldest job gets its slot (no job waits behind a stream of later ones forever).
+        """
         with self._wake:
             for job in [job for job in self.waiting if job.cancelled]:  # clients that left
                 self.waiting.remove(job)
             self.metrics.waiting.set(len(self.waiting))
             candidates = list(self.waiting)
         chosen: list[Job] = []
+        starving = False  # an old job waits for a slot: evictable adapters take no more rows
+        now = time.monotonic()
         for job in candidates:
             if len(self.rows) + len(chosen) >= self.max_batch:
                 break
+            if starving and not self.pool.is_pinned(job.adapter):
+                continue
             if not self.pool.is_resident(job.adapter):
                 if not self.pool.has_room():
+                    starving = now - job.arrived >= PRIORITY_AFTER_S
                     continue  # it waits for a slot; the model is left as it is
                 self._unmix()  # acquiring it changes the model
             try:
                 if not self.pool.acquire(job.adapter):
                     continue
-            except RequestError as error:
+            except Exception as error:  # this job's adapter alone: it fails, nothing else
+                if not isinstance(error, RequestError):
+                    log.exception("putting adapter %r on the model failed", job.adapter)
+                    error = RequestError("internal error", status=500)
                 self._take(job)
                 job.emit(Failed(error))
                 continue
@@ -222,6 +242,14 @@ class Engine:
                     self._prefill([job])
                 except Exception:
                     self._fail_prefill(job)
+
+    def _fail_waiting(self) -> None:
+        with self._wake:
+            jobs = list(self.waiting)
+            self.waiting.clear()
+            self.metrics.waiting.set(0)
+        for job in jobs:
+            job.emit(Failed(RequestError("internal error", status=500)))
 
     def _fail_prefill(self, job: Job) -> None:
         log.exception("prefill failed")

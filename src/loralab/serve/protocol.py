@@ -146,21 +146,23 @@ def _stops(body: dict) -> tuple[str, ...]:
     if stop is None:
         return ()
     if isinstance(stop, str):
-        return (stop,)
+        return (_text(stop, "stop"),)
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
         raise RequestError("stop must be a string or a list of strings", param="stop")
     if len(stop) > MAX_STOPS:
         raise RequestError(f"stop takes at most {MAX_STOPS} strings, got {len(stop)}", param="stop")
-    return tuple(stop)
+    return tuple(_text(s, "stop") for s in stop)
 
 
 def _text_prompts(body: dict, tokenizer, vocab: int) -> list[list[int]]:
     prompt = body.get("prompt")
     if isinstance(prompt, str):
-        return [encode_prompt(tokenizer, prompt)]
+        return [encode_prompt(tokenizer, _text(prompt, "prompt"))]
     if isinstance(prompt, list) and prompt:
         if all(isinstance(p, str) for p in prompt):
-            return [encode_prompt(tokenizer, p) for p in prompt]
+            return [
+                encode_prompt(tokenizer, _text(p, f"prompt[{i}]")) for i, p in enumerate(prompt)
+            ]
         if all(_is_token(t, vocab) for t in prompt):
             return [list(prompt)]
         if all(isinstance(p, list) and p and all(_is_token(t, vocab) for t in p) for p in prompt):
@@ -170,6 +172,20 @@ def _text_prompts(body: dict, tokenizer, vocab: int) -> list[list[int]]:
         f"[0, {vocab}), or a list of such lists)",
         param="prompt",
     )
+
+
+def _text(value: str, where: str) -> str:
+    """``value`` if it is text: JSON's ``\\ud800`` escapes can give a lone surrogate,
+    which no tokenizer (and no UTF-8) can take."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise RequestError(
+            f"{where} holds a lone UTF-16 surrogate {value[error.start]!r} at character "
+            f"{error.start}; it is not text",
+            param=where.split("[")[0] if where.startswith("prompt") else where,
+        ) from None
+    return value
 
 
 def _is_token(value: Any, vocab: int) -> bool:
@@ -211,7 +227,7 @@ def _chat_prompt(body: dict, tokenizer) -> list[list[int]]:
 
 def _content(content: Any, where: str) -> str:
     if isinstance(content, str):
-        return content
+        return _text(content, f"{where}.content")
     if isinstance(content, list):
         texts = []
         for part in content:
@@ -223,7 +239,7 @@ def _content(content: Any, where: str) -> str:
                 raise RequestError(
                     f"{where}.content: only text parts are supported", param=f"{where}.content"
                 )
-            texts.append(part["text"])
+            texts.append(_text(part["text"], f"{where}.content"))
         return "".join(texts)
     raise RequestError(
         f"{where}.content must be a string or a list of text parts", param=f"{where}.content"

@@ -44,6 +44,7 @@ class Sampler:
             sorted_probs, order = probs.sort(descending=True)
             # keep the most likely tokens up to top_p of the mass (always the first one)
             drop = sorted_probs.cumsum(0) - sorted_probs >= self.sampling.top_p
+            drop[0] = False  # a top_p that is 0 in float32 (1e-46) must still keep one
             sorted_probs[drop] = 0.0
             choice = torch.multinomial(sorted_probs, 1, generator=self.generator)
             return int(order[choice])

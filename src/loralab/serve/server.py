@@ -10,10 +10,11 @@ from pathlib import Path
 import uvicorn
 
 from ..models import load_model
-from .adapter_pool import AdapterPool
+from .adapter_pool import DEFAULT_MAX_ADAPTER_BYTES, AdapterPool
 from .app import DEFAULT_MAX_BODY, ServerState, create_app
 from .engine import Engine
 from .errors import RequestError
+from .header_timeout import HeaderTimeoutProtocol
 from .metrics import Metrics
 
 log = logging.getLogger("loralab.serve")
@@ -28,6 +29,8 @@ class ServeOptions:
     port: int = 8000
     max_batch: int = 32
     max_loras: int = 8
+    max_cpu_loras: int | None = None  # None: max(max_loras, 64)
+    max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES  # a run-time adapter's weights file
     max_waiting: int = 256
     api_key: str | None = None
     max_body: int = DEFAULT_MAX_BODY
@@ -46,6 +49,10 @@ def build_state(options: ServeOptions) -> ServerState:
     ):
         if value < 1:
             raise ServeError(f"{flag} must be ≥ 1, got {value}")
+    if options.max_cpu_loras is not None and options.max_cpu_loras < options.max_loras:
+        raise ServeError(
+            f"--max-cpu-loras {options.max_cpu_loras} must be ≥ --max-loras {options.max_loras}"
+        )
     if not 0 <= options.port <= 65535:
         raise ServeError(f"--port must be in 0-65535 (0: any free port), got {options.port}")
     if options.adapter_dir is not None and not options.adapter_dir.is_dir():
@@ -55,7 +62,15 @@ def build_state(options: ServeOptions) -> ServerState:
             raise ServeError(f"--adapter {name}={directory}: not an adapter directory")
     model, tokenizer = load_model(options.model)
     metrics = Metrics()
-    pool = AdapterPool(model, options.model, options.max_loras, options.adapter_dir, metrics)
+    pool = AdapterPool(
+        model,
+        options.model,
+        options.max_loras,
+        options.adapter_dir,
+        metrics,
+        options.max_cpu_loras,
+        options.max_adapter_bytes,
+    )
     for name, directory in options.adapters:
         try:
             pool.add_pinned(name, Path(directory))
@@ -75,14 +90,22 @@ def serve(options: ServeOptions) -> None:
             "serving on %s without --api-key: anyone who can reach this port can use it",
             options.host,
         )
-    uvicorn.run(create_app(state), host=options.host, port=options.port, log_level="info")
+    uvicorn.run(
+        create_app(state),
+        host=options.host,
+        port=options.port,
+        log_level="info",
+        http=HeaderTimeoutProtocol,
+    )
 
 
 class BackgroundServer:
     """The server on a thread of this process, on a free port (tests, notebooks)."""
 
     def __init__(self, state: ServerState, host: str = "127.0.0.1", port: int = 0) -> None:
-        config = uvicorn.Config(create_app(state), host=host, port=port, log_level="warning")
+        config = uvicorn.Config(
+            create_app(state), host=host, port=port, log_level="warning", http=HeaderTimeoutProtocol
+        )
         self.server = uvicorn.Server(config)
         self.state = state
         self.thread = threading.Thread(target=self.server.run, name="loralab-http", daemon=True)
