@@ -29,7 +29,7 @@ def test_defaults_are_the_papers_choice():
         ({"init": "pissa"}, r"init must be one of 'kaiming', 'gaussian', got 'pissa'"),
         ({"target_modules": []}, r"target_modules is an empty list"),
         ({"target_modules": ["q", 3]}, r"target_modules entries must be non-empty strings"),
-        ({"target_modules": "(unclosed"}, r"target_modules is not a valid regex"),
+        ({"target_modules": "(unclosed"}, r"target_modules '\(unclosed' is not a valid regex"),
         ({"target_modules": 5}, r"target_modules must be a list of names or a regex"),
         (
             {"rank_pattern": {"q_proj": 0}},

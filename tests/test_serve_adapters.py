@@ -89,7 +89,7 @@ def test_paths_outside_the_adapter_dir_are_refused(tiny_model_dir, library, tmp_
         refused = _load(server, "x", "pickled")
         assert refused.status_code == 400 and "only safetensors" in refused.text
         assert [m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"]] == [
-            str(tiny_model_dir)
+            tiny_model_dir.name
         ]
 
 
@@ -107,7 +107,7 @@ def test_an_adapter_for_another_base_names_the_tensor_and_loads_nothing(tiny_mod
     randomize_lora(other)
     save_adapter(other, allowed / "other-base")
     with start(tiny_model_dir, adapter_dir=allowed) as server:
-        before = _complete(server, str(tiny_model_dir))
+        before = _complete(server, tiny_model_dir.name)
         refused = _load(server, "other", "other-base")
         assert refused.status_code == 400
         message = refused.json()["error"]["message"]
@@ -115,7 +115,7 @@ def test_an_adapter_for_another_base_names_the_tensor_and_loads_nothing(tiny_mod
         assert "the adapter was made for another base" in message
         assert metric(server, "loralab_adapters_resident") == 0
         assert len(httpx.get(server.url + "/v1/models").json()["data"]) == 1
-        assert _complete(server, str(tiny_model_dir)) == before
+        assert _complete(server, tiny_model_dir.name) == before
 
 
 def test_least_recently_used_adapters_are_evicted_and_read_again(tiny_model_dir, library):
@@ -132,7 +132,18 @@ def test_least_recently_used_adapters_are_evicted_and_read_again(tiny_model_dir,
         assert metric(server, "loralab_adapter_evictions_total") >= 4
         assert metric(server, "loralab_adapters_resident") == 2
         listed = {m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"]}
-        assert listed == {str(tiny_model_dir), "kept", "a0", "a1", "a2"}  # evicted, still known
+        assert listed == {tiny_model_dir.name, "kept", "a0", "a1", "a2"}  # evicted, still known
+
+
+def test_adapters_kept_in_memory_are_bounded_by_max_cpu_loras(tiny_model_dir, library):
+    allowed = library / "allowed"
+    with start(tiny_model_dir, adapter_dir=allowed, max_loras=1, max_cpu_loras=2) as server:
+        assert _load(server, "a0", "a0").status_code == 200
+        assert _load(server, "a1", "a1").status_code == 200
+        refused = _load(server, "a2", "a2")
+        assert refused.status_code == 409 and "--max-cpu-loras 2" in refused.text
+        assert _unload(server, "a0").status_code == 200
+        assert _load(server, "a2", "a2").status_code == 200
 
 
 def test_concurrent_loads_and_unloads_of_one_name_stay_consistent(tiny_model_dir, library):
@@ -195,6 +206,6 @@ def test_unreadable_or_linked_files_are_refused_and_nothing_is_kept(tiny_model_d
         assert refused.status_code == 403
         assert "linked/adapter_model.safetensors' resolves outside --adapter-dir" in refused.text
         models = [m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"]]
-        assert models == [str(tiny_model_dir)]
+        assert models == [tiny_model_dir.name]
         assert _load(server, "fine", "a0").status_code == 200  # the engine goes on
         assert _complete(server, "fine") == reference(tiny_model_dir, allowed / "a0", "Adapt:", 12)

@@ -217,6 +217,12 @@ def _serve_flags(commands) -> None:
         help="an adapter loaded at start-up and never evicted (repeatable)",
     )
     serve.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the base model's id for clients (default: --model as given, or the last "
+        "component of a local path)",
+    )
+    serve.add_argument(
         "--adapter-dir",
         type=Path,
         default=None,
@@ -554,6 +560,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     options = ServeOptions(
         model=args.model,
+        served_model_name=args.served_model_name,
         adapters=args.adapter,
         adapter_dir=args.adapter_dir,
         host=args.host,

@@ -65,7 +65,7 @@ def compile_pattern(field: str, source: str, template: str = WHOLE_NAME) -> rege
         return regex.compile(text)
     except (re.error, regex.error, RecursionError, OverflowError) as error:
         where = "" if template == WHOLE_NAME else f" (as PEFT reads it: {text!r})"
-        raise PatternError(f"{field}: {source!r} is not a valid regex{where}: {error}") from None
+        raise PatternError(f"{field} {source!r} is not a valid regex{where}: {error}") from None
 
 
 def fullmatch(field: str, source: str, name: str, template: str = WHOLE_NAME):
@@ -99,7 +99,7 @@ def _run(field: str, source: str, template: str, name: str, whole: bool):
         return find(name, timeout=seconds, concurrent=True)
     except TimeoutError:
         raise PatternError(
-            f"{field}: {source!r} took too long to match the module name {name!r}; it "
+            f"{field} {source!r} took too long to match the module name {name!r}; it "
             "backtracks catastrophically (nested or overlapping repeats): write it without "
             "nested repeats"
         ) from None

@@ -102,7 +102,12 @@ class AdapterReader:
         try:
             for index, part in enumerate(parts):
                 last = index == len(parts) - 1
-                opened = os.open(part, flags if last else _DIRECTORY, dir_fd=fd)
+                try:
+                    opened = os.open(part, flags if last else _DIRECTORY, dir_fd=fd)
+                except NotADirectoryError:  # O_DIRECTORY met a symlink first, or a file
+                    if _is_link(part, fd):
+                        raise OSError(errno.ELOOP, "a symlink") from None
+                    raise
                 os.close(fd)
                 fd = opened
             if not parts and flags != _DIRECTORY:
@@ -182,6 +187,14 @@ def _parse(label: str, config: bytes, extra: bytes | None, weights: bytes) -> Ad
         raise RequestError(str(error), param="lora_path") from None
     except RecursionError:
         raise RequestError(f"{label}: a setting is nested too deeply", param="lora_path") from None
+
+
+def _is_link(name: str, directory: int) -> bool:
+    try:
+        os.readlink(name, dir_fd=directory)
+    except OSError:
+        return False
+    return True
 
 
 def _refusal(shown: str, error: OSError) -> RequestError:

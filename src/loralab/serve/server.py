@@ -23,6 +23,7 @@ log = logging.getLogger("loralab.serve")
 @dataclass
 class ServeOptions:
     model: str = "smollm2-135m"
+    served_model_name: str | None = None  # the base's id for clients; None: see served_name
     adapters: list[tuple[str, Path]] = field(default_factory=list)  # pinned, NAME=DIR
     adapter_dir: Path | None = None  # run-time loading from inside it only
     host: str = "127.0.0.1"
@@ -34,6 +35,13 @@ class ServeOptions:
     max_waiting: int = 256
     api_key: str | None = None
     max_body: int = DEFAULT_MAX_BODY
+
+
+def served_name(model: str) -> str:
+    """The base's id in ``/v1/models`` when none is given: an alias or Hub id as it was
+    given, a local path by its last component (no response shows a server's paths)."""
+    path = Path(model)
+    return path.name if path.exists() and path.name else model
 
 
 class ServeError(ValueError):
@@ -61,10 +69,11 @@ def build_state(options: ServeOptions) -> ServerState:
         if not Path(directory).is_dir():
             raise ServeError(f"--adapter {name}={directory}: not an adapter directory")
     model, tokenizer = load_model(options.model)
+    base_name = options.served_model_name or served_name(options.model)
     metrics = Metrics()
     pool = AdapterPool(
         model,
-        options.model,
+        base_name,
         options.max_loras,
         options.adapter_dir,
         metrics,
@@ -78,7 +87,7 @@ def build_state(options: ServeOptions) -> ServerState:
             raise ServeError(f"--adapter {name}={directory}: {error.message}") from None
     engine = Engine(model, tokenizer, pool, metrics, options.max_batch, options.max_waiting)
     return ServerState(
-        engine, pool, tokenizer, options.model, metrics, options.api_key, options.max_body
+        engine, pool, tokenizer, base_name, metrics, options.api_key, options.max_body
     )
 
 

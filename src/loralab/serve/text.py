@@ -7,14 +7,13 @@ Both cost a constant amount per token, whatever the length of the text so far: t
 tokens are decoded in a short window behind the last final character (decoding the
 whole text at every token made a long completion quadratic), and each stop string is
 followed by a Knuth-Morris-Pratt matcher fed one new character at a time, whose state is
-also how many characters at the end may yet begin that stop string.
+also how many characters at the end may yet begin that stop string. The window starts
+one decoded step back, so that a tokenizer that spells a word's leading space from its
+neighbour (SentencePiece) decodes it as in the whole text; while the window ends in half
+a character it waits for the rest, as vLLM's and TGI's detokenizers do.
 """
 
 from __future__ import annotations
-
-# A character is at most 4 UTF-8 bytes: after this many tokens that still end in a
-# half character, what is there is final (the bytes are invalid, not incomplete).
-_MAX_PENDING_TOKENS = 8
 
 
 class TextStream:
@@ -34,10 +33,7 @@ class TextStream:
         self.ids.append(token_id)
         before = self._decode(self._prefix, self._read)
         window = self._decode(self._prefix, len(self.ids))
-        pending = len(self.ids) - self._read
-        if len(window) > len(before) and (
-            not window.endswith("\ufffd") or pending >= _MAX_PENDING_TOKENS
-        ):
+        if len(window) > len(before) and not window.endswith("\ufffd"):
             self.text += window[len(before) :]
             self._prefix, self._read = self._read, len(self.ids)
         return self._final()
