@@ -201,7 +201,8 @@ def test_unreadable_or_linked_files_are_refused_and_nothing_is_kept(tiny_model_d
         os.symlink(target, linked / "adapter_model.safetensors")
     with start(tiny_model_dir, adapter_dir=allowed) as server:
         refused = _load(server, "broken", "broken")
-        assert refused.status_code == 400 and "broken/adapter_config.json: not UTF-8" in refused.text
+        assert refused.status_code == 400
+        assert "broken/adapter_config.json: not UTF-8" in refused.text
         refused = _load(server, "linked", "linked")
         assert refused.status_code == 403
         assert "linked/adapter_model.safetensors' resolves outside --adapter-dir" in refused.text
