@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import llama_cpp  # a test dependency: llama.cpp itself reads what we write
 import numpy as np
 import torch
@@ -30,9 +32,33 @@ def open_llama(gguf_file, adapter_file=None, n_ctx: int = 64, f32_cache: bool = 
         # its KV cache in f32 too (llama.cpp's default is f16), so that what is compared
         # is the arithmetic, not the cache's rounding
         options.update(type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
-    return llama_cpp.Llama(
-        model_path=str(gguf_file), n_ctx=n_ctx, logits_all=True, verbose=False, **options
-    )
+    with _weights_as_stored():
+        return llama_cpp.Llama(
+            model_path=str(gguf_file), n_ctx=n_ctx, logits_all=True, verbose=False, **options
+        )
+
+
+@contextlib.contextmanager
+def _weights_as_stored():
+    """llama.cpp with its weights as the file stores them (``use_extra_bufts`` off): not
+    repacked into the buffers of its AMX and other CPU kernels. On a CPU with AMX,
+    llama-cpp-python 0.3.36 crashed (SIGSEGV) in its first decode of the tiny model's Q8_0
+    file, whose rows are 32 wide; with the weights as stored it reads the same file
+    right. Repacking is a speed-up, not what these tests compare. ``Llama`` takes no
+    such option, so its source of default model parameters is wrapped while it loads."""
+    module = llama_cpp.llama_cpp
+    defaults = module.llama_model_default_params
+
+    def stored():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    module.llama_model_default_params = stored
+    try:
+        yield
+    finally:
+        module.llama_model_default_params = defaults
 
 
 def llama_logits(gguf_file, adapter_file=None, tokens=TOKENS) -> np.ndarray:

@@ -113,7 +113,7 @@ class AdapterPool:
         label = Path(path).name  # responses show no server path
         self._register(Entry(name, AdapterSnapshot(label, files), pinned=True))
 
-    # -- the network's requests (engine thread) ----------------------------------------------
+    # -- the network's requests: read on a worker thread, then the rest on the engine's ------
 
     def read(self, lora_path: str) -> AdapterSnapshot:
         """The adapter a client named, read once from inside ``--adapter-dir`` and checked
