@@ -32,7 +32,7 @@ from collections.abc import Iterator
 
 import regex
 
-MAX_PATTERN_LENGTH = 1000  # characters; module names are short, and so are real patterns
+MAX_PATTERN_LENGTH = 100_000  # characters: an alternation of every module of a 70B model fits
 MATCH_SECONDS = 1.0  # for one match when no deadline is set
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "loralab_pattern_deadline", default=None

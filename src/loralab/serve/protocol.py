@@ -161,7 +161,8 @@ def _text_prompts(body: dict, tokenizer, vocab: int) -> list[list[int]]:
     if isinstance(prompt, list) and prompt:
         if all(isinstance(p, str) for p in prompt):
             return [
-                encode_prompt(tokenizer, _text(p, f"prompt[{i}]")) for i, p in enumerate(prompt)
+                encode_prompt(tokenizer, _text(p, f"prompt[{i}]", "prompt"))
+                for i, p in enumerate(prompt)
             ]
         if all(_is_token(t, vocab) for t in prompt):
             return [list(prompt)]
@@ -174,7 +175,7 @@ def _text_prompts(body: dict, tokenizer, vocab: int) -> list[list[int]]:
     )
 
 
-def _text(value: str, where: str) -> str:
+def _text(value: str, where: str, param: str | None = None) -> str:
     """``value`` if it is text: JSON's ``\\ud800`` escapes can give a lone surrogate,
     which no tokenizer (and no UTF-8) can take."""
     try:
@@ -183,7 +184,7 @@ def _text(value: str, where: str) -> str:
         raise RequestError(
             f"{where} holds a lone UTF-16 surrogate {value[error.start]!r} at character "
             f"{error.start}; it is not text",
-            param=where.split("[")[0] if where.startswith("prompt") else where,
+            param=param or where,
         ) from None
     return value
 
