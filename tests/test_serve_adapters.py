@@ -182,6 +182,8 @@ def test_start_up_refusals_are_one_line(tiny_model_dir, library, capsys):
         (["--adapter-dir", str(allowed / "absent")], "is not a directory"),
         (["--max-batch", "0"], "must be an integer ≥ 1"),
         (["--port", "70000"], "--port must be in 0-65535"),
+        (["--max-adapter-bytes", "0"], "must be an integer ≥ 1"),
+        (["--max-loras", "8", "--max-cpu-loras", "4"], "--max-cpu-loras 4 must be ≥ --max-loras 8"),
     ]
     for extra, words in cases:
         status, lines = run_cli(["serve", "--model", str(tiny_model_dir), *extra], capsys)

@@ -245,6 +245,12 @@ def _serve_flags(commands) -> None:
         "model after an eviction; loading more answers 409 (default: max(--max-loras, 64))",
     )
     serve.add_argument(
+        "--max-adapter-bytes",
+        type=_at_least_one,
+        default=None,
+        help="the largest weights file read from --adapter-dir (default: 4 GiB)",
+    )
+    serve.add_argument(
         "--max-waiting",
         type=_at_least_one,
         default=256,
@@ -568,6 +574,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_loras=args.max_loras,
         max_cpu_loras=args.max_cpu_loras,
+        **({"max_adapter_bytes": args.max_adapter_bytes} if args.max_adapter_bytes else {}),
         max_waiting=args.max_waiting,
         api_key=args.api_key or os.environ.get("LORALAB_API_KEY") or None,
     )
