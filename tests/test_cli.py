@@ -259,3 +259,44 @@ def test_merge_folds_an_adalora_adapter_into_a_plain_directory(tiny_model_dir, t
     assert not any("lora" in name for name in merged.state_dict())
     with torch.no_grad():
         assert torch.allclose(merged(tokens).logits, expected, atol=1e-5)
+
+
+# -- what a new user hits first ------------------------------------------------------------
+
+
+def test_a_finished_run_is_never_trained_over_unasked(trained, tiny_model_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained / "run", run)
+    (run / "notes.txt").write_text("mine")  # a file of the user's own
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    argv = ["train", "--model", str(tiny_model_dir), "--data", str(trained / "train.jsonl")]
+    argv += ["--output-dir", str(run), "--max-steps", "2", "--batch-size", "4", "--r", "2"]
+    status, lines = run_cli([*argv, "--no-progress"], capsys)
+    assert_one_line_error(status, lines, "holds a finished run (its adapter is there)")
+    assert "add --resume to continue it, --overwrite to replace it" in lines[0]
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert main([*argv, "--no-progress", "--overwrite"]) == 0
+    assert "--overwrite: removed a finished run" in capsys.readouterr().err
+    assert (run / "notes.txt").read_text() == "mine"
+    assert len((run / "metrics.jsonl").read_text().splitlines()) < len(
+        (trained / "run" / "metrics.jsonl").read_text().splitlines()
+    )
+
+
+def test_a_mistyped_or_abbreviated_flag_is_refused_with_what_it_may_mean(capsys):
+    status, lines = run_cli(["train", "--learnin-rate", "0.1"], capsys)
+    assert_one_line_error(status, lines, "unrecognized arguments: --learnin-rate (did you mean")
+    assert "--learning-rate" in lines[0]
+    status, lines = run_cli(["train", "--learn", "0.1"], capsys)  # no abbreviations
+    assert_one_line_error(status, lines, "unrecognized arguments: --learn")
+    status, lines = run_cli(["serve", "--max-lora", "2"], capsys)
+    assert_one_line_error(status, lines, "--max-lora (did you mean --max-loras")
+
+
+def test_serve_takes_an_adapter_folder_alone_named_after_its_run():
+    from loralab.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["serve", "--adapter", "runs/e2e/adapter", "--adapter", "x/sql", "--adapter", "n=d"]
+    )
+    assert [name for name, _ in args.adapter] == ["e2e", "sql", "n"]

@@ -167,7 +167,8 @@ def test_start_up_refusals_are_one_line(tiny_model_dir, library, capsys):
     allowed = library / "allowed"
     cases = [
         (["--adapter", f"a={allowed / 'absent'}"], "not an adapter directory"),
-        (["--adapter", "noequals"], "expected NAME=DIR"),
+        (["--adapter", "=x"], "expected DIR or NAME=DIR"),
+        (["--adapter", str(allowed / "absent")], "--adapter absent="),
         (
             [
                 "--adapter",

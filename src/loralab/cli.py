@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import difflib
 import inspect
 import itertools
 import json
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -22,7 +24,7 @@ from .data import DataError
 from .distributed import DistributedError
 from .layers import MergeError
 from .models import ModelLoadError
-from .output_dirs import check_output_dir
+from .output_dirs import OutputDirError, check_output_dir
 from .peft_config import AdapterFileError
 from .train import TrainingInterrupted
 from .train_config import TrainConfig
@@ -69,10 +71,31 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
 
 class _Parser(argparse.ArgumentParser):
     """argparse, with every error on one line like loralab's own (it prints the usage
-    first; ``--help`` still shows it)."""
+    first; ``--help`` still shows it), and no abbreviated flags: ``--learn`` silently
+    meant ``--learning-rate``, and would mean something else once a flag is added."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{PROGRAM}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """The command line, or a one-line error from the command's own parser that names
+    each flag it does not know, and the flags it may have meant."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command = parser.commands.choices[args.command]  # type: ignore[attr-defined]
+        flags = [flag for action in command._actions for flag in action.option_strings]
+        named = []
+        for word in unknown:
+            near = difflib.get_close_matches(word.split("=")[0], flags, n=2, cutoff=0.6)
+            hint = f" (did you mean {' or '.join(near)}?)" if word.startswith("-") and near else ""
+            named.append(f"{word}{hint}")
+        command.error(f"unrecognized arguments: {', '.join(named)}")
+    return args
 
 
 def _at_least_one(text: str) -> int:
@@ -87,9 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROGRAM, description="LoRA: train, evaluate, generate and merge adapters."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.commands = commands  # type: ignore[attr-defined]  # _parse names their flags
 
     train = commands.add_parser("train", help="train a LoRA adapter")
     train.add_argument("--config", type=Path, help="a YAML file of settings (flags win)")
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier run in --output-dir (its adapter, checkpoint, metrics and "
+        "plots are removed first); without it, or --resume, such a folder is refused",
+    )
     _add_dataclass_flags(train, TrainConfig)
 
     evaluate = commands.add_parser("eval", help="score a model (with an adapter) on a task")
@@ -213,8 +243,9 @@ def _serve_flags(commands) -> None:
         action="append",
         default=[],
         type=_named_dir,
-        metavar="NAME=DIR",
-        help="an adapter loaded at start-up and never evicted (repeatable)",
+        metavar="[NAME=]DIR",
+        help="an adapter loaded at start-up and never evicted (repeatable); NAME defaults "
+        "to the folder's name (the run's, for a run's adapter folder)",
     )
     serve.add_argument(
         "--served-model-name",
@@ -264,10 +295,35 @@ def _serve_flags(commands) -> None:
     )
 
 
+def _make_room(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Never train over an earlier run unasked: refuse, naming the three ways on."""
+    from .run_dir import clear_previous_run, previous_run
+
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 alone owns the folder
+        return
+    found = None if resume else previous_run(run_dir)
+    if found is None:
+        return
+    if not overwrite:
+        raise OutputDirError(
+            f"--output-dir {run_dir} holds {found}; add --resume to continue it, "
+            "--overwrite to replace it, or name a new --output-dir (nothing was touched)"
+        )
+    clear_previous_run(run_dir)
+    print(f"{PROGRAM}: --overwrite: removed {found.split(' (')[0]} from {run_dir}", file=sys.stderr)
+
+
 def _named_dir(text: str) -> tuple[str, Path]:
+    """``NAME=DIR``, or ``DIR`` alone as every other command takes it: the name is then
+    the folder's, or its parent's for a run's ``adapter`` folder (``runs/e2e/adapter``
+    is ``e2e``)."""
     name, sep, directory = text.partition("=")
-    if not sep or not name or not directory:
-        raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {text!r}")
+    if not sep:
+        path = Path(text)
+        name = path.resolve().parent.name if path.name == "adapter" else path.name
+        directory = text
+    if not name or not directory:
+        raise argparse.ArgumentTypeError(f"expected DIR or NAME=DIR, got {text!r}")
     return name, Path(directory)
 
 
@@ -290,7 +346,7 @@ def _model_flags(parser: argparse.ArgumentParser, adapter_required: bool = False
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     from transformers.utils import logging as transformers_logging
 
     # Our own progress bar and messages are enough; Transformers' per-load bars are noise.
@@ -321,11 +377,13 @@ def _train(args: argparse.Namespace) -> int:
     from .train import train
     from .train_config import config_from_file
 
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    skipped = ("command", "config", "overwrite")
+    overrides = {k: v for k, v in vars(args).items() if k not in skipped}
     if args.config is not None:
         config = config_from_file(args.config, overrides)
     else:
         config = TrainConfig(**overrides)
+    _make_room(Path(config.output_dir), config.resume, args.overwrite)
     result = train(config)
     if result.rank != 0:  # under torchrun, rank 0 speaks for all
         return 0
@@ -560,8 +618,6 @@ def _reproduce(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import os
-
     from .serve import ServeOptions, serve
 
     options = ServeOptions(
