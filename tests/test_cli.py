@@ -300,3 +300,23 @@ def test_serve_takes_an_adapter_folder_alone_named_after_its_run():
         ["serve", "--adapter", "runs/e2e/adapter", "--adapter", "x/sql", "--adapter", "n=d"]
     )
     assert [name for name, _ in args.adapter] == ["e2e", "sql", "n"]
+
+
+def test_the_start_is_described_and_dropped_examples_are_counted(
+    trained, tiny_model_dir, tmp_path, capsys
+):
+    data = tmp_path / "long.jsonl"
+    records = [{"prompt": f"Say {w}:", "completion": f" {w}"} for w in WORDS]
+    records += [{"prompt": "Say " + "very " * 40 + "long:", "completion": " no"}] * 3
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    argv = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--r", "2"]
+    argv += ["--output-dir", str(tmp_path / "run"), "--max-steps", "2", "--batch-size", "4"]
+    argv += ["--max-length", "24", "--eval-every", "1", "--validation-data", str(data)]
+    with pytest.warns(UserWarning, match="3 of 11 training examples were dropped"):
+        assert main(argv) == 0
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.startswith("loralab train: ")]
+    assert lines[0].startswith(f"loralab train: model {tiny_model_dir} on cpu, float32")
+    assert "dropped: beyond --max-length" in lines[1] and "steps per epoch of 4" in lines[1]
+    assert lines[2].startswith("loralab train: trainable: ")
+    assert "; validation loss " in captured.out and "at step 2" in captured.out

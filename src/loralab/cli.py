@@ -387,9 +387,14 @@ def _train(args: argparse.Namespace) -> int:
     result = train(config)
     if result.rank != 0:  # under torchrun, rank 0 speaks for all
         return 0
+    if result.validation:  # the figure that says how the adapter does
+        step, loss = result.validation[-1]
+        final = f"validation loss {loss:.4f} at step {step}"
+    else:
+        final = f"last training loss {result.losses[-1]:.4f} (no validation set)"
     print(
-        f"trained {result.steps} steps in {result.seconds:.0f} s; final loss "
-        f"{result.losses[-1]:.4f}; adapter: {result.adapter_dir}"
+        f"trained {result.steps} steps in {result.seconds:.0f} s; {final}; "
+        f"adapter: {result.adapter_dir}"
     )
     return 0
 

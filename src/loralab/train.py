@@ -18,6 +18,7 @@ import inspect
 import math
 import random
 import signal
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -162,7 +163,41 @@ def encode_examples(
         )
 
     validation = encode(examples.validation) if examples.validation else []
-    return Datasets(encode(examples.train), validation, examples.label_names, examples)
+    train = encode(examples.train)
+    for split, given, kept in (
+        ("training", examples.train, train),
+        ("validation", examples.validation or [], validation),
+    ):
+        if len(kept) < len(given):
+            warnings.warn(
+                f"{len(given) - len(kept)} of {len(given)} {split} examples were dropped: "
+                f"their completion starts after max_length={config.max_length} tokens, so "
+                "no token of it would be learnt; raise --max-length to keep them",
+                stacklevel=2,
+            )
+    return Datasets(train, validation, examples.label_names, examples)
+
+
+def describe_start(config: TrainConfig, model: nn.Module, datasets: Datasets, world, trainable):
+    """What a run is about to do, in three lines: the model where it runs, the data kept
+    and the steps it makes, the parameters that train."""
+    examples = datasets.examples
+    dtype = next(model.parameters()).dtype
+    autocast = ", bf16 autocast" if config.bf16 else ""
+    kept, given = len(datasets.train), len(examples.train)
+    dropped = f" ({given - kept} dropped: beyond --max-length)" if kept < given else ""
+    tokens = sum(len(item) for item in datasets.train)
+    per_step = config.batch_size * config.gradient_accumulation
+    per_epoch = -(-kept // per_step)
+    return (
+        f"model {config.model} on {world.device}, {str(dtype).removeprefix('torch.')}"
+        f"{autocast}\n"
+        f"data: {kept} training examples{dropped}, {len(datasets.validation)} validation; "
+        f"{tokens:,} tokens; {per_epoch} steps per epoch of {per_step} examples; "
+        f"{config.max_steps} steps ≈ {config.max_steps / per_epoch:.1f} epochs\n"
+        f"trainable: {trainable.trainable:,} of {trainable.total:,} parameters "
+        f"({100 * trainable.share:.2f}%)"
+    )
 
 
 def prepare_model(config: TrainConfig, model: nn.Module) -> nn.Module:
@@ -378,6 +413,9 @@ def _set_up(
     optimizer, scheduler, step = _optimizer_at(
         config, world, _groups(model, config, parameters), saved
     )
+    if world.is_main and config.progress:  # before the progress bar: what will run
+        start = describe_start(config, model, datasets, world, trainable)
+        print("\n".join(f"loralab train: {line}" for line in start.splitlines()), file=sys.stderr)
     log = RunLog(
         run_dir,
         from_main(world, lambda: read_history(run_dir, up_to=step)),
