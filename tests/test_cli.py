@@ -76,6 +76,10 @@ def test_merge_writes_a_plain_transformers_model(trained, tiny_model_dir, capsys
             merged(tokens).logits, adapted(tokens).logits, atol=1e-5, rtol=1e-5
         )
     assert AutoTokenizer.from_pretrained(output).eos_token == "<eos>"
+    (trained / "plain").touch()
+    plain = (trained / "plain").stat().st_mode & 0o777  # what a plain write gives here
+    modes = {p.name: p.stat().st_mode & 0o777 for p in output.iterdir()}
+    assert modes["model.safetensors"] == plain, modes  # Transformers staged it 0600
 
 
 def test_generate_and_eval(trained, tiny_model_dir, capsys):

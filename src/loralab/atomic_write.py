@@ -64,8 +64,13 @@ def write_directory_atomically(target: str | os.PathLike, write: Callable[[Path]
     scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
     try:
         write(scratch)
-        # mkdtemp makes the directory private (0700); give it the mode a mkdir would.
-        os.chmod(scratch, 0o777 & ~_umask())
+        # mkdtemp makes the directory private (0700), and writers that stage their own
+        # files (Transformers' save_pretrained wrote model.safetensors 0600) may too: give
+        # everything the mode a plain mkdir or write would.
+        mask = _umask()
+        for path in [scratch, *scratch.rglob("*")]:
+            if not path.is_symlink():
+                os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
         if target.is_dir() and not any(target.iterdir()):
             target.rmdir()
         scratch.rename(target)
