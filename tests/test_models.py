@@ -95,6 +95,7 @@ def register(monkeypatch, wheel: Path, **changes) -> EmbeddedModel:
         "member": FAKE_MEMBER,
         "kind": "causal-lm",
         "description": "a two-layer Llama for tests",
+        "hub_id": "loralab/fake",
     }
     model = EmbeddedModel(**(fields | changes))
     monkeypatch.setitem(EMBEDDED_MODELS, model.name, model)

