@@ -176,6 +176,9 @@ def nothing_loads(monkeypatch):
             "prompt_completion records",
         ),
         (["train", "--data", "{labelled}"], "{{text, label}} records train a classifier"),
+        (["generate", "--adapter", "{file}/nowhere", "hi"], "nowhere: no such directory"),
+        (["eval", "--adapter", "{full}"], "holds neither adapter_config.json nor method.json"),
+        (["merge", "--adapter", "{full}", "--output", "{file}2"], "holds neither"),
     ],
 )
 def test_bad_input_is_refused_in_one_line_before_any_slow_work(

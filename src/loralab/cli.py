@@ -403,6 +403,8 @@ def _load(args: argparse.Namespace, num_labels: int | None = None):
     from .methods.files import load_method
     from .models import load_model
 
+    if args.adapter is not None:  # a mistyped path is told before the model's slow load
+        _check_adapter_dir(args.adapter)
     extra = {"num_labels": num_labels} if args.model_kind == "classification" else {}
     model, tokenizer = load_model(args.model, kind=args.model_kind, **extra)
     if args.adapter is not None:
@@ -472,6 +474,19 @@ def _merge(args: argparse.Namespace) -> int:
     write_directory_atomically(args.output, save)
     print(f"merged model written to {args.output} (loads with AutoModelForCausalLM)")
     return 0
+
+
+def _check_adapter_dir(adapter: Path) -> None:
+    from .methods.files import METHOD_FILE
+    from .peft_config import CONFIG_FILE
+
+    if not adapter.is_dir():
+        raise AdapterFileError(f"--adapter {adapter}: no such directory")
+    if not any((adapter / name).is_file() for name in (CONFIG_FILE, METHOD_FILE)):
+        raise AdapterFileError(
+            f"--adapter {adapter} holds neither {CONFIG_FILE} nor {METHOD_FILE}: not an "
+            "adapter directory (a run's adapter is in its adapter/ folder)"
+        )
 
 
 def _merged(model, adapter: Path):
