@@ -327,3 +327,15 @@ def test_the_start_is_described_and_dropped_examples_are_counted(
     assert "dropped: beyond --max-length" in lines[1] and "steps per epoch of 4" in lines[1]
     assert lines[2].startswith("loralab train: trainable: ")
     assert "; validation loss " in captured.out and "at step 2" in captured.out
+
+
+def test_generate_that_gives_no_text_without_chat_says_to_add_chat(
+    tiny_model_dir, monkeypatch, capsys
+):
+    import loralab.generate
+
+    monkeypatch.setattr(loralab.generate, "generate", lambda model, tok, prompts, *a, **k: [""])
+    assert main(["generate", "--model", str(tiny_model_dir), "hello"]) == 0
+    assert "no text was generated" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tiny_model_dir), "--chat", "hello"]) == 0
+    assert "no text was generated" not in capsys.readouterr().err

@@ -447,12 +447,16 @@ def _generate(args: argparse.Namespace) -> int:
     prompts = args.prompts
     if args.chat:
         prompts = [[{"role": "user", "content": prompt}] for prompt in prompts]
-    for prompt, text in zip(
-        args.prompts,
-        generate(model, tokenizer, prompts, args.max_new_tokens, stop_at_newline=False),
-        strict=True,
-    ):
+    texts = generate(model, tokenizer, prompts, args.max_new_tokens, stop_at_newline=False)
+    for prompt, text in zip(args.prompts, texts, strict=True):
         print(f"### {prompt}\n{text.strip()}\n")
+    if not args.chat and not any(text.strip() for text in texts):
+        # a chat-trained adapter ends a bare prompt at once: its end token comes first
+        print(
+            f"{PROGRAM}: no text was generated; a model or adapter trained on chats "
+            "answers prompts wrapped as a user turn: add --chat",
+            file=sys.stderr,
+        )
     return 0
 
 
