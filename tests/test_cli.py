@@ -339,3 +339,32 @@ def test_generate_that_gives_no_text_without_chat_says_to_add_chat(
     assert "no text was generated" in capsys.readouterr().err
     assert main(["generate", "--model", str(tiny_model_dir), "--chat", "hello"]) == 0
     assert "no text was generated" not in capsys.readouterr().err
+
+
+def test_an_interrupted_run_resumes_from_its_folder_alone(
+    trained, tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    import os
+    import signal
+
+    import loralab.train as train_module
+
+    real_step, calls = train_module._optimizer_step, []
+
+    def step_then_interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # Ctrl-C in the middle of the second step
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_optimizer_step", step_then_interrupt)
+    run = tmp_path / "run"
+    argv = ["train", "--model", str(tiny_model_dir), "--data", str(trained / "train.jsonl")]
+    argv += ["--output-dir", str(run), "--max-steps", "4", "--batch-size", "4", "--r", "2"]
+    assert main([*argv, "--no-progress"]) == 130
+    assert f"continue with: loralab train --resume {run}" in capsys.readouterr().err
+    monkeypatch.setattr(train_module, "_optimizer_step", real_step)
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert "trained 4 steps" in capsys.readouterr().out
+    status, lines = run_cli(["train", "--resume", str(tmp_path)], capsys)
+    assert_one_line_error(status, lines, "no config.yaml there")

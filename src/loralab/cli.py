@@ -56,8 +56,19 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
             item.default if item.default is not dataclasses.MISSING else item.default_factory()
         )
         help_text = f"{docs.get(item.name, '')} (default: {default})"
+        if item.name == "resume":  # --resume, or --resume RUN: that run's settings too
+            help_text = (
+                "continue from the checkpoint in --output-dir; --resume RUN alone continues "
+                "the run in folder RUN with its own settings (RUN/config.yaml), flags given "
+                "here winning"
+            )
         options = {"dest": item.name, "default": argparse.SUPPRESS, "help": help_text}
-        if kind == "bool":
+        if item.name == "resume":
+            parser.add_argument(flag, nargs="?", const=True, metavar="RUN", **options)
+            parser.add_argument(
+                "--no-resume", dest="resume", action="store_false", default=argparse.SUPPRESS
+            )
+        elif kind == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
         elif kind.startswith("list["):
             parser.add_argument(flag, nargs="+", metavar="NAME", **options)
@@ -354,7 +365,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except TrainingInterrupted as stopped:
-        print(f"{PROGRAM}: {stopped}", file=sys.stderr)
+        message = str(stopped)
+        if args.command == "demo":  # the demo has no --resume: it starts over
+            message = "the demo was interrupted; run `loralab demo` again to start over"
+        print(f"{PROGRAM}: {message}", file=sys.stderr)
         return 130
     except DistributedError as error:  # the processes could not meet, or another one failed
         print(f"{PROGRAM}: error: {error}", file=sys.stderr)
@@ -379,8 +393,20 @@ def _train(args: argparse.Namespace) -> int:
 
     skipped = ("command", "config", "overwrite")
     overrides = {k: v for k, v in vars(args).items() if k not in skipped}
-    if args.config is not None:
-        config = config_from_file(args.config, overrides)
+    settings = args.config
+    if isinstance(overrides.get("resume"), str):  # --resume RUN
+        run = Path(overrides["resume"])
+        if args.config is not None:
+            raise ConfigError(f"--resume {run} takes the run's own settings; drop --config")
+        settings = run / "config.yaml"
+        if not settings.is_file():
+            raise ConfigError(
+                f"--resume {run}: no config.yaml there; name the folder of a run of "
+                "loralab train (its --output-dir)"
+            )
+        overrides.update(resume=True, output_dir=str(run))
+    if settings is not None:
+        config = config_from_file(settings, overrides)
     else:
         config = TrainConfig(**overrides)
     _make_room(Path(config.output_dir), config.resume, args.overwrite)

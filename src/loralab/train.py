@@ -373,7 +373,8 @@ def _train(
                 run.log.close()
                 raise TrainingInterrupted(
                     f"interrupted at step {run.step} of {config.max_steps}; a checkpoint is "
-                    f"in {run.run_dir / CHECKPOINT}: add --resume to continue"
+                    f"in {run.run_dir / CHECKPOINT}; continue with: loralab train --resume "
+                    f"{run.run_dir}"
                 )
     return _finish(run, started)
 
