@@ -1,6 +1,7 @@
 """The command line on a tiny local model: train (flags and YAML), eval, generate, merge, info."""
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -164,7 +165,10 @@ def nothing_loads(monkeypatch):
         (["reproduce", "ranks", "--quick", "--output-dir", "{file}"], "is an existing file"),
         (["eval", "--batch-size", "0"], "argument --batch-size: must be an integer ≥ 1"),
         (["eval", "--split", "dev"], "argument --split: invalid choice: 'dev'"),
-        (["eval", "--chat-shots", "-1"], "--chat-shots must be ≥ 0, got -1"),
+        (["eval", "--task", "e2e", "--chat-shots", "-1"], "--chat-shots must be ≥ 0, got -1"),
+        (["eval"], "what to score? name --task (e2e, sql, nli, pydoc) or --data FILE"),
+        (["eval", "--adapter", "{adapter}"], "the adapter was trained on"),
+        (["eval", "--data", "{data}", "--task", "e2e"], "give one"),
         (["eval", "--task", "e2e", "--model-kind", "classification"], "e2e is a generation"),
         (["generate", "--max-new-tokens", "0", "hi"], "must be an integer ≥ 1, got 0"),
         (["train", "--config", "{full}"], "a directory, not a config file"),
@@ -368,3 +372,47 @@ def test_an_interrupted_run_resumes_from_its_folder_alone(
     assert "trained 4 steps" in capsys.readouterr().out
     status, lines = run_cli(["train", "--resume", str(tmp_path)], capsys)
     assert_one_line_error(status, lines, "no config.yaml there")
+
+
+def test_eval_scores_your_own_records_and_writes_the_predictions(
+    trained, tiny_model_dir, tmp_path, capsys
+):
+    data = tmp_path / "held_out.jsonl"
+    records = [{"prompt": f"Say {w}:", "completion": f" {w}"} for w in WORDS[:4]]
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    predictions = tmp_path / "out" / "predictions.jsonl"
+    argv = ["eval", "--model", str(tiny_model_dir), "--adapter", str(trained / "run" / "adapter")]
+    argv += ["--data", str(data), "--predictions", str(predictions), "--max-new-tokens", "4"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["examples"] == 4
+    assert {"loss", "perplexity", "exact_match", "bleu", "rouge_l"} <= set(result)
+    assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
+    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == [r["prompt"] for r in records]
+    assert [r["reference"] for r in rows] == [r["completion"] for r in records]
+    assert all(isinstance(r["prediction"], str) for r in rows)
+
+
+def test_a_metric_of_your_own_and_chats_scored_on_their_last_turn(tiny_model_dir):
+    from loralab.evaluate import evaluate_records
+    from loralab.models import load_model
+    from loralab.tasks.text_metrics import exact_match
+
+    model, tokenizer = load_model(str(tiny_model_dir))
+    chats = [
+        {"messages": [{"role": "user", "content": f"hi {w}"}, {"role": "assistant", "content": w}]}
+        for w in WORDS[:3]
+    ]
+
+    def lengths(predictions, references):
+        return {"mean_length": sum(map(len, predictions)) / len(predictions)}
+
+    result = evaluate_records(model, tokenizer, chats, max_new_tokens=3, metrics=[lengths])
+    assert [row["reference"] for row in result.predictions] == WORDS[:3]
+    assert result.predictions[0]["prompt"] == [{"role": "user", "content": "hi cat"}]
+    hypotheses = [row["prediction"] for row in result.predictions]
+    assert result.metrics["mean_length"] == sum(map(len, hypotheses)) / 3
+    assert result.metrics["exact_match"] == exact_match(hypotheses, WORDS[:3])
+    text = evaluate_records(model, tokenizer, [{"text": "a cat and a dog"}])
+    assert set(text.metrics) == {"loss", "perplexity"} and text.predictions == []

@@ -135,7 +135,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="score a model (with an adapter) on a task")
     _model_flags(evaluate)
-    evaluate.add_argument("--task", default="e2e", help="built-in task (default: e2e)")
+    evaluate.add_argument(
+        "--task",
+        default=None,
+        help="built-in task (default: the task the --adapter's run trained on)",
+    )
+    evaluate.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="score on your own JSONL or CSV file, in train's layouts: loss and perplexity, "
+        "and for prompt/completion records and chats, greedy completions scored by exact "
+        "match, BLEU and ROUGE-L",
+    )
+    evaluate.add_argument(
+        "--predictions",
+        type=Path,
+        default=None,
+        help="with --data, write each prompt, reference and prediction to this JSONL file",
+    )
+    evaluate.add_argument(
+        "--max-new-tokens", type=_at_least_one, default=128, help="with --data (default: 128)"
+    )
     evaluate.add_argument("--split", default="test", choices=("train", "validation", "test"))
     evaluate.add_argument("--size", type=_at_least_one, default=None, help="examples to score")
     evaluate.add_argument("--seed", type=int, default=0, help="the task generator's seed")
@@ -442,7 +463,13 @@ def _eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_task
     from .tasks import get_task
 
-    task = get_task(args.task)
+    if args.adapter is not None:
+        _check_adapter_dir(args.adapter)
+    if args.data is not None:
+        return _eval_data(args)
+    if args.predictions is not None:
+        raise ConfigError("--predictions is written with --data (a task prints its metrics)")
+    task = get_task(args.task or _run_task(args.adapter))
     if args.model_kind == "classification" and task.kind != "classification":
         raise ConfigError(
             f"--model-kind classification scores a classification task (nli); {task.name} "
@@ -463,6 +490,51 @@ def _eval(args: argparse.Namespace) -> int:
             indent=2,
         )
     )
+    return 0
+
+
+def _run_task(adapter: Path | None) -> str:
+    """The built-in task the adapter's run trained on (its config.yaml), or an error that
+    names the ways to say what to score."""
+    from .tasks import TASK_NAMES
+    from .train_config import config_from_file
+
+    ways = f"name --task ({', '.join(TASK_NAMES)}) or --data FILE (your own records)"
+    settings = adapter.parent / "config.yaml" if adapter is not None else None
+    if settings is None or not settings.is_file():
+        raise ConfigError(f"what to score? {ways}")
+    config = config_from_file(settings)
+    if config.data is not None or config.task is None:
+        raise ConfigError(
+            f"the adapter was trained on {config.data or 'your own data'}, not a built-in "
+            f"task: {ways}"
+        )
+    return config.task
+
+
+def _eval_data(args: argparse.Namespace) -> int:
+    from .atomic_write import write_files_atomically
+    from .data import read_examples
+    from .evaluate import evaluate_records
+
+    if args.task is not None:
+        raise ConfigError("--task and --data name two things to score; give one")
+    records = read_examples(args.data)  # bad data fails before the model loads
+    if args.size:
+        records = records[: args.size]
+    if args.predictions is not None:
+        check_output_dir(args.predictions.parent, "--predictions")
+    model, tokenizer = _load(args)
+    result = evaluate_records(model, tokenizer, records, args.max_new_tokens, args.batch_size)
+    if args.predictions is not None:
+        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in result.predictions)
+        args.predictions.parent.mkdir(parents=True, exist_ok=True)
+        write_files_atomically(
+            args.predictions.parent,
+            {args.predictions.name: lambda path: Path(path).write_text(text, encoding="utf-8")},
+        )
+    summary = {"data": str(args.data), "examples": len(records), **result.metrics}
+    print(json.dumps(summary, indent=2))
     return 0
 
 

@@ -1,19 +1,21 @@
-"""Scoring a model on a task: greedy generation, classification, or perplexity."""
+"""Scoring a model on a task (greedy generation, classification, or perplexity), or on a
+user's own records (loss and perplexity, and for completions generation's metrics)."""
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .data import collate, encode_dataset
+from .data import DataError, collate, encode_dataset, example_shape
 from .generate import generate
 from .methods.prefix import prompt_tokens
 from .tasks import TaskError
+from .tasks.text_metrics import bleu_rouge, exact_match
 
 
 @dataclass
@@ -96,3 +98,61 @@ def evaluate_task(
         predictions = generate(model, tokenizer, prompts, task.max_new_tokens, batch_size)
     metrics = task.score(predictions, examples)
     return Evaluation(metrics, predictions, time.perf_counter() - started)
+
+
+# A user's metric: (predictions, references) -> {name: value}.
+Metric = Callable[[list[str], list[str]], dict[str, float]]
+
+
+def evaluate_records(
+    model: nn.Module,
+    tokenizer,
+    records: list[dict],
+    max_new_tokens: int = 128,
+    batch_size: int = 16,
+    max_length: int = 1024,
+    metrics: Sequence[Metric] = (),
+) -> Evaluation:
+    """Score ``model`` on a user's own records, in the layouts ``train`` reads.
+
+    Always the loss on what would be learnt (the completion, the assistant's turns, the
+    whole text) and its perplexity. For completions (``prompt``/``completion``, and chats,
+    whose last assistant turn is the reference), also greedy generation scored by exact
+    match, corpus BLEU and ROUGE-L, and by each of ``metrics``; ``predictions`` then
+    holds ``{prompt, reference, prediction}`` for each record.
+    """
+    started = time.perf_counter()
+    shape = example_shape(records[0], "records[0]")
+    if shape == "text_label":
+        raise TaskError(
+            "{text, label} records are scored by a classifier: use --task nli's shape, or "
+            "train and evaluate them with --model-kind classification"
+        )
+    ppl = perplexity(model, tokenizer, records, max_length, batch_size)
+    scores = {"loss": math.log(ppl), "perplexity": ppl}
+    if shape == "text":
+        return Evaluation(scores, [], time.perf_counter() - started)
+    prompts, references = zip(*(_prompt_and_reference(r, shape) for r in records), strict=True)
+    predictions = generate(
+        model, tokenizer, list(prompts), max_new_tokens, batch_size, stop_at_newline=False
+    )
+    hypotheses = [p.strip() for p in predictions]
+    scores["exact_match"] = exact_match(hypotheses, references)
+    scores.update(bleu_rouge(hypotheses, [[r.strip()] for r in references]))
+    for metric in metrics:
+        scores.update(metric(hypotheses, list(references)))
+    rows = [
+        {"prompt": p, "reference": r, "prediction": h}
+        for p, r, h in zip(prompts, references, hypotheses, strict=True)
+    ]
+    return Evaluation(scores, rows, time.perf_counter() - started)
+
+
+def _prompt_and_reference(record: dict, shape: str) -> tuple[str | list[dict], str]:
+    if shape == "prompt_completion":
+        return record["prompt"], record["completion"]
+    messages = record["messages"]
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    if last == 0:
+        raise DataError("a chat to evaluate needs a turn before its last assistant turn")
+    return messages[:last], messages[last]["content"]

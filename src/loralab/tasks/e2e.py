@@ -24,6 +24,7 @@ from typing import Any
 
 from .splits import Candidate, GeneratedTask
 from .task import Example, TaskError, as_text, check_lengths
+from .text_metrics import bleu_rouge
 
 NAMES = (
     "Alimentum", "Aromi", "Bibimbap House", "Blue Spice", "Browns Cambridge", "Clowns",
@@ -113,26 +114,10 @@ class E2ETask(GeneratedTask):
 
     def score(self, predictions: Sequence[Any], examples: Sequence[Example]) -> dict[str, float]:
         """Corpus BLEU (sacrebleu) and mean best-reference ROUGE-L F1, both 0–100."""
-        import sacrebleu  # imported here so that listing tasks stays cheap
-        from rouge_score import rouge_scorer
-
         check_lengths(self.name, predictions, examples)
         hypotheses = [as_text(p) for p in predictions]
         references = [list(e.get("references") or [e["completion"].strip()]) for e in examples]
-        if not examples:
-            return {"bleu": 0.0, "rouge_l": 0.0}
-        width = max(len(refs) for refs in references)
-        # sacrebleu wants one stream per reference slot; None marks a missing reference
-        streams = [
-            [refs[i] if i < len(refs) else None for refs in references] for i in range(width)
-        ]
-        bleu = sacrebleu.corpus_bleu(hypotheses, streams).score
-        scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-        rouge = [
-            max(scorer.score(ref, hyp)["rougeL"].fmeasure for ref in refs)
-            for hyp, refs in zip(hypotheses, references, strict=True)
-        ]
-        return {"bleu": bleu, "rouge_l": 100.0 * sum(rouge) / len(rouge)}
+        return bleu_rouge(hypotheses, references)
 
 
 def _request(example: Example) -> str:
