@@ -31,3 +31,34 @@ def test_readme_opens_with_the_two_commands_and_ci_runs_both():
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     # how it runs them is tests/test_ci.py's subject
     assert '"$helper" command 1' in ci and '"$helper" command 2' in ci
+
+
+def test_the_own_data_section_runs_as_written(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """Its commands, in order, on the tiny model instead of SmolLM2 (the only change):
+    the files it writes are valid records, and every command runs (serve is parsed)."""
+    import shlex
+    import subprocess
+
+    from loralab.cli import build_parser, main
+    from loralab.data import read_examples
+
+    block = _bash_blocks()[2]
+    assert "loralab train --data train.jsonl" in block
+    monkeypatch.chdir(tmp_path)
+    lines = block.replace("\\\n", " ").splitlines()
+    writes = "\n".join(line for line in lines if line.startswith("printf"))
+    subprocess.run(["bash", "-euo", "pipefail", "-c", writes], check=True)
+    assert len(read_examples("train.jsonl")) == 2 and len(read_examples("valid.jsonl")) == 1
+    for line in lines:
+        if not line.startswith("loralab "):
+            continue
+        argv = shlex.split(line.split("   #")[0])[1:]
+        if argv[0] == "serve":
+            assert build_parser().parse_args(argv).adapter[0][0] == "json"
+            continue
+        argv += ["--model", str(tiny_model_dir)]
+        if argv[0] == "train":
+            argv += ["--max-steps", "2", "--no-progress"]
+        assert main(argv) == 0, line
+    assert (tmp_path / "runs" / "json" / "predictions.jsonl").is_file()
+    assert (tmp_path / "merged" / "json" / "config.json").is_file()
