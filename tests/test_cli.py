@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import assert_one_line_error, run_cli, save_random_adalora
 from loralab.cli import main
+from loralab.config import ConfigError
 
 WORDS = ["cat", "dog", "bird", "fish", "lion", "bear", "wolf", "frog"]
 
@@ -416,3 +417,27 @@ def test_a_metric_of_your_own_and_chats_scored_on_their_last_turn(tiny_model_dir
     assert result.metrics["exact_match"] == exact_match(hypotheses, WORDS[:3])
     text = evaluate_records(model, tokenizer, [{"text": "a cat and a dog"}])
     assert set(text.metrics) == {"loss", "perplexity"} and text.predictions == []
+
+
+def test_the_device_is_the_gpu_when_there_is_one_and_is_always_said(
+    tiny_model_dir, monkeypatch, capsys
+):
+    import torch
+
+    from loralab.devices import choose_device
+
+    assert choose_device("auto") == torch.device("cpu")  # this machine: no CUDA
+    status, lines = run_cli(["generate", "--device", "cuda", "hi"], capsys)
+    assert_one_line_error(status, lines, "--device cuda: PyTorch sees no CUDA GPU here")
+    status, lines = run_cli(["generate", "--device", "gpu", "hi"], capsys)
+    assert_one_line_error(status, lines, "--device must be auto, cpu, cuda or cuda:N, got 'gpu'")
+    assert main(["generate", "--model", str(tiny_model_dir), "hi", "--max-new-tokens", "2"]) == 0
+    assert f"loralab: {tiny_model_dir} on cpu" in capsys.readouterr().err
+    # where PyTorch sees GPUs (mocked here; benchmarks/gpu_devices.py runs it for real)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert choose_device(None) == choose_device("auto") == torch.device("cuda", 0)
+    assert choose_device("cuda:1") == torch.device("cuda", 1)
+    assert choose_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="this machine has 2 CUDA GPU"):
+        choose_device("cuda:2")

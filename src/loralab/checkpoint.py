@@ -35,6 +35,7 @@ RESUMABLE_CHANGES = {
     "chunked_loss",  # the same loss and gradients, up to rounding
     "lean_mlp",  # the same loss and gradients, bit for bit
     "return_freed_memory",  # how memory is allocated, not what is computed
+    "device",  # where, not what (up to the order of float additions)
 }
 
 

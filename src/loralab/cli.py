@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .config import ConfigError
 from .data import DataError
+from .devices import choose_device
 from .distributed import DistributedError
 from .layers import MergeError
 from .models import ModelLoadError
@@ -134,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataclass_flags(train, TrainConfig)
 
     evaluate = commands.add_parser("eval", help="score a model (with an adapter) on a task")
-    _model_flags(evaluate)
+    _model_flags(evaluate, device=True)
     evaluate.add_argument(
         "--task",
         default=None,
@@ -172,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     generate = commands.add_parser("generate", help="greedy completions of prompts")
-    _model_flags(generate)
+    _model_flags(generate, device=True)
     generate.add_argument("prompts", nargs="+", help="prompt texts")
     generate.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn")
     generate.add_argument("--max-new-tokens", type=_at_least_one, default=64)
@@ -368,12 +369,20 @@ def _outtype_flag(parser: argparse.ArgumentParser, what: str) -> None:
     )
 
 
-def _model_flags(parser: argparse.ArgumentParser, adapter_required: bool = False) -> None:
+def _model_flags(
+    parser: argparse.ArgumentParser, adapter_required: bool = False, device: bool = False
+) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="model alias, directory or id")
     parser.add_argument(
         "--model-kind", default="causal-lm", choices=("causal-lm", "classification")
     )
     parser.add_argument("--adapter", type=Path, required=adapter_required, help="adapter directory")
+    if device:  # merge and export write files: they read the weights on the CPU
+        parser.add_argument(
+            "--device",
+            default="auto",
+            help="auto (the first CUDA GPU if PyTorch sees one, else the CPU), cpu, cuda or cuda:N",
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -452,10 +461,15 @@ def _load(args: argparse.Namespace, num_labels: int | None = None):
 
     if args.adapter is not None:  # a mistyped path is told before the model's slow load
         _check_adapter_dir(args.adapter)
+    device = choose_device(getattr(args, "device", "cpu"))  # a missing GPU, before loading
     extra = {"num_labels": num_labels} if args.model_kind == "classification" else {}
     model, tokenizer = load_model(args.model, kind=args.model_kind, **extra)
     if args.adapter is not None:
         load_method(model, args.adapter)  # a PEFT adapter, or any method's saved files
+    if device.type != "cpu":
+        model.to(device)
+    if args.command in ("eval", "generate"):
+        print(f"{PROGRAM}: {args.model} on {device}", file=sys.stderr)
     return model, tokenizer
 
 

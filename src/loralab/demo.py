@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .atomic_write import json_writer, write_files_atomically
+from .devices import choose_device, model_device
 from .evaluate import evaluate_task
 from .io import WEIGHTS_FILE
 from .merge import merge_and_unload
@@ -98,12 +99,15 @@ def _markdown_table(rows: list[tuple[str, ...]]) -> str:
 def forward_latency_ms(model, tokens: torch.Tensor, repeats: int = 15) -> float:
     """Median wall time of one forward pass (after two warm-up passes)."""
     model.eval()
+    tokens = tokens.to(model_device(model))
     for _ in range(2):
         model(tokens)
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
         model(tokens)
+        if tokens.device.type == "cuda":  # a GPU's work is queued: wait for it
+            torch.cuda.synchronize(tokens.device)
         times.append(time.perf_counter() - started)
     return 1000 * statistics.median(times)
 
@@ -142,6 +146,7 @@ def run_demo(
     started = time.perf_counter()
     print(f"loading {DEFAULT_CAUSAL_LM} (the embedded default model) …", flush=True)
     model, tokenizer = load_model(DEFAULT_CAUSAL_LM)
+    model.to(choose_device())  # the GPU when there is one; training stays there too
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     generator = torch.Generator().manual_seed(0)
     latency_input = torch.randint(0, tokenizer.vocab_size, (1, 64), generator=generator)

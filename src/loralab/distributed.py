@@ -35,6 +35,7 @@ from torch import nn
 from .architectures import transformer_blocks
 from .config import ConfigError
 from .data import IGNORE_INDEX, Encoded
+from .devices import choose_device
 
 ENVIRONMENT = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 LAUNCH_HINT = "launch with torchrun --nproc_per_node N -m loralab -- train …"
@@ -66,8 +67,9 @@ class World:
         return f"rank {self.rank} of {self.size}"
 
 
-def world_from_environment(batch_size: int, fsdp: bool) -> World:
-    """Read the launcher's variables, checking them before any process waits on another."""
+def world_from_environment(batch_size: int, fsdp: bool, device: str | None = None) -> World:
+    """Read the launcher's variables, checking them before any process waits on another;
+    one process alone runs on ``device`` (``devices.choose_device``)."""
     if dist.is_available() and dist.is_initialized():  # the caller's own process group
         rank, size = dist.get_rank(), dist.get_world_size()
         local_rank = int(os.environ.get("LOCAL_RANK", rank))
@@ -90,7 +92,7 @@ def world_from_environment(batch_size: int, fsdp: bool) -> World:
     else:
         if fsdp:
             raise ConfigError(f"--fsdp shards the model across processes: {LAUNCH_HINT}")
-        return World()
+        return World(device=choose_device(device))
     if batch_size % world.size:
         raise ConfigError(
             f"batch_size={batch_size} is the global micro-batch and must be divisible by the "

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .data import DataError, collate, encode_dataset, example_shape
+from .devices import model_device
 from .generate import generate
 from .methods.prefix import prompt_tokens
 from .tasks import TaskError
@@ -37,6 +38,7 @@ def classify(model: nn.Module, tokenizer, examples: list[dict], labels, batch_si
     for start in range(0, len(data), batch_size):
         batch = collate(data[start : start + batch_size], tokenizer.pad_token_id or 0)
         batch.pop("labels")
+        batch = {name: tensor.to(model_device(model)) for name, tensor in batch.items()}
         predictions += model(**batch).logits.argmax(-1).tolist()
     return predictions
 
@@ -52,6 +54,7 @@ def perplexity(
     for start in range(0, len(data), batch_size):
         batch = collate(data[start : start + batch_size], tokenizer.pad_token_id or 0)
         tokens = int((batch["labels"][:, 1:] != -100).sum())
+        batch = {name: tensor.to(model_device(model)) for name, tensor in batch.items()}
         total += model(**batch).loss.item() * tokens
         count += tokens
     return math.exp(total / count)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .data import encode_prompt
+from .devices import model_device
 from .methods.prefix import prompt_tokens
 
 
@@ -31,6 +32,7 @@ def generate(
     around each prompt: prefix + prompt + infix.
     """
     model.eval()
+    device = model_device(model)
     tokens = prompt_tokens(model)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # new tokens must follow every prompt directly
@@ -39,7 +41,7 @@ def generate(
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
             rows = [encode_prompt(tokenizer, prompt, tokens) for prompt in chunk]
-            encoded = tokenizer.pad({"input_ids": rows}, return_tensors="pt")
+            encoded = tokenizer.pad({"input_ids": rows}, return_tensors="pt").to(device)
             generated = model.generate(
                 **encoded,
                 max_new_tokens=max_new_tokens,

@@ -303,7 +303,7 @@ def train(config: TrainConfig, model=None, tokenizer=None) -> TrainResult:
 
     Started by torchrun, every rank runs this: the world is checked before any process
     waits on another, and a process group this call created is left at the end."""
-    world = world_from_environment(config.batch_size, config.fsdp)
+    world = world_from_environment(config.batch_size, config.fsdp, config.device)
     if config.bf16 and world.device.type == "cpu" and not cpu_has_bf16_kernels():
         warnings.warn(
             "--bf16 on a CPU without bf16 matrix instructions (AVX512-BF16 or AMX): the "
@@ -596,10 +596,10 @@ def _resumable_checkpoint(run_dir: Path, config: TrainConfig) -> Path:
 
 def _distribute(model: nn.Module, config: TrainConfig, world: World) -> nn.Module:
     """The model each rank runs forward: itself alone, DDP's wrapper, or sharded by FSDP."""
-    if not world.active:
-        return model
     if world.device.type != "cpu":
         model.to(world.device)
+    if not world.active:
+        return model
     return shard_fsdp(model, world) if config.fsdp else wrap_ddp(model, world)
 
 

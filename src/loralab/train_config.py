@@ -24,6 +24,7 @@ from .config import (
     require_int,
     require_number,
 )
+from .devices import check_device
 from .methods import Method, MethodSettings, get_method
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -153,6 +154,9 @@ class TrainConfig:
     """Show a progress bar."""
     resume: bool = False
     """Continue from the checkpoint in ``output_dir``."""
+    device: str | None = None
+    """Where to train: auto (the first CUDA GPU if PyTorch sees one, else the CPU), cpu,
+    cuda or cuda:N. Under torchrun each process takes its local rank's GPU."""
 
     def __post_init__(self) -> None:
         positive = ("max_steps", "batch_size", "gradient_accumulation", "max_length", "r")
@@ -192,6 +196,7 @@ class TrainConfig:
             raise ConfigError(
                 f"warmup_steps={self.warmup_steps} is longer than max_steps={self.max_steps}"
             )
+        check_device(self.device)
         if self.data is None and self.task is None:
             raise ConfigError("give a built-in task (task) or a data file (data)")
         self.method_settings()  # l_p, l_i, adapter rank, top layers: validated there
