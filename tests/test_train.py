@@ -377,3 +377,35 @@ def test_a_classifier_head_can_take_its_own_learning_rate(tmp_path):
             _config(
                 tmp_path, "bad", model_kind="classification", **{"head_learning_rate": 1e-2, **bad}
             )
+
+
+def test_ctrl_c_is_acknowledged_skips_a_due_validation_and_twice_stops_at_once(
+    tmp_path, tiny_model_dir, monkeypatch, capsys
+):
+    real_step, calls = train_module._optimizer_step, []
+    presses = {4: 1}  # Ctrl-C once in the fourth step, where a validation falls due
+
+    def step_then_interrupt(*args, **kwargs):
+        calls.append(1)
+        for _ in range(presses.get(len(calls), 0)):
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_optimizer_step", step_then_interrupt)
+    model, tokenizer = _tiny(tiny_model_dir)
+    config = _config(tmp_path, "once", eval_every=2, save_every=0)
+    with pytest.raises(TrainingInterrupted, match="interrupted at step 4 of 6"):
+        train(config, model=model, tokenizer=tokenizer)
+    assert "SIGINT: stopping after this step, with a checkpoint" in capsys.readouterr().err
+    lines = [json.loads(x) for x in (tmp_path / "once" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "validation_loss" in x] == [2]  # not 4: it stopped
+
+    calls.clear()
+    presses.clear()
+    presses[3] = 2  # twice in the third step: out at once, one line, the last checkpoint kept
+    model, tokenizer = _tiny(tiny_model_dir)
+    config = _config(tmp_path, "twice", eval_every=0, save_every=2)
+    with pytest.raises(TrainingInterrupted, match="stopped at once by a second signal, in step 3"):
+        train(config, model=model, tokenizer=tokenizer)
+    saved = torch.load(tmp_path / "twice" / "checkpoint" / "state.pt", weights_only=True)
+    assert saved["step"] == 2

@@ -21,7 +21,7 @@ import signal
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -360,10 +360,16 @@ def _train(
     started = time.perf_counter()
     # Under a launcher a repeated signal is the launcher tearing down, not a user in a
     # hurry: the step still finishes, and the launcher's SIGKILL is the hard stop.
-    with _interruptible(escalate=not world.active) as stop:
+    at_once = (
+        f"stopped at once by a second signal, in step {{step}}; the last complete checkpoint, "
+        f"if any, is in {run.run_dir / CHECKPOINT} (continue with: loralab train --resume "
+        f"{run.run_dir})"
+    )
+    with _interruptible(not world.active, world.is_main, at_once, lambda: run.step + 1) as stop:
         while run.step < config.max_steps:
             stopping = _train_step(run, stop)
-            _evaluate_if_due(run)
+            if not stopping or run.step == config.max_steps:  # a stop does not wait for it
+                _evaluate_if_due(run)
             # A signal lets the step in flight finish, so the state saved is exactly the
             # one an uninterrupted run has between two steps.
             due_save = config.save_every and run.step % config.save_every == 0
@@ -677,14 +683,28 @@ class _StopFlag:
 
 
 @contextlib.contextmanager
-def _interruptible(escalate: bool = True):
-    """Turn Ctrl-C and SIGTERM into a request to stop after the current step."""
+def _interruptible(
+    escalate: bool = True,
+    announce: bool = True,
+    at_once: str = "stopped at once, in step {step}",
+    step: Callable[[], int] = lambda: 0,
+):
+    """Turn Ctrl-C and SIGTERM into a request to stop after the current step, said at
+    once; with ``escalate``, a second one stops at once, in one line (``at_once``)."""
     flag = _StopFlag()
 
     def request(signum, frame):
         if flag.requested and escalate:  # a second Ctrl-C: stop at once
-            raise KeyboardInterrupt
+            raise TrainingInterrupted(at_once.replace("{step}", str(step())))
         flag.requested = True
+        if announce:
+            again = "; Ctrl-C again stops at once" if escalate else ""
+            print(
+                f"\nloralab: {signal.Signals(signum).name}: stopping after this step, with a "
+                f"checkpoint{again}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     previous = {}
     for signum in (signal.SIGINT, signal.SIGTERM):
