@@ -441,3 +441,33 @@ def test_the_device_is_the_gpu_when_there_is_one_and_is_always_said(
     assert choose_device("cpu") == torch.device("cpu")
     with pytest.raises(ConfigError, match="this machine has 2 CUDA GPU"):
         choose_device("cuda:2")
+
+
+def test_the_base_dtype_is_chosen_and_a_merge_keeps_the_bases_own(
+    trained, tiny_model_dir, tmp_path, capsys
+):
+    from safetensors import safe_open
+
+    base = tmp_path / "bf16-base"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(base)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(base)
+    run = tmp_path / "run"
+    argv = ["train", "--model", str(base), "--data", str(trained / "train.jsonl"), "--r", "2"]
+    argv += ["--output-dir", str(run), "--max-steps", "2", "--batch-size", "4", "--no-progress"]
+    assert main([*argv, "--dtype", "bf16"]) == 0
+    with safe_open(run / "adapter" / "adapter_model.safetensors", "pt") as factors:
+        assert {factors.get_tensor(k).dtype for k in factors.keys()} == {torch.float32}  # noqa: SIM118
+
+    def merged_dtypes(output, *flags):
+        argv = ["merge", "--model", str(base), "--adapter", str(run / "adapter")]
+        assert main([*argv, "--output", str(output), *flags]) == 0
+        with safe_open(output / "model.safetensors", "pt") as merged:
+            return {merged.get_tensor(k).dtype for k in merged.keys()}  # noqa: SIM118
+
+    assert merged_dtypes(tmp_path / "as-saved") == {torch.bfloat16}  # not fp32 as before
+    assert merged_dtypes(tmp_path / "fp32", "--dtype", "fp32") == {torch.float32}
+    argv = ["generate", "--model", str(base), "--adapter", str(run / "adapter"), "hi"]
+    assert main([*argv, "--dtype", "bf16", "--max-new-tokens", "2"]) == 0
+    capsys.readouterr()
+    status, lines = run_cli(["generate", "--dtype", "half", "hi"], capsys)
+    assert_one_line_error(status, lines, "--dtype must be one of fp32, bf16, fp16, auto")

@@ -409,3 +409,24 @@ def test_ctrl_c_is_acknowledged_skips_a_due_validation_and_twice_stops_at_once(
         train(config, model=model, tokenizer=tokenizer)
     saved = torch.load(tmp_path / "twice" / "checkpoint" / "state.pt", weights_only=True)
     assert saved["step"] == 2
+
+
+def test_a_bf16_base_trains_fp32_factors_that_learn(tmp_path, tiny_model_dir):
+    config = _config(
+        tmp_path,
+        "bf16",
+        model=str(tiny_model_dir),
+        dtype="bf16",
+        max_steps=40,
+        eval_every=20,
+        save_every=0,
+        target_modules=["q", "v", "lm_head"],
+    )
+    result = train(config)
+    first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
+    assert last < 0.7 * first, (first, last)
+    dtypes = {p.dtype for n, p in result.model.named_parameters() if ".lora." not in f".{n}"}
+    assert dtypes == {torch.bfloat16}  # the frozen base: half the memory
+    assert {p.dtype for p in result.model.parameters() if p.requires_grad} == {torch.float32}
+    with pytest.raises(ConfigError, match="dtype must be one of fp32, bf16, fp16, auto"):
+        _config(tmp_path, dtype="half")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .config import ConfigError
 from .data import DataError
-from .devices import choose_device
+from .devices import base_dtype, choose_device
 from .distributed import DistributedError
 from .layers import MergeError
 from .models import ModelLoadError
@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge = commands.add_parser(
         "merge", help="merge an adapter into the base: a Transformers directory or one GGUF file"
     )
-    _model_flags(merge)
+    _model_flags(merge, dtype="auto")  # written in the dtype the base was saved in
     merge.add_argument(
         "--format",
         choices=("transformers", "gguf"),
@@ -370,13 +370,22 @@ def _outtype_flag(parser: argparse.ArgumentParser, what: str) -> None:
 
 
 def _model_flags(
-    parser: argparse.ArgumentParser, adapter_required: bool = False, device: bool = False
+    parser: argparse.ArgumentParser,
+    adapter_required: bool = False,
+    device: bool = False,
+    dtype: str = "fp32",
 ) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="model alias, directory or id")
     parser.add_argument(
         "--model-kind", default="causal-lm", choices=("causal-lm", "classification")
     )
     parser.add_argument("--adapter", type=Path, required=adapter_required, help="adapter directory")
+    parser.add_argument(
+        "--dtype",
+        default=dtype,
+        help=f"the base's weights: fp32, bf16, fp16, or auto (as the checkpoint was saved; "
+        f"default: {dtype})",
+    )
     if device:  # merge and export write files: they read the weights on the CPU
         parser.add_argument(
             "--device",
@@ -462,8 +471,9 @@ def _load(args: argparse.Namespace, num_labels: int | None = None):
     if args.adapter is not None:  # a mistyped path is told before the model's slow load
         _check_adapter_dir(args.adapter)
     device = choose_device(getattr(args, "device", "cpu"))  # a missing GPU, before loading
+    dtype = base_dtype(args.dtype)
     extra = {"num_labels": num_labels} if args.model_kind == "classification" else {}
-    model, tokenizer = load_model(args.model, kind=args.model_kind, **extra)
+    model, tokenizer = load_model(args.model, kind=args.model_kind, dtype=dtype, **extra)
     if args.adapter is not None:
         load_method(model, args.adapter)  # a PEFT adapter, or any method's saved files
     if device.type != "cpu":

@@ -148,7 +148,7 @@ def load_model(
     name_or_path: str = DEFAULT_CAUSAL_LM,
     kind: str = "causal-lm",
     num_labels: int | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a model and its tokenizer, in eval mode, without reaching the Hub.
 
@@ -156,7 +156,8 @@ def load_model(
     directory, a local ``.gguf`` file, or a Hub id already in the Hugging Face cache; an
     alias wins over a directory of the same name (write ``./name`` for the directory).
     ``kind`` is ``"causal-lm"`` or ``"classification"``; a classifier gets a new head
-    with ``num_labels`` outputs.
+    with ``num_labels`` outputs. ``dtype`` is the weights' torch dtype, or ``"auto"`` for
+    the one the checkpoint was saved in.
 
     The tokenizer always has a pad token (its eos token when it has none) and pads on the
     right, which is what training and classification want. For batched generation with a

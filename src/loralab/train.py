@@ -43,6 +43,7 @@ from .data import (
     label_names_of,
     read_examples,
 )
+from .devices import base_dtype
 from .distributed import (
     World,
     barrier,
@@ -465,7 +466,8 @@ def _adapted_model(config: TrainConfig, model, tokenizer, examples: Examples, ch
         # A classifier's new head is drawn while the model loads: the seed fixes it too
         # (PyTorch seeds itself at random in every new process).
         torch.manual_seed(config.seed)
-        model, tokenizer = load_model(config.model, kind=config.model_kind, **labels)
+        dtype = base_dtype(config.dtype, "dtype")
+        model, tokenizer = load_model(config.model, kind=config.model_kind, dtype=dtype, **labels)
     if checkpoint is None:
         prepare_model(config, model)
     else:

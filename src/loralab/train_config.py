@@ -24,7 +24,7 @@ from .config import (
     require_int,
     require_number,
 )
-from .devices import check_device
+from .devices import base_dtype, check_device
 from .methods import Method, MethodSettings, get_method
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -157,6 +157,9 @@ class TrainConfig:
     device: str | None = None
     """Where to train: auto (the first CUDA GPU if PyTorch sees one, else the CPU), cpu,
     cuda or cuda:N. Under torchrun each process takes its local rank's GPU."""
+    dtype: str | None = None
+    """The frozen base's weights: fp32 (default), bf16 or fp16 (half the memory; LoRA's
+    factors stay fp32). bf16 is fast only on CPUs with AVX512-BF16 or AMX, and on GPUs."""
 
     def __post_init__(self) -> None:
         positive = ("max_steps", "batch_size", "gradient_accumulation", "max_length", "r")
@@ -197,6 +200,7 @@ class TrainConfig:
                 f"warmup_steps={self.warmup_steps} is longer than max_steps={self.max_steps}"
             )
         check_device(self.device)
+        base_dtype(self.dtype, "dtype")
         if self.data is None and self.task is None:
             raise ConfigError("give a built-in task (task) or a data file (data)")
         self.method_settings()  # l_p, l_i, adapter rank, top layers: validated there
