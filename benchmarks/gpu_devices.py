@@ -61,29 +61,10 @@ def main() -> int:
         started = loralab("train", *common, "--output-dir", str(root / "said"))  # with its bar
         check("train says cuda:0", "on cuda:0" in started.stderr, started.stderr[:200])
         adapter = runs["auto"] / "adapter"
-        generated = loralab(
-            "generate",
-            "--model",
-            str(root / "base"),
-            "--adapter",
-            str(adapter),
-            "Say cat:",
-            "--max-new-tokens",
-            "4",
-        )
+        ask = ["generate", "--model", str(root / "base"), "--adapter", str(adapter), "Say cat:"]
+        generated = loralab(*ask, "--max-new-tokens", "4")
         check("generate runs on cuda:0", "on cuda:0" in generated.stderr, generated.stderr[-300:])
-        on_cpu = loralab(
-            "generate",
-            "--model",
-            str(root / "base"),
-            "--adapter",
-            str(adapter),
-            "Say cat:",
-            "--max-new-tokens",
-            "4",
-            "--device",
-            "cpu",
-        )
+        on_cpu = loralab(*ask, "--max-new-tokens", "4", "--device", "cpu")
         check(
             "generate: the same text on the CPU",
             generated.stdout == on_cpu.stdout,
