@@ -36,3 +36,13 @@ def test_chat_prompts_go_through_the_template_without_extra_special_tokens(tiny_
     tokenizer.chat_template = None
     with pytest.raises(DataError, match="a chat prompt needs a tokenizer with a chat template"):
         encode_prompt(tokenizer, messages)
+
+
+def test_a_named_progress_bar_counts_the_prompts_and_none_by_default(tiny_model_dir, capsys):
+    model, tokenizer = load_tiny_causal_lm(tiny_model_dir)
+    prompts = [f"prompt {i}" for i in range(5)]
+    plain = generate(model, tokenizer, prompts, 3, batch_size=2)
+    assert "score" not in capsys.readouterr().err
+    assert generate(model, tokenizer, prompts, 3, batch_size=2, progress="score") == plain
+    bar = capsys.readouterr().err
+    assert "score" in bar and "5/5" in bar

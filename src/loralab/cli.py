@@ -507,7 +507,9 @@ def _eval(args: argparse.Namespace) -> int:
             raise ConfigError(f"--chat-shots must be ≥ 0, got {args.chat_shots}")
         shots = task.splits(seed=args.seed, train_size=args.chat_shots)["train"]
     model, tokenizer = _load(args, len(task.labels) if task.labels else None)
-    result = evaluate_task(model, tokenizer, task, examples, args.batch_size, shots)
+    result = evaluate_task(
+        model, tokenizer, task, examples, args.batch_size, shots, progress="generate"
+    )
     print(
         json.dumps(
             {"task": task.name, "split": args.split, "examples": len(examples), **result.metrics},

@@ -153,13 +153,15 @@ def run_demo(
     base_latency = forward_latency_ms(model, latency_input)
 
     print(f"scoring the base model on {len(test)} e2e test examples, raw prompt …", flush=True)
-    base_raw = evaluate_task(model, tokenizer, task, test, batch_size=32)
+    base_raw = evaluate_task(model, tokenizer, task, test, batch_size=32, progress="score")
     print("… and through its chat template, instruction and one worked example …", flush=True)
-    base = evaluate_task(model, tokenizer, task, test, batch_size=32, chat_shots=shots)
+    base = evaluate_task(
+        model, tokenizer, task, test, batch_size=32, chat_shots=shots, progress="score"
+    )
     print(f"training LoRA (W_q, W_v, r = 8) for {steps} steps …", flush=True)
     result = train(config, model=model, tokenizer=tokenizer)
     print(f"scoring the adapted model on the same {len(test)} examples …", flush=True)
-    adapted = evaluate_task(model, tokenizer, task, test, batch_size=32)
+    adapted = evaluate_task(model, tokenizer, task, test, batch_size=32, progress="score")
     adapter_bytes = (result.adapter_dir / WEIGHTS_FILE).stat().st_size
     merged = merge_and_unload(model, safe=True)
     merged_latency = forward_latency_ms(merged, latency_input)

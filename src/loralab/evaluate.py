@@ -67,13 +67,15 @@ def evaluate_task(
     examples: list[dict],
     batch_size: int = 16,
     chat_shots: Sequence[dict] | None = None,
+    progress: str | None = None,
 ) -> Evaluation:
     """Score ``model`` on ``examples`` of ``task`` with the task's own metric.
 
     A generation task's prompts are its raw prompts (what an adapter trains on), or, with
     ``chat_shots``, chats through the model's chat template: the task's instruction, after
     those worked examples as earlier turns (``[]`` for none). That is how an instruction-
-    tuned model is meant to be asked, and the fair baseline for it.
+    tuned model is meant to be asked, and the fair baseline for it. ``progress`` names a
+    progress bar over the generated examples.
     """
     started = time.perf_counter()
     if task.kind == "lm":
@@ -94,11 +96,19 @@ def evaluate_task(
         # The reply ends at the template's end-of-turn token; the task's scorer reads its
         # first line, as for a raw completion.
         predictions = generate(
-            model, tokenizer, chats, task.max_new_tokens, batch_size, stop_at_newline=False
+            model,
+            tokenizer,
+            chats,
+            task.max_new_tokens,
+            batch_size,
+            stop_at_newline=False,
+            progress=progress,
         )
     else:
         prompts = [example["prompt"] for example in examples]
-        predictions = generate(model, tokenizer, prompts, task.max_new_tokens, batch_size)
+        predictions = generate(
+            model, tokenizer, prompts, task.max_new_tokens, batch_size, progress=progress
+        )
     metrics = task.score(predictions, examples)
     return Evaluation(metrics, predictions, time.perf_counter() - started)
 
@@ -137,7 +147,13 @@ def evaluate_records(
         return Evaluation(scores, [], time.perf_counter() - started)
     prompts, references = zip(*(_prompt_and_reference(r, shape) for r in records), strict=True)
     predictions = generate(
-        model, tokenizer, list(prompts), max_new_tokens, batch_size, stop_at_newline=False
+        model,
+        tokenizer,
+        list(prompts),
+        max_new_tokens,
+        batch_size,
+        stop_at_newline=False,
+        progress="generate",
     )
     hypotheses = [p.strip() for p in predictions]
     scores["exact_match"] = exact_match(hypotheses, references)

@@ -24,12 +24,14 @@ def generate(
     max_new_tokens: int,
     batch_size: int = 16,
     stop_at_newline: bool = True,
+    progress: str | None = None,
 ) -> list[str]:
     """Greedy completions of ``prompts`` (batched, left-padded), without the prompt.
 
     A prompt is a text, or a chat (a list of ``{role, content}`` messages) that the
     model's chat template renders up to the assistant's reply. A prefix method's tokens go
-    around each prompt: prefix + prompt + infix.
+    around each prompt: prefix + prompt + infix. ``progress`` names a progress bar over
+    the prompts (none by default).
     """
     model.eval()
     device = model_device(model)
@@ -37,6 +39,11 @@ def generate(
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # new tokens must follow every prompt directly
     outputs: list[str] = []
+    bar = None
+    if progress is not None:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(prompts), desc=progress, unit="prompt")
     try:
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
@@ -52,6 +59,10 @@ def generate(
             new_tokens = generated[:, encoded["input_ids"].shape[1] :]
             for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True):
                 outputs.append(text.split("\n")[0] if stop_at_newline else text)
+            if bar is not None:
+                bar.update(len(chunk))
     finally:
         tokenizer.padding_side = side
+        if bar is not None:
+            bar.close()
     return outputs
