@@ -539,7 +539,7 @@ def _run_task(adapter: Path | None) -> str:
 
 
 def _eval_data(args: argparse.Namespace) -> int:
-    from .atomic_write import write_files_atomically
+    from .atomic_write import text_writer, write_files_atomically
     from .data import read_examples
     from .evaluate import evaluate_records
 
@@ -555,10 +555,7 @@ def _eval_data(args: argparse.Namespace) -> int:
     if args.predictions is not None:
         text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in result.predictions)
         args.predictions.parent.mkdir(parents=True, exist_ok=True)
-        write_files_atomically(
-            args.predictions.parent,
-            {args.predictions.name: lambda path: Path(path).write_text(text, encoding="utf-8")},
-        )
+        write_files_atomically(args.predictions.parent, {args.predictions.name: text_writer(text)})
     summary = {"data": str(args.data), "examples": len(records), **result.metrics}
     print(json.dumps(summary, indent=2))
     return 0

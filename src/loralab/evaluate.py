@@ -13,6 +13,7 @@ from torch import nn
 
 from .data import DataError, collate, encode_dataset, example_shape
 from .devices import model_device
+from .distributed import to_device
 from .generate import generate
 from .methods.prefix import prompt_tokens
 from .tasks import TaskError
@@ -34,11 +35,12 @@ def classify(model: nn.Module, tokenizer, examples: list[dict], labels, batch_si
     model.eval()
     limit = min(512, getattr(model.config, "max_position_embeddings", 512))
     data = encode_dataset(tokenizer, examples, limit, tuple(labels), prompt_tokens(model))
+    device = model_device(model)
     predictions: list[int] = []
     for start in range(0, len(data), batch_size):
         batch = collate(data[start : start + batch_size], tokenizer.pad_token_id or 0)
         batch.pop("labels")
-        batch = {name: tensor.to(model_device(model)) for name, tensor in batch.items()}
+        batch = to_device(batch, device)
         predictions += model(**batch).logits.argmax(-1).tolist()
     return predictions
 
@@ -50,11 +52,12 @@ def perplexity(
     """exp(mean negative log-likelihood per predicted token) over ``{text}`` examples."""
     model.eval()
     data = encode_dataset(tokenizer, examples, max_length, prompt_tokens=prompt_tokens(model))
+    device = model_device(model)
     total, count = 0.0, 0
     for start in range(0, len(data), batch_size):
         batch = collate(data[start : start + batch_size], tokenizer.pad_token_id or 0)
         tokens = int((batch["labels"][:, 1:] != -100).sum())
-        batch = {name: tensor.to(model_device(model)) for name, tensor in batch.items()}
+        batch = to_device(batch, device)
         total += model(**batch).loss.item() * tokens
         count += tokens
     return math.exp(total / count)

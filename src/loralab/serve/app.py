@@ -75,7 +75,7 @@ def create_app(state: ServerState) -> Starlette:
         reading = state.readers.submit(state.pool.read, path)
         try:
             snapshot = await asyncio.wait_for(asyncio.wrap_future(reading), READ_SECONDS)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # builtin TimeoutError only from Python 3.11
             raise RequestError(
                 f"reading the adapter at {path!r} took over {READ_SECONDS:g} s; abandoned",
                 status=504,
@@ -221,7 +221,7 @@ class _Run:
                 try:
                     wait = max(check - time.monotonic(), 0.0)
                     index, event = await asyncio.wait_for(self.queue.get(), timeout=wait)
-                except TimeoutError:
+                except asyncio.TimeoutError:  # builtin TimeoutError only from Python 3.11
                     event = None
                 if time.monotonic() >= check:  # about once a second, tokens flowing or not
                     if await request.is_disconnected():
@@ -373,7 +373,7 @@ async def _body_bytes(request: Request, limit: int) -> bytes:
 
     try:
         return await asyncio.wait_for(receive(), BODY_SECONDS)
-    except TimeoutError:
+    except asyncio.TimeoutError:  # builtin TimeoutError only from Python 3.11
         raise RequestError(
             f"the request body did not arrive within {BODY_SECONDS:g} s", status=408
         ) from None
