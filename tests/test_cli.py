@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import assert_one_line_error, run_cli, save_random_adalora
 from loralab.cli import main
 from loralab.config import ConfigError
+from loralab.train_config import TrainConfig
 
 WORDS = ["cat", "dog", "bird", "fish", "lion", "bear", "wolf", "frog"]
 
@@ -441,6 +442,8 @@ def test_the_device_is_the_gpu_when_there_is_one_and_is_always_said(
     assert choose_device("cpu") == torch.device("cpu")
     with pytest.raises(ConfigError, match="this machine has 2 CUDA GPU"):
         choose_device("cuda:2")
+    with pytest.raises(ConfigError, match="device must be auto, cpu, cuda or cuda:N, got 'gpu'"):
+        TrainConfig(device="gpu")
 
 
 def test_the_base_dtype_is_chosen_and_a_merge_keeps_the_bases_own(
