@@ -1,5 +1,5 @@
 """The device choice on a real GPU (issue 28): train, eval and generate go to CUDA by
-themselves, say so, and give what they give on the CPU.
+themselves (serve too), say so, and give what they give on the CPU.
 
 For the day a GPU is lent (the device tool); CI has none, and the tests check the choice
 with CUDA mocked. No network is needed: a tiny Llama and a character tokenizer are built
@@ -18,6 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import httpx
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,6 +85,20 @@ def main() -> int:
             "4",
         )
         check("eval --data runs on cuda:0", "on cuda:0" in scored.stderr, scored.stderr[-300:])
+        from loralab.serve import BackgroundServer, ServeOptions, build_state
+
+        options = ServeOptions(model=str(root / "base"), adapters=[("mine", adapter)])
+        with BackgroundServer(build_state(options)) as server:
+            device = server.state.engine.device
+            asked = {"model": "mine", "prompt": "Say cat:", "max_tokens": 4, "temperature": 0}
+            served = httpx.post(server.url + "/v1/completions", json=asked, timeout=60).json()
+        check("serve runs on cuda:0", str(device) == "cuda:0", str(device))
+        text = served["choices"][0]["text"].strip()
+        check(
+            "serve: the text generate writes on the CPU",
+            f"### Say cat:\n{text}\n" in on_cpu.stdout,
+            f"{text!r} / {on_cpu.stdout!r}",
+        )
         losses = [
             json.loads(line)["loss"]
             for device in ("auto", "cpu")

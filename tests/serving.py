@@ -29,9 +29,10 @@ def save_adapters(base: Path, directory: Path, count: int = 8, seed: int = 0) ->
     return names
 
 
-def reference(base: Path, adapter_dir: Path | None, prompt, max_new_tokens: int) -> str:
-    """What ``loralab generate`` writes for one prompt (a text or a chat), greedy."""
-    model, tokenizer = load_model(str(base))
+def reference(base: Path, adapter_dir: Path | None, prompt, max_new_tokens: int, dtype=None) -> str:
+    """What ``loralab generate`` writes for one prompt (a text or a chat), greedy, on the
+    base loaded in ``dtype`` (None: fp32)."""
+    model, tokenizer = load_model(str(base), dtype=dtype)
     if adapter_dir is not None:
         load_adapter(model, adapter_dir)
     return generate(model, tokenizer, [prompt], max_new_tokens, stop_at_newline=False)[0]

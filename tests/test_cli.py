@@ -335,6 +335,41 @@ def test_the_start_is_described_and_dropped_examples_are_counted(
     assert "; validation loss " in captured.out and "at step 2" in captured.out
 
 
+def test_epochs_train_that_many_passes_and_a_resume_counts_the_same(
+    trained, tiny_model_dir, tmp_path, capsys
+):
+    run = tmp_path / "run"
+    argv = ["train", "--model", str(tiny_model_dir), "--data", str(trained / "train.jsonl")]
+    argv += ["--output-dir", str(run), "--epochs", "2", "--batch-size", "4", "--r", "2"]
+    argv += ["--save-every", "1", "--no-progress"]
+    assert main(argv) == 0
+    examples = len((trained / "train.jsonl").read_text().splitlines())
+    steps = 2 * -(-examples // 4)
+    assert f"trained {steps} steps" in capsys.readouterr().out
+    saved = (run / "config.yaml").read_text()
+    assert "epochs: 2.0" in saved and "max_steps: null" in saved
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0  # nothing left
+    assert f"trained {steps} steps" in capsys.readouterr().out
+    status, lines = run_cli([*argv[:-3], "--max-steps", "3", "--overwrite"], capsys)
+    assert_one_line_error(status, lines, "both say how long to train; give one")
+
+
+def test_help_answers_before_torch_loads():
+    """`--help` and a mistyped flag cost no import of torch or Transformers (~3 s)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, contextlib, io\n"
+        "from loralab.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "    main(['train', '--help'])\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.strip() == "[]", done.stderr
+
+
 def test_generate_that_gives_no_text_without_chat_says_to_add_chat(
     tiny_model_dir, monkeypatch, capsys
 ):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import gguf
 import numpy as np
 import pytest
@@ -156,6 +158,27 @@ def test_an_adapter_export_writes_its_modelfile(tiny_gguf_file, tmp_path, capsys
     assert modelfile[1] == f"FROM {tiny_gguf_file.resolve()}"
     assert modelfile[2] == "ADAPTER ./e2e.gguf"
     assert f"llama-cli -m {tiny_gguf_file} --lora {out}" in capsys.readouterr().out
+
+
+def test_a_base_in_the_cache_goes_beside_the_export_not_named_in_it(
+    tiny_gguf_file, tmp_path, monkeypatch, capsys
+):
+    """The Modelfile's FROM never points into loralab's cache (ours to clear): the base
+    is linked beside the adapter, and the folder works wherever it moves."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LORALAB_CACHE", str(cache))
+    base = cache / "models" / "tiny-llama.gguf"
+    base.parent.mkdir(parents=True)
+    shutil.copyfile(tiny_gguf_file, base)
+    _, adapter = adapted(base, tmp_path, target_modules=["q_proj"])
+    out = tmp_path / "out" / "e2e.gguf"
+    argv = ["export", "--model", str(base), "--adapter", str(adapter), "--output", str(out)]
+    assert main(argv) == 0
+    modelfile = (out.parent / "e2e.Modelfile").read_text().splitlines()
+    assert modelfile[1:3] == ["FROM ./tiny-llama.gguf", "ADAPTER ./e2e.gguf"]
+    beside = out.parent / "tiny-llama.gguf"
+    assert beside.read_bytes() == base.read_bytes() and beside.stat().st_ino == base.stat().st_ino
+    assert f"llama-cli -m {beside} --lora {out}" in capsys.readouterr().out
 
 
 def test_a_tied_base_refuses_an_embedding_adapter_llama_cpp_would_apply_twice(tmp_path):

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import openai
 import pytest
@@ -36,6 +37,29 @@ def test_the_command_serves_until_interrupted(tiny_model_dir, tmp_path):
     finally:
         server.send_signal(signal.SIGINT)
         assert server.wait(timeout=30) == 0
+
+
+def test_a_bf16_base_serves_what_generate_writes_on_it(tiny_model_dir, tmp_path):
+    import torch
+
+    save_adapters(tiny_model_dir, tmp_path, count=1)
+    options = ServeOptions(model=str(tiny_model_dir), adapters=[("a0", tmp_path / "a0")])
+    with BackgroundServer(build_state(replace(options, dtype="bf16"))) as server:
+        assert server.state.engine.model.dtype == torch.bfloat16
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        reply = client.completions.create(model="a0", prompt="hello", max_tokens=12, temperature=0)
+    expected = reference(tiny_model_dir, tmp_path / "a0", "hello", 12, dtype=torch.bfloat16)
+    assert reply.choices[0].text == expected
+
+
+def test_serve_refuses_a_gpu_that_is_not_there_before_loading(capsys, monkeypatch):
+    import torch
+
+    from loralab.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["serve", "--model", "no-such-model", "--device", "cuda"]) == 2
+    assert "PyTorch sees no CUDA GPU" in capsys.readouterr().err  # not the missing model
 
 
 def _wait_for_url(server: subprocess.Popen, timeout: float = 120) -> str:

@@ -58,3 +58,52 @@ def test_yaml_config_with_command_line_overrides(tmp_path):
 def test_adalora_settings_that_do_not_fit_are_refused_before_training(settings, message):
     with pytest.raises(ConfigError, match=message):
         TrainConfig(task="e2e", method="adalora", **settings)
+
+
+def test_every_lora_setting_is_a_run_setting_declared_once_with_lora_configs_defaults(tmp_path):
+    """LoRA's settings are LoraConfig's fields, with its defaults: all of them can be set
+    from a file (a config's use_rslora was once "did you mean use_dora?")."""
+    import dataclasses
+
+    from loralab.config import LoraConfig
+
+    assert TrainConfig().lora_config() == LoraConfig()
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "use_rslora: true\nbias: lora_only\ninit: gaussian\nrank_pattern: {q: 16}\n"
+        "alpha_pattern: {q: 32}\nlayers_to_transform: [0]\nexclude_modules: [k]\n"
+    )
+    lora = config_from_file(path).lora_config()
+    assert lora.use_rslora and (lora.bias, lora.init) == ("lora_only", "gaussian")
+    assert (lora.rank_pattern, lora.alpha_pattern) == ({"q": 16}, {"q": 32})
+    assert (lora.layers_to_transform, lora.exclude_modules) == ([0], ["k"])
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert set(LoraConfig.field_names()) <= fields
+    with pytest.raises(ConfigError, match="bias must be one of"):
+        TrainConfig(bias="some")
+
+
+def test_each_setting_is_in_one_section_of_the_help_and_the_saved_config():
+    import dataclasses
+
+    from loralab.train_config import SECTIONS
+
+    listed = [name for names in SECTIONS.values() for name in names]
+    assert sorted(listed) == sorted(f.name for f in dataclasses.fields(TrainConfig))
+    assert list(TrainConfig().to_dict()) == listed
+
+
+def test_epochs_count_the_steps_from_the_examples_kept():
+    config = TrainConfig(epochs=2.5, batch_size=4, gradient_accumulation=2)
+    assert config.max_steps is None and TrainConfig().max_steps == 100
+    assert config.steps_per_epoch(17) == 3  # 17 examples, 8 a step: the last step is short
+    resolved = config.with_steps(17)
+    assert (resolved.max_steps, resolved.epochs) == (8, None)  # ceil(2.5 × 3)
+    with pytest.raises(ConfigError, match="both say how long to train; give one"):
+        TrainConfig(epochs=1, max_steps=10)
+    with pytest.raises(ConfigError, match="epochs must be a finite number > 0"):
+        TrainConfig(epochs=0)
+    with pytest.raises(ConfigError, match="warmup_steps=20 is longer than the run"):
+        TrainConfig(epochs=1, warmup_steps=20).with_steps(16)
+    with pytest.raises(ConfigError, match="give max_steps instead of epochs"):
+        TrainConfig(epochs=1, method="adalora")

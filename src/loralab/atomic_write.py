@@ -56,6 +56,20 @@ def text_writer(text: str) -> Callable[[str], Any]:
     return lambda path: Path(path).write_text(text, encoding="utf-8")
 
 
+def link_writer(source: Path) -> Callable[[str], Any]:
+    """A writer for ``write_files_atomically``: ``source`` itself, hard-linked (no second
+    copy on disk), or copied where a link cannot be made (another file system)."""
+
+    def write(path: str) -> None:
+        os.unlink(path)
+        try:
+            os.link(source, path)
+        except OSError:
+            shutil.copyfile(source, path)
+
+    return write
+
+
 def write_directory_atomically(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call ``write(scratch)`` on a new directory beside ``target``, then rename it to
     ``target``, which must not exist or be empty. On any failure nothing is left."""

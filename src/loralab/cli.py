@@ -17,18 +17,16 @@ import json
 import os
 import sys
 import textwrap
+import types
+import typing
 from pathlib import Path
+from typing import Any
 
+# Only what parsing needs is imported here: torch and Transformers load after the command
+# line is read, so that `--help` and a mistyped flag answer at once.
 from .config import ConfigError
-from .data import DataError
-from .devices import base_dtype, choose_device
-from .distributed import DistributedError
-from .layers import MergeError
-from .models import ModelLoadError
 from .output_dirs import OutputDirError, check_output_dir
-from .peft_config import AdapterFileError
-from .train import TrainingInterrupted
-from .train_config import TrainConfig
+from .train_config import SECTIONS, TrainConfig
 
 PROGRAM = "loralab"
 
@@ -48,37 +46,87 @@ def _field_docs(cls) -> dict[str, str]:
     return docs
 
 
-def _add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
-    docs = _field_docs(cls)
-    for item in dataclasses.fields(cls):
-        flag = "--" + item.name.replace("_", "-")
-        kind = str(item.type)
-        default = (
-            item.default if item.default is not dataclasses.MISSING else item.default_factory()
-        )
-        help_text = f"{docs.get(item.name, '')} (default: {default})"
-        if item.name == "resume":  # --resume, or --resume RUN: that run's settings too
-            help_text = (
-                "continue from the checkpoint in --output-dir; --resume RUN alone continues "
-                "the run in folder RUN with its own settings (RUN/config.yaml), flags given "
-                "here winning"
+class _PatternValues(argparse.Action):
+    r"""``--rank-pattern q=16 'layers\.0\..*'=4``: a dict from pattern to number."""
+
+    def __init__(self, *args, value_type: type = float, **kwargs) -> None:
+        self.value_type = value_type
+        super().__init__(*args, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        result = {}
+        for item in values:
+            key, sep, value = item.rpartition("=")
+            try:
+                result[key] = self.value_type(value)
+            except ValueError:
+                sep = ""
+            if not sep or not key:
+                kind = self.value_type.__name__
+                parser.error(f"{option_string} takes PATTERN={kind.upper()} pairs, got {item!r}")
+        setattr(namespace, self.dest, result)
+
+
+def _flag_options(name: str, kind: Any) -> dict[str, Any]:
+    """How argparse reads a field of type ``kind``."""
+    union = typing.get_origin(kind) in (typing.Union, types.UnionType)
+    plain = [a for a in typing.get_args(kind) if a is not type(None)] if union else [kind]
+    if name == "resume":  # --resume, or --resume RUN: that run's settings too
+        return {"nargs": "?", "const": True, "metavar": "RUN"}
+    if kind is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if typing.get_origin(kind) is typing.Literal:
+        return {"choices": typing.get_args(kind)}
+    for option in plain:
+        if typing.get_origin(option) is dict:
+            value = typing.get_args(option)[1]
+            return {
+                "nargs": "+",
+                "action": _PatternValues,
+                "value_type": value,
+                "metavar": "PATTERN=VALUE",
+            }
+        if typing.get_origin(option) is list:
+            item = typing.get_args(option)[0]
+            return {"nargs": "+", "type": item, "metavar": "N" if item is int else "NAME"}
+    metavars = {int: "N", float: "X"}
+    return {
+        "type": plain[0] if plain[0] in metavars else str,
+        "metavar": metavars.get(plain[0], "TEXT"),
+    }
+
+
+def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, sections) -> None:
+    """A flag per field of ``cls``, under the heading of its section."""
+    from .config import LoraConfig
+
+    docs = {**_field_docs(LoraConfig), **_field_docs(cls)}
+    hints = typing.get_type_hints(cls)
+    fields = {item.name: item for item in dataclasses.fields(cls)}
+    for title, names in sections.items():
+        group = parser.add_argument_group(title)
+        for name in names:
+            item = fields[name]
+            default = (
+                item.default if item.default is not dataclasses.MISSING else item.default_factory()
             )
-        options = {"dest": item.name, "default": argparse.SUPPRESS, "help": help_text}
-        if item.name == "resume":
-            parser.add_argument(flag, nargs="?", const=True, metavar="RUN", **options)
-            parser.add_argument(
-                "--no-resume", dest="resume", action="store_false", default=argparse.SUPPRESS
+            help_text = docs.get(name, "").replace("``", "")
+            if not (default is None and "default" in help_text):  # it says what None means
+                help_text += f" (default: {default})"
+            if name == "resume":
+                help_text = (
+                    "continue from the checkpoint in --output-dir; --resume RUN alone "
+                    "continues the run in folder RUN with its own settings (RUN/config.yaml), "
+                    "flags given here winning"
+                )
+            options = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
+            group.add_argument(
+                "--" + name.replace("_", "-"), **options, **_flag_options(name, hints[name])
             )
-        elif kind == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
-        elif kind.startswith("list["):
-            parser.add_argument(flag, nargs="+", metavar="NAME", **options)
-        elif kind.startswith("int"):
-            parser.add_argument(flag, type=int, **options)
-        elif kind.startswith("float"):
-            parser.add_argument(flag, type=float, **options)
-        else:
-            parser.add_argument(flag, type=str, **options)
+            if name == "resume":
+                group.add_argument(
+                    "--no-resume", dest="resume", action="store_false", default=argparse.SUPPRESS
+                )
 
 
 class _Parser(argparse.ArgumentParser):
@@ -103,11 +151,18 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
         flags = [flag for action in command._actions for flag in action.option_strings]
         named = []
         for word in unknown:
-            near = difflib.get_close_matches(word.split("=")[0], flags, n=2, cutoff=0.6)
+            near = _near(word.split("=")[0], flags)
             hint = f" (did you mean {' or '.join(near)}?)" if word.startswith("-") and near else ""
             named.append(f"{word}{hint}")
         command.error(f"unrecognized arguments: {', '.join(named)}")
     return args
+
+
+def _near(word: str, flags: list[str]) -> list[str]:
+    """The flags ``word`` may have meant: those it begins (``--learn``), then look-alikes."""
+    started = [flag for flag in flags if len(word) > 3 and flag.startswith(word)]
+    alike = difflib.get_close_matches(word, flags, n=2, cutoff=0.6)
+    return list(dict.fromkeys(started + alike))[:2]
 
 
 def _at_least_one(text: str) -> int:
@@ -124,7 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parser.commands = commands  # type: ignore[attr-defined]  # _parse names their flags
 
-    train = commands.add_parser("train", help="train a LoRA adapter")
+    train = commands.add_parser(
+        "train",
+        help="train a LoRA adapter",
+        usage=f"{PROGRAM} train [--config FILE | --resume RUN] [--overwrite] [--FLAG VALUE ...]",
+        description="Train an adapter. Every setting below is a flag and a key of a --config "
+        "YAML file (flags win); a run writes its settings to OUTPUT_DIR/config.yaml.",
+        formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=30),
+    )
     train.add_argument("--config", type=Path, help="a YAML file of settings (flags win)")
     train.add_argument(
         "--overwrite",
@@ -132,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace an earlier run in --output-dir (its adapter, checkpoint, metrics and "
         "plots are removed first); without it, or --resume, such a folder is refused",
     )
-    _add_dataclass_flags(train, TrainConfig)
+    _add_dataclass_flags(train, TrainConfig, SECTIONS)
 
     evaluate = commands.add_parser("eval", help="score a model (with an adapter) on a task")
     _model_flags(evaluate, device=True)
@@ -271,6 +333,7 @@ def _serve_flags(commands) -> None:
         "`model` field picks the adapter (the base's name: none).",
     )
     serve.add_argument("--model", default="smollm2-135m", help="model alias, directory or id")
+    _device_flags(serve, "fp32")
     serve.add_argument(
         "--adapter",
         action="append",
@@ -380,6 +443,10 @@ def _model_flags(
         "--model-kind", default="causal-lm", choices=("causal-lm", "classification")
     )
     parser.add_argument("--adapter", type=Path, required=adapter_required, help="adapter directory")
+    _device_flags(parser, dtype, device)
+
+
+def _device_flags(parser: argparse.ArgumentParser, dtype: str, device: bool = True) -> None:
     parser.add_argument(
         "--dtype",
         default=dtype,
@@ -398,6 +465,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = _parse(parser, argv)
     from transformers.utils import logging as transformers_logging
+
+    from .data import DataError
+    from .distributed import DistributedError
+    from .layers import MergeError
+    from .models import ModelLoadError
+    from .peft_config import AdapterFileError
+    from .train import TrainingInterrupted
 
     # Our own progress bar and messages are enough; Transformers' per-load bars are noise.
     transformers_logging.disable_progress_bar()
@@ -465,6 +539,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace, num_labels: int | None = None):
+    from .devices import base_dtype, choose_device
     from .methods.files import load_method
     from .models import load_model
 
@@ -603,7 +678,7 @@ def _merge(args: argparse.Namespace) -> int:
 
 def _check_adapter_dir(adapter: Path) -> None:
     from .methods.files import METHOD_FILE
-    from .peft_config import CONFIG_FILE
+    from .peft_config import CONFIG_FILE, AdapterFileError
 
     if not adapter.is_dir():
         raise AdapterFileError(f"--adapter {adapter}: no such directory")
@@ -670,10 +745,11 @@ def _say_how_to_run(path: Path, kept_f16: list[str], run: str) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .atomic_write import text_writer
+    from .atomic_write import link_writer, text_writer
     from .gguf_adapter import export_adapter_gguf
     from .gguf_layout import ExportError, check_export_target
     from .gguf_merge import source_gguf
+    from .models import cache_dir
     from .ollama import modelfile, modelfile_name
 
     check_export_target(args.output, args.outtype)  # before the model loads
@@ -682,14 +758,18 @@ def _export(args: argparse.Namespace) -> int:
         base = source_gguf(args.model)
     except ExportError:  # a Transformers directory: Ollama converts it itself
         base = Path(model.name_or_path)
+    files = {}
+    if base.is_file() and base.resolve().is_relative_to(cache_dir().resolve()):
+        # The Modelfile's FROM must not point into loralab's cache, which is ours to
+        # clear: the base goes beside the adapter (a hard link where it can), and the
+        # folder works wherever it is moved.
+        files[base.name] = link_writer(base)
+        base = args.output.with_name(base.name)
+        if base == args.output:
+            raise ConfigError(f"--output {args.output} is the base's own file name; pick another")
     text = modelfile(base, args.output, getattr(tokenizer, "chat_template", None))
-    exported = export_adapter_gguf(
-        args.adapter,
-        model.config,
-        args.output,
-        args.outtype,
-        {modelfile_name(args.output): text_writer(text)},
-    )
+    files[modelfile_name(args.output)] = text_writer(text)
+    exported = export_adapter_gguf(args.adapter, model.config, args.output, args.outtype, files)
     print(
         f"wrote {exported.path}: llama.cpp LoRA adapter for {exported.architecture}, "
         f"{exported.tensors} tensors, adapter.lora.alpha = {exported.alpha:g}"
@@ -778,6 +858,8 @@ def _serve(args: argparse.Namespace) -> int:
         **({"max_adapter_bytes": args.max_adapter_bytes} if args.max_adapter_bytes else {}),
         max_waiting=args.max_waiting,
         api_key=args.api_key or os.environ.get("LORALAB_API_KEY") or None,
+        device=args.device,
+        dtype=args.dtype,
     )
     serve(options)
     return 0

@@ -10,10 +10,15 @@ GPU of its local rank (``distributed.py``).
 from __future__ import annotations
 
 import re
-
-import torch
+from typing import TYPE_CHECKING
 
 from .config import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where a device or dtype is built, not with this module: the command
+# line checks these names while it parses, before anything heavy loads (``--help``).
 
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -27,6 +32,8 @@ def check_device(name: str | None, flag: str = "device") -> None:
 
 def choose_device(name: str | None = None, flag: str = "--device") -> torch.device:
     """The device ``name`` asks for (None: ``auto``), checked against this machine."""
+    import torch
+
     check_device(name, flag)
     if name in (None, "auto"):
         return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
@@ -48,6 +55,8 @@ def choose_device(name: str | None = None, flag: str = "--device") -> torch.devi
 
 def model_device(model: torch.nn.Module) -> torch.device:
     """Where ``model``'s weights are (its inputs go there)."""
+    import torch
+
     parameter = next(model.parameters(), None)
     return parameter.device if parameter is not None else torch.device("cpu")
 
@@ -55,17 +64,22 @@ def model_device(model: torch.nn.Module) -> torch.device:
 # The base's weights: fp32 (the default), or half precision, which halves the memory a
 # frozen base takes (a 7B model: 28 GB in fp32, 14 in bf16). LoRA's factors stay fp32 on a
 # half-precision base (``bases.factor_dtype``).
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def base_dtype(name: str | None, flag: str = "--dtype") -> torch.dtype | str:
     """The torch dtype ``name`` (``fp32``, ``bf16`` or ``fp16``; None: fp32) asks for, or
     ``"auto"``: the dtype the checkpoint was saved in."""
-    if name is None:
-        return torch.float32
+    check_dtype(name, flag)
     if name == "auto":
         return "auto"
-    if name not in DTYPES:
-        choices = ", ".join([*DTYPES, "auto"])
+    import torch
+
+    return getattr(torch, DTYPE_NAMES[name or "fp32"])
+
+
+def check_dtype(name: str | None, flag: str = "--dtype") -> None:
+    """Refuse a dtype name that is none of fp32, bf16, fp16 and auto."""
+    if name is not None and name not in (*DTYPE_NAMES, "auto"):
+        choices = ", ".join([*DTYPE_NAMES, "auto"])
         raise ConfigError(f"{flag} must be one of {choices}, got {name!r}")
-    return DTYPES[name]

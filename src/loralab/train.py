@@ -189,7 +189,7 @@ def describe_start(config: TrainConfig, model: nn.Module, datasets: Datasets, wo
     dropped = f" ({given - kept} dropped: beyond --max-length)" if kept < given else ""
     tokens = sum(len(item) for item in datasets.train)
     per_step = config.batch_size * config.gradient_accumulation
-    per_epoch = -(-kept // per_step)
+    per_epoch = config.steps_per_epoch(kept)
     return (
         f"model {config.model} on {world.device}, {str(dtype).removeprefix('torch.')}"
         f"{autocast}\n"
@@ -333,7 +333,8 @@ def cpu_has_bf16_kernels() -> bool:
 class _Run:
     """Everything one rank's run holds between its steps."""
 
-    config: TrainConfig
+    config: TrainConfig  # with max_steps counted where epochs gave the length
+    given: TrainConfig  # as given: what config.yaml and the checkpoints record
     world: World
     run_dir: Path
     model: nn.Module
@@ -358,6 +359,7 @@ def _train(
     checkpoint that fall due), then the finished adapter. ``cleanup`` keeps what the run
     needs until it ends (a copy of the checkpoint that rank 0 sent)."""
     run = _set_up(config, model, tokenizer, world, cleanup)
+    config = run.config  # with its steps counted, where epochs gave them
     started = time.perf_counter()
     # Under a launcher a repeated signal is the launcher tearing down, not a user in a
     # hurry: the step still finishes, and the launcher's SIGKILL is the hard stop.
@@ -406,9 +408,10 @@ def _set_up(
     model, tokenizer = _adapted_model(config, model, tokenizer, examples, checkpoint)
     # After the method: a prefix method's special tokens are part of every example.
     datasets = encode_examples(config, examples, tokenizer, prompt_tokens(model))
-    if world.is_main:
+    if world.is_main:  # the settings as given: a resume counts the same epochs again
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    given, config = config, config.with_steps(len(datasets.train))
     trainable = trainable_parameters(model)
     if config.return_freed_memory:
         map_large_blocks()
@@ -438,11 +441,12 @@ def _set_up(
     runner.train()
     return _Run(
         config=config,
+        given=given,
         world=world,
         run_dir=run_dir,
         model=model,
         tokenizer=tokenizer,
-        method=config.method_object,
+        method=given.method_object,  # the one applied to the model
         datasets=datasets,
         runner=runner,
         parameters=parameters,
@@ -621,7 +625,7 @@ def _whole_trainable_parameters(model: nn.Module, config: TrainConfig, world: Wo
 def _save_checkpoint(run: _Run) -> None:
     """Rank 0 writes (atomically, ``checkpoint.py``) what every rank's state gathers to;
     the others wait until it is complete. A rank that fails leaves the last one intact."""
-    args = (run.run_dir, run.model, run.optimizer, run.scheduler, run.step, run.config)
+    args = (run.run_dir, run.model, run.optimizer, run.scheduler, run.step, run.given)
     if not run.world.active:
         save_checkpoint(*args)
         return

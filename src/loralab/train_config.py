@@ -10,9 +10,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-from dataclasses import dataclass, field
+import math
+import typing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -24,16 +26,38 @@ from .config import (
     require_int,
     require_number,
 )
-from .devices import base_dtype, check_device
-from .methods import Method, MethodSettings, get_method
+from .devices import check_device, check_dtype
+
+if TYPE_CHECKING:  # the methods import torch: they load when a run is built, not to parse flags
+    from .methods import Method, MethodSettings
 
 SCHEDULES = ("linear", "cosine", "constant")
 MODEL_KINDS = ("causal-lm", "classification")
+DEFAULT_STEPS = 100
+
+
+def _with_lora_settings(cls: type) -> type:
+    """Give ``cls`` every ``LoraConfig`` field as LoraConfig declares it (type, default,
+    the docstring that is its help): a run's LoRA settings are declared once, there, with
+    one set of defaults (PEFT's), and every one of them can be set from ``loralab train``
+    and a config file."""
+    types = typing.get_type_hints(LoraConfig)  # real types: the CLI reads them
+    for item in dataclasses.fields(LoraConfig):
+        cls.__annotations__[item.name] = types[item.name]
+        setattr(
+            cls,
+            item.name,
+            dataclasses.field(default=item.default, default_factory=item.default_factory),
+        )
+    return cls
 
 
 @dataclass
+@_with_lora_settings
 class TrainConfig:
-    """Everything a training run needs; the CLI flags and YAML keys are these fields."""
+    """Everything a training run needs; the CLI flags and YAML keys are these fields, and
+    every ``LoraConfig`` field (``r``, ``lora_alpha``, ``target_modules``, ``use_rslora``,
+    …) is one of them, added from LoraConfig itself."""
 
     model: str = "smollm2-135m"
     """An embedded model alias, a local model directory, a .gguf file, or a Hub id."""
@@ -55,17 +79,6 @@ class TrainConfig:
     method: str = "lora"
     """How to adapt: lora, lora-pe, full, ft-top2, bitfit, preembed, prelayer, adapter-h,
     adapter-l, adalora (``loralab.methods``)."""
-    r: int = 8
-    """LoRA rank."""
-    lora_alpha: float = 16
-    """LoRA α; the update is scaled by α / r."""
-    lora_dropout: float = 0.05
-    """Dropout on the input of the low-rank path."""
-    target_modules: list[str] = field(default_factory=lambda: ["q", "v"])
-    """Weights to adapt: names, suffixes or short names (q, k, v, o, …), or all-linear."""
-    use_dora: bool = False
-    """DoRA: a learned length per output row times the direction of W0 + (α/r)·B A
-    (Linear and Conv1D weights)."""
     prefix_length: int = 10
     """Prefix methods: l_p trainable tokens before the prompt."""
     infix_length: int = 0
@@ -101,8 +114,11 @@ class TrainConfig:
     """Decay after warm-up: linear, cosine or constant."""
     warmup_steps: int = 0
     """Steps of linear warm-up from 0 to the peak learning rate."""
-    max_steps: int = 100
-    """Optimizer steps in the run."""
+    max_steps: int | None = None
+    """Optimizer steps in the run (default: 100, or what ``epochs`` makes)."""
+    epochs: float | None = None
+    """Passes over the training examples kept, instead of ``max_steps``: the steps are
+    counted once the data is read (``epochs × steps per epoch``, rounded up)."""
     batch_size: int = 8
     """Examples per micro-batch."""
     gradient_accumulation: int = 1
@@ -162,8 +178,17 @@ class TrainConfig:
     factors stay fp32). bf16 is fast only on CPUs with AVX512-BF16 or AMX, and on GPUs."""
 
     def __post_init__(self) -> None:
-        positive = ("max_steps", "batch_size", "gradient_accumulation", "max_length", "r")
-        for name in (*positive, "log_every"):
+        if self.epochs is not None:
+            require_number("epochs", self.epochs, above=0)
+            if self.max_steps is not None:
+                raise ConfigError(
+                    f"max_steps={self.max_steps} and epochs={self.epochs} both say how long "
+                    "to train; give one"
+                )
+        elif self.max_steps is None:
+            self.max_steps = DEFAULT_STEPS
+        positive = ("batch_size", "gradient_accumulation", "max_length", "log_every")
+        for name in (*positive, *(["max_steps"] if self.max_steps is not None else [])):
             require_int(name, getattr(self, name), minimum=1)
         for name in ("warmup_steps", "eval_every", "save_every", "seed", "validation_size"):
             require_int(name, getattr(self, name), minimum=0)
@@ -192,19 +217,18 @@ class TrainConfig:
             "return_freed_memory",
             "gradient_checkpointing",
             "fsdp",
-            "use_dora",
         ):
             require_bool(name, getattr(self, name))
-        if self.warmup_steps > self.max_steps:
+        if self.max_steps is not None and self.warmup_steps > self.max_steps:
             raise ConfigError(
                 f"warmup_steps={self.warmup_steps} is longer than max_steps={self.max_steps}"
             )
         check_device(self.device)
-        base_dtype(self.dtype, "dtype")
+        check_dtype(self.dtype, "dtype")
         if self.data is None and self.task is None:
             raise ConfigError("give a built-in task (task) or a data file (data)")
         self.method_settings()  # l_p, l_i, adapter rank, top layers: validated there
-        self.lora_config()  # r, alpha, dropout, targets: validated by LoraConfig itself
+        self.lora_config()  # LoRA's settings: validated by LoraConfig itself
         method = self.method_object  # an unknown name lists the valid ones; AdaLoRA's schedule
         if self.fsdp and method.fsdp_refusal:
             raise ConfigError(f"fsdp cannot train method={self.method!r}: {method.fsdp_refusal}")
@@ -213,9 +237,13 @@ class TrainConfig:
     def method_object(self) -> Method:
         """The method the run applies, built once with the run's settings where it has its
         own (AdaLoRA's initial rank and schedule)."""
+        from .methods import get_method
+
         return get_method(self.method).configured(self)
 
     def method_settings(self) -> MethodSettings:
+        from .methods import MethodSettings
+
         return MethodSettings(
             prefix_length=self.prefix_length,
             infix_length=self.infix_length,
@@ -224,19 +252,94 @@ class TrainConfig:
         )
 
     def lora_config(self) -> LoraConfig:
-        targets = self.target_modules
+        settings = {name: getattr(self, name) for name in LoraConfig.field_names()}
+        targets = settings["target_modules"]
         # On the command line every value is a list: one "all-linear" means the keyword.
-        targets = "all-linear" if targets in ("all-linear", ["all-linear"]) else targets
-        return LoraConfig(
-            r=self.r,
-            lora_alpha=self.lora_alpha,
-            lora_dropout=self.lora_dropout,
-            target_modules=targets,
-            use_dora=self.use_dora,
-        )
+        if targets == ["all-linear"]:
+            settings["target_modules"] = "all-linear"
+        return LoraConfig(**settings)
+
+    def steps_per_epoch(self, examples: int) -> int:
+        """Optimizer steps that pass once over ``examples`` training examples."""
+        return max(1, math.ceil(examples / (self.batch_size * self.gradient_accumulation)))
+
+    def with_steps(self, examples: int) -> TrainConfig:
+        """This run with ``epochs`` turned into ``max_steps`` for ``examples`` training
+        examples (the run as it is when ``max_steps`` was given)."""
+        if self.epochs is None:
+            return self
+        steps = math.ceil(self.epochs * self.steps_per_epoch(examples))
+        if self.warmup_steps > steps:
+            raise ConfigError(
+                f"warmup_steps={self.warmup_steps} is longer than the run: epochs={self.epochs} "
+                f"over {examples} examples is {steps} steps"
+            )
+        return dataclasses.replace(self, max_steps=steps, epochs=None)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The settings by section, as ``loralab train --help`` lists them."""
+        values = dataclasses.asdict(self)
+        return {name: values[name] for names in SECTIONS.values() for name in names}
+
+
+# The headings of ``loralab train --help`` and the order of a run's config.yaml; every
+# field is in one section (tests/test_train_config.py).
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "model and data": (
+        "model",
+        "model_kind",
+        "task",
+        "data",
+        "validation_data",
+        "train_size",
+        "validation_size",
+        "data_seed",
+    ),
+    "method": ("method", "prefix_length", "infix_length", "adapter_rank", "top_layers"),
+    "LoRA (the fields of loralab.LoraConfig)": tuple(LoraConfig.field_names()),
+    "AdaLoRA": (
+        "target_r",
+        "adalora_tinit",
+        "adalora_tfinal",
+        "adalora_delta_t",
+        "adalora_beta1",
+        "adalora_beta2",
+        "orth_reg_weight",
+    ),
+    "optimisation": (
+        "learning_rate",
+        "head_learning_rate",
+        "weight_decay",
+        "schedule",
+        "warmup_steps",
+        "max_steps",
+        "epochs",
+        "batch_size",
+        "gradient_accumulation",
+        "max_length",
+        "max_grad_norm",
+        "seed",
+    ),
+    "device, memory and speed": (
+        "device",
+        "dtype",
+        "bf16",
+        "chunked_loss",
+        "lean_mlp",
+        "return_freed_memory",
+        "gradient_checkpointing",
+        "fsdp",
+    ),
+    "the run's folder and logs": (
+        "output_dir",
+        "resume",
+        "eval_every",
+        "save_every",
+        "log_every",
+        "tensorboard",
+        "progress",
+    ),
+}
 
 
 def config_from_file(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:

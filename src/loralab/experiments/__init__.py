@@ -17,8 +17,6 @@ from types import ModuleType
 
 from ..config import ConfigError
 from ..output_dirs import check_output_dir
-from .report import Report, write_report
-from .runs import RunsMissing
 from .settings import Scale, default_jobs
 from .store import STORE_FOLDER, Shard
 
@@ -66,6 +64,10 @@ def reproduce(
     when it exists, so a run again after a kill, or with more seeds, trains only what is
     missing. With ``shard`` only that share of the missing runs is trained, and when other
     shards' runs are still missing the report is not written: the result is ``{}``."""
+    # torch loads here, not with the package: the command line reads the names above
+    from .report import Report, write_report
+    from .runs import RunsMissing
+
     experiment = get_experiment(name)
     if mode not in MODES:
         raise ConfigError(f"the mode must be one of {', '.join(MODES)}, got {mode!r}")

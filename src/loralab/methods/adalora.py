@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..config import LoraConfig
+from ..config import ConfigError, LoraConfig
 from .adalora_config import AdaLoraConfig
 from .adalora_files import load_adalora, save_adalora
 from .adalora_layers import (
@@ -64,6 +64,11 @@ class AdaLora(PlainMethod):
     def configured(self, run) -> AdaLora:
         """AdaLoRA as a training run applies it: ``run.r`` is the initial rank, and the
         schedule spans the run (a schedule that does not fit is refused before training)."""
+        if run.max_steps is None:  # epochs: counted after the model is adapted, too late
+            raise ConfigError(
+                f"method=adalora fixes its rank schedule over max_steps before the data is "
+                f"read; give max_steps instead of epochs={run.epochs}"
+            )
         return AdaLora(
             AdaLoraConfig(
                 init_r=run.r,

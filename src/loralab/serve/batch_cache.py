@@ -91,9 +91,10 @@ class BatchCache:
     def step_inputs(self) -> tuple[Tensor, Tensor]:
         """The attention mask (rows, width + 1) and position ids (rows, 1) of the next step,
         whose one new token per row goes in the last column."""
-        lengths = torch.tensor(self.lengths)
+        device = self.cache.layers[0].keys.device
+        lengths = torch.tensor(self.lengths, device=device)
         width = self.width
-        columns = torch.arange(width + 1)
+        columns = torch.arange(width + 1, device=device)
         mask = (columns[None, :] >= (width - lengths)[:, None]).long()
         return mask, lengths[:, None]
 
@@ -106,7 +107,7 @@ class BatchCache:
         if not take:
             return
         lengths = [lengths[i] for i in take]
-        index = torch.tensor(take)
+        index = torch.tensor(take, device=rows.layers[0].keys.device)
         cut = rows.get_seq_length() - max(lengths)  # columns only padding of dropped rows
         new = [
             (
@@ -138,7 +139,7 @@ class BatchCache:
             return
         self.lengths = [self.lengths[i] for i in rows]
         cut = self.width - max(self.lengths)
-        index = torch.tensor(rows)
+        index = torch.tensor(rows, device=self.cache.layers[0].keys.device)
         for layer in self.cache.layers:
             layer.keys = layer.keys.index_select(0, index)[:, :, cut:]
             layer.values = layer.values.index_select(0, index)[:, :, cut:]

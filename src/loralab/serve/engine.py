@@ -21,9 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..adapters import set_active_adapter
+from ..devices import model_device
 from ..mixing import mixed_adapters
 from .adapter_pool import AdapterPool
 from .batch_cache import BatchCache, new_cache
@@ -100,6 +101,7 @@ class Engine:
         max_waiting: int = 256,
     ) -> None:
         self.model = model
+        self.device = model_device(model)  # the inputs go where the weights are
         self.tokenizer = tokenizer
         self.pool = pool
         self.metrics = metrics
@@ -270,9 +272,11 @@ class Engine:
         lengths = [len(job.prompt) for job in jobs]
         width = max(lengths)
         pad = self.tokenizer.pad_token_id or 0
-        ids = torch.tensor([[pad] * (width - len(job.prompt)) + job.prompt for job in jobs])
-        columns = torch.arange(width)
-        starts = torch.tensor([width - n for n in lengths])[:, None]
+        device = self.device
+        rows = [[pad] * (width - len(job.prompt)) + job.prompt for job in jobs]
+        ids = torch.tensor(rows, device=device)
+        columns = torch.arange(width, device=device)
+        starts = torch.tensor([width - n for n in lengths], device=device)[:, None]
         mask = (columns[None, :] >= starts).long()
         positions = (columns[None, :] - starts).clamp(min=0)
         cache = new_cache(self.model.config)
@@ -283,6 +287,7 @@ class Engine:
             else:
                 stack.enter_context(mixed_adapters(self.model, [job.adapter for job in jobs]))
             out = self.model(**inputs, cache=cache, use_cache=True, logits_to_keep=1)
+        logits = _on_cpu(out.logits[:, -1])
         now = time.monotonic()
         rows, going = [], []
         for i, job in enumerate(jobs):
@@ -291,7 +296,7 @@ class Engine:
             row = _Row(job, None, TextStream(self.tokenizer, job.stop))
             try:
                 row.sampler = Sampler(job.sampling)
-                finished = self._advance(row, row.sampler(out.logits[i, -1]))
+                finished = self._advance(row, row.sampler(logits[i]))
             except Exception:  # this job's fault alone
                 log.exception("a row failed")
                 self._end(row, Failed(RequestError("internal error", status=500)))
@@ -314,7 +319,7 @@ class Engine:
         if not self.rows:
             return
         mask, positions = self.cache.step_inputs()
-        ids = torch.tensor([[row.last] for row in self.rows])
+        ids = torch.tensor([[row.last] for row in self.rows], device=self.device)
         self.metrics.batch_size.observe(len(self.rows))
         self._mixed()
         out = self.model(
@@ -325,7 +330,7 @@ class Engine:
             use_cache=True,
         )
         self.cache.stepped()
-        logits = out.logits[:, -1]
+        logits = _on_cpu(out.logits[:, -1])
         going = []
         for i, row in enumerate(self.rows):
             try:
@@ -391,3 +396,11 @@ class Engine:
         self.pool.release(row.job.adapter)
         if event is not None:
             row.job.emit(event)
+
+
+def _on_cpu(logits: Tensor) -> Tensor:
+    """The last position's logits of every row, in fp32 on the CPU, in one copy per step:
+    the samplers' seeded generators are CPU generators (a seed gives the same text on any
+    device), and a half-precision base samples from fp32 probabilities. On an fp32 CPU
+    model this is the tensor itself."""
+    return logits.float().cpu()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import uvicorn
 
+from ..devices import base_dtype, choose_device
 from ..models import load_model
 from .adapter_pool import DEFAULT_MAX_ADAPTER_BYTES, AdapterPool
 from .app import DEFAULT_MAX_BODY, ServerState, create_app
@@ -35,6 +37,8 @@ class ServeOptions:
     max_waiting: int = 256
     api_key: str | None = None
     max_body: int = DEFAULT_MAX_BODY
+    device: str | None = None  # auto, cpu, cuda, cuda:N (None: auto)
+    dtype: str | None = None  # the base's weights: fp32, bf16, fp16, auto (None: fp32)
 
 
 def served_name(model: str) -> str:
@@ -68,7 +72,9 @@ def build_state(options: ServeOptions) -> ServerState:
     for name, directory in options.adapters:
         if not Path(directory).is_dir():
             raise ServeError(f"--adapter {name}={directory}: not an adapter directory")
-    model, tokenizer = load_model(options.model)
+    device = choose_device(options.device)  # a GPU that is not there: before the load
+    model, tokenizer = load_model(options.model, dtype=base_dtype(options.dtype))
+    model.to(device)
     base_name = options.served_model_name or served_name(options.model)
     metrics = Metrics()
     pool = AdapterPool(
@@ -94,6 +100,8 @@ def build_state(options: ServeOptions) -> ServerState:
 def serve(options: ServeOptions) -> None:
     """Serve until interrupted."""
     state = build_state(options)
+    dtype = str(state.engine.model.dtype).removeprefix("torch.")
+    print(f"loralab serve: {options.model} on {state.engine.device}, {dtype}", file=sys.stderr)
     if options.host not in ("127.0.0.1", "localhost", "::1") and options.api_key is None:
         log.warning(
             "serving on %s without --api-key: anyone who can reach this port can use it",
