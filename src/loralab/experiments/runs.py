@@ -90,6 +90,9 @@ def run_settings(
         "batch_size": scale.batch_size,
         "max_length": scale.max_length,
         "learning_rate": _own_rate(arm),
+        # The experiments' LoRA recipe, as they were run and reported: α = 16 (α/r = 2 at
+        # r = 8; LoraConfig's default is PEFT's α = 8) and no dropout. Arms may override.
+        "lora_alpha": 16,
         "lora_dropout": 0.0,
         "eval_every": 0,
         "save_every": 0,
