@@ -91,7 +91,7 @@ def write_adapters(directory: Path, count: int, seed: int = 0) -> None:
     each, written by PEFT's ``save_pretrained``."""
     from peft import LoraConfig, get_peft_model
 
-    from loralab.models import load_model
+    from loralab.models.loading import load_model
 
     base, _ = load_model(MODEL)
     config = LoraConfig(
@@ -115,7 +115,7 @@ class Side:
     """One library's model with N adapters, and its ways to mix, switch and load them."""
 
     def __init__(self, name: str, directory: Path, count: int) -> None:
-        from loralab.models import load_model
+        from loralab.models.loading import load_model
 
         self.name, self.directory = name, directory
         self.names = adapter_names(count)
@@ -139,7 +139,7 @@ class Side:
         """(context, forward kwargs) that make row i run ``self.rows[i]``."""
         if self.name == "peft":
             return contextlib.nullcontext(), {"adapter_names": self.rows}
-        from loralab.mixing import mixed_adapters
+        from loralab.lora.mixing import mixed_adapters
 
         return mixed_adapters(self.model, self.rows), {}
 
@@ -148,7 +148,7 @@ class Side:
         if self.name == "peft":
             self.model.set_adapter(adapter)
         else:
-            from loralab.adapters import set_active_adapter
+            from loralab.lora.adapters import set_active_adapter
 
             set_active_adapter(self.model, adapter)
 
@@ -298,7 +298,8 @@ def case_manage(side: Side, bare, warmup: int, reps: int) -> Samples:
         merge: Callable[[], None] = model.merge_adapter
     else:
         from loralab import load_adapter, merge_adapter
-        from loralab.adapters import delete_adapter, hot_swap_adapter, set_active_adapter
+        from loralab.files.hot_swap import hot_swap_adapter
+        from loralab.lora.adapters import delete_adapter, set_active_adapter
 
         def load() -> float:
             ms = timed(lambda: load_adapter(model, spare, adapter_name="extra"))
@@ -349,7 +350,7 @@ CASES = {
 
 def worker(side_name: str, directory: Path, count: int, quick: bool) -> None:
     """Measure this process's cases for one side and N adapters; print them as JSON."""
-    from loralab.models import load_model
+    from loralab.models.loading import load_model
 
     bare, _ = load_model(MODEL)  # a second copy, never wrapped
     side = Side(side_name, directory, count)

@@ -53,7 +53,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def prompts(count: int) -> list[list[int]]:
-    from loralab.models import load_model
+    from loralab.models.loading import load_model
     from loralab.tasks import get_task
 
     _, tokenizer = load_model(MODEL)
@@ -65,8 +65,8 @@ def prompts(count: int) -> list[list[int]]:
 
 
 def loralab_runs(adapter: Path, batch: list[list[int]], reps: int) -> dict:
-    from loralab.io import load_adapter
-    from loralab.models import load_model
+    from loralab.files.adapter_dir import load_adapter
+    from loralab.models.loading import load_model
 
     model, tokenizer = load_model(MODEL)
     load_adapter(model, adapter)  # unmerged, as `loralab generate --adapter` runs it
@@ -176,7 +176,7 @@ def worker(argv: list[str]) -> None:
     if side == "loralab":
         result = loralab_runs(folder / "a0", batch, reps)
     else:
-        from loralab.models import embedded_gguf
+        from loralab.models.embedded import embedded_gguf
 
         base = embedded_gguf(MODEL) if side == "llama-q4_1" else folder / "base-f32.gguf"
         adapter = None if side == "llama-f32-alone" else folder / "a0.gguf"
@@ -205,9 +205,10 @@ def main() -> None:
     if args.worker:
         return worker(args.worker)
     rounds, reps = (1, 1) if args.quick else (args.rounds or 2, 3)
-    from loralab.gguf_adapter import export_adapter_gguf
-    from loralab.gguf_merge import write_merged_gguf
-    from loralab.models import embedded_gguf, load_model
+    from loralab.files.gguf.adapter import export_adapter_gguf
+    from loralab.files.gguf.merged import write_merged_gguf
+    from loralab.models.embedded import embedded_gguf
+    from loralab.models.loading import load_model
 
     load_before = load_average()
     with tempfile.TemporaryDirectory() as scratch:

@@ -70,7 +70,7 @@ def server_command(side: str, adapters: Path, port: int, vllm_python: Path) -> t
     if side == "naive":
         command = [sys.executable, str(HERE / "naive_server.py"), "--adapter-dir", str(adapters)]
         return [*command, "--port", str(port)], env
-    from loralab.models import embedded_model_dir
+    from loralab.models.embedded import embedded_model_dir
 
     env["VLLM_CPU_KVCACHE_SPACE"] = "1"  # GiB; its default asks for most of the memory
     command = [str(vllm_python), "-m", "vllm.entrypoints.openai.api_server"]
@@ -202,7 +202,7 @@ def profile_step(adapters: Path, steps: int = 8) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from loralab.models import load_model
+    from loralab.models.loading import load_model
     from loralab.serve.adapter_pool import AdapterPool
     from loralab.serve.engine import Engine, Job
     from loralab.serve.metrics import Metrics

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from loralab.models import embedded_model_dir
+from loralab.models.embedded import embedded_model_dir
 from loralab.serve.text import TextStream
 
 STOPS = ("</answer>", "\n\nUser:", "###", "<|im_end|>")

@@ -1,12 +1,12 @@
 """Training speed and memory, and inference and adapter-management times: loralab against
 PEFT (a ``PeftModel`` in a plain PyTorch loop, and in the Transformers ``Trainer``).
 
-Equal settings on every side: the same model (loaded by ``loralab.models.load_model``),
+Equal settings on every side: the same model (loaded by ``loralab.models.loading.load_model``),
 the same examples in the same batches with the same padding (loralab's ``e2e`` task,
 ``max_length`` 64, batches of 8 grouped by length, drawn by loralab's seeded stream and
-collated by ``loralab.data.collate`` for every side), fp32, LoRA r = 8, α = 16 on W_q and
+collated by ``loralab.data.records.collate`` for every side), fp32, LoRA r = 8, α = 16 on W_q and
 W_v with dropout 0.05, AdamW (lr 2e-4, weight decay 0.01, constant), gradient clipping at
-1.0, and the same gradient-checkpointing choice. loralab trains through ``loralab.train``
+1.0, and the same gradient-checkpointing choice. loralab trains through ``loralab.training.loop``
 (what ``loralab train`` runs), and its per-step times are read from the run's
 ``metrics.jsonl``; the PEFT loop times the same four calls around each step
 (forward, backward, clip, ``optimizer.step``), and the Trainer its own steps through a
@@ -176,7 +176,7 @@ def write_random_llama(directory: Path, shape: dict) -> None:
     same e2e batches)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from loralab.models import load_model
+    from loralab.models.loading import load_model
 
     _, tokenizer = load_model(MODEL)
     torch.manual_seed(0)
@@ -195,7 +195,7 @@ def write_adapters(directory: Path) -> None:
     """Two PEFT adapters (``a0``, ``a1``) on W_q, W_v with random non-zero A and B."""
     from peft import LoraConfig, get_peft_model
 
-    from loralab.models import load_model
+    from loralab.models.loading import load_model
 
     base, _ = load_model(MODEL)
     config = LoraConfig(
@@ -215,7 +215,7 @@ def write_adapters(directory: Path) -> None:
 
 
 def train_config(model: str, steps: int, checkpointing: bool, output_dir: Path, **extra):
-    from loralab.train_config import TrainConfig
+    from loralab.training.config import TrainConfig
 
     return TrainConfig(
         model=model,
@@ -227,9 +227,9 @@ def train_config(model: str, steps: int, checkpointing: bool, output_dir: Path, 
 
 
 def batches(config, tokenizer):
-    """The run's batches, exactly as ``loralab.train`` draws and pads them."""
-    from loralab.data import batch_stream, collate
-    from loralab.train import encode_examples, load_examples
+    """The run's batches, exactly as ``loralab.training.loop`` draws and pads them."""
+    from loralab.data.batches import batch_stream, collate
+    from loralab.training.loop import encode_examples, load_examples
 
     data = encode_examples(config, load_examples(config), tokenizer).train
     stream = batch_stream([len(item) for item in data], config.batch_size, config.seed)
@@ -240,7 +240,7 @@ def batches(config, tokenizer):
 
 
 def train_loralab(config) -> tuple[list[float], list[int], list[float]]:
-    from loralab.train import train
+    from loralab.training.loop import train
 
     train(config)
     lines = (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()
@@ -250,9 +250,9 @@ def train_loralab(config) -> tuple[list[float], list[int], list[float]]:
 
 
 def train_loralab_stepwise(config, after_step, model=None, tokenizer=None) -> None:
-    """``loralab.train`` with ``after_step(seconds)`` called after each of its steps (the
+    """``loralab.training.loop`` with ``after_step(seconds)`` called after each of its steps (the
     loop's own step, wrapped from outside, as the PEFT loop's ``after_step``)."""
-    import loralab.train as loralab_train
+    import loralab.training.loop as loralab_train
 
     step = loralab_train._train_step
 
@@ -272,7 +272,7 @@ def train_loralab_stepwise(config, after_step, model=None, tokenizer=None) -> No
 def peft_model_for(config):
     from peft import LoraConfig, get_peft_model
 
-    from loralab.models import load_model
+    from loralab.models.loading import load_model
 
     torch.manual_seed(config.seed)
     model, tokenizer = load_model(config.model)
@@ -463,7 +463,7 @@ def memory_worker(side: str, quick: bool) -> dict:
     read once (a forward without gradients on the longest batch, before any training: the
     same on every side), and the activations each side keeps for the backward pass, the
     most over the run's steps (distinct storages, the weights' own left out)."""
-    from loralab.models import load_model
+    from loralab.models.loading import load_model
 
     warmup, steps = TRAIN_CASES["smollm2"]["steps"][quick]
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as scratch:
@@ -525,7 +525,7 @@ def merged_copy(side: str, bare, directory: Path):
 def infer_worker(side: str, adapters: Path, quick: bool) -> dict:
     """Forward latency of the bare base, the unmerged adapter and the merged model,
     interleaved in one process (fp32, eval, no_grad, every position's logits)."""
-    from loralab.models import load_model
+    from loralab.models.loading import load_model
 
     bare, _ = load_model(MODEL)
     bare.eval()
@@ -550,7 +550,7 @@ def infer_worker(side: str, adapters: Path, quick: bool) -> dict:
 
 def manage_worker(side: str, adapters: Path, quick: bool) -> dict:
     """Save, load, merge and switch an adapter (milliseconds, medians in the driver)."""
-    from loralab.models import load_model
+    from loralab.models.loading import load_model
 
     bare, _ = load_model(MODEL)
     model = adapted(side, copy.deepcopy(bare), adapters / "a0")

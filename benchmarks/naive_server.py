@@ -19,7 +19,7 @@ import uvicorn
 from fastapi import FastAPI
 from peft import PeftModel
 
-from loralab.models import load_model
+from loralab.models.loading import load_model
 
 
 def build(model_name: str, adapter_dir: Path) -> FastAPI:

@@ -109,9 +109,9 @@ def randomize_lora(model: torch.nn.Module, seed: int = 3, std: float = 0.2) -> N
 def save_random_adalora(model: torch.nn.Module, directory, targets: list[str]) -> None:
     """AdaLoRA on ``targets`` with large random P, Λ, Q (ΔW far from zero), saved in PEFT's
     ADALORA files at ``directory``; the model keeps it, unmerged."""
-    from loralab.methods.adalora_config import AdaLoraConfig
-    from loralab.methods.adalora_files import save_adalora
-    from loralab.methods.adalora_layers import apply_adalora, svd_factors
+    from loralab.methods.adalora.config import AdaLoraConfig
+    from loralab.methods.adalora.files import save_adalora
+    from loralab.methods.adalora.layers import apply_adalora, svd_factors
 
     apply_adalora(model, AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=targets))
     generator = torch.Generator().manual_seed(5)

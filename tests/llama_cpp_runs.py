@@ -10,7 +10,7 @@ import torch
 
 from conftest import randomize_lora
 from loralab import LoraConfig, inject_adapter, save_adapter
-from loralab.models import load_model
+from loralab.models.loading import load_model
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TOKENS = [1, 40, 77, 101, 5, 200, 33, 90, 150, 7, 61, 250]

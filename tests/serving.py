@@ -9,7 +9,7 @@ import httpx
 from conftest import randomize_lora
 from loralab import LoraConfig, inject_adapter, load_adapter, save_adapter
 from loralab.generate import generate
-from loralab.models import load_model
+from loralab.models.loading import load_model
 from loralab.serve import BackgroundServer, ServeOptions, build_state
 
 # Different targets and ranks, so that a batch mixes layers with and without each adapter.

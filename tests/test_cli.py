@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import assert_one_line_error, run_cli, save_random_adalora
 from loralab.cli import main
-from loralab.config import ConfigError
-from loralab.train_config import TrainConfig
+from loralab.lora.config import ConfigError
+from loralab.training.config import TrainConfig
 
 WORDS = ["cat", "dog", "bird", "fish", "lion", "bear", "wolf", "frog"]
 
@@ -143,9 +143,9 @@ def nothing_loads(monkeypatch):
         raise AssertionError("slow work started before the bad input was refused")
 
     import loralab.experiments.runs
-    import loralab.models
+    import loralab.models.loading
 
-    monkeypatch.setattr(loralab.models, "load_model", slow_work)
+    monkeypatch.setattr(loralab.models.loading, "load_model", slow_work)
     monkeypatch.setattr(loralab.experiments.runs, "train_and_score", slow_work)
 
 
@@ -259,7 +259,7 @@ def test_a_merge_that_fails_while_writing_leaves_nothing(
 def test_merge_folds_an_adalora_adapter_into_a_plain_directory(tiny_model_dir, tmp_path):
     """AdaLoRA is mergeable: its P Λ Q goes into the weights, and the directory is a plain
     model (it once came out with AdaLoRA's wrappers still in it, unmerged)."""
-    from loralab.models import load_model
+    from loralab.models.loading import load_model
 
     model, _ = load_model(str(tiny_model_dir))
     save_random_adalora(model, tmp_path / "adalora", ["q_proj"])
@@ -388,7 +388,7 @@ def test_an_interrupted_run_resumes_from_its_folder_alone(
     import os
     import signal
 
-    import loralab.train as train_module
+    import loralab.training.loop as train_module
 
     real_step, calls = train_module._optimizer_step, []
 
@@ -433,7 +433,7 @@ def test_eval_scores_your_own_records_and_writes_the_predictions(
 
 def test_a_metric_of_your_own_and_chats_scored_on_their_last_turn(tiny_model_dir):
     from loralab.evaluate import evaluate_records
-    from loralab.models import load_model
+    from loralab.models.loading import load_model
     from loralab.tasks.text_metrics import exact_match
 
     model, tokenizer = load_model(str(tiny_model_dir))
@@ -460,7 +460,7 @@ def test_the_device_is_the_gpu_when_there_is_one_and_is_always_said(
 ):
     import torch
 
-    from loralab.devices import choose_device
+    from loralab.models.devices import choose_device
 
     assert choose_device("auto") == torch.device("cpu")  # this machine: no CUDA
     status, lines = run_cli(["generate", "--device", "cuda", "hi"], capsys)

@@ -3,7 +3,8 @@
 import pytest
 
 from conftest import load_tiny_causal_lm
-from loralab.data import DataError, encode_prompt
+from loralab.data.encoding import encode_prompt
+from loralab.data.records import DataError
 from loralab.generate import generate
 
 

@@ -62,3 +62,59 @@ def test_the_imports_between_modules_have_no_cycle():
 
     for name in sorted(graph):
         visit(name, [])
+
+
+# The floors of the architecture, lowest first: a module may import from its own floor
+# and the floors below it, never from one above (the LoRA core imports nothing else).
+FLOORS = (
+    ("lora",),
+    ("models", "data"),
+    ("files", "tasks"),
+    ("methods",),
+    ("training",),
+    ("generate", "evaluate"),
+    ("serve", "experiments", "demo"),
+    ("cli", "__main__"),
+)
+
+
+def _floor(module: str) -> int:
+    top = module.split(".")[1]
+    return next(i for i, names in enumerate(FLOORS) if top in names)
+
+
+def test_every_module_is_on_a_floor_and_imports_only_down_or_across():
+    modules = _modules()
+    up = sorted(
+        {
+            f"{name} (floor {_floor(name)}) imports {target} (floor {_floor(target)})"
+            for name, (path, tree) in modules.items()
+            if name != "loralab"  # the package's names load lazily, by name
+            for target, _ in _imports(name, path, tree, set(modules))
+            if _floor(target) > _floor(name)
+        }
+    )
+    assert not up, "\n".join(up)
+
+
+def test_the_top_holds_only_the_entry_points_and_the_packages():
+    loose = sorted(p.stem for p in PACKAGE.glob("*.py"))
+    assert loose == ["__init__", "__main__", "cli", "demo", "evaluate", "generate"]
+
+
+def test_the_tests_mirror_the_packages():
+    """Each package of the source has its folder of tests, and each folder of tests is a
+    package of the source."""
+    tests = PACKAGE.parents[1] / "tests"
+    packages = {
+        p.parent.relative_to(PACKAGE).as_posix()
+        for p in PACKAGE.rglob("__init__.py")
+        if p.parent != PACKAGE
+    }
+    folders = {
+        p.parent.relative_to(tests).as_posix()
+        for p in tests.rglob("test_*.py")
+        if p.parent != tests
+    }
+    assert folders <= packages
+    assert packages - folders <= {"methods/adalora"}  # tests/methods/test_adalora.py

@@ -40,7 +40,7 @@ def test_the_own_data_section_runs_as_written(tmp_path, tiny_model_dir, monkeypa
     import subprocess
 
     from loralab.cli import build_parser, main
-    from loralab.data import read_examples
+    from loralab.data.records import read_examples
 
     block = _bash_blocks()[2]
     assert "loralab train --data train.jsonl" in block

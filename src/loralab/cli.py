@@ -22,11 +22,12 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from .files.output_dirs import OutputDirError, check_output_dir
+
 # Only what parsing needs is imported here: torch and Transformers load after the command
 # line is read, so that `--help` and a mistyped flag answer at once.
-from .config import ConfigError
-from .output_dirs import OutputDirError, check_output_dir
-from .train_config import SECTIONS, TrainConfig
+from .lora.config import ConfigError
+from .training.config import SECTIONS, TrainConfig
 
 PROGRAM = "loralab"
 
@@ -98,7 +99,7 @@ def _flag_options(name: str, kind: Any) -> dict[str, Any]:
 
 def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, sections) -> None:
     """A flag per field of ``cls``, under the heading of its section."""
-    from .config import LoraConfig
+    from .lora.config import LoraConfig
 
     docs = {**_field_docs(LoraConfig), **_field_docs(cls)}
     hints = typing.get_type_hints(cls)
@@ -393,7 +394,7 @@ def _serve_flags(commands) -> None:
 
 def _make_room(run_dir: Path, resume: bool, overwrite: bool) -> None:
     """Never train over an earlier run unasked: refuse, naming the three ways on."""
-    from .run_dir import clear_previous_run, previous_run
+    from .training.run_dir import clear_previous_run, previous_run
 
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 alone owns the folder
         return
@@ -466,12 +467,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(parser, argv)
     from transformers.utils import logging as transformers_logging
 
-    from .data import DataError
-    from .distributed import DistributedError
-    from .layers import MergeError
-    from .models import ModelLoadError
-    from .peft_config import AdapterFileError
-    from .train import TrainingInterrupted
+    from .data.records import DataError
+    from .files.peft_config import AdapterFileError
+    from .lora.layers import MergeError
+    from .models.errors import ModelLoadError
+    from .training.distributed import DistributedError
+    from .training.loop import TrainingInterrupted
 
     # Our own progress bar and messages are enough; Transformers' per-load bars are noise.
     transformers_logging.disable_progress_bar()
@@ -501,8 +502,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .train import train
-    from .train_config import config_from_file
+    from .training.config import config_from_file
+    from .training.loop import train
 
     skipped = ("command", "config", "overwrite")
     overrides = {k: v for k, v in vars(args).items() if k not in skipped}
@@ -539,9 +540,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace, num_labels: int | None = None):
-    from .devices import base_dtype, choose_device
-    from .methods.files import load_method
-    from .models import load_model
+    from .methods.method_files import load_method
+    from .models.devices import base_dtype, choose_device
+    from .models.loading import load_model
 
     if args.adapter is not None:  # a mistyped path is told before the model's slow load
         _check_adapter_dir(args.adapter)
@@ -598,7 +599,7 @@ def _run_task(adapter: Path | None) -> str:
     """The built-in task the adapter's run trained on (its config.yaml), or an error that
     names the ways to say what to score."""
     from .tasks import TASK_NAMES
-    from .train_config import config_from_file
+    from .training.config import config_from_file
 
     ways = f"name --task ({', '.join(TASK_NAMES)}) or --data FILE (your own records)"
     settings = adapter.parent / "config.yaml" if adapter is not None else None
@@ -614,9 +615,9 @@ def _run_task(adapter: Path | None) -> str:
 
 
 def _eval_data(args: argparse.Namespace) -> int:
-    from .atomic_write import text_writer, write_files_atomically
-    from .data import read_examples
+    from .data.records import read_examples
     from .evaluate import evaluate_records
+    from .files.atomic_write import text_writer, write_files_atomically
 
     if args.task is not None:
         raise ConfigError("--task and --data name two things to score; give one")
@@ -659,7 +660,7 @@ def _generate(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     if args.format == "gguf":
         return _merge_gguf(args)
-    from .atomic_write import write_directory_atomically
+    from .files.atomic_write import write_directory_atomically
 
     if args.adapter is None:
         raise ConfigError("--adapter is required (only --format gguf writes the base alone)")
@@ -677,8 +678,8 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _check_adapter_dir(adapter: Path) -> None:
-    from .methods.files import METHOD_FILE
-    from .peft_config import CONFIG_FILE, AdapterFileError
+    from .files.peft_config import CONFIG_FILE, AdapterFileError
+    from .methods.method_files import METHOD_FILE
 
     if not adapter.is_dir():
         raise AdapterFileError(f"--adapter {adapter}: no such directory")
@@ -692,7 +693,7 @@ def _check_adapter_dir(adapter: Path) -> None:
 def _merged(model, adapter: Path):
     """The model with its adapter merged in: a plain model (refused for a method that adds
     layers or tokens)."""
-    from .merge import merge_and_unload
+    from .lora.merge import merge_and_unload
     from .methods import applied_method, get_method
 
     method = get_method(applied_method(model).name)
@@ -707,10 +708,10 @@ def _merged(model, adapter: Path):
 
 
 def _merge_gguf(args: argparse.Namespace) -> int:
-    from .atomic_write import text_writer
-    from .gguf_layout import check_export_target
-    from .gguf_merge import read_gguf, source_gguf, write_merged_gguf
-    from .ollama import modelfile, modelfile_name
+    from .files.atomic_write import text_writer
+    from .files.gguf.layout import check_export_target
+    from .files.gguf.merged import read_gguf, source_gguf, write_merged_gguf
+    from .files.gguf.ollama import modelfile, modelfile_name
 
     check_export_target(args.output, args.outtype)  # before the model loads
     source = read_gguf(source_gguf(args.model))  # once: the Modelfile's template and the copy
@@ -736,7 +737,7 @@ def _merge_gguf(args: argparse.Namespace) -> int:
 
 def _say_how_to_run(path: Path, kept_f16: list[str], run: str) -> None:
     """The lines after an export: what stayed f16, and how llama.cpp and Ollama run it."""
-    from .ollama import modelfile_name
+    from .files.gguf.ollama import modelfile_name
 
     if kept_f16:
         print(f"  kept in f16 (rows not a multiple of 32): {len(kept_f16)} tensors")
@@ -745,12 +746,12 @@ def _say_how_to_run(path: Path, kept_f16: list[str], run: str) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .atomic_write import link_writer, text_writer
-    from .gguf_adapter import export_adapter_gguf
-    from .gguf_layout import ExportError, check_export_target
-    from .gguf_merge import source_gguf
-    from .models import cache_dir
-    from .ollama import modelfile, modelfile_name
+    from .files.atomic_write import link_writer, text_writer
+    from .files.gguf.adapter import export_adapter_gguf
+    from .files.gguf.layout import ExportError, check_export_target
+    from .files.gguf.merged import source_gguf
+    from .files.gguf.ollama import modelfile, modelfile_name
+    from .models.embedded import cache_dir
 
     check_export_target(args.output, args.outtype)  # before the model loads
     model, tokenizer = _load(args)  # the adapter is checked against the base here
@@ -784,7 +785,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from .io import WEIGHTS_FILE, factor_tensors_by_module, read_adapter
+    from .files.adapter_dir import WEIGHTS_FILE, factor_tensors_by_module, read_adapter
 
     files = read_adapter(args.adapter)
     config = files.config

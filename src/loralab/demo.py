@@ -20,15 +20,15 @@ from pathlib import Path
 
 import torch
 
-from .atomic_write import json_writer, write_files_atomically
-from .devices import choose_device, model_device
 from .evaluate import evaluate_task
-from .io import WEIGHTS_FILE
-from .merge import merge_and_unload
-from .output_dirs import check_output_dir
+from .files.adapter_dir import WEIGHTS_FILE
+from .files.atomic_write import json_writer, write_files_atomically
+from .files.output_dirs import check_output_dir
+from .lora.merge import merge_and_unload
+from .models.devices import choose_device, model_device
 from .tasks.task import as_text
-from .train import train
-from .train_config import TrainConfig
+from .training.config import TrainConfig
+from .training.loop import train
 
 DEMO_STEPS = 60  # about 4 s each on 2 cores: the demo stays well inside 10 minutes
 DEMO_TEST_SIZE = 64
@@ -118,7 +118,8 @@ def run_demo(
     test_size: int = DEMO_TEST_SIZE,
     seed: int = 0,
 ) -> DemoReport:
-    from .models import DEFAULT_CAUSAL_LM, load_model
+    from .models.embedded import DEFAULT_CAUSAL_LM
+    from .models.loading import load_model
     from .tasks import get_task
 
     # Everything that can be refused is refused before the model loads.

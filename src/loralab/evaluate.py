@@ -11,13 +11,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .data import DataError, collate, encode_dataset, example_shape
-from .devices import model_device
-from .distributed import to_device
+from .data.batches import collate
+from .data.encoding import encode_dataset
+from .data.records import DataError, example_shape
 from .generate import generate
 from .methods.prefix import prompt_tokens
+from .models.devices import model_device
 from .tasks import TaskError
 from .tasks.text_metrics import bleu_rouge, exact_match
+from .training.distributed import to_device
 
 
 @dataclass

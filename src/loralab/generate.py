@@ -11,9 +11,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .data import encode_prompt
-from .devices import model_device
+from .data.encoding import encode_prompt
 from .methods.prefix import prompt_tokens
+from .models.devices import model_device
 
 
 @torch.no_grad()

@@ -15,8 +15,8 @@ from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 
-from ..config import ConfigError
-from ..output_dirs import check_output_dir
+from ..files.output_dirs import check_output_dir
+from ..lora.config import ConfigError
 from .settings import Scale, default_jobs
 from .store import STORE_FOLDER, Shard
 

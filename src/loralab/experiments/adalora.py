@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..methods.adalora_report import layer_and_type
+from ..methods.adalora.report import layer_and_type
 from . import settings as experiment_settings
 from .report import Report, format_mean_std, markdown_table, mean_std, raw_of, selection_section
 from .runs import run_arms
@@ -87,7 +87,7 @@ def arms(tasks, scale: Scale) -> list[Arm]:
 
 def final_ranks_of(run, model) -> dict | None:
     """The rank AdaLoRA left each matrix (read in the run's own process)."""
-    from ..methods.adalora_report import final_ranks
+    from ..methods.adalora.report import final_ranks
 
     return {"final_ranks": final_ranks(model)} if run.settings["method"] == "adalora" else None
 

@@ -50,8 +50,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import LoraConfig
-from ..merge import merge_and_unload
+from ..lora.config import LoraConfig
+from ..lora.merge import merge_and_unload
 from ..methods import MethodSettings, get_method
 from .report import Report, markdown_table
 from .runs import torch_threads
@@ -231,7 +231,7 @@ def summarize(timings: dict[str, dict[str, list[float]]], base: str = "base") ->
 
 
 def run(scale: Scale, workdir: Path) -> Report:
-    from ..models import load_model
+    from ..models.loading import load_model
 
     if not isinstance(scale, LatencyScale):
         raise TypeError(f"the latency experiment needs a LatencyScale, got {type(scale).__name__}")

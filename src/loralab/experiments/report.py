@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..atomic_write import json_writer, write_files_atomically
+from ..files.atomic_write import json_writer, write_files_atomically
 from .runs import RunResult
 from .settings import Scale, default_jobs
 

@@ -117,8 +117,8 @@ def train_and_score(
     from ..evaluate import evaluate_task
     from ..methods import get_method
     from ..tasks import get_task
-    from ..train import train
-    from ..train_config import TrainConfig
+    from ..training.config import TrainConfig
+    from ..training.loop import train
 
     settings = run_settings(arm, seed, scale, workdir, model)
     result = train(TrainConfig(**settings))

@@ -23,9 +23,9 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from ..atomic_write import json_writer, write_files_atomically
-from ..config import ConfigError
-from ..train_config import TrainConfig
+from ..files.atomic_write import json_writer, write_files_atomically
+from ..lora.config import ConfigError
+from ..training.config import TrainConfig
 
 STORE_FOLDER = "runs"  # in a results folder: results/standard/runs/<key>.json
 STORE_VERSION = 1
@@ -114,7 +114,8 @@ class RunStore:
 
 def _environment() -> dict[str, str]:
     """The libraries whose kernels decide a run's last bits: a run is repeated bit for bit
-    on one CPU at any ``--jobs`` (tests/test_experiment_store.py), not across versions."""
+    on one CPU at any ``--jobs`` (tests/experiments/test_experiment_store.py), not across
+    versions."""
     import torch
     import transformers
 

@@ -41,8 +41,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .. import bases
-from ..analysis import amplification, random_subspace_similarity, subspace_similarity
+from ..lora import frozen_base as bases
+from ..lora.analysis import amplification, random_subspace_similarity, subspace_similarity
 from . import settings as experiment_settings
 from .report import Report, markdown_table
 from .runs import RunResult, run_plan
@@ -86,10 +86,10 @@ def learned_factors(base: nn.Module, run: RunResult) -> dict[str, LayerFactors]:
     The trained factors come from the adapter the run saved; the initial A from applying
     the run's settings to a fresh copy of ``base`` exactly as training did.
     """
-    from ..inject import lora_layers
-    from ..methods.files import load_method
-    from ..train import prepare_model
-    from ..train_config import TrainConfig
+    from ..lora.inject import lora_layers
+    from ..methods.method_files import load_method
+    from ..training.config import TrainConfig
+    from ..training.loop import prepare_model
 
     trained = load_method(copy.deepcopy(base), Path(run.settings["output_dir"]) / "adapter")
     initial = prepare_model(TrainConfig(**run.settings), copy.deepcopy(base))
@@ -171,7 +171,7 @@ def arm(r: int) -> Arm:
 
 
 def run(scale: Scale, workdir: Path) -> Report:
-    from ..models import load_model
+    from ..models.loading import load_model
     from ..tasks import get_task
 
     first = scale.seeds[0]

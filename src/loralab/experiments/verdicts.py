@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..atomic_write import text_writer, write_files_atomically
+from ..files.atomic_write import text_writer, write_files_atomically
 from .report import markdown_table
 from .settings import PRIMARY_METRIC
 

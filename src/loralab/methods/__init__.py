@@ -6,8 +6,8 @@ name, and ``files.py`` saves and loads what any of them trained.
 
 from __future__ import annotations
 
-from ..config import ConfigError
-from .adalora import AdaLora
+from ..lora.config import ConfigError
+from .adalora.method import AdaLora
 from .adapter_layers import AdapterH, AdapterL
 from .bitfit import BitFit
 from .full import FullFineTuning, TopLayersFineTuning

@@ -17,10 +17,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..architectures import hidden_size, transformer_blocks
-from ..config import ConfigError, LoraConfig
+from ..lora.architectures import hidden_size, transformer_blocks
+from ..lora.config import ConfigError, LoraConfig
 from .method import MethodSettings, PlainMethod, record_method
-from .trained import freeze, head_parameters, unfreeze_head
+from .trained_weights import freeze, head_parameters, unfreeze_head
 
 # Where the adapters go, as paths inside one block, by family: Llama/Mistral, GPT-2, BERT.
 ATTENTION_OUTPUT = ("self_attn.o_proj", "attn.c_proj", "attention.output.dense")

@@ -24,10 +24,10 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..architectures import classifier_head, transformer_blocks
-from ..config import ConfigError, LoraConfig
+from ..lora.architectures import classifier_head, transformer_blocks
+from ..lora.config import ConfigError, LoraConfig
 from .method import MethodSettings, PlainMethod, record_method
-from .trained import freeze, head_parameters, unfreeze_head
+from .trained_weights import freeze, head_parameters, unfreeze_head
 
 
 def _block_linears(model: nn.Module) -> list[nn.Linear]:

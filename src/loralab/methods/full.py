@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..architectures import transformer_blocks
-from ..config import ConfigError, LoraConfig
+from ..lora.architectures import transformer_blocks
+from ..lora.config import ConfigError, LoraConfig
 from .method import MethodSettings, PlainMethod, record_method
-from .trained import freeze, head_parameters, unfreeze_head
+from .trained_weights import freeze, head_parameters, unfreeze_head
 
 
 def _unique_numel(modules: list[nn.Module]) -> int:

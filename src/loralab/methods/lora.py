@@ -10,11 +10,11 @@ import dataclasses
 
 from torch import nn
 
-from ..architectures import classifier_head
-from ..config import LoraConfig
-from ..inject import inject_adapter, plan_targets
+from ..lora.architectures import classifier_head
+from ..lora.config import LoraConfig
+from ..lora.inject import inject_adapter, plan_targets
 from .method import MethodSettings, PlainMethod, record_method
-from .trained import head_parameters
+from .trained_weights import head_parameters
 
 
 def with_head(model: nn.Module, lora: LoraConfig) -> LoraConfig:

@@ -2,7 +2,7 @@
 the settings of the methods other than LoRA, and the record of which method a model carries.
 
 A method freezes the base and adds or unfreezes the parameters it trains. Whatever
-requires grad after ``apply`` is, by definition, what the method trains: ``trained.py``
+requires grad after ``apply`` is, by definition, what the method trains: ``trained_weights.py``
 saves exactly that, and ``expected_parameters`` states the paper's formula for the same
 number, so a test can hold the two against each other. What only some methods do (a
 regulariser, a step after each update, a file format of their own, a report) is declared
@@ -20,8 +20,8 @@ from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
-from ..config import LoraConfig, require_int
-from ..state import has_state, model_state
+from ..lora.config import LoraConfig, require_int
+from ..lora.state import has_state, model_state
 
 
 @dataclass(frozen=True)

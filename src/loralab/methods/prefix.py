@@ -3,7 +3,7 @@
 The paper's prefix methods add l_p prefix and l_i infix special tokens (Li & Liang, 2021).
 Here they are real token ids past the vocabulary, ``vocab … vocab + l_p + l_i − 1``: the
 model's input embedding is wrapped by ``PromptEmbedding``, which looks those ids up in a
-small table of its own, and ``data.py`` puts them into every example (``PromptTokens``,
+small table of its own, and ``data/encoding.py`` puts them into every example (``PromptTokens``,
 which the model carries: ``prompt_tokens(model)``). The output head is untouched: the
 tokens are never predicted, and the loss never counts them.
 
@@ -20,13 +20,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..architectures import hidden_size, transformer_blocks
-from ..config import ConfigError, LoraConfig
-from ..data import PromptTokens
-from ..inject import lora_layers, plan_targets
+from ..data.encoding import PromptTokens
+from ..lora.architectures import hidden_size, transformer_blocks
+from ..lora.config import ConfigError, LoraConfig
+from ..lora.inject import lora_layers, plan_targets
 from .lora import Lora, with_head
 from .method import MethodSettings, PlainMethod, record_method
-from .trained import freeze, head_parameters, unfreeze_head
+from .trained_weights import freeze, head_parameters, unfreeze_head
 
 PROMPT_SEED = 0
 """Seeds the choice of real tokens whose embeddings the table starts from."""

@@ -20,12 +20,13 @@ from pathlib import Path
 
 from torch import nn
 
-from .. import patterns
-from ..adapters import delete_adapter, hot_swap_files
-from ..config import ConfigError
-from ..inject import base_module_names
-from ..io import load_adapter_tensors, read_adapter
-from ..peft_config import AdapterFileError
+from ..files.adapter_dir import load_adapter_tensors, read_adapter
+from ..files.hot_swap import hot_swap_files
+from ..files.peft_config import AdapterFileError
+from ..lora import patterns
+from ..lora.adapters import delete_adapter
+from ..lora.config import ConfigError
+from ..lora.inject import base_module_names
 from .adapter_reader import AdapterReader, AdapterSnapshot
 from .errors import RequestError
 

@@ -28,9 +28,9 @@ from pathlib import Path
 from safetensors import SafetensorError
 from safetensors.torch import load as tensors_from_bytes
 
-from ..config import ConfigError
-from ..io import LORALAB_FILE, WEIGHTS_FILE, AdapterFiles, adapter_files
-from ..peft_config import CONFIG_FILE, AdapterFileError, parse_json
+from ..files.adapter_dir import LORALAB_FILE, WEIGHTS_FILE, AdapterFiles, adapter_files
+from ..files.peft_config import CONFIG_FILE, AdapterFileError, parse_json
+from ..lora.config import ConfigError
 from .errors import RequestError
 
 MAX_JSON_BYTES = 1 << 20  # an adapter_config.json is a few hundred bytes

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..adapters import set_active_adapter
-from ..devices import model_device
-from ..mixing import mixed_adapters
+from ..lora.adapters import set_active_adapter
+from ..lora.mixing import mixed_adapters
+from ..models.devices import model_device
 from .adapter_pool import AdapterPool
 from .batch_cache import BatchCache, new_cache
 from .errors import RequestError

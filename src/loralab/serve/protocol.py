@@ -12,7 +12,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ..data import DataError, encode_prompt
+from ..data.encoding import encode_prompt
+from ..data.records import DataError
 from .errors import RequestError
 from .sampling import Sampling
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import uvicorn
 
-from ..devices import base_dtype, choose_device
-from ..models import load_model
+from ..models.devices import base_dtype, choose_device
+from ..models.loading import load_model
 from .adapter_pool import DEFAULT_MAX_ADAPTER_BYTES, AdapterPool
 from .app import DEFAULT_MAX_BODY, ServerState, create_app
 from .engine import Engine

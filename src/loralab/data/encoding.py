@@ -1,0 +1,195 @@
+"""Examples as token ids: the prompt and the completion, a chat through the model's
+template, or a classification input, each with the labels that say where the loss
+counts (``IGNORE_INDEX`` elsewhere), and a prefix method's tokens where they go.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .records import DataError, example_shape
+
+IGNORE_INDEX = -100  # label of a position the loss does not count
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """The special tokens of a prefix method (PreEmbed, PreLayer, LoRA+PE): ids past the
+    vocabulary, whose embeddings the method trains. Each record places them (SPEC.md):
+
+    - ``{prompt, completion}``: prefix + prompt + infix + completion;
+    - ``{messages}``: the prefix first, the infix right before each assistant reply;
+    - ``{text}``: the prefix first;
+    - ``{text, label}``: the prefix after a leading [CLS], the infix before a final [SEP].
+
+    They count against ``max_length`` and the loss never counts them.
+    """
+
+    prefix: tuple[int, ...] = ()
+    infix: tuple[int, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.prefix) + len(self.infix)
+
+
+@dataclass
+class Encoded:
+    """One example as token ids.
+
+    For a causal LM ``labels`` has one entry per token, -100 where the loss does not
+    count; for a classifier it is the class index.
+    """
+
+    input_ids: list[int]
+    labels: list[int] | int
+    token_type_ids: list[int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def encode_prompt(
+    tokenizer, prompt: str | list[dict], prompt_tokens: PromptTokens | None = None
+) -> list[int]:
+    """The ids a completion follows: prefix + prompt + infix (the prompt alone without).
+
+    A list of messages is a chat: rendered by the model's chat template up to the start of
+    the assistant's reply, with no special tokens added beyond what the template writes.
+    """
+    if isinstance(prompt, str):
+        ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    else:
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise DataError("a chat prompt needs a tokenizer with a chat template")
+        ids = _chat_ids(tokenizer, prompt, generation_prompt=True)
+    if prompt_tokens is None:
+        return ids
+    return [*prompt_tokens.prefix, *ids, *prompt_tokens.infix]
+
+
+def encode_causal(
+    tokenizer, example: dict, max_length: int, prompt_tokens: PromptTokens | None = None
+) -> Encoded:
+    """Token ids and loss labels of one example, for a causal language model."""
+    shape = example_shape(example)
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    prefix = list(prompt_tokens.prefix) if prompt_tokens else []
+    infix = list(prompt_tokens.infix) if prompt_tokens else []
+    if shape == "prompt_completion":
+        prompt = encode_prompt(tokenizer, example["prompt"], prompt_tokens)
+        completion = tokenizer(example["completion"], add_special_tokens=False)["input_ids"] + eos
+        ids, labels = prompt + completion, [IGNORE_INDEX] * len(prompt) + completion
+    elif shape == "messages":
+        ids, labels = _encode_chat(tokenizer, example["messages"], infix)
+        ids, labels = prefix + ids, [IGNORE_INDEX] * len(prefix) + labels
+    elif shape == "text":
+        ids = tokenizer(example["text"], add_special_tokens=True)["input_ids"] + eos
+        # The first text token is never predicted without a prefix; with one it stays so,
+        # and the loss (and perplexity) counts the same tokens either way.
+        labels = [IGNORE_INDEX] * (len(prefix) + 1) + ids[1:] if prefix else list(ids)
+        ids = prefix + ids
+    else:
+        raise DataError("a {text, label} record needs a classification model, not a causal LM")
+    return Encoded(ids[:max_length], labels[:max_length])
+
+
+def _encode_chat(tokenizer, messages: list[dict], infix: list[int]) -> tuple[list[int], list[int]]:
+    """The loss counts the assistant turns: each is the tokens the template adds after the
+    conversation so far with a generation prompt. The infix goes right before each."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise DataError("{messages} records need a tokenizer with a chat template")
+    rendered: list[int] = []  # the conversation so far, as the template renders it
+    ids: list[int] = []
+    labels: list[int] = []
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _chat_ids(tokenizer, messages[:index], generation_prompt=True)
+        after = _chat_ids(tokenizer, messages[: index + 1], generation_prompt=False)
+        if after[: len(before)] != before or before[: len(rendered)] != rendered:
+            raise DataError("the chat template does not render conversations as prefixes")
+        context, reply = before[len(rendered) :] + infix, after[len(before) :]
+        ids += context + reply
+        labels += [IGNORE_INDEX] * len(context) + reply
+        rendered = after
+    return ids, labels
+
+
+def _chat_ids(tokenizer, messages: list[dict], generation_prompt: bool) -> list[int]:
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=generation_prompt
+    )
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_classification(
+    tokenizer,
+    example: dict,
+    max_length: int,
+    label_names: tuple[str, ...],
+    prompt_tokens: PromptTokens | None = None,
+) -> Encoded:
+    """Token ids (with ``text_pair`` as the second segment) and the class index."""
+    label = example["label"]
+    if isinstance(label, str):
+        if label not in label_names:
+            raise DataError(f"label {label!r} is not one of {list(label_names)}")
+        label = label_names.index(label)
+    if not 0 <= label < len(label_names):
+        raise DataError(f"label {label} is outside 0..{len(label_names) - 1}")
+    reserved = len(prompt_tokens) if prompt_tokens else 0
+    encoded = tokenizer(
+        example["text"],
+        example.get("text_pair"),
+        truncation=True,
+        max_length=max_length - reserved,
+    )
+    ids, types = encoded["input_ids"], encoded.get("token_type_ids")
+    if prompt_tokens:
+        ids, types = _place_classification_prompt(tokenizer, ids, types, prompt_tokens)
+    return Encoded(ids, label, types)
+
+
+def _place_classification_prompt(
+    tokenizer, ids: list[int], types: list[int] | None, tokens: PromptTokens
+) -> tuple[list[int], list[int] | None]:
+    """The prefix after a leading [CLS] (the head reads position 0), the infix before a
+    final [SEP]; in the first and the last segment."""
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    start = 1 if cls is not None and ids[:1] == [cls] else 0
+    end = len(ids) - 1 if sep is not None and len(ids) > start and ids[-1] == sep else len(ids)
+    prefix, infix = list(tokens.prefix), list(tokens.infix)
+    ids = ids[:start] + prefix + ids[start:end] + infix + ids[end:]
+    if types is not None:
+        last = types[-1] if types else 0
+        types = (
+            types[:start] + [0] * len(prefix) + types[start:end] + [last] * len(infix) + types[end:]
+        )
+    return ids, types
+
+
+def encode_dataset(
+    tokenizer,
+    examples: list[dict],
+    max_length: int,
+    label_names: tuple[str, ...] | None = None,
+    prompt_tokens: PromptTokens | None = None,
+) -> list[Encoded]:
+    """Encode every example; for a causal LM, ones whose loss counts no token are dropped.
+
+    With ``label_names`` the examples are classification records for a classifier; with
+    ``prompt_tokens`` (a prefix method's) every example gets them in its place.
+    """
+    if label_names is not None:
+        return [
+            encode_classification(tokenizer, e, max_length, label_names, prompt_tokens)
+            for e in examples
+        ]
+    encoded = [encode_causal(tokenizer, e, max_length, prompt_tokens) for e in examples]
+    kept = [e for e in encoded if any(label != IGNORE_INDEX for label in e.labels[1:])]
+    if not kept:
+        raise DataError(
+            f"no example keeps a completion token within max_length={max_length}; "
+            "raise max_length or shorten the prompts"
+        )
+    return kept

@@ -1,0 +1,120 @@
+"""Merging: ``W = W0 + ΔW`` for zero added latency, and back.
+
+Merging is explicit and idempotent, never a side effect of ``.eval()``. A layer remembers
+what it added (``layers.MergedDelta``), so unmerging subtracts exactly that. It also
+exists as a pure function over state dicts (``files/state_dict_merge.py``), so an export needs no
+model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import frozen_base as bases
+from .inject import adapter_configs, lora_layers, replace_module, restore_requires_grad
+from .layers import (
+    LoraLayer,
+    MergeError,
+    TrainableCopy,
+)
+from .state import model_state
+
+
+def _tied_elsewhere(model: nn.Module) -> dict[int, list[str]]:
+    """Parameter id -> every module path that holds it (only those held more than once)."""
+    holders: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        holders.setdefault(id(parameter), []).append(name)
+    return {key: names for key, names in holders.items() if len(names) > 1}
+
+
+def _layers_to_merge(
+    model: nn.Module, adapter_name: str | None, safe: bool
+) -> dict[str, tuple[LoraLayer, str | None]]:
+    """Every LoRA layer with the adapter to merge into it (None: nothing), after the checks
+    that must pass before any weight changes."""
+    if adapter_name is not None and adapter_name not in adapter_configs(model):
+        raise KeyError(
+            f"no adapter named {adapter_name!r}; the model has {sorted(adapter_configs(model))}"
+        )
+    layers = lora_layers(model)
+    tied = _tied_elsewhere(model)
+    for name, layer in layers.items():
+        weight = bases.weight_of(layer.base_layer)
+        holders = [h for h in tied.get(id(weight), []) if not h.startswith(name)]
+        if holders:
+            raise MergeError(
+                f"cannot merge into {name!r}: its weight is tied to {holders}, so merging "
+                "would change the other module too; untie the weights first"
+            )
+    chosen = {}
+    for name, layer in layers.items():
+        adapter = adapter_name or layer.active_adapter
+        chosen[name] = (layer, adapter if adapter in layer.lora else None)
+    if safe:
+        # A first pass over every ΔW, so that a bad one leaves all weights untouched; the
+        # deltas are recomputed when merging rather than held, which would double memory.
+        for name, (layer, adapter) in chosen.items():
+            if adapter is None or adapter in layer.merged:
+                continue
+            if not torch.isfinite(layer.delta_weight(adapter)).all():
+                raise MergeError(
+                    f"adapter {adapter!r} has a non-finite ΔW (NaN or Inf) in {name!r}; "
+                    "nothing was merged"
+                )
+    return chosen
+
+
+def merge_adapter(model: nn.Module, adapter_name: str | None = None, safe: bool = False) -> None:
+    """Add each layer's ``ΔW`` into its base weight (the active adapter by default).
+
+    With ``safe=True`` every ``ΔW`` is checked for NaN/Inf first and nothing is merged
+    if one is bad. A weight tied to another module (GPT-2's ``wte`` and ``lm_head``) is
+    refused: merging would change both, while the unmerged update only touched one.
+    """
+    for layer, adapter in _layers_to_merge(model, adapter_name, safe).values():
+        if adapter is not None:
+            layer.merge(adapter)
+
+
+def unmerge_adapter(model: nn.Module, adapter_name: str | None = None) -> None:
+    """Subtract merged updates again (all merged adapters when no name is given)."""
+    for layer in lora_layers(model).values():
+        for adapter in list(reversed(layer.merged_adapters)):
+            if adapter_name is None or adapter == adapter_name:
+                layer.unmerge(adapter)
+
+
+def merge_and_unload(
+    model: nn.Module, adapter_name: str | None = None, safe: bool = False
+) -> nn.Module:
+    """Merge, then put the original modules back: a plain model with its original keys.
+
+    Each layer is unwrapped as soon as it is merged, so what it remembers of the merge is
+    freed at once rather than held for the whole model."""
+    for name, (layer, adapter) in _layers_to_merge(model, adapter_name, safe).items():
+        if adapter is not None:
+            layer.merge(adapter)
+        replace_module(model, name, layer.base_layer)
+    return _remove_wrappers(model, keep_trained_copies=True)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove every adapter without merging: the base model exactly as it was."""
+    unmerge_adapter(model)
+    return _remove_wrappers(model, keep_trained_copies=False)
+
+
+def _remove_wrappers(model: nn.Module, keep_trained_copies: bool) -> nn.Module:
+    for name, module in list(model.named_modules()):
+        if isinstance(module, TrainableCopy):
+            replacement = module.active_module() if keep_trained_copies else module.original
+            replace_module(model, name, replacement)
+        elif isinstance(module, LoraLayer):
+            replace_module(model, name, module.base_layer)
+    restore_requires_grad(model)
+    state = model_state(model)
+    state.adapters.clear()
+    state.active, state.active_chosen = None, False  # a new adapter becomes active again
+    return model

@@ -1,0 +1,374 @@
+"""The settings of a training run: ``TrainConfig``, and reading them from a YAML file.
+
+The command line's ``loralab train`` flags are generated from these fields (their
+docstrings are the help text) and a YAML file's keys are the same names, so a run's
+``config.yaml`` repeats it exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import math
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from ..lora.config import (
+    ConfigError,
+    LoraConfig,
+    require_bool,
+    require_choice,
+    require_int,
+    require_number,
+)
+from ..models.devices import check_device, check_dtype
+
+if TYPE_CHECKING:  # the methods import torch: they load when a run is built, not to parse flags
+    from ..methods import Method, MethodSettings
+
+SCHEDULES = ("linear", "cosine", "constant")
+MODEL_KINDS = ("causal-lm", "classification")
+DEFAULT_STEPS = 100
+
+
+def _with_lora_settings(cls: type) -> type:
+    """Give ``cls`` every ``LoraConfig`` field as LoraConfig declares it (type, default,
+    the docstring that is its help): a run's LoRA settings are declared once, there, with
+    one set of defaults (PEFT's), and every one of them can be set from ``loralab train``
+    and a config file."""
+    types = typing.get_type_hints(LoraConfig)  # real types: the CLI reads them
+    for item in dataclasses.fields(LoraConfig):
+        cls.__annotations__[item.name] = types[item.name]
+        setattr(
+            cls,
+            item.name,
+            dataclasses.field(default=item.default, default_factory=item.default_factory),
+        )
+    return cls
+
+
+@dataclass
+@_with_lora_settings
+class TrainConfig:
+    """Everything a training run needs; the CLI flags and YAML keys are these fields, and
+    every ``LoraConfig`` field (``r``, ``lora_alpha``, ``target_modules``, ``use_rslora``,
+    …) is one of them, added from LoraConfig itself."""
+
+    model: str = "smollm2-135m"
+    """An embedded model alias, a local model directory, a .gguf file, or a Hub id."""
+    model_kind: str = "causal-lm"
+    """``causal-lm`` or ``classification`` (a new classification head, trained in full)."""
+    task: str | None = "e2e"
+    """A built-in task (e2e, sql, nli, pydoc); ignored when ``data`` is given."""
+    data: str | None = None
+    """A JSONL or CSV training file: {prompt, completion}, {messages}, {text}, {text, label}."""
+    validation_data: str | None = None
+    """A file for validation loss; default: the task's validation split, or none."""
+    output_dir: str = "runs/latest"
+    """Where the config, metrics, loss curve, checkpoint and adapter are written."""
+    train_size: int | None = None
+    """Examples drawn from a built-in task's generator for training (None: its default)."""
+    validation_size: int = 64
+    """Validation examples used for the validation loss."""
+
+    method: str = "lora"
+    """How to adapt: lora, lora-pe, full, ft-top2, bitfit, preembed, prelayer, adapter-h,
+    adapter-l, adalora (``loralab.methods``)."""
+    prefix_length: int = 10
+    """Prefix methods: l_p trainable tokens before the prompt."""
+    infix_length: int = 0
+    """Prefix methods: l_i trainable tokens between the prompt and the completion."""
+    adapter_rank: int = 8
+    """Adapter^H / Adapter^L: the bottleneck width r."""
+    top_layers: int = 2
+    """FT-Top2: how many of the last transformer blocks train."""
+    target_r: int = 4
+    """AdaLoRA: the average rank per matrix at the end (``r`` is the initial rank)."""
+    adalora_tinit: int = 0
+    """AdaLoRA: warm-up steps before any pruning."""
+    adalora_tfinal: int = 0
+    """AdaLoRA: final steps with the ranks fixed."""
+    adalora_delta_t: int = 1
+    """AdaLoRA: steps between two re-allocations of the budget."""
+    adalora_beta1: float = 0.85
+    """AdaLoRA: EMA coefficient of the smoothed sensitivity."""
+    adalora_beta2: float = 0.85
+    """AdaLoRA: EMA coefficient of the uncertainty."""
+    orth_reg_weight: float = 0.5
+    """AdaLoRA: weight of the orthogonality regulariser on P and Q."""
+
+    learning_rate: float = 2e-4
+    """Peak learning rate of AdamW."""
+    head_learning_rate: float | None = None
+    """A classifier's new head's peak learning rate (``model_kind: classification``; default:
+    ``learning_rate``). The head starts from random values while an adapter starts at zero,
+    so the two may want different steps."""
+    weight_decay: float = 0.01
+    """AdamW's decoupled weight decay."""
+    schedule: str = "linear"
+    """Decay after warm-up: linear, cosine or constant."""
+    warmup_steps: int = 0
+    """Steps of linear warm-up from 0 to the peak learning rate."""
+    max_steps: int | None = None
+    """Optimizer steps in the run (default: 100, or what ``epochs`` makes)."""
+    epochs: float | None = None
+    """Passes over the training examples kept, instead of ``max_steps``: the steps are
+    counted once the data is read (``epochs × steps per epoch``, rounded up)."""
+    batch_size: int = 8
+    """Examples per micro-batch."""
+    gradient_accumulation: int = 1
+    """Micro-batches per optimizer step."""
+    max_length: int = 128
+    """Tokens per example at most (longer ones are cut)."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm (0 turns it off)."""
+    bf16: bool = False
+    """Run forward and backward under bf16 autocast."""
+    chunked_loss: bool = True
+    """Causal LMs: apply the output head and the loss only at the positions whose labels
+    count, in chunks, so that the full (batch, length, vocab) logits are never built
+    (``loss.py``; the same loss and gradient up to rounding). Off: the model's own loss."""
+    lean_mlp: bool = True
+    """Gated SiLU MLPs (Llama, Mistral, Qwen) keep two of their three intermediate tensors
+    for the backward pass and recompute SiLU's output there (``lean_mlp.py``): a third less
+    MLP activation memory, the same loss and gradients to the last bit."""
+    return_freed_memory: bool = False
+    """On glibc (Linux), serve blocks of 1 MiB and more from mappings of their own, so that
+    the memory of a freed activation goes back to the system instead of staying resident
+    as a hole in the heap (``malloc_threshold.py``; it lowers the peak RSS and changes nothing that
+    is computed). The setting stays for the rest of the process. Off by default: with it
+    and ``lean_mlp`` on, SmolLM2 trained at 0.88× the tokens/s for 0.93× the peak RSS
+    (``benchmarks/RESULTS.md``)."""
+    gradient_checkpointing: bool = False
+    """Keep only each transformer block's input and recompute the rest in the backward
+    pass: less activation memory for about a third more compute (non-reentrant, so it works
+    on a frozen base and with DDP and FSDP)."""
+    fsdp: bool = False
+    """Under torchrun: shard the model (frozen base and trained parameters) across the
+    processes with FSDP2, one unit per transformer block, instead of a whole copy on each
+    (DDP). For bases too large for one device."""
+    seed: int = 0
+    """Seeds the LoRA init, dropout and data order: a CPU run repeats bit for bit."""
+    data_seed: int | None = None
+    """Seeds a built-in task's examples and splits (None: ``seed``); fix it to compare
+    seeds of training on the same data."""
+
+    eval_every: int = 50
+    """Validation loss every N steps (0: only at the end)."""
+    save_every: int = 50
+    """Checkpoint every N steps (0: only at the end)."""
+    log_every: int = 1
+    """Write a metrics line every N steps."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files (needs the tensorboard package)."""
+    progress: bool = True
+    """Show a progress bar."""
+    resume: bool = False
+    """Continue from the checkpoint in ``output_dir``."""
+    device: str | None = None
+    """Where to train: auto (the first CUDA GPU if PyTorch sees one, else the CPU), cpu,
+    cuda or cuda:N. Under torchrun each process takes its local rank's GPU."""
+    dtype: str | None = None
+    """The frozen base's weights: fp32 (default), bf16 or fp16 (half the memory; LoRA's
+    factors stay fp32). bf16 is fast only on CPUs with AVX512-BF16 or AMX, and on GPUs."""
+
+    def __post_init__(self) -> None:
+        if self.epochs is not None:
+            require_number("epochs", self.epochs, above=0)
+            if self.max_steps is not None:
+                raise ConfigError(
+                    f"max_steps={self.max_steps} and epochs={self.epochs} both say how long "
+                    "to train; give one"
+                )
+        elif self.max_steps is None:
+            self.max_steps = DEFAULT_STEPS
+        positive = ("batch_size", "gradient_accumulation", "max_length", "log_every")
+        for name in (*positive, *(["max_steps"] if self.max_steps is not None else [])):
+            require_int(name, getattr(self, name), minimum=1)
+        for name in ("warmup_steps", "eval_every", "save_every", "seed", "validation_size"):
+            require_int(name, getattr(self, name), minimum=0)
+        if self.data_seed is not None:
+            require_int("data_seed", self.data_seed, minimum=0)
+        if self.train_size is not None:
+            require_int("train_size", self.train_size, minimum=1)
+        require_number("learning_rate", self.learning_rate, above=0, below=1)
+        if self.head_learning_rate is not None:
+            require_number("head_learning_rate", self.head_learning_rate, above=0, below=1)
+            if self.model_kind != "classification":
+                raise ConfigError(
+                    "head_learning_rate is for a classifier's new head "
+                    f"(model_kind: classification); this run is model_kind: {self.model_kind}"
+                )
+            if self.fsdp:
+                raise ConfigError("fsdp trains every parameter at one learning rate")
+        require_number("weight_decay", self.weight_decay, at_least=0)
+        require_number("max_grad_norm", self.max_grad_norm, at_least=0)
+        require_choice("schedule", self.schedule, SCHEDULES)
+        require_choice("model_kind", self.model_kind, MODEL_KINDS)
+        for name in (
+            "bf16",
+            "chunked_loss",
+            "lean_mlp",
+            "return_freed_memory",
+            "gradient_checkpointing",
+            "fsdp",
+        ):
+            require_bool(name, getattr(self, name))
+        if self.max_steps is not None and self.warmup_steps > self.max_steps:
+            raise ConfigError(
+                f"warmup_steps={self.warmup_steps} is longer than max_steps={self.max_steps}"
+            )
+        check_device(self.device)
+        check_dtype(self.dtype, "dtype")
+        if self.data is None and self.task is None:
+            raise ConfigError("give a built-in task (task) or a data file (data)")
+        self.method_settings()  # l_p, l_i, adapter rank, top layers: validated there
+        self.lora_config()  # LoRA's settings: validated by LoraConfig itself
+        method = self.method_object  # an unknown name lists the valid ones; AdaLoRA's schedule
+        if self.fsdp and method.fsdp_refusal:
+            raise ConfigError(f"fsdp cannot train method={self.method!r}: {method.fsdp_refusal}")
+
+    @functools.cached_property
+    def method_object(self) -> Method:
+        """The method the run applies, built once with the run's settings where it has its
+        own (AdaLoRA's initial rank and schedule)."""
+        from ..methods import get_method
+
+        return get_method(self.method).configured(self)
+
+    def method_settings(self) -> MethodSettings:
+        from ..methods import MethodSettings
+
+        return MethodSettings(
+            prefix_length=self.prefix_length,
+            infix_length=self.infix_length,
+            adapter_rank=self.adapter_rank,
+            top_layers=self.top_layers,
+        )
+
+    def lora_config(self) -> LoraConfig:
+        settings = {name: getattr(self, name) for name in LoraConfig.field_names()}
+        targets = settings["target_modules"]
+        # On the command line every value is a list: one "all-linear" means the keyword.
+        if targets == ["all-linear"]:
+            settings["target_modules"] = "all-linear"
+        return LoraConfig(**settings)
+
+    def steps_per_epoch(self, examples: int) -> int:
+        """Optimizer steps that pass once over ``examples`` training examples."""
+        return max(1, math.ceil(examples / (self.batch_size * self.gradient_accumulation)))
+
+    def with_steps(self, examples: int) -> TrainConfig:
+        """This run with ``epochs`` turned into ``max_steps`` for ``examples`` training
+        examples (the run as it is when ``max_steps`` was given)."""
+        if self.epochs is None:
+            return self
+        steps = math.ceil(self.epochs * self.steps_per_epoch(examples))
+        if self.warmup_steps > steps:
+            raise ConfigError(
+                f"warmup_steps={self.warmup_steps} is longer than the run: epochs={self.epochs} "
+                f"over {examples} examples is {steps} steps"
+            )
+        return dataclasses.replace(self, max_steps=steps, epochs=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings by section, as ``loralab train --help`` lists them."""
+        values = dataclasses.asdict(self)
+        return {name: values[name] for names in SECTIONS.values() for name in names}
+
+
+# The headings of ``loralab train --help`` and the order of a run's config.yaml; every
+# field is in one section (tests/training/test_train_config.py).
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "model and data": (
+        "model",
+        "model_kind",
+        "task",
+        "data",
+        "validation_data",
+        "train_size",
+        "validation_size",
+        "data_seed",
+    ),
+    "method": ("method", "prefix_length", "infix_length", "adapter_rank", "top_layers"),
+    "LoRA (the fields of loralab.LoraConfig)": tuple(LoraConfig.field_names()),
+    "AdaLoRA": (
+        "target_r",
+        "adalora_tinit",
+        "adalora_tfinal",
+        "adalora_delta_t",
+        "adalora_beta1",
+        "adalora_beta2",
+        "orth_reg_weight",
+    ),
+    "optimisation": (
+        "learning_rate",
+        "head_learning_rate",
+        "weight_decay",
+        "schedule",
+        "warmup_steps",
+        "max_steps",
+        "epochs",
+        "batch_size",
+        "gradient_accumulation",
+        "max_length",
+        "max_grad_norm",
+        "seed",
+    ),
+    "device, memory and speed": (
+        "device",
+        "dtype",
+        "bf16",
+        "chunked_loss",
+        "lean_mlp",
+        "return_freed_memory",
+        "gradient_checkpointing",
+        "fsdp",
+    ),
+    "the run's folder and logs": (
+        "output_dir",
+        "resume",
+        "eval_every",
+        "save_every",
+        "log_every",
+        "tensorboard",
+        "progress",
+    ),
+}
+
+
+def config_from_file(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """A ``TrainConfig`` from a YAML file, with ``overrides`` (the command line) on top."""
+    path = Path(path)
+    if not path.is_file():
+        what = "a directory, not a config file" if path.is_dir() else "no such config file"
+        raise ConfigError(f"{path}: {what}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text ({error.reason})") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        # PyYAML's own message spans lines (it quotes the line); one line is enough here.
+        words = [getattr(error, "context", None), getattr(error, "problem", None)]
+        problem = "; ".join(w for w in words if w) or str(error).splitlines()[0]
+        raise ConfigError(f"{path}{where}: malformed YAML ({problem})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    for key in data:
+        if key not in known:
+            near = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ConfigError(f"{path}: unknown setting {key!r}{hint}")
+    merged = {**data, **(overrides or {})}
+    try:
+        return TrainConfig(**merged)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None

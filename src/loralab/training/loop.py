@@ -1,0 +1,695 @@
+"""The training loop: LoRA on a built-in task or a user's data file.
+
+Every setting is a field of ``TrainConfig``; the command line and YAML files map onto it.
+A run directory holds the resolved config, metrics (JSONL), a loss curve (PNG), the
+final adapter and a checkpoint. A checkpoint has everything a run needs to continue bit
+for bit: adapter, optimizer, scheduler, RNG state and step (the data order is a pure
+function of the seed and the step), and it is written atomically, so a run killed at any
+moment — SIGKILL included — resumes from the last complete one.
+
+Started by ``torchrun`` it trains on every process with DDP, or FSDP2 with ``fsdp``
+(``distributed.py``: the batch semantics, the loss normalisation, which rank writes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import random
+import signal
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from ..data.batches import batch_stream, collate
+from ..data.encoding import encode_dataset
+from ..data.records import DataError, example_shape, label_names_of, read_examples
+from ..files.output_dirs import check_output_dir
+from ..lora.config import ConfigError
+from ..lora.inject import ParameterReport, trainable_parameters
+from ..methods import Method
+from ..methods.method_files import load_method, save_method
+from ..methods.prefix import PromptTokens, prompt_tokens
+from ..models.devices import base_dtype
+from .checkpoint import CHECKPOINT, check_resumable, find_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .distributed import (
+    World,
+    barrier,
+    from_main,
+    full_optimizer_state,
+    full_trainable_parameters,
+    gather_objects,
+    gradient_sync,
+    join,
+    leave,
+    peers_checked,
+    rng_state,
+    rows_of_rank,
+    set_rng_state,
+    shard_fsdp,
+    shard_optimizer_state,
+    shared_directory,
+    sum_over_ranks,
+    to_device,
+    world_from_environment,
+    wrap_ddp,
+)
+from .lean_mlp import lean_mlp
+from .loss import causal_lm_loss
+from .malloc_threshold import map_large_blocks
+from .optimizer import build_optimizer, parameter_groups
+from .run_log import RunLog, check_tensorboard, read_history
+
+RANK_SEED_STRIDE = 1_000_003  # rank k draws its dropout masks from seed + k · stride
+
+
+# -- the pieces of a run ------------------------------------------------------------------------
+
+
+@dataclass
+class Examples:
+    """A run's raw examples, read and checked before any model is loaded."""
+
+    train: list[dict]
+    validation: list[dict]
+    label_names: tuple[str, ...] | None  # the classes, for a classifier
+
+
+@dataclass
+class Datasets:
+    train: list
+    validation: list
+    label_names: tuple[str, ...] | None
+    examples: Examples
+
+
+def load_examples(config: TrainConfig) -> Examples:
+    """Training and validation examples: from the user's files or a built-in task."""
+    classifier = config.model_kind == "classification"
+    if config.data is not None:
+        train_examples = read_examples(config.data)
+        validation_examples = (
+            read_examples(config.validation_data) if config.validation_data else []
+        )
+        _check_shape_fits_model(config.data, train_examples, classifier)
+        if validation_examples:
+            _check_shape_fits_model(config.validation_data, validation_examples, classifier)
+        label_names = label_names_of(train_examples) if classifier else None
+    else:
+        from ..tasks import get_task
+
+        task = get_task(config.task)
+        if classifier and task.kind != "classification":
+            raise ConfigError(f"task {task.name!r} is not a classification task")
+        data_seed = config.seed if config.data_seed is None else config.data_seed
+        splits = task.splits(seed=data_seed, train_size=config.train_size)
+        train_examples, validation_examples = splits["train"], splits["validation"]
+        label_names = tuple(task.labels) if classifier else None
+    return Examples(train_examples, validation_examples[: config.validation_size], label_names)
+
+
+def _check_shape_fits_model(path: str, examples: list[dict], classifier: bool) -> None:
+    """A classifier trains on {text, label} records and a causal LM on the other shapes;
+    said before the model loads, not when the first record is encoded."""
+    shape = example_shape(examples[0])
+    if classifier and shape != "text_label":
+        raise DataError(
+            f"{path}: model_kind 'classification' trains on {{text, label}} records; "
+            f"these are {shape} records (for a causal LM, leave model_kind at 'causal-lm')"
+        )
+    if not classifier and shape == "text_label":
+        raise DataError(
+            f"{path}: {{text, label}} records train a classifier; set model_kind to "
+            "'classification' (--model-kind classification)"
+        )
+
+
+def encode_examples(
+    config: TrainConfig, examples: Examples, tokenizer, prompt_tokens: PromptTokens | None = None
+) -> Datasets:
+    """The examples as token ids, ready for batching (with a prefix method's tokens)."""
+
+    def encode(items: list[dict]) -> list:
+        return encode_dataset(
+            tokenizer, items, config.max_length, examples.label_names, prompt_tokens=prompt_tokens
+        )
+
+    validation = encode(examples.validation) if examples.validation else []
+    train = encode(examples.train)
+    for split, given, kept in (
+        ("training", examples.train, train),
+        ("validation", examples.validation or [], validation),
+    ):
+        if len(kept) < len(given):
+            warnings.warn(
+                f"{len(given) - len(kept)} of {len(given)} {split} examples were dropped: "
+                f"their completion starts after max_length={config.max_length} tokens, so "
+                "no token of it would be learnt; raise --max-length to keep them",
+                stacklevel=2,
+            )
+    return Datasets(train, validation, examples.label_names, examples)
+
+
+def describe_start(config: TrainConfig, model: nn.Module, datasets: Datasets, world, trainable):
+    """What a run is about to do, in three lines: the model where it runs, the data kept
+    and the steps it makes, the parameters that train."""
+    examples = datasets.examples
+    dtype = next(model.parameters()).dtype
+    autocast = ", bf16 autocast" if config.bf16 else ""
+    kept, given = len(datasets.train), len(examples.train)
+    dropped = f" ({given - kept} dropped: beyond --max-length)" if kept < given else ""
+    tokens = sum(len(item) for item in datasets.train)
+    per_step = config.batch_size * config.gradient_accumulation
+    per_epoch = config.steps_per_epoch(kept)
+    return (
+        f"model {config.model} on {world.device}, {str(dtype).removeprefix('torch.')}"
+        f"{autocast}\n"
+        f"data: {kept} training examples{dropped}, {len(datasets.validation)} validation; "
+        f"{tokens:,} tokens; {per_epoch} steps per epoch of {per_step} examples; "
+        f"{config.max_steps} steps ≈ {config.max_steps / per_epoch:.1f} epochs\n"
+        f"trainable: {trainable.trainable:,} of {trainable.total:,} parameters "
+        f"({100 * trainable.share:.2f}%)"
+    )
+
+
+def prepare_model(config: TrainConfig, model: nn.Module) -> nn.Module:
+    """Apply the run's method (LoRA by default) with its settings; a classifier's new head
+    always trains in full."""
+    method = config.method_object
+    settings = config.method_settings()
+    lora = config.lora_config() if method.uses_lora else None
+    method.check(model, settings, lora, config.max_length)
+    torch.manual_seed(config.seed)  # the method's init is part of what the seed fixes
+    method.apply(model, settings, lora)
+    return model
+
+
+def batch_loss(
+    runner: nn.Module, model: nn.Module, batch: dict, config: TrainConfig, world: World
+) -> torch.Tensor:
+    """The batch's mean loss, with the head and loss on counted positions where they can be
+    (not under FSDP, whose output head is sharded outside the forward)."""
+    batch = {**batch, **without_cache(model)}
+    if config.chunked_loss and not (world.active and config.fsdp):
+        return causal_lm_loss(runner, model, batch)
+    return runner(**batch).loss
+
+
+def without_cache(model: nn.Module) -> dict[str, bool]:
+    """``use_cache=False`` for a model that would otherwise build a KV cache in every
+    training forward: nothing reads it, and on SmolLM2 (8 × 64 tokens) a step took 1.2×
+    as long with it (as the Transformers Trainer knows: it turns the cache off)."""
+    if getattr(getattr(model, "config", None), "use_cache", None) is None:
+        return {}
+    parameters = inspect.signature(model.forward).parameters
+    return {"use_cache": False} if "use_cache" in parameters else {}
+
+
+@torch.no_grad()
+def validation_loss(
+    model: nn.Module, data: list, batch_size: int, pad_id: int, world: World | None = None
+) -> float:
+    """Mean loss per counted token (causal LM) or per example (classifier).
+
+    Under torchrun each rank scores its rows of every batch and the sums are added up."""
+    world = world or World()
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(data), batch_size):
+        items, share = rows_of_rank(world, data[start : start + batch_size])
+        batch = to_device(collate(items, pad_id), world.device)
+        loss = model(**batch, **without_cache(model)).loss.item()
+        labels = batch["labels"]
+        weight = int((labels[:, 1:] != -100).sum()) if labels.dim() == 2 else labels.numel()
+        weight = weight if share else 0  # a rank left without rows ran a stand-in row
+        total += loss * weight
+        count += weight
+    total, count = sum_over_ranks(world, [total, count])
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each block in the backward pass, non-reentrant: a frozen base needs no
+    inputs that require grad, and DDP and FSDP see each parameter's gradient once."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(
+            f"gradient_checkpointing: {type(model).__name__} does not support it; "
+            "Transformers models with transformer blocks do"
+        )
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # Transformers ≥ 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+# -- the run -------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    adapter_dir: Path
+    steps: int
+    losses: list[float]
+    validation: list[tuple[int, float]]
+    seconds: float
+    trainable: int
+    total: int
+    model: nn.Module | None = None
+    """The trained model (with ``fsdp``, still sharded: its parameters are DTensors)."""
+    tokenizer: Any = None
+    datasets: Datasets | None = None
+    rank: int = 0
+    """This process's rank under torchrun; only rank 0 wrote the files."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """Ctrl-C or SIGTERM stopped the run; a checkpoint was written first."""
+
+
+def train(config: TrainConfig, model=None, tokenizer=None) -> TrainResult:
+    """Run training as ``config`` says. ``model``/``tokenizer`` skip loading (library use).
+
+    Started by torchrun, every rank runs this: the world is checked before any process
+    waits on another, and a process group this call created is left at the end."""
+    world = world_from_environment(config.batch_size, config.fsdp, config.device)
+    if config.bf16 and world.device.type == "cpu" and not cpu_has_bf16_kernels():
+        warnings.warn(
+            "--bf16 on a CPU without bf16 matrix instructions (AVX512-BF16 or AMX): the "
+            "products are emulated, and a SmolLM2 step took 20-30x as long as in fp32 on "
+            "such a CPU; leave --bf16 off here",
+            stacklevel=2,
+        )
+    join(world)
+    last_complete = f"the last complete checkpoint stays in {Path(config.output_dir) / CHECKPOINT}"
+    try:
+        with peers_checked(world, last_complete), contextlib.ExitStack() as cleanup:
+            return _train(config, model, tokenizer, world, cleanup)
+    finally:
+        leave(world)
+
+
+def cpu_has_bf16_kernels() -> bool:
+    """Whether oneDNN has native bf16 matrix products on this CPU (True when unknown)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN: do not guess
+        return True
+
+
+@dataclass
+class _Run:
+    """Everything one rank's run holds between its steps."""
+
+    config: TrainConfig  # with max_steps counted where epochs gave the length
+    given: TrainConfig  # as given: what config.yaml and the checkpoints record
+    world: World
+    run_dir: Path
+    model: nn.Module
+    tokenizer: Any
+    method: Method
+    datasets: Datasets
+    runner: nn.Module  # what runs forward: the model, or DDP's wrapper
+    parameters: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    stream: Iterator[list[int]]
+    log: RunLog
+    step: int
+    pad_id: int
+    trainable: ParameterReport
+
+
+def _train(
+    config: TrainConfig, model, tokenizer, world: World, cleanup: contextlib.ExitStack
+) -> TrainResult:
+    """The run on this rank: set up, then steps (each followed by the evaluation and the
+    checkpoint that fall due), then the finished adapter. ``cleanup`` keeps what the run
+    needs until it ends (a copy of the checkpoint that rank 0 sent)."""
+    run = _set_up(config, model, tokenizer, world, cleanup)
+    config = run.config  # with its steps counted, where epochs gave them
+    started = time.perf_counter()
+    # Under a launcher a repeated signal is the launcher tearing down, not a user in a
+    # hurry: the step still finishes, and the launcher's SIGKILL is the hard stop.
+    at_once = (
+        f"stopped at once by a second signal, in step {{step}}; the last complete checkpoint, "
+        f"if any, is in {run.run_dir / CHECKPOINT} (continue with: loralab train --resume "
+        f"{run.run_dir})"
+    )
+    with _interruptible(not world.active, world.is_main, at_once, lambda: run.step + 1) as stop:
+        while run.step < config.max_steps:
+            stopping = _train_step(run, stop)
+            if not stopping or run.step == config.max_steps:  # a stop does not wait for it
+                _evaluate_if_due(run)
+            # A signal lets the step in flight finish, so the state saved is exactly the
+            # one an uninterrupted run has between two steps.
+            due_save = config.save_every and run.step % config.save_every == 0
+            if (due_save or stopping) and run.step < config.max_steps:
+                _save_checkpoint(run)
+            if stopping and run.step < config.max_steps:
+                run.log.close()
+                raise TrainingInterrupted(
+                    f"interrupted at step {run.step} of {config.max_steps}; a checkpoint is "
+                    f"in {run.run_dir / CHECKPOINT}; continue with: loralab train --resume "
+                    f"{run.run_dir}"
+                )
+    return _finish(run, started)
+
+
+def _set_up(
+    config: TrainConfig, model, tokenizer, world: World, cleanup: contextlib.ExitStack
+) -> _Run:
+    """Everything checked first (paths, the checkpoint to resume, TensorBoard, the data),
+    then the model with the method applied (or the checkpoint's adapter), the optimizer,
+    and the data stream at the run's position."""
+    run_dir = Path(config.output_dir)
+    if world.is_main:  # only rank 0 writes there
+        check_output_dir(run_dir, "output_dir")
+    checkpoint = saved = None
+    if config.resume:
+        found = from_main(world, lambda: _resumable_checkpoint(run_dir, config))
+        # Only rank 0 reads the run directory; it sends the checkpoint to the others.
+        checkpoint = cleanup.enter_context(shared_directory(world, found))
+        saved = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=True)
+    check_tensorboard(config.tensorboard)
+    examples = load_examples(config)  # bad data fails before the model is loaded
+    model, tokenizer = _adapted_model(config, model, tokenizer, examples, checkpoint)
+    # After the method: a prefix method's special tokens are part of every example.
+    datasets = encode_examples(config, examples, tokenizer, prompt_tokens(model))
+    if world.is_main:  # the settings as given: a resume counts the same epochs again
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    given, config = config, config.with_steps(len(datasets.train))
+    trainable = trainable_parameters(model)
+    if config.return_freed_memory:
+        map_large_blocks()
+    if config.lean_mlp:
+        cleanup.enter_context(lean_mlp(model))  # the model's own forward again at the end
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    runner = _distribute(model, config, world)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer, scheduler, step = _optimizer_at(
+        config, world, parameter_groups(model, config, parameters), saved
+    )
+    if world.is_main and config.progress:  # before the progress bar: what will run
+        start = describe_start(config, model, datasets, world, trainable)
+        print("\n".join(f"loralab train: {line}" for line in start.splitlines()), file=sys.stderr)
+    log = RunLog(
+        run_dir,
+        from_main(world, lambda: read_history(run_dir, up_to=step)),
+        step,
+        config.max_steps,
+        writes=world.is_main,
+        tensorboard=config.tensorboard,
+        progress=config.progress,
+    )
+    lengths = [len(item) for item in datasets.train]
+    consumed = step * config.gradient_accumulation  # the data order is fixed by the seed
+    runner.train()
+    return _Run(
+        config=config,
+        given=given,
+        world=world,
+        run_dir=run_dir,
+        model=model,
+        tokenizer=tokenizer,
+        method=given.method_object,  # the one applied to the model
+        datasets=datasets,
+        runner=runner,
+        parameters=parameters,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        stream=batch_stream(lengths, config.batch_size, config.seed, start=consumed),
+        log=log,
+        step=step,
+        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+        trainable=trainable,
+    )
+
+
+def _adapted_model(config: TrainConfig, model, tokenizer, examples: Examples, checkpoint):
+    """The model (loaded unless given) with the run's method applied, or with the
+    checkpoint's adapter when resuming."""
+    if model is None:
+        from ..models.loading import load_model
+
+        labels = {"num_labels": len(examples.label_names)} if examples.label_names else {}
+        # A classifier's new head is drawn while the model loads: the seed fixes it too
+        # (PyTorch seeds itself at random in every new process).
+        torch.manual_seed(config.seed)
+        dtype = base_dtype(config.dtype, "dtype")
+        model, tokenizer = load_model(config.model, kind=config.model_kind, dtype=dtype, **labels)
+    if checkpoint is None:
+        prepare_model(config, model)
+    else:
+        load_method(model, checkpoint / "adapter")
+    return model, tokenizer
+
+
+def _optimizer_at(config: TrainConfig, world: World, parameters: list, saved: dict | None):
+    """AdamW and the schedule, at step 0 or where the checkpoint ``saved`` left them (with
+    the random number generators where they were)."""
+    optimizer, scheduler = build_optimizer(config, parameters)
+    if saved is None:
+        torch.manual_seed(config.seed + RANK_SEED_STRIDE * world.rank)
+        random.seed(config.seed)
+        return optimizer, scheduler, 0
+    optimizer_state = saved["optimizer"]
+    if world.active and config.fsdp:
+        optimizer_state = shard_optimizer_state(optimizer_state, parameters)
+    optimizer.load_state_dict(optimizer_state)
+    scheduler.load_state_dict(saved["scheduler"])
+    step = saved["step"]
+    _restore_rng(saved, config, world, step)
+    random.setstate(_as_python_state(saved["rng_python"]))
+    return optimizer, scheduler, step
+
+
+def _train_step(run: _Run, stop: _StopFlag) -> bool:
+    """One optimizer step, the method's after-step hook, and its log entry; whether any
+    rank was asked to stop (so that all stop after the same step)."""
+    config, world = run.config, run.world
+    started = time.perf_counter()
+    loss_value, tokens = _optimizer_step(
+        run.model,
+        run.optimizer,
+        run.parameters,
+        run.stream,
+        run.datasets.train,
+        run.pad_id,
+        config,
+        run.method,
+        world=world,
+        runner=run.runner,
+    )
+    # One collective a step: the loss of the whole batch, and the stop requests.
+    loss_value, stopping = sum_over_ranks(world, [loss_value, stop.requested])
+    run.scheduler.step()
+    run.step += 1
+    if run.method.after_optimizer_step is not None:
+        run.method.after_optimizer_step(run.model, run.step, config.max_steps)
+    seconds = time.perf_counter() - started
+    entry = {
+        "step": run.step,
+        "loss": loss_value,
+        "lr": run.scheduler.get_last_lr()[0],
+        "tokens_per_s": tokens / seconds,
+        "seconds": seconds,
+    }
+    run.log.step(entry, run.step % config.log_every == 0 or run.step == config.max_steps)
+    return bool(stopping)
+
+
+def _evaluate_if_due(run: _Run) -> None:
+    """The validation loss every ``eval_every`` steps and after the last one."""
+    config = run.config
+    due = config.eval_every and run.step % config.eval_every == 0
+    if not run.datasets.validation or not (due or run.step == config.max_steps):
+        return
+    value = validation_loss(
+        run.model, run.datasets.validation, config.batch_size, run.pad_id, run.world
+    )
+    if run.world.active and config.fsdp:  # after a forward with no backward,
+        run.model.reshard()  # FSDP keeps the root (embeddings, head) gathered
+    run.log.validation(run.step, value)
+
+
+def _finish(run: _Run, started: float) -> TrainResult:
+    """The adapter, the method's report and the loss curve (rank 0), and the result;
+    ``started`` is when the steps began (the time reported includes the saving)."""
+    run.log.close()
+    adapter_dir = run.run_dir / "adapter"
+    with _whole_trainable_parameters(run.model, run.config, run.world):
+        if run.world.is_main:
+            from ..models.embedded import hub_id
+
+            # the base's Hub id, which PEFT and vLLM resolve; config.yaml keeps the alias
+            base = hub_id(run.config.model)
+            save_method(run.model, adapter_dir, base_model_name_or_path=base)
+            if run.method.write_report is not None:
+                run.method.write_report(run.model, run.run_dir)
+            run.log.plot(run.run_dir / "loss.png")
+    barrier(run.world)  # the others return once the adapter is complete
+    run.model.eval()
+    return TrainResult(
+        run_dir=run.run_dir,
+        adapter_dir=adapter_dir,
+        steps=run.step,
+        losses=run.log.losses,
+        validation=run.log.validation_losses,
+        seconds=time.perf_counter() - started,
+        trainable=run.trainable.trainable,
+        total=run.trainable.total,
+        model=run.model,
+        tokenizer=run.tokenizer,
+        datasets=run.datasets,
+        rank=run.world.rank,
+    )
+
+
+def _resumable_checkpoint(run_dir: Path, config: TrainConfig) -> Path:
+    checkpoint = find_checkpoint(run_dir)
+    if checkpoint is None:
+        raise ConfigError(f"--resume: no checkpoint in {run_dir}")
+    saved = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=True)
+    check_resumable(saved["config"], config, checkpoint)
+    return checkpoint
+
+
+def _distribute(model: nn.Module, config: TrainConfig, world: World) -> nn.Module:
+    """The model each rank runs forward: itself alone, DDP's wrapper, or sharded by FSDP."""
+    if world.device.type != "cpu":
+        model.to(world.device)
+    if not world.active:
+        return model
+    return shard_fsdp(model, world) if config.fsdp else wrap_ddp(model, world)
+
+
+def _whole_trainable_parameters(model: nn.Module, config: TrainConfig, world: World):
+    """With FSDP, the trained parameters gathered whole for saving (every rank enters)."""
+    if world.active and config.fsdp:
+        return full_trainable_parameters(model)
+    return contextlib.nullcontext()
+
+
+def _save_checkpoint(run: _Run) -> None:
+    """Rank 0 writes (atomically, ``checkpoint.py``) what every rank's state gathers to;
+    the others wait until it is complete. A rank that fails leaves the last one intact."""
+    args = (run.run_dir, run.model, run.optimizer, run.scheduler, run.step, run.given)
+    if not run.world.active:
+        save_checkpoint(*args)
+        return
+    optimizer_state = full_optimizer_state(run.optimizer)  # FSDP: gathered on every rank
+    generators = gather_objects(run.world, rng_state(run.world))  # each rank's dropout
+    with _whole_trainable_parameters(run.model, run.config, run.world):
+        if run.world.is_main:
+            save_checkpoint(*args, optimizer_state=optimizer_state, extra={"rng_ranks": generators})
+    barrier(run.world)
+
+
+def _restore_rng(saved: dict, config: TrainConfig, world: World, step: int) -> None:
+    ranks = saved.get("rng_ranks")
+    if world.active and ranks and len(ranks) == world.size:
+        set_rng_state(world, ranks[world.rank])
+        return
+    torch.set_rng_state(saved["rng_torch"])
+    if world.rank:  # resumed at another world size: a fresh dropout stream for this rank
+        torch.manual_seed(config.seed + RANK_SEED_STRIDE * world.rank + step)
+
+
+def _optimizer_step(
+    model, optimizer, parameters, stream, data, pad_id, config, method=None, world=None, runner=None
+) -> tuple[float, int]:
+    """Forward and backward over the micro-batches of one step, then the update.
+
+    The reported loss is the task's; a method's regulariser (AdaLoRA) is added to what is
+    differentiated, not to what is logged. Under torchrun each rank runs its rows of every
+    micro-batch through ``runner`` (DDP's wrapper), weighted by its share of the counted
+    tokens, so the averaged gradient is the single-process one (``distributed.py``)."""
+    world = world or World()
+    runner = runner or model
+    regularizer = method.regularizer if method is not None else None
+    optimizer.zero_grad(set_to_none=True)
+    total_loss, tokens = 0.0, 0
+    for index in range(config.gradient_accumulation):
+        items = [data[i] for i in next(stream)]
+        rows, share = rows_of_rank(world, items)
+        batch = to_device(collate(rows, pad_id), world.device)
+        last = index == config.gradient_accumulation - 1
+        with gradient_sync(world, runner, last):
+            with torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=config.bf16):
+                loss = batch_loss(runner, model, batch, config, world)
+                loss = loss / config.gradient_accumulation
+            extra = regularizer(model) if regularizer else None
+            # DDP and FSDP average over ranks: W · share makes that average the batch's mean.
+            objective = loss * (world.size * share) if world.active else loss
+            if extra is not None:
+                objective = objective + extra / config.gradient_accumulation
+            objective.backward()
+        total_loss += loss.item() * share
+        tokens += sum(len(item) for item in items)  # the whole batch's, not the rank's
+    if config.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
+    optimizer.step()
+    return total_loss, tokens
+
+
+class _StopFlag:
+    requested = False
+
+
+@contextlib.contextmanager
+def _interruptible(
+    escalate: bool = True,
+    announce: bool = True,
+    at_once: str = "stopped at once, in step {step}",
+    step: Callable[[], int] = lambda: 0,
+):
+    """Turn Ctrl-C and SIGTERM into a request to stop after the current step, said at
+    once; with ``escalate``, a second one stops at once, in one line (``at_once``)."""
+    flag = _StopFlag()
+
+    def request(signum, frame):
+        if flag.requested and escalate:  # a second Ctrl-C: stop at once
+            raise TrainingInterrupted(at_once.replace("{step}", str(step())))
+        flag.requested = True
+        if announce:
+            again = "; Ctrl-C again stops at once" if escalate else ""
+            print(
+                f"\nloralab: {signal.Signals(signum).name}: stopping after this step, with a "
+                f"checkpoint{again}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        # Outside the main thread signals cannot be caught: train on without the handler.
+        with contextlib.suppress(ValueError):
+            previous[signum] = signal.signal(signum, request)
+    try:
+        yield flag
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _as_python_state(state):
+    # torch.load gives lists where random.getstate() had tuples.
+    return (state[0], tuple(state[1]), state[2])
+
+
+__all__ = ["DataError", "TrainConfig", "TrainResult", "TrainingInterrupted", "train"]

@@ -1,0 +1,266 @@
+"""The engine under the server: rows that join and leave, sampling, text, failures."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from loralab.data.encoding import encode_prompt
+from loralab.models.loading import load_model
+from loralab.serve.adapter_pool import AdapterPool
+from loralab.serve.batch_cache import BatchCache, new_cache
+from loralab.serve.engine import Engine, Failed, Finished, Job, Text
+from loralab.serve.metrics import Metrics
+from loralab.serve.sampling import Sampler, Sampling
+from loralab.serve.text import TextStream
+from serving import reference, save_adapters
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory, tiny_model_dir):
+    directory = tmp_path_factory.mktemp("engine-adapters")
+    return directory, save_adapters(tiny_model_dir, directory, count=3)
+
+
+def _engine(base, directory, names, **options):
+    model, tokenizer = load_model(str(base))
+    metrics = Metrics()
+    pool = AdapterPool(model, "base", 8, directory, metrics)
+    for name in names:
+        pool.add_pinned(name, directory / name)
+    return Engine(model, tokenizer, pool, metrics, **options), tokenizer
+
+
+class _Collect:
+    """A job's events, and a way to wait for its end."""
+
+    def __init__(self) -> None:
+        self.events: list = []
+        self.ended = threading.Event()
+
+    def __call__(self, event) -> None:
+        self.events.append(event)
+        if not isinstance(event, Text):
+            self.ended.set()
+
+    @property
+    def text(self) -> str:
+        return "".join(e.text for e in self.events if isinstance(e, Text))
+
+
+def _job(tokenizer, prompt, adapter, max_tokens, **sampling):
+    collect = _Collect()
+    job = Job(
+        encode_prompt(tokenizer, prompt), adapter, max_tokens, Sampling(**sampling), (), collect
+    )
+    return job, collect
+
+
+def test_requests_that_join_and_leave_mid_batch_equal_generate(tiny_model_dir, adapters):
+    directory, names = adapters
+    engine, tokenizer = _engine(tiny_model_dir, directory, names, max_batch=3)
+    engine.start()
+    try:
+        cases = [
+            (f"prompt number {i} " * (1 + i % 3), [None, *names][i % 4], 5 + 3 * i)
+            for i in range(10)
+        ]
+        jobs = []
+        for prompt, adapter, max_tokens in cases:  # each arrives while others decode
+            job, collect = _job(tokenizer, prompt, adapter, max_tokens, temperature=0)
+            engine.submit(job)
+            jobs.append(collect)
+            if len(jobs) > 2:
+                jobs[-3].ended.wait(30)
+        for collect in jobs:
+            assert collect.ended.wait(30)
+    finally:
+        engine.stop()
+    for (prompt, adapter, max_tokens), collect in zip(cases, jobs, strict=True):
+        assert collect.text == reference(
+            tiny_model_dir, adapter and directory / adapter, prompt, max_tokens
+        )
+        assert collect.events[-1] == Finished(
+            "length", len(encode_prompt(tokenizer, prompt)), max_tokens
+        )
+
+
+def test_the_end_token_stops_a_row(tiny_model_dir, adapters):
+    directory, names = adapters
+    engine, tokenizer = _engine(tiny_model_dir, directory, names)
+    first = reference(tiny_model_dir, directory / "a0", "stop soon", 3)
+    engine.eos = tokenizer.convert_tokens_to_ids(first[1])  # the second token ends it
+    engine.start()
+    try:
+        job, collect = _job(tokenizer, "stop soon", "a0", 20, temperature=0)
+        engine.submit(job)
+        onward, past = _job(tokenizer, "stop soon", "a0", 20, temperature=0)
+        onward.ignore_eos = True  # vLLM's extension: run to max_tokens
+        engine.submit(onward)
+        assert collect.ended.wait(30) and past.ended.wait(30)
+    finally:
+        engine.stop()
+    assert collect.text == first[0]
+    assert collect.events[-1].reason == "stop" and collect.events[-1].completion_tokens == 2
+    assert past.events[-1].reason == "length" and past.events[-1].completion_tokens == 20
+
+
+def test_a_failed_step_fails_its_batch_and_the_engine_goes_on(
+    tiny_model_dir, adapters, monkeypatch
+):
+    directory, names = adapters
+    engine, tokenizer = _engine(tiny_model_dir, directory, names)
+    forward = engine.model.forward
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # a decoding step, after two prefills
+            raise RuntimeError("boom")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "forward", flaky)
+    first = [_job(tokenizer, f"fail {i}", names[i], 10, temperature=0) for i in range(2)]
+    for job, _ in first:
+        engine.submit(job)
+    engine.start()
+    try:
+        for _, collect in first:
+            assert collect.ended.wait(30)
+            assert isinstance(collect.events[-1], Failed)
+            assert collect.events[-1].error.status == 500
+        job, after = _job(tokenizer, "after", "a1", 6, temperature=0)
+        engine.submit(job)
+        assert after.ended.wait(30)
+    finally:
+        engine.stop()
+    assert after.text == reference(tiny_model_dir, directory / "a1", "after", 6)
+    assert all(e.users == 0 for e in engine.pool.entries.values())  # rows gave back their adapters
+
+
+def test_a_cancelled_waiting_job_never_runs(tiny_model_dir, adapters):
+    directory, names = adapters
+    engine, tokenizer = _engine(tiny_model_dir, directory, names)
+    job, collect = _job(tokenizer, "never", "a2", 10)
+    engine.submit(job)
+    job.cancelled = True
+    engine.start()
+    try:
+        kept, done = _job(tokenizer, "kept", None, 2)
+        engine.submit(kept)
+        assert done.ended.wait(30)
+    finally:
+        engine.stop()
+    assert collect.events == [] and engine.pool.entries["a2"].users == 0
+
+
+def test_rows_of_the_batch_cache_keep_their_own_keys(tiny_model_dir):
+    model, _ = load_model(str(tiny_model_dir))
+    rows = []
+    for length in (3, 7, 5):
+        cache = new_cache(model.config)
+        model(input_ids=torch.randint(3, 90, (1, length)), cache=cache, use_cache=True)
+        rows.append(cache)
+    batch = BatchCache(model.config)
+    originals = [[layer.keys.clone() for layer in row.layers] for row in rows]
+    for row, length in zip(rows, (3, 7, 5), strict=True):
+        batch.add(row, [length], [0])
+    assert batch.width == 7 and batch.lengths == [3, 7, 5]
+    batch.keep([2, 0])  # the longest row leaves: the batch narrows to 5
+    assert batch.width == 5
+    mask, positions = batch.step_inputs()
+    assert mask.tolist() == [[1] * 6, [0, 0, 1, 1, 1, 1]]
+    assert positions.tolist() == [[5], [3]]
+    for i, original in zip((0, 1), (originals[2], originals[0]), strict=True):
+        for layer, keys in zip(batch.cache.layers, original, strict=True):
+            length = keys.shape[2]
+            assert torch.equal(layer.keys[i, :, batch.width - length :], keys[0])
+            assert not layer.keys[i, :, : batch.width - length].any()  # padding
+
+
+def test_rows_of_a_prefill_that_finished_at_once_are_not_added(tiny_model_dir):
+    model, _ = load_model(str(tiny_model_dir))
+    joint = new_cache(model.config)  # two prompts, left-padded to 6: lengths 6 and 2
+    mask = torch.tensor([[1] * 6, [0, 0, 0, 0, 1, 1]])
+    ids = torch.randint(3, 90, (2, 6))
+    model(input_ids=ids, attention_mask=mask, cache=joint, use_cache=True)
+    short = [layer.keys[1:, :, 4:].clone() for layer in joint.layers]
+    batch = BatchCache(model.config)
+    batch.add(joint, [6, 2], [1])  # the long one ended with its first token
+    assert batch.lengths == [2] and batch.width == 2  # its padding went with it
+    for layer, keys in zip(batch.cache.layers, short, strict=True):
+        assert torch.equal(layer.keys, keys)
+
+
+# -- sampling and text ---------------------------------------------------------------------
+
+
+def test_sampling_greedy_seeded_and_by_the_softmax():
+    logits = torch.tensor([1.0, 2.0, 0.5, -1.0])
+    assert Sampler(Sampling(temperature=0))(logits) == 1
+    draws = [Sampler(Sampling(temperature=1.0, seed=3))(logits) for _ in range(3)]
+    assert len(set(draws)) == 1  # a seed repeats
+    sampler = Sampler(Sampling(temperature=0.7, seed=11))
+    counts = torch.bincount(torch.tensor([sampler(logits) for _ in range(4000)]), minlength=4)
+    expected = torch.softmax(logits / 0.7, 0)
+    assert torch.allclose(counts / 4000, expected, atol=0.03)
+    nucleus = Sampler(Sampling(temperature=1.0, top_p=0.5, seed=1))
+    assert {nucleus(logits) for _ in range(200)} == {1}  # the top token alone holds 0.5
+
+
+class _Pieces:
+    """A tokenizer whose ids decode to given strings (bytes of UTF-8 spelt in pieces)."""
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        self.pieces = pieces
+
+    def decode(self, ids, skip_special_tokens=True):
+        return b"".join(self.pieces[i] for i in ids).decode("utf-8", errors="replace")
+
+
+def test_text_is_given_out_only_when_final():
+    tokenizer = _Pieces([b"ab", b"c", b"EN", b"D", b"\xc3", b"\xa9", b"x"])
+    stream = TextStream(tokenizer, stop=("END",))
+    assert [stream.push(i) for i in (0, 1, 2)] == ["ab", "c", ""]  # "EN" may start END
+    assert stream.push(6) == "ENx"  # it did not
+    assert stream.push(4) == ""  # half of é
+    assert stream.push(5) == "é"
+    assert stream.push(2) == "" and stream.push(3) == "" and stream.stopped
+    assert stream.finish() == ""
+    plain = TextStream(tokenizer)
+    assert plain.push(4) == "" and plain.finish() == "\ufffd"  # what is there at the end
+
+
+def test_a_row_that_fails_fails_alone_and_gives_its_adapter_back(
+    tiny_model_dir, adapters, monkeypatch
+):
+    directory, names = adapters
+    engine, tokenizer = _engine(tiny_model_dir, directory, names)
+    draw = Sampler.__call__
+
+    def faulty(self, logits):
+        if self.sampling.seed == 666:
+            raise RuntimeError("bad row")
+        return draw(self, logits)
+
+    monkeypatch.setattr(Sampler, "__call__", faulty)
+    jobs = [
+        _job(tokenizer, "one", "a0", 8, temperature=0),
+        _job(tokenizer, "two", "a0", 8, temperature=1.0, seed=666),
+        _job(tokenizer, "three", "a1", 8, temperature=0),
+    ]
+    for job, _ in jobs:
+        engine.submit(job)  # prefilled together
+    engine.start()
+    try:
+        for _, collect in jobs:
+            assert collect.ended.wait(30)
+    finally:
+        engine.stop()
+    (_, one), (_, two), (_, three) = jobs
+    assert isinstance(two.events[-1], Failed) and two.events[-1].error.status == 500
+    assert one.text == reference(tiny_model_dir, directory / "a0", "one", 8)
+    assert three.text == reference(tiny_model_dir, directory / "a1", "three", 8)
+    assert all(e.users == 0 for e in engine.pool.entries.values())
