@@ -26,7 +26,7 @@ def test_defaults_are_the_papers_choice():
         ({"lora_dropout": -0.1}, r"lora_dropout must be a number in \[0, 1\), got -0.1"),
         ({"lora_dropout": "0.1"}, r"lora_dropout must be a number"),
         ({"bias": "some"}, r"bias must be one of 'none', 'all', 'lora_only', got 'some'"),
-        ({"init": "pissa"}, r"init must be one of 'kaiming', 'gaussian', got 'pissa'"),
+        ({"init": "loftq"}, r"init must be one of 'kaiming', 'gaussian'.*, got 'loftq'"),
         ({"target_modules": []}, r"target_modules is an empty list"),
         ({"target_modules": ["q", 3]}, r"target_modules entries must be non-empty strings"),
         ({"target_modules": "(unclosed"}, r"target_modules '\(unclosed' is not a valid regex"),

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..lora import frozen_base as bases
 from ..lora.config import ConfigError, LoraConfig, pattern_value
+from ..lora.inits import get_init, init_of_peft
 from ..lora.inject import (
     base_module_names,
     in_saved_module,
@@ -89,9 +90,11 @@ FEATURE_KEYS = {
     "monteclora_config": None,
     "velora_config": None,
 }
-# init_lora_weights values that rewrite the base weights themselves: such an adapter only
-# fits a base that PEFT converted, so it is refused rather than silently wrong.
-BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+# init_lora_weights values of inits loralab does not have that rewrite the base weights
+# themselves: such an adapter fits only the base its init rewrote, so it is refused rather
+# than silently wrong. (A registered init that rewrites the base, PiSSA's say, is run again
+# on the given base as PEFT runs it on load.)
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "eva", "lora_ga")
 
 # What loralab writes: keys every PEFT release since rsLoRA (0.7) knows.
 WRITTEN_KEYS = (
@@ -175,19 +178,23 @@ def config_from_peft(data: Any, source: str = "adapter_config.json") -> LoraConf
     if peft_type != "LORA":
         raise AdapterFileError(f"{source}: peft_type is {peft_type!r}; loralab reads 'LORA' here")
     check_config_keys(data, MAPPED_KEYS | DESCRIPTIVE_KEYS, FEATURE_KEYS, source)
-    init = data.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
-        raise AdapterFileError(
-            f"{source}: init_lora_weights={init!r} changes the base weights themselves; "
-            "convert the adapter to a plain LoRA with PEFT first"
-        )
+    try:
+        init = init_of_peft(data.get("init_lora_weights", True))
+    except ValueError:
+        init = data.get("init_lora_weights")
+        if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
+            raise AdapterFileError(
+                f"{source}: init_lora_weights={init!r} changes the base weights themselves; "
+                "convert the adapter to a plain LoRA with PEFT first"
+            ) from None
+        init = "kaiming"  # another random start: the saved tensors are what counts
     values = {key: data[key] for key in MAPPED_KEYS - {"init_lora_weights"} if key in data}
     if values.get("target_modules") is None:
         raise AdapterFileError(f"{source}: target_modules is missing or null")
     values["use_dora"] = values.get("use_dora") or False  # older files write no key
     values["rank_pattern"] = values.get("rank_pattern") or {}
     values["alpha_pattern"] = values.get("alpha_pattern") or {}
-    values["init"] = "gaussian" if init == "gaussian" else "kaiming"
+    values["init"] = init
     try:
         return LoraConfig(**values)
     except (ConfigError, TypeError) as error:
@@ -332,7 +339,7 @@ def peft_config_dict(
         use_rslora=config.use_rslora,
         modules_to_save=config.modules_to_save,
         fan_in_fan_out=any(bases.fan_in_fan_out(layer.base_layer) for layer in layers.values()),
-        init_lora_weights="gaussian" if config.init == "gaussian" else True,
+        init_lora_weights=get_init(config.init).peft_value(),
         use_dora=config.use_dora,
     )
 

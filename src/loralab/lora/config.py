@@ -11,9 +11,9 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from . import patterns
+from .inits import get_init
 
 BIAS_CHOICES = ("none", "all", "lora_only")
-INIT_CHOICES = ("kaiming", "gaussian")
 
 
 class ConfigError(ValueError):
@@ -63,8 +63,9 @@ class LoraConfig:
     bias: Literal["none", "all", "lora_only"] = "none"
     """Which biases train: none, every bias in the model, or those of adapted modules."""
 
-    init: Literal["kaiming", "gaussian"] = "kaiming"
-    """How A starts: Kaiming-uniform as the paper's code, or N(0, 1/r). B starts at zero."""
+    init: str = "kaiming"
+    """How the factors start (``inits/``): ``kaiming`` (A Kaiming-uniform as the paper's
+    code, B = 0) or ``gaussian`` (A ~ N(0, 1/r), B = 0)."""
 
     use_rslora: bool = False
     """Scale by α / √r (rank-stabilised LoRA) instead of α / r."""
@@ -107,7 +108,10 @@ class LoraConfig:
             if self.layers_to_transform is None:
                 raise ConfigError("layers_pattern is set but layers_to_transform is None")
         require_choice("bias", self.bias, BIAS_CHOICES)
-        require_choice("init", self.init, INIT_CHOICES)
+        try:
+            get_init(self.init)  # the registered inits (``inits/``)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         require_bool("use_rslora", self.use_rslora)
         require_bool("use_dora", self.use_dora)
         if self.modules_to_save is not None:

@@ -13,7 +13,6 @@ that.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -23,6 +22,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from . import frozen_base as bases
+from .inits import get_init
 from .low_rank_path import low_rank_path
 
 
@@ -193,15 +193,17 @@ class LoraLayer(nn.Module):
         """The factors' ΔW (``bases.weight_matrix``' layout) in the base weight's layout."""
         return bases.to_weight_layout(self.base_layer, delta)
 
-    def init_factors(self, factors: LoraFactors, init: str) -> None:
-        """Draw a new adapter's starting values (B stays zero)."""
-        self._init_a(factors.A, init)
+    reads_a_by_lookup = False
+    """Whether the forward reads ``A`` by lookup (an embedding's) rather than by a product
+    over its fan-in: the inits draw it otherwise."""
 
-    def _init_a(self, A: Tensor, init: str) -> None:
-        if init == "gaussian":
-            nn.init.normal_(A, std=1 / A.shape[0])  # N(0, 1/r)
-        else:  # Kaiming-uniform, as the paper's reference code does for A.
-            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+    def a_matrices(self, factors: LoraFactors) -> list[Tensor]:
+        """``A`` as the matrices an init draws, each with its own fan-in (views)."""
+        return [factors.A]
+
+    def init_factors(self, factors: LoraFactors, init: str) -> None:
+        """Set a new adapter's starting values as the init ``init`` says (``inits/``)."""
+        get_init(init).start(self, factors)
 
     def __getattr__(self, name: str):
         # Code that reads ``module.weight`` or ``module.in_features`` keeps working.
@@ -352,10 +354,9 @@ class LoraEmbedding(LoraLayer):
     def max_rank(self) -> int:
         return min(bases.in_out(self.base_layer))
 
-    def _init_a(self, A: Tensor, init: str) -> None:
-        # A is read by lookup, not by a matrix product over its fan-in, so Kaiming's
-        # 1/√num_embeddings bound would make it vanish: use N(0, 1) as loralib does.
-        nn.init.normal_(A, std=1.0 if init == "kaiming" else 1 / A.shape[0])
+    # A is read by lookup, not by a matrix product over its fan-in, so Kaiming's
+    # 1/√num_embeddings bound would make it vanish: the Kaiming init draws N(0, 1) here.
+    reads_a_by_lookup = True
 
     def lora_update(self, x: Tensor, factors: LoraFactors) -> Tensor:
         rows = F.embedding(x, factors.A.T, padding_idx=self.base_layer.padding_idx)  # (…, r)
@@ -433,9 +434,8 @@ class LoraFusedLinear(LoraLayer):
     def max_rank(self) -> int:
         return min(bases.in_out(self.base_layer)[0], *self.parts.sizes)
 
-    def _init_a(self, A: Tensor, init: str) -> None:
-        for part in A:  # each part is its own (r, in) matrix with its own fan-in
-            super()._init_a(part, init)
+    def a_matrices(self, factors: LoraFactors) -> list[Tensor]:
+        return list(factors.A)  # each part is its own (r, in) matrix with its own fan-in
 
     def _part_updates(self, x: Tensor, factors: LoraFactors) -> Tensor:
         hidden = torch.einsum("...i,pri->...pr", factors.dropout(x), factors.A)  # (…, p, r)
