@@ -229,13 +229,17 @@ def extra_tensors(
 # -- saving -------------------------------------------------------------------------------
 
 
-def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, Tensor]:
-    """The adapter's tensors under PEFT's names (``base_model.model.<module>.lora_A.weight``)."""
+def adapter_state_dict(
+    model: nn.Module, adapter_name: str = "default", original_base: bool = True
+) -> dict[str, Tensor]:
+    """The adapter's tensors under PEFT's names (``base_model.model.<module>.lora_A.weight``);
+    for an init that rewrote the base, by default as a plain LoRA on the original base
+    (``LoraLayer.peft_tensors``)."""
     config = require_lora_adapter(model, adapter_name)
     tensors: dict[str, Tensor] = {}
     layers = {n: layer for n, layer in lora_layers(model).items() if adapter_name in layer.lora}
     for name, layer in layers.items():
-        for suffix, tensor in layer.peft_tensors(adapter_name).items():
+        for suffix, tensor in layer.peft_tensors(adapter_name, original_base).items():
             tensors[f"{PEFT_PREFIX}{name}.{suffix}"] = tensor
     for key, parameter in extra_tensors(model, config, set(layers), adapter_name).items():
         tensors[key] = parameter.detach()
@@ -247,12 +251,19 @@ def save_adapter(
     directory: str | os.PathLike,
     adapter_name: str = "default",
     base_model_name_or_path: str | None = None,
+    original_base: bool = True,
 ) -> Path:
-    """Write the adapter in PEFT's format; the files are replaced together or not at all."""
+    """Write the adapter in PEFT's format; the files are replaced together or not at all.
+
+    An adapter whose init rewrote the base (PiSSA, OLoRA) is written by default for the
+    original base, as PEFT's conversion writes it: a plain LoRA of rank 2r that PEFT,
+    vLLM and llama.cpp run with no knowledge of the init. ``original_base=False`` writes
+    it as trained, with its init named: loading it runs the init again on the original
+    base (as PEFT does), which is how a checkpoint resumes."""
     directory = Path(directory)
     config = require_lora_adapter(model, adapter_name)
-    tensors = adapter_state_dict(model, adapter_name)
-    peft_config = peft_config_dict(model, adapter_name, base_model_name_or_path)
+    tensors = adapter_state_dict(model, adapter_name, original_base)
+    peft_config = peft_config_dict(model, adapter_name, base_model_name_or_path, original_base)
     fused = {
         name: {"parts": list(layer.parts.enabled), "r": layer.lora[adapter_name].r}
         for name, layer in lora_layers(model).items()

@@ -47,6 +47,13 @@ def hot_swap_files(
     require_adapter(model, adapter_name, "hot-swapped")
     directory = source if source is not None else str(files.directory)
     holding = {n: layer for n, layer in lora_layers(model).items() if adapter_name in layer.lora}
+    rewritten = [n for n, layer in holding.items() if adapter_name in layer.rewrote]
+    if rewritten:
+        raise AdapterFileError(
+            f"{directory}: cannot hot-swap into {adapter_name!r}: its init rewrote the base "
+            f"weight of {rewritten[0]!r}, which the new weights would not expect; delete it "
+            "and load the new adapter"
+        )
     incoming = files.config
     try:  # another kind of adapter (DoRA for LoRA) does not fit the loaded layers
         planned = plan_targets(model, incoming, "__hot_swap__", strict=False)

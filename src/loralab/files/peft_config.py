@@ -300,7 +300,10 @@ def require_lora_adapter(model: nn.Module, adapter_name: str) -> LoraConfig:
 
 
 def peft_config_dict(
-    model: nn.Module, adapter_name: str = "default", base_model_name_or_path: str | None = None
+    model: nn.Module,
+    adapter_name: str = "default",
+    base_model_name_or_path: str | None = None,
+    original_base: bool = True,
 ) -> dict:
     """The ``adapter_config.json`` that makes PEFT build exactly this adapter.
 
@@ -309,6 +312,10 @@ def peft_config_dict(
     """
     config = require_lora_adapter(model, adapter_name)
     layers = {n: layer for n, layer in lora_layers(model).items() if adapter_name in layer.lora}
+    # an init that rewrote the base, written for the original base: rank 2r at the same
+    # scale (α doubled, or times √2 with rsLoRA), as PEFT's conversion writes it
+    converted = original_base and any(adapter_name in layer.rewrote for layer in layers.values())
+    widen = 2 if converted else 1
     effective = {}  # module -> (r, alpha) as PEFT must see them
     for name, layer in layers.items():
         factors = layer.lora[adapter_name]
@@ -318,13 +325,13 @@ def peft_config_dict(
             p = len(layer.parts.enabled)
             alpha = alpha * (p**0.5 if config.use_rslora else p)
             r = r * p
-        effective[name] = (r, alpha)
+        effective[name] = (r * widen, alpha * (widen**0.5 if config.use_rslora else widen))
     candidates = base_module_names(model)
     target_modules, layers_to_transform, layers_pattern = written_targets(
         config, set(layers), candidates
     )
-    default_r = config.r
-    default_alpha = config.lora_alpha
+    default_r = config.r * widen
+    default_alpha = config.lora_alpha * (widen**0.5 if config.use_rslora else widen)
     return lora_config_json(
         peft_header("LORA", model, config, base_model_name_or_path),
         r=default_r,
@@ -339,7 +346,7 @@ def peft_config_dict(
         use_rslora=config.use_rslora,
         modules_to_save=config.modules_to_save,
         fan_in_fan_out=any(bases.fan_in_fan_out(layer.base_layer) for layer in layers.values()),
-        init_lora_weights=get_init(config.init).peft_value(),
+        init_lora_weights=True if converted else get_init(config.init).peft_value(),
         use_dora=config.use_dora,
     )
 

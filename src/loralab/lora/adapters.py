@@ -125,6 +125,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         if name not in layer.lora:
             continue
         layer.unmerge(name)
+        layer.restore_base(name)  # W0 as it was before a PiSSA or OLoRA init
         del layer.lora[name]
         if layer.active_adapter == name:
             layer.active_adapter = None
@@ -188,6 +189,12 @@ def combine_adapters(
                 raise ValueError(
                     f"adapter {name!r} cannot be combined: its ΔW in {module_name!r} "
                     f"({kind}) is not a product of two factors"
+                )
+            if name in layer.rewrote:
+                raise ValueError(
+                    f"adapter {name!r} cannot be combined: its init rewrote the base weight "
+                    f"of {module_name!r}, which the others do not expect; save it (converted "
+                    "to a plain LoRA) and load that"
                 )
     built: dict[str, tuple[Tensor, Tensor]] = {}
     error_sq = total_sq = 0.0

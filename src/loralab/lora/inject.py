@@ -29,6 +29,7 @@ from .architectures import (
 )
 from .config import ConfigError, LoraConfig
 from .dora import dora_class_for
+from .inits import get_init
 from .layers import (
     FusedParts,
     LoraFactors,
@@ -337,6 +338,7 @@ def _target(
         layer = LoraFusedLinear(base, fused)
     else:
         layer = layer_class(base)
+    _check_init(config.init, name, layer)
     part_names = tuple(short_names) + (fused.enabled if fused else ())
     r = config.rank_for(name, part_names)
     if fused is not None:
@@ -351,6 +353,19 @@ def _target(
             f"(weight {bases.weight_shape(base)}: at most {limit})"
         )
     return Target(name, layer, r, alpha, short_names, fused)
+
+
+def _check_init(init_name: str, name: str, layer: LoraLayer) -> None:
+    """Refuse, while the model is untouched, an init that cannot start on ``layer``."""
+    init = get_init(init_name)
+    reason = init.refusal(layer)
+    if reason is None and init.rewrites_base and len(layer.lora):
+        reason = (
+            f"it already holds the adapters {list(layer.lora)}, whose base weight "
+            "rewriting it would change"
+        )
+    if reason is not None:
+        raise TargetError(f"init={init_name!r} cannot start an adapter on {name!r}: {reason}")
 
 
 # -- injection --------------------------------------------------------------------------

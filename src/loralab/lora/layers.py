@@ -174,6 +174,8 @@ class LoraLayer(nn.Module):
         self.lora = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.merged: dict[str, MergedDelta] = {}  # adapter -> what merge added to the weight
+        # adapter -> what its init took out of the weight (PiSSA, OLoRA: ``inits/``)
+        self.rewrote: dict[str, MergedDelta] = {}
         self.train(base_layer.training)  # wrapping never switches eval mode (dropout) on
 
     # Subclasses define the factor shapes, the init of A, the low-rank path and where ΔW
@@ -231,6 +233,8 @@ class LoraLayer(nn.Module):
         )
         with torch.no_grad():
             self.init_factors(factors, init)
+            if get_init(init).rewrites_base:
+                self._take_out_start(name, factors)
         factors.train(self.training)  # a new adapter follows the model's train/eval mode
         self.lora[name] = factors
         if self.active_adapter is None:
@@ -282,9 +286,20 @@ class LoraLayer(nn.Module):
         names = self.factors_class.peft_names
         return {attr: self.peft_renames.get(name, name) for attr, name in names.items()}
 
-    def peft_tensors(self, adapter_name: str) -> dict[str, Tensor]:
-        """The adapter's tensors under their PEFT names (after the module's name)."""
-        peft = self.to_peft({k: t.detach() for k, t in self.lora[adapter_name].tensors().items()})
+    def peft_tensors(self, adapter_name: str, original_base: bool = False) -> dict[str, Tensor]:
+        """The adapter's tensors under their PEFT names (after the module's name).
+
+        With ``original_base``, an adapter whose init rewrote the base is written for the
+        base as it was: ``s·B A`` on ``W0 - s·B0 A0`` is ``s·[B, -B0] [A; A0]`` on ``W0``,
+        a plain LoRA of rank 2r (PEFT's conversion of PiSSA and OLoRA)."""
+        tensors = {k: t.detach() for k, t in self.lora[adapter_name].tensors().items()}
+        start = self.rewrote.get(adapter_name)
+        if original_base and start is not None:
+            tensors = {
+                "A": torch.cat([tensors["A"], start.tensors["A"]]),
+                "B": torch.cat([tensors["B"], -start.tensors["B"]], dim=1),
+            }
+        peft = self.to_peft(tensors)
         return {self.peft_names()[attr]: tensor for attr, tensor in peft.items()}
 
     def peft_shapes(self, r: int) -> dict[str, tuple[int, ...]]:
@@ -314,6 +329,21 @@ class LoraLayer(nn.Module):
         record = self.merged.pop(name, None)
         if record is not None:
             bases.add_to_weight(self.base_layer, -record.weight_delta(self))
+
+    def _take_out_start(self, name: str, factors: LoraFactors) -> None:
+        """W0 -= the factors' starting ΔW, so that the model computes what it did; the
+        starting factors are kept (r·(d + k) numbers) to give W0 back and to save an
+        adapter that runs on the original base."""
+        start = MergedDelta.of(factors, None)
+        bases.add_to_weight(self.base_layer, -start.weight_delta(self))
+        self.rewrote[name] = start
+
+    def restore_base(self, name: str) -> None:
+        """Give the base weight back what adapter ``name``'s init took out of it."""
+        start = self.rewrote.pop(name, None)
+        if start is not None:
+            with torch.no_grad():
+                bases.add_to_weight(self.base_layer, start.weight_delta(self))
 
     def extra_repr(self) -> str:
         return f"active={self.active_adapter!r}, merged={self.merged_adapters}"

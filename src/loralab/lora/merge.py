@@ -96,13 +96,20 @@ def merge_and_unload(
     for name, (layer, adapter) in _layers_to_merge(model, adapter_name, safe).items():
         if adapter is not None:
             layer.merge(adapter)
+            layer.rewrote.pop(adapter, None)  # merged: W0 - start + ΔW is the trained weight
+        for other in list(layer.rewrote):
+            layer.restore_base(other)
         replace_module(model, name, layer.base_layer)
     return _remove_wrappers(model, keep_trained_copies=True)
 
 
 def unload(model: nn.Module) -> nn.Module:
-    """Remove every adapter without merging: the base model exactly as it was."""
+    """Remove every adapter without merging: the base model as it was (to the last bit,
+    unless an init rewrote it: PiSSA's and OLoRA's are added back, up to rounding)."""
     unmerge_adapter(model)
+    for layer in lora_layers(model).values():
+        for name in list(layer.rewrote):
+            layer.restore_base(name)
     return _remove_wrappers(model, keep_trained_copies=False)
 
 

@@ -138,6 +138,12 @@ def mixed_adapters(model: nn.Module, row_adapters: Sequence[str | None]) -> Iter
                     f"adapter {name!r} cannot be mixed per row: its ΔW in {module_name!r} "
                     f"({type(layer.lora[name]).__name__}) is not a product of two factors"
                 )
+            if name in layer.rewrote:
+                raise ValueError(
+                    f"adapter {name!r} cannot be mixed per row: its init rewrote the base "
+                    f"weight of {module_name!r}, which every other row would then use; save "
+                    "it (converted to a plain LoRA) and load that"
+                )
     names: list[str | None] = [None, *sorted({r for r in rows if r is not None})]
     index = {name: i for i, name in enumerate(names)}
     row_index = torch.tensor([index[r] for r in rows])

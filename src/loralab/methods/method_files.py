@@ -37,9 +37,13 @@ def method_tensors(model: nn.Module) -> dict[str, Tensor]:
 
 
 def save_method(
-    model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None
+    model: nn.Module,
+    directory: str | os.PathLike,
+    base_model_name_or_path: str | None = None,
+    original_base: bool = True,
 ) -> Path:
-    """Write what the model's method trained to ``directory`` and return it."""
+    """Write what the model's method trained to ``directory`` and return it (an init that
+    rewrote the base: for the original base, or as trained, ``save_adapter``'s choice)."""
     from . import get_method
 
     record = applied_method(model)
@@ -53,7 +57,12 @@ def save_method(
         (directory / METHOD_WEIGHTS).unlink(missing_ok=True)
         return method.save(model, directory, base_model_name_or_path)
     if record.lora is not None:
-        save_adapter(model, directory, base_model_name_or_path=base_model_name_or_path)
+        save_adapter(
+            model,
+            directory,
+            base_model_name_or_path=base_model_name_or_path,
+            original_base=original_base,
+        )
     if record.name == "lora":
         (directory / METHOD_FILE).unlink(missing_ok=True)  # a pure PEFT adapter
         (directory / METHOD_WEIGHTS).unlink(missing_ok=True)

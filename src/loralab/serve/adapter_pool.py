@@ -26,6 +26,7 @@ from ..files.peft_config import AdapterFileError
 from ..lora import patterns
 from ..lora.adapters import delete_adapter
 from ..lora.config import ConfigError
+from ..lora.inits import get_init
 from ..lora.inject import base_module_names
 from .adapter_reader import AdapterReader, AdapterSnapshot
 from .errors import RequestError
@@ -250,6 +251,13 @@ class AdapterPool:
             raise RequestError(
                 f"{source}: adapters with {what} cannot run per row of a batch; "
                 "merge it into a base and serve that instead",
+                param="lora_path",
+            )
+        if get_init(config.init).rewrites_base:
+            raise RequestError(
+                f"{source}: init_lora_weights={config.init!r} rewrites the base weights, "
+                "which every other row uses; save it converted to a plain LoRA (loralab's "
+                "save_adapter does by default) and serve that",
                 param="lora_path",
             )
         try:

@@ -57,7 +57,8 @@ def save_checkpoint(
         shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(dir=run_dir, prefix=".checkpoint-", suffix=".tmp"))
     try:
-        save_method(model, staging / "adapter")
+        # as trained (a PiSSA init named, not converted): a resume runs the init again
+        save_method(model, staging / "adapter", original_base=False)
         state = {
             "step": step,
             "optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
