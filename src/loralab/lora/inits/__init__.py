@@ -7,8 +7,15 @@ computes what it did; the layer remembers it, to give the original weight back a
 save an adapter that runs on the original base (``files/adapter_dir.py``).
 """
 
-# Each init's file registers it: one line per init.
-from . import random  # noqa: F401
+import importlib
+
 from .registry import INITS, Init, get_init, init_of_peft, register_init
+
+# Each init's file registers it when imported: one line per init.
+INIT_MODULES = (
+    "random",
+)
+for _module in INIT_MODULES:
+    importlib.import_module(f".{_module}", __name__)
 
 __all__ = ["INITS", "Init", "get_init", "init_of_peft", "register_init"]
