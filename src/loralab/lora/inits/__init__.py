@@ -14,6 +14,7 @@ from .registry import INITS, Init, get_init, init_of_peft, register_init
 # Each init's file registers it when imported: one line per init.
 INIT_MODULES = (
     "random",
+    "pissa",
 )
 for _module in INIT_MODULES:
     importlib.import_module(f".{_module}", __name__)

@@ -1,0 +1,18 @@
+"""What the inits that start from the frozen weight (PiSSA, OLoRA) share."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..layers import LoraLayer
+
+
+def plain_matrix_refusal(layer: LoraLayer) -> str | None:
+    """Why a start read from W0 cannot go on ``layer``: it needs one plain weight matrix
+    (a Linear or GPT-2's Conv1D), not fused parts, an embedding, a conv or DoRA's layer."""
+    from ..layers import LoraConv1D, LoraLinear
+
+    if type(layer) in (LoraLinear, LoraConv1D):
+        return None
+    return f"it starts from the SVD or QR of one weight matrix; {type(layer).__name__} has none"
