@@ -130,7 +130,7 @@ def test_pissa_refuses_what_has_no_single_matrix_before_touching_the_model():
         kind = "gpt2" if "c_attn[q,v]" in options["target_modules"] else "llama"
         model = make_model(kind)
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        with pytest.raises(TargetError, match=f"init='pissa' cannot start .*{where} has none"):
+        with pytest.raises(TargetError, match=rf"init='pissa' cannot start .*{where} has none"):
             loralab.inject_adapter(model, LoraConfig(r=2, init="pissa", **options))
         assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 

@@ -15,6 +15,7 @@ from .registry import INITS, Init, get_init, init_of_peft, register_init
 INIT_MODULES = (
     "random",
     "pissa",
+    "olora",
 )
 for _module in INIT_MODULES:
     importlib.import_module(f".{_module}", __name__)

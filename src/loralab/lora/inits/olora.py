@@ -1,0 +1,37 @@
+"""OLoRA (Büyükakyüz, 2024): the factors start as the first r columns of W0's QR
+decomposition, W0 keeps the rest.
+
+``W0 = Q R`` (out, in); ``B = Q[:, :r]`` (orthonormal columns) and ``A = R[:r]``, and the
+layer takes ``s·B A`` out of W0 (``LoraLayer._take_out_start``), so that training starts
+on an orthonormal basis of W0's leading columns. PEFT's ``init_lora_weights="olora"`` is
+the same start; an adapter saved for the original base is PEFT's conversion of it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from .. import frozen_base
+from .from_weight import plain_matrix_refusal
+from .registry import Init, register_init
+
+if TYPE_CHECKING:
+    from ..layers import LoraFactors, LoraLayer
+
+
+@register_init
+class OLora(Init):
+    name = "olora"
+    rewrites_base = True
+
+    def refusal(self, layer: LoraLayer) -> str | None:
+        return plain_matrix_refusal(layer)
+
+    def start(self, layer: LoraLayer, factors: LoraFactors) -> None:
+        weight = frozen_base.weight_matrix(layer.base_layer).float()  # (out, in)
+        r = factors.A.shape[0]
+        Q, R = torch.linalg.qr(weight)
+        factors.A.copy_(R[:r])
+        factors.B.copy_(Q[:, :r])
