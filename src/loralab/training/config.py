@@ -108,6 +108,9 @@ class TrainConfig:
     """A classifier's new head's peak learning rate (``model_kind: classification``; default:
     ``learning_rate``). The head starts from random values while an adapter starts at zero,
     so the two may want different steps."""
+    loraplus_lr_ratio: float | None = None
+    """LoRA+ (Hayou et al., 2024): B's learning rate is this many times A's (and the
+    other parameters'); the paper suggests 16 and more. None: one rate for both."""
     weight_decay: float = 0.01
     """AdamW's decoupled weight decay."""
     schedule: str = "linear"
@@ -207,6 +210,10 @@ class TrainConfig:
             if self.fsdp:
                 raise ConfigError("fsdp trains every parameter at one learning rate")
         require_number("weight_decay", self.weight_decay, at_least=0)
+        if self.loraplus_lr_ratio is not None:
+            require_number("loraplus_lr_ratio", self.loraplus_lr_ratio, above=0)
+            if self.fsdp:
+                raise ConfigError("fsdp trains every parameter at one learning rate")
         require_number("max_grad_norm", self.max_grad_norm, at_least=0)
         require_choice("schedule", self.schedule, SCHEDULES)
         require_choice("model_kind", self.model_kind, MODEL_KINDS)
@@ -230,6 +237,11 @@ class TrainConfig:
         self.method_settings()  # l_p, l_i, adapter rank, top layers: validated there
         self.lora_config()  # LoRA's settings: validated by LoraConfig itself
         method = self.method_object  # an unknown name lists the valid ones; AdaLoRA's schedule
+        if self.loraplus_lr_ratio is not None and not method.uses_lora:
+            raise ConfigError(
+                f"loraplus_lr_ratio sets the learning rate of LoRA's B factors; "
+                f"method={self.method!r} trains none"
+            )
         if self.fsdp and method.fsdp_refusal:
             raise ConfigError(f"fsdp cannot train method={self.method!r}: {method.fsdp_refusal}")
 
@@ -309,6 +321,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "optimisation": (
         "learning_rate",
         "head_learning_rate",
+        "loraplus_lr_ratio",
         "weight_decay",
         "schedule",
         "warmup_steps",

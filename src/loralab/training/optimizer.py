@@ -7,8 +7,10 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
 from ..lora.architectures import classifier_head
+from ..lora.inject import lora_layers
 from .config import TrainConfig
 
 
@@ -25,16 +27,44 @@ def learning_rate_factor(step: int, config: TrainConfig) -> float:
     return 1.0 - progress
 
 
-def parameter_groups(model, config: TrainConfig, parameters: list) -> list:
-    """The parameters as AdamW takes them: one group, or the head in a group of its own
-    at ``head_learning_rate`` (the schedule scales both alike)."""
-    if config.head_learning_rate is None:
-        return parameters
-    head = classifier_head(model)
+def parameter_groups(model: nn.Module, config: TrainConfig, parameters: list) -> list:
+    """The parameters as AdamW takes them: one group, or groups at their own peak rates
+    (the schedule scales all alike):
+
+    - a classifier's new head at ``head_learning_rate``;
+    - with ``loraplus_lr_ratio`` λ (LoRA+, Hayou et al., 2024), LoRA's B factors and the
+      1-D parameters (biases, DoRA's magnitudes) at λ times the learning rate, as PEFT's
+      ``create_loraplus_optimizer`` groups them; A and the rest at the learning rate.
+    """
+    head = classifier_head(model) if config.head_learning_rate is not None else None
     head_ids = {id(p) for p in head.parameters()} if head is not None else set()
-    rest = [p for p in parameters if id(p) not in head_ids]
-    in_head = [p for p in parameters if id(p) in head_ids]
-    return [{"params": rest}, {"params": in_head, "lr": config.head_learning_rate}]
+    ratio = config.loraplus_lr_ratio
+    b_ids = _b_factor_ids(model) if ratio is not None else set()
+    rest, in_head, faster = [], [], []
+    for parameter in parameters:
+        if id(parameter) in head_ids:
+            in_head.append(parameter)
+        elif ratio is not None and (id(parameter) in b_ids or parameter.dim() == 1):
+            faster.append(parameter)
+        else:
+            rest.append(parameter)
+    if config.head_learning_rate is None and ratio is None:
+        return parameters
+    groups = [{"params": rest}]
+    if config.head_learning_rate is not None:
+        groups.append({"params": in_head, "lr": config.head_learning_rate})
+    if ratio is not None:
+        groups.append({"params": faster, "lr": config.learning_rate * ratio})
+    return groups
+
+
+def _b_factor_ids(model: nn.Module) -> set[int]:
+    return {
+        id(factors.B)
+        for layer in lora_layers(model).values()
+        for factors in layer.lora.values()
+        if isinstance(getattr(factors, "B", None), nn.Parameter)
+    }
 
 
 def build_optimizer(
