@@ -112,22 +112,15 @@ def forward_latency_ms(model, tokens: torch.Tensor, repeats: int = 15) -> float:
     return 1000 * statistics.median(times)
 
 
-def run_demo(
-    output_dir: str | Path = "runs/demo",
-    steps: int = DEMO_STEPS,
-    test_size: int = DEMO_TEST_SIZE,
-    seed: int = 0,
-) -> DemoReport:
+def demo_config(output_dir: str | Path, steps: int = DEMO_STEPS, seed: int = 0) -> TrainConfig:
+    """The demo's run: LoRA on W_q and W_v of the embedded model, r = 8, α = 16, for the
+    e2e task (the benchmarks of the LoRA variants start from it too)."""
     from .models.embedded import DEFAULT_CAUSAL_LM
-    from .models.loading import load_model
-    from .tasks import get_task
 
-    # Everything that can be refused is refused before the model loads.
-    output_dir = check_output_dir(output_dir, "--output-dir")
-    config = TrainConfig(
+    return TrainConfig(
         model=DEFAULT_CAUSAL_LM,
         task="e2e",
-        output_dir=str(output_dir / "run"),
+        output_dir=str(output_dir),
         r=8,
         lora_alpha=16,
         lora_dropout=0.05,
@@ -141,6 +134,21 @@ def run_demo(
         save_every=0,
         seed=seed,
     )
+
+
+def run_demo(
+    output_dir: str | Path = "runs/demo",
+    steps: int = DEMO_STEPS,
+    test_size: int = DEMO_TEST_SIZE,
+    seed: int = 0,
+) -> DemoReport:
+    from .models.embedded import DEFAULT_CAUSAL_LM
+    from .models.loading import load_model
+    from .tasks import get_task
+
+    # Everything that can be refused is refused before the model loads.
+    output_dir = check_output_dir(output_dir, "--output-dir")
+    config = demo_config(output_dir / "run", steps, seed)
     task = get_task("e2e")
     splits = task.splits(seed=seed, train_size=WORKED_EXAMPLES, test_size=test_size)
     test, shots = splits["test"], splits["train"]  # the shots come from the training data
