@@ -28,7 +28,6 @@ from .architectures import (
     output_head,
 )
 from .config import ConfigError, LoraConfig
-from .dora import dora_class_for
 from .inits import get_init
 from .layers import (
     FusedParts,
@@ -36,10 +35,10 @@ from .layers import (
     LoraFusedLinear,
     LoraLayer,
     TrainableCopy,
-    lora_class_for,
     unsupported_reason,
 )
 from .state import model_state
+from .variants import variant_for
 
 _FUSED_ENTRY = re.compile(r"^(?P<module>[^\[\]]+)\[(?P<parts>[^\[\]]+)\]$")
 
@@ -300,24 +299,23 @@ def _target(
     strict: bool,
 ) -> Target:
     existing = model.get_submodule(name)
-    layer_class = (dora_class_for if config.use_dora else lora_class_for)(base)
+    variant = variant_for(config)
+    layer_class = variant.layer_class_for(base)
     reason = unsupported_reason(base)
     if layer_class is None or reason:
-        supported = "Linear, Conv1D" if config.use_dora else "Linear, Conv1D, Embedding, Conv2d"
-        method = "DoRA" if config.use_dora else "LoRA"
         raise TargetError(
-            f"module {name!r} is a {type(base).__name__}, which {method} cannot adapt"
-            + (f": {reason}" if reason else f" (supported: {supported})")
+            f"module {name!r} is a {type(base).__name__}, which {variant.name} cannot adapt"
+            + (f": {reason}" if reason else f" (supported: {variant.supported})")
         )
     fused = None
     if parts is not None:
         layout = fused_layout(name)
         size = bases.in_out(base)[1] // len(layout)
         fused = FusedParts(layout, (size,) * len(layout), tuple(p for p in layout if p in parts))
-    if fused is not None and config.use_dora:
+    if fused is not None and not variant.takes_fused_parts:
         raise TargetError(
-            f"DoRA adapts whole matrices, not the parts {list(fused.enabled)} of the fused "
-            f"{name!r}: target it whole"
+            f"{variant.name} adapts whole matrices, not the parts {list(fused.enabled)} of "
+            f"the fused {name!r}: target it whole"
         )
     if isinstance(existing, LoraLayer):
         layer = existing
@@ -331,8 +329,8 @@ def _target(
         if fused is None and type(layer) is not layer_class:
             raise TargetError(
                 f"module {name!r} already holds {type(layer).__name__} adapters; a second "
-                f"adapter on it must be of the same kind (use_dora={config.use_dora} asks "
-                f"for {layer_class.__name__})"
+                f"adapter on it must be of the same kind ({variant.name} asks for "
+                f"{layer_class.__name__})"
             )
     elif fused is not None:
         layer = LoraFusedLinear(base, fused)

@@ -28,6 +28,7 @@ from ..lora.adapters import delete_adapter
 from ..lora.config import ConfigError
 from ..lora.inits import get_init
 from ..lora.inject import base_module_names
+from ..lora.variants import variant_for
 from .adapter_reader import AdapterReader, AdapterSnapshot
 from .errors import RequestError
 
@@ -246,8 +247,14 @@ class AdapterPool:
     def _put_on_model(self, entry: Entry) -> None:
         files, source = entry.snapshot.files, entry.snapshot.label
         config = files.config
-        if config.use_dora or config.modules_to_save:
-            what = "DoRA magnitudes" if config.use_dora else "modules_to_save copies"
+        variant = variant_for(config)
+        product = variant.factors_class.is_product
+        if not product or config.modules_to_save:
+            what = (
+                f"{variant.name}'s ΔW (not a product B·A)"
+                if not product
+                else "modules_to_save copies"
+            )
             raise RequestError(
                 f"{source}: adapters with {what} cannot run per row of a batch; "
                 "merge it into a base and serve that instead",

@@ -96,7 +96,7 @@ def test_rotary_rows_is_llama_cpps_permutation():
 def test_what_the_format_cannot_hold_is_refused_and_nothing_is_written(tiny_gguf_file, tmp_path):
     model, _ = load_model(str(tiny_gguf_file))
     cases = [
-        ({"use_dora": True}, "DoRA magnitudes"),
+        ({"use_dora": True}, "DoRA's ΔW, not a product B·A"),
         ({"modules_to_save": ["lm_head"]}, "modules trained in full"),
         ({"bias": "lora_only"}, "trained biases"),
     ]

@@ -16,9 +16,9 @@ architecture (``gguf_layout``). Three facts of llama.cpp's layout are applied he
   ``rank_pattern`` or ``alpha_pattern`` entry) is not ``alpha / r`` has the difference
   folded into its ``B`` (exact up to rounding), and the result says which.
 
-What the format cannot hold is refused with the reason: DoRA magnitudes, modules trained
-in full (``modules_to_save``), trained biases, a LoRA on part of a fused projection, and a
-LoRA on the embedding or the head of a base that ties the two.
+What the format cannot hold is refused with the reason: a ΔW that is not B·A (DoRA's),
+modules trained in full (``modules_to_save``), trained biases, a LoRA on part of a fused
+projection, and a LoRA on the embedding or the head of a base that ties the two.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import numpy as np
 from torch import Tensor
 
 from ...lora.layers import LoraFactors
+from ...lora.variants import variant_for
 from ..adapter_dir import LORALAB_FILE, factor_tensors_by_module, read_adapter
 from .layout import ExportError, GgufLayout, check_export_target, encode, write_gguf
 
@@ -128,8 +129,9 @@ def export_adapter_gguf(
 def _refuse_what_gguf_cannot_hold(adapter_dir: Path, files) -> None:
     config = files.config
     reasons = []
-    if config.use_dora:
-        reasons.append("DoRA magnitudes (llama.cpp applies B·A alone)")
+    variant = variant_for(config)
+    if not variant.factors_class.is_product:  # DoRA's rescales W0's rows
+        reasons.append(f"{variant.name}'s ΔW, not a product B·A (llama.cpp applies B·A alone)")
     if config.modules_to_save:
         reasons.append(f"modules trained in full ({', '.join(config.modules_to_save)})")
     if config.bias != "none":
