@@ -647,7 +647,7 @@ def test_unknown_key_with_null_only_warns(tmp_path):
     [
         ("lora_bias", True, "lora_bias"),
         ("layer_replication", [[0, 1]], "layer_replication"),
-        ("init_lora_weights", "pissa", "init_lora_weights"),
+        ("init_lora_weights", "loftq", "init_lora_weights"),
         ("r", 0, r"\br must be"),
         ("lora_dropout", 1.5, r"lora_dropout must be a number in \[0, 1\), got 1\.5"),
         ("lora_alpha", -1, "lora_alpha"),
