@@ -62,3 +62,13 @@ def test_the_own_data_section_runs_as_written(tmp_path, tiny_model_dir, monkeypa
         assert main(argv) == 0, line
     assert (tmp_path / "runs" / "json" / "predictions.jsonl").is_file()
     assert (tmp_path / "merged" / "json" / "config.json").is_file()
+
+
+def test_the_layout_names_every_package_and_entry_point_as_it_is():
+    block = README[README.index("  src/loralab/\n") :]
+    block = block[: block.index("```")]
+    package = ROOT / "src" / "loralab"
+    names = {p.name + "/" for p in package.iterdir() if (p / "__init__.py").exists()}
+    names |= {p.name for p in package.glob("*.py") if not p.name.startswith("__")}
+    missing = sorted(name for name in names if name not in block)
+    assert not missing, f"the README's layout lacks {missing}"
