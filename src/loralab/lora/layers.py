@@ -151,11 +151,11 @@ class MergedDelta:
         copies = {name: t.detach().clone() for name, t in factors.tensors().items()}
         return cls(type(factors), factors.scale, tensors=copies)
 
-    def weight_delta(self, layer: LoraLayer) -> Tensor:
+    def delta_in(self, layer: LoraLayer) -> Tensor:
         """ΔW in the layout of ``layer``'s base weight, as merging added it."""
         if self.added is not None:
             return self.added
-        return layer.weight_delta(self.factors_class.delta_from(self.tensors, self.scale, None))
+        return layer.to_weight_layout(self.factors_class.delta_from(self.tensors, self.scale, None))
 
 
 # -- the wrappers ---------------------------------------------------------------------------
@@ -191,7 +191,7 @@ class LoraLayer(nn.Module):
     def lora_update(self, x: Tensor, factors: LoraFactors) -> Tensor:
         raise NotImplementedError
 
-    def weight_delta(self, delta: Tensor) -> Tensor:
+    def to_weight_layout(self, delta: Tensor) -> Tensor:
         """The factors' ΔW (``bases.weight_matrix``' layout) in the base weight's layout."""
         return bases.to_weight_layout(self.base_layer, delta)
 
@@ -267,9 +267,9 @@ class LoraLayer(nn.Module):
         factors = self._factors(adapter_name)
         merged = self.merged.get(adapter_name or self.active_adapter)
         if merged is not None:  # the base weight now holds it (DoRA's ΔW reads the weight)
-            return merged.weight_delta(self)
+            return merged.delta_in(self)
         weight = bases.weight_matrix(self.base_layer) if factors.reads_weight else None
-        return self.weight_delta(factors.delta(weight))
+        return self.to_weight_layout(factors.delta(weight))
 
     # -- the PEFT form of the factors ------------------------------------------------------
 
@@ -328,14 +328,14 @@ class LoraLayer(nn.Module):
         name = adapter_name or self.active_adapter
         record = self.merged.pop(name, None)
         if record is not None:
-            bases.add_to_weight(self.base_layer, -record.weight_delta(self))
+            bases.add_to_weight(self.base_layer, -record.delta_in(self))
 
     def _take_out_start(self, name: str, factors: LoraFactors) -> None:
         """W0 -= the factors' starting ΔW, so that the model computes what it did; the
         starting factors are kept (r·(d + k) numbers) to give W0 back and to save an
         adapter that runs on the original base."""
         start = MergedDelta.of(factors, None)
-        bases.add_to_weight(self.base_layer, -start.weight_delta(self))
+        bases.add_to_weight(self.base_layer, -start.delta_in(self))
         self.rewrote[name] = start
 
     def restore_base(self, name: str) -> None:
@@ -343,7 +343,7 @@ class LoraLayer(nn.Module):
         start = self.rewrote.pop(name, None)
         if start is not None:
             with torch.no_grad():
-                bases.add_to_weight(self.base_layer, start.weight_delta(self))
+                bases.add_to_weight(self.base_layer, start.delta_in(self))
 
     def extra_repr(self) -> str:
         return f"active={self.active_adapter!r}, merged={self.merged_adapters}"
@@ -481,7 +481,7 @@ class LoraFusedLinear(LoraLayer):
                 pieces.append(updates.new_zeros(*updates.shape[:-2], size))
         return torch.cat(pieces, dim=-1)
 
-    def weight_delta(self, delta: Tensor) -> Tensor:
+    def to_weight_layout(self, delta: Tensor) -> Tensor:
         """The parts' stacked ΔW (p, part, in) as rows of the whole matrix, zero for the
         frozen parts, in the base weight's layout."""
         rows = []
@@ -490,7 +490,7 @@ class LoraFusedLinear(LoraLayer):
                 rows.append(delta[self.parts.enabled.index(name)])
             else:
                 rows.append(delta.new_zeros(size, delta.shape[-1]))
-        return super().weight_delta(torch.cat(rows, dim=0))  # (out, in)
+        return super().to_weight_layout(torch.cat(rows, dim=0))  # (out, in)
 
     def to_peft(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Stacked per-part factors -> one rank-(p·r) pair for the whole fused matrix.
