@@ -15,7 +15,7 @@ from ..methods.adalora.report import layer_and_type
 from . import settings as experiment_settings
 from .report import Report, format_mean_std, markdown_table, mean_std, raw_of, selection_section
 from .runs import run_arms
-from .settings import LM_FULL_SELECTED, LM_QUICK, Arm, Scale, selecting
+from .settings import LM_FULL_SELECTED, LM_QUICK, Arm, Scale, primary_metric, selecting
 
 NAME = "adalora"
 SUMMARY = "AdaLoRA against LoRA at the same final parameter budget, on nli and sql"
@@ -42,7 +42,6 @@ FULL = selecting(
 # estimated, with the selection: 11 nli runs of about 5 min, 11 sql runs of about 18 min
 FULL_HOURS = 2.2
 TASKS = ("nli", "sql")
-METRIC = {"nli": "accuracy", "sql": "execution_accuracy", "e2e": "bleu"}
 TARGETS = ["q", "k", "v", "o"]
 INIT_R, TARGET_R = 8, 2
 
@@ -104,10 +103,10 @@ def run(scale: Scale, workdir: Path) -> Report:
             runs = [r for r in results if r.label == label and r.task == task]
             row += [
                 f"{runs[0].final_trainable:,}",
-                format_mean_std([r.metrics[METRIC[task]] for r in runs]),
+                format_mean_std([r.metrics[primary_metric(task)] for r in runs]),
             ]
         rows.append(row)
-    header = ["Method", *[h for t in tasks for h in (f"{t} parameters kept", METRIC[t])]]
+    header = ["Method", *[h for t in tasks for h in (f"{t} parameters kept", primary_metric(t))]]
     spread = []
     for task in tasks:  # one table a task: the models name their weights differently
         by_seed = {seed: by_module for (t, seed), by_module in sorted(ranks.items()) if t == task}
@@ -138,7 +137,7 @@ def run(scale: Scale, workdir: Path) -> Report:
             stats = [
                 mean_std(
                     [
-                        r.metrics[METRIC[task]]
+                        r.metrics[primary_metric(task)]
                         for r in results
                         if r.label == label and r.task == task
                     ]
@@ -146,7 +145,7 @@ def run(scale: Scale, workdir: Path) -> Report:
                 for label in labels
             ]
             axis.bar(labels, [m for m, _ in stats], yerr=[s for _, s in stats], capsize=4)
-            axis.set_ylabel(f"{task} {METRIC[task]}")
+            axis.set_ylabel(f"{task} {primary_metric(task)}")
 
     raw = {
         **raw_of(results),

@@ -8,7 +8,7 @@ from pathlib import Path
 from .methods import METHOD_ARMS
 from .report import Report, format_mean_std, markdown_table, mean_std, raw_of, selection_section
 from .runs import run_arms
-from .settings import LM_FULL_SELECTED, NLI_VALIDATION, Arm, Scale, selecting
+from .settings import LM_FULL_SELECTED, NLI_VALIDATION, Arm, Scale, primary_metric, selecting
 
 NAME = "lora-pe"
 SUMMARY = "LoRA+PE against LoRA and PreEmbed"
@@ -31,7 +31,6 @@ FULL = selecting(
 FULL_HOURS = 3.2
 QUICK_TASKS = ("nli",)
 FULL_TASKS = ("nli", "e2e")
-METRIC = {"nli": "accuracy", "e2e": "bleu", "sql": "execution_accuracy"}
 METHODS = ("PreEmbed", "LoRA", "LoRA+PE")
 
 
@@ -42,7 +41,9 @@ def run(scale: Scale, workdir: Path) -> Report:
     results = run_arms(NAME, arms, scale, workdir)
 
     def values(method: str, task: str) -> list[float]:
-        return [r.metrics[METRIC[task]] for r in results if r.label == method and r.task == task]
+        return [
+            r.metrics[primary_metric(task)] for r in results if r.label == method and r.task == task
+        ]
 
     rows = []
     for method in METHODS:
@@ -50,7 +51,7 @@ def run(scale: Scale, workdir: Path) -> Report:
         rows.append(
             [method, f"{trainable:,}", *[format_mean_std(values(method, t)) for t in tasks]]
         )
-    header = ["Method", "trainable", *[f"{t} {METRIC[t]}" for t in tasks]]
+    header = ["Method", "trainable", *[f"{t} {primary_metric(t)}" for t in tasks]]
     body = "Mean ± std over seeds.\n\n" + markdown_table(header, rows) + selection_section(results)
 
     def draw(figure) -> None:
@@ -58,6 +59,6 @@ def run(scale: Scale, workdir: Path) -> Report:
         for axis, task in zip(axes, tasks, strict=True):
             stats = [mean_std(values(m, task)) for m in METHODS]
             axis.bar(METHODS, [m for m, _ in stats], yerr=[s for _, s in stats], capsize=4)
-            axis.set_ylabel(f"{task} {METRIC[task]}")
+            axis.set_ylabel(f"{task} {primary_metric(task)}")
 
     return Report(NAME, "LoRA+PE", body, raw_of(results), draw, scale)

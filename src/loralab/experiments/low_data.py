@@ -10,7 +10,7 @@ from pathlib import Path
 from .methods import METHOD_ARMS
 from .report import Report, format_mean_std, markdown_table, mean_std, raw_of, selection_section
 from .runs import run_arms
-from .settings import LM_STANDARD, NLI_VALIDATION, PRIMARY_METRIC, Arm, Scale, selecting
+from .settings import LM_STANDARD, NLI_VALIDATION, Arm, Scale, primary_metric, selecting
 
 NAME = "low-data"
 SUMMARY = (
@@ -40,7 +40,7 @@ def run(scale: Scale, workdir: Path) -> Report:
     settings = dict(METHOD_ARMS)
     standard = scale.name == "standard"
     task, sizes = (STANDARD_TASK, STANDARD_SIZES) if standard else (TASK, SIZES)
-    metric = PRIMARY_METRIC[task]
+    metric = primary_metric(task)
     # Every size trains the same number of steps: the small sets are seen many times.
     arms = [
         Arm(f"{m}, n={size}", task, {**settings[m], "train_size": size}, x=size)

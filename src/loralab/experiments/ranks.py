@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .report import Report, format_mean_std, markdown_table, mean_std, runs_as_dicts
 from .runs import run_arms
-from .settings import LM_FULL, Arm, Scale
+from .settings import LM_FULL, Arm, Scale, primary_metric
 
 NAME = "ranks"
 SUMMARY = "r ∈ {1, 2, 4, 8, 64} × weight types, and the fixed-budget comparison"
@@ -30,7 +30,6 @@ FULL = Scale(
 FULL_HOURS = 8.0
 QUICK_TASKS = ("nli",)
 FULL_TASKS = ("nli", "sql")
-METRIC = {"nli": "accuracy", "sql": "execution_accuracy", "e2e": "bleu"}
 RANKS = (1, 2, 4, 8, 64)
 WEIGHT_TYPES = {"W_q": ["q"], "W_q, W_v": ["q", "v"], "W_q, W_k, W_v, W_o": ["q", "k", "v", "o"]}
 BUDGET = (("W_q", 8), ("W_q, W_v", 4), ("W_q, W_k, W_v, W_o", 2))
@@ -68,7 +67,9 @@ def run(scale: Scale, workdir: Path) -> Report:
 
     def values(task: str, types: str, r: int) -> list[float]:
         label = _label(types, r)
-        return [x.metrics[METRIC[task]] for x in results if x.label == label and x.task == task]
+        return [
+            x.metrics[primary_metric(task)] for x in results if x.label == label and x.task == task
+        ]
 
     sections = []
     for task in tasks:
@@ -84,10 +85,10 @@ def run(scale: Scale, workdir: Path) -> Report:
                 [types, str(r), f"{runs[0].trainable:,}", format_mean_std(values(task, types, r))]
             )
         sections.append(
-            f"## {task}: {METRIC[task]} by rank and weight types\n\n"
+            f"## {task}: {primary_metric(task)} by rank and weight types\n\n"
             + markdown_table(header, rows)
             + f"\n\n## {task}: the same budget of trainable parameters\n\n"
-            + markdown_table(["Weight types", "r", "trainable", METRIC[task]], budget_rows)
+            + markdown_table(["Weight types", "r", "trainable", primary_metric(task)], budget_rows)
         )
     body = (
         f"LoRA with α = {ALPHA} at every rank (scale α/r), mean ± std over seeds; nli on "
@@ -109,7 +110,7 @@ def run(scale: Scale, workdir: Path) -> Report:
                 )
             axis.set_xticks(range(len(RANKS)), [str(r) for r in RANKS])
             axis.set_xlabel("rank r")
-            axis.set_ylabel(METRIC[task])
+            axis.set_ylabel(primary_metric(task))
             axis.set_title(task)
             axis.legend(fontsize=7)
 

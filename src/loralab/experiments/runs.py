@@ -33,10 +33,10 @@ from .settings import (
     DATA_SEED,
     HEAD_LEARNING_RATE,
     LEARNING_RATES,
-    PRIMARY_METRIC,
     RUN_THREADS,
     Arm,
     Scale,
+    primary_metric,
 )
 from .store import RunStore, run_key
 
@@ -346,7 +346,7 @@ def run_arms(
             rate = best.settings["learning_rate"]
             chosen[i] = _at_rate(arm, rate)
             first_runs[i] = best  # the first seed's run of the chosen rate: not trained again
-            metric = PRIMARY_METRIC[arm.task]
+            metric = primary_metric(arm.task)
             candidates = [
                 {
                     "learning_rate": r.settings["learning_rate"],
@@ -376,7 +376,7 @@ def run_arms(
 
 def _best(arm: Arm, runs: Sequence[RunResult]) -> RunResult:
     """The best validation score; on a tie, the rate nearest the method's own."""
-    metric = PRIMARY_METRIC[arm.task]
+    metric = primary_metric(arm.task)
     return max(runs, key=lambda r: (r.validation[metric], -_distance(r, arm)))
 
 

@@ -43,7 +43,16 @@ LEARNING_RATES = {
 # n = 10,000 setting (37.8 %), at 1e-2 none did (66.8 ± 0.8 %; ``reproduce recipe``).
 HEAD_LEARNING_RATE = 1e-2
 # The metric a task's learning rate is chosen by (on validation), the first of its table.
-PRIMARY_METRIC = {"nli": "accuracy", "e2e": "bleu", "sql": "execution_accuracy"}
+EXPERIMENT_TASKS = ("nli", "e2e", "sql")  # the order of the tables
+
+
+def primary_metric(task: str) -> str:
+    """The metric the tables report for ``task``: the task's own (``Task.primary_metric``)."""
+    from ..tasks import get_task
+
+    return get_task(task).primary_metric
+
+
 DATA_SEED = 0  # every arm and seed sees the same examples and the same test split
 RUN_THREADS = 1  # every run trains on one thread, whatever the number of jobs
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..files.atomic_write import text_writer, write_files_atomically
 from .report import markdown_table
-from .settings import PRIMARY_METRIC
+from .settings import EXPERIMENT_TASKS, primary_metric
 
 HOLDS, PARTLY, FAILS, UNMEASURED = "holds", "partly", "does not hold", "not measured"
 
@@ -79,11 +79,11 @@ class Results:
 
     def tasks(self, experiment: str) -> list[str]:
         runs = self.raw.get(experiment, {}).get("runs", [])
-        return sorted({r["task"] for r in runs}, key=list(PRIMARY_METRIC).index)
+        return sorted({r["task"] for r in runs}, key=EXPERIMENT_TASKS.index)
 
     def stat(self, experiment: str, label: str, task: str) -> Stat | None:
         values = [
-            r["metrics"][PRIMARY_METRIC[task]]
+            r["metrics"][primary_metric(task)]
             for r in self.raw.get(experiment, {}).get("runs", [])
             if r["label"] == label and r["task"] == task
         ]
@@ -136,7 +136,7 @@ def lora_against_the_methods(results: Results) -> Judged:
         )
         better = [label for label, stat in others.items() if beats(stat, lora)]
         measured = (
-            f"{task} {PRIMARY_METRIC[task]}: LoRA {lora}, FT {ft} (LoRA trains "
+            f"{task} {primary_metric(task)}: LoRA {lora}, FT {ft} (LoRA trains "
             f"{ratio:.2%} of FT's parameters)"
         )
         if others:
