@@ -298,7 +298,43 @@ def _target(
     short_names: tuple[str, ...],
     strict: bool,
 ) -> Target:
-    existing = model.get_submodule(name)
+    fused = _fused_parts(name, base, parts)
+    layer = _layer(model, config, adapter_name, name, base, fused)
+    _check_init(config.init, name, layer)
+    part_names = tuple(short_names) + (fused.enabled if fused else ())
+    r = config.rank_for(name, part_names)
+    if fused is not None:
+        ranks = {config.rank_for(name, (p,)) for p in fused.enabled}
+        if len(ranks) > 1:
+            raise TargetError(f"fused parts {fused.enabled} of {name!r} need one rank, got {ranks}")
+    limit = layer.max_rank()
+    if r > limit and strict:
+        raise TargetError(
+            f"rank r={r} for {name!r} is larger than its matrix allows "
+            f"(weight {bases.weight_shape(base)}: at most {limit})"
+        )
+    return Target(name, layer, r, config.alpha_for(name, part_names), short_names, fused)
+
+
+def _fused_parts(name: str, base: nn.Module, parts: set[str] | None) -> FusedParts | None:
+    """The parts of a fused projection a target names (``c_attn[q,v]``), or None."""
+    if parts is None:
+        return None
+    layout = fused_layout(name)
+    size = bases.in_out(base)[1] // len(layout)
+    return FusedParts(layout, (size,) * len(layout), tuple(p for p in layout if p in parts))
+
+
+def _layer(
+    model: nn.Module,
+    config: LoraConfig,
+    adapter_name: str,
+    name: str,
+    base: nn.Module,
+    fused: FusedParts | None,
+) -> LoraLayer:
+    """The layer the adapter goes into: the one already there, or a new one of the config's
+    variant; an adapter of another kind or on other parts than the layer holds is refused."""
     variant = variant_for(config)
     layer_class = variant.layer_class_for(base)
     reason = unsupported_reason(base)
@@ -307,50 +343,28 @@ def _target(
             f"module {name!r} is a {type(base).__name__}, which {variant.name} cannot adapt"
             + (f": {reason}" if reason else f" (supported: {variant.supported})")
         )
-    fused = None
-    if parts is not None:
-        layout = fused_layout(name)
-        size = bases.in_out(base)[1] // len(layout)
-        fused = FusedParts(layout, (size,) * len(layout), tuple(p for p in layout if p in parts))
     if fused is not None and not variant.takes_fused_parts:
         raise TargetError(
             f"{variant.name} adapts whole matrices, not the parts {list(fused.enabled)} of "
             f"the fused {name!r}: target it whole"
         )
-    if isinstance(existing, LoraLayer):
-        layer = existing
-        if adapter_name in layer.lora:
-            raise TargetError(f"module {name!r} already has an adapter named {adapter_name!r}")
-        if getattr(layer, "parts", None) != fused:
-            raise TargetError(
-                f"module {name!r} is already adapted as {layer.extra_repr()}; a second "
-                "adapter on it must use the same fused parts"
-            )
-        if fused is None and type(layer) is not layer_class:
-            raise TargetError(
-                f"module {name!r} already holds {type(layer).__name__} adapters; a second "
-                f"adapter on it must be of the same kind ({variant.name} asks for "
-                f"{layer_class.__name__})"
-            )
-    elif fused is not None:
-        layer = LoraFusedLinear(base, fused)
-    else:
-        layer = layer_class(base)
-    _check_init(config.init, name, layer)
-    part_names = tuple(short_names) + (fused.enabled if fused else ())
-    r = config.rank_for(name, part_names)
-    if fused is not None:
-        ranks = {config.rank_for(name, (p,)) for p in fused.enabled}
-        if len(ranks) > 1:
-            raise TargetError(f"fused parts {fused.enabled} of {name!r} need one rank, got {ranks}")
-    alpha = config.alpha_for(name, part_names)
-    limit = layer.max_rank()
-    if r > limit and strict:
+    existing = model.get_submodule(name)
+    if not isinstance(existing, LoraLayer):
+        return LoraFusedLinear(base, fused) if fused is not None else layer_class(base)
+    if adapter_name in existing.lora:
+        raise TargetError(f"module {name!r} already has an adapter named {adapter_name!r}")
+    if getattr(existing, "parts", None) != fused:
         raise TargetError(
-            f"rank r={r} for {name!r} is larger than its matrix allows "
-            f"(weight {bases.weight_shape(base)}: at most {limit})"
+            f"module {name!r} is already adapted as {existing.extra_repr()}; a second "
+            "adapter on it must use the same fused parts"
         )
-    return Target(name, layer, r, alpha, short_names, fused)
+    if fused is None and type(existing) is not layer_class:
+        raise TargetError(
+            f"module {name!r} already holds {type(existing).__name__} adapters; a second "
+            f"adapter on it must be of the same kind ({variant.name} asks for "
+            f"{layer_class.__name__})"
+        )
+    return existing
 
 
 def _check_init(init_name: str, name: str, layer: LoraLayer) -> None:
