@@ -170,32 +170,7 @@ def combine_adapters(
     Compressed (``rank=k``): the same sum is re-factored to rank ``k`` by SVD, and the
     relative error ``‖ΔW − ΔŴ‖_F / ‖ΔW‖_F`` (over all modules) is reported.
     """
-    if len(names) != len(weights) or not names:
-        raise ValueError(f"give one weight per adapter: {len(names)} names, {len(weights)} weights")
-    configs = [require_adapter(model, name, "combined") for name in names]
-    if new_name in adapter_configs(model):
-        raise ValueError(f"an adapter named {new_name!r} already exists")
-    if rank is not None and rank < 1:
-        raise ValueError(f"rank must be ≥ 1, got {rank}")
-    layers = {n: layer for n, layer in lora_layers(model).items()
-              if any(name in layer.lora for name in names)}  # fmt: skip
-    for module_name, layer in layers.items():
-        missing = [name for name in names if name not in layer.lora]
-        if missing and isinstance(layer, LoraFusedLinear):
-            raise ValueError(f"{module_name!r}: fused parts need every adapter; {missing} lack it")
-        for name in names:
-            if name in layer.lora and not layer.lora[name].is_product:
-                kind = type(layer.lora[name]).__name__
-                raise ValueError(
-                    f"adapter {name!r} cannot be combined: its ΔW in {module_name!r} "
-                    f"({kind}) is not a product of two factors"
-                )
-            if name in layer.rewrote:
-                raise ValueError(
-                    f"adapter {name!r} cannot be combined: its init rewrote the base weight "
-                    f"of {module_name!r}, which the others do not expect; save it (converted "
-                    "to a plain LoRA) and load that"
-                )
+    configs, layers = _combinable(model, names, weights, new_name, rank)
     built: dict[str, tuple[Tensor, Tensor]] = {}
     error_sq = total_sq = 0.0
     for module_name, layer in layers.items():
@@ -229,6 +204,48 @@ def combine_adapters(
     adapter_configs(model)[new_name] = combined
     relative = (error_sq / total_sq) ** 0.5 if total_sq > 0 else 0.0
     return CombineResult(new_name, relative, ranks)
+
+
+def _combinable(
+    model: nn.Module,
+    names: Sequence[str],
+    weights: Sequence[float],
+    new_name: str,
+    rank: int | None,
+) -> tuple[list[LoraConfig], dict[str, LoraLayer]]:
+    """The adapters' configs and the layers holding any of them, once every check passed
+    (nothing is built before)."""
+    if len(names) != len(weights) or not names:
+        raise ValueError(f"give one weight per adapter: {len(names)} names, {len(weights)} weights")
+    configs = [require_adapter(model, name, "combined") for name in names]
+    if new_name in adapter_configs(model):
+        raise ValueError(f"an adapter named {new_name!r} already exists")
+    if rank is not None and rank < 1:
+        raise ValueError(f"rank must be ≥ 1, got {rank}")
+    layers = {n: layer for n, layer in lora_layers(model).items()
+              if any(name in layer.lora for name in names)}  # fmt: skip
+    for module_name, layer in layers.items():
+        missing = [name for name in names if name not in layer.lora]
+        if missing and isinstance(layer, LoraFusedLinear):
+            raise ValueError(f"{module_name!r}: fused parts need every adapter; {missing} lack it")
+        for name in (n for n in names if n in layer.lora):
+            _check_combinable(layer, name, module_name)
+    return configs, layers
+
+
+def _check_combinable(layer: LoraLayer, name: str, module_name: str) -> None:
+    if not layer.lora[name].is_product:
+        kind = type(layer.lora[name]).__name__
+        raise ValueError(
+            f"adapter {name!r} cannot be combined: its ΔW in {module_name!r} ({kind}) is not "
+            "a product of two factors"
+        )
+    if name in layer.rewrote:
+        raise ValueError(
+            f"adapter {name!r} cannot be combined: its init rewrote the base weight of "
+            f"{module_name!r}, which the others do not expect; save it (converted to a "
+            "plain LoRA) and load that"
+        )
 
 
 def _rank_of(layer: LoraLayer, A: Tensor) -> int:
