@@ -42,33 +42,11 @@ def import_loralib(
     tensors = source if isinstance(source, dict) else read_tensors(source)
     modules = base_module_names(model)
     targets, ranks, factors = [], {}, {}
-    for key in sorted(tensors):
-        if not key.endswith(".lora_A"):
-            continue
+    for key in sorted(k for k in tensors if k.endswith(".lora_A")):
         name = key.removesuffix(".lora_A")
-        if name not in modules:
-            raise AdapterFileError(f"{label}: {key!r} names no module of the model")
-        if f"{name}.lora_B" not in tensors:
-            raise AdapterFileError(f"{label}: {key!r} has no matching {name}.lora_B")
-        A, B = tensors[key], tensors[f"{name}.lora_B"]
-        base = modules[name]
-        out_features = bases.in_out(base)[1]
-        if A.dim() != 2 or B.dim() != 2:
-            raise AdapterFileError(
-                f"{label}: {key!r} has shape {tuple(A.shape)}; loralib's ConvLoRA layout "
-                "(rank r·k) has no exact LoRA equivalent and is not imported"
-            )
-        if isinstance(base, nn.Embedding) or B.shape[0] == out_features:
-            targets.append(name)
-            ranks[name] = A.shape[0]
-            factors[name] = (A, B)
-            continue
-        parts = _loralib_parts(base, B, fused_parts, key, label)
-        targets.append(f"{name}[{','.join(parts)}]")
-        r = A.shape[0] // len(parts)
-        ranks[name] = r
-        size = B.shape[0] // len(parts)
-        factors[name] = (A.reshape(len(parts), r, A.shape[1]), B.reshape(len(parts), size, r))
+        target, r, pair = _loralib_module(modules, tensors, name, fused_parts, label)
+        targets.append(target)
+        ranks[name], factors[name] = r, pair
     leftover = [k for k in tensors if not k.endswith((".lora_A", ".lora_B"))]
     if leftover or not targets:
         raise AdapterFileError(
@@ -101,6 +79,34 @@ def import_loralib(
             held["A"].copy_(A)  # loralib's are LoRA's own two factors
             held["B"].copy_(B)
     return model
+
+
+def _loralib_module(
+    modules: dict[str, nn.Module],
+    tensors: dict[str, Tensor],
+    name: str,
+    fused_parts: tuple[str, ...] | None,
+    label: str,
+) -> tuple[str, int, tuple[Tensor, Tensor]]:
+    """One module's target (``c_attn[q,v]`` for a fused part), rank and factors, checked."""
+    key = f"{name}.lora_A"
+    if name not in modules:
+        raise AdapterFileError(f"{label}: {key!r} names no module of the model")
+    if f"{name}.lora_B" not in tensors:
+        raise AdapterFileError(f"{label}: {key!r} has no matching {name}.lora_B")
+    A, B = tensors[key], tensors[f"{name}.lora_B"]
+    base = modules[name]
+    if A.dim() != 2 or B.dim() != 2:
+        raise AdapterFileError(
+            f"{label}: {key!r} has shape {tuple(A.shape)}; loralib's ConvLoRA layout "
+            "(rank r·k) has no exact LoRA equivalent and is not imported"
+        )
+    if isinstance(base, nn.Embedding) or B.shape[0] == bases.in_out(base)[1]:
+        return name, A.shape[0], (A, B)
+    parts = _loralib_parts(base, B, fused_parts, key, label)
+    r, size = A.shape[0] // len(parts), B.shape[0] // len(parts)
+    pair = (A.reshape(len(parts), r, A.shape[1]), B.reshape(len(parts), size, r))
+    return f"{name}[{','.join(parts)}]", r, pair
 
 
 def _loralib_parts(
