@@ -11,7 +11,6 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from . import patterns
-from .inits import get_init
 
 BIAS_CHOICES = ("none", "all", "lora_only")
 
@@ -108,6 +107,8 @@ class LoraConfig:
             if self.layers_to_transform is None:
                 raise ConfigError("layers_pattern is set but layers_to_transform is None")
         require_choice("bias", self.bias, BIAS_CHOICES)
+        from .inits import get_init  # (they import torch: not with the settings, for --help)
+
         try:
             get_init(self.init)  # the registered inits (``inits/``)
         except ValueError as error:

@@ -217,14 +217,7 @@ class TrainConfig:
         require_number("max_grad_norm", self.max_grad_norm, at_least=0)
         require_choice("schedule", self.schedule, SCHEDULES)
         require_choice("model_kind", self.model_kind, MODEL_KINDS)
-        for name in (
-            "bf16",
-            "chunked_loss",
-            "lean_mlp",
-            "return_freed_memory",
-            "gradient_checkpointing",
-            "fsdp",
-        ):
+        for name in _bool_fields():
             require_bool(name, getattr(self, name))
         if self.max_steps is not None and self.warmup_steps > self.max_steps:
             raise ConfigError(
@@ -292,6 +285,12 @@ class TrainConfig:
         """The settings by section, as ``loralab train --help`` lists them."""
         values = dataclasses.asdict(self)
         return {name: values[name] for names in SECTIONS.values() for name in names}
+
+
+@functools.cache
+def _bool_fields() -> tuple[str, ...]:
+    """The settings that are true or false (a YAML ``yes`` is a string, and refused)."""
+    return tuple(name for name, kind in typing.get_type_hints(TrainConfig).items() if kind is bool)
 
 
 # The headings of ``loralab train --help`` and the order of a run's config.yaml; every

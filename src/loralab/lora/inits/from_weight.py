@@ -1,8 +1,11 @@
-"""What the inits that start from the frozen weight (PiSSA, OLoRA) share."""
+"""What the inits that start from the frozen weight (PiSSA, OLoRA) share: they rewrite
+the base, and they need one plain weight matrix."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
+
+from .registry import Init
 
 if TYPE_CHECKING:
     from ..layers import LoraLayer
@@ -16,3 +19,12 @@ def plain_matrix_refusal(layer: LoraLayer) -> str | None:
     if type(layer) in (LoraLinear, LoraConv1D):
         return None
     return f"it starts from the SVD or QR of one weight matrix; {type(layer).__name__} has none"
+
+
+class FromWeight(Init):
+    """An init that reads W0 and starts at ΔW ≠ 0, which the layer takes out of W0."""
+
+    rewrites_base = True
+
+    def refusal(self, layer: LoraLayer) -> str | None:
+        return plain_matrix_refusal(layer)

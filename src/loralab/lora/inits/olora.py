@@ -14,20 +14,16 @@ from typing import TYPE_CHECKING
 import torch
 
 from .. import frozen_base
-from .from_weight import plain_matrix_refusal
-from .registry import Init, register_init
+from .from_weight import FromWeight
+from .registry import register_init
 
 if TYPE_CHECKING:
     from ..layers import LoraFactors, LoraLayer
 
 
 @register_init
-class OLora(Init):
+class OLora(FromWeight):
     name = "olora"
-    rewrites_base = True
-
-    def refusal(self, layer: LoraLayer) -> str | None:
-        return plain_matrix_refusal(layer)
 
     def start(self, layer: LoraLayer, factors: LoraFactors) -> None:
         weight = frozen_base.weight_matrix(layer.base_layer).float()  # (out, in)
