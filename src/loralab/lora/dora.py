@@ -66,6 +66,7 @@ class DoraLinear(LoraLinear):
     """DoRA around ``nn.Linear`` (or GPT-2's ``Conv1D``)."""
 
     factors_class = DoraFactors
+    one_plain_matrix = False  # ΔW rescales W0's rows: no plain B·A for an init to start
 
     def add_adapter(
         self, name: str, r: int, alpha: float, scale: float, dropout: float, init: str

@@ -195,6 +195,10 @@ class LoraLayer(nn.Module):
         """The factors' ΔW (``bases.weight_matrix``' layout) in the base weight's layout."""
         return bases.to_weight_layout(self.base_layer, delta)
 
+    one_plain_matrix = False
+    """Whether ΔW is one plain product B·A on one weight matrix (Linear, Conv1D): what an
+    init that starts from W0's SVD or QR needs (PiSSA, OLoRA)."""
+
     reads_a_by_lookup = False
     """Whether the forward reads ``A`` by lookup (an embedding's) rather than by a product
     over its fan-in: the inits draw it otherwise."""
@@ -351,6 +355,8 @@ class LoraLayer(nn.Module):
 
 class LoraLinear(LoraLayer):
     """LoRA around ``nn.Linear`` (or GPT-2's ``Conv1D``): A (r, in), B (out, r)."""
+
+    one_plain_matrix = True
 
     def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         in_features, out_features = bases.in_out(self.base_layer)

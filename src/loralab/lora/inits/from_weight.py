@@ -3,20 +3,15 @@ the base, and they need one plain weight matrix."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from torch import nn
 
 from .registry import Init
 
-if TYPE_CHECKING:
-    from ..layers import LoraLayer
 
-
-def plain_matrix_refusal(layer: LoraLayer) -> str | None:
+def plain_matrix_refusal(layer: nn.Module) -> str | None:
     """Why a start read from W0 cannot go on ``layer``: it needs one plain weight matrix
     (a Linear or GPT-2's Conv1D), not fused parts, an embedding, a conv or DoRA's layer."""
-    from ..layers import LoraConv1D, LoraLinear
-
-    if type(layer) in (LoraLinear, LoraConv1D):
+    if layer.one_plain_matrix:
         return None
     return f"it starts from the SVD or QR of one weight matrix; {type(layer).__name__} has none"
 
@@ -26,5 +21,5 @@ class FromWeight(Init):
 
     rewrites_base = True
 
-    def refusal(self, layer: LoraLayer) -> str | None:
+    def refusal(self, layer: nn.Module) -> str | None:
         return plain_matrix_refusal(layer)

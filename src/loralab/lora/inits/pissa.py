@@ -2,7 +2,7 @@
 
 ``A = √(S_r / s) V_rᵀ`` and ``B = U_r √(S_r / s)`` from the top r singular triplets of W0
 (out, in), so that ``s·B A`` is W0's best rank-r approximation and the layer takes it out
-of W0 (``LoraLayer._take_out_start``): training then moves the principal directions
+of W0 (``nn.Module._take_out_start``): training then moves the principal directions
 instead of starting from zero. ``pissa_niter_N`` takes the triplets from a randomized SVD
 with N subspace iterations (much faster on large matrices), seeded here, so that a
 reload (a resumed run) draws the same start. PEFT's ``init_lora_weights="pissa"`` is the
@@ -12,16 +12,13 @@ same start; an adapter saved for the original base is PEFT's conversion of it.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from .. import frozen_base
 from .from_weight import FromWeight
 from .registry import register_init
-
-if TYPE_CHECKING:
-    from ..layers import LoraFactors, LoraLayer
 
 
 @register_init
@@ -29,7 +26,7 @@ class Pissa(FromWeight):
     name = "pissa"
     pattern = r"pissa(_niter_[1-9]\d*)?"
 
-    def start(self, layer: LoraLayer, factors: LoraFactors) -> None:
+    def start(self, layer: nn.Module, factors: nn.Module) -> None:
         weight = frozen_base.weight_matrix(layer.base_layer).float()  # (out, in)
         r = factors.A.shape[0]
         iterations = re.fullmatch(r"pissa_niter_(\d+)", self.name)

@@ -8,14 +8,10 @@ read by lookup rather than by a product over its fan-in, is N(0, 1) as loralib's
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 from torch import nn
 
 from .registry import Init, register_init
-
-if TYPE_CHECKING:
-    from ..layers import LoraFactors, LoraLayer
 
 
 @register_init
@@ -25,7 +21,7 @@ class Kaiming(Init):
     def peft_value(self) -> bool | str:
         return True
 
-    def start(self, layer: LoraLayer, factors: LoraFactors) -> None:
+    def start(self, layer: nn.Module, factors: nn.Module) -> None:
         for A in layer.a_matrices(factors):
             if layer.reads_a_by_lookup:
                 nn.init.normal_(A, std=1.0)
@@ -37,6 +33,6 @@ class Kaiming(Init):
 class Gaussian(Init):
     name = "gaussian"
 
-    def start(self, layer: LoraLayer, factors: LoraFactors) -> None:
+    def start(self, layer: nn.Module, factors: nn.Module) -> None:
         for A in layer.a_matrices(factors):
             nn.init.normal_(A, std=1 / A.shape[0])  # N(0, 1/r)

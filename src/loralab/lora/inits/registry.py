@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from ..layers import LoraFactors, LoraLayer
+from torch import nn
 
 
 class Init:
@@ -27,11 +25,11 @@ class Init:
         """``init_lora_weights`` in PEFT's ``adapter_config.json`` for this init."""
         return self.name
 
-    def refusal(self, layer: LoraLayer) -> str | None:
+    def refusal(self, layer: nn.Module) -> str | None:
         """Why this init cannot start an adapter on ``layer`` (None: it can)."""
         return None
 
-    def start(self, layer: LoraLayer, factors: LoraFactors) -> None:
+    def start(self, layer: nn.Module, factors: nn.Module) -> None:
         """Set ``factors``' tensors in place (under ``torch.no_grad``)."""
         raise NotImplementedError
 

@@ -86,6 +86,7 @@ class SvdLinear(LoraLinear):
     where A is, P (out, r) where B is), with its own factors and low-rank path."""
 
     factors_class = SvdFactors
+    one_plain_matrix = False  # P diag(Λ) Q: AdaLoRA's triplets start as it makes them
 
     def init_factors(self, factors: SvdFactors, init: str) -> None:
         pass  # ``init`` is LoRA's choice for A; AdaLoRA's triplets start as SvdFactors makes them
