@@ -46,8 +46,8 @@ def hot_swap_files(
     errors. Everything is checked before any weight changes."""
     require_adapter(model, adapter_name, "hot-swapped")
     directory = source if source is not None else str(files.directory)
-    incoming = _checked_swap(model, files, adapter_name, directory)
     holding = {n: layer for n, layer in lora_layers(model).items() if adapter_name in layer.lora}
+    incoming = _checked_swap(model, holding, files, adapter_name, directory)
     merged = [layer for layer in holding.values() if adapter_name in layer.merged_adapters]
     for layer in merged:
         layer.unmerge(adapter_name)
@@ -64,10 +64,14 @@ def hot_swap_files(
 
 
 def _checked_swap(
-    model: nn.Module, files: AdapterFiles, adapter_name: str, directory: str
+    model: nn.Module,
+    holding: dict[str, nn.Module],
+    files: AdapterFiles,
+    adapter_name: str,
+    directory: str,
 ) -> dict[str, tuple[dict[str, Tensor], float, float]]:
-    """Each held module's new tensors, α and scale, or the error that says what differs."""
-    holding = {n: layer for n, layer in lora_layers(model).items() if adapter_name in layer.lora}
+    """Each module ``holding`` the adapter: its new tensors, α and scale, or the error
+    that says what differs."""
     refused = f"{directory}: cannot hot-swap into {adapter_name!r}"
     rewritten = [n for n, layer in holding.items() if adapter_name in layer.rewrote]
     if rewritten:

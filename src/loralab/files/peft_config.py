@@ -316,6 +316,7 @@ def peft_config_dict(
     # scale (α doubled, or times √2 with rsLoRA), as PEFT's conversion writes it
     converted = original_base and any(adapter_name in layer.rewrote for layer in layers.values())
     widen = 2 if converted else 1
+    widen_alpha = widen**0.5 if config.use_rslora else widen  # the same scale at rank 2r
     effective = {}  # module -> (r, alpha) as PEFT must see them
     for name, layer in layers.items():
         factors = layer.lora[adapter_name]
@@ -325,13 +326,13 @@ def peft_config_dict(
             p = len(layer.parts.enabled)
             alpha = alpha * (p**0.5 if config.use_rslora else p)
             r = r * p
-        effective[name] = (r * widen, alpha * (widen**0.5 if config.use_rslora else widen))
+        effective[name] = (r * widen, alpha * widen_alpha)
     candidates = base_module_names(model)
     target_modules, layers_to_transform, layers_pattern = written_targets(
         config, set(layers), candidates
     )
     default_r = config.r * widen
-    default_alpha = config.lora_alpha * (widen**0.5 if config.use_rslora else widen)
+    default_alpha = config.lora_alpha * widen_alpha
     return lora_config_json(
         peft_header("LORA", model, config, base_model_name_or_path),
         r=default_r,

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from . import frozen_base as bases
-from .inits import get_init
+from .inits import Init, get_init
 from .low_rank_path import low_rank_path
 
 
@@ -207,9 +207,9 @@ class LoraLayer(nn.Module):
         """``A`` as the matrices an init draws, each with its own fan-in (views)."""
         return [factors.A]
 
-    def init_factors(self, factors: LoraFactors, init: str) -> None:
+    def init_factors(self, factors: LoraFactors, init: Init) -> None:
         """Set a new adapter's starting values as the init ``init`` says (``inits/``)."""
-        get_init(init).start(self, factors)
+        init.start(self, factors)
 
     def __getattr__(self, name: str):
         # Code that reads ``module.weight`` or ``module.in_features`` keeps working.
@@ -236,8 +236,9 @@ class LoraLayer(nn.Module):
             a_shape, b_shape, r, alpha, scale, dropout, bases.device(base), bases.factor_dtype(base)
         )
         with torch.no_grad():
-            self.init_factors(factors, init)
-            if get_init(init).rewrites_base:
+            starting = get_init(init)
+            self.init_factors(factors, starting)
+            if starting.rewrites_base:
                 self._take_out_start(name, factors)
         factors.train(self.training)  # a new adapter follows the model's train/eval mode
         self.lora[name] = factors

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from ...lora.config import ConfigError, LoraConfig
+from ...lora.inits import Init
 from ...lora.inject import Target, TargetError, adapter_configs, apply_targets, plan_targets
 from ...lora.layers import LoraLinear
 from ...lora.merge import merge_and_unload
@@ -88,7 +89,7 @@ class SvdLinear(LoraLinear):
     factors_class = SvdFactors
     one_plain_matrix = False  # P diag(Λ) Q: AdaLoRA's triplets start as it makes them
 
-    def init_factors(self, factors: SvdFactors, init: str) -> None:
+    def init_factors(self, factors: SvdFactors, init: Init) -> None:
         pass  # ``init`` is LoRA's choice for A; AdaLoRA's triplets start as SvdFactors makes them
 
     def _lora_input(self, x: Tensor, factors: SvdFactors) -> Tensor:
