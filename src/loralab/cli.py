@@ -68,12 +68,10 @@ class _PatternValues(argparse.Action):
         setattr(namespace, self.dest, result)
 
 
-def _flag_options(name: str, kind: Any) -> dict[str, Any]:
+def _flag_options(kind: Any) -> dict[str, Any]:
     """How argparse reads a field of type ``kind``."""
     union = typing.get_origin(kind) in (typing.Union, types.UnionType)
     plain = [a for a in typing.get_args(kind) if a is not type(None)] if union else [kind]
-    if name == "resume":  # --resume, or --resume RUN: that run's settings too
-        return {"nargs": "?", "const": True, "metavar": "RUN"}
     if kind is bool:
         return {"action": argparse.BooleanOptionalAction}
     if typing.get_origin(kind) is typing.Literal:
@@ -107,6 +105,9 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, sections) -> None
     for title, names in sections.items():
         group = parser.add_argument_group(title)
         for name in names:
+            if name == "resume":
+                _add_resume_flags(group)
+                continue
             item = fields[name]
             default = (
                 item.default if item.default is not dataclasses.MISSING else item.default_factory()
@@ -114,20 +115,27 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, sections) -> None
             help_text = docs.get(name, "").replace("``", "")
             if not (default is None and "default" in help_text):  # it says what None means
                 help_text += f" (default: {default})"
-            if name == "resume":
-                help_text = (
-                    "continue from the checkpoint in --output-dir; --resume RUN alone "
-                    "continues the run in folder RUN with its own settings (RUN/config.yaml), "
-                    "flags given here winning"
-                )
             options = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
             group.add_argument(
-                "--" + name.replace("_", "-"), **options, **_flag_options(name, hints[name])
+                "--" + name.replace("_", "-"), **options, **_flag_options(hints[name])
             )
-            if name == "resume":
-                group.add_argument(
-                    "--no-resume", dest="resume", action="store_false", default=argparse.SUPPRESS
-                )
+
+
+def _add_resume_flags(group) -> None:
+    """``--resume``, or ``--resume RUN``: that run's own settings too; and ``--no-resume``."""
+    group.add_argument(
+        "--resume",
+        dest="resume",
+        nargs="?",
+        const=True,
+        metavar="RUN",
+        default=argparse.SUPPRESS,
+        help="continue from the checkpoint in --output-dir; --resume RUN alone continues the "
+        "run in folder RUN with its own settings (RUN/config.yaml), flags given here winning",
+    )
+    group.add_argument(
+        "--no-resume", dest="resume", action="store_false", default=argparse.SUPPRESS
+    )
 
 
 class _Parser(argparse.ArgumentParser):
