@@ -65,6 +65,8 @@ def test_without_loraplus_one_group_and_refusals_name_the_reason():
         TrainConfig(method="full", loraplus_lr_ratio=16)
     with pytest.raises(ConfigError, match="loraplus_lr_ratio must be a finite number > 0"):
         TrainConfig(loraplus_lr_ratio=0)
+    with pytest.raises(ConfigError, match="fsdp trains every parameter at one learning rate"):
+        TrainConfig(loraplus_lr_ratio=16, fsdp=True)
 
 
 def test_a_loraplus_run_trains_and_its_b_factors_move_faster(tmp_path, tiny_model_dir):

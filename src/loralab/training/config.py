@@ -190,9 +190,10 @@ class TrainConfig:
                 )
         elif self.max_steps is None:
             self.max_steps = DEFAULT_STEPS
-        positive = ("batch_size", "gradient_accumulation", "max_length", "log_every")
-        for name in (*positive, *(["max_steps"] if self.max_steps is not None else [])):
+        for name in ("batch_size", "gradient_accumulation", "max_length", "log_every"):
             require_int(name, getattr(self, name), minimum=1)
+        if self.max_steps is not None:  # None: epochs give it once the data is read
+            require_int("max_steps", self.max_steps, minimum=1)
         for name in ("warmup_steps", "eval_every", "save_every", "seed", "validation_size"):
             require_int(name, getattr(self, name), minimum=0)
         if self.data_seed is not None:
@@ -207,13 +208,11 @@ class TrainConfig:
                     "head_learning_rate is for a classifier's new head "
                     f"(model_kind: classification); this run is model_kind: {self.model_kind}"
                 )
-            if self.fsdp:
-                raise ConfigError("fsdp trains every parameter at one learning rate")
         require_number("weight_decay", self.weight_decay, at_least=0)
         if self.loraplus_lr_ratio is not None:
             require_number("loraplus_lr_ratio", self.loraplus_lr_ratio, above=0)
-            if self.fsdp:
-                raise ConfigError("fsdp trains every parameter at one learning rate")
+        if self.fsdp and (self.head_learning_rate, self.loraplus_lr_ratio) != (None, None):
+            raise ConfigError("fsdp trains every parameter at one learning rate")
         require_number("max_grad_norm", self.max_grad_norm, at_least=0)
         require_choice("schedule", self.schedule, SCHEDULES)
         require_choice("model_kind", self.model_kind, MODEL_KINDS)
