@@ -301,9 +301,36 @@ def test_a_mistyped_or_abbreviated_flag_is_refused_with_what_it_may_mean(capsys)
     assert_one_line_error(status, lines, "unrecognized arguments: --learnin-rate (did you mean")
     assert "--learning-rate" in lines[0]
     status, lines = run_cli(["train", "--learn", "0.1"], capsys)  # no abbreviations
-    assert_one_line_error(status, lines, "unrecognized arguments: --learn")
+    assert_one_line_error(status, lines, "unrecognized arguments: --learn (did you mean")
+    assert "--learning-rate" in lines[0]  # the flag it begins
     status, lines = run_cli(["serve", "--max-lora", "2"], capsys)
     assert_one_line_error(status, lines, "--max-lora (did you mean --max-loras")
+
+
+def test_pattern_flags_take_pattern_value_pairs_and_name_a_bad_one(capsys):
+    from loralab.cli import _parse, build_parser
+
+    args = _parse(
+        build_parser(),
+        [
+            "train",
+            "--rank-pattern",
+            "q=16",
+            "k=4",
+            "--alpha-pattern",
+            "q=2.5",
+            "--layers-to-transform",
+            "0",
+            "1",
+            "--bias",
+            "all",
+        ],
+    )
+    assert (args.rank_pattern, args.alpha_pattern) == ({"q": 16, "k": 4}, {"q": 2.5})
+    assert (args.layers_to_transform, args.bias) == ([0, 1], "all")
+    for bad in ("q=x", "=4", "q"):
+        status, lines = run_cli(["train", "--rank-pattern", bad], capsys)
+        assert_one_line_error(status, lines, f"--rank-pattern takes PATTERN=INT pairs, got {bad!r}")
 
 
 def test_serve_takes_an_adapter_folder_alone_named_after_its_run():
