@@ -212,23 +212,15 @@ def run_plan(
     stored as soon as it finishes; with ``scale.shard`` only this shard's share of the
     rest is trained, and ``RunsMissing`` says how many others the plan still waits for.
     """
-    jobs = []
-    for arm, seed in plan:
-        own = scale.for_task(arm.task)
-        model = experiment_settings.TASK_MODELS[arm.task]
-        jobs.append(
-            _Job(arm, seed, own, workdir, model, inspect, own.validation_size if validate else 0)
-        )
+    jobs = [_job(arm, seed, scale, workdir, inspect, validate) for arm, seed in plan]
     store = RunStore(scale.store) if scale.store else None
     keys = [job.key() for job in jobs] if store is not None else [None] * len(jobs)
-    results: list[RunResult | None] = [None] * len(jobs)
-    todo = []
-    for index in range(len(jobs)):
-        stored = store.get(keys[index][0]) if store is not None else None
-        if stored is not None:  # under this plan's label: the key does not hold one
-            results[index] = replace(RunResult(**stored), label=jobs[index].arm.label)
-        elif scale.shard is None or scale.shard.owns(index):
-            todo.append(index)
+    results = _stored_results(jobs, keys, store)
+    todo = [
+        index
+        for index, result in enumerate(results)
+        if result is None and (scale.shard is None or scale.shard.owns(index))
+    ]
     if store is not None and len(todo) < len(jobs):
         found = sum(r is not None for r in results)
         log(f"{name}: {found} of {len(jobs)} runs found in {store.directory}")
@@ -251,30 +243,61 @@ def run_plan(
         for index in todo:
             done(index, _run_job(jobs[index]))
     elif todo:
-        # spawn, not fork: a fork of a process whose PyTorch threads have started can hang.
-        context = multiprocessing.get_context("spawn")
-        quiet = (
-            transformers_logging.get_verbosity(),
-            transformers_logging.is_progress_bar_enabled(),
-        )
-        with ProcessPoolExecutor(
-            workers, mp_context=context, initializer=_start_worker, initargs=quiet
-        ) as pool:
-            futures = {pool.submit(_run_job, jobs[index]): index for index in todo}
-            try:
-                for future in as_completed(futures):
-                    done(futures[future], future.result())
-            except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)  # the runs in flight still finish
-                for future, index in futures.items():  # and are kept, for the next attempt
-                    finished_well = future.done() and not future.cancelled()
-                    if results[index] is None and finished_well and future.exception() is None:
-                        done(index, future.result())
-                raise
+        _run_in_workers(jobs, todo, workers, done)
     missing = sum(r is None for r in results)
     if missing:
         raise RunsMissing(name, missing, len(jobs), store.directory if store is not None else None)
     return results
+
+
+def _job(
+    arm: Arm, seed: int, scale: Scale, workdir: Path, inspect: Inspect | None, validate: bool
+) -> _Job:
+    own = scale.for_task(arm.task)
+    model = experiment_settings.TASK_MODELS[arm.task]
+    return _Job(arm, seed, own, workdir, model, inspect, own.validation_size if validate else 0)
+
+
+def _stored_results(
+    jobs: list[_Job], keys: list[Any], store: RunStore | None
+) -> list[RunResult | None]:
+    """Each job's result where the store already holds it (under this plan's label: the key
+    does not hold one), else None."""
+    if store is None:
+        return [None] * len(jobs)
+    results: list[RunResult | None] = []
+    for job, (key, _) in zip(jobs, keys, strict=True):
+        stored = store.get(key)
+        results.append(
+            None if stored is None else replace(RunResult(**stored), label=job.arm.label)
+        )
+    return results
+
+
+def _run_in_workers(
+    jobs: list[_Job], todo: list[int], workers: int, done: Callable[[int, RunResult], None]
+) -> None:
+    """The ``todo`` jobs in ``workers`` processes, ``done`` called as each finishes. On an
+    error or Ctrl-C the runs in flight still finish and are kept, for the next attempt."""
+    # spawn, not fork: a fork of a process whose PyTorch threads have started can hang.
+    context = multiprocessing.get_context("spawn")
+    quiet = (transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled())
+    with ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_start_worker, initargs=quiet
+    ) as pool:
+        futures = {pool.submit(_run_job, jobs[index]): index for index in todo}
+        reported: set[int] = set()
+        try:
+            for future in as_completed(futures):
+                reported.add(futures[future])
+                done(futures[future], future.result())
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            for future, index in futures.items():
+                finished_well = future.done() and not future.cancelled()
+                if index not in reported and finished_well and future.exception() is None:
+                    done(index, future.result())
+            raise
 
 
 def _start_worker(verbosity: int, progress_bars: bool) -> None:

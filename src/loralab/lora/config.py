@@ -80,16 +80,41 @@ class LoraConfig:
         require_int("r", self.r, minimum=1)
         require_number("lora_alpha", self.lora_alpha, above=0)
         require_number("lora_dropout", self.lora_dropout, at_least=0, below=1)
+        self._check_targets()
+        self._check_patterns()
+        self._check_layers()
+        require_choice("bias", self.bias, BIAS_CHOICES)
+        from .inits import get_init  # (they import torch: not with the settings, for --help)
+
+        try:
+            get_init(self.init)  # the registered inits (``inits/``)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        require_bool("use_rslora", self.use_rslora)
+        require_bool("use_dora", self.use_dora)
+
+    def _check_targets(self) -> None:
         self.target_modules = _name_spec("target_modules", self.target_modules, allow_none=False)
         self.exclude_modules = _name_spec("exclude_modules", self.exclude_modules, allow_none=True)
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ConfigError("target_modules is an empty list; name at least one module")
+        if self.modules_to_save is not None:
+            spec = _name_spec("modules_to_save", self.modules_to_save, allow_none=False)
+            if not isinstance(spec, list):
+                raise ConfigError(
+                    f"modules_to_save must be a list of module names, got {self.modules_to_save!r}"
+                )
+            self.modules_to_save = spec
+
+    def _check_patterns(self) -> None:
         self.rank_pattern = _pattern_dict("rank_pattern", self.rank_pattern)
         for key, value in self.rank_pattern.items():
             require_int(f"rank_pattern[{key!r}]", value, minimum=1)
         self.alpha_pattern = _pattern_dict("alpha_pattern", self.alpha_pattern)
         for key, value in self.alpha_pattern.items():
             require_number(f"alpha_pattern[{key!r}]", value, above=0)
+
+    def _check_layers(self) -> None:
         layers = self.layers_to_transform
         if layers is not None:
             layer_list = [layers] if isinstance(layers, int) else layers
@@ -106,22 +131,6 @@ class LoraConfig:
             )
             if self.layers_to_transform is None:
                 raise ConfigError("layers_pattern is set but layers_to_transform is None")
-        require_choice("bias", self.bias, BIAS_CHOICES)
-        from .inits import get_init  # (they import torch: not with the settings, for --help)
-
-        try:
-            get_init(self.init)  # the registered inits (``inits/``)
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
-        require_bool("use_rslora", self.use_rslora)
-        require_bool("use_dora", self.use_dora)
-        if self.modules_to_save is not None:
-            spec = _name_spec("modules_to_save", self.modules_to_save, allow_none=False)
-            if not isinstance(spec, list):
-                raise ConfigError(
-                    f"modules_to_save must be a list of module names, got {self.modules_to_save!r}"
-                )
-            self.modules_to_save = spec
 
     # -- per-module values -------------------------------------------------------------
 

@@ -158,14 +158,7 @@ class Engine:
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
-        while True:
-            with self._wake:
-                while not (self._stopping or self.commands or self.waiting or self.rows):
-                    self._wake.wait()
-                if self._stopping:
-                    break
-                commands = list(self.commands)
-                self.commands.clear()
+        while (commands := self._next_commands()) is not None:
             if commands or self.pool.has_garbage():
                 self._unmix()  # the model may change: no step sees it half-changed
                 self.pool.sweep()
@@ -179,21 +172,53 @@ class Engine:
             except Exception:  # a bug: no request may wait on a state that fails each step
                 log.exception("the engine failed to admit requests")
                 self._fail_waiting()
-            try:
-                if self.rows:
-                    self._step()
-            except Exception:  # a bug must not stop the server: fail this batch only
-                log.exception("the engine failed a step")
-                for row in self.rows:
-                    self._end(row, Failed(RequestError("internal error", status=500)))
-                self.rows, self.cache = [], BatchCache(self.model.config)
-                self._unmix()
+            if self.rows:
+                self._step_or_fail_batch()
         self._unmix()
         for job in [*self.waiting, *(row.job for row in self.rows)]:
             job.emit(Failed(RequestError("the server is shutting down", status=503)))
 
+    def _next_commands(self) -> list[tuple[Callable, concurrent.futures.Future]] | None:
+        """Waits until there is work; the commands to run before it (None: stop)."""
+        with self._wake:
+            while not (self._stopping or self.commands or self.waiting or self.rows):
+                self._wake.wait()
+            if self._stopping:
+                return None
+            commands = list(self.commands)
+            self.commands.clear()
+        return commands
+
+    def _step_or_fail_batch(self) -> None:
+        try:
+            self._step()
+        except Exception:  # a bug must not stop the server: fail this batch only
+            log.exception("the engine failed a step")
+            for row in self.rows:
+                self._end(row, Failed(RequestError("internal error", status=500)))
+            self.rows, self.cache = [], BatchCache(self.model.config)
+            self._unmix()
+
     def _admit(self) -> None:
-        """Prefill waiting jobs into free rows, oldest first, all in one forward.
+        """Prefill waiting jobs into free rows, oldest first, all in one forward."""
+        chosen = self._choose()
+        if not chosen:
+            return
+        self._unmix()  # the prefill mixes its own rows
+        try:
+            self._prefill(chosen)
+        except Exception:
+            if len(chosen) == 1:
+                self._fail_prefill(chosen[0])
+                return
+            for job in chosen:  # one job's fault must not fail the others: each alone
+                try:
+                    self._prefill([job])
+                except Exception:
+                    self._fail_prefill(job)
+
+    def _choose(self) -> list[Job]:
+        """The waiting jobs that take free rows now, their adapters acquired, oldest first.
 
         A job whose adapter cannot be resident yet (every slot in use) lets later ones
         pass, but only for ``PRIORITY_AFTER_S``: from then on, later jobs that would keep
@@ -218,32 +243,25 @@ class Engine:
                     starving = now - job.arrived >= PRIORITY_AFTER_S
                     continue  # it waits for a slot; the model is left as it is
                 self._unmix()  # acquiring it changes the model
-            try:
-                if not self.pool.acquire(job.adapter):
-                    continue
-            except Exception as error:  # this job's adapter alone: it fails, nothing else
-                if not isinstance(error, RequestError):
-                    log.exception("putting adapter %r on the model failed", job.adapter)
-                    error = RequestError("internal error", status=500)
-                self._take(job)
-                job.emit(Failed(error))
-                continue
-            self._take(job)
-            chosen.append(job)
-        if not chosen:
-            return
-        self._unmix()  # the prefill mixes its own rows
+            if self._acquire(job):
+                chosen.append(job)
+        return chosen
+
+    def _acquire(self, job: Job) -> bool:
+        """Puts the job's adapter on the model; False if it must wait. A failure fails this
+        job alone, which leaves the queue."""
         try:
-            self._prefill(chosen)
-        except Exception:
-            if len(chosen) == 1:
-                self._fail_prefill(chosen[0])
-                return
-            for job in chosen:  # one job's fault must not fail the others: each alone
-                try:
-                    self._prefill([job])
-                except Exception:
-                    self._fail_prefill(job)
+            if not self.pool.acquire(job.adapter):
+                return False
+        except Exception as error:
+            if not isinstance(error, RequestError):
+                log.exception("putting adapter %r on the model failed", job.adapter)
+                error = RequestError("internal error", status=500)
+            self._take(job)
+            job.emit(Failed(error))
+            return False
+        self._take(job)
+        return True
 
     def _fail_waiting(self) -> None:
         with self._wake:

@@ -64,14 +64,7 @@ def parse_completion(
 ) -> Completion:
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
-    model = _required(body, "model", str)
-    if model != base_name and model not in adapters:
-        raise RequestError(
-            f"the model {model!r} does not exist; available: {[base_name, *adapters]}",
-            status=404,
-            param="model",
-            code="model_not_found",
-        )
+    model = _model(body, base_name, adapters)
     for name, off in _UNSUPPORTED.items():
         if body.get(name) not in off:
             raise RequestError(f"{name} is not supported by loralab serve", param=name)
@@ -80,6 +73,39 @@ def parse_completion(
         raise RequestError(
             "the prompt is empty (it encodes to no tokens)", param="messages" if chat else "prompt"
         )
+    lengths = _new_tokens(body, chat, prompts, context_length)
+    stream = _optional(body, "stream", bool, False)
+    include_usage = _include_usage(body, stream)
+    return Completion(
+        chat=chat,
+        model=model,
+        adapter=None if model == base_name else model,
+        prompts=prompts,
+        n=_optional_int(body, "n", minimum=1, maximum=MAX_CHOICES) or 1,
+        max_tokens=lengths,
+        sampling=_sampling(body),
+        stop=_stops(body),
+        stream=stream,
+        include_usage=include_usage,
+        ignore_eos=_optional(body, "ignore_eos", bool, False),
+    )
+
+
+def _model(body: dict, base_name: str, adapters: list[str]) -> str:
+    model = _required(body, "model", str)
+    if model != base_name and model not in adapters:
+        raise RequestError(
+            f"the model {model!r} does not exist; available: {[base_name, *adapters]}",
+            status=404,
+            param="model",
+            code="model_not_found",
+        )
+    return model
+
+
+def _new_tokens(body: dict, chat: bool, prompts: list[list[int]], context_length: int) -> list[int]:
+    """How many tokens each prompt may get: the request's limit where it fits the context,
+    else OpenAI's defaults (16 for a completion, the rest of the context for a chat)."""
     limit_name = (
         "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
     )
@@ -100,37 +126,22 @@ def parse_completion(
                 param=limit_name,
                 code="context_length_exceeded",
             )
-        # OpenAI's defaults: 16 for a completion, the rest of the context for a chat
-        lengths.append(
-            max_tokens
-            or (context_length - len(ids) if chat else min(16, context_length - len(ids)))
-        )
-    stream = _optional(body, "stream", bool, False)
+        room = context_length - len(ids)
+        lengths.append(max_tokens or (room if chat else min(16, room)))
+    return lengths
+
+
+def _include_usage(body: dict, stream: bool) -> bool:
     options = body.get("stream_options")
-    include_usage = False
-    if options is not None:
-        if not stream:
-            raise RequestError(
-                "stream_options is only allowed with stream=true", param="stream_options"
-            )
-        if not isinstance(options, dict):
-            raise RequestError("stream_options must be an object", param="stream_options")
-        include_usage = _optional(
-            options, "include_usage", bool, False, "stream_options.include_usage"
+    if options is None:
+        return False
+    if not stream:
+        raise RequestError(
+            "stream_options is only allowed with stream=true", param="stream_options"
         )
-    return Completion(
-        chat=chat,
-        model=model,
-        adapter=None if model == base_name else model,
-        prompts=prompts,
-        n=_optional_int(body, "n", minimum=1, maximum=MAX_CHOICES) or 1,
-        max_tokens=lengths,
-        sampling=_sampling(body),
-        stop=_stops(body),
-        stream=stream,
-        include_usage=include_usage,
-        ignore_eos=_optional(body, "ignore_eos", bool, False),
-    )
+    if not isinstance(options, dict):
+        raise RequestError("stream_options must be an object", param="stream_options")
+    return _optional(options, "include_usage", bool, False, "stream_options.include_usage")
 
 
 def _sampling(body: dict) -> Sampling:

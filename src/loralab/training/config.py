@@ -181,6 +181,19 @@ class TrainConfig:
     factors stay fp32). bf16 is fast only on CPUs with AVX512-BF16 or AMX, and on GPUs."""
 
     def __post_init__(self) -> None:
+        self._check_length()
+        self._check_numbers()
+        self._check_choices()
+        self._check_learning_rates()
+        check_device(self.device)
+        check_dtype(self.dtype, "dtype")
+        if self.data is None and self.task is None:
+            raise ConfigError("give a built-in task (task) or a data file (data)")
+        self._check_method()
+
+    def _check_length(self) -> None:
+        """One of ``max_steps`` and ``epochs`` says how long to train (neither: the default
+        steps); warmup fits inside it."""
         if self.epochs is not None:
             require_number("epochs", self.epochs, above=0)
             if self.max_steps is not None:
@@ -188,18 +201,34 @@ class TrainConfig:
                     f"max_steps={self.max_steps} and epochs={self.epochs} both say how long "
                     "to train; give one"
                 )
-        elif self.max_steps is None:
+            return  # max_steps comes from the epochs once the data is read
+        if self.max_steps is None:
             self.max_steps = DEFAULT_STEPS
+        require_int("max_steps", self.max_steps, minimum=1)
+        require_int("warmup_steps", self.warmup_steps, minimum=0)
+        if self.warmup_steps > self.max_steps:
+            raise ConfigError(
+                f"warmup_steps={self.warmup_steps} is longer than max_steps={self.max_steps}"
+            )
+
+    def _check_numbers(self) -> None:
         for name in ("batch_size", "gradient_accumulation", "max_length", "log_every"):
             require_int(name, getattr(self, name), minimum=1)
-        if self.max_steps is not None:  # None: epochs give it once the data is read
-            require_int("max_steps", self.max_steps, minimum=1)
         for name in ("warmup_steps", "eval_every", "save_every", "seed", "validation_size"):
             require_int(name, getattr(self, name), minimum=0)
-        if self.data_seed is not None:
-            require_int("data_seed", self.data_seed, minimum=0)
-        if self.train_size is not None:
-            require_int("train_size", self.train_size, minimum=1)
+        for name, minimum in (("data_seed", 0), ("train_size", 1)):
+            if getattr(self, name) is not None:
+                require_int(name, getattr(self, name), minimum=minimum)
+        require_number("weight_decay", self.weight_decay, at_least=0)
+        require_number("max_grad_norm", self.max_grad_norm, at_least=0)
+
+    def _check_choices(self) -> None:
+        require_choice("schedule", self.schedule, SCHEDULES)
+        require_choice("model_kind", self.model_kind, MODEL_KINDS)
+        for name in _bool_fields():
+            require_bool(name, getattr(self, name))
+
+    def _check_learning_rates(self) -> None:
         require_number("learning_rate", self.learning_rate, above=0, below=1)
         if self.head_learning_rate is not None:
             require_number("head_learning_rate", self.head_learning_rate, above=0, below=1)
@@ -208,24 +237,13 @@ class TrainConfig:
                     "head_learning_rate is for a classifier's new head "
                     f"(model_kind: classification); this run is model_kind: {self.model_kind}"
                 )
-        require_number("weight_decay", self.weight_decay, at_least=0)
         if self.loraplus_lr_ratio is not None:
             require_number("loraplus_lr_ratio", self.loraplus_lr_ratio, above=0)
         if self.fsdp and (self.head_learning_rate, self.loraplus_lr_ratio) != (None, None):
             raise ConfigError("fsdp trains every parameter at one learning rate")
-        require_number("max_grad_norm", self.max_grad_norm, at_least=0)
-        require_choice("schedule", self.schedule, SCHEDULES)
-        require_choice("model_kind", self.model_kind, MODEL_KINDS)
-        for name in _bool_fields():
-            require_bool(name, getattr(self, name))
-        if self.max_steps is not None and self.warmup_steps > self.max_steps:
-            raise ConfigError(
-                f"warmup_steps={self.warmup_steps} is longer than max_steps={self.max_steps}"
-            )
-        check_device(self.device)
-        check_dtype(self.dtype, "dtype")
-        if self.data is None and self.task is None:
-            raise ConfigError("give a built-in task (task) or a data file (data)")
+
+    def _check_method(self) -> None:
+        """The method's own settings, LoRA's, and what the method cannot do."""
         self.method_settings()  # l_p, l_i, adapter rank, top layers: validated there
         self.lora_config()  # LoRA's settings: validated by LoraConfig itself
         method = self.method_object  # an unknown name lists the valid ones; AdaLoRA's schedule

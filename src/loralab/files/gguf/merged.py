@@ -12,6 +12,7 @@ adapter, every tensor is written in ``--outtype`` (the base in F32, for instance
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,25 +106,51 @@ def write_merged_gguf(
         raise ExportError(f"--output {output} is the source GGUF itself; write a new file")
     reader = (source if isinstance(source, SourceGguf) else read_gguf(source)).reader
     architecture = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
-    ours = _changed_candidates(merged, architecture) if merged is not None else {}
     kept_f16: list[str] = []
+    if merged is None:
+        tensors = {
+            tensor.name: encode(
+                gguf.quants.dequantize(tensor.data, tensor.tensor_type),
+                outtype,
+                tensor.name,
+                kept_f16,
+            )
+            for tensor in reader.tensors
+        }
+        replaced = []
+    else:
+        tensors, replaced = _with_merged(reader, merged, architecture, outtype, kept_f16)
+    retyped = outtype if merged is None else None
+    write_gguf(output, _header_writer(reader, architecture, retyped), tensors, extra_files)
+    return MergedGguf(output, architecture, len(tensors), replaced, kept_f16)
+
+
+def _with_merged(
+    reader, merged: nn.Module, architecture: str, outtype: str, kept_f16: list[str]
+) -> tuple[dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType]], list[str]]:
+    """The source's tensors with those ``merged`` changed in ``outtype`` (the rest byte for
+    byte, in their own types), and the names of those replaced."""
+    ours = _changed_candidates(merged, architecture)
     replaced: list[str] = []
-    tensors: dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType]] = {}
+    tensors = {}
     for tensor in reader.tensors:
-        raw = (tensor.data, tensor.tensor_type)
-        if merged is None:
-            values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-            tensors[tensor.name] = encode(values, outtype, tensor.name, kept_f16)
-            continue
         new = ours.pop(tensor.name, None)
         if new is None or _unchanged(new, tensor):
-            tensors[tensor.name] = raw  # byte for byte, in its own type
+            tensors[tensor.name] = (tensor.data, tensor.tensor_type)
         else:
             tensors[tensor.name] = encode(new, outtype, tensor.name, kept_f16)
             replaced.append(tensor.name)
     for name, new in ours.items():  # a tensor the source did not have (an untied head)
         tensors[name] = encode(new, outtype, name, kept_f16)
         replaced.append(name)
+    return tensors, replaced
+
+
+def _header_writer(
+    reader, architecture: str, retyped: str | None
+) -> Callable[[str], gguf.GGUFWriter]:
+    """Starts a writer with the source's metadata; ``retyped``: every tensor is now that
+    type, and the file type says so."""
 
     def start(path: str) -> gguf.GGUFWriter:
         writer = gguf.GGUFWriter(path, architecture)
@@ -134,16 +161,15 @@ def write_merged_gguf(
             if key.startswith(_WRITTEN_BY_WRITER):
                 continue
             value = part.contents()
-            if key == gguf.Keys.General.FILE_TYPE and merged is None:
-                value = int(FILE_TYPES[outtype])  # the whole file is now this type
+            if key == gguf.Keys.General.FILE_TYPE and retyped is not None:
+                value = int(FILE_TYPES[retyped])
             sub_type = part.types[1] if part.types[0] == gguf.GGUFValueType.ARRAY else None
             writer.add_key_value(key, value, part.types[0], sub_type)
-        if merged is None and gguf.Keys.General.FILE_TYPE not in reader.fields:
-            writer.add_file_type(int(FILE_TYPES[outtype]))
+        if retyped is not None and gguf.Keys.General.FILE_TYPE not in reader.fields:
+            writer.add_file_type(int(FILE_TYPES[retyped]))
         return writer
 
-    write_gguf(output, start, tensors, extra_files)
-    return MergedGguf(output, architecture, len(tensors), replaced, kept_f16)
+    return start
 
 
 def _changed_candidates(merged: nn.Module, architecture: str) -> dict[str, torch.Tensor]:
