@@ -9,13 +9,21 @@ how AdaLoRA spread its ranks (mean final rank per weight type).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from ..methods.adalora.report import layer_and_type
 from . import settings as experiment_settings
 from .report import Report, format_mean_std, markdown_table, mean_std, raw_of, selection_section
 from .runs import run_arms
-from .settings import LM_FULL_SELECTED, LM_QUICK, Arm, Scale, primary_metric, selecting
+from .settings import (
+    LM_FULL_SELECTED,
+    LM_QUICK,
+    NLI_FULL_SELECTED,
+    Arm,
+    Scale,
+    primary_metric,
+)
 
 NAME = "adalora"
 SUMMARY = "AdaLoRA against LoRA at the same final parameter budget, on nli and sql"
@@ -28,17 +36,7 @@ QUICK = Scale(
     quick=True,
     per_task=(("sql", LM_QUICK),),
 )
-FULL = selecting(
-    Scale(
-        steps=1500,
-        train_size=10_000,
-        test_size=1000,
-        seeds=(0, 1, 2),
-        batch_size=8,
-        per_task=(("sql", LM_FULL_SELECTED),),
-    ),
-    500,
-)
+FULL = replace(NLI_FULL_SELECTED, per_task=(("sql", LM_FULL_SELECTED),))
 # estimated, with the selection: 11 nli runs of about 5 min, 11 sql runs of about 18 min
 FULL_HOURS = 2.2
 TASKS = ("nli", "sql")

@@ -3,12 +3,21 @@ LoRA with prefix-embedding tuning can add a little on some tasks)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from .methods import METHOD_ARMS
 from .report import Report, format_mean_std, markdown_table, mean_std, raw_of, selection_section
 from .runs import run_arms
-from .settings import LM_FULL_SELECTED, NLI_VALIDATION, Arm, Scale, primary_metric, selecting
+from .settings import (
+    LM_FULL_SELECTED,
+    NLI_FULL_SELECTED,
+    NLI_VALIDATION,
+    Arm,
+    Scale,
+    primary_metric,
+    selecting,
+)
 
 NAME = "lora-pe"
 SUMMARY = "LoRA+PE against LoRA and PreEmbed"
@@ -16,17 +25,7 @@ QUICK = selecting(
     Scale(steps=300, train_size=1000, test_size=500, seeds=(0, 1, 2), batch_size=8, quick=True),
     NLI_VALIDATION,
 )
-FULL = selecting(
-    Scale(
-        steps=1500,
-        train_size=10_000,
-        test_size=1000,
-        seeds=(0, 1, 2),
-        batch_size=8,
-        per_task=(("e2e", LM_FULL_SELECTED),),
-    ),
-    500,
-)
+FULL = replace(NLI_FULL_SELECTED, per_task=(("e2e", LM_FULL_SELECTED),))
 # estimated, with the selection: 17 nli runs of about 5 min, 17 e2e runs of about 18 min
 FULL_HOURS = 3.2
 QUICK_TASKS = ("nli",)

@@ -10,7 +10,15 @@ from pathlib import Path
 from .methods import METHOD_ARMS
 from .report import Report, format_mean_std, markdown_table, mean_std, raw_of, selection_section
 from .runs import run_arms
-from .settings import LM_STANDARD, NLI_VALIDATION, Arm, Scale, primary_metric, selecting
+from .settings import (
+    LM_STANDARD,
+    NLI_FULL_SELECTED,
+    NLI_VALIDATION,
+    Arm,
+    Scale,
+    primary_metric,
+    selecting,
+)
 
 NAME = "low-data"
 SUMMARY = (
@@ -21,9 +29,7 @@ QUICK = selecting(
     Scale(steps=200, train_size=10_000, test_size=500, seeds=(0, 1), batch_size=8, quick=True),
     NLI_VALIDATION,
 )
-FULL = selecting(
-    Scale(steps=1500, train_size=10_000, test_size=1000, seeds=(0, 1, 2), batch_size=8), 500
-)
+FULL = NLI_FULL_SELECTED
 # On e2e with SmolLM2 (see methods.STANDARD), two sizes, each method's learning rate
 # chosen from three per size: 24 selection runs, 4 beyond the grid and 8 more for the second
 # seed took 47 min here (92.6 min of one-thread runs).

@@ -8,23 +8,17 @@ count for square projections).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from .report import Report, format_mean_std, markdown_table, mean_std, runs_as_dicts
 from .runs import run_arms
-from .settings import LM_FULL, Arm, Scale, primary_metric
+from .settings import LM_FULL, NLI_FULL, Arm, Scale, primary_metric
 
 NAME = "ranks"
 SUMMARY = "r ∈ {1, 2, 4, 8, 64} × weight types, and the fixed-budget comparison"
 QUICK = Scale(steps=250, train_size=1000, test_size=500, seeds=(0, 1), batch_size=8, quick=True)
-FULL = Scale(
-    steps=1500,
-    train_size=10_000,
-    test_size=1000,
-    seeds=(0, 1, 2),
-    batch_size=8,
-    per_task=(("sql", LM_FULL),),
-)
+FULL = replace(NLI_FULL, per_task=(("sql", LM_FULL),))
 # Estimated from the measured step times (base.LM_QUICK): 45 nli runs of about 4.5 min,
 # 45 sql runs of about 17 min, two at a time.
 FULL_HOURS = 8.0

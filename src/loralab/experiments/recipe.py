@@ -23,7 +23,7 @@ from typing import Any
 from .methods import METHOD_ARMS
 from .report import Report, format_mean_std, markdown_table, mean_std, raw_of
 from .runs import Runs, run_arms
-from .settings import HEAD_LEARNING_RATE, LEARNING_RATES, Arm, Scale
+from .settings import HEAD_LEARNING_RATE, LEARNING_RATES, NLI_FULL, Arm, Scale
 
 NAME = "recipe"
 SUMMARY = "LoRA's plateau on nli against the recipe: warm-up, α/r, the head's learning rate"
@@ -31,7 +31,7 @@ SUMMARY = "LoRA's plateau on nli against the recipe: warm-up, α/r, the head's l
 QUICK = Scale(
     steps=200, train_size=10_000, test_size=500, seeds=(0, 1, 2, 3), batch_size=8, quick=True
 )
-FULL = Scale(steps=1500, train_size=10_000, test_size=1000, seeds=tuple(range(6)), batch_size=8)
+FULL = NLI_FULL.with_seeds(6)
 FULL_HOURS = 3.0  # estimated: 68 runs of about 5 min, two side by side
 TASK = "nli"
 STUCK_BELOW = 45.0

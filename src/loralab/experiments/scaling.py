@@ -8,12 +8,12 @@ from pathlib import Path
 
 from .report import Report, markdown_table, mean_std, runs_as_dicts
 from .runs import run_arms
-from .settings import Arm, Scale
+from .settings import NLI_FULL, Arm, Scale
 
 NAME = "scaling"
 SUMMARY = "quality vs trainable parameters: PreEmbed/PreLayer tokens, LoRA rank (one figure)"
 QUICK = Scale(steps=200, train_size=1000, test_size=500, seeds=(0, 1), batch_size=8, quick=True)
-FULL = Scale(steps=1500, train_size=10_000, test_size=1000, seeds=(0, 1, 2), batch_size=8)
+FULL = NLI_FULL
 FULL_HOURS = 2.0  # estimated: 42 runs of 4–12 min (64 prefix tokens triple a sequence)
 TASK = "nli"
 ALPHA = 16  # the same α at every rank, as the paper (and ``ranks``)

@@ -152,6 +152,12 @@ LM_FULL = Scale(steps=200, train_size=2000, test_size=200, seeds=(0, 1, 2), batc
 # The full mode of the experiments that compare methods: rates chosen on 100 examples.
 LM_FULL_SELECTED = selecting(LM_FULL, 100)
 
+# The full mode on nli (MiniLM): the paper's GLUE-style setting at a laptop's size, which
+# every experiment's full mode starts from (its own seeds, its LM tasks in per_task).
+NLI_FULL = Scale(steps=1500, train_size=10_000, test_size=1000, seeds=(0, 1, 2), batch_size=8)
+# The same with each method's learning rate chosen on 500 validation examples.
+NLI_FULL_SELECTED = selecting(NLI_FULL, 500)
+
 
 def default_jobs() -> int:
     """One job per core this process may run on."""

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import copy
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -46,7 +46,7 @@ from ..lora.analysis import amplification, random_subspace_similarity, subspace_
 from . import settings as experiment_settings
 from .report import Report, markdown_table
 from .runs import RunResult, run_plan
-from .settings import Arm, Scale
+from .settings import NLI_FULL, Arm, Scale
 
 NAME = "subspace"
 SUMMARY = "subspace similarity of LoRA's A across ranks and seeds; amplification of ΔW"
@@ -59,7 +59,7 @@ SHOWN = 8  # heatmaps show i, j ≤ 8, as the paper's zoomed panels
 MAX_LAYERS_SHOWN = 6  # a deeper model shows this many layers, evenly spread
 RANDOM_DRAWS = 20
 QUICK = Scale(steps=400, train_size=1200, test_size=300, seeds=(0, 1), max_length=64, quick=True)
-FULL = Scale(steps=1500, train_size=10_000, test_size=500, seeds=(0, 1), max_length=64)
+FULL = replace(NLI_FULL, test_size=500, seeds=(0, 1), max_length=64)
 FULL_HOURS = 0.35  # about 4× the quick mode's training; see the module docstring
 
 
