@@ -7,6 +7,8 @@ value and what is allowed, so a mistyped config never reaches a model.
 from __future__ import annotations
 
 import math
+import typing
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
@@ -172,6 +174,26 @@ class LoraConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+
+def with_lora_settings(*names: str) -> Callable[[type], type]:
+    """A class decorator: give the dataclass-to-be the ``LoraConfig`` fields ``names`` (all
+    of them if none) as LoraConfig declares them: type, default, and the docstring that is
+    their help. Settings that other configs share with LoRA are then declared once, here,
+    with one set of defaults (PEFT's)."""
+
+    def add(cls: type) -> type:
+        types = typing.get_type_hints(LoraConfig)  # real types: the CLI reads them
+        for item in fields(LoraConfig):
+            if names and item.name not in names:
+                continue
+            cls.__annotations__[item.name] = types[item.name]
+            setattr(
+                cls, item.name, field(default=item.default, default_factory=item.default_factory)
+            )
+        return cls
+
+    return add
 
 
 def pattern_matches(key: str, module_name: str, field: str = "rank_pattern") -> bool:

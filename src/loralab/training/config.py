@@ -25,6 +25,7 @@ from ..lora.config import (
     require_choice,
     require_int,
     require_number,
+    with_lora_settings,
 )
 from ..models.devices import check_device, check_dtype
 
@@ -36,24 +37,8 @@ MODEL_KINDS = ("causal-lm", "classification")
 DEFAULT_STEPS = 100
 
 
-def _with_lora_settings(cls: type) -> type:
-    """Give ``cls`` every ``LoraConfig`` field as LoraConfig declares it (type, default,
-    the docstring that is its help): a run's LoRA settings are declared once, there, with
-    one set of defaults (PEFT's), and every one of them can be set from ``loralab train``
-    and a config file."""
-    types = typing.get_type_hints(LoraConfig)  # real types: the CLI reads them
-    for item in dataclasses.fields(LoraConfig):
-        cls.__annotations__[item.name] = types[item.name]
-        setattr(
-            cls,
-            item.name,
-            dataclasses.field(default=item.default, default_factory=item.default_factory),
-        )
-    return cls
-
-
 @dataclass
-@_with_lora_settings
+@with_lora_settings()
 class TrainConfig:
     """Everything a training run needs; the CLI flags and YAML keys are these fields, and
     every ``LoraConfig`` field (``r``, ``lora_alpha``, ``target_modules``, ``use_rslora``,

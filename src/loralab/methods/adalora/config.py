@@ -5,16 +5,37 @@ one to one), the targets as the core planner reads them, and the schedule's chec
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
-from ...lora.config import ConfigError, LoraConfig, require_int, require_number
+from ...lora.config import (
+    ConfigError,
+    LoraConfig,
+    require_int,
+    require_number,
+    with_lora_settings,
+)
 
 ADAPTER_NAME = "default"  # AdaLoRA trains one adapter, as in PEFT
 RANKNUM_EPSILON = 1e-5  # PEFT divides by ranknum + 1e-5
 
 
+# The settings AdaLoRA shares with LoRA: its targets, α, dropout, biases and saved modules.
+# (α scales by α / (init_r + 1e-5) here, PEFT's ``ranknum``.)
+SHARED_WITH_LORA = (
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "bias",
+    "modules_to_save",
+)
+
+
 @dataclass
+@with_lora_settings(*SHARED_WITH_LORA)
 class AdaLoraConfig:
     """Settings of AdaLoRA: the SVD-form update, its importance scores and its budget.
 
@@ -43,23 +64,7 @@ class AdaLoraConfig:
     """Weight γ of the orthogonality regulariser on P and Q (≥ 0; 0 turns it off)."""
     total_step: int | None = None
     """Optimizer steps the schedule spans; None: the training run's ``max_steps``."""
-    lora_alpha: float = 8
-    """α: the update is scaled by α / (``init_r`` + 1e-5), as in PEFT."""
-    lora_dropout: float = 0.0
-    """Dropout on the input of the low-rank path only, in [0, 1)."""
-    target_modules: list[str] | str = field(default_factory=lambda: ["q", "v"])
-    """Which weights to adapt, as ``LoraConfig.target_modules`` (whole Linear or GPT-2
-    Conv1D matrices; a fused part such as GPT-2's ``c_attn[q,v]`` is not supported)."""
-    exclude_modules: list[str] | str | None = None
-    """Modules never adapted, as ``LoraConfig.exclude_modules``."""
-    layers_to_transform: list[int] | int | None = None
-    """Only adapt modules in these layer indices (None: every layer)."""
-    layers_pattern: list[str] | str | None = None
-    """Name of the module list holding the layers (``layers``, ``h``…); None: any."""
-    bias: Literal["none", "all", "lora_only"] = "none"
-    """Which biases train, as ``LoraConfig.bias``."""
-    modules_to_save: list[str] | None = None
-    """Modules trained in full and saved with the adapter (a classifier's head)."""
+    # And LoRA's own settings, as LoraConfig declares them (``SHARED_WITH_LORA``).
 
     def __post_init__(self) -> None:
         for name in ("init_r", "target_r", "deltaT"):
@@ -81,17 +86,8 @@ class AdaLoraConfig:
     def targets(self) -> LoraConfig:
         """The modules to adapt and their α, dropout and biases, as the core planner reads
         them: a ``LoraConfig`` of rank ``init_r`` whose scale is AdaLoRA's."""
-        return AdaLoraTargets(
-            r=self.init_r,
-            lora_alpha=self.lora_alpha,
-            lora_dropout=self.lora_dropout,
-            target_modules=self.target_modules,
-            exclude_modules=self.exclude_modules,
-            layers_to_transform=self.layers_to_transform,
-            layers_pattern=self.layers_pattern,
-            bias=self.bias,
-            modules_to_save=self.modules_to_save,
-        )
+        shared = {name: getattr(self, name) for name in SHARED_WITH_LORA}
+        return AdaLoraTargets(r=self.init_r, **shared)
 
     def for_steps(self, max_steps: int) -> AdaLoraConfig:
         """This config for a run of ``max_steps`` steps: ``total_step`` filled in if None.
