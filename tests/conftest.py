@@ -213,11 +213,18 @@ def _byte_level_alphabet() -> list[str]:
 
 
 def save_tiny_gguf(
-    path, hidden_size: int = 32, layers: int = 2, seed: int = 0, tied: bool = False
+    path,
+    hidden_size: int = 32,
+    layers: int = 2,
+    seed: int = 0,
+    tied: bool = False,
+    linear_type: str = "F32",
+    embedding_type: str = "F32",
 ) -> None:
-    """A tiny Llama as a llama.cpp GGUF file (F32 tensors, a byte-level BPE tokenizer with
-    ChatML specials and a chat template), in the layout of the embedded SmolLM2's file
-    (whose output is its embedding, as with ``tied``)."""
+    """A tiny Llama as a llama.cpp GGUF file (a byte-level BPE tokenizer with ChatML
+    specials and a chat template), in the layout of the embedded SmolLM2's file (whose
+    output is its embedding, as with ``tied``). The linear weights are stored as
+    ``linear_type`` and the embedding as ``embedding_type`` (``packed_bytes``); norms F32."""
     import gguf
     import numpy as np
 
@@ -254,11 +261,16 @@ def save_tiny_gguf(
     )
     rng = np.random.default_rng(seed)
 
-    def add(name: str, *shape: int) -> None:  # numpy's (out, in), as PyTorch's weights
-        writer.add_tensor(name, (0.02 * rng.standard_normal(shape)).astype(np.float32))
+    def add(name: str, *shape: int, kind: str = linear_type) -> None:
+        values = (0.02 * rng.standard_normal(shape)).astype(np.float32)  # (out, in)
+        if kind == "F32":
+            writer.add_tensor(name, values)
+        else:
+            raw = gguf.GGMLQuantizationType[kind]
+            writer.add_tensor(name, packed_bytes(values, kind, rng), raw_dtype=raw)
 
     kv = kv_heads * hidden_size // heads
-    add("token_embd.weight", len(tokens), hidden_size)
+    add("token_embd.weight", len(tokens), hidden_size, kind=embedding_type)
     for block in range(layers):
         for norm in ("attn_norm", "ffn_norm"):
             writer.add_tensor(f"blk.{block}.{norm}.weight", np.ones(hidden_size, np.float32))
@@ -276,6 +288,27 @@ def save_tiny_gguf(
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def packed_bytes(values, kind: str, rng):
+    """``values`` (out, in) as GGUF ``kind`` blocks, uint8 (out, row bytes): quantized by the
+    ``gguf`` package where it can (Q4_0, Q4_1, Q8_0); the k-quants, which it only reads, as
+    random bytes whose fp16 scales are small finite numbers (a valid file all the same)."""
+    import gguf
+    import numpy as np
+
+    raw = gguf.GGMLQuantizationType[kind]
+    try:
+        return gguf.quants.quantize(values, raw)
+    except NotImplementedError:
+        pass
+    block_values, block_bytes = gguf.GGML_QUANT_SIZES[raw]
+    rows, columns = values.shape
+    blocks = rng.integers(0, 256, (rows * columns // block_values, block_bytes), dtype=np.uint8)
+    scales = (0.01 * rng.random((len(blocks), 2))).astype(np.float16).view(np.uint8)
+    where = {"Q4_K": slice(0, 4), "Q5_K": slice(0, 4), "Q6_K": slice(208, 210)}[kind]
+    blocks[:, where] = scales[:, : where.stop - where.start]
+    return blocks.reshape(rows, -1)
 
 
 @pytest.fixture(scope="session")

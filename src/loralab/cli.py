@@ -27,6 +27,7 @@ from .files.output_dirs import OutputDirError, check_output_dir
 # Only what parsing needs is imported here: torch and Transformers load after the command
 # line is read, so that `--help` and a mistyped flag answer at once.
 from .lora.config import ConfigError
+from .models.devices import QUANTIZED_BASES
 from .training.config import SECTIONS, TrainConfig
 
 PROGRAM = "loralab"
@@ -468,6 +469,12 @@ def _device_flags(parser: argparse.ArgumentParser, dtype: str, device: bool = Tr
             default="auto",
             help="auto (the first CUDA GPU if PyTorch sees one, else the CPU), cpu, cuda or cuda:N",
         )
+        parser.add_argument(
+            "--quantized-base",
+            choices=QUANTIZED_BASES,
+            help="keep the base quantized: gguf runs on a GGUF file's own packed weights "
+            "(the embedded model's, or --model FILE.gguf) instead of dequantizing them",
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -557,7 +564,13 @@ def _load(args: argparse.Namespace, num_labels: int | None = None):
     device = choose_device(getattr(args, "device", "cpu"))  # a missing GPU, before loading
     dtype = base_dtype(args.dtype)
     extra = {"num_labels": num_labels} if args.model_kind == "classification" else {}
-    model, tokenizer = load_model(args.model, kind=args.model_kind, dtype=dtype, **extra)
+    model, tokenizer = load_model(
+        args.model,
+        kind=args.model_kind,
+        dtype=dtype,
+        quantized_base=getattr(args, "quantized_base", None),
+        **extra,
+    )
     if args.adapter is not None:
         load_method(model, args.adapter)  # a PEFT adapter, or any method's saved files
     if device.type != "cpu":
@@ -869,6 +882,7 @@ def _serve(args: argparse.Namespace) -> int:
         api_key=args.api_key or os.environ.get("LORALAB_API_KEY") or None,
         device=args.device,
         dtype=args.dtype,
+        quantized_base=args.quantized_base,
     )
     serve(options)
     return 0

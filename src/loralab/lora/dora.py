@@ -26,7 +26,6 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers.pytorch_utils import Conv1D
 
 from . import frozen_base as bases
 from .layers import LoraFactors, LoraLinear, low_rank_product, register_factors
@@ -99,9 +98,7 @@ class DoraConv1D(DoraLinear):
 
 
 def dora_class_for(module: nn.Module) -> type[DoraLinear] | None:
-    """The DoRA wrapper for a module type, or None where DoRA is not supported."""
-    if isinstance(module, Conv1D):
-        return DoraConv1D
-    if isinstance(module, nn.Linear):
-        return DoraLinear
-    return None
+    """The DoRA wrapper for a module, by what its kind of base computes; None where DoRA
+    is not supported."""
+    kind = bases.kind_or_none(module)
+    return {"linear": DoraLinear, "conv1d": DoraConv1D}.get(kind.role) if kind else None

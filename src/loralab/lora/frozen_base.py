@@ -4,9 +4,10 @@ What LoRA needs from the layer it wraps: the sizes of its input and output, wher
 what dtype it computes, its weight as a matrix (out, in), and how a ΔW in the weight's own
 layout goes into that weight. Each kind answers for its modules: GPT-2's ``Conv1D`` stores
 its weight transposed, (in, out), an embedding table is read by lookup, a convolution's
-kernel is a matrix once flattened. A new kind of base (a quantized one) is one more class
-registered in ``KINDS``; the module-level functions below are what the rest of loralab
-calls, whatever the kind.
+kernel is a matrix once flattened, a packed weight (``quantized/``) is unpacked on
+request and cannot take ΔW in place. A new kind of base is one more class registered in
+``KINDS``; the module-level functions below are what the rest of loralab calls, whatever
+the kind.
 """
 
 from __future__ import annotations
@@ -15,11 +16,16 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from .quantized import PackedLinear
+
 
 class FrozenBase:
     """A dense ``nn.Linear``: weight (out, in), the layout every other kind maps to."""
 
     module_types: tuple[type, ...] = (nn.Linear,)
+    role = "linear"
+    """What the layer computes, which picks the LoRA layer class that wraps it: linear,
+    conv1d (a linear map stored (in, out)), embedding or conv2d."""
     stored_in_out = False
     """Whether the weight lies (in, out): ``weight_matrix`` transposes it."""
     fan_in_fan_out = False
@@ -28,11 +34,30 @@ class FrozenBase:
     def in_out(self, base: nn.Module) -> tuple[int, int]:
         return base.in_features, base.out_features
 
+    def weight_of(self, base: nn.Module) -> Tensor:
+        return base.weight
+
+    def weight_shape(self, base: nn.Module) -> tuple[int, ...]:
+        return tuple(base.weight.shape)
+
+    def device(self, base: nn.Module) -> torch.device:
+        return base.weight.device
+
+    def compute_dtype(self, base: nn.Module) -> torch.dtype:
+        return base.weight.dtype
+
+    def weight_copy(self, base: nn.Module) -> Tensor:
+        return base.weight.detach().float().clone()
+
     def weight_matrix(self, base: nn.Module) -> Tensor:
         return matrix_of(base.weight.detach(), self.stored_in_out)
 
     def to_weight_layout(self, base: nn.Module, matrix: Tensor) -> Tensor:
         return in_weight_layout(matrix, tuple(base.weight.shape), self.stored_in_out)
+
+    def fixed_reason(self, base: nn.Module) -> str | None:
+        """Why ΔW cannot go into the stored weight in place (None: it can)."""
+        return None
 
     def add_to_weight(self, base: nn.Module, delta: Tensor) -> None:
         weight = base.weight
@@ -44,6 +69,7 @@ class Conv1DBase(FrozenBase):
     """GPT-2's ``Conv1D``: a linear map whose weight is stored (in, out)."""
 
     module_types = (Conv1D,)
+    role = "conv1d"
     stored_in_out = True
     fan_in_fan_out = True
 
@@ -56,6 +82,7 @@ class EmbeddingBase(FrozenBase):
     """An embedding table (num, dim): the map from a one-hot token to its row."""
 
     module_types = (nn.Embedding,)
+    role = "embedding"
     stored_in_out = True
 
     def in_out(self, base: nn.Module) -> tuple[int, int]:
@@ -66,9 +93,48 @@ class Conv2dBase(FrozenBase):
     """A 2-D convolution: its kernel (out, in, kh, kw) as the matrix (out, in · kh · kw)."""
 
     module_types = (nn.Conv2d,)
+    role = "conv2d"
 
     def in_out(self, base: nn.Module) -> tuple[int, int]:
         return base.in_channels, base.out_channels
+
+
+class PackedBase(FrozenBase):
+    """A linear map whose weight (out, in) stays packed in blocks (``PackedLinear``): read
+    by unpacking it, and never changed in place (ΔW has nowhere exact to go in 4 bits)."""
+
+    module_types = (PackedLinear,)
+
+    def weight_of(self, base: nn.Module) -> Tensor:
+        return base.packed
+
+    def weight_shape(self, base: nn.Module) -> tuple[int, ...]:
+        return base.out_features, base.in_features
+
+    def device(self, base: nn.Module) -> torch.device:
+        return base.packed.device
+
+    def compute_dtype(self, base: nn.Module) -> torch.dtype:
+        return base.dtype
+
+    def weight_copy(self, base: nn.Module) -> Tensor:
+        return base.dequantized().float()
+
+    def weight_matrix(self, base: nn.Module) -> Tensor:
+        return base.dequantized().float()
+
+    def to_weight_layout(self, base: nn.Module, matrix: Tensor) -> Tensor:
+        return matrix
+
+    def fixed_reason(self, base: nn.Module) -> str | None:
+        return (
+            f"its weight is packed ({base.block_format.name} blocks) and cannot take ΔW in "
+            "place; merge into a dense copy (`loralab merge` writes one) or load the base "
+            "without --quantized-base"
+        )
+
+    def add_to_weight(self, base: nn.Module, delta: Tensor) -> None:
+        raise TypeError(self.fixed_reason(base))
 
 
 # The kinds, the most specific first: one line per kind.
@@ -76,21 +142,50 @@ KINDS: tuple[FrozenBase, ...] = (
     Conv1DBase(),
     EmbeddingBase(),
     Conv2dBase(),
+    PackedBase(),
     FrozenBase(),
 )
 
 
 def kind_of(base: nn.Module) -> FrozenBase:
     """The kind that answers for ``base``; a module of no registered kind is an error."""
-    for kind in KINDS:
-        if isinstance(base, kind.module_types):
-            return kind
-    raise TypeError(f"{type(base).__name__} is no kind of frozen base loralab reads")
+    kind = kind_or_none(base)
+    if kind is None:
+        raise TypeError(f"{type(base).__name__} is no kind of frozen base loralab reads")
+    return kind
 
 
-def weight_of(base: nn.Module) -> nn.Parameter:
-    """The stored weight parameter (to find what else holds it, such as a tied head)."""
-    return base.weight
+def kind_or_none(base: nn.Module) -> FrozenBase | None:
+    """The kind that answers for ``base``, or None (a module LoRA does not wrap)."""
+    return next((kind for kind in KINDS if isinstance(base, kind.module_types)), None)
+
+
+def role_of(module: nn.Module) -> str | None:
+    """What ``module`` computes as a frozen base (``FrozenBase.role``), or None."""
+    kind = kind_or_none(module)
+    return None if kind is None else kind.role
+
+
+def is_linear_map(module: nn.Module) -> bool:
+    """Whether ``module`` is a linear layer of any kind (dense, GPT-2's Conv1D, packed):
+    what ``target_modules="all-linear"`` looks for."""
+    return role_of(module) in ("linear", "conv1d")
+
+
+def packed_in(module: nn.Module) -> str | None:
+    """Why the weights inside ``module`` cannot be trained or changed in place (the first
+    packed one's reason), or None: methods that train base weights ask it first."""
+    for name, inner in module.named_modules():
+        kind = kind_or_none(inner)
+        reason = kind.fixed_reason(inner) if kind is not None else None
+        if reason is not None:
+            return f"{name}: {reason}"
+    return None
+
+
+def weight_of(base: nn.Module) -> Tensor:
+    """The stored weight (to find what else holds it, such as a tied head)."""
+    return kind_of(base).weight_of(base)
 
 
 def fan_in_fan_out(base: nn.Module) -> bool:
@@ -111,15 +206,16 @@ def bias_of(base: nn.Module) -> Tensor | None:
 
 
 def weight_shape(base: nn.Module) -> tuple[int, ...]:
-    return tuple(base.weight.shape)
+    """The shape of the weight as the layer computes with it (a packed one's (out, in))."""
+    return kind_of(base).weight_shape(base)
 
 
 def device(base: nn.Module) -> torch.device:
-    return base.weight.device
+    return kind_of(base).device(base)
 
 
 def compute_dtype(base: nn.Module) -> torch.dtype:
-    return base.weight.dtype
+    return kind_of(base).compute_dtype(base)
 
 
 def factor_dtype(base: nn.Module) -> torch.dtype:
@@ -132,7 +228,7 @@ def factor_dtype(base: nn.Module) -> torch.dtype:
 def weight_copy(base: nn.Module) -> Tensor:
     """The weight in its stored layout (the layout of ``delta_weight()``), as a new fp32
     tensor detached from the model."""
-    return base.weight.detach().float().clone()
+    return kind_of(base).weight_copy(base)
 
 
 def weight_matrix(base: nn.Module) -> Tensor:
@@ -158,6 +254,12 @@ def matrix_of(weight: Tensor, stored_in_out: bool) -> Tensor:
 def in_weight_layout(matrix: Tensor, shape: tuple[int, ...], stored_in_out: bool) -> Tensor:
     """``to_weight_layout`` for a weight of ``shape`` alone, given its layout."""
     return matrix.T if stored_in_out else matrix.view(shape)
+
+
+def fixed_reason(base: nn.Module) -> str | None:
+    """Why ΔW cannot be added into ``base``'s weight in place (a packed weight), or None:
+    merging and inits that rewrite W0 ask this before they change anything."""
+    return kind_of(base).fixed_reason(base)
 
 
 def add_to_weight(base: nn.Module, delta: Tensor) -> None:

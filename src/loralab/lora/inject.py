@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from . import frozen_base as bases
 from . import patterns
@@ -158,7 +157,7 @@ def _select(
         head = output_head(model)
         for name in names:
             module = modules[name]
-            if isinstance(module, (nn.Linear, Conv1D)) and module is not head:
+            if bases.is_linear_map(module) and module is not head:
                 selection.add(name, None, None)
         return selection
     if isinstance(spec, str):  # a regex over the whole name, as PEFT reads a string
@@ -371,6 +370,9 @@ def _check_init(init_name: str, name: str, layer: LoraLayer) -> None:
     """Refuse, while the model is untouched, an init that cannot start on ``layer``."""
     init = get_init(init_name)
     reason = init.refusal(layer)
+    if reason is None and init.rewrites_base:
+        fixed = bases.fixed_reason(layer.base_layer)
+        reason = fixed and f"it rewrites W0, but {fixed}"
     if reason is None and init.rewrites_base and len(layer.lora):
         reason = (
             f"it already holds the adapters {list(layer.lora)}, whose base weight "

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers.pytorch_utils import Conv1D
 
 from . import frozen_base as bases
 from .inits import Init, get_init
@@ -538,17 +537,20 @@ class LoraFusedLinear(LoraLayer):
         return f"parts={self.parts.enabled} of {self.parts.names}, " + super().extra_repr()
 
 
+# The LoRA layer for each role of a frozen base (``frozen_base.FrozenBase.role``).
+LORA_LAYERS: dict[str, type[LoraLayer]] = {
+    "linear": LoraLinear,
+    "conv1d": LoraConv1D,
+    "embedding": LoraEmbedding,
+    "conv2d": LoraConv2d,
+}
+
+
 def lora_class_for(module: nn.Module) -> type[LoraLayer] | None:
-    """The wrapper for a module type, or None if LoRA does not support it."""
-    if isinstance(module, Conv1D):
-        return LoraConv1D
-    if isinstance(module, nn.Linear):
-        return LoraLinear
-    if isinstance(module, nn.Embedding):
-        return LoraEmbedding
-    if isinstance(module, nn.Conv2d):
-        return LoraConv2d
-    return None
+    """The wrapper for a module, by what its kind of base computes; None if LoRA does not
+    support it."""
+    kind = bases.kind_or_none(module)
+    return None if kind is None else LORA_LAYERS.get(kind.role)
 
 
 def unsupported_reason(module: nn.Module) -> str | None:

@@ -41,6 +41,9 @@ def _layers_to_merge(
     layers = lora_layers(model)
     tied = _tied_elsewhere(model)
     for name, layer in layers.items():
+        fixed = bases.fixed_reason(layer.base_layer)
+        if fixed is not None:
+            raise MergeError(f"cannot merge into {name!r}: {fixed}")
         weight = bases.weight_of(layer.base_layer)
         holders = [h for h in tied.get(id(weight), []) if not h.startswith(name)]
         if holders:

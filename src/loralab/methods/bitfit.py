@@ -24,19 +24,21 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..lora import frozen_base as bases
 from ..lora.architectures import classifier_head, transformer_blocks
 from ..lora.config import ConfigError, LoraConfig
 from .method import MethodSettings, PlainMethod, record_method
 from .trained_weights import freeze, head_parameters, unfreeze_head
 
 
-def _block_linears(model: nn.Module) -> list[nn.Linear]:
-    """Every ``nn.Linear`` inside the transformer blocks: each trains a bias, added if need be."""
+def _block_linears(model: nn.Module) -> list[nn.Module]:
+    """Every linear layer (dense or packed) inside the transformer blocks: each trains a
+    bias, added if need be."""
     return [
         m
         for _, block in transformer_blocks(model)
         for m in block.modules()
-        if isinstance(m, nn.Linear)
+        if bases.role_of(m) == "linear"  # dense or packed
     ]
 
 
@@ -46,7 +48,7 @@ def _has_bias(module: nn.Module) -> bool:
 
 def _bias_size(module: nn.Module) -> int:
     """The length of ``module``'s bias, from the module's own shape attributes."""
-    if isinstance(module, nn.Linear):
+    if bases.role_of(module) == "linear":
         return module.out_features
     if isinstance(module, Conv1D):
         return module.nf

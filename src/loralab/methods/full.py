@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..lora import frozen_base as bases
 from ..lora.architectures import transformer_blocks
 from ..lora.config import ConfigError, LoraConfig
 from .method import MethodSettings, PlainMethod, record_method
@@ -23,6 +24,15 @@ def _unique_numel(modules: list[nn.Module]) -> int:
     return sum(seen.values())
 
 
+def _refuse_packed(method: str, module: nn.Module) -> None:
+    reason = bases.packed_in(module)
+    if reason is not None:
+        raise ConfigError(
+            f"method={method!r} trains the base's weights, but {reason}. Train an adapter "
+            "over the packed base (lora, dora, bitfit, …) instead"
+        )
+
+
 class FullFineTuning(PlainMethod):
     name = "full"
     summary = "FT: every parameter trains"
@@ -32,7 +42,7 @@ class FullFineTuning(PlainMethod):
     companion = None
 
     def check(self, model, settings: MethodSettings, lora: LoraConfig | None, max_length: int):
-        pass
+        _refuse_packed(self.name, model)
 
     def apply(self, model: nn.Module, settings: MethodSettings, lora: LoraConfig | None) -> None:
         model.requires_grad_(True)
@@ -57,6 +67,8 @@ class TopLayersFineTuning(PlainMethod):
             raise ConfigError(
                 f"top_layers={settings.top_layers} is more than the model's {len(blocks)} blocks"
             )
+        for _, block in blocks[-settings.top_layers :]:
+            _refuse_packed(self.name, block)
 
     def apply(self, model: nn.Module, settings: MethodSettings, lora: LoraConfig | None) -> None:
         self.check(model, settings, lora, 0)

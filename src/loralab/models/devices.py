@@ -83,3 +83,15 @@ def check_dtype(name: str | None, flag: str = "--dtype") -> None:
     if name is not None and name not in (*DTYPE_NAMES, "auto"):
         choices = ", ".join([*DTYPE_NAMES, "auto"])
         raise ConfigError(f"{flag} must be one of {choices}, got {name!r}")
+
+
+# A frozen base kept quantized instead of in --dtype (``lora/quantized/``): ``gguf`` keeps a
+# GGUF file's own packed blocks (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K), unpacked inside each
+# forward and backward; the memory its linear weights take is the file's.
+QUANTIZED_BASES = ("gguf",)
+
+
+def check_quantized_base(name: str | None, flag: str = "quantized_base") -> None:
+    """Refuse a quantized base that is none of ``QUANTIZED_BASES``."""
+    if name is not None and name not in QUANTIZED_BASES:
+        raise ConfigError(f"{flag} must be one of {', '.join(QUANTIZED_BASES)}, got {name!r}")

@@ -16,9 +16,11 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from .embedded import DEFAULT_CAUSAL_LM, EMBEDDED_MODELS, embedded_model_dir
+from .devices import check_quantized_base
+from .embedded import DEFAULT_CAUSAL_LM, EMBEDDED_MODELS, embedded_gguf, embedded_model_dir
 from .errors import ModelLoadError
 from .gguf_source import load_gguf
+from .packed_gguf import load_packed_gguf
 
 KINDS = {"causal-lm": AutoModelForCausalLM, "classification": AutoModelForSequenceClassification}
 
@@ -28,6 +30,7 @@ def load_model(
     kind: str = "causal-lm",
     num_labels: int | None = None,
     dtype: torch.dtype | str = torch.float32,
+    quantized_base: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a model and its tokenizer, in eval mode, without reaching the Hub.
 
@@ -37,6 +40,10 @@ def load_model(
     ``kind`` is ``"causal-lm"`` or ``"classification"``; a classifier gets a new head
     with ``num_labels`` outputs. ``dtype`` is the weights' torch dtype, or ``"auto"`` for
     the one the checkpoint was saved in.
+
+    ``quantized_base="gguf"`` keeps a GGUF file's quantized linear weights packed
+    (``PackedLinear``, unpacked inside each forward and backward) instead of dequantizing
+    the model: a GGUF path or an embedded model shipped as one.
 
     The tokenizer always has a pad token (its eos token when it has none) and pads on the
     right, which is what training and classification want. For batched generation with a
@@ -54,7 +61,9 @@ def load_model(
     auto_class = KINDS[kind]
 
     path = Path(name_or_path).expanduser()
-    if name_or_path in EMBEDDED_MODELS:
+    if quantized_base is not None:
+        model, tokenizer = _load_quantized(auto_class, name_or_path, path, options, quantized_base)
+    elif name_or_path in EMBEDDED_MODELS:
         embedded = EMBEDDED_MODELS[name_or_path]
         if embedded.kind == "classification" and kind == "causal-lm":
             raise ValueError(
@@ -75,6 +84,26 @@ def load_model(
 
 
 # -- loading ----------------------------------------------------------------------------------
+
+
+def _load_quantized(auto_class, name: str, path: Path, options: dict, backend: str):
+    check_quantized_base(backend)
+    converted = None
+    if name in EMBEDDED_MODELS:
+        if not EMBEDDED_MODELS[name].member.endswith(".gguf"):
+            raise ModelLoadError(
+                f"--quantized-base gguf keeps a GGUF file's packed weights; {name} was not "
+                "shipped as a GGUF file"
+            )
+        converted = embedded_model_dir(name)
+        path = embedded_gguf(name)
+    elif path.suffix != ".gguf":
+        raise ModelLoadError(
+            f"--quantized-base gguf keeps a GGUF file's packed weights; {name} is not a .gguf file"
+        )
+    elif not path.is_file():
+        raise ModelLoadError(f"GGUF file {path} does not exist")
+    return load_packed_gguf(auto_class, path, options, converted)
 
 
 def _load_directory(auto_class, directory: Path, options: dict):

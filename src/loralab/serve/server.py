@@ -39,6 +39,7 @@ class ServeOptions:
     max_body: int = DEFAULT_MAX_BODY
     device: str | None = None  # auto, cpu, cuda, cuda:N (None: auto)
     dtype: str | None = None  # the base's weights: fp32, bf16, fp16, auto (None: fp32)
+    quantized_base: str | None = None  # gguf: the GGUF's own packed weights (None: dense)
 
 
 def served_name(model: str) -> str:
@@ -73,7 +74,9 @@ def build_state(options: ServeOptions) -> ServerState:
         if not Path(directory).is_dir():
             raise ServeError(f"--adapter {name}={directory}: not an adapter directory")
     device = choose_device(options.device)  # a GPU that is not there: before the load
-    model, tokenizer = load_model(options.model, dtype=base_dtype(options.dtype))
+    model, tokenizer = load_model(
+        options.model, dtype=base_dtype(options.dtype), quantized_base=options.quantized_base
+    )
     model.to(device)
     base_name = options.served_model_name or served_name(options.model)
     metrics = Metrics()

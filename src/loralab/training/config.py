@@ -27,7 +27,7 @@ from ..lora.config import (
     require_number,
     with_lora_settings,
 )
-from ..models.devices import check_device, check_dtype
+from ..models.devices import check_device, check_dtype, check_quantized_base
 
 if TYPE_CHECKING:  # the methods import torch: they load when a run is built, not to parse flags
     from ..methods import Method, MethodSettings
@@ -164,6 +164,10 @@ class TrainConfig:
     dtype: str | None = None
     """The frozen base's weights: fp32 (default), bf16 or fp16 (half the memory; LoRA's
     factors stay fp32). bf16 is fast only on CPUs with AVX512-BF16 or AMX, and on GPUs."""
+    quantized_base: str | None = None
+    """Keep the frozen base quantized: ``gguf`` trains over a GGUF file's own packed
+    weights (the embedded model's, or --model FILE.gguf), unpacked inside each forward and
+    backward; its linear weights take the file's memory instead of fp32's."""
 
     def __post_init__(self) -> None:
         self._check_length()
@@ -172,6 +176,7 @@ class TrainConfig:
         self._check_learning_rates()
         check_device(self.device)
         check_dtype(self.dtype, "dtype")
+        check_quantized_base(self.quantized_base)
         if self.data is None and self.task is None:
             raise ConfigError("give a built-in task (task) or a data file (data)")
         self._check_method()
@@ -337,6 +342,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "device, memory and speed": (
         "device",
         "dtype",
+        "quantized_base",
         "bf16",
         "chunked_loss",
         "lean_mlp",

@@ -451,7 +451,13 @@ def _adapted_model(config: TrainConfig, model, tokenizer, examples: Examples, ch
         # (PyTorch seeds itself at random in every new process).
         torch.manual_seed(config.seed)
         dtype = base_dtype(config.dtype, "dtype")
-        model, tokenizer = load_model(config.model, kind=config.model_kind, dtype=dtype, **labels)
+        model, tokenizer = load_model(
+            config.model,
+            kind=config.model_kind,
+            dtype=dtype,
+            quantized_base=config.quantized_base,
+            **labels,
+        )
     if checkpoint is None:
         prepare_model(config, model)
     else:

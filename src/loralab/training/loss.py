@@ -12,7 +12,8 @@ gradient.
 
 It applies to the model families whose forward is "logits = lm_head(hidden)" with nothing
 after the head (``PLAIN_HEAD_MODELS``) and a plain ``nn.Linear`` head (frozen, or trained
-in full); anything else, and every classifier, gets the model's own loss.
+in full, or a frozen packed one); anything else, and every classifier, gets the model's own
+loss.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..lora.quantized import PackedLinear
 
 IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 1 << 23  # logits of one chunk: 8M floats (32 MB in fp32)
@@ -43,7 +46,7 @@ def counted_head(model: nn.Module) -> tuple[nn.Module, str, nn.Linear] | None:
         return None
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
-    if type(head) is not nn.Linear:  # a LoRA-wrapped or otherwise changed head: its own path
+    if type(head) not in (nn.Linear, PackedLinear):  # a LoRA-wrapped or changed head
         return None
     for module in model.modules():
         for attribute, child in module.named_children():
@@ -82,8 +85,10 @@ def causal_lm_loss(
     targets = labels[:, 1:]  # position t predicts token t + 1
     counted = targets != IGNORE_INDEX  # (B, T - 1)
     selected = hidden[:, :-1][counted]  # (N, d)
+    # A packed head is unpacked for the loss alone (frozen: nothing of it is saved).
+    weight = head.dequantized() if isinstance(head, PackedLinear) else head.weight
     total = LinearCrossEntropy.apply(
-        selected, head.weight, head.bias, targets[counted], chunk or chunk_size(head)
+        selected, weight, head.bias, targets[counted], chunk or chunk_size(head)
     )
     return total / counted.sum()  # 0 / 0 = nan for a batch with nothing to count, as Transformers
 

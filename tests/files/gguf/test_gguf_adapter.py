@@ -10,7 +10,8 @@ import torch
 from conftest import save_tiny_gguf
 from llama_cpp_runs import ALL, adapted, llama_logits, loralab_logits
 from loralab.files.gguf.adapter import export_adapter_gguf
-from loralab.files.gguf.layout import ExportError, rotary_rows
+from loralab.files.gguf.layout import ExportError
+from loralab.models.gguf_layout import rotary_rows
 from loralab.models.loading import load_model
 
 

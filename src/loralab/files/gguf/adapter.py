@@ -35,7 +35,7 @@ from torch import Tensor
 from ...lora.layers import LoraFactors
 from ...lora.variants import variant_for
 from ..adapter_dir import LORALAB_FILE, factor_tensors_by_module, read_adapter
-from .layout import ExportError, GgufLayout, check_export_target, encode, write_gguf
+from .layout import ExportError, check_export_target, encode, export_layout, write_gguf
 
 # With tied embeddings llama.cpp has one tensor, token_embd, for the input and the output.
 TIED = ("token_embd.weight", "output.weight")
@@ -65,7 +65,7 @@ def export_adapter_gguf(
     (name → writer, beside it: the Ollama Modelfile).
     """
     output = check_export_target(output, outtype)
-    layout = GgufLayout(base_config)
+    layout = export_layout(base_config)
     adapter_dir = Path(adapter_dir)
     files = read_adapter(adapter_dir)
     _refuse_what_gguf_cannot_hold(adapter_dir, files)

@@ -1,9 +1,6 @@
-"""llama.cpp's GGUF layout, shared by the adapter export and the merged-model export.
-
-Facts of llama.cpp's converter that both need: which GGUF architecture a Transformers
-``model_type`` becomes, each tensor's GGUF name (from the ``gguf`` package's own tables),
-the row order of Llama's q and k projections, and how a tensor is stored in each
-``--outtype``.
+"""What the adapter export and the merged-model export share: how a tensor is stored in
+each ``--outtype``, and one atomic GGUF writer. Where each tensor goes is
+``models/gguf_layout.py``'s (loading a packed GGUF needs it too).
 """
 
 from __future__ import annotations
@@ -17,17 +14,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ...models.gguf_layout import GgufLayout, UnknownArchitecture
 from ..atomic_write import write_files_atomically
 
 OUTTYPES = ("f32", "f16", "q8_0")
-
-# Transformers' model_type → the GGUF architecture llama.cpp's converter writes for it, and
-# whether that converter permutes the q and k rows (its Llama family does; Qwen2 does not).
-ARCHITECTURES: dict[str, tuple[gguf.MODEL_ARCH, bool]] = {
-    "llama": (gguf.MODEL_ARCH.LLAMA, True),
-    "mistral": (gguf.MODEL_ARCH.LLAMA, True),
-    "qwen2": (gguf.MODEL_ARCH.QWEN2, False),
-}
 
 # The GGUF file types llama.cpp records in general.file_type for a whole-file outtype.
 FILE_TYPES = {
@@ -41,46 +31,12 @@ class ExportError(ValueError):
     """Something llama.cpp's format cannot hold, or a bad export setting (one line)."""
 
 
-class GgufLayout:
-    """Where a Transformers model's tensors go in llama.cpp's GGUF, and in which row order."""
-
-    def __init__(self, config) -> None:
-        model_type = getattr(config, "model_type", None)
-        if model_type not in ARCHITECTURES:
-            raise ExportError(
-                f"exporting to GGUF supports the architectures {sorted(ARCHITECTURES)}; the "
-                f"base is {model_type!r}"
-            )
-        self.model_type = model_type
-        self.architecture, self._permutes = ARCHITECTURES[model_type]
-        self.architecture_name = gguf.MODEL_ARCH_NAMES[self.architecture]
-        self._names = gguf.get_tensor_name_map(self.architecture, config.num_hidden_layers)
-        self._heads = config.num_attention_heads
-        self._kv_heads = getattr(config, "num_key_value_heads", None) or self._heads
-
-    def name(self, hf_name: str) -> str | None:
-        """``model.layers.3.self_attn.q_proj.weight`` → ``blk.3.attn_q.weight`` (None when
-        llama.cpp's layout has no such tensor)."""
-        return self._names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-
-    def rows(self, gguf_name: str, rows: Tensor) -> Tensor:
-        """A weight (or a LoRA ``B``) in llama.cpp's row order: q and k are permuted for its
-        rotary embedding in the Llama family, everything else is as Transformers has it."""
-        tensor = gguf_name.split(".")[-2]  # attn_q in blk.3.attn_q.weight
-        if not self._permutes or tensor not in ("attn_q", "attn_k"):
-            return rows
-        return rotary_rows(rows, self._heads if tensor == "attn_q" else self._kv_heads)
-
-
-def rotary_rows(rows: Tensor, heads: int) -> Tensor:
-    """The rows of a q or k projection (or of its ``B``) in llama.cpp's order: within each
-    head, Transformers keeps the two rotary halves apart, llama.cpp interleaves them."""
-    out = rows.shape[0]
-    return (
-        rows.reshape(heads, 2, out // heads // 2, *rows.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(rows.shape)
-    )
+def export_layout(config) -> GgufLayout:
+    """The GGUF layout of a model to export, or an ``ExportError`` naming what is known."""
+    try:
+        return GgufLayout(config)
+    except UnknownArchitecture as error:
+        raise ExportError(f"exporting to GGUF: {error}") from None
 
 
 def check_export_target(output: str | os.PathLike, outtype: str) -> Path:

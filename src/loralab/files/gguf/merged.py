@@ -26,9 +26,9 @@ from ...models.errors import ModelLoadError
 from .layout import (
     FILE_TYPES,
     ExportError,
-    GgufLayout,
     check_export_target,
     encode,
+    export_layout,
     write_gguf,
 )
 
@@ -174,7 +174,7 @@ def _header_writer(
 
 def _changed_candidates(merged: nn.Module, architecture: str) -> dict[str, torch.Tensor]:
     """The merged model's tensors under their GGUF names, in llama.cpp's row order."""
-    layout = GgufLayout(merged.config)
+    layout = export_layout(merged.config)
     if layout.architecture_name != architecture:
         raise ExportError(
             f"the model is {layout.model_type!r} ({layout.architecture_name} in GGUF), the "

@@ -1,0 +1,215 @@
+"""A GGUF model loaded with its quantized linear weights kept packed (``PackedLinear``):
+the frozen base LoRA trains over takes the file's own bytes, not a dense fp32 copy.
+
+The model is built from the file's config without allocating its weights (pages never
+touched are never resident), every linear weight stored in a format loralab computes with
+becomes a ``PackedLinear`` holding the file's bytes (q and k rows put back in
+Transformers' order), and every other tensor (the embedding, the norms) is dequantized as
+the dense load does. ``pack_linears`` quantizes a model in memory the same way, for tests
+and benchmarks of models no file exists for.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoTokenizer
+from transformers.initialization import no_init_weights
+
+from ..lora.quantized import FORMATS, PackedLinear, format_named, format_of_ggml_type
+from .errors import ModelLoadError
+from .gguf_layout import GgufLayout
+
+DENSE_TYPES = ("F32", "F16", "BF16")  # stored as numbers: a linear weight in one stays dense
+
+
+def load_packed_gguf(auto_class, path: Path, options: dict, converted: Path | None = None):
+    """The model in ``path`` with its quantized linear weights packed, and its tokenizer.
+
+    ``converted`` is a directory holding the same model converted (an embedded model's
+    cache): its config and tokenizer are read from there, which is faster than parsing
+    the file's metadata again."""
+    dtype = options.get("dtype", torch.float32)
+    if dtype == "auto":
+        dtype = torch.float32  # the packed weights are unpacked to fp32 unless told otherwise
+    where = {} if converted else {"gguf_file": path.name}
+    try:
+        tensors = _tensors_of(path)
+        config = AutoConfig.from_pretrained(converted or path.parent, **where)
+        layout = GgufLayout(config)
+        tokenizer = AutoTokenizer.from_pretrained(converted or path.parent, **where)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"could not load GGUF file {path} packed: {error}") from error
+    extra = {k: v for k, v in options.items() if k != "dtype"}
+    with no_init_weights():  # every weight is read from the file below
+        model = auto_class.from_config(config, dtype=dtype, **extra)
+    model.tie_weights()  # a tied head is the embedding's tensor, filled once
+    _fill(model, tensors, layout, path, dtype)
+    return model, tokenizer
+
+
+@dataclass(frozen=True)
+class FileTensor:
+    """One tensor of the file: its name, its GGML type and its bytes (a view of the map)."""
+
+    name: str
+    type_name: str
+    ggml_type: int
+    data: np.ndarray
+
+
+def _tensors_of(path: Path) -> list[FileTensor]:
+    """The file's tensors, the reader's parsed metadata let go at once: it is some 150 MB
+    of small arrays for a 49k-token vocabulary, which would count in the load's peak."""
+    reader = gguf.GGUFReader(path)
+    tensors = [
+        FileTensor(t.name, t.tensor_type.name, int(t.tensor_type), t.data) for t in reader.tensors
+    ]
+    del reader
+    gc.collect()
+    return tensors
+
+
+def _fill(model: nn.Module, file_tensors: list[FileTensor], layout: GgufLayout, path: Path, dtype):
+    tensors = dict(model.state_dict(keep_vars=True))
+    by_gguf = {layout.name(name): name for name in tensors}
+    filled = set()
+    for tensor in file_tensors:
+        name = by_gguf.get(tensor.name)
+        if name is None:
+            continue  # a tensor Transformers computes itself (llama.cpp's rope_freqs)
+        module_name, attribute = name.rsplit(".", 1)
+        module = model.get_submodule(module_name)
+        if _packable(module, attribute, tensor):
+            block_format = _format(tensor, path)
+            packed = torch.from_numpy(np.array(tensor.data))  # (out, row bytes), a copy
+            _check_finite(block_format, packed, module.in_features, tensor.name, path)
+            linear = PackedLinear(
+                layout.hf_rows(tensor.name, packed).contiguous(),
+                block_format,
+                module.in_features,
+                module.out_features,
+                None if module.bias is None else module.bias.detach(),
+                dtype,
+            )
+            model.set_submodule(module_name, linear)
+            filled.add(name)
+            continue
+        _copy_dense(tensors[name], tensor, layout, path, name)
+        filled.add(name)
+    tied = {name for name in tensors if _is_tied(model, name, tensors)}
+    missing = sorted(set(tensors) - filled - tied - _computed(model))
+    if missing:
+        raise ModelLoadError(f"{path} has no tensor for {missing[:3]} ({len(missing)} in all)")
+
+
+ROWS_AT_ONCE = 4096  # an embedding table is unpacked into the model this many rows at a time
+
+
+def _copy_dense(target: torch.Tensor, tensor: FileTensor, layout: GgufLayout, path, name) -> None:
+    """The file's tensor as numbers into ``target``, as the dense load reads it (loralab's
+    own unpacking where it has the format, the ``gguf`` package's bit for bit). A large
+    table goes in by blocks of rows, so that no second dense copy of it is ever whole."""
+    shape = tuple(tensor.data.shape)
+    block_format = format_of_ggml_type(tensor.ggml_type)
+    if block_format is not None:  # bytes per row → values per row
+        columns = shape[-1] // block_format.block_bytes * block_format.block_values
+        shape = (*shape[:-1], columns)
+    if shape != tuple(target.shape):
+        raise ModelLoadError(
+            f"{path}: {tensor.name} is {shape}, the model's {name} is {tuple(target.shape)}"
+        )
+    rows = layout.hf_rows(tensor.name, torch.arange(target.shape[0])) if target.dim() > 1 else None
+    with torch.no_grad():
+        if rows is None:
+            target.copy_(_values(tensor, tensor.data))
+            return
+        for start in range(0, target.shape[0], ROWS_AT_ONCE):
+            chunk = rows[start : start + ROWS_AT_ONCE].numpy()
+            target[start : start + len(chunk)].copy_(_values(tensor, tensor.data[chunk]))
+
+
+def _values(tensor: FileTensor, data: np.ndarray) -> torch.Tensor:
+    """Rows of the file's tensor (``data``, a part of its bytes) as fp32 numbers."""
+    block_format = format_of_ggml_type(tensor.ggml_type)
+    if block_format is None:
+        values = gguf.quants.dequantize(data, gguf.GGMLQuantizationType(tensor.ggml_type))
+        return torch.from_numpy(np.array(values, dtype=np.float32))  # a copy off the map
+    packed = torch.from_numpy(np.array(data))
+    columns = packed.shape[-1] // block_format.block_bytes * block_format.block_values
+    return block_format.dequantize(packed, columns)
+
+
+def _packable(module: nn.Module, attribute: str, tensor: FileTensor) -> bool:
+    return (
+        isinstance(module, nn.Linear)
+        and attribute == "weight"
+        and tensor.type_name not in DENSE_TYPES
+    )
+
+
+def _format(tensor: FileTensor, path: Path):
+    block_format = format_of_ggml_type(tensor.ggml_type)
+    if block_format is None:
+        raise ModelLoadError(
+            f"{path}: {tensor.name} is {tensor.type_name}, which loralab cannot keep "
+            f"packed (it computes with {', '.join(FORMATS)}); load it without "
+            "--quantized-base to dequantize the whole model"
+        )
+    return block_format
+
+
+def _check_finite(block_format, packed: torch.Tensor, in_features: int, name: str, path: Path):
+    """A block whose scale is NaN or infinite (a damaged file) is refused at load, not
+    found as a NaN loss later. Unpacked one weight at a time: the memory is transient."""
+    if not torch.isfinite(block_format.dequantize(packed, in_features)).all():
+        raise ModelLoadError(
+            f"{path}: {name} holds a non-finite value once unpacked (a damaged "
+            f"{block_format.name} block)"
+        )
+
+
+def _is_tied(model: nn.Module, name: str, tensors: dict) -> bool:
+    """Whether ``name`` is the same tensor as another one (a head tied to the embedding)."""
+    tensor = tensors[name]
+    return any(other is tensor and key != name for key, other in tensors.items())
+
+
+def _computed(model: nn.Module) -> set[str]:
+    """Persistent buffers the model computes itself (none in the Llama family)."""
+    return {name for name, _ in model.named_buffers()}
+
+
+def pack_linears(model: nn.Module, format_name: str, names: list[str] | None = None) -> int:
+    """Replace every ``nn.Linear`` (or those in ``names``) whose rows fit the format by a
+    ``PackedLinear`` holding its weight quantized with the ``gguf`` package's quantizer;
+    returns how many were packed. A head tied to the embedding is left dense."""
+    block_format = format_named(format_name)
+    kind = gguf.GGMLQuantizationType[format_name]
+    tied = {id(p) for p in model.get_input_embeddings().parameters()}
+    count = 0
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or (names is not None and name not in names):
+            continue
+        if id(module.weight) in tied or block_format.refusal(module.in_features):
+            continue
+        weight = module.weight.detach().float().numpy()
+        packed = torch.from_numpy(gguf.quants.quantize(weight, kind))
+        bias = None if module.bias is None else module.bias.detach()
+        linear = PackedLinear(
+            packed,
+            block_format,
+            module.in_features,
+            module.out_features,
+            bias,
+            module.weight.dtype,
+        )
+        model.set_submodule(name, linear)
+        count += 1
+    return count
