@@ -157,6 +157,12 @@ def run_demo(
     model, tokenizer = load_model(DEFAULT_CAUSAL_LM)
     model.to(choose_device())  # the GPU when there is one; training stays there too
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    print(
+        f"the base: {model_bytes / 1e6:.0f} MB of dense {dtype} weights, dequantized from the "
+        "shipped GGUF (`loralab train --quantized-base gguf` trains over its packed weights)",
+        flush=True,
+    )
     generator = torch.Generator().manual_seed(0)
     latency_input = torch.randint(0, tokenizer.vocab_size, (1, 64), generator=generator)
     base_latency = forward_latency_ms(model, latency_input)

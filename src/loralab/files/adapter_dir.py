@@ -41,7 +41,9 @@ from ..lora.layers import (
     TrainableCopy,
     factors_class_with,
 )
-from .atomic_write import json_writer, write_files_atomically
+from ..lora.state import model_state
+from .atomic_write import json_writer, text_writer, write_files_atomically
+from .model_card import CARD_FILE, is_ours, model_card
 from .peft_config import (
     CONFIG_FILE,
     PEFT_PREFIX,
@@ -278,10 +280,17 @@ def save_adapter(
         writers[LORALAB_FILE] = json_writer(
             {"format": 1, "config": config.to_dict(), "fused": fused}
         )
+    card = model_card(
+        model_state(model).base_quantization, peft_config.get("base_model_name_or_path")
+    )
+    if card is not None:
+        writers[CARD_FILE] = text_writer(card)
     write_files_atomically(directory, writers)
     if not fused:
         # A stale one from an earlier save would override the new config.
         (directory / LORALAB_FILE).unlink(missing_ok=True)
+    if card is None and is_ours(directory / CARD_FILE):  # it described an earlier base
+        (directory / CARD_FILE).unlink()
     return directory
 
 

@@ -59,6 +59,11 @@ class FrozenBase:
         """Why ΔW cannot go into the stored weight in place (None: it can)."""
         return None
 
+    def packed_size(self, base: nn.Module) -> tuple[int, int] | None:
+        """(values, bytes) of a weight held outside the parameters, packed; None: the
+        weight is a parameter, counted as one."""
+        return None
+
     def add_to_weight(self, base: nn.Module, delta: Tensor) -> None:
         weight = base.weight
         with torch.no_grad():
@@ -136,6 +141,9 @@ class PackedBase(FrozenBase):
     def add_to_weight(self, base: nn.Module, delta: Tensor) -> None:
         raise TypeError(self.fixed_reason(base))
 
+    def packed_size(self, base: nn.Module) -> tuple[int, int] | None:
+        return base.out_features * base.in_features, base.packed.numel()
+
 
 # The kinds, the most specific first: one line per kind.
 KINDS: tuple[FrozenBase, ...] = (
@@ -181,6 +189,13 @@ def packed_in(module: nn.Module) -> str | None:
         if reason is not None:
             return f"{name}: {reason}"
     return None
+
+
+def packed_size(module: nn.Module) -> tuple[int, int] | None:
+    """(values, bytes) of ``module``'s weight where it is held packed, outside the
+    parameters (None: not a base, or a dense one)."""
+    kind = kind_or_none(module)
+    return None if kind is None else kind.packed_size(module)
 
 
 def weight_of(base: nn.Module) -> Tensor:

@@ -569,6 +569,10 @@ class ParameterReport:
     total: int
     trainable: int
     by_type: dict[str, tuple[int, int]]  # module pattern -> (modules, trainable parameters)
+    frozen_bytes: int = 0
+    """Memory of the frozen parameters and packed weights: what the base takes."""
+    packed_bytes: int = 0
+    """Of which packed weights (a quantized base), counted in ``total`` as their values."""
 
     @property
     def share(self) -> float:
@@ -578,6 +582,11 @@ class ParameterReport:
         lines = [
             f"trainable parameters: {self.trainable:,} of {self.total:,} ({100 * self.share:.4f}%)"
         ]
+        if self.frozen_bytes:
+            packed = (
+                f" ({self.packed_bytes / 1e6:.1f} MB of it packed)" if self.packed_bytes else ""
+            )
+            lines.append(f"frozen base: {self.frozen_bytes / 1e6:.1f} MB{packed}")
         width = max((len(k) for k in self.by_type), default=0)
         lines.append(f"  {'module type':<{width}}  {'modules':>7}  {'trainable':>14}")
         for key, (count, params) in self.by_type.items():
@@ -590,12 +599,18 @@ def trainable_parameters(model: nn.Module) -> ParameterReport:
 
     Only shapes are read, so a model built on the meta device can be counted.
     """
-    total = trainable = 0
+    total = trainable = frozen_bytes = packed_bytes = 0
+    for module in model.modules():
+        values_and_bytes = bases.packed_size(module)
+        if values_and_bytes is not None:
+            total += values_and_bytes[0]
+            packed_bytes += values_and_bytes[1]
     counts: Counter = Counter()
     owners: dict[str, set[str]] = {}
     for owner, role, local_name, parameter in parameter_roles(model):
         total += parameter.numel()
         if not parameter.requires_grad:
+            frozen_bytes += parameter.numel() * parameter.element_size()
             continue
         trainable += parameter.numel()
         kind = {"lora": "lora", "copy": "full copy"}.get(role)
@@ -608,4 +623,4 @@ def trainable_parameters(model: nn.Module) -> ParameterReport:
         counts[key] += parameter.numel()
         owners.setdefault(key, set()).add(owner)
     by_type = {key: (len(owners[key]), counts[key]) for key in sorted(counts)}
-    return ParameterReport(total, trainable, by_type)
+    return ParameterReport(total, trainable, by_type, frozen_bytes + packed_bytes, packed_bytes)

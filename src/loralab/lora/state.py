@@ -4,7 +4,8 @@ What loralab must remember about a model between calls lives in one ``ModelState
 the model's ``__dict__``:
 - its adapters' configs and which adapter runs;
 - what was trainable before the first adapter froze the base;
-- which method was applied, and that method's own state (AdaLoRA's importance scores).
+- which method was applied, and that method's own state (AdaLoRA's importance scores);
+- how the frozen base is stored, when it is quantized.
 
 It sits in ``__dict__``, not as a submodule, a parameter or a buffer, so the model's
 ``state_dict()``, ``named_modules()`` and ``parameters()`` stay exactly the user's. Only this
@@ -39,6 +40,10 @@ class ModelState:
     """What that method keeps while it trains (AdaLoRA: its ``RankAllocator``)."""
     hooked_head: Any = None
     """The output head that has the hook keeping its input contiguous (``inject.py``)."""
+    base_quantization: dict[str, Any] | None = None
+    """How the frozen base is stored when it is not dense, as the loader recorded it
+    (``models/packed_gguf.py``: the GGUF file and its packed types); a saved adapter's
+    model card says it."""
 
 
 def model_state(model: nn.Module) -> ModelState:

@@ -12,6 +12,7 @@ and benchmarks of models no file exists for.
 from __future__ import annotations
 
 import gc
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from transformers import AutoConfig, AutoTokenizer
 from transformers.initialization import no_init_weights
 
 from ..lora.quantized import FORMATS, PackedLinear, format_named, format_of_ggml_type
+from ..lora.state import model_state
 from .errors import ModelLoadError
 from .gguf_layout import GgufLayout
 
@@ -50,7 +52,12 @@ def load_packed_gguf(auto_class, path: Path, options: dict, converted: Path | No
     with no_init_weights():  # every weight is read from the file below
         model = auto_class.from_config(config, dtype=dtype, **extra)
     model.tie_weights()  # a tied head is the embedding's tensor, filled once
-    _fill(model, tensors, layout, path, dtype)
+    packed = _fill(model, tensors, layout, path, dtype)
+    model_state(model).base_quantization = {
+        "backend": "gguf",
+        "file": str(path),
+        "packed": dict(sorted(Counter(packed).items())),
+    }
     return model, tokenizer
 
 
@@ -76,7 +83,11 @@ def _tensors_of(path: Path) -> list[FileTensor]:
     return tensors
 
 
-def _fill(model: nn.Module, file_tensors: list[FileTensor], layout: GgufLayout, path: Path, dtype):
+def _fill(
+    model: nn.Module, file_tensors: list[FileTensor], layout: GgufLayout, path: Path, dtype
+) -> list[str]:
+    """Every tensor of the model from the file; the types of the weights kept packed."""
+    packed_types = []
     tensors = dict(model.state_dict(keep_vars=True))
     by_gguf = {layout.name(name): name for name in tensors}
     filled = set()
@@ -99,6 +110,7 @@ def _fill(model: nn.Module, file_tensors: list[FileTensor], layout: GgufLayout, 
                 dtype,
             )
             model.set_submodule(module_name, linear)
+            packed_types.append(block_format.name)
             filled.add(name)
             continue
         _copy_dense(tensors[name], tensor, layout, path, name)
@@ -107,6 +119,7 @@ def _fill(model: nn.Module, file_tensors: list[FileTensor], layout: GgufLayout, 
     missing = sorted(set(tensors) - filled - tied - _computed(model))
     if missing:
         raise ModelLoadError(f"{path} has no tensor for {missing[:3]} ({len(missing)} in all)")
+    return packed_types
 
 
 ROWS_AT_ONCE = 4096  # an embedding table is unpacked into the model this many rows at a time

@@ -35,6 +35,7 @@ from ..data.records import DataError, example_shape, label_names_of, read_exampl
 from ..files.output_dirs import check_output_dir
 from ..lora.config import ConfigError
 from ..lora.inject import ParameterReport, trainable_parameters
+from ..lora.state import model_state
 from ..methods import Method
 from ..methods.method_files import load_method, save_method
 from ..methods.prefix import PromptTokens, prompt_tokens
@@ -170,9 +171,15 @@ def describe_start(config: TrainConfig, model: nn.Module, datasets: Datasets, wo
     tokens = sum(len(item) for item in datasets.train)
     per_step = config.batch_size * config.gradient_accumulation
     per_epoch = config.steps_per_epoch(kept)
+    quantized = model_state(model).base_quantization
+    packed = ""
+    if quantized is not None:
+        types = ", ".join(f"{n} {t}" for t, n in quantized["packed"].items())
+        packed = f"; linear weights packed as in the GGUF ({types})"
+    base = f"; frozen base {trainable.frozen_bytes / 1e6:,.0f} MB{packed}"
     return (
         f"model {config.model} on {world.device}, {str(dtype).removeprefix('torch.')}"
-        f"{autocast}\n"
+        f"{autocast}{base}\n"
         f"data: {kept} training examples{dropped}, {len(datasets.validation)} validation; "
         f"{tokens:,} tokens; {per_epoch} steps per epoch of {per_step} examples; "
         f"{config.max_steps} steps ≈ {config.max_steps / per_epoch:.1f} epochs\n"
