@@ -536,3 +536,26 @@ def test_the_base_dtype_is_chosen_and_a_merge_keeps_the_bases_own(
     capsys.readouterr()
     status, lines = run_cli(["generate", "--dtype", "half", "hi"], capsys)
     assert_one_line_error(status, lines, "--dtype must be one of fp32, bf16, fp16, auto")
+
+
+def test_generate_and_train_over_a_packed_gguf_base(tmp_path, capsys):
+    from conftest import save_tiny_gguf
+
+    path = tmp_path / "base.gguf"
+    save_tiny_gguf(path, linear_type="Q8_0")
+    texts = {}
+    for flags in ([], ["--quantized-base", "gguf"]):
+        command = ["generate", "--model", str(path), "--max-new-tokens", "6", *flags, "the"]
+        assert main(command) == 0
+        texts[bool(flags)] = capsys.readouterr().out
+    assert texts[True] == texts[False]
+    data = tmp_path / "records.jsonl"
+    data.write_text('{"prompt": "the ", "completion": "the the"}\n' * 4)
+    run = ["train", "--model", str(path), "--data", str(data), "--max-steps", "1"]
+    run += ["--quantized-base", "gguf", "--output-dir", str(tmp_path / "run")]
+    assert main(run) == 0
+    err = capsys.readouterr().err
+    assert "linear weights packed as in the GGUF (15 Q8_0)" in err
+    assert (tmp_path / "run" / "adapter" / "README.md").exists()
+    assert main([*run[:-2], "--output-dir", str(tmp_path / "bad"), "--quantized-base", "nf5"]) == 2
+    assert "quantized_base must be one of gguf, got 'nf5'" in capsys.readouterr().err
