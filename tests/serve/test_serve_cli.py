@@ -52,6 +52,27 @@ def test_a_bf16_base_serves_what_generate_writes_on_it(tiny_model_dir, tmp_path)
     assert reply.choices[0].text == expected
 
 
+def test_a_packed_gguf_base_serves_mixed_adapters_as_the_dense_one(tmp_path):
+    from conftest import save_tiny_gguf
+
+    base = tmp_path / "base.gguf"
+    save_tiny_gguf(base, linear_type="Q4_1")
+    save_adapters(base, tmp_path, count=2)
+    adapters = [(name, tmp_path / name) for name in ("a0", "a1")]
+    options = ServeOptions(model=str(base), adapters=adapters, quantized_base="gguf")
+    with BackgroundServer(build_state(options)) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:  # one batch, two adapters
+            replies = pool.map(
+                lambda name: client.completions.create(
+                    model=name, prompt="the", max_tokens=8, temperature=0
+                ),
+                ["a0", "a1"],
+            )
+            texts = [reply.choices[0].text for reply in replies]
+    assert texts == [reference(base, tmp_path / name, "the", 8) for name in ("a0", "a1")]
+
+
 def test_serve_refuses_a_gpu_that_is_not_there_before_loading(capsys, monkeypatch):
     import torch
 
