@@ -58,7 +58,7 @@ def test_packed_weights_are_the_dense_loads_and_the_logits_equal(
 def test_training_over_the_packed_file_gives_the_dense_runs_losses(tmp_path):
     path = _file(tmp_path, "Q4_1", "Q8_0")
     losses = {}
-    for quantized in (None, "gguf"):
+    for quantized, checkpointing in ((None, False), ("gguf", False), ("gguf", True)):
         config = TrainConfig(
             model=str(path),
             data=str(_records(tmp_path)),
@@ -66,15 +66,17 @@ def test_training_over_the_packed_file_gives_the_dense_runs_losses(tmp_path):
             batch_size=2,
             max_length=32,
             target_modules="all-linear",
-            output_dir=str(tmp_path / f"run-{quantized}"),
+            output_dir=str(tmp_path / f"run-{quantized}-{checkpointing}"),
             quantized_base=quantized,
+            gradient_checkpointing=checkpointing,  # the forward runs twice, unpacking again
             progress=False,
             eval_every=0,
             save_every=0,
         )
-        losses[quantized] = train(config).losses
-    assert losses["gguf"] == losses[None]
-    assert len(losses[None]) == 3
+        losses[quantized, checkpointing] = train(config).losses
+    assert losses["gguf", False] == losses[None, False]
+    assert losses["gguf", True] == losses[None, False]
+    assert len(losses[None, False]) == 3
 
 
 def _records(tmp_path):
@@ -140,6 +142,29 @@ def test_a_base_that_is_not_a_gguf_is_refused(tiny_model_dir):
         load_model(str(tiny_model_dir), quantized_base="gguf")
     with pytest.raises(ValueError, match="quantized_base must be one of gguf, got 'nf5'"):
         load_model(str(tiny_model_dir), quantized_base="nf5")
+
+
+@pytest.mark.parametrize("method", ["adalora", "bitfit", "adapter-h", "prelayer"])
+def test_methods_over_a_frozen_base_train_over_a_packed_one_as_over_the_dense(tmp_path, method):
+    path = _file(tmp_path, "Q8_0")
+    losses = {}
+    for quantized in (None, "gguf"):
+        config = TrainConfig(
+            model=str(path),
+            data=str(_records(tmp_path)),
+            method=method,
+            target_modules=["q", "v"],
+            max_steps=2,
+            batch_size=2,
+            max_length=32,
+            output_dir=str(tmp_path / f"{method}-{quantized}"),
+            quantized_base=quantized,
+            progress=False,
+            eval_every=0,
+            save_every=0,
+        )
+        losses[quantized] = train(config).losses
+    assert losses["gguf"] == losses[None]
 
 
 def test_full_fine_tuning_of_a_packed_base_is_refused(tmp_path):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..lora import frozen_base as bases
 from ..lora.architectures import hidden_size, transformer_blocks
 from ..lora.config import ConfigError, LoraConfig
 from .method import MethodSettings, PlainMethod, record_method
@@ -121,8 +122,9 @@ class _AdapterMethod(PlainMethod):
         for name in adapter_sites(model, self.sites):
             parent_name, _, child = name.rpartition(".")
             base_layer = model.get_submodule(name)
-            weight = next(base_layer.parameters())
-            adapter = BottleneckAdapter(d, r, self.layer_norm, weight.device, weight.dtype)
+            adapter = BottleneckAdapter(
+                d, r, self.layer_norm, bases.device(base_layer), bases.compute_dtype(base_layer)
+            )
             setattr(model.get_submodule(parent_name), child, WithAdapter(base_layer, adapter))
         unfreeze_head(model)  # a classifier's new head always trains
         record_method(model, self.name, settings, None)

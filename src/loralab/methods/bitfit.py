@@ -78,9 +78,12 @@ class BitFit(PlainMethod):
         for linear in _block_linears(model):
             if linear.bias is None:
                 # Zero, so the output at step 0 is the base's exactly.
-                weight = linear.weight
                 linear.bias = nn.Parameter(
-                    torch.zeros(linear.out_features, device=weight.device, dtype=weight.dtype)
+                    torch.zeros(
+                        linear.out_features,
+                        device=bases.device(linear),
+                        dtype=bases.compute_dtype(linear),
+                    )
                 )
         for module in model.modules():
             if _has_bias(module):

@@ -11,8 +11,8 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers.pytorch_utils import Conv1D
 
+from ...lora import frozen_base as bases
 from ...lora.config import ConfigError, LoraConfig
 from ...lora.inits import Init
 from ...lora.inject import Target, TargetError, adapter_configs, apply_targets, plan_targets
@@ -135,7 +135,7 @@ def plan_adalora(
                 f"AdaLoRA adapts whole matrices, not the parts {list(target.parts.enabled)} "
                 f"of the fused {target.name!r}; target {leaf!r} whole, as PEFT does"
             )
-        if not isinstance(base, (nn.Linear, Conv1D)):
+        if not bases.is_linear_map(base):  # dense, GPT-2's Conv1D, or packed
             raise TargetError(
                 f"module {target.name!r} is a {type(base).__name__}; AdaLoRA adapts Linear and "
                 "GPT-2's Conv1D"
