@@ -137,6 +137,15 @@ def test_a_damaged_block_is_refused_at_load(tmp_path):
         load_model(str(path), quantized_base="gguf")
 
 
+def test_a_cut_file_is_one_line(tmp_path):
+    path = _file(tmp_path, "Q4_0")
+    path.write_bytes(path.read_bytes()[:-300])
+    with pytest.raises(
+        ModelLoadError, match=rf"{path.name} (is not a whole GGUF file|ends inside)"
+    ):
+        load_model(str(path), quantized_base="gguf")
+
+
 def test_a_base_that_is_not_a_gguf_is_refused(tiny_model_dir):
     with pytest.raises(ModelLoadError, match=r"packed weights; .* not a \.gguf"):
         load_model(str(tiny_model_dir), quantized_base="gguf")

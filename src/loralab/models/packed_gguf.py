@@ -63,20 +63,47 @@ def load_packed_gguf(auto_class, path: Path, options: dict, converted: Path | No
 
 @dataclass(frozen=True)
 class FileTensor:
-    """One tensor of the file: its name, its GGML type and its bytes (a view of the map)."""
+    """One tensor of the file: its name, its GGML type, and where its bytes lie."""
 
     name: str
     type_name: str
     ggml_type: int
-    data: np.ndarray
+    path: Path
+    offset: int
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+    def read(self) -> np.ndarray:
+        """The tensor's bytes (as the reader shapes them: rows of packed bytes, or numbers),
+        read into memory of their own. Read, not mapped: pages of a mapped file count in
+        the process's RSS while the map lives, which doubled a 7B model's peak."""
+        count = int(np.prod(self.shape))
+        values = np.fromfile(self.path, dtype=self.dtype, count=count, offset=self.offset)
+        if values.size != count:
+            raise ModelLoadError(f"{self.path} ends inside tensor {self.name}: a cut file")
+        return values.reshape(self.shape)
 
 
 def _tensors_of(path: Path) -> list[FileTensor]:
     """The file's tensors, the reader's parsed metadata let go at once: it is some 150 MB
     of small arrays for a 49k-token vocabulary, which would count in the load's peak."""
-    reader = gguf.GGUFReader(path)
+    try:
+        reader = gguf.GGUFReader(path)
+    except ValueError as error:  # the reader's own words for a short or garbled file
+        raise ModelLoadError(
+            f"{path} is not a whole GGUF file (cut or damaged?): {error}"
+        ) from None
     tensors = [
-        FileTensor(t.name, t.tensor_type.name, int(t.tensor_type), t.data) for t in reader.tensors
+        FileTensor(
+            t.name,
+            t.tensor_type.name,
+            int(t.tensor_type),
+            path,
+            int(t.data_offset),
+            t.data.dtype,
+            tuple(t.data.shape),
+        )
+        for t in reader.tensors
     ]
     del reader
     gc.collect()
@@ -99,7 +126,7 @@ def _fill(
         module = model.get_submodule(module_name)
         if _packable(module, attribute, tensor):
             block_format = _format(tensor, path)
-            packed = torch.from_numpy(np.array(tensor.data))  # (out, row bytes), a copy
+            packed = torch.from_numpy(tensor.read())  # (out, row bytes)
             _check_finite(block_format, packed, module.in_features, tensor.name, path)
             linear = PackedLinear(
                 layout.hf_rows(tensor.name, packed).contiguous(),
@@ -129,7 +156,7 @@ def _copy_dense(target: torch.Tensor, tensor: FileTensor, layout: GgufLayout, pa
     """The file's tensor as numbers into ``target``, as the dense load reads it (loralab's
     own unpacking where it has the format, the ``gguf`` package's bit for bit). A large
     table goes in by blocks of rows, so that no second dense copy of it is ever whole."""
-    shape = tuple(tensor.data.shape)
+    shape = tensor.shape
     block_format = format_of_ggml_type(tensor.ggml_type)
     if block_format is not None:  # bytes per row → values per row
         columns = shape[-1] // block_format.block_bytes * block_format.block_values
@@ -139,13 +166,14 @@ def _copy_dense(target: torch.Tensor, tensor: FileTensor, layout: GgufLayout, pa
             f"{path}: {tensor.name} is {shape}, the model's {name} is {tuple(target.shape)}"
         )
     rows = layout.hf_rows(tensor.name, torch.arange(target.shape[0])) if target.dim() > 1 else None
+    data = tensor.read()  # packed bytes, or the numbers of a small tensor
     with torch.no_grad():
         if rows is None:
-            target.copy_(_values(tensor, tensor.data))
+            target.copy_(_values(tensor, data))
             return
         for start in range(0, target.shape[0], ROWS_AT_ONCE):
             chunk = rows[start : start + ROWS_AT_ONCE].numpy()
-            target[start : start + len(chunk)].copy_(_values(tensor, tensor.data[chunk]))
+            target[start : start + len(chunk)].copy_(_values(tensor, data[chunk]))
 
 
 def _values(tensor: FileTensor, data: np.ndarray) -> torch.Tensor:
@@ -153,8 +181,8 @@ def _values(tensor: FileTensor, data: np.ndarray) -> torch.Tensor:
     block_format = format_of_ggml_type(tensor.ggml_type)
     if block_format is None:
         values = gguf.quants.dequantize(data, gguf.GGMLQuantizationType(tensor.ggml_type))
-        return torch.from_numpy(np.array(values, dtype=np.float32))  # a copy off the map
-    packed = torch.from_numpy(np.array(data))
+        return torch.from_numpy(np.array(values, dtype=np.float32))
+    packed = torch.from_numpy(np.ascontiguousarray(data))
     columns = packed.shape[-1] // block_format.block_bytes * block_format.block_values
     return block_format.dequantize(packed, columns)
 

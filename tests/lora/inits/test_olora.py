@@ -58,17 +58,21 @@ def test_the_start_equals_peft_s_factors_and_its_residual():
         for name, module in theirs.named_modules()
         if isinstance(module, peft.tuners.lora.LoraLayer)
     }
+    gaps = {"factors": 0.0, "residual W0": 0.0}
     for name, layer in lora_layers(ours).items():
         other = peft_layers[name]
-        torch.testing.assert_close(
-            layer.lora["default"].A, other.lora_A["default"].weight, atol=1e-6, rtol=0
-        )
-        torch.testing.assert_close(
-            layer.lora["default"].B, other.lora_B["default"].weight, atol=1e-6, rtol=0
-        )
-        torch.testing.assert_close(
-            layer.base_layer.weight, other.base_layer.weight, atol=1e-6, rtol=0
-        )
+        pairs = {
+            "factors": [
+                (layer.lora["default"].A, other.lora_A["default"].weight),
+                (layer.lora["default"].B, other.lora_B["default"].weight),
+            ],
+            "residual W0": [(layer.base_layer.weight, other.base_layer.weight)],
+        }
+        for what, tensors in pairs.items():
+            for mine, theirs_ in tensors:
+                torch.testing.assert_close(mine, theirs_, atol=1e-6, rtol=0)
+                gaps[what] = max(gaps[what], (mine - theirs_).abs().max().item())
+    print("OLoRA against PEFT at step 0: " + ", ".join(f"{k} {v:.1e}" for k, v in gaps.items()))
 
 
 def test_converted_adapters_run_the_same_on_the_original_base_both_ways(tmp_path):
@@ -94,8 +98,13 @@ def test_converted_adapters_run_the_same_on_the_original_base_both_ways(tmp_path
     )
     in_loralab = loralab.load_adapter(make_model("llama"), tmp_path / "theirs").eval()
     with torch.no_grad():
-        torch.testing.assert_close(in_peft(tokens).logits, our_trained, atol=1e-5, rtol=0)
-        torch.testing.assert_close(in_loralab(tokens).logits, their_trained, atol=1e-5, rtol=0)
+        in_peft_logits, in_loralab_logits = in_peft(tokens).logits, in_loralab(tokens).logits
+    for where, logits, trained in (
+        ("loralab's converted adapter in PEFT", in_peft_logits, our_trained),
+        ("PEFT's converted adapter in loralab", in_loralab_logits, their_trained),
+    ):
+        print(f"OLoRA, {where}: max |Δlogits| {(logits - trained).abs().max().item():.1e}")
+        torch.testing.assert_close(logits, trained, atol=1e-5, rtol=0)
 
 
 def test_olora_refuses_an_embedding_before_touching_the_model():

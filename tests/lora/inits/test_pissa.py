@@ -62,6 +62,7 @@ def test_the_start_equals_peft_s_factors_up_to_sign_and_its_residual():
         for name, module in theirs.named_modules()
         if isinstance(module, peft.tuners.lora.LoraLayer)
     }
+    factors = residual = 0.0
     for name, layer in lora_layers(ours).items():
         mine, other = layer.lora["default"], peft_layers[name]
         their_a = other.lora_A["default"].weight
@@ -72,6 +73,11 @@ def test_the_start_equals_peft_s_factors_up_to_sign_and_its_residual():
         torch.testing.assert_close(
             layer.base_layer.weight, other.base_layer.weight, atol=1e-6, rtol=0
         )
+        factors = max(factors, (mine.A - their_a * signs[:, None]).abs().max().item())
+        factors = max(factors, (mine.B - their_b * signs[None, :]).abs().max().item())
+        gap = (layer.base_layer.weight - other.base_layer.weight).abs().max().item()
+        residual = max(residual, gap)
+    print(f"PiSSA against PEFT at step 0: factors {factors:.1e}, residual W0 {residual:.1e}")
 
 
 def test_ours_converted_runs_the_same_in_peft_on_the_original_base(tmp_path):
@@ -89,7 +95,13 @@ def test_ours_converted_runs_the_same_in_peft_on_the_original_base(tmp_path):
     )
     theirs = peft.PeftModel.from_pretrained(make_model("llama"), tmp_path).eval()
     with torch.no_grad():
-        torch.testing.assert_close(theirs(tokens).logits, trained, atol=1e-5, rtol=0)
+        logits = theirs(tokens).logits
+    print(f"PiSSA, loralab's converted adapter in PEFT: max |Δlogits| {_gap(logits, trained):.1e}")
+    torch.testing.assert_close(logits, trained, atol=1e-5, rtol=0)
+
+
+def _gap(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
 
 
 def test_peft_s_converted_runs_the_same_in_loralab_on_the_original_base(tmp_path):
@@ -106,7 +118,9 @@ def test_peft_s_converted_runs_the_same_in_loralab_on_the_original_base(tmp_path
     )
     ours = loralab.load_adapter(make_model("llama"), tmp_path / "converted")
     with torch.no_grad():
-        torch.testing.assert_close(ours.eval()(tokens).logits, trained, atol=1e-5, rtol=0)
+        logits = ours.eval()(tokens).logits
+    print(f"PiSSA, PEFT's converted adapter in loralab: max |Δlogits| {_gap(logits, trained):.1e}")
+    torch.testing.assert_close(logits, trained, atol=1e-5, rtol=0)
 
 
 def test_the_randomized_svd_starts_the_same_on_every_load_and_nearly_as_well():

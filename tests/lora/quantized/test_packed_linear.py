@@ -168,3 +168,20 @@ def test_dora_over_a_packed_base_equals_dora_over_the_dense_twin():
         randomize_lora(model, seed=3)
         outputs.append(model(token_batch()).logits)
     torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q8_0"])
+def test_a_large_weight_unpacked_by_parts_gives_the_whole_products_numbers(monkeypatch, name):
+    from loralab.lora.quantized import packed_linear
+
+    monkeypatch.setattr(packed_linear, "PART_VALUES", 2048)  # 8 rows, 32 columns a part
+    packed = _packed(out=96, columns=256, name=name)
+    dense = _dense_twin(packed)
+    x = torch.randn(3, 7, 256, requires_grad=True)
+    x_dense = x.detach().clone().requires_grad_(True)
+    y, y_dense = packed(x), dense(x_dense)
+    assert torch.equal(y, y_dense)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y_dense.backward(grad)
+    assert torch.equal(x.grad, x_dense.grad)

@@ -48,6 +48,13 @@ class BlockFormat:
         out = packed.shape[0]
         return self.unpack(packed.reshape(-1, self.block_bytes)).reshape(out, in_features)
 
+    def dequantize_columns(self, packed: Tensor, start: int, stop: int) -> Tensor:
+        """Columns ``start:stop`` of the matrix (both multiples of ``block_values``): the
+        same bytes of every row, unpacked."""
+        first, last = start // self.block_values, stop // self.block_values
+        part = packed[:, first * self.block_bytes : last * self.block_bytes].contiguous()
+        return self.dequantize(part, stop - start)
+
 
 FORMATS: dict[str, BlockFormat] = {}
 """Each registered format by name."""
