@@ -96,6 +96,8 @@ def test_an_adapter_trained_over_the_packed_base_runs_in_peft_on_the_dense_one(t
     theirs = peft.PeftModel.from_pretrained(dense, tmp_path / "adapter").eval()
     with torch.no_grad():
         ours, peft_logits = packed.eval()(TOKENS).logits, theirs(TOKENS).logits
+    gap = (ours - peft_logits).abs().max().item()
+    print(f"packed base's adapter in PEFT on the dense base: max |Δlogits| {gap:.1e}")
     torch.testing.assert_close(ours, peft_logits, rtol=0, atol=1e-5)
 
 
@@ -109,8 +111,10 @@ def test_a_peft_adapter_loads_into_the_packed_base(tmp_path):
     packed, _ = load_model(str(path), quantized_base="gguf")
     load_adapter(packed, tmp_path / "peft")
     with torch.no_grad():
-        expected = theirs.eval()(TOKENS).logits
-        torch.testing.assert_close(packed.eval()(TOKENS).logits, expected, rtol=0, atol=1e-5)
+        expected, ours = theirs.eval()(TOKENS).logits, packed.eval()(TOKENS).logits
+    gap = (ours - expected).abs().max().item()
+    print(f"PEFT's adapter on the packed base: max |Δlogits| {gap:.1e}")
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
 
 
 def test_a_type_it_cannot_keep_packed_is_one_line(tmp_path):
