@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_train import batches, train_config
+from bench_train import PEFT_TARGETS, train_config, train_peft_loop
 from measure import (
     command_line,
     load_average,
@@ -227,27 +227,10 @@ def train_peft_nf4(config) -> tuple[list[float], list[int], list[float]]:
         r=config.r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
-        target_modules=["q_proj", "v_proj"],
+        target_modules=PEFT_TARGETS,
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, lora).train()
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        parameters, lr=config.learning_rate, weight_decay=config.weight_decay
-    )
-    seconds, tokens, losses = [], [], []
-    for batch, count in batches(config, tokenizer):
-        batch = {k: v.to(model.device) for k, v in batch.items()}
-        start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss = model(**batch, use_cache=False).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
-        optimizer.step()
-        seconds.append(time.perf_counter() - start)
-        tokens.append(count)
-        losses.append(loss.item())
-    return seconds, tokens, losses
+    return train_peft_loop(config, model_and_tokenizer=(get_peft_model(model, lora), tokenizer))
 
 
 GENERATE = (8, 32)  # prompts, new tokens each (greedy, one batch)

@@ -291,8 +291,11 @@ def peft_model_for(config):
     return model, tokenizer
 
 
-def train_peft_loop(config, after_step=None) -> tuple[list[float], list[int], list[float]]:
-    model, tokenizer = peft_model_for(config)
+def train_peft_loop(
+    config, after_step=None, model_and_tokenizer=None
+) -> tuple[list[float], list[int], list[float]]:
+    """A ``PeftModel`` (``peft_model_for``'s, or the one given) trained in a plain loop."""
+    model, tokenizer = model_and_tokenizer or peft_model_for(config)
     model.train()
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
@@ -300,6 +303,7 @@ def train_peft_loop(config, after_step=None) -> tuple[list[float], list[int], li
     )
     seconds, tokens, losses = [], [], []
     for batch, count in batches(config, tokenizer):
+        batch = {key: value.to(model.device) for key, value in batch.items()}
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         # No KV cache, as in loralab's loop and the Trainer (TrainingArguments.use_cache

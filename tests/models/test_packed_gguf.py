@@ -59,24 +59,35 @@ def test_training_over_the_packed_file_gives_the_dense_runs_losses(tmp_path):
     path = _file(tmp_path, "Q4_1", "Q8_0")
     losses = {}
     for quantized, checkpointing in ((None, False), ("gguf", False), ("gguf", True)):
-        config = TrainConfig(
-            model=str(path),
+        losses[quantized, checkpointing] = _losses(
+            tmp_path,
+            str(path),
+            quantized,
+            f"checkpointing-{checkpointing}",
             data=str(_records(tmp_path)),
             max_steps=3,
             batch_size=2,
             max_length=32,
             target_modules="all-linear",
-            output_dir=str(tmp_path / f"run-{quantized}-{checkpointing}"),
-            quantized_base=quantized,
             gradient_checkpointing=checkpointing,  # the forward runs twice, unpacking again
-            progress=False,
-            eval_every=0,
-            save_every=0,
         )
-        losses[quantized, checkpointing] = train(config).losses
     assert losses["gguf", False] == losses[None, False]
     assert losses["gguf", True] == losses[None, False]
     assert len(losses[None, False]) == 3
+
+
+def _losses(tmp_path, model: str, quantized: str | None, name: str, **settings) -> list[float]:
+    """The losses of a short run over ``model``, its base packed or dense."""
+    config = TrainConfig(
+        model=model,
+        output_dir=str(tmp_path / f"{name}-{quantized}"),
+        quantized_base=quantized,
+        progress=False,
+        eval_every=0,
+        save_every=0,
+        **settings,
+    )
+    return train(config).losses
 
 
 def _records(tmp_path):
@@ -160,24 +171,10 @@ def test_a_base_that_is_not_a_gguf_is_refused(tiny_model_dir):
 @pytest.mark.parametrize("method", ["adalora", "bitfit", "adapter-h", "prelayer"])
 def test_methods_over_a_frozen_base_train_over_a_packed_one_as_over_the_dense(tmp_path, method):
     path = _file(tmp_path, "Q8_0")
-    losses = {}
-    for quantized in (None, "gguf"):
-        config = TrainConfig(
-            model=str(path),
-            data=str(_records(tmp_path)),
-            method=method,
-            target_modules=["q", "v"],
-            max_steps=2,
-            batch_size=2,
-            max_length=32,
-            output_dir=str(tmp_path / f"{method}-{quantized}"),
-            quantized_base=quantized,
-            progress=False,
-            eval_every=0,
-            save_every=0,
-        )
-        losses[quantized] = train(config).losses
-    assert losses["gguf"] == losses[None]
+    settings = {"data": str(_records(tmp_path)), "method": method, "target_modules": ["q", "v"]}
+    settings |= {"max_steps": 2, "batch_size": 2, "max_length": 32}
+    dense = _losses(tmp_path, str(path), None, method, **settings)
+    assert _losses(tmp_path, str(path), "gguf", method, **settings) == dense
 
 
 def test_full_fine_tuning_of_a_packed_base_is_refused(tmp_path):
@@ -211,19 +208,7 @@ def test_the_embedded_smollm2_packed_is_its_dense_load_and_trains_alike(tmp_path
     with torch.no_grad():
         assert torch.equal(packed(ids).logits, dense(ids).logits)
     del dense, packed
-    losses = {}
-    for quantized in (None, "gguf"):
-        config = TrainConfig(
-            task="e2e",
-            max_steps=3,
-            batch_size=2,
-            train_size=16,
-            validation_size=4,
-            output_dir=str(tmp_path / f"run-{quantized}"),
-            quantized_base=quantized,
-            progress=False,
-            eval_every=0,
-            save_every=0,
-        )
-        losses[quantized] = train(config).losses
-    assert losses["gguf"] == losses[None]
+    settings = {"task": "e2e", "max_steps": 3, "batch_size": 2, "train_size": 16}
+    dense_losses = _losses(tmp_path, "smollm2-135m", None, "run", validation_size=4, **settings)
+    packed_losses = _losses(tmp_path, "smollm2-135m", "gguf", "run", validation_size=4, **settings)
+    assert packed_losses == dense_losses

@@ -52,7 +52,7 @@ from ...files.peft_config import (
 from ...lora import frozen_base as bases
 from ...lora.config import ConfigError
 from ...lora.inject import adapter_configs, base_module_names, lora_layers
-from .config import ADAPTER_NAME, AdaLoraConfig
+from .config import ADAPTER_NAME, SHARED_WITH_LORA, AdaLoraConfig
 from .layers import SvdFactors, adalora_state, apply_adalora, plan_adalora, svd_factors
 
 # PEFT's keys that map onto AdaLoraConfig fields.
@@ -67,16 +67,7 @@ _SCHEDULE_KEYS = (
     "orth_reg_weight",
     "total_step",
 )
-_TARGET_KEYS = (
-    "lora_alpha",
-    "lora_dropout",
-    "target_modules",
-    "exclude_modules",
-    "layers_to_transform",
-    "layers_pattern",
-    "bias",
-    "modules_to_save",
-)
+_TARGET_KEYS = SHARED_WITH_LORA  # PEFT's keys, as AdaLoraConfig names them
 # Keys that do not change an AdaLoRA's weights: PEFT ignores ``r`` for AdaLoRA, and the
 # init is replaced by the file's tensors.
 _IGNORED_KEYS = {"r", "init_lora_weights", "rank_pattern"} | DESCRIPTIVE_KEYS
