@@ -557,5 +557,9 @@ def test_generate_and_train_over_a_packed_gguf_base(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "linear weights packed as in the GGUF (15 Q8_0)" in err
     assert (tmp_path / "run" / "adapter" / "README.md").exists()
+    assert main(["info", str(tmp_path / "run" / "adapter")]) == 0
+    info = capsys.readouterr().out
+    assert "trained over a packed base: file: `base.gguf`" in info
+    assert "trained over a packed base: packed linear weights: 15 × Q8_0" in info
     assert main([*run[:-2], "--output-dir", str(tmp_path / "bad"), "--quantized-base", "nf5"]) == 2
     assert "quantized_base must be one of gguf, got 'nf5'" in capsys.readouterr().err

@@ -807,6 +807,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _info(args: argparse.Namespace) -> int:
     from .files.adapter_dir import WEIGHTS_FILE, factor_tensors_by_module, read_adapter
+    from .files.model_card import CARD_FILE, base_quantization_lines
 
     files = read_adapter(args.adapter)
     config = files.config
@@ -833,6 +834,8 @@ def _info(args: argparse.Namespace) -> int:
     for module in sorted(by_module):
         print(f"  {module}  r={ranks.get(module)}")
     print(f"parameters: {parameters:,}; file size: {size / 1e6:.2f} MB")
+    for line in base_quantization_lines(args.adapter / CARD_FILE):
+        print(f"trained over a packed base: {line}")
     return 0
 
 

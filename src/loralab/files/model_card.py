@@ -59,6 +59,15 @@ def is_ours(path: Path) -> bool:
         return False
 
 
+def base_quantization_lines(path: Path) -> list[str]:
+    """What a card of ours says of the base (``file: …``, ``sha256: …``, ``packed linear
+    weights: …``), for ``loralab info``; none for another card or none at all."""
+    if not is_ours(path):
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [line.removeprefix("- ") for line in lines if line.startswith("- ")]
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as file:
