@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ...models.gguf_layout import GgufLayout, UnknownArchitecture
+from ...models.gguf_layout import ARCHITECTURES, GgufLayout, UnknownArchitecture
 from ..atomic_write import write_files_atomically
 
 OUTTYPES = ("f32", "f16", "q8_0")
@@ -35,8 +35,11 @@ def export_layout(config) -> GgufLayout:
     """The GGUF layout of a model to export, or an ``ExportError`` naming what is known."""
     try:
         return GgufLayout(config)
-    except UnknownArchitecture as error:
-        raise ExportError(f"exporting to GGUF: {error}") from None
+    except UnknownArchitecture:
+        raise ExportError(
+            f"exporting to GGUF supports the architectures {sorted(ARCHITECTURES)}; the "
+            f"base is {getattr(config, 'model_type', None)!r}"
+        ) from None
 
 
 def check_export_target(output: str | os.PathLike, outtype: str) -> Path:
