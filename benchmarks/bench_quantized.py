@@ -29,7 +29,6 @@ On CUDA (``--device cuda``) the bases compute in bf16 and memory is
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -37,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_train import PEFT_TARGETS, train_config, train_peft_loop
+from bench_train import PEFT_TARGETS, train_config, train_loralab, train_peft_loop
 from measure import (
     command_line,
     load_average,
@@ -190,16 +189,6 @@ def train_worker(side: str, model: str, name: str, device: str) -> dict:
         "losses": losses[:3],
         "wall_s": wall,
     }
-
-
-def train_loralab(config) -> tuple[list[float], list[int], list[float]]:
-    from loralab.training.loop import train
-
-    train(config)
-    lines = (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()
-    entries = [e for e in map(json.loads, lines) if "loss" in e]
-    tokens = [round(e["tokens_per_s"] * e["seconds"]) for e in entries]
-    return [e["seconds"] for e in entries], tokens, [e["loss"] for e in entries]
 
 
 def train_peft_nf4(config) -> tuple[list[float], list[int], list[float]]:
