@@ -159,8 +159,7 @@ def _copy_dense(target: torch.Tensor, tensor: FileTensor, layout: GgufLayout, pa
     shape = tensor.shape
     block_format = format_of_ggml_type(tensor.ggml_type)
     if block_format is not None:  # bytes per row → values per row
-        columns = shape[-1] // block_format.block_bytes * block_format.block_values
-        shape = (*shape[:-1], columns)
+        shape = (*shape[:-1], block_format.columns(shape[-1]))
     if shape != tuple(target.shape):
         raise ModelLoadError(
             f"{path}: {tensor.name} is {shape}, the model's {name} is {tuple(target.shape)}"
@@ -183,8 +182,7 @@ def _values(tensor: FileTensor, data: np.ndarray) -> torch.Tensor:
         values = gguf.quants.dequantize(data, gguf.GGMLQuantizationType(tensor.ggml_type))
         return torch.from_numpy(np.array(values, dtype=np.float32))
     packed = torch.from_numpy(np.ascontiguousarray(data))
-    columns = packed.shape[-1] // block_format.block_bytes * block_format.block_values
-    return block_format.dequantize(packed, columns)
+    return block_format.dequantize(packed, block_format.columns(packed.shape[-1]))
 
 
 def _packable(module: nn.Module, attribute: str, tensor: FileTensor) -> bool:

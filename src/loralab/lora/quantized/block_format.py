@@ -34,6 +34,10 @@ class BlockFormat:
         """The bytes of one packed row of ``in_features`` values."""
         return in_features // self.block_values * self.block_bytes
 
+    def columns(self, row_bytes: int) -> int:
+        """The values in a packed row of ``row_bytes`` bytes (``row_bytes``' inverse)."""
+        return row_bytes // self.block_bytes * self.block_values
+
     def refusal(self, in_features: int) -> str | None:
         """Why a row of ``in_features`` values cannot be stored in this format, or None."""
         if in_features % self.block_values:

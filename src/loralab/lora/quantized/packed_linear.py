@@ -55,10 +55,6 @@ class PackedLinear(nn.Module):
         y = PackedProduct.apply(x.to(self.dtype), self.packed, self)
         return y if self.bias is None else y + self.bias
 
-    @property
-    def packed_bytes(self) -> int:
-        return self.packed.numel()
-
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
