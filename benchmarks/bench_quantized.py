@@ -1,13 +1,15 @@
 """LoRA over a quantized frozen base: training speed and peak memory of loralab over the
 GGUF's own packed weights (``--quantized-base gguf``) against loralab over the dense fp32
-load of the same file, and against PEFT over a bitsandbytes NF4 base, at equal settings.
+load of the same file, and loralab over a bitsandbytes NF4 base (``--quantized-base nf4``)
+against PEFT over the same NF4 base, at equal settings.
 
 Cases:
 - SmolLM2-135M from the shipped Q4_1 file (its 210 linear weights Q4_1, the embedding
-  Q8_0): loralab packed, loralab dense, and PEFT + bitsandbytes NF4 (double quantization,
-  blocksize 64, fp32 compute) in a plain PyTorch loop, on bench_train's settings and
-  batches (e2e, 8 × ≤64 tokens, LoRA r = 8, α = 16, dropout 0.05 on W_q and W_v, AdamW).
-  The first losses of the two loralab sides are compared to the last bit.
+  Q8_0): loralab packed, loralab dense, loralab over NF4 and PEFT over NF4 (bitsandbytes,
+  double quantization, blocksize 64, fp32 compute; PEFT in a plain PyTorch loop), on
+  bench_train's settings and batches (e2e, 8 × ≤64 tokens, LoRA r = 8, α = 16, dropout
+  0.05 on W_q and W_v, AdamW). The first losses of the two GGUF sides are compared to
+  the last bit.
 - How the cost grows: random-weight Llamas of SmolLM2-360M's and SmolLM2-1.7B's shapes
   written as Q4_0 GGUF files (embedding Q8_0; SmolLM2's tokenizer), packed against
   dense (the dense side reads a safetensors copy made beforehand, mapped as the embedded
@@ -168,7 +170,7 @@ def train_worker(side: str, model: str, name: str, device: str) -> dict:
             False,
             Path(scratch) / "run",
             batch_size=batch,
-            quantized_base="gguf" if side == "packed" else None,
+            quantized_base={"packed": "gguf", "nf4": "nf4"}.get(side),
             device=device,
             dtype="bf16" if device == "cuda" else None,
         )
@@ -265,12 +267,12 @@ def driver(quick: bool, write: bool, rounds: int, device: str) -> None:
         models = prepare(name)
         sides = [s for s in ("packed", "dense") if s in models]
         if name == "smollm2" and has_bitsandbytes():
-            sides.append("peft-nf4")
+            sides += ["nf4", "peft-nf4"]
         runs = results.setdefault(name, {side: [] for side in sides})
         for round_index in range(1 if name == "7b" else rounds):
             order = sides if round_index % 2 == 0 else sides[::-1]
             for side in order:
-                model = models.get(side, models["dense"] if side == "peft-nf4" else None)
+                model = models.get(side, models["dense"] if "nf4" in side else None)
                 arguments = ["train", side, model, name, device]
                 runs[side].append(run_worker(__file__, arguments, f"{name}, {side}"))
         if name == "smollm2":
@@ -348,6 +350,21 @@ def render(header: dict, results: dict, quick: bool, device: str) -> str:
             f"in {kind}: were nothing but them to shrink, the packed peak would be "
             f"{floor / dense_peak:.2f}× the dense one."
         )
+    nf4 = results.get("smollm2", {})
+    if "nf4" in nf4 and "peft-nf4" in nf4:
+        pairs = list(zip(nf4["nf4"], nf4["peft-nf4"], strict=True))
+        speed = median([ours["tokens_per_s"] / theirs["tokens_per_s"] for ours, theirs in pairs])
+        peak = median([ours["peak_mb"] / theirs["peak_mb"] for ours, theirs in pairs])
+        first = all(ours["losses"][0] == theirs["losses"][0] for ours, theirs in pairs)
+        lines += [
+            "",
+            "## loralab against PEFT over the same bitsandbytes NF4 base",
+            "",
+            f"- smollm2: tokens/s {speed:.2f}× PEFT's, peak memory {peak:.2f}×. Both run "
+            "bitsandbytes' own 4-bit product. The first loss (B = 0: the base's own) is "
+            f"{'the same to the last bit' if first else 'DIFFERENT'}; later ones move apart "
+            "with each library's own random A and dropout masks.",
+        ]
     lines.append("")
     return "\n".join(lines)
 

@@ -98,11 +98,12 @@ def token_batch(seed: int = 1, batch: int = 2, length: int = 7) -> torch.Tensor:
 
 
 def randomize_lora(model: torch.nn.Module, seed: int = 3, std: float = 0.2) -> None:
-    """Give every A and B random values, so that ΔW ≠ 0 and tests can see it."""
+    """Give every A and B random values, so that ΔW ≠ 0 and tests can see it: loralab's
+    factors (``….lora.<adapter>.A``) and PEFT's (``….lora_A.<adapter>.weight``)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in sorted(model.named_parameters()):
-            if ".lora." in f".{name}":
+            if any(part in f".{name}" for part in (".lora.", ".lora_A.", ".lora_B.")):
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
 
 

@@ -29,10 +29,17 @@ def save_adapters(base: Path, directory: Path, count: int = 8, seed: int = 0) ->
     return names
 
 
-def reference(base: Path, adapter_dir: Path | None, prompt, max_new_tokens: int, dtype=None) -> str:
+def reference(
+    base: Path,
+    adapter_dir: Path | None,
+    prompt,
+    max_new_tokens: int,
+    dtype=None,
+    quantized_base: str | None = None,
+) -> str:
     """What ``loralab generate`` writes for one prompt (a text or a chat), greedy, on the
-    base loaded in ``dtype`` (None: fp32)."""
-    model, tokenizer = load_model(str(base), dtype=dtype)
+    base loaded in ``dtype`` (None: fp32), or stored as ``quantized_base``."""
+    model, tokenizer = load_model(str(base), dtype=dtype, quantized_base=quantized_base)
     if adapter_dir is not None:
         load_adapter(model, adapter_dir)
     return generate(model, tokenizer, [prompt], max_new_tokens, stop_at_newline=False)[0]

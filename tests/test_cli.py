@@ -559,7 +559,34 @@ def test_generate_and_train_over_a_packed_gguf_base(tmp_path, capsys):
     assert (tmp_path / "run" / "adapter" / "README.md").exists()
     assert main(["info", str(tmp_path / "run" / "adapter")]) == 0
     info = capsys.readouterr().out
-    assert "trained over a packed base: file: `base.gguf`" in info
-    assert "trained over a packed base: packed linear weights: 15 × Q8_0" in info
+    assert "trained over a quantized base: file: `base.gguf`" in info
+    assert "trained over a quantized base: packed linear weights: 15 × Q8_0" in info
     assert main([*run[:-2], "--output-dir", str(tmp_path / "bad"), "--quantized-base", "nf5"]) == 2
-    assert "quantized_base must be one of gguf, got 'nf5'" in capsys.readouterr().err
+    assert (
+        "quantized_base must be one of gguf, nf4, fp4, int8, got 'nf5'" in capsys.readouterr().err
+    )
+
+
+def test_train_generate_info_and_merge_over_a_bitsandbytes_base(tmp_path, tiny_model_dir, capsys):
+    data = tmp_path / "records.jsonl"
+    data.write_text('{"prompt": "the ", "completion": "the the"}\n' * 4)
+    run = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--max-steps", "2"]
+    assert main([*run, "--quantized-base", "nf4", "--output-dir", str(tmp_path / "run")]) == 0
+    assert "linear weights quantized by bitsandbytes (14 nf4)" in capsys.readouterr().err
+    adapter = tmp_path / "run" / "adapter"
+    assert main(["info", str(adapter)]) == 0
+    assert "trained over a quantized base: bnb_4bit_quant_type: nf4" in capsys.readouterr().out
+    generate = ["generate", "--model", str(tiny_model_dir), "--adapter", str(adapter)]
+    assert main([*generate, "--quantized-base", "nf4", "--max-new-tokens", "4", "the"]) == 0
+    merge = ["merge", "--model", str(tiny_model_dir), "--adapter", str(adapter)]
+    merge += ["--quantized-base", "nf4"]
+    assert main([*merge, "--output", str(tmp_path / "dense")]) == 0
+    config = json.loads((tmp_path / "dense" / "config.json").read_text())
+    assert "quantization_config" not in config  # a float model
+    capsys.readouterr()
+    assert main([*merge, "--requantize", "--output", str(tmp_path / "nf4")]) == 0
+    assert "warning: re-quantized 4 merged weights" in capsys.readouterr().err  # q and v
+    config = json.loads((tmp_path / "nf4" / "config.json").read_text())
+    assert config["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    status, lines = run_cli([*merge[:-2], "--requantize", "--output", str(tmp_path / "x")], capsys)
+    assert_one_line_error(status, lines, "--requantize stores the merged weights in bitsandbytes")

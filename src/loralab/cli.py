@@ -255,6 +255,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _model_flags(merge, dtype="auto")  # written in the dtype the base was saved in
     merge.add_argument(
+        "--quantized-base",
+        choices=QUANTIZED_BASES,
+        help="the base as the adapter was trained over it (see loralab train --help): the "
+        "adapter is merged into its unpacked weights, and a float model is written",
+    )
+    merge.add_argument(
+        "--requantize",
+        action="store_true",
+        help="with --quantized-base nf4, fp4 or int8: store the merged weights in that "
+        "format again (a directory that loads quantized); rounding loses part of the "
+        "adapter's update, and the merge says how much",
+    )
+    merge.add_argument(
         "--format",
         choices=("transformers", "gguf"),
         default="transformers",
@@ -331,6 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="where the tables and the stored runs (OUTPUT_DIR/runs) go (default: results/MODE)",
+    )
+    reproduce.add_argument(
+        "--quantized-base",
+        choices=QUANTIZED_BASES,
+        help="train every run over its base stored so (see loralab train --help); methods "
+        "that train the base's own weights refuse it",
     )
     return parser
 
@@ -473,7 +492,9 @@ def _device_flags(parser: argparse.ArgumentParser, dtype: str, device: bool = Tr
             "--quantized-base",
             choices=QUANTIZED_BASES,
             help="keep the base quantized: gguf runs on a GGUF file's own packed weights "
-            "(the embedded model's, or --model FILE.gguf) instead of dequantizing them",
+            "(the embedded model's, or --model FILE.gguf) instead of dequantizing them; nf4, "
+            "fp4 and int8 quantize a float model with bitsandbytes as it loads, as QLoRA does "
+            "(pip install 'loralab[qlora]')",
         )
 
 
@@ -556,7 +577,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _load(args: argparse.Namespace, num_labels: int | None = None):
     from .methods.method_files import load_method
-    from .models.devices import base_dtype, choose_device
+    from .models.devices import base_dtype, choose_device, place
     from .models.loading import load_model
 
     if args.adapter is not None:  # a mistyped path is told before the model's slow load
@@ -569,12 +590,12 @@ def _load(args: argparse.Namespace, num_labels: int | None = None):
         kind=args.model_kind,
         dtype=dtype,
         quantized_base=getattr(args, "quantized_base", None),
+        device=device,
         **extra,
     )
     if args.adapter is not None:
         load_method(model, args.adapter)  # a PEFT adapter, or any method's saved files
-    if device.type != "cpu":
-        model.to(device)
+    place(model, device)
     if args.command in ("eval", "generate"):
         print(f"{PROGRAM}: {args.model} on {device}", file=sys.stderr)
     return model, tokenizer
@@ -685,9 +706,10 @@ def _merge(args: argparse.Namespace) -> int:
 
     if args.adapter is None:
         raise ConfigError("--adapter is required (only --format gguf writes the base alone)")
+    _check_requantize(args)
     check_output_dir(args.output, "--output", empty=True)  # before the model loads
     model, tokenizer = _load(args)
-    merged = _merged(model, args.adapter)
+    merged = _merged(model, args.adapter, args.requantize)
 
     def save(directory: Path) -> None:
         merged.save_pretrained(directory)
@@ -711,10 +733,23 @@ def _check_adapter_dir(adapter: Path) -> None:
         )
 
 
-def _merged(model, adapter: Path):
+def _check_requantize(args: argparse.Namespace) -> None:
+    if not args.requantize:
+        return
+    if args.quantized_base in (None, "gguf"):
+        raise ConfigError(
+            "--requantize stores the merged weights in bitsandbytes' format: give "
+            "--quantized-base nf4, fp4 or int8 (a GGUF base's merged tensors are written in "
+            "--outtype by --format gguf)"
+        )
+
+
+def _merged(model, adapter: Path, requantize: bool = False):
     """The model with its adapter merged in: a plain model (refused for a method that adds
-    layers or tokens)."""
-    from .lora.merge import merge_and_unload
+    layers or tokens); a quantized base comes back dense unless ``requantize``."""
+    import warnings
+
+    from .lora.merge import QuantizationLossWarning, merge_and_unload
     from .methods import applied_method, get_method
 
     method = get_method(applied_method(model).name)
@@ -725,7 +760,17 @@ def _merged(model, adapter: Path):
         )
     # every mergeable method's layers (LoRA's, AdaLoRA's) fold in; a model trained in full
     # or by BitFit has none, and is unwrapped as it is
-    return merge_and_unload(model, safe=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", QuantizationLossWarning)
+        merged = merge_and_unload(model, safe=True, requantize=requantize)
+    for warning in caught:
+        if issubclass(warning.category, QuantizationLossWarning):
+            print(f"{PROGRAM}: warning: {warning.message}", file=sys.stderr)
+        else:  # not ours to reword
+            warnings.warn_explicit(
+                warning.message, warning.category, warning.filename, warning.lineno
+            )
+    return merged
 
 
 def _merge_gguf(args: argparse.Namespace) -> int:
@@ -835,7 +880,7 @@ def _info(args: argparse.Namespace) -> int:
         print(f"  {module}  r={ranks.get(module)}")
     print(f"parameters: {parameters:,}; file size: {size / 1e6:.2f} MB")
     for line in base_quantization_lines(args.adapter / CARD_FILE):
-        print(f"trained over a packed base: {line}")
+        print(f"trained over a quantized base: {line}")
     return 0
 
 
@@ -856,9 +901,19 @@ def _reproduce(args: argparse.Namespace) -> int:
     words = [PROGRAM, "reproduce", args.name, *(["--quick"] if args.quick else [])]
     if args.scale and not args.quick:
         words.append(f"--scale {args.scale}")
-    words += [f"--{key} {value}" for key in ("seeds", "jobs") if (value := getattr(args, key))]
+    flags = ("seeds", "jobs", "quantized_base")
+    words += [
+        f"--{key.replace('_', '-')} {value}" for key in flags if (value := getattr(args, key))
+    ]
     paths = reproduce(
-        args.name, mode, args.seeds, args.output_dir, " ".join(words), args.jobs, shard
+        args.name,
+        mode,
+        args.seeds,
+        args.output_dir,
+        " ".join(words),
+        args.jobs,
+        shard,
+        args.quantized_base,
     )
     if not paths:  # this shard's runs are done; the others' are not
         return 0

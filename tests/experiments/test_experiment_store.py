@@ -206,3 +206,17 @@ def test_a_best_rate_on_the_grid_s_edge_is_tried_one_step_further():
     assert bottom.settings["learning_rate"] == pytest.approx(2.5e-4)
     assert _beyond(arm, [run(5e-4, 1.0), run(1e-3, 3.0), run(2e-3, 2.0)], scale) is None
     assert _beyond(arm, [run(1e-3, 1.0), run(2e-3, 3.0)], replace(TINY, lr_grid=(1.0, 2.0))) is None
+
+
+def test_runs_over_a_quantized_base_are_runs_of_their_own(tiny_tasks, tmp_path):
+    """``reproduce --quantized-base``: every run trains over the base stored so, under a
+    key of its own; a dense run's settings (and key) are those it always had."""
+    dense = run_settings(ARMS[0], 0, TINY, tmp_path, ("m", "causal-lm"))
+    assert "quantized_base" not in dense
+    scale = replace(TINY, store=str(tmp_path / "runs"), quantized_base="nf4", seeds=(0,))
+    assert scale.describe().endswith("; the base quantized: nf4")
+    assert scale.for_task("e2e").quantized_base == "nf4"
+    results = run_arms("t", ARMS, scale, tmp_path / "w", lambda _: None)
+    assert [r.settings["quantized_base"] for r in results] == ["nf4", "nf4"]
+    quantized = run_settings(ARMS[0], 0, scale, tmp_path, ("m", "causal-lm"))
+    assert run_key(quantized, {})[0] != run_key(dense, {})[0]

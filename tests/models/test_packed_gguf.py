@@ -164,7 +164,9 @@ def test_a_cut_file_is_one_line(tmp_path):
 def test_a_base_that_is_not_a_gguf_is_refused(tiny_model_dir):
     with pytest.raises(ModelLoadError, match=r"packed weights; .* not a \.gguf"):
         load_model(str(tiny_model_dir), quantized_base="gguf")
-    with pytest.raises(ValueError, match="quantized_base must be one of gguf, got 'nf5'"):
+    with pytest.raises(
+        ValueError, match="quantized_base must be one of gguf, nf4, fp4, int8, got 'nf5'"
+    ):
         load_model(str(tiny_model_dir), quantized_base="nf5")
 
 

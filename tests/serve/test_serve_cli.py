@@ -52,25 +52,40 @@ def test_a_bf16_base_serves_what_generate_writes_on_it(tiny_model_dir, tmp_path)
     assert reply.choices[0].text == expected
 
 
-def test_a_packed_gguf_base_serves_mixed_adapters_as_the_dense_one(tmp_path):
-    from conftest import save_tiny_gguf
-
-    base = tmp_path / "base.gguf"
-    save_tiny_gguf(base, linear_type="Q4_1")
+def _two_adapters_in_one_batch(base, tmp_path, quantized_base: str) -> list[str]:
+    """Greedy replies of two adapters served in one batch over ``base`` stored as
+    ``quantized_base``."""
     save_adapters(base, tmp_path, count=2)
     adapters = [(name, tmp_path / name) for name in ("a0", "a1")]
-    options = ServeOptions(model=str(base), adapters=adapters, quantized_base="gguf")
+    options = ServeOptions(model=str(base), adapters=adapters, quantized_base=quantized_base)
     with BackgroundServer(build_state(options)) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:  # one batch, two adapters
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
             replies = pool.map(
                 lambda name: client.completions.create(
                     model=name, prompt="the", max_tokens=8, temperature=0
                 ),
                 ["a0", "a1"],
             )
-            texts = [reply.choices[0].text for reply in replies]
+            return [reply.choices[0].text for reply in replies]
+
+
+def test_a_packed_gguf_base_serves_mixed_adapters_as_the_dense_one(tmp_path):
+    from conftest import save_tiny_gguf
+
+    base = tmp_path / "base.gguf"
+    save_tiny_gguf(base, linear_type="Q4_1")
+    texts = _two_adapters_in_one_batch(base, tmp_path, "gguf")
     assert texts == [reference(base, tmp_path / name, "the", 8) for name in ("a0", "a1")]
+
+
+def test_an_nf4_base_serves_mixed_adapters_as_generate_does_on_it(tiny_model_dir, tmp_path):
+    texts = _two_adapters_in_one_batch(tiny_model_dir, tmp_path, "nf4")
+    expected = [
+        reference(tiny_model_dir, tmp_path / name, "the", 8, quantized_base="nf4")
+        for name in ("a0", "a1")
+    ]
+    assert texts == expected
 
 
 def test_serve_refuses_a_gpu_that_is_not_there_before_loading(capsys, monkeypatch):

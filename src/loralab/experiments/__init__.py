@@ -17,6 +17,7 @@ from types import ModuleType
 
 from ..files.output_dirs import check_output_dir
 from ..lora.config import ConfigError
+from ..models.devices import check_quantized_base
 from .settings import Scale, default_jobs
 from .store import STORE_FOLDER, Shard
 
@@ -55,6 +56,7 @@ def reproduce(
     command: str | None = None,
     jobs: int | None = None,
     shard: Shard | None = None,
+    quantized_base: str | None = None,
 ) -> dict[str, Path]:
     """Run experiment ``name`` at ``mode`` and write ``output_dir/NAME.{md,json,png}``
     (default ``results/MODE``); ``jobs`` runs train side by side (default: one per core;
@@ -63,7 +65,8 @@ def reproduce(
     Every run's result is kept in ``output_dir/runs`` as it finishes and read from there
     when it exists, so a run again after a kill, or with more seeds, trains only what is
     missing. With ``shard`` only that share of the missing runs is trained, and when other
-    shards' runs are still missing the report is not written: the result is ``{}``."""
+    shards' runs are still missing the report is not written: the result is ``{}``.
+    ``quantized_base`` trains every run over its base stored so (``--quantized-base``)."""
     # torch loads here, not with the package: the command line reads the names above
     from .report import Report, write_report
     from .runs import RunsMissing
@@ -79,6 +82,7 @@ def reproduce(
         raise ConfigError(f"--seeds must be ≥ 1, got {seeds}")
     if jobs is not None and jobs < 1:
         raise ConfigError(f"--jobs must be ≥ 1, got {jobs}")
+    check_quantized_base(quantized_base, "--quantized-base")
     output_dir = Path("results") / mode if output_dir is None else Path(output_dir)
     output_dir = check_output_dir(output_dir, "--output-dir")  # before hours of training
     scale = replace(
@@ -88,6 +92,7 @@ def reproduce(
         name=mode,
         store=str(output_dir / STORE_FOLDER),
         shard=shard,
+        quantized_base=quantized_base,
     )
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"loralab-{name}-") as workdir:

@@ -77,6 +77,10 @@ def run_settings(
     ``model`` is the (name, kind) to train, by default ``settings.TASK_MODELS[arm.task]``."""
     model_name, kind = model or experiment_settings.TASK_MODELS[arm.task]
     head = {"head_learning_rate": HEAD_LEARNING_RATE} if kind == "classification" else {}
+    # Only when set: a dense run's settings, and so its key in the result store, stay as
+    # they were before quantized bases existed.
+    if scale.quantized_base is not None:
+        head["quantized_base"] = scale.quantized_base
     return {
         "model": model_name,
         "model_kind": kind,

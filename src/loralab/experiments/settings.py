@@ -89,6 +89,9 @@ class Scale:
     shard: Shard | None = None
     """``--shard K/N``: train only every N-th run of each plan (the others' shards train
     the rest). Not part of what a run computes."""
+    quantized_base: str | None = None
+    """``--quantized-base``: every run trains over its base stored so (gguf, nf4, fp4,
+    int8); None, the dense base. A method that trains the base's weights refuses it."""
 
     def with_seeds(self, count: int | None) -> Scale:
         if count is None:
@@ -100,7 +103,7 @@ class Scale:
         own = dict(self.per_task).get(task)
         if own is None:
             return self
-        shared = ("seeds", "jobs", "quick", "name", "store", "shard")
+        shared = ("seeds", "jobs", "quick", "name", "store", "shard", "quantized_base")
         return replace(own, per_task=(), **{key: getattr(self, key) for key in shared})
 
     def describe(self) -> str:
@@ -108,9 +111,10 @@ class Scale:
         sizes = self._size()
         for task, own in self.per_task:
             sizes += f"; {task}: {own._size()}"
+        base = f"; the base quantized: {self.quantized_base}" if self.quantized_base else ""
         return (
             f"{sizes}; seeds {list(self.seeds)}; "
-            f"{self.jobs} job{'s' if self.jobs != 1 else ''} of one thread"
+            f"{self.jobs} job{'s' if self.jobs != 1 else ''} of one thread{base}"
         )
 
     def _size(self) -> str:

@@ -4,6 +4,9 @@ adapter knows what it was trained against. ``adapter_config.json`` stays PEFT's 
 no extra key.
 
 For a packed GGUF base: the file's name, its sha256, and the types its packed weights had.
+For a base quantized by bitsandbytes: its ``BitsAndBytesConfig``, one ``- key: value`` line
+each under the heading PEFT itself wrote it under ("Training procedure"), which readers of
+QLoRA adapters' cards look for.
 """
 
 from __future__ import annotations
@@ -20,10 +23,10 @@ def model_card(quantization: dict[str, Any] | None, base_model: str | None) -> s
     """The card's text for a base stored as ``quantization`` records it, or None (dense)."""
     if quantization is None:
         return None
-    if quantization.get("backend") != "gguf":
-        raise ValueError(f"no model card for a {quantization.get('backend')!r} base")
-    path = Path(quantization["file"])
-    types = ", ".join(f"{count} × {name}" for name, count in quantization["packed"].items())
+    sections = {"gguf": _gguf_section, "bitsandbytes": _bnb_section}
+    backend = quantization.get("backend")
+    if backend not in sections:
+        raise ValueError(f"no model card for a {backend!r} base")
     return "\n".join(
         [
             MARKER,
@@ -34,20 +37,37 @@ def model_card(quantization: dict[str, Any] | None, base_model: str | None) -> s
             "",
             "# LoRA adapter trained over a quantized base",
             "",
-            "## Base quantization",
-            "",
-            "The frozen base was the GGUF file's own packed weights, unpacked inside each "
-            "forward and backward pass (loralab's `--quantized-base gguf`), not a dense copy:",
-            "",
-            f"- file: `{path.name}`",
-            f"- sha256: `{_sha256(path)}`",
-            f"- packed linear weights: {types}",
-            "",
-            "The unpacked values are the dense load's bit for bit, so the adapter runs on "
-            "the dense model (PEFT, vLLM) as trained.",
+            *sections[backend](quantization),
             "",
         ]
     )
+
+
+def _gguf_section(quantization: dict[str, Any]) -> list[str]:
+    path = Path(quantization["file"])
+    types = ", ".join(f"{count} × {name}" for name, count in quantization["packed"].items())
+    return [
+        "## Base quantization",
+        "",
+        "The frozen base was the GGUF file's own packed weights, unpacked inside each "
+        "forward and backward pass (loralab's `--quantized-base gguf`), not a dense copy:",
+        "",
+        f"- file: `{path.name}`",
+        f"- sha256: `{_sha256(path)}`",
+        f"- packed linear weights: {types}",
+        "",
+        "The unpacked values are the dense load's bit for bit, so the adapter runs on "
+        "the dense model (PEFT, vLLM) as trained.",
+    ]
+
+
+def _bnb_section(quantization: dict[str, Any]) -> list[str]:
+    return [
+        "## Training procedure",
+        "",
+        "The following `bitsandbytes` quantization config was used during training:",
+        *(f"- {key}: {value}" for key, value in quantization["config"].items()),
+    ]
 
 
 def is_ours(path: Path) -> bool:

@@ -4,10 +4,10 @@ What LoRA needs from the layer it wraps: the sizes of its input and output, wher
 what dtype it computes, its weight as a matrix (out, in), and how a ΔW in the weight's own
 layout goes into that weight. Each kind answers for its modules: GPT-2's ``Conv1D`` stores
 its weight transposed, (in, out), an embedding table is read by lookup, a convolution's
-kernel is a matrix once flattened, a packed weight (``quantized/``) is unpacked on
-request and cannot take ΔW in place. A new kind of base is one more class registered in
-``KINDS``; the module-level functions below are what the rest of loralab calls, whatever
-the kind.
+kernel is a matrix once flattened, a packed weight (``quantized/``: a GGUF file's blocks,
+bitsandbytes' NF4, FP4 and int8) is unpacked on request and cannot take ΔW in place. A
+new kind of base is one more class registered in ``KINDS``; the module-level functions
+below are what the rest of loralab calls, whatever the kind.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from .quantized import PackedLinear
+from .quantized import PackedLinear, bnb
+from .quantized.packed_linear import packed_from
 
 
 class FrozenBase:
@@ -30,6 +31,11 @@ class FrozenBase:
     """Whether the weight lies (in, out): ``weight_matrix`` transposes it."""
     fan_in_fan_out = False
     """A linear map stored (in, out), as PEFT's ``fan_in_fan_out`` names it."""
+    packed = False
+    """Whether the weight is held packed (quantized), unpacked by the kind on request."""
+
+    def matches(self, base: nn.Module) -> bool:
+        return isinstance(base, self.module_types)
 
     def in_out(self, base: nn.Module) -> tuple[int, int]:
         return base.in_features, base.out_features
@@ -68,6 +74,14 @@ class FrozenBase:
         weight = base.weight
         with torch.no_grad():
             weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
+
+    def dense_copy(self, base: nn.Module) -> nn.Module:
+        """A dense layer computing what ``base`` computes (``base`` itself when dense)."""
+        return base
+
+    def quantized_like(self, base: nn.Module, dense: nn.Module) -> nn.Module:
+        """``dense`` stored as ``base`` is (the same format): re-quantizing a merge."""
+        return dense
 
 
 class Conv1DBase(FrozenBase):
@@ -109,6 +123,7 @@ class PackedBase(FrozenBase):
     by unpacking it, and never changed in place (ΔW has nowhere exact to go in 4 bits)."""
 
     module_types = (PackedLinear,)
+    packed = True
 
     def weight_of(self, base: nn.Module) -> Tensor:
         return base.packed
@@ -144,6 +159,53 @@ class PackedBase(FrozenBase):
     def packed_size(self, base: nn.Module) -> tuple[int, int] | None:
         return base.out_features * base.in_features, base.packed.numel()
 
+    def dense_copy(self, base: nn.Module) -> nn.Module:
+        return dense_linear(base, self.weight_matrix(base).to(base.dtype))
+
+    def quantized_like(self, base: nn.Module, dense: nn.Module) -> nn.Module:
+        return packed_from(dense, base.block_format)
+
+
+class BitsAndBytesBase(PackedBase):
+    """bitsandbytes' ``Linear4bit`` (NF4, FP4) and ``Linear8bitLt`` (int8): the layer's
+    own product runs as it is, after ``bnb.keep_training_layout`` (see there)."""
+
+    module_types = ()
+
+    def matches(self, base: nn.Module) -> bool:
+        return bnb.is_quantized_layer(base)
+
+    def weight_of(self, base: nn.Module) -> Tensor:
+        return base.weight
+
+    def device(self, base: nn.Module) -> torch.device:
+        return base.weight.device
+
+    def compute_dtype(self, base: nn.Module) -> torch.dtype:
+        return bnb.compute_dtype(base)
+
+    def weight_copy(self, base: nn.Module) -> Tensor:
+        return bnb.dequantized(base)
+
+    def weight_matrix(self, base: nn.Module) -> Tensor:
+        return bnb.dequantized(base)
+
+    def fixed_reason(self, base: nn.Module) -> str | None:
+        return (
+            f"its weight is quantized by bitsandbytes ({bnb.format_name(base)}) and cannot "
+            "take ΔW in place; merge_and_unload writes a dequantized, dense copy (`loralab "
+            "merge`), or load the base without --quantized-base"
+        )
+
+    def packed_size(self, base: nn.Module) -> tuple[int, int] | None:
+        return base.out_features * base.in_features, bnb.stored_bytes(base)
+
+    def dense_copy(self, base: nn.Module) -> nn.Module:
+        return dense_linear(base, bnb.dequantized(base).to(bnb.stored_dtype(base)))
+
+    def quantized_like(self, base: nn.Module, dense: nn.Module) -> nn.Module:
+        return bnb.quantized_like(base, dense)
+
 
 # The kinds, the most specific first: one line per kind.
 KINDS: tuple[FrozenBase, ...] = (
@@ -151,6 +213,7 @@ KINDS: tuple[FrozenBase, ...] = (
     EmbeddingBase(),
     Conv2dBase(),
     PackedBase(),
+    BitsAndBytesBase(),
     FrozenBase(),
 )
 
@@ -165,7 +228,7 @@ def kind_of(base: nn.Module) -> FrozenBase:
 
 def kind_or_none(base: nn.Module) -> FrozenBase | None:
     """The kind that answers for ``base``, or None (a module LoRA does not wrap)."""
-    return next((kind for kind in KINDS if isinstance(base, kind.module_types)), None)
+    return next((kind for kind in KINDS if kind.matches(base)), None)
 
 
 def role_of(module: nn.Module) -> str | None:
@@ -189,6 +252,12 @@ def packed_in(module: nn.Module) -> str | None:
         if reason is not None:
             return f"{name}: {reason}"
     return None
+
+
+def is_packed(module: nn.Module) -> bool:
+    """Whether ``module`` is a frozen base whose weight is held packed (quantized)."""
+    kind = kind_or_none(module)
+    return kind is not None and kind.packed
 
 
 def packed_size(module: nn.Module) -> tuple[int, int] | None:
@@ -280,3 +349,25 @@ def fixed_reason(base: nn.Module) -> str | None:
 def add_to_weight(base: nn.Module, delta: Tensor) -> None:
     """``W ← W + ΔW``, computed in fp32 and cast once (ΔW in the stored weight's layout)."""
     kind_of(base).add_to_weight(base, delta)
+
+
+def dense_linear(base: nn.Module, weight: Tensor) -> nn.Linear:
+    """An ``nn.Linear`` holding ``weight`` (out, in) and ``base``'s bias, on its device."""
+    bias = bias_of(base)
+    linear = nn.Linear(base.in_features, base.out_features, bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.detach().to(weight.dtype), requires_grad=False)
+    return linear
+
+
+def dense_copy(base: nn.Module) -> nn.Module:
+    """A dense layer computing what the (packed) ``base`` computes, with its weight
+    unpacked: what merging into a quantized base starts from."""
+    return kind_of(base).dense_copy(base)
+
+
+def quantized_like(base: nn.Module, dense: nn.Module) -> nn.Module:
+    """``dense``'s weight stored as ``base``'s is: an explicit re-quantization after a
+    merge, which loses most of a small update (the caller says so)."""
+    return kind_of(base).quantized_like(base, dense)

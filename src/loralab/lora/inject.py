@@ -36,6 +36,7 @@ from .layers import (
     TrainableCopy,
     unsupported_reason,
 )
+from .quantized import bnb
 from .state import model_state
 from .variants import variant_for
 
@@ -409,6 +410,9 @@ def inject_adapter(
     except the biases that ``config.bias`` names and the ``modules_to_save``. If the
     config does not fit the model, an error is raised and the model is unchanged.
     """
+    # A model quantized by bitsandbytes outside loralab's loader is guarded here, before a
+    # forward in eval mode can rewrite its 4-bit weights into a layout that does not train.
+    bnb.keep_training_layout(model)
     targets = plan_targets(model, config, adapter_name, strict=strict)
     return apply_targets(model, config, targets, adapter_name)
 

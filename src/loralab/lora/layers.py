@@ -556,8 +556,10 @@ def lora_class_for(module: nn.Module) -> type[LoraLayer] | None:
 def unsupported_reason(module: nn.Module) -> str | None:
     """Why a module of a supported type still cannot take LoRA, or None."""
     weight = getattr(module, "weight", None)
-    if isinstance(weight, Tensor) and not weight.is_floating_point():
-        # bitsandbytes' Linear4bit subclasses nn.Linear: never wrap it as a dense layer
+    integer = isinstance(weight, Tensor) and not weight.is_floating_point()
+    if integer and not bases.is_packed(module):
+        # a quantized layer of a kind loralab does not read (one subclassing nn.Linear):
+        # never wrap it as a dense layer
         return (
             f"its weight is stored as {weight.dtype} (a quantized layer); loralab adapts "
             "layers with floating-point weights"

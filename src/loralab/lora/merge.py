@@ -8,6 +8,9 @@ model.
 
 from __future__ import annotations
 
+import math
+import warnings
+
 import torch
 from torch import nn
 
@@ -29,11 +32,16 @@ def _tied_elsewhere(model: nn.Module) -> dict[int, list[str]]:
     return {key: names for key, names in holders.items() if len(names) > 1}
 
 
+class QuantizationLossWarning(UserWarning):
+    """Merged weights were re-quantized, which loses part of the adapter's update."""
+
+
 def _layers_to_merge(
-    model: nn.Module, adapter_name: str | None, safe: bool
+    model: nn.Module, adapter_name: str | None, safe: bool, into_dense_copy: bool = False
 ) -> dict[str, tuple[LoraLayer, str | None]]:
     """Every LoRA layer with the adapter to merge into it (None: nothing), after the checks
-    that must pass before any weight changes."""
+    that must pass before any weight changes. ``into_dense_copy``: a quantized base will
+    be replaced by a dense copy first, so it is no reason to refuse."""
     if adapter_name is not None and adapter_name not in adapter_configs(model):
         raise KeyError(
             f"no adapter named {adapter_name!r}; the model has {sorted(adapter_configs(model))}"
@@ -42,7 +50,7 @@ def _layers_to_merge(
     tied = _tied_elsewhere(model)
     for name, layer in layers.items():
         fixed = bases.fixed_reason(layer.base_layer)
-        if fixed is not None:
+        if fixed is not None and not into_dense_copy:
             raise MergeError(f"cannot merge into {name!r}: {fixed}")
         weight = bases.weight_of(layer.base_layer)
         holders = [h for h in tied.get(id(weight), []) if not h.startswith(name)]
@@ -90,20 +98,93 @@ def unmerge_adapter(model: nn.Module, adapter_name: str | None = None) -> None:
 
 
 def merge_and_unload(
-    model: nn.Module, adapter_name: str | None = None, safe: bool = False
+    model: nn.Module,
+    adapter_name: str | None = None,
+    safe: bool = False,
+    requantize: bool = False,
 ) -> nn.Module:
     """Merge, then put the original modules back: a plain model with its original keys.
 
     Each layer is unwrapped as soon as it is merged, so what it remembers of the merge is
-    freed at once rather than held for the whole model."""
-    for name, (layer, adapter) in _layers_to_merge(model, adapter_name, safe).items():
+    freed at once rather than held for the whole model.
+
+    A quantized base (a GGUF file's packed blocks, bitsandbytes' layers) cannot take ΔW in
+    its own format without losing most of it, so by default the whole model comes back
+    dense: each adapted layer is merged into its unpacked weight, exactly, and every other
+    quantized layer is unpacked too. ``requantize=True`` stores the merged weights in the
+    base's format again instead (the rest stays as it was), and warns with how much of
+    ΔW the rounding lost.
+    """
+    lost = _Loss()
+    for name, (layer, adapter) in _layers_to_merge(model, adapter_name, safe, True).items():
+        quantized = layer.base_layer
+        if bases.fixed_reason(quantized) is not None:
+            layer.base_layer = bases.dense_copy(quantized)
+        else:
+            quantized = None
         if adapter is not None:
+            before = lost.before(layer, adapter, quantized is not None and requantize)
             layer.merge(adapter)
             layer.rewrote.pop(adapter, None)  # merged: W0 - start + ΔW is the trained weight
         for other in list(layer.rewrote):
             layer.restore_base(other)
-        replace_module(model, name, layer.base_layer)
+        merged = layer.base_layer
+        if quantized is not None and requantize:
+            merged = bases.quantized_like(quantized, merged)
+            if adapter is not None:
+                lost.add(before, bases.weight_matrix(merged))
+        replace_module(model, name, merged)
+    if not requantize:
+        dequantize_model(model)
+    lost.warn()
     return _remove_wrappers(model, keep_trained_copies=True)
+
+
+class _Loss:
+    """How much of ΔW re-quantizing the merged weights lost, over every layer."""
+
+    def __init__(self) -> None:
+        self.error = self.update = 0.0
+        self.layers = 0
+
+    def before(self, layer: LoraLayer, adapter: str, measuring: bool):
+        if not measuring:
+            return None
+        # The base is the dense copy here, an nn.Linear: ΔW's layout is its own, (out, in).
+        return bases.weight_copy(layer.base_layer), layer.delta_weight(adapter).detach().float()
+
+    def add(self, before, merged: torch.Tensor) -> None:
+        weight, delta = before
+        self.error += float((merged - weight - delta).square().sum())
+        self.update += float(delta.square().sum())
+        self.layers += 1
+
+    def warn(self) -> None:
+        if not self.layers:
+            return
+        ratio = math.sqrt(self.error / self.update) if self.update else 0.0
+        warnings.warn(
+            f"re-quantized {self.layers} merged weights into the base's format: the "
+            f"rounding error is {ratio:.0%} of the adapter's update ‖ΔW‖; merge without "
+            "re-quantizing for the exact result",
+            QuantizationLossWarning,
+            stacklevel=3,
+        )
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Replace every quantized layer of ``model`` by a dense one holding its unpacked
+    weight, and forget a Transformers model's quantization config (its ``save_pretrained``
+    then writes a plain float model)."""
+    for name, module in list(model.named_modules()):
+        kind = bases.kind_or_none(module)
+        if kind is not None and kind.fixed_reason(module) is not None:
+            replace_module(model, name, kind.dense_copy(module))
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    model_state(model).base_quantization = None
+    return model
 
 
 def unload(model: nn.Module) -> nn.Module:

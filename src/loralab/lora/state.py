@@ -42,8 +42,9 @@ class ModelState:
     """The output head that has the hook keeping its input contiguous (``inject.py``)."""
     base_quantization: dict[str, Any] | None = None
     """How the frozen base is stored when it is not dense, as the loader recorded it
-    (``models/packed_gguf.py``: the GGUF file and its packed types); a saved adapter's
-    model card says it."""
+    (``models/packed_gguf.py``: the GGUF file and its packed types; ``models/bnb_base.py``:
+    bitsandbytes' config), with a one-line ``summary``; a saved adapter's model card says
+    it."""
 
 
 def model_state(model: nn.Module) -> ModelState:

@@ -77,8 +77,8 @@ def shape_twin(model: nn.Module) -> nn.Module:
     """
     memo: dict[int, object] = {}
     for parameter in model.parameters():
-        twin = nn.Parameter(torch.empty_like(parameter, device="meta"))
-        twin.requires_grad_(parameter.requires_grad)
+        # (a quantized weight is an integer parameter, which may not require a gradient)
+        twin = nn.Parameter(torch.empty_like(parameter, device="meta"), parameter.requires_grad)
         memo[id(parameter)] = twin
     for buffer in model.buffers():
         memo[id(buffer)] = torch.empty_like(buffer, device="meta")

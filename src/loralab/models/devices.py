@@ -53,6 +53,13 @@ def choose_device(name: str | None = None, flag: str = "--device") -> torch.devi
     return device
 
 
+def place(model: torch.nn.Module, device: torch.device) -> None:
+    """Move ``model`` to ``device`` unless it is there: a model quantized by bitsandbytes
+    is loaded on its device and refuses ``.to()`` (its 8-bit weights cannot move)."""
+    if model_device(model) != device:
+        model.to(device)
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     """Where ``model``'s weights are (its inputs go there)."""
     import torch
@@ -87,8 +94,10 @@ def check_dtype(name: str | None, flag: str = "--dtype") -> None:
 
 # A frozen base kept quantized instead of in --dtype (``lora/quantized/``): ``gguf`` keeps a
 # GGUF file's own packed blocks (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K), unpacked inside each
-# forward and backward; the memory its linear weights take is the file's.
-QUANTIZED_BASES = ("gguf",)
+# forward and backward; the memory its linear weights take is the file's. ``nf4``, ``fp4``
+# and ``int8`` are bitsandbytes' (QLoRA's), quantizing a float checkpoint as it loads
+# (``bnb_base.py``; the ``qlora`` extra).
+QUANTIZED_BASES = ("gguf", "nf4", "fp4", "int8")
 
 
 def check_quantized_base(name: str | None, flag: str = "quantized_base") -> None:

@@ -16,6 +16,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from .bnb_base import load_options, prepare_loaded, saved_quantization
 from .devices import check_quantized_base
 from .embedded import DEFAULT_CAUSAL_LM, EMBEDDED_MODELS, embedded_gguf, embedded_model_dir
 from .errors import ModelLoadError
@@ -31,6 +32,7 @@ def load_model(
     num_labels: int | None = None,
     dtype: torch.dtype | str = torch.float32,
     quantized_base: str | None = None,
+    device: torch.device | str = "cpu",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a model and its tokenizer, in eval mode, without reaching the Hub.
 
@@ -43,7 +45,9 @@ def load_model(
 
     ``quantized_base="gguf"`` keeps a GGUF file's quantized linear weights packed
     (``PackedLinear``, unpacked inside each forward and backward) instead of dequantizing
-    the model: a GGUF path or an embedded model shipped as one.
+    the model: a GGUF path or an embedded model shipped as one. ``"nf4"``, ``"fp4"`` and
+    ``"int8"`` quantize a float checkpoint with bitsandbytes as it loads, on ``device``
+    (``bnb_base.py``); a checkpoint saved quantized by bitsandbytes loads as it was saved.
 
     The tokenizer always has a pad token (its eos token when it has none) and pads on the
     right, which is what training and classification want. For batched generation with a
@@ -61,24 +65,13 @@ def load_model(
     auto_class = KINDS[kind]
 
     path = Path(name_or_path).expanduser()
-    if quantized_base is not None:
-        model, tokenizer = _load_quantized(auto_class, name_or_path, path, options, quantized_base)
-    elif name_or_path in EMBEDDED_MODELS:
-        embedded = EMBEDDED_MODELS[name_or_path]
-        if embedded.kind == "classification" and kind == "causal-lm":
-            raise ValueError(
-                f"{name_or_path} is an encoder, not a language model; "
-                "load it with kind='classification'"
-            )
-        model, tokenizer = _load_directory(auto_class, embedded_model_dir(name_or_path), options)
-    elif path.is_dir():
-        model, tokenizer = _load_directory(auto_class, path, options)
-    elif path.suffix == ".gguf":
-        if not path.is_file():
-            raise ModelLoadError(f"GGUF file {path} does not exist")
-        model, tokenizer = load_gguf(auto_class, path, options)
+    check_quantized_base(quantized_base)
+    if quantized_base == "gguf":
+        model, tokenizer = _load_packed_gguf(auto_class, name_or_path, path, options)
     else:
-        model, tokenizer = _load_hub_cache(auto_class, name_or_path, options)
+        where = (kind, quantized_base, torch.device(device))
+        model, tokenizer = _load_float(auto_class, name_or_path, path, options, where)
+    prepare_loaded(model)  # a bitsandbytes base, asked for or saved as one
     _give_pad_token(tokenizer, model, name_or_path)
     return model.eval(), tokenizer
 
@@ -86,8 +79,7 @@ def load_model(
 # -- loading ----------------------------------------------------------------------------------
 
 
-def _load_quantized(auto_class, name: str, path: Path, options: dict, backend: str):
-    check_quantized_base(backend)
+def _load_packed_gguf(auto_class, name: str, path: Path, options: dict):
     converted = None
     if name in EMBEDDED_MODELS:
         if not EMBEDDED_MODELS[name].member.endswith(".gguf"):
@@ -104,6 +96,46 @@ def _load_quantized(auto_class, name: str, path: Path, options: dict, backend: s
     elif not path.is_file():
         raise ModelLoadError(f"GGUF file {path} does not exist")
     return load_packed_gguf(auto_class, path, options, converted)
+
+
+def _load_float(auto_class, name: str, path: Path, options: dict, where: tuple):
+    """A float checkpoint (an embedded model, a directory, a GGUF file dequantized, the
+    Hub cache), quantized by bitsandbytes while it loads where ``asked``."""
+    kind, asked, device = where
+    if name in EMBEDDED_MODELS:
+        if EMBEDDED_MODELS[name].kind == "classification" and kind == "causal-lm":
+            raise ValueError(
+                f"{name} is an encoder, not a language model; load it with kind='classification'"
+            )
+        directory = embedded_model_dir(name)
+    elif path.is_dir():
+        directory = path
+    elif path.suffix == ".gguf":
+        if asked is not None:
+            raise ModelLoadError(
+                f"--quantized-base {asked} quantizes a float checkpoint as it loads; {name} "
+                "is a GGUF file, whose own packed weights --quantized-base gguf keeps"
+            )
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {path} does not exist")
+        return load_gguf(auto_class, path, options)
+    else:
+        saved = _cached_quantization(name)
+        options = {**options, **load_options(asked, saved, device, name)}
+        return _load_hub_cache(auto_class, name, options)
+    options = {**options, **load_options(asked, saved_quantization(directory), device, name)}
+    return _load_directory(auto_class, directory, options)
+
+
+def _cached_quantization(name: str) -> dict | None:
+    """The ``quantization_config`` of a model in the Hugging Face cache (None: none, or
+    not there: ``_load_hub_cache`` says so)."""
+    try:
+        config = AutoConfig.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError):
+        return None
+    saved = getattr(config, "quantization_config", None)
+    return saved.to_dict() if hasattr(saved, "to_dict") else saved
 
 
 def _load_directory(auto_class, directory: Path, options: dict):

@@ -24,6 +24,7 @@ from transformers import AutoConfig, AutoTokenizer
 from transformers.initialization import no_init_weights
 
 from ..lora.quantized import FORMATS, PackedLinear, format_named, format_of_ggml_type
+from ..lora.quantized.packed_linear import packed_from
 from ..lora.state import model_state
 from .errors import ModelLoadError
 from .gguf_layout import GgufLayout
@@ -53,10 +54,13 @@ def load_packed_gguf(auto_class, path: Path, options: dict, converted: Path | No
         model = auto_class.from_config(config, dtype=dtype, **extra)
     model.tie_weights()  # a tied head is the embedding's tensor, filled once
     packed = _fill(model, tensors, layout, path, dtype)
+    counts = dict(sorted(Counter(packed).items()))
+    types = ", ".join(f"{count} {name}" for name, count in counts.items())
     model_state(model).base_quantization = {
         "backend": "gguf",
+        "summary": f"linear weights packed as in the GGUF ({types})",
         "file": str(path),
-        "packed": dict(sorted(Counter(packed).items())),
+        "packed": counts,
     }
     return model, tokenizer
 
@@ -230,7 +234,6 @@ def pack_linears(model: nn.Module, format_name: str, names: list[str] | None = N
     ``PackedLinear`` holding its weight quantized with the ``gguf`` package's quantizer;
     returns how many were packed. A head tied to the embedding is left dense."""
     block_format = format_named(format_name)
-    kind = gguf.GGMLQuantizationType[format_name]
     tied = {id(p) for p in model.get_input_embeddings().parameters()}
     count = 0
     for name, module in list(model.named_modules()):
@@ -238,17 +241,6 @@ def pack_linears(model: nn.Module, format_name: str, names: list[str] | None = N
             continue
         if id(module.weight) in tied or block_format.refusal(module.in_features):
             continue
-        weight = module.weight.detach().float().numpy()
-        packed = torch.from_numpy(gguf.quants.quantize(weight, kind))
-        bias = None if module.bias is None else module.bias.detach()
-        linear = PackedLinear(
-            packed,
-            block_format,
-            module.in_features,
-            module.out_features,
-            bias,
-            module.weight.dtype,
-        )
-        model.set_submodule(name, linear)
+        model.set_submodule(name, packed_from(module, block_format))
         count += 1
     return count

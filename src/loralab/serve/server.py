@@ -10,7 +10,7 @@ from pathlib import Path
 
 import uvicorn
 
-from ..models.devices import base_dtype, choose_device
+from ..models.devices import base_dtype, choose_device, place
 from ..models.loading import load_model
 from .adapter_pool import DEFAULT_MAX_ADAPTER_BYTES, AdapterPool
 from .app import DEFAULT_MAX_BODY, ServerState, create_app
@@ -39,7 +39,7 @@ class ServeOptions:
     max_body: int = DEFAULT_MAX_BODY
     device: str | None = None  # auto, cpu, cuda, cuda:N (None: auto)
     dtype: str | None = None  # the base's weights: fp32, bf16, fp16, auto (None: fp32)
-    quantized_base: str | None = None  # gguf: the GGUF's own packed weights (None: dense)
+    quantized_base: str | None = None  # gguf, nf4, fp4, int8 (``QUANTIZED_BASES``); None: dense
 
 
 def served_name(model: str) -> str:
@@ -75,9 +75,12 @@ def build_state(options: ServeOptions) -> ServerState:
             raise ServeError(f"--adapter {name}={directory}: not an adapter directory")
     device = choose_device(options.device)  # a GPU that is not there: before the load
     model, tokenizer = load_model(
-        options.model, dtype=base_dtype(options.dtype), quantized_base=options.quantized_base
+        options.model,
+        dtype=base_dtype(options.dtype),
+        quantized_base=options.quantized_base,
+        device=device,
     )
-    model.to(device)
+    place(model, device)
     base_name = options.served_model_name or served_name(options.model)
     metrics = Metrics()
     pool = AdapterPool(

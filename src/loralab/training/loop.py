@@ -39,7 +39,7 @@ from ..lora.state import model_state
 from ..methods import Method
 from ..methods.method_files import load_method, save_method
 from ..methods.prefix import PromptTokens, prompt_tokens
-from ..models.devices import base_dtype
+from ..models.devices import base_dtype, place
 from .checkpoint import CHECKPOINT, check_resumable, find_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .distributed import (
@@ -172,10 +172,7 @@ def describe_start(config: TrainConfig, model: nn.Module, datasets: Datasets, wo
     per_step = config.batch_size * config.gradient_accumulation
     per_epoch = config.steps_per_epoch(kept)
     quantized = model_state(model).base_quantization
-    packed = ""
-    if quantized is not None:
-        types = ", ".join(f"{n} {t}" for t, n in quantized["packed"].items())
-        packed = f"; linear weights packed as in the GGUF ({types})"
+    packed = "" if quantized is None else f"; {quantized['summary']}"
     base = f"; frozen base {trainable.frozen_bytes / 1e6:,.0f} MB{packed}"
     return (
         f"model {config.model} on {world.device}, {str(dtype).removeprefix('torch.')}"
@@ -392,7 +389,7 @@ def _set_up(
         saved = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=True)
     check_tensorboard(config.tensorboard)
     examples = load_examples(config)  # bad data fails before the model is loaded
-    model, tokenizer = _adapted_model(config, model, tokenizer, examples, checkpoint)
+    model, tokenizer = _adapted_model(config, model, tokenizer, examples, checkpoint, world)
     # After the method: a prefix method's special tokens are part of every example.
     datasets = encode_examples(config, examples, tokenizer, prompt_tokens(model))
     if world.is_main:  # the settings as given: a resume counts the same epochs again
@@ -447,7 +444,9 @@ def _set_up(
     )
 
 
-def _adapted_model(config: TrainConfig, model, tokenizer, examples: Examples, checkpoint):
+def _adapted_model(
+    config: TrainConfig, model, tokenizer, examples: Examples, checkpoint, world: World
+):
     """The model (loaded unless given) with the run's method applied, or with the
     checkpoint's adapter when resuming."""
     if model is None:
@@ -463,6 +462,7 @@ def _adapted_model(config: TrainConfig, model, tokenizer, examples: Examples, ch
             kind=config.model_kind,
             dtype=dtype,
             quantized_base=config.quantized_base,
+            device=world.device,  # where bitsandbytes quantizes
             **labels,
         )
     if checkpoint is None:
@@ -584,8 +584,7 @@ def _resumable_checkpoint(run_dir: Path, config: TrainConfig) -> Path:
 
 def _distribute(model: nn.Module, config: TrainConfig, world: World) -> nn.Module:
     """The model each rank runs forward: itself alone, DDP's wrapper, or sharded by FSDP."""
-    if world.device.type != "cpu":
-        model.to(world.device)
+    place(model, world.device)
     if not world.active:
         return model
     return shard_fsdp(model, world) if config.fsdp else wrap_ddp(model, world)

@@ -105,3 +105,30 @@ class PackedProduct(torch.autograd.Function):
             part = block_format.dequantize_columns(packed, start, stop).to(grad.dtype)
             grad_x[..., start:stop] = grad @ part
         return grad_x, None, None
+
+
+def packed_from(dense: nn.Linear, block_format: BlockFormat) -> PackedLinear:
+    """``dense``'s weight quantized into ``block_format`` by the ``gguf`` package's
+    quantizer (the numbers llama.cpp's own conversion writes). The package writes Q4_0,
+    Q4_1 and Q8_0; a format it cannot write (the K-quants) is refused by name."""
+    import gguf  # the writer's package, needed only when quantizing
+
+    reason = block_format.refusal(dense.in_features)
+    if reason is not None:
+        raise ValueError(reason)
+    weight = dense.weight.detach().float().cpu().numpy()
+    try:
+        packed = gguf.quants.quantize(weight, gguf.GGMLQuantizationType(block_format.ggml_type))
+    except NotImplementedError as error:
+        raise ValueError(
+            f"the gguf package cannot quantize into {block_format.name}; only Q4_0, Q4_1 and Q8_0"
+        ) from error
+    bias = None if dense.bias is None else dense.bias.detach()
+    return PackedLinear(
+        torch.from_numpy(packed).to(dense.weight.device),
+        block_format,
+        dense.in_features,
+        dense.out_features,
+        bias,
+        dense.weight.dtype,
+    )
