@@ -100,7 +100,8 @@ def prepare_loaded(model: nn.Module) -> None:
     model_state(model).base_quantization = {
         "backend": "bitsandbytes",
         "summary": f"linear weights quantized by bitsandbytes ({types})",
-        "config": {key: _plain(value) for key, value in settings.items()},
+        # ``_load_in_4bit`` and its like are private twins of the public keys
+        "config": {k: _plain(v) for k, v in settings.items() if not k.startswith("_")},
     }
 
 

@@ -167,7 +167,9 @@ class TrainConfig:
     quantized_base: str | None = None
     """Keep the frozen base quantized: ``gguf`` trains over a GGUF file's own packed
     weights (the embedded model's, or --model FILE.gguf), unpacked inside each forward and
-    backward; its linear weights take the file's memory instead of fp32's."""
+    backward; its linear weights take the file's memory instead of fp32's. ``nf4``,
+    ``fp4`` and ``int8`` quantize a float model with bitsandbytes as it loads, as QLoRA
+    does (the ``qlora`` extra)."""
 
     def __post_init__(self) -> None:
         self._check_length()

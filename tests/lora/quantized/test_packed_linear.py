@@ -14,7 +14,9 @@ from torch import nn
 from conftest import make_model, randomize_lora, token_batch
 from loralab import LoraConfig, MergeError, TargetError, inject_adapter, merge_adapter
 from loralab.lora import frozen_base
+from loralab.lora.merge import QuantizationLossWarning, merge_and_unload
 from loralab.lora.quantized import PackedLinear, format_named
+from loralab.lora.quantized.packed_linear import packed_from
 from loralab.models.packed_gguf import pack_linears
 
 
@@ -148,6 +150,34 @@ def test_merging_into_a_packed_base_is_refused_with_nothing_changed():
     with pytest.raises(MergeError, match=r"weight is packed \(Q4_1 blocks\).*loralab merge"):
         merge_adapter(packed_model)
     assert all(torch.equal(before[n], t) for n, t in packed_model.state_dict().items())
+
+
+def test_merge_and_unload_writes_the_dense_twins_merged_model():
+    packed_model, dense_model = _lora_pair()
+    tokens = token_batch()
+    with torch.no_grad():
+        expected = packed_model(tokens).logits
+        merged = merge_and_unload(packed_model)
+        twin = merge_and_unload(dense_model)
+        assert not any(isinstance(m, PackedLinear) for m in merged.modules())
+        assert merged.state_dict().keys() == twin.state_dict().keys()
+        for name, tensor in merged.state_dict().items():
+            assert torch.equal(tensor, twin.state_dict()[name]), name
+        torch.testing.assert_close(merged(tokens).logits, expected, rtol=0, atol=1e-5)
+
+
+def test_requantizing_the_merge_packs_it_again_and_warns():
+    packed_model, _ = _lora_pair()
+    with pytest.warns(QuantizationLossWarning, match=r"re-quantized 14 merged weights"):
+        merged = merge_and_unload(packed_model, requantize=True)
+    packed = [m for m in merged.modules() if isinstance(m, PackedLinear)]
+    assert len(packed) == 15 and {m.block_format.name for m in packed} == {"Q4_1"}  # + the head
+
+
+def test_requantizing_into_a_format_the_gguf_package_cannot_write_is_refused():
+    dense = nn.Linear(256, 4)
+    with pytest.raises(ValueError, match="cannot quantize into Q4_K; only Q4_0, Q4_1 and Q8_0"):
+        packed_from(dense, format_named("Q4_K"))
 
 
 def test_an_init_that_rewrites_the_base_is_refused_on_a_packed_one():
