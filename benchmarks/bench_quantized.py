@@ -23,7 +23,7 @@ flipped every round; medians over rounds. Peak RSS is the process's, loading inc
 On CUDA (``--device cuda``) the bases compute in bf16 and memory is
 ``torch.cuda.max_memory_allocated``.
 
-    python benchmarks/bench_quantized.py            # 2 rounds (~15 min on 2 cores)
+    python benchmarks/bench_quantized.py            # 2 rounds (~17 min on 2 cores)
     python benchmarks/bench_quantized.py --quick    # 1 round, no 1.7B or 7B
     python benchmarks/bench_quantized.py --write    # also writes results_quantized.md
 """
