@@ -107,6 +107,29 @@ def randomize_lora(model: torch.nn.Module, seed: int = 3, std: float = 0.2) -> N
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
 
 
+def assert_same_logits(ours, theirs, tokens: torch.Tensor, what: str) -> None:
+    """Both models' logits on ``tokens`` (in eval mode, without gradients) agree to 1e-5;
+    the gap is printed as ``what`` (the figure a closing note quotes)."""
+    with torch.no_grad():
+        logits, expected = ours.eval()(tokens).logits, theirs.eval()(tokens).logits
+    gap = (logits - expected).abs().max().item()
+    print(f"{what}: max |Δlogits| {gap:.1e}")
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+
+
+def saved_for_backward(model: torch.nn.Module, tokens: torch.Tensor) -> list[tuple]:
+    """(dtype, shape) of every tensor autograd saves for one training step's backward."""
+    saved = []
+
+    def pack(tensor):
+        saved.append((tensor.dtype, tuple(tensor.shape)))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(tokens, labels=tokens).loss.backward()
+    return saved
+
+
 def save_random_adalora(model: torch.nn.Module, directory, targets: list[str]) -> None:
     """AdaLoRA on ``targets`` with large random P, Λ, Q (ΔW far from zero), saved in PEFT's
     ADALORA files at ``directory``; the model keeps it, unmerged."""

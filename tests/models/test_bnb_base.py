@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from conftest import randomize_lora, save_tiny_gguf, token_batch
+from conftest import assert_same_logits, randomize_lora, save_tiny_gguf, token_batch
 from loralab import LoraConfig, inject_adapter, load_adapter, save_adapter
 from loralab.files.model_card import CARD_FILE, MARKER
 from loralab.files.peft_config import CONFIG_FILE
@@ -71,12 +71,7 @@ def test_a_peft_adapter_trained_over_nf4_loads_with_the_same_logits(tiny_model_d
     theirs.save_pretrained(tmp_path / "peft")
     ours, _ = load_model(str(tiny_model_dir), quantized_base="nf4")
     load_adapter(ours, tmp_path / "peft")
-    tokens = token_batch()
-    with torch.no_grad():
-        expected, logits = theirs.eval()(tokens).logits, ours.eval()(tokens).logits
-    gap = (logits - expected).abs().max().item()
-    print(f"PEFT's adapter over NF4 in loralab: max |Δlogits| {gap:.1e}")
-    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+    assert_same_logits(ours, theirs, token_batch(), "PEFT's adapter over NF4 in loralab")
 
 
 def test_an_adapter_trained_over_nf4_loads_in_peft_with_the_same_logits(tiny_model_dir, tmp_path):
@@ -85,12 +80,7 @@ def test_an_adapter_trained_over_nf4_loads_in_peft_with_the_same_logits(tiny_mod
     randomize_lora(ours, seed=2)
     save_adapter(ours, tmp_path / "adapter")
     theirs = peft.PeftModel.from_pretrained(_theirs(tiny_model_dir), tmp_path / "adapter")
-    tokens = token_batch()
-    with torch.no_grad():
-        logits, expected = ours.eval()(tokens).logits, theirs.eval()(tokens).logits
-    gap = (logits - expected).abs().max().item()
-    print(f"loralab's adapter over NF4 in PEFT: max |Δlogits| {gap:.1e}")
-    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+    assert_same_logits(ours, theirs, token_batch(), "loralab's adapter over NF4 in PEFT")
 
 
 def test_the_card_has_peft_s_bitsandbytes_section_and_the_config_no_extra_key(

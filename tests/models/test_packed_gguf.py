@@ -10,7 +10,7 @@ import peft
 import pytest
 import torch
 
-from conftest import randomize_lora, save_tiny_gguf
+from conftest import assert_same_logits, randomize_lora, save_tiny_gguf
 from loralab import LoraConfig, TrainConfig, inject_adapter, load_adapter, save_adapter, train
 from loralab.lora.quantized import PackedLinear
 from loralab.models.errors import ModelLoadError
@@ -104,12 +104,8 @@ def test_an_adapter_trained_over_the_packed_base_runs_in_peft_on_the_dense_one(t
     randomize_lora(packed, seed=2)
     save_adapter(packed, tmp_path / "adapter")
     dense, _ = load_model(str(path))
-    theirs = peft.PeftModel.from_pretrained(dense, tmp_path / "adapter").eval()
-    with torch.no_grad():
-        ours, peft_logits = packed.eval()(TOKENS).logits, theirs(TOKENS).logits
-    gap = (ours - peft_logits).abs().max().item()
-    print(f"packed base's adapter in PEFT on the dense base: max |Δlogits| {gap:.1e}")
-    torch.testing.assert_close(ours, peft_logits, rtol=0, atol=1e-5)
+    theirs = peft.PeftModel.from_pretrained(dense, tmp_path / "adapter")
+    assert_same_logits(packed, theirs, TOKENS, "packed base's adapter in PEFT on the dense base")
 
 
 def test_a_peft_adapter_loads_into_the_packed_base(tmp_path):
@@ -121,11 +117,7 @@ def test_a_peft_adapter_loads_into_the_packed_base(tmp_path):
     theirs.save_pretrained(tmp_path / "peft")
     packed, _ = load_model(str(path), quantized_base="gguf")
     load_adapter(packed, tmp_path / "peft")
-    with torch.no_grad():
-        expected, ours = theirs.eval()(TOKENS).logits, packed.eval()(TOKENS).logits
-    gap = (ours - expected).abs().max().item()
-    print(f"PEFT's adapter on the packed base: max |Δlogits| {gap:.1e}")
-    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
+    assert_same_logits(packed, theirs, TOKENS, "PEFT's adapter on the packed base")
 
 
 def test_a_type_it_cannot_keep_packed_is_one_line(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import load_tiny_causal_lm, randomize_lora, token_batch
+from conftest import load_tiny_causal_lm, randomize_lora, saved_for_backward, token_batch
 from loralab import LoraConfig, MergeError, inject_adapter, merge_adapter, trainable_parameters
 from loralab.lora import frozen_base
 from loralab.lora.merge import QuantizationLossWarning, merge_and_unload
@@ -97,15 +97,7 @@ def test_lora_over_it_gives_the_dense_twins_loss_and_gradients(tiny_model_dir, f
 def test_no_dense_weight_is_saved_for_the_backward(tiny_model_dir, format_name):
     model = _quantized(tiny_model_dir, format_name)
     shapes = {(m.out_features, m.in_features) for m in _bnb_layers(model).values()}
-    saved = []
-
-    def pack(tensor):
-        saved.append((tensor.dtype, tuple(tensor.shape)))
-        return tensor
-
-    tokens = token_batch()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(tokens, labels=tokens).loss.backward()
+    saved = saved_for_backward(model, token_batch())
     weights = [s for s in saved if s[0].is_floating_point and s[1] in shapes]
     assert not weights, weights
 

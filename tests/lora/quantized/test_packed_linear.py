@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import make_model, randomize_lora, token_batch
+from conftest import make_model, randomize_lora, saved_for_backward, token_batch
 from loralab import LoraConfig, MergeError, TargetError, inject_adapter, merge_adapter
 from loralab.lora import frozen_base
 from loralab.lora.merge import QuantizationLossWarning, merge_and_unload
@@ -106,15 +106,7 @@ def test_no_dense_weight_is_saved_for_the_backward():
         for m in packed_model.modules()
         if isinstance(m, PackedLinear)
     }
-    saved = []
-
-    def pack(tensor):
-        saved.append((tensor.dtype, tuple(tensor.shape)))
-        return tensor
-
-    tokens = token_batch()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        packed_model(tokens, labels=tokens).loss.backward()
+    saved = saved_for_backward(packed_model, token_batch())
     weights = [s for s in saved if s[0].is_floating_point and s[1] in shapes]
     assert not weights, weights
     assert any(dtype == torch.uint8 for dtype, _ in saved)  # the packed bytes, instead
