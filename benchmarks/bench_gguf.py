@@ -8,6 +8,9 @@ the same work) after e2e prompts, one stream and a batch of 8:
 
 - ``loralab generate``'s path: the unmerged adapter in fp32 PyTorch, Transformers'
   ``generate`` over a left-padded batch;
+- loralab's engine (``loralab.engine.decode_greedy``): the same model and adapter, its own
+  per-layer KV cache and forward over the model's modules, each row at its own positions
+  (eager: not compiled yet);
 - llama.cpp (llama-cpp-python's bindings, its own batched decoding: one sequence per
   prompt in one ``llama_decode``) with the adapter GGUF, on the base's F32 export (the
   same arithmetic) and on the shipped Q4_1 file (what a user runs); and the F32 base
@@ -86,6 +89,25 @@ def loralab_runs(adapter: Path, batch: list[list[int]], reps: int) -> dict:
             )
         seconds = time.perf_counter() - start
         first_rows[:] = out[0, encoded["input_ids"].shape[1] :].tolist()
+        return seconds
+
+    return _timed(run, reps, len(batch), first_rows)
+
+
+def engine_runs(adapter: Path, batch: list[list[int]], reps: int) -> dict:
+    from loralab.engine import decode_greedy
+    from loralab.files.adapter_dir import load_adapter
+    from loralab.models.loading import load_model
+
+    model, _ = load_model(MODEL)
+    load_adapter(model, adapter)
+    first_rows: list[int] = []
+
+    def run() -> float:
+        start = time.perf_counter()
+        out = decode_greedy(model, batch, NEW_TOKENS)  # no stop token: all 64 every row
+        seconds = time.perf_counter() - start
+        first_rows[:] = out[0]
         return seconds
 
     return _timed(run, reps, len(batch), first_rows)
@@ -175,6 +197,8 @@ def worker(argv: list[str]) -> None:
     batch = json.loads((folder / "prompts.json").read_text())[:batch_size]
     if side == "loralab":
         result = loralab_runs(folder / "a0", batch, reps)
+    elif side == "engine":
+        result = engine_runs(folder / "a0", batch, reps)
     else:
         from loralab.models.embedded import embedded_gguf
 
@@ -189,6 +213,7 @@ def worker(argv: list[str]) -> None:
 
 SIDES = {
     "loralab": "`loralab generate` (fp32, unmerged)",
+    "engine": "loralab's engine (fp32, unmerged; eager)",
     "llama-f32": "llama.cpp, F32 base + adapter GGUF",
     "llama-q4_1": "llama.cpp, shipped Q4_1 base + adapter GGUF",
     "llama-f32-alone": "llama.cpp, F32 base alone (no adapter: its cost, and its effect)",

@@ -71,7 +71,7 @@ FLOORS = (
     ("models", "data"),
     ("files", "tasks"),
     ("methods",),
-    ("training",),
+    ("training", "engine"),
     ("generate", "evaluate"),
     ("serve", "experiments", "demo"),
     ("cli", "__main__"),

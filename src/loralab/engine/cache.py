@@ -1,0 +1,56 @@
+"""The KV cache: per layer one key and one value buffer (rows, kv heads, positions, head
+dim), allocated once. Each row writes at its own positions, so rows of different prompt
+lengths need no left padding; a step reads only the first ``live`` positions (the live
+length rounded up to a bucket), never the whole buffer, and the rows of a batch are the
+first rows of the buffer, so that read is a view, not a copy.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# The live length is rounded up to a multiple of this: the attention's key count changes
+# once every BUCKET positions, not at every step (what a compiled step will need).
+BUCKET = 64
+
+
+class KVCache:
+    """Keys and values of ``rows`` sequences of up to ``length`` positions each."""
+
+    def __init__(
+        self,
+        layers: int,
+        rows: int,
+        kv_heads: int,
+        length: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        shape = (rows, kv_heads, length, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.rows, self.length = rows, length
+        self._heads = torch.arange(kv_heads, device=device)
+
+    def write(self, layer: int, keys: Tensor, values: Tensor, positions: Tensor) -> None:
+        """Store ``keys`` and ``values`` (R, kv heads, T, head dim) of the first R rows at
+        ``positions`` (R, T), each row at its own."""
+        rows = torch.arange(keys.shape[0], device=keys.device)[:, None, None]  # (R, 1, 1)
+        where = (rows, self._heads[None, :, None], positions[:, None, :])  # → (R, kv, T)
+        self.keys[layer][where] = keys
+        self.values[layer][where] = values
+
+    def read(self, layer: int, rows: int, live: int) -> tuple[Tensor, Tensor]:
+        """The first ``live`` positions of the first ``rows`` rows: views, not copies."""
+        return self.keys[layer][:rows, :, :live], self.values[layer][:rows, :, :live]
+
+    def live_length(self, last_position: int) -> int:
+        """The positions a step attends over: up to ``last_position``, rounded up to a
+        bucket (never beyond the buffer)."""
+        needed = last_position + 1
+        return min(self.length, -(-needed // BUCKET) * BUCKET)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))

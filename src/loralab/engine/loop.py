@@ -1,0 +1,57 @@
+"""Greedy decoding of a batch of prompts through the engine: the prompts prefilled in one
+right-padded pass (each row at its own positions, no left padding), then one step per
+new token for every row, each at its own position, until every row has stopped."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import llama
+
+
+@torch.no_grad()
+def decode_greedy(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    stop_ids: Sequence[int] = (),
+) -> list[list[int]]:
+    """The greedy continuation of each prompt (token ids), up to ``max_new_tokens`` tokens
+    and ending with the first of ``stop_ids`` it produces (which is kept)."""
+    reason = llama.supported_reason(model)
+    if reason is not None:
+        raise ValueError(reason)
+    if any(len(prompt) == 0 for prompt in prompts):
+        raise ValueError("every prompt needs at least one token")
+    device = model.get_input_embeddings().weight.device
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    rows, longest = len(prompts), int(lengths.max())
+    cache = llama.new_cache(model, rows, longest + max_new_tokens)
+    tokens = torch.zeros(rows, longest, dtype=torch.long, device=device)
+    for row, prompt in enumerate(prompts):
+        tokens[row, : len(prompt)] = torch.as_tensor(prompt, device=device)
+    positions = torch.arange(longest, device=device).expand(rows, longest)
+    hidden = llama.forward(model, cache, tokens, positions)
+    last = hidden[torch.arange(rows, device=device), lengths - 1]  # each row's last real token
+    stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+    outputs: list[list[int]] = [[] for _ in range(rows)]
+    running = torch.ones(rows, dtype=torch.bool, device=device)
+    position = lengths
+    for step in range(max_new_tokens):
+        chosen = _greedy(model, last)
+        for row in running.nonzero().flatten().tolist():
+            outputs[row].append(int(chosen[row]))
+        running &= ~torch.isin(chosen, stops)
+        if not running.any() or step == max_new_tokens - 1:
+            break
+        hidden = llama.forward(model, cache, chosen[:, None], position[:, None])
+        last, position = hidden[:, 0], position + 1
+    return outputs
+
+
+def _greedy(model: nn.Module, hidden: Tensor) -> Tensor:
+    """The most likely next token of each row (R, hidden) → (R,)."""
+    return model.lm_head(hidden).argmax(-1)

@@ -1,0 +1,92 @@
+"""The engine's greedy decoding gives Transformers' greedy tokens, to the last token, on
+tiny models of the Llama family (Llama, Qwen2 with biases, Qwen3 with per-head norms,
+Mistral with a sliding window shorter than the prompts), with and without an unmerged
+adapter, for rows of different lengths decoded in one batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from conftest import make_model, randomize_lora
+from loralab import LoraConfig, inject_adapter
+from loralab.engine import KVCache, decode_greedy, supported_reason
+
+SIZES = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+FAMILY = {
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(**SIZES)),
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**SIZES)),
+    "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**SIZES, head_dim=16)),
+    "mistral": lambda: MistralForCausalLM(MistralConfig(**SIZES, sliding_window=5)),
+}
+PROMPTS = [[5, 17, 40, 3, 22, 8, 61], [2, 9], [70, 71, 72, 73]]
+
+
+def _model(name: str, adapter: bool) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = FAMILY[name]().eval()
+    if adapter:
+        inject_adapter(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        randomize_lora(model, seed=1, std=0.3)
+    return model
+
+
+def _transformers_greedy(model, prompt: list[int], new: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, max_new_tokens=new, do_sample=False, eos_token_id=None)
+    return out[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize("adapter", [False, True], ids=["base", "adapter"])
+@pytest.mark.parametrize("name", sorted(FAMILY))
+def test_greedy_tokens_equal_transformers(name, adapter):
+    model = _model(name, adapter)
+    new = 12
+    expected = [_transformers_greedy(model, prompt, new) for prompt in PROMPTS]
+    assert decode_greedy(model, PROMPTS, new) == expected
+
+
+def test_a_row_stops_at_its_stop_token_and_the_others_go_on():
+    model = _model("llama", adapter=False)
+    full = decode_greedy(model, PROMPTS, 10)
+    stop = full[1][3]
+    stopped = decode_greedy(model, PROMPTS, 10, stop_ids=[stop])
+    assert stopped[1] == full[1][: full[1].index(stop) + 1]
+    for row in (0, 2):
+        cut = full[row].index(stop) + 1 if stop in full[row] else 10
+        assert stopped[row] == full[row][:cut]
+
+
+def test_other_architectures_are_told_why():
+    assert "not 'gpt2'" in supported_reason(make_model("gpt2"))
+    with pytest.raises(ValueError, match="the engine runs the Llama family"):
+        decode_greedy(make_model("gpt2"), [[1, 2]], 2)
+
+
+def test_a_step_attends_over_the_live_length_in_buckets_never_the_whole_buffer():
+    cache = KVCache(layers=1, rows=2, kv_heads=1, length=1000, head_dim=4)
+    assert cache.live_length(0) == 64 and cache.live_length(63) == 64
+    assert cache.live_length(64) == 128 and cache.live_length(999) == 1000
+    keys = torch.randn(2, 1, 3, 4)
+    cache.write(0, keys, keys, torch.tensor([[0, 1, 2], [7, 8, 9]]))
+    read, _ = cache.read(0, rows=2, live=64)
+    assert read.data_ptr() == cache.keys[0].data_ptr()  # a view
+    assert torch.equal(read[0, :, :3], keys[0]) and torch.equal(read[1, :, 7:10], keys[1])
