@@ -245,21 +245,31 @@ def main() -> None:
         (folder / "prompts.json").write_text(json.dumps(prompts(max(BATCHES))))
         samples: dict[tuple[str, int], list[float]] = {}
         first: dict[tuple[str, int], list[int]] = {}
+        failed: dict[str, str] = {}  # a side whose worker crashed is reported, not retried
         order = [(side, b) for b in BATCHES for side in SIDES]
         for round_index in range(rounds):
             for side, b in order if round_index % 2 == 0 else order[::-1]:
+                if side in failed:
+                    continue
                 label = f"{side} batch {b} (round {round_index + 1})"
-                result = run_worker(__file__, [side, str(b), str(reps), scratch], label)
+                try:
+                    result = run_worker(__file__, [side, str(b), str(reps), scratch], label)
+                except SystemExit as crash:
+                    print(f"    {crash}", file=sys.stderr)
+                    failed[side] = str(crash)
+                    continue
                 samples.setdefault((side, b), []).extend(result["tok_s"])
                 first[(side, b)] = result["first_row"]
         lengths = [len(p) for p in json.loads((folder / "prompts.json").read_text())]
-    text = _table(samples, first, rounds, reps, load_before, lengths)
+    text = _table(samples, first, rounds, reps, load_before, lengths, failed)
     print(text)
     if args.write:
         (HERE / "results_gguf.md").write_text(text)
 
 
-def _table(samples, first, rounds: int, reps: int, load_before: str, lengths: list[int]) -> str:
+def _table(
+    samples, first, rounds: int, reps: int, load_before: str, lengths: list[int], failed
+) -> str:
     def agreeing(a: list[int], b: list[int]) -> int:
         return next(
             (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
@@ -283,6 +293,9 @@ def _table(samples, first, rounds: int, reps: int, load_before: str, lengths: li
     for b in BATCHES:
         ours = median(samples[("loralab", b)])
         for side, name in SIDES.items():
+            if side in failed:
+                lines.append(f"| {name} | {b} | {failed[side]} | | |")
+                continue
             values = samples[(side, b)]
             same = agreeing(first[(side, b)], first[("loralab", b)])
             same = "—" if side == "loralab" else f"{same} / {NEW_TOKENS}"
