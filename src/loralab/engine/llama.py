@@ -60,18 +60,23 @@ def new_cache(model: nn.Module, rows: int, length: int) -> KVCache:
     )
 
 
-def forward(model: nn.Module, cache: KVCache, tokens: Tensor, positions: Tensor) -> Tensor:
+def forward(
+    model: nn.Module, cache: KVCache, tokens: Tensor, positions: Tensor, live: int | None = None
+) -> Tensor:
     """Hidden states (R, T, hidden) after the final norm for ``tokens`` (R, T) at
     ``positions`` (R, T) of the cache's first R rows; their keys and values are written
     into the cache first. Positions past a row's real tokens may hold anything: no query
-    at or before them reads them, and the row's next tokens overwrite them."""
+    at or before them reads them, and the row's next tokens overwrite them. ``live``: the
+    positions attended over (``cache.live_length`` of the last one, found when not given:
+    a compiled step is given it, since reading a tensor's value breaks its graph)."""
     inner = model.model
     config = model.config
     hidden = inner.embed_tokens(tokens)
     cos, sin = inner.rotary_emb(hidden, positions)  # (R, T, head dim)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # over the heads
     rows = tokens.shape[0]
-    live = cache.live_length(int(positions.max()))
+    if live is None:
+        live = cache.live_length(int(positions.max()))
     masks: dict[int | None, Tensor] = {}
     for index, layer in enumerate(inner.layers):
         window = _window(config, index)
