@@ -590,3 +590,6 @@ def test_train_generate_info_and_merge_over_a_bitsandbytes_base(tmp_path, tiny_m
     assert config["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
     status, lines = run_cli([*merge[:-2], "--requantize", "--output", str(tmp_path / "x")], capsys)
     assert_one_line_error(status, lines, "--requantize stores the merged weights in bitsandbytes")
+    gguf = [*merge, "--requantize", "--format", "gguf", "--output", str(tmp_path / "x.gguf")]
+    status, lines = run_cli(gguf, capsys)
+    assert_one_line_error(status, lines, "--requantize re-quantizes a Transformers directory")

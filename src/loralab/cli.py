@@ -700,13 +700,13 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
+    _check_requantize(args)
     if args.format == "gguf":
         return _merge_gguf(args)
     from .files.atomic_write import write_directory_atomically
 
     if args.adapter is None:
         raise ConfigError("--adapter is required (only --format gguf writes the base alone)")
-    _check_requantize(args)
     check_output_dir(args.output, "--output", empty=True)  # before the model loads
     model, tokenizer = _load(args)
     merged = _merged(model, args.adapter, args.requantize)
@@ -736,6 +736,11 @@ def _check_adapter_dir(adapter: Path) -> None:
 def _check_requantize(args: argparse.Namespace) -> None:
     if not args.requantize:
         return
+    if args.format == "gguf":
+        raise ConfigError(
+            "--requantize re-quantizes a Transformers directory; --format gguf writes the "
+            "merged tensors in --outtype (q8_0 quantizes them) and the rest as they were"
+        )
     if args.quantized_base in (None, "gguf"):
         raise ConfigError(
             "--requantize stores the merged weights in bitsandbytes' format: give "

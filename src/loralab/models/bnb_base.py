@@ -22,8 +22,6 @@ from ..lora.quantized import bnb
 from ..lora.state import model_state
 from .errors import ModelLoadError
 
-BNB_FORMATS = ("nf4", "fp4", "int8")
-
 
 def saved_format(config: dict[str, Any] | None) -> str | None:
     """The bitsandbytes format a checkpoint's ``quantization_config`` says it was saved
