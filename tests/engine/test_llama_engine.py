@@ -1,7 +1,8 @@
 """The engine's greedy decoding gives Transformers' greedy tokens, to the last token, on
 tiny models of the Llama family (Llama, Qwen2 with biases, Qwen3 with per-head norms,
 Mistral with a sliding window shorter than the prompts), with and without an unmerged
-adapter, for rows of different lengths decoded in one batch."""
+adapter, for rows of different lengths decoded in one batch, and with a different
+adapter on each row."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from transformers import (
 from conftest import make_model, randomize_lora
 from loralab import LoraConfig, inject_adapter
 from loralab.engine import KVCache, decode_greedy, supported_reason
+from loralab.lora.adapters import set_active_adapter
+from loralab.lora.mixing import mixed_adapters
 
 SIZES = dict(
     vocab_size=96,
@@ -90,3 +93,22 @@ def test_a_step_attends_over_the_live_length_in_buckets_never_the_whole_buffer()
     read, _ = cache.read(0, rows=2, live=64)
     assert read.data_ptr() == cache.keys[0].data_ptr()  # a view
     assert torch.equal(read[0, :, :3], keys[0]) and torch.equal(read[1, :, 7:10], keys[1])
+
+
+def test_each_row_its_own_adapter_as_each_alone():
+    """The rows of one batch run different adapters (and one the bare base) through
+    ``mixed_adapters``: each row's tokens are those of its adapter decoded alone."""
+    model = _model("llama", adapter=False)
+    for name, seed in (("a", 1), ("b", 2)):
+        inject_adapter(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"), name)
+        randomize_lora(model, seed=seed, std=0.3)  # every adapter so far: b redraws a's
+    rows = ["a", None, "b"]
+    expected = []
+    for prompt, name in zip(PROMPTS, rows, strict=True):
+        set_active_adapter(model, name)
+        expected.append(decode_greedy(model, [prompt], 10)[0])
+    set_active_adapter(model, "a")
+    with mixed_adapters(model, rows):
+        mixed = decode_greedy(model, PROMPTS, 10)
+    assert mixed == expected
+    assert len({tuple(row) for row in expected}) == 3
