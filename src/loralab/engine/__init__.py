@@ -7,6 +7,7 @@ Transformers' ``generate``.
 
 from .cache import KVCache
 from .llama import supported_reason
-from .loop import decode_greedy
+from .loop import decode, decode_greedy
+from .sampling import RowSampling, choose
 
-__all__ = ["KVCache", "decode_greedy", "supported_reason"]
+__all__ = ["KVCache", "RowSampling", "choose", "decode", "decode_greedy", "supported_reason"]

@@ -1,31 +1,48 @@
-"""Greedy decoding of a batch of prompts through the engine: the prompts prefilled in one
+"""Decoding a batch of prompts through the engine: the prompts prefilled in one
 right-padded pass (each row at its own positions, no left padding), then one step per
-new token for every row, each at its own position, until every row has stopped."""
+new token for every row, each at its own position, until every row has stopped. Each
+row chooses its tokens greedily or samples with its own settings and seed."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from . import llama
+from .sampling import RowSampling, choose
 
 
-@torch.no_grad()
 def decode_greedy(
     model: nn.Module,
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
     stop_ids: Sequence[int] = (),
 ) -> list[list[int]]:
-    """The greedy continuation of each prompt (token ids), up to ``max_new_tokens`` tokens
-    and ending with the first of ``stop_ids`` it produces (which is kept)."""
+    """The greedy continuation of each prompt (token ids): ``decode`` without sampling."""
+    return decode(model, prompts, max_new_tokens, stop_ids)
+
+
+@torch.no_grad()
+def decode(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    stop_ids: Sequence[int] = (),
+    sampling: Sequence[RowSampling] | None = None,
+) -> list[list[int]]:
+    """The continuation of each prompt (token ids), up to ``max_new_tokens`` tokens and
+    ending with the first of ``stop_ids`` it produces (which is kept); row ``i`` chooses
+    as ``sampling[i]`` says (None: every row greedy)."""
     reason = llama.supported_reason(model)
     if reason is not None:
         raise ValueError(reason)
     if any(len(prompt) == 0 for prompt in prompts):
         raise ValueError("every prompt needs at least one token")
+    rows_sampling = list(sampling) if sampling is not None else [RowSampling()] * len(prompts)
+    if len(rows_sampling) != len(prompts):
+        raise ValueError(f"{len(rows_sampling)} sampling settings for {len(prompts)} prompts")
     device = model.get_input_embeddings().weight.device
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     rows, longest = len(prompts), int(lengths.max())
@@ -37,11 +54,14 @@ def decode_greedy(
     hidden = llama.forward(model, cache, tokens, positions)
     last = hidden[torch.arange(rows, device=device), lengths - 1]  # each row's last real token
     stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+    temperature = torch.tensor([r.temperature for r in rows_sampling], device=device)
+    top_p = torch.tensor([r.top_p for r in rows_sampling], device=device)
     outputs: list[list[int]] = [[] for _ in range(rows)]
     running = torch.ones(rows, dtype=torch.bool, device=device)
     position = lengths
     for step in range(max_new_tokens):
-        chosen = _greedy(model, last)
+        uniform = torch.tensor([r.draw() for r in rows_sampling], device=device)
+        chosen = choose(model.lm_head(last), temperature, top_p, uniform)
         for row in running.nonzero().flatten().tolist():
             outputs[row].append(int(chosen[row]))
         running &= ~torch.isin(chosen, stops)
@@ -50,8 +70,3 @@ def decode_greedy(
         hidden = llama.forward(model, cache, chosen[:, None], position[:, None])
         last, position = hidden[:, 0], position + 1
     return outputs
-
-
-def _greedy(model: nn.Module, hidden: Tensor) -> Tensor:
-    """The most likely next token of each row (R, hidden) → (R,)."""
-    return model.lm_head(hidden).argmax(-1)
