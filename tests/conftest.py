@@ -130,6 +130,16 @@ def saved_for_backward(model: torch.nn.Module, tokens: torch.Tensor) -> list[tup
     return saved
 
 
+def adamw_steps(model: torch.nn.Module, steps: int = 3) -> None:
+    """``steps`` AdamW steps on ``token_batch()`` over the trainable parameters."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    tokens = token_batch()
+    for _ in range(steps):
+        model(tokens, labels=tokens).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
 def save_random_adalora(model: torch.nn.Module, directory, targets: list[str]) -> None:
     """AdaLoRA on ``targets`` with large random P, Λ, Q (ΔW far from zero), saved in PEFT's
     ADALORA files at ``directory``; the model keeps it, unmerged."""

@@ -47,7 +47,7 @@ def supported_reason(model: nn.Module) -> str | None:
 def new_cache(model: nn.Module, rows: int, length: int) -> KVCache:
     """A cache for ``rows`` sequences of up to ``length`` positions of ``model``."""
     config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = model.model.layers[0].self_attn.head_dim  # what the forward reshapes by
     embeddings = model.get_input_embeddings().weight
     return KVCache(
         config.num_hidden_layers,

@@ -118,7 +118,7 @@ def merge_and_unload(
     lost = _Loss()
     for name, (layer, adapter) in _layers_to_merge(model, adapter_name, safe, True).items():
         quantized = layer.base_layer
-        if bases.fixed_reason(quantized) is not None:
+        if bases.is_packed(quantized):
             layer.base_layer = bases.dense_copy(quantized)
         else:
             quantized = None
@@ -177,9 +177,8 @@ def dequantize_model(model: nn.Module) -> nn.Module:
     weight, and forget a Transformers model's quantization config (its ``save_pretrained``
     then writes a plain float model)."""
     for name, module in list(model.named_modules()):
-        kind = bases.kind_or_none(module)
-        if kind is not None and kind.fixed_reason(module) is not None:
-            replace_module(model, name, kind.dense_copy(module))
+        if bases.is_packed(module):
+            replace_module(model, name, bases.dense_copy(module))
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None:
         quantizer.remove_quantization_config(model)

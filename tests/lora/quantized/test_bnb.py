@@ -11,7 +11,13 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import load_tiny_causal_lm, randomize_lora, saved_for_backward, token_batch
+from conftest import (
+    adamw_steps,
+    load_tiny_causal_lm,
+    randomize_lora,
+    saved_for_backward,
+    token_batch,
+)
 from loralab import LoraConfig, MergeError, inject_adapter, merge_adapter, trainable_parameters
 from loralab.lora import frozen_base
 from loralab.lora.merge import QuantizationLossWarning, merge_and_unload
@@ -107,12 +113,7 @@ def test_training_never_changes_the_quantized_bytes(tiny_model_dir, format_name)
     model = _quantized(tiny_model_dir, format_name)
     before = {n: bnb.dequantized(m) for n, m in _bnb_layers(model).items()}
     raw = {n: m.weight.data.clone() for n, m in _bnb_layers(model).items()}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
-    tokens = token_batch()
-    for _ in range(3):
-        model(tokens, labels=tokens).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    adamw_steps(model)
     for name, layer in _bnb_layers(model).items():
         assert torch.equal(layer.weight.data, raw[name]), name
         assert torch.equal(bnb.dequantized(layer), before[name]), name

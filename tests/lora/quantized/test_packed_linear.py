@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import make_model, randomize_lora, saved_for_backward, token_batch
+from conftest import adamw_steps, make_model, randomize_lora, saved_for_backward, token_batch
 from loralab import LoraConfig, MergeError, TargetError, inject_adapter, merge_adapter
 from loralab.lora import frozen_base
 from loralab.lora.merge import QuantizationLossWarning, merge_and_unload
@@ -115,12 +115,7 @@ def test_no_dense_weight_is_saved_for_the_backward():
 def test_training_never_changes_the_packed_bytes():
     packed_model, _ = _lora_pair()
     before = {n: b.clone() for n, b in packed_model.named_buffers() if n.endswith("packed")}
-    optimizer = torch.optim.AdamW([p for p in packed_model.parameters() if p.requires_grad])
-    tokens = token_batch()
-    for _ in range(3):
-        packed_model(tokens, labels=tokens).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    adamw_steps(packed_model)
     after = dict(packed_model.named_buffers())
     assert len(before) == 15
     assert all(torch.equal(after[n], b) for n, b in before.items())
