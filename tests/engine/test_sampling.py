@@ -72,3 +72,7 @@ def test_decoding_with_seeds_repeats_and_greedy_rows_stay_greedy():
     first, again, other = sampled(1), sampled(1), sampled(2)
     assert first == again and first[0] != other[0]
     assert first[1] == other[1] == decode_greedy(model, prompts, 12)[1]
+    with pytest.raises(ValueError, match="1 sampling settings for 2 prompts"):
+        decode(model, prompts, 4, sampling=[RowSampling()])
+    with pytest.raises(ValueError, match="every prompt needs at least one token"):
+        decode(model, [[1], []], 4)

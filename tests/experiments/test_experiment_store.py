@@ -220,3 +220,11 @@ def test_runs_over_a_quantized_base_are_runs_of_their_own(tiny_tasks, tmp_path):
     assert [r.settings["quantized_base"] for r in results] == ["nf4", "nf4"]
     quantized = run_settings(ARMS[0], 0, scale, tmp_path, ("m", "causal-lm"))
     assert run_key(quantized, {})[0] != run_key(dense, {})[0]
+
+
+def test_reproduce_refuses_an_unknown_quantized_base_before_training(tmp_path):
+    from loralab.experiments import reproduce
+
+    with pytest.raises(ConfigError, match="--quantized-base must be one of gguf, nf4, fp4, int8"):
+        reproduce("ranks", "quick", output_dir=tmp_path / "out", quantized_base="nf5")
+    assert not (tmp_path / "out").exists()  # nothing trained, nothing written
