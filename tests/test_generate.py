@@ -47,3 +47,47 @@ def test_a_named_progress_bar_counts_the_prompts_and_none_by_default(tiny_model_
     assert generate(model, tokenizer, prompts, 3, batch_size=2, progress="score") == plain
     bar = capsys.readouterr().err
     assert "score" in bar and "5/5" in bar
+
+
+def test_the_engine_gives_transformers_texts_with_and_without_an_adapter(tiny_model_dir):
+    """The Llama family runs on the engine; its texts equal Transformers' ``generate``,
+    first lines and whole completions, with an unmerged adapter and without."""
+    from conftest import randomize_lora
+    from loralab import LoraConfig, inject_adapter
+
+    model, tokenizer = load_tiny_causal_lm(tiny_model_dir)
+    prompts = ["Say cat:", "A much longer prompt here:", "x", "one\ntwo"]
+    for adapter in (False, True):
+        if adapter:
+            inject_adapter(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+            randomize_lora(model, seed=3, std=0.3)
+        for newline in (False, True):
+            settings = dict(batch_size=3, stop_at_newline=newline)
+            texts = {
+                engine: generate(model, tokenizer, prompts, 12, **settings, engine=engine)
+                for engine in ("engine", "hf")
+            }
+            assert texts["engine"] == texts["hf"]
+            assert any(text.strip() for text in texts["engine"])
+
+
+def test_other_models_fall_back_and_say_so_once(tiny_model_dir, caplog):
+    import logging
+
+    from conftest import make_model
+    from loralab import generate as generate_module
+
+    model, tokenizer = load_tiny_causal_lm(tiny_model_dir)
+    model.generation_config.repetition_penalty = 1.3
+    generate_module._said.clear()
+    with caplog.at_level(logging.WARNING, logger="loralab.generate"):
+        first = generate(model, tokenizer, ["Say cat:"], 4)
+        generate(model, tokenizer, ["Say dog:"], 4)
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["generating with Transformers' generate: the model's generation config "
+                    "sets repetition_penalty=1.3"]  # fmt: skip
+    assert first == generate(model, tokenizer, ["Say cat:"], 4, engine="hf")
+    with pytest.raises(ValueError, match=r"the engine cannot generate here: .* not 'gpt2'"):
+        generate(make_model("gpt2"), tokenizer, ["Say cat:"], 4, engine="engine")
+    with pytest.raises(ValueError, match="engine must be one of auto, engine, hf, not 'vllm'"):
+        generate(model, tokenizer, ["Say cat:"], 4, engine="vllm")

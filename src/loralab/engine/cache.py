@@ -34,17 +34,28 @@ class KVCache:
         self.rows, self.length = rows, length
         self._heads = torch.arange(kv_heads, device=device)
 
-    def write(self, layer: int, keys: Tensor, values: Tensor, positions: Tensor) -> None:
-        """Store ``keys`` and ``values`` (R, kv heads, T, head dim) of the first R rows at
-        ``positions`` (R, T), each row at its own."""
-        rows = torch.arange(keys.shape[0], device=keys.device)[:, None, None]  # (R, 1, 1)
+    def write(
+        self, layer: int, keys: Tensor, values: Tensor, positions: Tensor, first: int = 0
+    ) -> None:
+        """Store ``keys`` and ``values`` (R, kv heads, T, head dim) of rows ``first`` …
+        ``first + R − 1`` at ``positions`` (R, T), each row at its own."""
+        rows = torch.arange(first, first + keys.shape[0], device=keys.device)[:, None, None]
         where = (rows, self._heads[None, :, None], positions[:, None, :])  # → (R, kv, T)
         self.keys[layer][where] = keys
         self.values[layer][where] = values
 
-    def read(self, layer: int, rows: int, live: int) -> tuple[Tensor, Tensor]:
-        """The first ``live`` positions of the first ``rows`` rows: views, not copies."""
-        return self.keys[layer][:rows, :, :live], self.values[layer][:rows, :, :live]
+    def read(self, layer: int, rows: int, live: int, first: int = 0) -> tuple[Tensor, Tensor]:
+        """The first ``live`` positions of rows ``first`` … ``first + rows − 1``: views,
+        not copies."""
+        span = slice(first, first + rows)
+        return self.keys[layer][span, :, :live], self.values[layer][span, :, :live]
+
+    def move(self, source: int, target: int, length: int) -> None:
+        """Copy row ``source``'s first ``length`` positions into row ``target`` (a row
+        that leaves the middle of a batch is replaced by its last row)."""
+        for buffers in (self.keys, self.values):
+            for buffer in buffers:
+                buffer[target, :, :length] = buffer[source, :, :length]
 
     def live_length(self, last_position: int) -> int:
         """The positions a step attends over: up to ``last_position``, rounded up to a

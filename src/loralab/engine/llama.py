@@ -12,11 +12,12 @@ one), so rows need no left padding and every row may stand at a different positi
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .cache import KVCache
+from .plan import window_of
+from .step import rotate, visible
 
 # Transformers' model types whose decoder layer is Llama's: pre-norm attention with q, k,
 # v and o projections (Qwen3 adds per-head q and k norms), rotary positions, and a gated
@@ -61,12 +62,18 @@ def new_cache(model: nn.Module, rows: int, length: int) -> KVCache:
 
 
 def forward(
-    model: nn.Module, cache: KVCache, tokens: Tensor, positions: Tensor, live: int | None = None
+    model: nn.Module,
+    cache: KVCache,
+    tokens: Tensor,
+    positions: Tensor,
+    live: int | None = None,
+    first: int = 0,
 ) -> Tensor:
     """Hidden states (R, T, hidden) after the final norm for ``tokens`` (R, T) at
-    ``positions`` (R, T) of the cache's first R rows; their keys and values are written
-    into the cache first. Positions past a row's real tokens may hold anything: no query
-    at or before them reads them, and the row's next tokens overwrite them. ``live``: the
+    ``positions`` (R, T) of cache rows ``first`` … ``first + R − 1``; their keys and
+    values are written into the cache first. Positions past a row's real tokens may hold
+    anything: no query at or before them reads them, and the row's next tokens overwrite
+    them. ``live``: the
     positions attended over (``cache.live_length`` of the last one, found when not given:
     a compiled step is given it, since reading a tensor's value breaks its graph)."""
     inner = model.model
@@ -79,15 +86,15 @@ def forward(
         live = cache.live_length(int(positions.max()))
     masks: dict[int | None, Tensor] = {}
     for index, layer in enumerate(inner.layers):
-        window = _window(config, index)
+        window = window_of(config, index)
         if window not in masks:
-            masks[window] = _visible(positions, live, window)
+            masks[window] = visible(positions, live, window)
         attention = layer.self_attn
         normed = layer.input_layernorm(hidden)
         q, k, v = _projections(attention, normed)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        cache.write(index, k, v, positions)
-        keys, values = cache.read(index, rows, live)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        cache.write(index, k, v, positions, first)
+        keys, values = cache.read(index, rows, live, first)
         out = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=masks[window], scale=attention.scaling, enable_gqa=True
         )  # (R, heads, T, head dim)
@@ -105,28 +112,3 @@ def _projections(attention: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tenso
         q, k = attention.q_norm(q), attention.k_norm(k)
     v = attention.v_proj(x).view(shape)
     return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-
-
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotary positions, as Transformers' Llama applies them (halves rotated)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
-def _window(config, index: int) -> int | None:
-    """The sliding window of layer ``index`` (None: it attends over every earlier key)."""
-    kinds = getattr(config, "layer_types", None)
-    if kinds is not None:
-        return config.sliding_window if kinds[index] == "sliding_attention" else None
-    return getattr(config, "sliding_window", None)
-
-
-def _visible(positions: Tensor, live: int, window: int | None) -> Tensor:
-    """Which of the first ``live`` cache positions each query sees: (R, 1, T, live)."""
-    keys = torch.arange(live, device=positions.device)
-    queries = positions[:, :, None]  # (R, T, 1)
-    visible = keys <= queries
-    if window is not None:
-        visible &= keys > queries - window
-    return visible[:, None]

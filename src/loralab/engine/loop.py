@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from . import llama
+from .runner import Runner
 from .sampling import RowSampling, choose
 
 
@@ -31,42 +31,45 @@ def decode(
     max_new_tokens: int,
     stop_ids: Sequence[int] = (),
     sampling: Sequence[RowSampling] | None = None,
+    row_adapters: Sequence[str | None] | None = None,
 ) -> list[list[int]]:
     """The continuation of each prompt (token ids), up to ``max_new_tokens`` tokens and
     ending with the first of ``stop_ids`` it produces (which is kept); row ``i`` chooses
-    as ``sampling[i]`` says (None: every row greedy)."""
-    reason = llama.supported_reason(model)
-    if reason is not None:
-        raise ValueError(reason)
+    as ``sampling[i]`` says (None: every row greedy) and runs adapter ``row_adapters[i]``
+    (None there: the bare base; no list: every row the layers' active adapter)."""
     if any(len(prompt) == 0 for prompt in prompts):
         raise ValueError("every prompt needs at least one token")
     rows_sampling = list(sampling) if sampling is not None else [RowSampling()] * len(prompts)
     if len(rows_sampling) != len(prompts):
         raise ValueError(f"{len(rows_sampling)} sampling settings for {len(prompts)} prompts")
+    if row_adapters is not None and len(row_adapters) != len(prompts):
+        raise ValueError(f"{len(row_adapters)} row adapters for {len(prompts)} prompts")
     device = model.get_input_embeddings().weight.device
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     rows, longest = len(prompts), int(lengths.max())
-    cache = llama.new_cache(model, rows, longest + max_new_tokens)
+    runner = Runner(model, rows, longest + max_new_tokens)
+    plan = runner.plan(row_adapters)
     tokens = torch.zeros(rows, longest, dtype=torch.long, device=device)
     for row, prompt in enumerate(prompts):
         tokens[row, : len(prompt)] = torch.as_tensor(prompt, device=device)
     positions = torch.arange(longest, device=device).expand(rows, longest)
-    hidden = llama.forward(model, cache, tokens, positions)
+    hidden = runner.forward(plan, tokens, positions)
     last = hidden[torch.arange(rows, device=device), lengths - 1]  # each row's last real token
     stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     temperature = torch.tensor([r.temperature for r in rows_sampling], device=device)
     top_p = torch.tensor([r.top_p for r in rows_sampling], device=device)
+    uniform = torch.tensor([r.draw() for r in rows_sampling], device=device)
+    chosen = choose(runner.logits(plan, last), temperature, top_p, uniform)
     outputs: list[list[int]] = [[] for _ in range(rows)]
     running = torch.ones(rows, dtype=torch.bool, device=device)
     position = lengths
     for step in range(max_new_tokens):
-        uniform = torch.tensor([r.draw() for r in rows_sampling], device=device)
-        chosen = choose(model.lm_head(last), temperature, top_p, uniform)
         for row in running.nonzero().flatten().tolist():
             outputs[row].append(int(chosen[row]))
         running &= ~torch.isin(chosen, stops)
         if not running.any() or step == max_new_tokens - 1:
             break
-        hidden = llama.forward(model, cache, chosen[:, None], position[:, None])
-        last, position = hidden[:, 0], position + 1
+        uniform = torch.tensor([r.draw() for r in rows_sampling], device=device)
+        chosen = runner.decode_step(plan, chosen, position, temperature, top_p, uniform)
+        position = position + 1
     return outputs

@@ -1,0 +1,105 @@
+"""The engine for one model: its KV cache, the plans of the rows it runs, and the step.
+
+A plan says how rows run: the fast step (``step.py``) over the model's tensors where
+``plan.fast_reason`` allows it, else the model's own modules (``llama.py``), with
+``mixed_adapters`` around them when the rows run different adapters; the numbers are the
+same either way. ``decode_step`` is one pure function of tensors (forward, head and the
+choice of the next token, the rows' adapters among its inputs), the unit a compiler would
+take; it runs eager: compiling it measured 1.3× faster per step at one row but cost 44 s
+per shape, and over 6 minutes with dynamic shapes (``benchmarks/bench_engine_step.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from . import llama, plan, step
+from .sampling import choose
+
+
+@dataclass
+class RowsPlan:
+    """How a set of rows runs: their adapters (None: every row the layers' active one),
+    the fast step's layer plans, or None and the reason the modules run instead."""
+
+    adapters: tuple[str | None, ...] | None
+    layers: list[plan.LayerPlan] | None
+    reason: str | None
+
+    @property
+    def fast(self) -> bool:
+        return self.layers is not None
+
+
+class Runner:
+    """``rows`` cache rows of up to ``length`` positions each for ``model``."""
+
+    def __init__(self, model: nn.Module, rows: int, length: int) -> None:
+        reason = llama.supported_reason(model)
+        if reason is not None:
+            raise ValueError(reason)
+        self.model = model
+        self.cache = llama.new_cache(model, rows, length)
+        self.rotary = step.rotary_tables(model, length)
+
+    def plan(self, row_adapters: Sequence[str | None] | None = None) -> RowsPlan:
+        """The plan of rows that run ``row_adapters`` (one per row; None: each row the
+        layers' active adapter). Gathers the rows' factors: build it when they change."""
+        adapters = tuple(row_adapters) if row_adapters is not None else None
+        reason = plan.fast_reason(self.model, adapters)
+        layers = plan.build(self.model, adapters) if reason is None else None
+        return RowsPlan(adapters, layers, reason)
+
+    def forward(self, rows: RowsPlan, tokens: Tensor, positions: Tensor, first: int = 0) -> Tensor:
+        """Hidden states (R, T, hidden) of ``tokens`` at ``positions`` in cache rows
+        ``first`` …; R must be the plan's row count when it has per-row adapters."""
+        with self._modules_for(rows):
+            cache, rotary = self.cache, self.rotary
+            return _forward(self.model, rows, cache, tokens, positions, rotary, None, first)
+
+    def logits(self, rows: RowsPlan, hidden: Tensor) -> Tensor:
+        """The head's logits of hidden states (R, hidden)."""
+        with self._modules_for(rows):
+            return self.model.lm_head(hidden)
+
+    def decode_step(
+        self,
+        rows: RowsPlan,
+        tokens: Tensor,
+        positions: Tensor,
+        temperature: Tensor,
+        top_p: Tensor,
+        uniform: Tensor,
+        first: int = 0,
+    ) -> Tensor:
+        """Each row's next token after ``tokens`` (R,) at ``positions`` (R,)."""
+        live = self.cache.live_length(int(positions.max()))
+        with self._modules_for(rows):
+            return _decode_step(
+                self.model, rows, self.cache, tokens, positions, self.rotary, live, first,
+                temperature, top_p, uniform,
+            )  # fmt: skip
+
+    def _modules_for(self, rows: RowsPlan):
+        if rows.fast or rows.adapters is None:
+            return contextlib.nullcontext()
+        from ..lora.mixing import mixed_adapters
+
+        return mixed_adapters(self.model, rows.adapters)
+
+
+def _forward(model, rows: RowsPlan, cache, tokens, positions, rotary, live, first) -> Tensor:
+    if rows.fast:
+        return step.forward(model, rows.layers, cache, tokens, positions, rotary, live, first)
+    return llama.forward(model, cache, tokens, positions, live, first)
+
+
+def _decode_step(
+    model, rows, cache, tokens, positions, rotary, live, first, temperature, top_p, uniform
+) -> Tensor:
+    hidden = _forward(model, rows, cache, tokens[:, None], positions[:, None], rotary, live, first)
+    return choose(model.lm_head(hidden[:, 0]), temperature, top_p, uniform)
