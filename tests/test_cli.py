@@ -397,6 +397,26 @@ def test_help_answers_before_torch_loads():
     assert done.stdout.strip() == "[]", done.stderr
 
 
+def test_engine_chooses_what_generates_and_hf_gives_the_same_text(trained, tiny_model_dir, capsys):
+    import loralab.generate
+
+    argv = [
+        "generate",
+        "--model",
+        str(tiny_model_dir),
+        "--adapter",
+        str(trained / "run" / "adapter"),
+    ]
+    texts = {}
+    try:
+        for engine in ("engine", "hf"):
+            assert main([*argv, "--engine", engine, "--max-new-tokens", "6", "Say cat:"]) == 0
+            texts[engine] = capsys.readouterr().out
+    finally:
+        loralab.generate.use_engine("auto")  # the flag sets the process's default
+    assert texts["engine"] == texts["hf"] and "### Say cat:" in texts["hf"]
+
+
 def test_generate_that_gives_no_text_without_chat_says_to_add_chat(
     tiny_model_dir, monkeypatch, capsys
 ):

@@ -249,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("prompts", nargs="+", help="prompt texts")
     generate.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn")
     generate.add_argument("--max-new-tokens", type=_at_least_one, default=64)
+    for generating in (evaluate, generate):
+        _engine_flag(generating)
 
     merge = commands.add_parser(
         "merge", help="merge an adapter into the base: a Transformers directory or one GGUF file"
@@ -301,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--test-size", type=_at_least_one, default=None, help="scored examples (default: 64)"
     )
+    _engine_flag(demo)
     _serve_flags(commands)
     from .experiments import EXPERIMENT_NAMES, MODES
 
@@ -351,7 +354,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="train every run over its base stored so (see loralab train --help); methods "
         "that train the base's own weights refuse it",
     )
+    _engine_flag(reproduce)
     return parser
+
+
+def _engine_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--engine",
+        choices=("auto", "engine", "hf"),  # generate.ENGINES; that module imports torch
+        default="auto",
+        help="what generates: auto (loralab's engine for the Llama family, else "
+        "Transformers' generate, saying why once), engine (refuse where it cannot run), "
+        "or hf (Transformers' generate always, for comparison; default: auto)",
+    )
 
 
 def _serve_flags(commands) -> None:
@@ -512,6 +527,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # Our own progress bar and messages are enough; Transformers' per-load bars are noise.
     transformers_logging.disable_progress_bar()
+    if getattr(args, "engine", None) is not None:
+        from .generate import use_engine
+
+        use_engine(args.engine)
     try:
         return COMMANDS[args.command](args)
     except TrainingInterrupted as stopped:

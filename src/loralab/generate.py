@@ -24,6 +24,7 @@ from .models.devices import model_device
 log = logging.getLogger("loralab.generate")
 
 ENGINES = ("auto", "engine", "hf")
+_default_engine = "auto"  # the command line's --engine, for everything a command generates
 
 # Settings of a generation config that change greedy tokens, which only Transformers'
 # ``generate`` applies: with any of them set, the engine's tokens would differ.
@@ -42,6 +43,18 @@ _PROCESSORS = {
 }
 
 _said: set[str] = set()  # the fallback reasons already told, once each per process
+
+
+def use_engine(engine: str) -> None:
+    """What ``generate`` runs on when not told (``--engine``): one of ``ENGINES``."""
+    global _default_engine
+    _check_engine(engine)
+    _default_engine = engine
+
+
+def _check_engine(engine: str) -> None:
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
 
 
 def engine_reason(model: nn.Module) -> str | None:
@@ -70,7 +83,7 @@ def generate(
     batch_size: int = 16,
     stop_at_newline: bool = True,
     progress: str | None = None,
-    engine: str = "auto",
+    engine: str | None = None,
 ) -> list[str]:
     """Greedy completions of ``prompts`` (batched), without the prompt.
 
@@ -79,10 +92,10 @@ def generate(
     around each prompt: prefix + prompt + infix. ``progress`` names a progress bar over
     the prompts (none by default). ``engine``: ``auto`` (the engine where it runs the
     model, else Transformers'), ``engine`` (refused with the reason where it cannot) or
-    ``hf`` (Transformers' ``generate`` always, for comparison).
+    ``hf`` (Transformers' ``generate`` always, for comparison); None: ``use_engine``'s.
     """
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    engine = _default_engine if engine is None else engine
+    _check_engine(engine)
     reason = engine_reason(model) if engine != "hf" else "asked for"
     if reason is not None and engine == "engine":
         raise ValueError(f"the engine cannot generate here: {reason}")
