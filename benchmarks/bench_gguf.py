@@ -1,4 +1,4 @@
-"""Generation after export: llama.cpp with our GGUF adapter against ``loralab generate``.
+"""Generation after export: llama.cpp with our GGUF adapter against loralab's engine.
 
 The speed a CPU user gets once an adapter leaves loralab, and the anchor for ``loralab
 serve``. One LoRA (PEFT-written, r = 8 on q, k, v and o, random non-zero factors) on the
@@ -6,11 +6,11 @@ embedded SmolLM2-135M, exported with ``loralab export --format gguf``; greedy
 generation of a fixed 64 new tokens (the end token does not stop a row, so both sides do
 the same work) after e2e prompts, one stream and a batch of 8:
 
-- ``loralab generate``'s path: the unmerged adapter in fp32 PyTorch, Transformers'
-  ``generate`` over a left-padded batch;
-- loralab's engine (``loralab.engine.decode_greedy``): the same model and adapter, its own
-  per-layer KV cache and forward over the model's modules, each row at its own positions
-  (eager: not compiled yet);
+- Transformers' ``generate`` (``loralab generate --engine hf``, the path before the
+  engine): the unmerged adapter in fp32 PyTorch over a left-padded batch;
+- loralab's engine (``loralab.engine.decode_greedy``, what ``loralab generate`` runs): the
+  same model and adapter, its own per-layer KV cache, each row at its own positions, the
+  fast step over the model's tensors (eager, not compiled);
 - llama.cpp (llama-cpp-python's bindings, its own batched decoding: one sequence per
   prompt in one ``llama_decode``) with the adapter GGUF, on the base's F32 export (the
   same arithmetic) and on the shipped Q4_1 file (what a user runs); and the F32 base
@@ -212,8 +212,8 @@ def worker(argv: list[str]) -> None:
 
 
 SIDES = {
-    "loralab": "`loralab generate` (fp32, unmerged)",
-    "engine": "loralab's engine (fp32, unmerged; eager)",
+    "loralab": "Transformers' `generate` (fp32, unmerged; `--engine hf`)",
+    "engine": "loralab's engine (fp32, unmerged; eager; `loralab generate`)",
     "llama-f32": "llama.cpp, F32 base + adapter GGUF",
     "llama-q4_1": "llama.cpp, shipped Q4_1 base + adapter GGUF",
     "llama-f32-alone": "llama.cpp, F32 base alone (no adapter: its cost, and its effect)",
@@ -287,8 +287,8 @@ def _table(
         f"{rounds} rounds × {reps} runs, range in brackets. *first row agrees* counts the "
         "greedy tokens of the batch's first row that equal loralab's.",
         "",
-        "| side | batch | output tok/s | × loralab | first row agrees |",
-        "|---|---:|---:|---:|---:|",
+        "| side | batch | output tok/s | × Transformers | × llama.cpp F32 | first row agrees |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for b in BATCHES:
         ours = median(samples[("loralab", b)])
@@ -299,9 +299,11 @@ def _table(
             values = samples[(side, b)]
             same = agreeing(first[(side, b)], first[("loralab", b)])
             same = "—" if side == "loralab" else f"{same} / {NEW_TOKENS}"
+            f32 = samples.get(("llama-f32", b))
+            to_f32 = f"{median(values) / median(f32):.2f}" if f32 else "—"
             lines.append(
                 f"| {name} | {b} | {median(values):.1f} [{min(values):.1f}–{max(values):.1f}] "
-                f"| {median(values) / ours:.2f} | {same} |"
+                f"| {median(values) / ours:.2f} | {to_f32} | {same} |"
             )
     return "\n".join(lines) + "\n"
 
