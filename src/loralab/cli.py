@@ -405,6 +405,7 @@ def _serve_flags(commands) -> None:
     serve.add_argument(
         "--max-batch", type=_at_least_one, default=32, help="rows decoded together (default: 32)"
     )
+    _engine_flag(serve)
     serve.add_argument(
         "--max-loras", type=_at_least_one, default=8, help="adapters resident at once (default: 8)"
     )
@@ -965,6 +966,7 @@ def _serve(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         quantized_base=args.quantized_base,
+        engine=args.engine,
     )
     serve(options)
     return 0

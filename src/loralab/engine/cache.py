@@ -34,6 +34,19 @@ class KVCache:
         self.rows, self.length = rows, length
         self._heads = torch.arange(kv_heads, device=device)
 
+    def grow(self, rows: int, length: int) -> None:
+        """Make room for at least ``rows`` rows of ``length`` positions, keeping what is
+        stored (a server sizes its cache by the requests it has, not the worst case)."""
+        if rows <= self.rows and length <= self.length:
+            return
+        rows, length = max(rows, self.rows), max(length, self.length)
+        for buffers in (self.keys, self.values):
+            for index, old in enumerate(buffers):
+                new = old.new_zeros(rows, old.shape[1], length, old.shape[3])
+                new[: self.rows, :, : self.length] = old
+                buffers[index] = new
+        self.rows, self.length = rows, length
+
     def write(
         self, layer: int, keys: Tensor, values: Tensor, positions: Tensor, first: int = 0
     ) -> None:

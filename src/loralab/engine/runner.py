@@ -46,6 +46,12 @@ class Runner:
         self.cache = llama.new_cache(model, rows, length)
         self.rotary = step.rotary_tables(model, length)
 
+    def grow(self, rows: int, length: int) -> None:
+        """Room for ``rows`` rows of ``length`` positions (``KVCache.grow``)."""
+        if length > self.cache.length:
+            self.rotary = step.rotary_tables(self.model, length)
+        self.cache.grow(rows, length)
+
     def plan(self, row_adapters: Sequence[str | None] | None = None) -> RowsPlan:
         """The plan of rows that run ``row_adapters`` (one per row; None: each row the
         layers' active adapter). Gathers the rows' factors: build it when they change."""

@@ -1,8 +1,11 @@
 """Continuous batching: one thread runs one decoding step for every running request.
 
-A request waits in a bounded queue until a row is free and its adapter is resident; it
-is then prefilled alone (exactly as ``loralab generate`` prefills one prompt) and joins
-the batch between two steps. At every step each row runs its own adapter (or none,
+A request waits in a bounded queue until a row is free and its adapter is resident. On
+loralab's engine (the Llama family, ``engine_rows.py``) its prompt is then prefilled a
+chunk at a time between the running rows' steps, and it joins them when its first token
+is out; on other models (or ``--engine hf``) the waiting prompts are prefilled together
+in one forward of the model, Transformers' cache left-padded (``batch_cache.py``), and
+join between two steps. At every step each row runs its own adapter (or none,
 through ``mixed_adapters``) and samples its own next token; a request that finished,
 or whose client went away, leaves at once and frees its row. Everything that changes the
 model (loading, swapping, evicting adapters) runs on this thread too, between steps, so
@@ -28,6 +31,7 @@ from ..lora.mixing import mixed_adapters
 from ..models.devices import model_device
 from .adapter_pool import AdapterPool
 from .batch_cache import BatchCache, new_cache
+from .engine_rows import EngineRows, Prompt
 from .errors import RequestError
 from .metrics import Metrics
 from .sampling import Sampler, Sampling
@@ -99,6 +103,7 @@ class Engine:
         metrics: Metrics,
         max_batch: int = 32,
         max_waiting: int = 256,
+        engine: str = "auto",
     ) -> None:
         self.model = model
         self.device = model_device(model)  # the inputs go where the weights are
@@ -110,9 +115,12 @@ class Engine:
         self.context_length = int(model.config.max_position_embeddings)
         self.vocab_size = model.get_input_embeddings().num_embeddings  # valid input ids
         self.eos = tokenizer.eos_token_id
-        new_cache(model.config)  # refuses models whose cache cannot be split by rows
+        self.engine_rows = _engine_rows(model, max_batch, engine)
+        if self.engine_rows is None:
+            new_cache(model.config)  # refuses models whose cache cannot be split by rows
         self.cache = BatchCache(model.config)
         self.rows: list[_Row] = []
+        self.prefilling: list[tuple[Job, Prompt]] = []  # on the engine: prompts going in
         self.waiting: deque[Job] = deque()
         self.commands: deque[tuple[Callable, concurrent.futures.Future]] = deque()
         self._wake = threading.Condition()
@@ -172,16 +180,21 @@ class Engine:
             except Exception:  # a bug: no request may wait on a state that fails each step
                 log.exception("the engine failed to admit requests")
                 self._fail_waiting()
+            if self.prefilling:
+                self._prefill_chunk()
             if self.rows:
                 self._step_or_fail_batch()
         self._unmix()
-        for job in [*self.waiting, *(row.job for row in self.rows)]:
+        prefilling = [job for job, _ in self.prefilling]
+        for job in [*self.waiting, *prefilling, *(row.job for row in self.rows)]:
             job.emit(Failed(RequestError("the server is shutting down", status=503)))
 
     def _next_commands(self) -> list[tuple[Callable, concurrent.futures.Future]] | None:
         """Waits until there is work; the commands to run before it (None: stop)."""
         with self._wake:
-            while not (self._stopping or self.commands or self.waiting or self.rows):
+            while not (
+                self._stopping or self.commands or self.waiting or self.rows or self.prefilling
+            ):
                 self._wake.wait()
             if self._stopping:
                 return None
@@ -197,12 +210,18 @@ class Engine:
             for row in self.rows:
                 self._end(row, Failed(RequestError("internal error", status=500)))
             self.rows, self.cache = [], BatchCache(self.model.config)
+            if self.engine_rows is not None:
+                self.engine_rows.keep([])
             self._unmix()
 
     def _admit(self) -> None:
         """Prefill waiting jobs into free rows, oldest first, all in one forward."""
         chosen = self._choose()
         if not chosen:
+            return
+        if self.engine_rows is not None:  # its prompts go in a chunk at a time
+            for job in chosen:
+                self.prefilling.append((job, self.engine_rows.start(job.prompt, job.adapter)))
             return
         self._unmix()  # the prefill mixes its own rows
         try:
@@ -234,7 +253,11 @@ class Engine:
         starving = False  # an old job waits for a slot: evictable adapters take no more rows
         now = time.monotonic()
         for job in candidates:
-            if len(self.rows) + len(chosen) >= self.max_batch:
+            if len(self.rows) + len(self.prefilling) + len(chosen) >= self.max_batch:
+                break
+            if self.engine_rows is not None and (
+                len(self.prefilling) + len(chosen) >= self.engine_rows.prompt_rows
+            ):
                 break
             if starving and not self.pool.is_pinned(job.adapter):
                 continue
@@ -336,19 +359,11 @@ class Engine:
         self._keep([i for i, gone in enumerate(cancelled) if not gone])
         if not self.rows:
             return
-        mask, positions = self.cache.step_inputs()
-        ids = torch.tensor([[row.last] for row in self.rows], device=self.device)
         self.metrics.batch_size.observe(len(self.rows))
-        self._mixed()
-        out = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            cache=self.cache.cache,
-            use_cache=True,
-        )
-        self.cache.stepped()
-        logits = _on_cpu(out.logits[:, -1])
+        if self.engine_rows is not None:
+            logits = _on_cpu(self.engine_rows.step([row.last for row in self.rows]))
+        else:
+            logits = self._transformers_step()
         going = []
         for i, row in enumerate(self.rows):
             try:
@@ -358,6 +373,60 @@ class Engine:
                 log.exception("a row failed")
                 self._end(row, Failed(RequestError("internal error", status=500)))
         self._keep(going)
+
+    def _transformers_step(self) -> Tensor:
+        mask, positions = self.cache.step_inputs()
+        ids = torch.tensor([[row.last] for row in self.rows], device=self.device)
+        self._mixed()
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=self.cache.cache,
+            use_cache=True,
+        )
+        self.cache.stepped()
+        return _on_cpu(out.logits[:, -1])
+
+    def _prefill_chunk(self) -> None:
+        """The next chunk of the prompts going in (engine); those complete get their first
+        token and join the running rows. A prompt that fails fails its request alone."""
+        for job, prompt in [entry for entry in self.prefilling if entry[0].cancelled]:
+            self._leave_prefill(job, prompt)
+            self.pool.release(job.adapter)
+        if not self.prefilling:
+            return
+        jobs = {id(prompt): job for job, prompt in self.prefilling}
+        complete, failed = self.engine_rows.prefill()
+        for prompt in failed:  # its request alone fails (the engine logged why)
+            job = jobs[id(prompt)]
+            self.prefilling = [entry for entry in self.prefilling if entry[1] is not prompt]
+            self.pool.release(job.adapter)
+            job.emit(Failed(RequestError("internal error", status=500)))
+        now = time.monotonic()
+        for prompt in complete:
+            job = jobs[id(prompt)]
+            self.prefilling = [entry for entry in self.prefilling if entry[1] is not prompt]
+            self.metrics.prompt_tokens.inc(len(job.prompt))
+            self.metrics.time_to_first_token.observe(now - job.arrived)
+            row = _Row(job, None, TextStream(self.tokenizer, job.stop))
+            try:
+                row.sampler = Sampler(job.sampling)
+                finished = self._advance(row, row.sampler(_on_cpu(prompt.logits)))
+            except Exception:  # this job's fault alone
+                log.exception("a row failed")
+                self._end(row, Failed(RequestError("internal error", status=500)))
+                finished = True
+            if finished:
+                self.engine_rows.drop(prompt)
+                continue
+            self.engine_rows.join(prompt)
+            self.rows.append(row)
+        self.metrics.running.set(len(self.rows))
+
+    def _leave_prefill(self, job: Job, prompt: Prompt) -> None:
+        self.prefilling = [entry for entry in self.prefilling if entry[1] is not prompt]
+        self.engine_rows.drop(prompt)
 
     def _mixed(self) -> None:
         rows = tuple(row.job.adapter for row in self.rows)
@@ -369,14 +438,20 @@ class Engine:
         self._mix, self._mix_rows = stack, rows
 
     def _unmix(self) -> None:
+        if self.engine_rows is not None:
+            self.engine_rows.changed()  # the model may change: the rows' factors with it
         if self._mix is not None:
             self._mix.close()
             self._mix = None
 
     def _keep(self, indices: list[int]) -> None:
         if len(indices) != len(self.rows):
-            self.rows = [self.rows[i] for i in indices]
-            self.cache.keep(indices)
+            if self.engine_rows is not None:
+                order = self.engine_rows.keep(indices)
+            else:
+                order = indices
+                self.cache.keep(indices)
+            self.rows = [self.rows[i] for i in order]
             self.metrics.running.set(len(self.rows))
 
     def _advance(self, row: _Row, token: int) -> bool:
@@ -414,6 +489,19 @@ class Engine:
         self.pool.release(row.job.adapter)
         if event is not None:
             row.job.emit(event)
+
+
+def _engine_rows(model: nn.Module, max_batch: int, engine: str) -> EngineRows | None:
+    """The rows on loralab's engine where it runs the model and ``engine`` allows it."""
+    from ..engine import supported_reason
+
+    reason = "asked for (--engine hf)" if engine == "hf" else supported_reason(model)
+    if reason is None:
+        return EngineRows(model, max_batch)
+    if engine == "engine":
+        raise ValueError(f"the engine cannot serve this model: {reason}")
+    log.warning("serving with Transformers' forward and cache: %s", reason)
+    return None
 
 
 def _on_cpu(logits: Tensor) -> Tensor:

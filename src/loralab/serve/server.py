@@ -40,6 +40,7 @@ class ServeOptions:
     device: str | None = None  # auto, cpu, cuda, cuda:N (None: auto)
     dtype: str | None = None  # the base's weights: fp32, bf16, fp16, auto (None: fp32)
     quantized_base: str | None = None  # gguf, nf4, fp4, int8 (``QUANTIZED_BASES``); None: dense
+    engine: str = "auto"  # auto, engine (loralab's, or refuse), hf (Transformers' forward)
 
 
 def served_name(model: str) -> str:
@@ -97,7 +98,9 @@ def build_state(options: ServeOptions) -> ServerState:
             pool.add_pinned(name, Path(directory))
         except RequestError as error:
             raise ServeError(f"--adapter {name}={directory}: {error.message}") from None
-    engine = Engine(model, tokenizer, pool, metrics, options.max_batch, options.max_waiting)
+    engine = Engine(
+        model, tokenizer, pool, metrics, options.max_batch, options.max_waiting, options.engine
+    )
     return ServerState(
         engine, pool, tokenizer, base_name, metrics, options.api_key, options.max_body
     )

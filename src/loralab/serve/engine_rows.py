@@ -1,0 +1,192 @@
+"""The server's rows on loralab's engine (``engine/``): the running requests' keys and
+values in one cache where each row sits at its own position (no left padding), and the
+prompts being prefilled in a second, small one, a chunk at a time between two decoding
+steps, so that a long prompt never stalls the running streams.
+
+A prompt's chunk is sized to take about as long as ``CHUNK_STEPS`` decoding steps (both
+times measured as the server runs), so the other streams wait at most about that many
+steps more for their next token; with no stream running, a prompt goes in chunks of
+``MAX_CHUNK``. A prompt that is done moves into the running rows (one copy of its keys and
+values); a row that leaves is replaced by the last one (one row's copy), so the running
+rows stay the first rows of the cache and a step reads them as views.
+
+Each row runs its own adapter: the rows' factors are gathered into the step's inputs when
+the rows change (``Runner.plan``), never per step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..engine.runner import RowsPlan, Runner
+
+log = logging.getLogger("loralab.serve")
+
+MAX_CHUNK = 512  # prompt tokens per prefill forward when no stream is waiting
+MIN_CHUNK = 16
+CHUNK_STEPS = 2.0  # a chunk's time, in decoding steps
+PREFILL_ROWS = 4  # prompts prefilled side by side (their cache's rows)
+_START_LENGTH = 256  # positions a cache starts with; it doubles as requests need
+
+
+@dataclass
+class Prompt:
+    """A prompt being prefilled: its tokens, adapter, and how many are in the cache."""
+
+    tokens: list[int]
+    adapter: str | None
+    done: int = 0
+    slot: int = -1
+    logits: Tensor | None = field(default=None, repr=False)  # its last token's, when done
+
+    @property
+    def finished(self) -> bool:
+        return self.done == len(self.tokens)
+
+
+class EngineRows:
+    """The running rows (their adapters and lengths, in cache order) and the prompts."""
+
+    def __init__(self, model: nn.Module, max_rows: int) -> None:
+        self.model = model
+        self.device = model.get_input_embeddings().weight.device
+        self.max_rows = max_rows
+        self.rows = Runner(model, 1, _START_LENGTH)
+        self.prompts_cache = Runner(model, PREFILL_ROWS, _START_LENGTH)
+        self.adapters: list[str | None] = []
+        self.lengths: list[int] = []  # each running row's positions in the cache
+        self.prompts: list[Prompt] = []
+        self._plan: RowsPlan | None = None
+        self.step_s = 0.0  # a decoding step's time (moving average)
+        self.token_s = 0.0  # a prompt token's prefill time (moving average)
+
+    def __len__(self) -> int:
+        return len(self.adapters)
+
+    # -- prompts ---------------------------------------------------------------------------
+
+    prompt_rows = PREFILL_ROWS
+
+    def start(self, tokens: list[int], adapter: str | None) -> Prompt:
+        free = sorted(set(range(PREFILL_ROWS)) - {p.slot for p in self.prompts})
+        prompt = Prompt(tokens, adapter, slot=free[0])
+        self.prompts.append(prompt)
+        return prompt
+
+    def drop(self, prompt: Prompt) -> None:
+        self.prompts.remove(prompt)
+
+    def chunk(self) -> int:
+        """Prompt tokens the next prefill forward takes (over all prompts)."""
+        if not self.adapters or self.token_s == 0:
+            return MAX_CHUNK
+        return int(min(MAX_CHUNK, max(MIN_CHUNK, CHUNK_STEPS * self.step_s / self.token_s)))
+
+    def prefill(self) -> tuple[list[Prompt], list[Prompt]]:
+        """One chunk of the prompts' next tokens, oldest first: the prompts now complete
+        (with their last token's logits), and those whose forward failed (dropped)."""
+        budget, parts = self.chunk(), []
+        for prompt in self.prompts:
+            take = min(len(prompt.tokens) - prompt.done, max(budget, 0))
+            if take > 0:
+                parts.append((prompt, take))
+                budget -= take
+        started = time.perf_counter()
+        complete, failed = [], []
+        for prompt, take in parts:  # each alone: its own row of the cache, its own adapter
+            try:
+                self._prefill(prompt, take)
+            except Exception:
+                log.exception("prefilling a prompt failed")
+                failed.append(prompt)
+                self.drop(prompt)
+                continue
+            if prompt.finished:
+                complete.append(prompt)
+        if parts and not failed:
+            spent = time.perf_counter() - started
+            self.token_s = _average(self.token_s, spent / sum(take for _, take in parts))
+        return complete, failed
+
+    def _prefill(self, prompt: Prompt, take: int) -> None:
+        runner = self.prompts_cache
+        runner.grow(PREFILL_ROWS, _room(prompt.done + take))
+        tokens = torch.tensor([prompt.tokens[prompt.done : prompt.done + take]])
+        positions = torch.arange(prompt.done, prompt.done + take)[None]
+        plan = runner.plan([prompt.adapter])
+        hidden = runner.forward(
+            plan, tokens.to(self.device), positions.to(self.device), first=prompt.slot
+        )
+        prompt.done += take
+        if prompt.finished:
+            prompt.logits = runner.logits(plan, hidden[:, -1])[0]
+
+    def join(self, prompt: Prompt) -> None:
+        """A complete prompt becomes the last running row (its keys and values copied)."""
+        row, length = len(self.adapters), len(prompt.tokens)
+        self.rows.grow(_room(row + 1, self.max_rows), _room(length + 1))
+        source, target = self.prompts_cache.cache, self.rows.cache
+        for mine, theirs in ((target.keys, source.keys), (target.values, source.values)):
+            for into, out in zip(mine, theirs, strict=True):
+                into[row, :, :length] = out[prompt.slot, :, :length]
+        self.prompts.remove(prompt)
+        self.adapters.append(prompt.adapter)
+        self.lengths.append(length)
+        self._plan = None
+
+    # -- the running rows ------------------------------------------------------------------
+
+    def step(self, tokens: list[int]) -> Tensor:
+        """Logits (rows, vocabulary) of each running row's next token, after ``tokens``."""
+        started = time.perf_counter()
+        device = self.device
+        self.rows.grow(len(self.adapters), _room(max(self.lengths) + 1))
+        if self._plan is None:
+            self._plan = self.rows.plan(self.adapters)
+        ids = torch.tensor(tokens, device=device)[:, None]
+        positions = torch.tensor(self.lengths, device=device)[:, None]
+        hidden = self.rows.forward(self._plan, ids, positions)
+        logits = self.rows.logits(self._plan, hidden[:, 0])
+        self.lengths = [n + 1 for n in self.lengths]
+        self.step_s = _average(self.step_s, time.perf_counter() - started)
+        return logits
+
+    def keep(self, indices: list[int]) -> list[int]:
+        """Keep the running rows ``indices``; the order they now sit in (old indices): a
+        row that left is replaced by the last row, one row's copy."""
+        order = list(range(len(self.adapters)))
+        gone = sorted(set(order) - set(indices), reverse=True)
+        for row in gone:
+            last = len(order) - 1
+            if row != last:
+                self.rows.cache.move(last, row, self.lengths[last])
+                self.lengths[row] = self.lengths[last]
+                self.adapters[row] = self.adapters[last]
+                order[row] = order[last]
+            order.pop()
+            self.lengths.pop()
+            self.adapters.pop()
+        self._plan = None
+        return order
+
+    def changed(self) -> None:
+        """The model or an adapter changed: gather the rows' factors again."""
+        self._plan = None
+
+    def clear(self) -> None:
+        self.adapters, self.lengths, self.prompts, self._plan = [], [], [], None
+
+
+def _room(needed: int, limit: int | None = None) -> int:
+    """``needed`` rounded up to a power of two (a cache grows by doubling), at most ``limit``."""
+    size = 1 << max(needed - 1, 0).bit_length()
+    return size if limit is None else max(min(size, limit), needed)
+
+
+def _average(mean: float, value: float, weight: float = 0.2) -> float:
+    return value if mean == 0 else (1 - weight) * mean + weight * value
