@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 import pytest
@@ -107,21 +108,25 @@ def test_the_end_token_stops_a_row(tiny_model_dir, adapters):
     assert past.events[-1].reason == "length" and past.events[-1].completion_tokens == 20
 
 
+@pytest.mark.parametrize("kind", ["engine", "hf"])
 def test_a_failed_step_fails_its_batch_and_the_engine_goes_on(
-    tiny_model_dir, adapters, monkeypatch
+    tiny_model_dir, adapters, monkeypatch, kind
 ):
     directory, names = adapters
-    engine, tokenizer = _engine(tiny_model_dir, directory, names)
-    forward = engine.model.forward
+    engine, tokenizer = _engine(tiny_model_dir, directory, names, engine=kind)
+    assert (engine.engine_rows is None) == (kind == "hf")
+    owner = engine.model if kind == "hf" else engine.engine_rows
+    forward = owner.forward if kind == "hf" else owner.step
     calls = {"n": 0}
+    first_step = 3 if kind == "hf" else 1  # Transformers' forward runs the two prefills too
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 3:  # a decoding step, after two prefills
+        if calls["n"] == first_step:  # a decoding step, after two prefills
             raise RuntimeError("boom")
         return forward(*args, **kwargs)
 
-    monkeypatch.setattr(engine.model, "forward", flaky)
+    monkeypatch.setattr(owner, "forward" if kind == "hf" else "step", flaky)
     first = [_job(tokenizer, f"fail {i}", names[i], 10, temperature=0) for i in range(2)]
     for job, _ in first:
         engine.submit(job)
@@ -264,3 +269,65 @@ def test_a_row_that_fails_fails_alone_and_gives_its_adapter_back(
     assert one.text == reference(tiny_model_dir, directory / "a0", "one", 8)
     assert three.text == reference(tiny_model_dir, directory / "a1", "three", 8)
     assert all(e.users == 0 for e in engine.pool.entries.values())
+
+
+def test_a_long_prompt_goes_in_chunks_between_the_running_rows_steps(
+    tiny_model_dir, adapters, monkeypatch
+):
+    """While a long prompt is prefilled, the running row gets a step between every two of
+    its chunks (it never waits for the whole prompt), and both texts are exact."""
+    from loralab.serve import engine_rows
+
+    monkeypatch.setattr(engine_rows, "MAX_CHUNK", 6)
+    monkeypatch.setattr(engine_rows, "MIN_CHUNK", 6)
+    directory, names = adapters
+    engine, tokenizer = _engine(tiny_model_dir, directory, names)
+    rows = engine.engine_rows
+    log: list[str] = []
+    prefill, step = rows.prefill, rows.step
+
+    def logged_prefill():
+        done = prefill()
+        log.append(f"prefill {len(rows.prompts) + len(done[0])}")
+        return done
+
+    def logged_step(tokens):
+        log.append("step")
+        return step(tokens)
+
+    monkeypatch.setattr(rows, "prefill", logged_prefill)
+    monkeypatch.setattr(rows, "step", logged_step)
+    short, long = "go on", "a much longer prompt, " * 2
+    running, stream = _job(tokenizer, short, "a0", 30, temperature=0)
+    engine.submit(running)
+    engine.start()
+    try:
+        while not stream.events:
+            threading.Event().wait(0.01)
+        late, after = _job(tokenizer, long, "a1", 4, temperature=0)
+        engine.submit(late)
+        assert stream.ended.wait(30) and after.ended.wait(30)
+    finally:
+        engine.stop()
+    chunks = [i for i, entry in enumerate(log) if entry == "prefill 1"]
+    assert len(chunks) >= len(encode_prompt(tokenizer, long)) // 6
+    between = [log[a + 1 : b] for a, b in itertools.pairwise(chunks)]
+    assert all("step" in part for part in between), log
+    assert stream.text == reference(tiny_model_dir, directory / "a0", short, 30)
+    assert after.text == reference(tiny_model_dir, directory / "a1", long, 4)
+
+
+def test_the_engine_is_refused_by_name_where_it_cannot_run(tiny_model_dir, adapters):
+    from loralab.serve.engine_rows import EngineRows
+
+    directory, names = adapters
+    engine, _ = _engine(tiny_model_dir, directory, names)
+    assert isinstance(engine.engine_rows, EngineRows)
+    from conftest import make_model
+
+    metrics = Metrics()
+    model = make_model("gpt2")
+    pool = AdapterPool(model, "base", 8, directory, metrics)
+    with pytest.raises(ValueError, match=r"the engine cannot serve this model: .*'gpt2'"):
+        Engine(model, engine.tokenizer, pool, metrics, engine="engine")
+    assert Engine(model, engine.tokenizer, pool, metrics).engine_rows is None  # Transformers'

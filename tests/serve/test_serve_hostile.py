@@ -491,13 +491,12 @@ def test_a_job_waiting_for_an_adapter_slot_is_not_starved_by_later_ones(
         return Job(prompt, adapter, 6, Sampling(temperature=0), (), events.append), events
 
     engine.submit(job("busy")[0])
-    engine._admit()
+    engine._work()
     waiting, events = job("other")
     engine.submit(waiting)
     for step in range(40):
         engine.submit(job("busy")[0])  # a new one at every step: busy is never idle
-        engine._admit()
-        engine._step()
+        engine._work()
         if step == 3:
             assert not events  # it lets later ones pass, for a while …
             waiting.arrived -= PRIORITY_AFTER_S  # … as long as this

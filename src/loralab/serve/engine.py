@@ -175,19 +175,23 @@ class Engine:
                     future.set_result(function())
                 except BaseException as error:  # the caller's to report
                     future.set_exception(error)
-            try:
-                self._admit()
-            except Exception:  # a bug: no request may wait on a state that fails each step
-                log.exception("the engine failed to admit requests")
-                self._fail_waiting()
-            if self.prefilling:
-                self._prefill_chunk()
-            if self.rows:
-                self._step_or_fail_batch()
+            self._work()
         self._unmix()
         prefilling = [job for job, _ in self.prefilling]
         for job in [*self.waiting, *prefilling, *(row.job for row in self.rows)]:
             job.emit(Failed(RequestError("the server is shutting down", status=503)))
+
+    def _work(self) -> None:
+        """One round: admit waiting jobs, a chunk of the prompts going in, one step."""
+        try:
+            self._admit()
+        except Exception:  # a bug: no request may wait on a state that fails each step
+            log.exception("the engine failed to admit requests")
+            self._fail_waiting()
+        if self.prefilling:
+            self._prefill_chunk()
+        if self.rows:
+            self._step_or_fail_batch()
 
     def _next_commands(self) -> list[tuple[Callable, concurrent.futures.Future]] | None:
         """Waits until there is work; the commands to run before it (None: stop)."""
