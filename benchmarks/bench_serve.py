@@ -5,7 +5,9 @@ completions of a fixed prompt and a fixed output length (``ignore_eos``), each r
 drawing its adapter from N; the same load goes, one server after another and the order
 flipped every round, to:
 
-- ``loralab serve`` (continuous batching, each row its own adapter);
+- ``loralab serve`` (continuous batching, each row its own adapter, on loralab's engine);
+- ``loralab serve --engine hf`` (the same server on Transformers' forward and cache, as it
+  ran before the engine);
 - ``naive_server.py``: FastAPI and PEFT, one request at a time, ``set_adapter`` then
   ``generate`` (not streamed: its time to first token is the whole request);
 - vLLM's CPU build serving the same adapter files with its OpenAI server, from a venv of
@@ -16,7 +18,12 @@ flipped every round, to:
 Then one decoding step of 32 rows over 32 adapters is profiled in this process, against
 the time of its matrix products alone at this machine's measured speed.
 
-    python benchmarks/bench_serve.py [--quick] [--write] [--vllm-python PATH]
+``--stall`` measures instead what a long prompt costs the others: 4 clients stream
+completions (each request's tokens timed) while one client sends a prompt of
+``STALL_PROMPT`` tokens; the largest gap between two tokens of a stream while that prompt
+is prefilled, against the streams' median gap before it (a decoding step).
+
+    python benchmarks/bench_serve.py [--quick] [--write] [--vllm-python PATH] [--stall]
 """
 
 from __future__ import annotations
@@ -63,9 +70,10 @@ def free_port() -> int:
 def server_command(side: str, adapters: Path, port: int, vllm_python: Path) -> tuple[list, dict]:
     names = [f"a{i}" for i in range(max(ADAPTER_COUNTS))]
     env = dict(os.environ)
-    if side == "loralab":
+    if side in ("loralab", "loralab-hf"):
         pinned = [x for n in names for x in ("--adapter", f"{n}={adapters / n}")]
         command = [sys.executable, "-m", "loralab", "serve", "--model", MODEL, "--port", str(port)]
+        command += ["--engine", "hf" if side == "loralab-hf" else "auto"]
         return [*command, "--max-batch", str(CLIENTS), "--max-loras", str(len(names)), *pinned], env
     if side == "naive":
         command = [sys.executable, str(HERE / "naive_server.py"), "--adapter-dir", str(adapters)]
@@ -175,6 +183,113 @@ async def closed_loop(url: str, adapters: int, seconds: float, per_client: int, 
     }
 
 
+# -- a long prompt among running streams ------------------------------------------------------
+
+STALL_PROMPT = 6000  # tokens
+STALL_STREAMS = 4
+
+
+def long_prompt(tokens: int) -> str:
+    from transformers import AutoTokenizer
+
+    from loralab.models.embedded import embedded_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir(MODEL))
+    words = (PROMPT + " ") * (tokens // 10)
+    ids = tokenizer(words)["input_ids"][:tokens]
+    return tokenizer.decode(ids)
+
+
+async def stall(url: str, prompt: str) -> dict:
+    """Streams run; then the long prompt is sent; the streams' token gaps are kept with
+    their times, and the long prompt's first token's time."""
+    arrivals: list[list[float]] = []
+    done = asyncio.Event()
+    limits = httpx.Limits(max_connections=STALL_STREAMS + 4)
+    async with httpx.AsyncClient(timeout=1800, limits=limits) as http:
+
+        async def streamer(index: int) -> None:
+            body = {"model": f"a{index}", "prompt": PROMPT, "max_tokens": 64, "temperature": 0}
+            body |= {"ignore_eos": True, "stream": True}
+            while not done.is_set():
+                times: list[float] = []
+                arrivals.append(times)
+                async with http.stream("POST", url + "/v1/completions", json=body) as response:
+                    async for line in response.aiter_lines():
+                        if not line.startswith("data: {"):
+                            continue
+                        choices = json.loads(line[6:]).get("choices", [])
+                        if any(c.get("text") for c in choices):
+                            times.append(time.perf_counter())
+
+        async def long_one() -> dict:
+            await asyncio.sleep(8)  # the streams are running
+            body = {"model": "a9", "prompt": prompt, "max_tokens": 1, "temperature": 0}
+            sent = time.perf_counter()
+            response = await http.post(url + "/v1/completions", json=body)
+            response.raise_for_status()
+            finished = time.perf_counter()
+            done.set()
+            return {"sent": sent, "finished": finished, "usage": response.json()["usage"]}
+
+        streams = [asyncio.create_task(streamer(i)) for i in range(STALL_STREAMS)]
+        result = await long_one()
+        await asyncio.gather(*streams)
+    sent, finished = result["sent"], result["finished"]
+    before = [b - a for t in arrivals for a, b in itertools.pairwise(t) if b < sent]
+    during = [
+        b - a for t in arrivals for a, b in itertools.pairwise(t) if b > sent and a < finished
+    ]
+    return {
+        "prompt_tokens": result["usage"]["prompt_tokens"],
+        "prefill_s": finished - sent,
+        "step_ms": median(before) * 1e3,
+        "max_gap_ms": max(during, default=float("nan")) * 1e3,
+        "tokens_during": len(during),
+    }
+
+
+def stall_main(args) -> None:
+    loads = [load_average()]
+    prompt = long_prompt(STALL_PROMPT)
+    results = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        adapters = scratch / "adapters"
+        write_adapters(adapters, max(ADAPTER_COUNTS))
+        for side in [s for s in args.sides if s.startswith("loralab")]:
+            print(f"stall: {side}", file=sys.stderr)
+            with running(side, adapters, args.vllm_python, scratch) as url:
+                results[side] = asyncio.run(stall(url, prompt))
+    loads.append(load_average())
+    lines = [
+        "# A long prompt among running streams: `loralab serve`",
+        "",
+        f"`{command_line(__file__)}`, {now()}; {machine_line()}; load average before "
+        f"{loads[0]}, after {loads[1]}.",
+        "",
+        f"SmolLM2-135M-Instruct, fp32; {STALL_STREAMS} clients stream completions (64 tokens "
+        "each, again and again) when one more sends a prompt of "
+        f"{results[next(iter(results))]['prompt_tokens']} tokens (1 new token). *step*: the "
+        "streams' median gap between tokens before it; *largest gap*: the largest gap of a "
+        "stream while it is prefilled.",
+        "",
+        "| server | long prompt's time (s) | step (ms) | largest gap (ms) | gap / step | "
+        "stream tokens meanwhile |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for side, r in results.items():
+        name = "`loralab serve`" if side == "loralab" else "`loralab serve --engine hf`"
+        lines.append(
+            f"| {name} | {r['prefill_s']:.1f} | {r['step_ms']:.0f} | {r['max_gap_ms']:.0f} | "
+            f"{r['max_gap_ms'] / r['step_ms']:.1f} | {r['tokens_during']} |"
+        )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.write:
+        (HERE / "results_serve_stall.md").write_text(text)
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -196,7 +311,7 @@ def measure_side(side: str, url: str, seconds: float, per_client: int) -> dict:
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
 
 
-def profile_step(adapters: Path, steps: int = 8) -> dict:
+def profile_step(adapters: Path, side: str, steps: int = 8) -> dict:
     """One decoding step of 32 rows over 32 adapters inside the engine, and the time its
     matrix products take alone (each shape re-run by itself at this machine's speed)."""
     import torch
@@ -214,12 +329,13 @@ def profile_step(adapters: Path, steps: int = 8) -> dict:
     pool = AdapterPool(model, MODEL, CLIENTS, adapters, metrics)
     for i in range(CLIENTS):
         pool.add_pinned(f"a{i}", adapters / f"a{i}")
-    engine = Engine(model, tokenizer, pool, metrics, max_batch=CLIENTS)
+    engine = Engine(model, tokenizer, pool, metrics, max_batch=CLIENTS, engine=side)
     prompt = tokenizer(PROMPT)["input_ids"]
     for i in range(CLIENTS):
-        job = Job(list(prompt), f"a{i}", 4 * steps + 8, Sampling(temperature=0), (), lambda e: None)
+        job = Job(list(prompt), f"a{i}", 8 * steps + 8, Sampling(temperature=0), (), lambda e: None)
         engine.submit(job)
-    engine._admit()  # the engine's own methods, on this thread: nothing else runs
+    while len(engine.rows) < CLIENTS:  # the engine's own methods, on this thread
+        engine._work()
     for _ in range(3):
         engine._step()
     times = []
@@ -243,9 +359,11 @@ def profile_step(adapters: Path, steps: int = 8) -> dict:
     flops = sum(
         matmul_flops(e.key, e.input_shapes) * e.count / steps for e in events if e.key in MATMULS
     )
+    rows = engine.engine_rows
     return {
+        "side": side,
         "rows": CLIENTS,
-        "width": engine.cache.width,
+        "width": max(rows.lengths) if rows is not None else engine.cache.width,
         "step_ms": median(times),
         "profiled_ms": total,
         "matmul_ms": in_matmuls,
@@ -346,20 +464,23 @@ def report(results: dict, profile_figures: dict, settings: str, loads: tuple) ->
         f"- loralab over {top} adapters / over {low}: "
         f"{ours[top]['tokens_per_s'] / ours[low]['tokens_per_s']:.2f}×"
     )
-    p = profile_figures
-    lines += [
-        "",
-        f"One decoding step of {p['rows']} rows over {p['rows']} adapters (cache width "
-        f"{p['width']}), in the engine: {p['step_ms']:.1f} ms (median of the timed steps; "
-        f"{p['profiled_ms']:.1f} ms under the profiler). Its matrix products are "
-        f"{p['gflop']:.2f} GFLOP: {p['matmul_ms']:.1f} ms inside the step, "
-        f"{p['matmul_alone_ms']:.1f} ms when each shape runs alone "
-        f"({p['gflop'] / p['matmul_alone_ms'] * 1e3:.0f} GFLOP/s): the step is "
-        f"{p['step_ms'] / p['matmul_alone_ms']:.2f}× its products' time alone.",
-        "",
-        "Where the profiled step goes (self time, ms): "
-        + ", ".join(f"`{k}` {v:.1f}" for k, v in p["top"]),
-    ]
+    for p in profile_figures:
+        name = (
+            "loralab's engine" if p["side"] == "engine" else "Transformers' forward (`--engine hf`)"
+        )
+        lines += [
+            "",
+            f"One decoding step of {p['rows']} rows over {p['rows']} adapters (cache width "
+            f"{p['width']}), on {name}: {p['step_ms']:.1f} ms (median of the timed steps; "
+            f"{p['profiled_ms']:.1f} ms under the profiler). Its matrix products are "
+            f"{p['gflop']:.2f} GFLOP: {p['matmul_ms']:.1f} ms inside the step, "
+            f"{p['matmul_alone_ms']:.1f} ms when each shape runs alone "
+            f"({p['gflop'] / p['matmul_alone_ms'] * 1e3:.0f} GFLOP/s): the step is "
+            f"{p['step_ms'] / p['matmul_alone_ms']:.2f}× its products' time alone.",
+            "",
+            "Where the profiled step goes (self time, ms): "
+            + ", ".join(f"`{k}` {v:.1f}" for k, v in p["top"]),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -371,10 +492,13 @@ def main() -> None:
     parser.add_argument(
         "--sides",
         nargs="+",
-        default=["loralab", "naive", "vllm"],
-        choices=["loralab", "naive", "vllm"],
+        default=["loralab", "loralab-hf", "naive", "vllm"],
+        choices=["loralab", "loralab-hf", "naive", "vllm"],
     )
+    parser.add_argument("--stall", action="store_true", help="a long prompt among streams, instead")
     args = parser.parse_args()
+    if args.stall:
+        return stall_main(args)
     seconds, per_client, rounds = (10, 3, 1) if args.quick else (40, 6, 2)
     sides = list(args.sides)
     if "vllm" in sides and not args.vllm_python.exists():
@@ -394,7 +518,7 @@ def main() -> None:
                 with running(side, adapters, args.vllm_python, scratch) as url:
                     this_round[side] = measure_side(side, url, seconds, per_client)
             measured.append({s: this_round[s] for s in sides})
-        profile_figures = profile_step(adapters)
+        profile_figures = [profile_step(adapters, side) for side in ("engine", "hf")]
     loads.append(load_average())
     settings = f"at most {per_client} requests a client and {seconds} s a case, {rounds} round(s)"
     text = report(summarize(measured), profile_figures, settings, tuple(loads))
