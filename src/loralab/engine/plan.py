@@ -119,7 +119,10 @@ def _projection_reason(module: nn.Module, row_adapters) -> str | None:
         return None
     if type(module) is not LoraLinear:
         return f"a {type(module).__name__}; the fast step reads plain LoRA layers only"
-    used = set(module.lora) if row_adapters is not None else {module.active_adapter} - {None}
+    if row_adapters is not None:
+        used = set(row_adapters) & set(module.lora)
+    else:
+        used = {module.active_adapter} - {None}
     for name in used:
         if name in module.merged and row_adapters is not None:
             return f"adapter {name!r} is merged (it would apply to every row)"

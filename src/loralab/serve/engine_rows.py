@@ -3,12 +3,14 @@ values in one cache where each row sits at its own position (no left padding), a
 prompts being prefilled in a second, small one, a chunk at a time between two decoding
 steps, so that a long prompt never stalls the running streams.
 
-A prompt's chunk is sized to take about as long as ``CHUNK_STEPS`` decoding steps (both
-times measured as the server runs), so the other streams wait at most about that many
-steps more for their next token; with no stream running, a prompt goes in chunks of
-``MAX_CHUNK``. A prompt that is done moves into the running rows (one copy of its keys and
-values); a row that leaves is replaced by the last one (one row's copy), so the running
-rows stay the first rows of the cache and a step reads them as views.
+A prompt's chunk is sized to take about as long as ``CHUNK_STEPS`` decoding steps: after
+each chunk its size is scaled by the ratio of that target to the time it took (a chunk's
+cost grows with its position, as its attention reads more keys), so the other streams
+wait at most about that many steps more for their next token; with no stream running, a
+prompt goes in chunks of ``MAX_CHUNK``. Each prompt has a cache of its own, of its length
+(no copy as it grows); when it is done it moves into the running rows (one copy of its
+keys and values), and a row that leaves is replaced by the last one (one row's copy), so
+the running rows stay the first rows of the cache and a step reads them as views.
 
 Each row runs its own adapter: the rows' factors are gathered into the step's inputs when
 the rows change (``Runner.plan``), never per step.
@@ -30,8 +32,8 @@ log = logging.getLogger("loralab.serve")
 MAX_CHUNK = 512  # prompt tokens per prefill forward when no stream is waiting
 MIN_CHUNK = 16
 CHUNK_STEPS = 2.0  # a chunk's time, in decoding steps
-PREFILL_ROWS = 4  # prompts prefilled side by side (their cache's rows)
-_START_LENGTH = 256  # positions a cache starts with; it doubles as requests need
+PREFILL_ROWS = 4  # prompts prefilled side by side, each in a cache of its own
+_START_LENGTH = 256  # positions the rows' cache starts with; it doubles as rows need
 
 
 @dataclass
@@ -40,8 +42,8 @@ class Prompt:
 
     tokens: list[int]
     adapter: str | None
+    runner: Runner = field(repr=False)  # its own cache, of its length
     done: int = 0
-    slot: int = -1
     logits: Tensor | None = field(default=None, repr=False)  # its last token's, when done
 
     @property
@@ -57,13 +59,12 @@ class EngineRows:
         self.device = model.get_input_embeddings().weight.device
         self.max_rows = max_rows
         self.rows = Runner(model, 1, _START_LENGTH)
-        self.prompts_cache = Runner(model, PREFILL_ROWS, _START_LENGTH)
         self.adapters: list[str | None] = []
         self.lengths: list[int] = []  # each running row's positions in the cache
         self.prompts: list[Prompt] = []
         self._plan: RowsPlan | None = None
         self.step_s = 0.0  # a decoding step's time (moving average)
-        self.token_s = 0.0  # a prompt token's prefill time (moving average)
+        self.chunk_tokens = MIN_CHUNK  # the next chunk's size while streams run
 
     def __len__(self) -> int:
         return len(self.adapters)
@@ -73,8 +74,7 @@ class EngineRows:
     prompt_rows = PREFILL_ROWS
 
     def start(self, tokens: list[int], adapter: str | None) -> Prompt:
-        free = sorted(set(range(PREFILL_ROWS)) - {p.slot for p in self.prompts})
-        prompt = Prompt(tokens, adapter, slot=free[0])
+        prompt = Prompt(tokens, adapter, Runner(self.model, 1, len(tokens)))
         self.prompts.append(prompt)
         return prompt
 
@@ -82,10 +82,8 @@ class EngineRows:
         self.prompts.remove(prompt)
 
     def chunk(self) -> int:
-        """Prompt tokens the next prefill forward takes (over all prompts)."""
-        if not self.adapters or self.token_s == 0:
-            return MAX_CHUNK
-        return int(min(MAX_CHUNK, max(MIN_CHUNK, CHUNK_STEPS * self.step_s / self.token_s)))
+        """Prompt tokens the next prefill round takes (over all prompts)."""
+        return self.chunk_tokens if self.adapters else MAX_CHUNK
 
     def prefill(self) -> tuple[list[Prompt], list[Prompt]]:
         """One chunk of the prompts' next tokens, oldest first: the prompts now complete
@@ -108,20 +106,19 @@ class EngineRows:
                 continue
             if prompt.finished:
                 complete.append(prompt)
-        if parts and not failed:
+        if parts and self.adapters and self.step_s > 0:  # toward CHUNK_STEPS steps a round
             spent = time.perf_counter() - started
-            self.token_s = _average(self.token_s, spent / sum(take for _, take in parts))
+            scaled = self.chunk() * CHUNK_STEPS * self.step_s / max(spent, 1e-6)
+            self.chunk_tokens = int(min(MAX_CHUNK, max(MIN_CHUNK, scaled)))
         return complete, failed
 
     def _prefill(self, prompt: Prompt, take: int) -> None:
-        runner = self.prompts_cache
-        runner.grow(PREFILL_ROWS, _room(prompt.done + take))
-        tokens = torch.tensor([prompt.tokens[prompt.done : prompt.done + take]])
-        positions = torch.arange(prompt.done, prompt.done + take)[None]
+        runner = prompt.runner
+        span = prompt.tokens[prompt.done : prompt.done + take]
+        tokens = torch.tensor([span], device=self.device)
+        positions = torch.arange(prompt.done, prompt.done + take, device=self.device)[None]
         plan = runner.plan([prompt.adapter])
-        hidden = runner.forward(
-            plan, tokens.to(self.device), positions.to(self.device), first=prompt.slot
-        )
+        hidden = runner.forward(plan, tokens, positions)
         prompt.done += take
         if prompt.finished:
             prompt.logits = runner.logits(plan, hidden[:, -1])[0]
@@ -130,10 +127,10 @@ class EngineRows:
         """A complete prompt becomes the last running row (its keys and values copied)."""
         row, length = len(self.adapters), len(prompt.tokens)
         self.rows.grow(_room(row + 1, self.max_rows), _room(length + 1))
-        source, target = self.prompts_cache.cache, self.rows.cache
+        source, target = prompt.runner.cache, self.rows.cache
         for mine, theirs in ((target.keys, source.keys), (target.values, source.values)):
             for into, out in zip(mine, theirs, strict=True):
-                into[row, :, :length] = out[prompt.slot, :, :length]
+                into[row, :, :length] = out[0, :, :length]
         self.prompts.remove(prompt)
         self.adapters.append(prompt.adapter)
         self.lengths.append(length)
