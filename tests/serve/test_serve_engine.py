@@ -118,11 +118,13 @@ def test_a_failed_step_fails_its_batch_and_the_engine_goes_on(
     owner = engine.model if kind == "hf" else engine.engine_rows
     forward = owner.forward if kind == "hf" else owner.step
     calls = {"n": 0}
-    first_step = 3 if kind == "hf" else 1  # Transformers' forward runs the two prefills too
+    # The step with both rows: Transformers' forward runs their prefill (one) first; the
+    # engine prefills one prompt a round, each followed by a step.
+    first_step = 2
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == first_step:  # a decoding step, after two prefills
+        if calls["n"] == first_step:
             raise RuntimeError("boom")
         return forward(*args, **kwargs)
 

@@ -1,7 +1,7 @@
 """The server's rows on loralab's engine (``engine/``): the running requests' keys and
 values in one cache where each row sits at its own position (no left padding), and the
-prompts being prefilled in a second, small one, a chunk at a time between two decoding
-steps, so that a long prompt never stalls the running streams.
+prompts being prefilled, a chunk of one prompt between two decoding steps (the prompts
+take turns), so that a long prompt never stalls the running streams.
 
 A prompt's chunk is sized to take about as long as ``CHUNK_STEPS`` decoding steps: after
 each chunk its size is scaled by the ratio of that target to the time it took (a chunk's
@@ -82,35 +82,42 @@ class EngineRows:
         self.prompts.remove(prompt)
 
     def chunk(self) -> int:
-        """Prompt tokens the next prefill round takes (over all prompts)."""
+        """Prompt tokens the next prefill round may take."""
         return self.chunk_tokens if self.adapters else MAX_CHUNK
 
     def prefill(self) -> tuple[list[Prompt], list[Prompt]]:
-        """One chunk of the prompts' next tokens, oldest first: the prompts now complete
-        (with their last token's logits), and those whose forward failed (dropped)."""
-        budget, parts = self.chunk(), []
-        for prompt in self.prompts:
-            take = min(len(prompt.tokens) - prompt.done, max(budget, 0))
-            if take > 0:
-                parts.append((prompt, take))
-                budget -= take
+        """One chunk of one prompt (the prompts take turns, so a short one never waits
+        for a long one to finish): the prompts now complete (with their last token's
+        logits), and those whose forward failed (dropped)."""
+        if not self.prompts:
+            return [], []
+        prompt = self.prompts[0]
+        budget = self.chunk()
+        take = min(len(prompt.tokens) - prompt.done, budget)
         started = time.perf_counter()
-        complete, failed = [], []
-        for prompt, take in parts:  # each alone: its own row of the cache, its own adapter
-            try:
-                self._prefill(prompt, take)
-            except Exception:
-                log.exception("prefilling a prompt failed")
-                failed.append(prompt)
-                self.drop(prompt)
-                continue
-            if prompt.finished:
-                complete.append(prompt)
-        if parts and self.adapters and self.step_s > 0:  # toward CHUNK_STEPS steps a round
-            spent = time.perf_counter() - started
-            scaled = self.chunk() * CHUNK_STEPS * self.step_s / max(spent, 1e-6)
-            self.chunk_tokens = int(min(MAX_CHUNK, max(MIN_CHUNK, scaled)))
-        return complete, failed
+        try:
+            self._prefill(prompt, take)
+        except Exception:
+            log.exception("prefilling a prompt failed")
+            self.drop(prompt)
+            return [], [prompt]
+        spent = time.perf_counter() - started
+        if self.adapters and self.step_s > 0:
+            self._steer(take, budget, spent)
+        if prompt.finished:
+            return [prompt], []
+        self.prompts.append(self.prompts.pop(0))  # its next chunk after the others' turns
+        return [], []
+
+    def _steer(self, take: int, budget: int, spent: float) -> None:
+        """Size the next chunk so that a round takes ``CHUNK_STEPS`` steps: scaled by the
+        ratio of that target to this chunk's time (grown only after a full chunk: a short
+        prompt says nothing about a longer chunk's time)."""
+        target = CHUNK_STEPS * self.step_s
+        if take < budget and spent < target:
+            return
+        scaled = take * target / max(spent, 1e-6)
+        self.chunk_tokens = int(min(MAX_CHUNK, max(MIN_CHUNK, scaled)))
 
     def _prefill(self, prompt: Prompt, take: int) -> None:
         runner = prompt.runner
