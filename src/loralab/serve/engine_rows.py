@@ -31,7 +31,7 @@ log = logging.getLogger("loralab.serve")
 
 MAX_CHUNK = 512  # prompt tokens per prefill forward when no stream is waiting
 MIN_CHUNK = 16
-CHUNK_STEPS = 2.0  # a chunk's time, in decoding steps
+CHUNK_STEPS = 1.5  # a chunk's time, in decoding steps (a round: the chunk and a step)
 PREFILL_ROWS = 4  # prompts prefilled side by side, each in a cache of its own
 _START_LENGTH = 256  # positions the rows' cache starts with; it doubles as rows need
 
