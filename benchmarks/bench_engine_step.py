@@ -1,13 +1,23 @@
-"""One decoding step of loralab's engine, eager against ``torch.compile``d: SmolLM2-135M
-with one unmerged LoRA (r = 8 on q, k, v, o), one row at position 32, the live length 64,
-the greedy token out. What compiling the step would buy before the engine does it (the
-compile time is printed too); the sides alternate, two rounds of 30 steps each.
+"""One decoding step of loralab's engine, and what would make it faster: SmolLM2-135M with
+one unmerged LoRA (r = 8 on q, k, v, o), R rows at position 32 (live length 64), the
+greedy token out, timed as
 
-    python benchmarks/bench_engine_step.py
+- the model's own modules (``engine/llama.py``, eager);
+- the fast step over the model's tensors (``engine/step.py``, eager: what the engine runs);
+- the fast step ``torch.compile``d for this one shape (``dynamic=False``), with its
+  compile time: the gain a compiled step would bring, and its price;
+- the step's matrix products alone (each product of the step re-run by itself, same
+  shapes and weights): the floor for this arithmetic, which no eager or compiled step
+  beats.
+
+The sides alternate, two rounds of 30 steps each.
+
+    python benchmarks/bench_engine_step.py [--rows 1 8] [--no-compile]
 """
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import torch
@@ -17,39 +27,104 @@ STEPS = 30
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--no-compile", action="store_true")
+    args = parser.parse_args()
     from loralab import LoraConfig, inject_adapter
-    from loralab.engine import llama
     from loralab.models.loading import load_model
 
+    torch.set_grad_enabled(False)
     model, _ = load_model("smollm2-135m")
     inject_adapter(model, LoraConfig(r=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-    cache = llama.new_cache(model, 1, 512)
+    generator = torch.Generator().manual_seed(0)
+    for name, parameter in model.named_parameters():
+        if ".lora." in name:
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
+    print(f"{now()}; {machine_line()}")
+    for rows in args.rows:
+        measure(model, rows, not args.no_compile)
 
-    def step(token: torch.Tensor, position: torch.Tensor, live: int) -> torch.Tensor:
-        hidden = llama.forward(model, cache, token, position, live)
-        return model.lm_head(hidden[:, 0]).argmax(-1)
 
-    compiled = torch.compile(step, dynamic=False)
-    token, position = torch.tensor([[5]]), torch.tensor([[32]])
-    times: dict[str, list[float]] = {"eager": [], "compiled": []}
-    with torch.no_grad():
-        llama.forward(model, cache, torch.arange(1, 33)[None], torch.arange(32)[None])
+def measure(model, rows: int, compile_too: bool) -> None:
+    from loralab.engine import step
+    from loralab.engine.runner import Runner
+    from loralab.engine.sampling import choose
+
+    runner = Runner(model, rows, 512)
+    plan = runner.plan()
+    modules = runner.plan()
+    modules.layers, modules.reason = None, "for comparison"
+    zeros, ones = torch.zeros(rows), torch.ones(rows)
+    prompt = torch.arange(1, 33).expand(rows, 32)
+    runner.forward(plan, prompt, torch.arange(32).expand(rows, 32))
+
+    def stepper(rows_plan):
+        return lambda t, p: runner.decode_step(rows_plan, t, p, zeros, ones, zeros)
+
+    def fast_step(token, position, live):
+        hidden = step.forward(
+            model, plan.layers, runner.cache, token[:, None], position[:, None],
+            runner.rotary, live,
+        )  # fmt: skip
+        return choose(model.lm_head(hidden[:, 0]), zeros, ones, zeros)
+
+    sides = {"modules (eager)": stepper(modules), "fast step (eager)": stepper(plan)}
+    compile_s = None
+    if compile_too:
+        compiled = torch.compile(fast_step, dynamic=False)
         start = time.perf_counter()
-        compiled(token, position, 64)
+        compiled(torch.full((rows,), 5), torch.full((rows,), 32), 64)
         compile_s = time.perf_counter() - start
-        for name, run in [("eager", step), ("compiled", compiled)] * 2:
+        sides["fast step (compiled)"] = lambda t, p: compiled(t, p, 64)
+    token = torch.full((rows,), 5)
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(2):
+        for name, run in sides.items():
             for i in range(3):  # warm-up
-                run(token, position + i, 64)
+                run(token, torch.full((rows,), 32 + i))
             start = time.perf_counter()
             for i in range(STEPS):
-                run(token, position + i, 64)
+                run(token, torch.full((rows,), 32 + i))
             times[name].append((time.perf_counter() - start) / STEPS * 1e3)
-    eager, fast = median(times["eager"]), median(times["compiled"])
-    print(f"{now()}; {machine_line()}")
-    print(
-        f"one step, one row: eager {eager:.1f} ms, compiled {fast:.1f} ms "
-        f"({eager / fast:.2f}× faster); compiling took {compile_s:.0f} s"
-    )
+    floor = _products_alone(model, plan.layers, rows)
+    print(f"\n{rows} row(s):")
+    for name, values in times.items():
+        print(f"  {name}: {median(values):.1f} ms ({median(values) / floor:.2f}× its products)")
+    print(f"  its matrix products alone: {floor:.1f} ms")
+    if compile_s is not None:
+        print(f"  compiling the step for this shape took {compile_s:.0f} s")
+
+
+def _products_alone(model, layers, rows: int) -> float:
+    """The time of the step's matrix products, each run alone on its own weights."""
+    x = {}
+    products = []
+    for plan in layers:
+        for group in (plan.qkv, plan.o, plan.gate_up, plan.down):
+            width = group.weights[0].shape[1]
+            x.setdefault(width, torch.randn(rows, width))
+            products += [(width, w) for w in group.weights]
+            if group.update is not None:
+                products.append((width, group.update.A))
+                products.append((group.update.A.shape[0], group.update.Bt.T))
+    head = model.lm_head.weight
+    products.append((head.shape[1], head))
+    for width, _ in products:
+        x.setdefault(width, torch.randn(rows, width))
+
+    def run() -> None:
+        for width, weight in products:
+            torch.mm(x[width], weight.T)
+
+    for _ in range(3):
+        run()
+    times = []
+    for _ in range(10):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return median(times) * 1e3
 
 
 if __name__ == "__main__":

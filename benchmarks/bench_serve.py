@@ -360,7 +360,23 @@ def profile_step(adapters: Path, side: str, steps: int = 8) -> dict:
         matmul_flops(e.key, e.input_shapes) * e.count / steps for e in events if e.key in MATMULS
     )
     rows = engine.engine_rows
+    memory = ""
+    if rows is not None:  # the engine's own memory beside the weights
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        factors = sum(
+            t.numel() * t.element_size()
+            for layer in rows._plan.layers
+            for group in (layer.qkv, layer.o, layer.gate_up, layer.down)
+            if group.update is not None
+            for t in (group.update.A, group.update.Bt)
+        )
+        memory = (
+            f"weights {weights / 2**20:.0f} MiB, KV cache {rows.rows.cache.nbytes() / 2**20:.0f} "
+            f"MiB ({rows.rows.cache.rows} rows × {rows.rows.cache.length} positions), the rows' "
+            f"gathered factors {factors / 2**20:.1f} MiB"
+        )
     return {
+        "memory": memory,
         "side": side,
         "rows": CLIENTS,
         "width": max(rows.lengths) if rows is not None else engine.cache.width,
@@ -481,6 +497,8 @@ def report(results: dict, profile_figures: dict, settings: str, loads: tuple) ->
             "Where the profiled step goes (self time, ms): "
             + ", ".join(f"`{k}` {v:.1f}" for k, v in p["top"]),
         ]
+        if p["memory"]:
+            lines += ["", f"The engine's memory: {p['memory']}."]
     return "\n".join(lines) + "\n"
 
 
