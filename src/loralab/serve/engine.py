@@ -259,10 +259,6 @@ class Engine:
         for job in candidates:
             if len(self.rows) + len(self.prefilling) + len(chosen) >= self.max_batch:
                 break
-            if self.engine_rows is not None and (
-                len(self.prefilling) + len(chosen) >= self.engine_rows.prompt_rows
-            ):
-                break
             if starving and not self.pool.is_pinned(job.adapter):
                 continue
             if not self.pool.is_resident(job.adapter):

@@ -1,16 +1,18 @@
 """The server's rows on loralab's engine (``engine/``): the running requests' keys and
 values in one cache where each row sits at its own position (no left padding), and the
-prompts being prefilled, a chunk of one prompt between two decoding steps (the prompts
-take turns), so that a long prompt never stalls the running streams.
+prompts being prefilled between two decoding steps, a round's worth at a time, so that a
+long prompt never stalls the running streams.
 
-A prompt's chunk is sized to take about as long as ``CHUNK_STEPS`` decoding steps: after
-each chunk its size is scaled by the ratio of that target to the time it took (a chunk's
-cost grows with its position, as its attention reads more keys), so the other streams
-wait at most about that many steps more for their next token; with no stream running, a
-prompt goes in chunks of ``MAX_CHUNK``. Each prompt has a cache of its own, of its length
-(no copy as it grows); when it is done it moves into the running rows (one copy of its
-keys and values), and a row that leaves is replaced by the last one (one row's copy), so
-the running rows stay the first rows of the cache and a step reads them as views.
+A round takes prompt tokens for about ``CHUNK_STEPS`` decoding steps: after each round
+its size is scaled by the ratio of that target to the time it took (a chunk's cost grows
+with its position, as its attention reads more keys), so the other streams wait at most
+about that many steps more for their next token; with no stream running, a round takes
+``MAX_CHUNK`` tokens. The prompts that fit a round whole go in together, in one forward;
+one that does not goes a chunk a round (every other round at least) in a cache of its
+own, of its length (no copy as it grows). A complete prompt moves into the running rows
+(one copy of its keys and values), and a row that leaves is replaced by the last one (one
+row's copy), so the running rows stay the first rows of the cache and a step reads them
+as views.
 
 Each row runs its own adapter: the rows' factors are gathered into the step's inputs when
 the rows change (``Runner.plan``), never per step.
@@ -32,19 +34,24 @@ log = logging.getLogger("loralab.serve")
 MAX_CHUNK = 512  # prompt tokens per prefill forward when no stream is waiting
 MIN_CHUNK = 16
 CHUNK_STEPS = 1.5  # a chunk's time, in decoding steps (a round: the chunk and a step)
-PREFILL_ROWS = 4  # prompts prefilled side by side, each in a cache of its own
 _START_LENGTH = 256  # positions the rows' cache starts with; it doubles as rows need
 
 
 @dataclass
 class Prompt:
-    """A prompt being prefilled: its tokens, adapter, and how many are in the cache."""
+    """A prompt being prefilled: its tokens, adapter, how many are in a cache, and which
+    cache (its own while it goes in chunks; a round's shared one when it went whole)."""
 
     tokens: list[int]
     adapter: str | None
-    runner: Runner = field(repr=False)  # its own cache, of its length
     done: int = 0
+    runner: Runner | None = field(default=None, repr=False)
+    row: int = 0  # its row in ``runner``'s cache
     logits: Tensor | None = field(default=None, repr=False)  # its last token's, when done
+
+    @property
+    def remaining(self) -> int:
+        return len(self.tokens) - self.done
 
     @property
     def finished(self) -> bool:
@@ -64,17 +71,16 @@ class EngineRows:
         self.prompts: list[Prompt] = []
         self._plan: RowsPlan | None = None
         self.step_s = 0.0  # a decoding step's time (moving average)
-        self.chunk_tokens = MIN_CHUNK  # the next chunk's size while streams run
+        self.chunk_tokens = MIN_CHUNK  # the next round's prompt tokens while streams run
+        self._long_turn = False  # a long prompt's chunk comes every other round at least
 
     def __len__(self) -> int:
         return len(self.adapters)
 
     # -- prompts ---------------------------------------------------------------------------
 
-    prompt_rows = PREFILL_ROWS
-
     def start(self, tokens: list[int], adapter: str | None) -> Prompt:
-        prompt = Prompt(tokens, adapter, Runner(self.model, 1, len(tokens)))
+        prompt = Prompt(tokens, adapter)
         self.prompts.append(prompt)
         return prompt
 
@@ -86,32 +92,44 @@ class EngineRows:
         return self.chunk_tokens if self.adapters else MAX_CHUNK
 
     def prefill(self) -> tuple[list[Prompt], list[Prompt]]:
-        """One chunk of one prompt (the prompts take turns, so a short one never waits
-        for a long one to finish): the prompts now complete (with their last token's
-        logits), and those whose forward failed (dropped)."""
+        """One round: the waiting prompts that fit the round's tokens whole, in one forward
+        together, oldest first; or one chunk of the oldest prompt that does not fit, in
+        a cache of its own (every other round at least, so short prompts never wait for
+        a long one and a long one is never starved). The prompts now complete (with their
+        last token's logits), and those whose forward failed (dropped)."""
         if not self.prompts:
             return [], []
-        prompt = self.prompts[0]
         budget = self.chunk()
-        take = min(len(prompt.tokens) - prompt.done, budget)
+        whole, left = [], budget
+        for prompt in self.prompts:
+            if prompt.done == 0 and prompt.remaining <= left:
+                whole.append(prompt)
+                left -= prompt.remaining
+        longs = [p for p in self.prompts if p not in whole]
+        chunked = longs[0] if longs and (self._long_turn or not whole) else None
+        self._long_turn = chunked is None and bool(longs)
         started = time.perf_counter()
+        parts = whole if chunked is None else [chunked]
+        take = (
+            sum(p.remaining for p in whole) if chunked is None else min(chunked.remaining, budget)
+        )
         try:
-            self._prefill(prompt, take)
+            if chunked is None:
+                self._prefill_together(whole)
+            else:
+                self._prefill_chunk(chunked, take)
         except Exception:
-            log.exception("prefilling a prompt failed")
-            self.drop(prompt)
-            return [], [prompt]
-        spent = time.perf_counter() - started
+            log.exception("prefilling failed")
+            for prompt in parts:
+                self.drop(prompt)
+            return [], parts
         if self.adapters and self.step_s > 0:
-            self._steer(take, budget, spent)
-        if prompt.finished:
-            return [prompt], []
-        self.prompts.append(self.prompts.pop(0))  # its next chunk after the others' turns
-        return [], []
+            self._steer(take, budget, time.perf_counter() - started)
+        return [p for p in parts if p.finished], []
 
     def _steer(self, take: int, budget: int, spent: float) -> None:
-        """Size the next chunk so that a round takes ``CHUNK_STEPS`` steps: scaled by the
-        ratio of that target to this chunk's time (grown only after a full chunk: a short
+        """Size the next round so that it takes ``CHUNK_STEPS`` steps: scaled by the ratio
+        of that target to this round's time (grown only after a full round: a short
         prompt says nothing about a longer chunk's time)."""
         target = CHUNK_STEPS * self.step_s
         if take < budget and spent < target:
@@ -119,7 +137,25 @@ class EngineRows:
         scaled = take * target / max(spent, 1e-6)
         self.chunk_tokens = int(min(MAX_CHUNK, max(MIN_CHUNK, scaled)))
 
-    def _prefill(self, prompt: Prompt, take: int) -> None:
+    def _prefill_together(self, prompts: list[Prompt]) -> None:
+        """Whole prompts in one forward, right-padded, each row at its own positions."""
+        longest = max(len(p.tokens) for p in prompts)
+        runner = Runner(self.model, len(prompts), longest)
+        tokens = torch.zeros(len(prompts), longest, dtype=torch.long, device=self.device)
+        for row, prompt in enumerate(prompts):
+            tokens[row, : len(prompt.tokens)] = torch.tensor(prompt.tokens, device=self.device)
+        positions = torch.arange(longest, device=self.device).expand(len(prompts), longest)
+        plan = runner.plan([p.adapter for p in prompts])
+        hidden = runner.forward(plan, tokens, positions)
+        last = torch.tensor([len(p.tokens) - 1 for p in prompts], device=self.device)
+        logits = runner.logits(plan, hidden[torch.arange(len(prompts)), last])
+        for row, prompt in enumerate(prompts):
+            prompt.runner, prompt.row, prompt.done = runner, row, len(prompt.tokens)
+            prompt.logits = logits[row]
+
+    def _prefill_chunk(self, prompt: Prompt, take: int) -> None:
+        if prompt.runner is None:
+            prompt.runner = Runner(self.model, 1, len(prompt.tokens))
         runner = prompt.runner
         span = prompt.tokens[prompt.done : prompt.done + take]
         tokens = torch.tensor([span], device=self.device)
@@ -137,7 +173,7 @@ class EngineRows:
         source, target = prompt.runner.cache, self.rows.cache
         for mine, theirs in ((target.keys, source.keys), (target.values, source.values)):
             for into, out in zip(mine, theirs, strict=True):
-                into[row, :, :length] = out[0, :, :length]
+                into[row, :, :length] = out[prompt.row, :, :length]
         self.prompts.remove(prompt)
         self.adapters.append(prompt.adapter)
         self.lengths.append(length)
