@@ -212,50 +212,65 @@ def _stacked(pairs: list[tuple[Tensor, Tensor] | None], widths: tuple[int, ...])
     return LowRank(torch.cat(As), torch.cat(Bts))
 
 
-# Per layer group: the stacked factors of each adapter, rebuilt only when an adapter's
-# tensors change (their version counters: hot-swaps, optimizer steps) or are replaced.
+# Per layer group: the bank of every adapter on it (each adapter's stacked group factors,
+# ranks padded to the largest, entry 0 the bare base's zeros), rebuilt only when its
+# adapters or their tensors change (version counters: hot-swaps, optimizer steps; the
+# factors themselves: an adapter deleted and loaded again). Any mix of rows is then one
+# ``index_select`` per tensor, whatever rows asked for before.
 _BANKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _row_update(
     modules: list[nn.Module], widths: tuple[int, ...], rows: list[str | None]
 ) -> LowRank | None:
-    names = sorted({r for r in rows if r is not None})
-    stacks = {name: _adapter_stack(modules, widths, name) for name in names}
-    if all(stack is None for stack in stacks.values()):
+    names = tuple(sorted({n for m in modules if isinstance(m, LoraLayer) for n in m.lora}))
+    if not {r for r in rows if r is not None} & set(names):
+        return None  # no row adapts this group
+    bank = _bank(modules, widths, names)
+    if bank is None:
         return None
-    present = [s for s in stacks.values() if s is not None]
-    rank = max(s.A.shape[0] for s in present)
-    A0, Bt0 = present[0].A, present[0].Bt
-    zero_a = A0.new_zeros(rank, A0.shape[1])
-    zero_bt = Bt0.new_zeros(rank, Bt0.shape[1])
-    As, Bts = [], []
-    for row in rows:
-        stack = stacks.get(row) if row is not None else None
-        if stack is None:  # the bare base, or an adapter without this group
-            As.append(zero_a)
-            Bts.append(zero_bt)
-            continue
-        pad = rank - stack.A.shape[0]  # zero rows change no product
-        As.append(F.pad(stack.A, (0, 0, 0, pad)))
-        Bts.append(F.pad(stack.Bt, (0, 0, 0, pad)))
-    return LowRank(torch.stack(As), torch.stack(Bts))
+    where = {name: i + 1 for i, name in enumerate(names)}
+    index = torch.tensor([where.get(r, 0) for r in rows], device=bank.A.device)
+    return LowRank(bank.A.index_select(0, index), bank.Bt.index_select(0, index))
 
 
-def _adapter_stack(modules: list[nn.Module], widths: tuple[int, ...], name: str) -> LowRank | None:
+def _bank(modules: list[nn.Module], widths: tuple[int, ...], names: tuple[str, ...]):
     factors = [
-        m.lora[name] if isinstance(m, LoraLayer) and name in m.lora else None for m in modules
+        [m.lora[n] if isinstance(m, LoraLayer) and n in m.lora else None for m in modules]
+        for n in names
     ]
-    if all(f is None for f in factors):
-        return None
-    key = tuple(
-        None if f is None else (weakref.ref(f), f.A._version, f.B._version, f.scale)
-        for f in factors
+    key = (
+        names,
+        tuple(
+            None if f is None else (weakref.ref(f), f.A._version, f.B._version, f.scale)
+            for group in factors
+            for f in group
+        ),
     )
-    anchor = next(f for f in factors if f is not None)
-    cached = _BANKS.get(anchor, {}).get(tuple(id(m) for m in modules))
+    cached = _BANKS.get(modules[0])
     if cached is not None and cached[0] == key:
         return cached[1]
-    stack = _stacked([None if f is None else f.low_rank() for f in factors], widths)
-    _BANKS.setdefault(anchor, {})[tuple(id(m) for m in modules)] = (key, stack)
-    return stack
+    stacks = [
+        None
+        if all(f is None for f in group)
+        else _stacked([None if f is None else f.low_rank() for f in group], widths)
+        for group in factors
+    ]
+    present = [stack for stack in stacks if stack is not None]
+    bank = None
+    if present:
+        rank = max(stack.A.shape[0] for stack in present)
+        A0, Bt0 = present[0].A, present[0].Bt
+        As = [A0.new_zeros(rank, A0.shape[1])]  # the bare base
+        Bts = [Bt0.new_zeros(rank, Bt0.shape[1])]
+        for stack in stacks:
+            if stack is None:  # an adapter without this group: zeros, as the base
+                As.append(As[0])
+                Bts.append(Bts[0])
+                continue
+            pad = rank - stack.A.shape[0]  # zero rows change no product
+            As.append(F.pad(stack.A, (0, 0, 0, pad)))
+            Bts.append(F.pad(stack.Bt, (0, 0, 0, pad)))
+        bank = LowRank(torch.stack(As), torch.stack(Bts))
+    _BANKS[modules[0]] = (key, bank)
+    return bank
