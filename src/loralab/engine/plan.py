@@ -93,9 +93,18 @@ def _layer_reason(layer: nn.Module, row_adapters) -> str | None:
     for part in (layer, layer.self_attn, layer.mlp, layer.input_layernorm):
         if not _transformers_module(part):
             return f"its {type(part).__name__} is not Transformers' own"
-    for module in layer.modules():
-        if module._forward_hooks or module._forward_pre_hooks:
-            return "a hook runs inside it (per-row mixing, or a user's)"
+    parts = [
+        layer,
+        layer.self_attn,
+        layer.mlp,
+        layer.input_layernorm,
+        layer.post_attention_layernorm,
+    ]
+    for name in (*ATTENTION, *MLP):  # the modules the step reads, not the adapters' own
+        module = _projection(layer, name)
+        parts += [module, module.base_layer] if isinstance(module, LoraLayer) else [module]
+    if any(module._forward_hooks or module._forward_pre_hooks for module in parts):
+        return "a hook runs inside it (per-row mixing, or a user's)"
     for name in (*ATTENTION, *MLP):
         reason = _projection_reason(_projection(layer, name), row_adapters)
         if reason is not None:
@@ -133,14 +142,18 @@ def _projection_reason(module: nn.Module, row_adapters) -> str | None:
     return None
 
 
-def build(model: nn.Module, row_adapters: Sequence[str | None] | None = None) -> list[LayerPlan]:
+def build(
+    model: nn.Module, row_adapters: Sequence[str | None] | None = None, trust: bool = False
+) -> list[LayerPlan]:
     """The plan of every layer, for rows that all run the layers' active adapter (None)
     or each its own (``row_adapters[i]``; None there: the bare base). ``fast_reason``
-    must have returned None."""
+    must have returned None. ``trust``: reuse each group's bank of factors without
+    checking them (only for a caller that knows no adapter changed since its last
+    checked build: the server, whose adapters change only between its steps)."""
     plans = []
     for index, layer in enumerate(model.model.layers):
         attention = layer.self_attn
-        groups = [_group(layer, names, row_adapters) for names in GROUPS]
+        groups = [_group(layer, names, row_adapters, trust) for names in GROUPS]
         head_norms = None
         if hasattr(attention, "q_norm"):
             head_norms = (_norm(attention.q_norm), _norm(attention.k_norm))
@@ -171,14 +184,14 @@ def window_of(config, index: int) -> int | None:
     return getattr(config, "sliding_window", None)
 
 
-def _group(layer: nn.Module, names: tuple[str, ...], row_adapters) -> Group:
+def _group(layer: nn.Module, names: tuple[str, ...], row_adapters, trust: bool) -> Group:
     modules = [_projection(layer, name) for name in names]
     bases = [m.base_layer if isinstance(m, LoraLayer) else m for m in modules]
     widths = tuple(base.out_features for base in bases)
     if row_adapters is None:
         update = _shared_update(modules, widths)
     else:
-        update = _row_update(modules, widths, list(row_adapters))
+        update = _row_update(modules, widths, list(row_adapters), trust)
     return Group(tuple(b.weight for b in bases), tuple(b.bias for b in bases), widths, update)
 
 
@@ -221,12 +234,16 @@ _BANKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _row_update(
-    modules: list[nn.Module], widths: tuple[int, ...], rows: list[str | None]
+    modules: list[nn.Module], widths: tuple[int, ...], rows: list[str | None], trust: bool
 ) -> LowRank | None:
-    names = tuple(sorted({n for m in modules if isinstance(m, LoraLayer) for n in m.lora}))
+    cached = _BANKS.get(modules[0]) if trust else None
+    if cached is not None:
+        names, bank = cached[0][0], cached[1]
+    else:
+        names = tuple(sorted({n for m in modules if isinstance(m, LoraLayer) for n in m.lora}))
+        bank = _bank(modules, widths, names)
     if not {r for r in rows if r is not None} & set(names):
         return None  # no row adapts this group
-    bank = _bank(modules, widths, names)
     if bank is None:
         return None
     where = {name: i + 1 for i, name in enumerate(names)}
@@ -239,14 +256,10 @@ def _bank(modules: list[nn.Module], widths: tuple[int, ...], names: tuple[str, .
         [m.lora[n] if isinstance(m, LoraLayer) and n in m.lora else None for m in modules]
         for n in names
     ]
-    key = (
-        names,
-        tuple(
-            None if f is None else (weakref.ref(f), f.A._version, f.B._version, f.scale)
-            for group in factors
-            for f in group
-        ),
-    )
+    present = [f for group in factors for f in group if f is not None]
+    # the factors by identity (the entry holds them, so no id is reused while it lives)
+    # and their tensors' version counters
+    key = (names, tuple((id(f), f.A._version, f.B._version, f.scale) for f in present))
     cached = _BANKS.get(modules[0])
     if cached is not None and cached[0] == key:
         return cached[1]
@@ -272,5 +285,5 @@ def _bank(modules: list[nn.Module], widths: tuple[int, ...], names: tuple[str, .
             As.append(F.pad(stack.A, (0, 0, 0, pad)))
             Bts.append(F.pad(stack.Bt, (0, 0, 0, pad)))
         bank = LowRank(torch.stack(As), torch.stack(Bts))
-    _BANKS[modules[0]] = (key, bank)
+    _BANKS[modules[0]] = (key, bank, present)
     return bank

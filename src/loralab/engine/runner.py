@@ -29,6 +29,7 @@ class RowsPlan:
     adapters: tuple[str | None, ...] | None
     layers: list[plan.LayerPlan] | None
     reason: str | None
+    known: frozenset = frozenset()  # the adapters whose checks it passed
 
     @property
     def fast(self) -> bool:
@@ -52,13 +53,24 @@ class Runner:
             self.rotary = step.rotary_tables(self.model, length)
         self.cache.grow(rows, length)
 
-    def plan(self, row_adapters: Sequence[str | None] | None = None) -> RowsPlan:
+    def plan(
+        self, row_adapters: Sequence[str | None] | None = None, checked: RowsPlan | None = None
+    ) -> RowsPlan:
         """The plan of rows that run ``row_adapters`` (one per row; None: each row the
-        layers' active adapter). Gathers the rows' factors: build it when they change."""
+        layers' active adapter). Gathers the rows' factors: build it when they change.
+        ``checked``: a plan built since the model and its adapters last changed, whose
+        checks (and each group's factors bank) the new one reuses."""
         adapters = tuple(row_adapters) if row_adapters is not None else None
-        reason = plan.fast_reason(self.model, adapters)
-        layers = plan.build(self.model, adapters) if reason is None else None
-        return RowsPlan(adapters, layers, reason)
+        trust = checked is not None and checked.adapters is not None and adapters is not None
+        if trust and checked.fast and set(adapters) <= set(checked.known):
+            reason = None
+        else:
+            reason, trust = plan.fast_reason(self.model, adapters), False
+        layers = plan.build(self.model, adapters, trust) if reason is None else None
+        known = frozenset(adapters or ())
+        if checked is not None:  # the model has not changed since: its checks still hold
+            known |= checked.known
+        return RowsPlan(adapters, layers, reason, known)
 
     def forward(self, rows: RowsPlan, tokens: Tensor, positions: Tensor, first: int = 0) -> Tensor:
         """Hidden states (R, T, hidden) of ``tokens`` at ``positions`` in cache rows

@@ -70,6 +70,7 @@ class EngineRows:
         self.lengths: list[int] = []  # each running row's positions in the cache
         self.prompts: list[Prompt] = []
         self._plan: RowsPlan | None = None
+        self._checked: RowsPlan | None = None  # the last plan checked since a change
         self.step_s = 0.0  # a decoding step's time (moving average)
         self.chunk_tokens = MIN_CHUNK  # the next round's prompt tokens while streams run
         self._long_turn = False  # a long prompt's chunk comes every other round at least
@@ -129,12 +130,12 @@ class EngineRows:
 
     def _steer(self, take: int, budget: int, spent: float) -> None:
         """Size the next round so that it takes ``CHUNK_STEPS`` steps: scaled by the ratio
-        of that target to this round's time (grown only after a full round: a short
-        prompt says nothing about a longer chunk's time)."""
+        of that target to this round's time, growing at most twofold a round (a longer
+        chunk costs more per token: its attention reads more keys)."""
         target = CHUNK_STEPS * self.step_s
-        if take < budget and spent < target:
-            return
         scaled = take * target / max(spent, 1e-6)
+        if scaled > budget:  # at most doubled: a round's cost grows faster than linearly
+            scaled = min(scaled, 2 * budget)
         self.chunk_tokens = int(min(MAX_CHUNK, max(MIN_CHUNK, scaled)))
 
     def _prefill_together(self, prompts: list[Prompt]) -> None:
@@ -145,7 +146,7 @@ class EngineRows:
         for row, prompt in enumerate(prompts):
             tokens[row, : len(prompt.tokens)] = torch.tensor(prompt.tokens, device=self.device)
         positions = torch.arange(longest, device=self.device).expand(len(prompts), longest)
-        plan = runner.plan([p.adapter for p in prompts])
+        plan = self._plan_for(runner, [p.adapter for p in prompts])
         hidden = runner.forward(plan, tokens, positions)
         last = torch.tensor([len(p.tokens) - 1 for p in prompts], device=self.device)
         logits = runner.logits(plan, hidden[torch.arange(len(prompts)), last])
@@ -160,7 +161,7 @@ class EngineRows:
         span = prompt.tokens[prompt.done : prompt.done + take]
         tokens = torch.tensor([span], device=self.device)
         positions = torch.arange(prompt.done, prompt.done + take, device=self.device)[None]
-        plan = runner.plan([prompt.adapter])
+        plan = self._plan_for(runner, [prompt.adapter])
         hidden = runner.forward(plan, tokens, positions)
         prompt.done += take
         if prompt.finished:
@@ -187,7 +188,7 @@ class EngineRows:
         device = self.device
         self.rows.grow(len(self.adapters), _room(max(self.lengths) + 1))
         if self._plan is None:
-            self._plan = self.rows.plan(self.adapters)
+            self._plan = self._plan_for(self.rows, self.adapters)
         ids = torch.tensor(tokens, device=device)[:, None]
         positions = torch.tensor(self.lengths, device=device)[:, None]
         hidden = self.rows.forward(self._plan, ids, positions)
@@ -215,11 +216,16 @@ class EngineRows:
         return order
 
     def changed(self) -> None:
-        """The model or an adapter changed: gather the rows' factors again."""
-        self._plan = None
+        """The model or an adapter changed: check and gather the rows' factors again."""
+        self._plan = self._checked = None
 
-    def clear(self) -> None:
-        self.adapters, self.lengths, self.prompts, self._plan = [], [], [], None
+    def _plan_for(self, runner: Runner, adapters: list[str | None]) -> RowsPlan:
+        """A plan for these rows, reusing the checks of the last one built since the
+        model last changed (adapters change only through ``changed``'s caller)."""
+        plan = runner.plan(adapters, self._checked)
+        if self._checked is None or not plan.known <= self._checked.known:
+            self._checked = plan
+        return plan
 
 
 def _room(needed: int, limit: int | None = None) -> int:
