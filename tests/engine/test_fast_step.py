@@ -128,3 +128,19 @@ def test_a_row_moved_into_a_freed_row_keeps_its_keys_and_values():
     cache.move(2, 0, 5)
     after = [b[0, :, :5] for b in (*cache.keys, *cache.values)]
     assert all(torch.equal(x, y) for x, y in zip(before, after, strict=True))
+
+
+def test_a_plan_built_on_a_checked_one_reuses_its_checks_and_gathers_the_same():
+    model = _two_adapters()
+    runner = Runner(model, 3, 32)
+    first = runner.plan(["a", None, "a"])
+    again = runner.plan(["b", "a", None], checked=first)
+    fresh = runner.plan(["b", "a", None])
+    assert again.known == {"a", "b", None} and first.known == {"a", None}
+    for ours, theirs in zip(again.layers, fresh.layers, strict=True):
+        assert torch.equal(ours.qkv.update.A, theirs.qkv.update.A)
+        assert torch.equal(ours.down.update.Bt, theirs.down.update.Bt)
+    with torch.no_grad():  # a hot-swap: the server builds its next plan unchecked
+        model.model.layers[0].self_attn.q_proj.lora["a"].B.add_(1.0)
+    changed = runner.plan(["a", "b", None])
+    assert not torch.equal(changed.layers[0].qkv.update.Bt[0], fresh.layers[0].qkv.update.Bt[1])

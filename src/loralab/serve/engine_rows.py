@@ -3,16 +3,17 @@ values in one cache where each row sits at its own position (no left padding), a
 prompts being prefilled between two decoding steps, a round's worth at a time, so that a
 long prompt never stalls the running streams.
 
-A round takes prompt tokens for about ``CHUNK_STEPS`` decoding steps: after each round
-its size is scaled by the ratio of that target to the time it took (a chunk's cost grows
-with its position, as its attention reads more keys), so the other streams wait at most
-about that many steps more for their next token; with no stream running, a round takes
-``MAX_CHUNK`` tokens. The prompts that fit a round whole go in together, in one forward;
-one that does not goes a chunk a round (every other round at least) in a cache of its
-own, of its length (no copy as it grows). A complete prompt moves into the running rows
-(one copy of its keys and values), and a row that leaves is replaced by the last one (one
-row's copy), so the running rows stay the first rows of the cache and a step reads them
-as views.
+The waiting prompts that fit ``MAX_CHUNK`` tokens together go in whole, in one forward
+(holding short prompts back costs more throughput, fewer rows per step, than the round's
+length costs the streams). A longer prompt goes a chunk a round (every other round at
+least) in a cache of its own, of its length (no copy as it grows); its chunk is sized to
+take about ``CHUNK_STEPS`` decoding steps, scaled after each round by the ratio of that
+target to the time it took (a chunk's cost grows with its position, as its attention
+reads more keys), so the other streams wait at most about that many steps more for
+their next token; with no stream running, a chunk is ``MAX_CHUNK`` tokens. A complete
+prompt moves into the running rows (one copy of its keys and values), and a row that
+leaves is replaced by the last one (one row's copy), so the running rows stay the first
+rows of the cache and a step reads them as views.
 
 Each row runs its own adapter: the rows' factors are gathered into the step's inputs when
 the rows change (``Runner.plan``), never per step.
@@ -101,7 +102,9 @@ class EngineRows:
         if not self.prompts:
             return [], []
         budget = self.chunk()
-        whole, left = [], budget
+        # Whole prompts of up to MAX_CHUNK tokens go in together, as they come: holding
+        # them back costs more (fewer rows per step) than the round's length does.
+        whole, left = [], MAX_CHUNK
         for prompt in self.prompts:
             if prompt.done == 0 and prompt.remaining <= left:
                 whole.append(prompt)
