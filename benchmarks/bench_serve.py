@@ -5,9 +5,10 @@ completions of a fixed prompt and a fixed output length (``ignore_eos``), each r
 drawing its adapter from N; the same load goes, one server after another and the order
 flipped every round, to:
 
-- ``loralab serve`` (continuous batching, each row its own adapter, on loralab's engine);
-- ``loralab serve --engine hf`` (the same server on Transformers' forward and cache, as it
-  ran before the engine);
+- ``loralab serve`` (continuous batching, each row its own adapter; by default on
+  Transformers' forward and cache);
+- ``loralab serve --engine engine`` (the same server on loralab's engine: prompts in
+  chunks between the steps);
 - ``naive_server.py``: FastAPI and PEFT, one request at a time, ``set_adapter`` then
   ``generate`` (not streamed: its time to first token is the whole request);
 - vLLM's CPU build serving the same adapter files with its OpenAI server, from a venv of
@@ -70,10 +71,10 @@ def free_port() -> int:
 def server_command(side: str, adapters: Path, port: int, vllm_python: Path) -> tuple[list, dict]:
     names = [f"a{i}" for i in range(max(ADAPTER_COUNTS))]
     env = dict(os.environ)
-    if side in ("loralab", "loralab-hf"):
+    if side in ("loralab", "loralab-engine"):
         pinned = [x for n in names for x in ("--adapter", f"{n}={adapters / n}")]
         command = [sys.executable, "-m", "loralab", "serve", "--model", MODEL, "--port", str(port)]
-        command += ["--engine", "hf" if side == "loralab-hf" else "auto"]
+        command += ["--engine", "engine" if side == "loralab-engine" else "auto"]
         return [*command, "--max-batch", str(CLIENTS), "--max-loras", str(len(names)), *pinned], env
     if side == "naive":
         command = [sys.executable, str(HERE / "naive_server.py"), "--adapter-dir", str(adapters)]
@@ -279,7 +280,7 @@ def stall_main(args) -> None:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for side, r in results.items():
-        name = "`loralab serve`" if side == "loralab" else "`loralab serve --engine hf`"
+        name = "`loralab serve`" if side == "loralab" else "`loralab serve --engine engine`"
         lines.append(
             f"| {name} | {r['prefill_s']:.1f} | {r['step_ms']:.0f} | {r['max_gap_ms']:.0f} | "
             f"{r['max_gap_ms'] / r['step_ms']:.1f} | {r['tokens_during']} |"
@@ -329,7 +330,7 @@ def profile_step(adapters: Path, side: str, steps: int = 8) -> dict:
     pool = AdapterPool(model, MODEL, CLIENTS, adapters, metrics)
     for i in range(CLIENTS):
         pool.add_pinned(f"a{i}", adapters / f"a{i}")
-    engine = Engine(model, tokenizer, pool, metrics, max_batch=CLIENTS, engine=side)
+    engine = Engine(model, tokenizer, pool, metrics, max_batch=CLIENTS, engine=side)  # or auto
     prompt = tokenizer(PROMPT)["input_ids"]
     for i in range(CLIENTS):
         job = Job(list(prompt), f"a{i}", 8 * steps + 8, Sampling(temperature=0), (), lambda e: None)
@@ -510,8 +511,8 @@ def main() -> None:
     parser.add_argument(
         "--sides",
         nargs="+",
-        default=["loralab", "loralab-hf", "naive", "vllm"],
-        choices=["loralab", "loralab-hf", "naive", "vllm"],
+        default=["loralab", "loralab-engine", "naive", "vllm"],
+        choices=["loralab", "loralab-engine", "naive", "vllm"],
     )
     parser.add_argument("--stall", action="store_true", help="a long prompt among streams, instead")
     args = parser.parse_args()
@@ -536,7 +537,7 @@ def main() -> None:
                 with running(side, adapters, args.vllm_python, scratch) as url:
                     this_round[side] = measure_side(side, url, seconds, per_client)
             measured.append({s: this_round[s] for s in sides})
-        profile_figures = [profile_step(adapters, side) for side in ("engine", "hf")]
+        profile_figures = [profile_step(adapters, side) for side in ("engine", "auto")]
     loads.append(load_average())
     settings = f"at most {per_client} requests a client and {seconds} s a case, {rounds} round(s)"
     text = report(summarize(measured), profile_figures, settings, tuple(loads))

@@ -405,7 +405,15 @@ def _serve_flags(commands) -> None:
     serve.add_argument(
         "--max-batch", type=_at_least_one, default=32, help="rows decoded together (default: 32)"
     )
-    _engine_flag(serve)
+    serve.add_argument(
+        "--engine",
+        choices=("auto", "engine", "hf"),
+        default="auto",
+        help="the rows' engine: auto and hf, Transformers' forward and cache (the default "
+        "for now: faster with many clients); engine, loralab's engine for the Llama "
+        "family, whose prompts go in chunks between the steps, so a long prompt never "
+        "stalls the other streams",
+    )
     serve.add_argument(
         "--max-loras", type=_at_least_one, default=8, help="adapters resident at once (default: 8)"
     )

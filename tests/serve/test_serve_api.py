@@ -18,11 +18,13 @@ def adapters(tmp_path_factory, tiny_model_dir):
     return directory, save_adapters(tiny_model_dir, directory)
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model_dir, adapters):
+@pytest.fixture(scope="module", params=["auto", "engine"])
+def server(tiny_model_dir, adapters, request):
+    """The server on its default rows (Transformers' cache) and on loralab's engine."""
     directory, names = adapters
     pinned = [(name, directory / name) for name in names]
-    with start(tiny_model_dir, adapters=pinned, max_loras=8, max_batch=32) as running:
+    options = dict(adapters=pinned, max_loras=8, max_batch=32, engine=request.param)
+    with start(tiny_model_dir, **options) as running:
         yield running
 
 

@@ -59,9 +59,11 @@ def _job(tokenizer, prompt, adapter, max_tokens, **sampling):
     return job, collect
 
 
-def test_requests_that_join_and_leave_mid_batch_equal_generate(tiny_model_dir, adapters):
+@pytest.mark.parametrize("kind", ["auto", "engine"])
+def test_requests_that_join_and_leave_mid_batch_equal_generate(tiny_model_dir, adapters, kind):
+    """Rows join and leave (on the engine, a row that leaves is replaced by the last)."""
     directory, names = adapters
-    engine, tokenizer = _engine(tiny_model_dir, directory, names, max_batch=3)
+    engine, tokenizer = _engine(tiny_model_dir, directory, names, max_batch=3, engine=kind)
     engine.start()
     try:
         cases = [
@@ -283,7 +285,7 @@ def test_a_long_prompt_goes_in_chunks_between_the_running_rows_steps(
     monkeypatch.setattr(engine_rows, "MAX_CHUNK", 6)
     monkeypatch.setattr(engine_rows, "MIN_CHUNK", 6)
     directory, names = adapters
-    engine, tokenizer = _engine(tiny_model_dir, directory, names)
+    engine, tokenizer = _engine(tiny_model_dir, directory, names, engine="engine")
     rows = engine.engine_rows
     log: list[str] = []
     prefill, step = rows.prefill, rows.step
@@ -323,7 +325,7 @@ def test_the_engine_is_refused_by_name_where_it_cannot_run(tiny_model_dir, adapt
     from loralab.serve.engine_rows import EngineRows
 
     directory, names = adapters
-    engine, _ = _engine(tiny_model_dir, directory, names)
+    engine, _ = _engine(tiny_model_dir, directory, names, engine="engine")
     assert isinstance(engine.engine_rows, EngineRows)
     from conftest import make_model
 
@@ -332,4 +334,4 @@ def test_the_engine_is_refused_by_name_where_it_cannot_run(tiny_model_dir, adapt
     pool = AdapterPool(model, "base", 8, directory, metrics)
     with pytest.raises(ValueError, match=r"the engine cannot serve this model: .*'gpt2'"):
         Engine(model, engine.tokenizer, pool, metrics, engine="engine")
-    assert Engine(model, engine.tokenizer, pool, metrics).engine_rows is None  # Transformers'
+    assert Engine(model, engine.tokenizer, pool, metrics).engine_rows is None  # the default

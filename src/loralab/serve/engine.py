@@ -492,16 +492,20 @@ class Engine:
 
 
 def _engine_rows(model: nn.Module, max_batch: int, engine: str) -> EngineRows | None:
-    """The rows on loralab's engine where it runs the model and ``engine`` allows it."""
+    """The rows on loralab's engine where ``engine`` asks for it (refused with the reason
+    where it cannot run the model). Not yet by default: with many clients its prefills,
+    separate forwards between the steps, and its rows' factors gathered anew whenever the
+    rows change cost more throughput than its faster step gains (0.75–0.82× at 32
+    clients, ``benchmarks/results_serve.md``), though a long prompt no longer stalls the
+    other streams (``results_serve_stall.md``)."""
+    if engine != "engine":
+        return None
     from ..engine import supported_reason
 
-    reason = "asked for (--engine hf)" if engine == "hf" else supported_reason(model)
-    if reason is None:
-        return EngineRows(model, max_batch)
-    if engine == "engine":
+    reason = supported_reason(model)
+    if reason is not None:
         raise ValueError(f"the engine cannot serve this model: {reason}")
-    log.warning("serving with Transformers' forward and cache: %s", reason)
-    return None
+    return EngineRows(model, max_batch)
 
 
 def _on_cpu(logits: Tensor) -> Tensor:

@@ -40,7 +40,7 @@ class ServeOptions:
     device: str | None = None  # auto, cpu, cuda, cuda:N (None: auto)
     dtype: str | None = None  # the base's weights: fp32, bf16, fp16, auto (None: fp32)
     quantized_base: str | None = None  # gguf, nf4, fp4, int8 (``QUANTIZED_BASES``); None: dense
-    engine: str = "auto"  # auto, engine (loralab's, or refuse), hf (Transformers' forward)
+    engine: str = "auto"  # engine: loralab's (or refused); auto, hf: Transformers' forward
 
 
 def served_name(model: str) -> str:
