@@ -90,17 +90,12 @@ def fast_reason(model: nn.Module, row_adapters: Sequence[str | None] | None = No
 
 
 def _layer_reason(layer: nn.Module, row_adapters) -> str | None:
-    for part in (layer, layer.self_attn, layer.mlp, layer.input_layernorm):
+    own = [layer, layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm]
+    for part in own:
         if not _transformers_module(part):
             return f"its {type(part).__name__} is not Transformers' own"
-    parts = [
-        layer,
-        layer.self_attn,
-        layer.mlp,
-        layer.input_layernorm,
-        layer.post_attention_layernorm,
-    ]
-    for name in (*ATTENTION, *MLP):  # the modules the step reads, not the adapters' own
+    parts = list(own)  # the modules the step reads (not the adapters' factors)
+    for name in (*ATTENTION, *MLP):
         module = _projection(layer, name)
         parts += [module, module.base_layer] if isinstance(module, LoraLayer) else [module]
     if any(module._forward_hooks or module._forward_pre_hooks for module in parts):
