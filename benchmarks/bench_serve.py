@@ -483,7 +483,9 @@ def report(results: dict, profile_figures: dict, settings: str, loads: tuple) ->
     )
     for p in profile_figures:
         name = (
-            "loralab's engine" if p["side"] == "engine" else "Transformers' forward (`--engine hf`)"
+            "loralab's engine"
+            if p["side"] == "engine"
+            else "Transformers' forward (the default, `--engine hf`)"
         )
         lines += [
             "",
@@ -506,7 +508,12 @@ def report(results: dict, profile_figures: dict, settings: str, loads: tuple) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="one short round (smoke run)")
-    parser.add_argument("--write", action="store_true", help="also write results_serve.md")
+    parser.add_argument(
+        "--write",
+        action="store_true",
+        help="also write results_serve.md (results_serve_engine.md when the sides are "
+        "loralab's two; results_serve_stall.md with --stall)",
+    )
     parser.add_argument("--vllm-python", type=Path, default=VLLM_PYTHON)
     parser.add_argument(
         "--sides",
@@ -543,7 +550,8 @@ def main() -> None:
     text = report(summarize(measured), profile_figures, settings, tuple(loads))
     print(text)
     if args.write:
-        (HERE / "results_serve.md").write_text(text)
+        name = "results_serve_engine.md" if set(sides) <= {"loralab", "loralab-engine"} else ""
+        (HERE / (name or "results_serve.md")).write_text(text)
 
 
 if __name__ == "__main__":

@@ -496,8 +496,8 @@ def _engine_rows(model: nn.Module, max_batch: int, engine: str) -> EngineRows | 
     where it cannot run the model). Not yet by default: with many clients its prefills,
     separate forwards between the steps, and its rows' factors gathered anew whenever the
     rows change cost more throughput than its faster step gains (0.75–0.82× at 32
-    clients, ``benchmarks/results_serve.md``), though a long prompt no longer stalls the
-    other streams (``results_serve_stall.md``)."""
+    clients, ``benchmarks/results_serve_engine.md``), though a long prompt no longer
+    stalls the other streams (``results_serve_stall.md``)."""
     if engine != "engine":
         return None
     from ..engine import supported_reason
