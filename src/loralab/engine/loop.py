@@ -1,7 +1,8 @@
 """Decoding a batch of prompts through the engine: the prompts prefilled in one
 right-padded pass (each row at its own positions, no left padding), then one step per
-new token for every row, each at its own position, until every row has stopped. Each
-row chooses its tokens greedily or samples with its own settings and seed."""
+new token for every running row, each at its own position; a row that stops leaves the
+batch at once (the last row takes its place in the cache). Each row chooses its tokens
+greedily or samples with its own settings and seed."""
 
 from __future__ import annotations
 
@@ -61,15 +62,35 @@ def decode(
     uniform = torch.tensor([r.draw() for r in rows_sampling], device=device)
     chosen = choose(runner.logits(plan, last), temperature, top_p, uniform)
     outputs: list[list[int]] = [[] for _ in range(rows)]
-    running = torch.ones(rows, dtype=torch.bool, device=device)
+    live = list(range(rows))  # the prompt each cache row continues
     position = lengths
     for step in range(max_new_tokens):
-        for row in running.nonzero().flatten().tolist():
-            outputs[row].append(int(chosen[row]))
-        running &= ~torch.isin(chosen, stops)
-        if not running.any() or step == max_new_tokens - 1:
+        for row, token in zip(live, chosen.tolist(), strict=True):
+            outputs[row].append(token)
+        ended = torch.isin(chosen, stops).nonzero().flatten().tolist()
+        if len(ended) == len(live) or step == max_new_tokens - 1:
             break
-        uniform = torch.tensor([r.draw() for r in rows_sampling], device=device)
+        if ended:  # a row that ended costs nothing more: the last row takes its place
+            keep = _compact(runner, live, ended, position)
+            chosen, position = chosen[keep], position[keep]
+            temperature, top_p = temperature[keep], top_p[keep]
+            if row_adapters is not None:
+                plan = runner.plan([row_adapters[i] for i in live], checked=plan)
+        uniform = torch.tensor([rows_sampling[i].draw() for i in live], device=device)
         chosen = runner.decode_step(plan, chosen, position, temperature, top_p, uniform)
         position = position + 1
     return outputs
+
+
+def _compact(runner: Runner, live: list[int], ended: list[int], position) -> list[int]:
+    """Drop the cache rows ``ended``, each replaced by the last row (one row's keys and
+    values copied); ``live`` is updated; the old index of each row that stays, in order."""
+    order = list(range(len(live)))
+    for row in sorted(ended, reverse=True):
+        last = len(order) - 1
+        if row != last:
+            runner.cache.move(last, row, int(position[order[last]]))
+            order[row], live[row] = order[last], live[last]
+        order.pop()
+        live.pop()
+    return order
