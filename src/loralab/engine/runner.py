@@ -5,8 +5,9 @@ A plan says how rows run: the fast step (``step.py``) over the model's tensors w
 ``mixed_adapters`` around them when the rows run different adapters; the numbers are the
 same either way. ``decode_step`` is one pure function of tensors (forward, head and the
 choice of the next token, the rows' adapters among its inputs), the unit a compiler would
-take; it runs eager: compiling it measured 1.3× faster per step at one row but cost 44 s
-per shape, and over 6 minutes with dynamic shapes (``benchmarks/bench_engine_step.py``).
+take; it runs eager: compiled, the step measured 1.3× faster at one row and 1.2× at 8, but
+compiling took 30–35 s per shape (``benchmarks/bench_engine_step.py``), and over six
+minutes with dynamic shapes.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class RowsPlan:
     adapters: tuple[str | None, ...] | None
     layers: list[plan.LayerPlan] | None
     reason: str | None
-    known: frozenset = frozenset()  # the adapters whose checks it passed
+    known: frozenset = frozenset()  # the adapters whose checks passed (fast plans only)
 
     @property
     def fast(self) -> bool:
@@ -67,9 +68,11 @@ class Runner:
         else:
             reason, trust = plan.fast_reason(self.model, adapters), False
         layers = plan.build(self.model, adapters, trust) if reason is None else None
-        known = frozenset(adapters or ())
-        if checked is not None:  # the model has not changed since: its checks still hold
-            known |= checked.known
+        known: frozenset = frozenset()
+        if reason is None:
+            known = frozenset(adapters or ())
+            if checked is not None and checked.fast:  # nothing changed since: still true
+                known |= checked.known
         return RowsPlan(adapters, layers, reason, known)
 
     def forward(self, rows: RowsPlan, tokens: Tensor, positions: Tensor, first: int = 0) -> Tensor:
