@@ -251,10 +251,10 @@ def _bank(modules: list[nn.Module], widths: tuple[int, ...], names: tuple[str, .
         [m.lora[n] if isinstance(m, LoraLayer) and n in m.lora else None for m in modules]
         for n in names
     ]
-    present = [f for group in factors for f in group if f is not None]
+    held = [f for group in factors for f in group if f is not None]
     # the factors by identity (the entry holds them, so no id is reused while it lives)
     # and their tensors' version counters
-    key = (names, tuple((id(f), f.A._version, f.B._version, f.scale) for f in present))
+    key = (names, tuple((id(f), f.A._version, f.B._version, f.scale) for f in held))
     cached = _BANKS.get(modules[0])
     if cached is not None and cached[0] == key:
         return cached[1]
@@ -280,5 +280,5 @@ def _bank(modules: list[nn.Module], widths: tuple[int, ...], names: tuple[str, .
             As.append(F.pad(stack.A, (0, 0, 0, pad)))
             Bts.append(F.pad(stack.Bt, (0, 0, 0, pad)))
         bank = LowRank(torch.stack(As), torch.stack(Bts))
-    _BANKS[modules[0]] = (key, bank, present)
+    _BANKS[modules[0]] = (key, bank, held)
     return bank
