@@ -358,14 +358,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _engine_flag(parser: argparse.ArgumentParser) -> None:
+_GENERATE_ENGINES = (
+    "what generates: auto (loralab's engine for the Llama family, else Transformers' "
+    "generate, saying why once), engine (refuse where it cannot run), or hf "
+    "(Transformers' generate always, for comparison; default: auto)"
+)
+
+
+def _engine_flag(parser: argparse.ArgumentParser, text: str = _GENERATE_ENGINES) -> None:
     parser.add_argument(
         "--engine",
         choices=("auto", "engine", "hf"),  # generate.ENGINES; that module imports torch
         default="auto",
-        help="what generates: auto (loralab's engine for the Llama family, else "
-        "Transformers' generate, saying why once), engine (refuse where it cannot run), "
-        "or hf (Transformers' generate always, for comparison; default: auto)",
+        help=text,
     )
 
 
@@ -405,14 +410,12 @@ def _serve_flags(commands) -> None:
     serve.add_argument(
         "--max-batch", type=_at_least_one, default=32, help="rows decoded together (default: 32)"
     )
-    serve.add_argument(
-        "--engine",
-        choices=("auto", "engine", "hf"),
-        default="auto",
-        help="the rows' engine: auto and hf, Transformers' forward and cache (the default "
-        "for now: faster with many clients); engine, loralab's engine for the Llama "
-        "family, whose prompts go in chunks between the steps, so a long prompt never "
-        "stalls the other streams",
+    _engine_flag(
+        serve,
+        "the rows' engine: auto and hf, Transformers' forward and cache (the default for "
+        "now: faster with many clients); engine, loralab's engine for the Llama family, "
+        "whose prompts go in chunks between the steps, so a long prompt never stalls the "
+        "other streams",
     )
     serve.add_argument(
         "--max-loras", type=_at_least_one, default=8, help="adapters resident at once (default: 8)"

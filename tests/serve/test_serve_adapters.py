@@ -191,6 +191,13 @@ def test_start_up_refusals_are_one_line(tiny_model_dir, library, capsys):
         assert_one_line_error(status, lines, words)
 
 
+def test_an_unknown_engine_is_refused_by_name_before_the_model_loads(tiny_model_dir):
+    from loralab.serve.server import ServeError, ServeOptions, build_state
+
+    with pytest.raises(ServeError, match="--engine must be auto, engine or hf, got 'vllm'"):
+        build_state(ServeOptions(model=str(tiny_model_dir), engine="vllm"))
+
+
 def test_unreadable_or_linked_files_are_refused_and_nothing_is_kept(tiny_model_dir, library):
     allowed = library / "allowed"
     broken = allowed / "broken"

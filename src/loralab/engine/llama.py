@@ -73,9 +73,9 @@ def forward(
     ``positions`` (R, T) of cache rows ``first`` … ``first + R − 1``; their keys and
     values are written into the cache first. Positions past a row's real tokens may hold
     anything: no query at or before them reads them, and the row's next tokens overwrite
-    them. ``live``: the
-    positions attended over (``cache.live_length`` of the last one, found when not given:
-    a compiled step is given it, since reading a tensor's value breaks its graph)."""
+    them. ``live``: the positions attended over (``cache.live_length`` of the last one,
+    found when not given: a compiled step is given it, since reading a tensor's value
+    breaks its graph)."""
     inner = model.model
     config = model.config
     hidden = inner.embed_tokens(tokens)

@@ -392,7 +392,8 @@ class Engine:
         """The next chunk of the prompts going in (engine); those complete get their first
         token and join the running rows. A prompt that fails fails its request alone."""
         for job, prompt in [entry for entry in self.prefilling if entry[0].cancelled]:
-            self._leave_prefill(job, prompt)
+            self._untrack(prompt)
+            self.engine_rows.drop(prompt)
             self.pool.release(job.adapter)
         if not self.prefilling:
             return
@@ -400,13 +401,13 @@ class Engine:
         complete, failed = self.engine_rows.prefill()
         for prompt in failed:  # its request alone fails (the engine logged why)
             job = jobs[id(prompt)]
-            self.prefilling = [entry for entry in self.prefilling if entry[1] is not prompt]
+            self._untrack(prompt)
             self.pool.release(job.adapter)
             job.emit(Failed(RequestError("internal error", status=500)))
         now = time.monotonic()
         for prompt in complete:
             job = jobs[id(prompt)]
-            self.prefilling = [entry for entry in self.prefilling if entry[1] is not prompt]
+            self._untrack(prompt)
             self.metrics.prompt_tokens.inc(len(job.prompt))
             self.metrics.time_to_first_token.observe(now - job.arrived)
             row = _Row(job, None, TextStream(self.tokenizer, job.stop))
@@ -424,9 +425,9 @@ class Engine:
             self.rows.append(row)
         self.metrics.running.set(len(self.rows))
 
-    def _leave_prefill(self, job: Job, prompt: Prompt) -> None:
+    def _untrack(self, prompt: Prompt) -> None:
+        """The prompt is no longer going in (it joined, ended, failed or was cancelled)."""
         self.prefilling = [entry for entry in self.prefilling if entry[1] is not prompt]
-        self.engine_rows.drop(prompt)
 
     def _mixed(self) -> None:
         rows = tuple(row.job.adapter for row in self.rows)

@@ -76,9 +76,6 @@ class EngineRows:
         self.chunk_tokens = MIN_CHUNK  # the next round's prompt tokens while streams run
         self._long_turn = False  # a long prompt's chunk comes every other round at least
 
-    def __len__(self) -> int:
-        return len(self.adapters)
-
     # -- prompts ---------------------------------------------------------------------------
 
     def start(self, tokens: list[int], adapter: str | None) -> Prompt:
@@ -94,8 +91,8 @@ class EngineRows:
         return self.chunk_tokens if self.adapters else MAX_CHUNK
 
     def prefill(self) -> tuple[list[Prompt], list[Prompt]]:
-        """One round: the waiting prompts that fit the round's tokens whole, in one forward
-        together, oldest first; or one chunk of the oldest prompt that does not fit, in
+        """One round: the waiting prompts that fit ``MAX_CHUNK`` tokens whole, in one
+        forward together, oldest first; or one chunk of the oldest prompt that does not, in
         a cache of its own (every other round at least, so short prompts never wait for
         a long one and a long one is never starved). The prompts now complete (with their
         last token's logits), and those whose forward failed (dropped)."""

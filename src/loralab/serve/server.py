@@ -67,6 +67,8 @@ def build_state(options: ServeOptions) -> ServerState:
         raise ServeError(
             f"--max-cpu-loras {options.max_cpu_loras} must be ≥ --max-loras {options.max_loras}"
         )
+    if options.engine not in ("auto", "engine", "hf"):
+        raise ServeError(f"--engine must be auto, engine or hf, got {options.engine!r}")
     if not 0 <= options.port <= 65535:
         raise ServeError(f"--port must be in 0-65535 (0: any free port), got {options.port}")
     if options.adapter_dir is not None and not options.adapter_dir.is_dir():
