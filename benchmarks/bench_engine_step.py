@@ -21,7 +21,7 @@ import argparse
 import time
 
 import torch
-from measure import machine_line, median, now
+from measure import interleaved, machine_line, median, now, timed
 
 STEPS = 30
 
@@ -117,14 +117,7 @@ def _products_alone(model, layers, rows: int) -> float:
         for width, weight in products:
             torch.mm(x[width], weight.T)
 
-    for _ in range(3):
-        run()
-    times = []
-    for _ in range(10):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return median(times) * 1e3
+    return median(interleaved({"products": lambda: timed(run)}, warmup=3, reps=10)["products"])
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ times a batch of M rows, M = 1, 8, 32, as
 - fp32 through oneDNN with the weights packed for it (``mkldnn._linear_pointwise``);
 - bf16 through oneDNN, packed (fast only where the CPU has AVX512-BF16 or AMX).
 
-The weights are read once per product, as in a step. Medians of 7 runs; GB/s counts the
+The weights are read once per product, as in a step. Medians of 7 runs, the sides
+alternated; GB/s counts the
 fp32 bytes (212 MB) for every side, so a side above fp32's figure is faster at the same
 work. This is the floor under the engine's step (``bench_engine_step.py``) and why fp32
 decoding of 8 rows costs more than twice one row's.
@@ -16,10 +17,10 @@ decoding of 8 rows costs more than twice one row's.
 
 from __future__ import annotations
 
-import time
+from functools import partial
 
 import torch
-from measure import machine_line, median, now
+from measure import interleaved, machine_line, median, now, timed
 
 LAYERS = 30
 
@@ -31,17 +32,10 @@ def main() -> None:
     gigabytes = sum(w.numel() for w in weights) * 4 / 1e9
     print(f"{now()}; {machine_line()}; CPU capability {torch.backends.cpu.get_cpu_capability()}")
     for rows in (1, 8, 32):
-        for name, run in sides_for(weights, rows).items():
-            for _ in range(2):
-                run()
-            times = []
-            for _ in range(7):
-                start = time.perf_counter()
-                run()
-                times.append(time.perf_counter() - start)
-            seconds = median(times)
-            rate = gigabytes / seconds
-            print(f"M = {rows:2d}, {name}: {seconds * 1e3:5.1f} ms, {rate:5.1f} GB/s")
+        sides = {name: partial(timed, run) for name, run in sides_for(weights, rows).items()}
+        for name, samples in interleaved(sides, warmup=2, reps=7).items():
+            ms = median(samples)
+            print(f"M = {rows:2d}, {name}: {ms:5.1f} ms, {gigabytes / ms * 1e3:5.1f} GB/s")
 
 
 def sides_for(weights: list[torch.Tensor], rows: int) -> dict:
