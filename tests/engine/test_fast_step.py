@@ -144,3 +144,19 @@ def test_a_plan_built_on_a_checked_one_reuses_its_checks_and_gathers_the_same():
         model.model.layers[0].self_attn.q_proj.lora["a"].B.add_(1.0)
     changed = runner.plan(["a", "b", None])
     assert not torch.equal(changed.layers[0].qkv.update.Bt[0], fresh.layers[0].qkv.update.Bt[1])
+
+
+def test_a_grown_cache_keeps_what_it_stored():
+    model = _model("llama", adapter=False)
+    cache = llama.new_cache(model, rows=2, length=8)
+    for buffer in (*cache.keys, *cache.values):
+        buffer.normal_()
+    before = [b.clone() for b in (*cache.keys, *cache.values)]
+    cache.grow(rows=5, length=20)
+    assert (cache.rows, cache.length) == (5, 20)
+    for old, new in zip(before, (*cache.keys, *cache.values), strict=True):
+        assert new.shape[0] == 5 and new.shape[2] == 20
+        assert torch.equal(new[:2, :, :8], old)
+        assert not new[2:].any() and not new[:, :, 8:].any()
+    cache.grow(rows=1, length=4)  # never shrinks
+    assert (cache.rows, cache.length) == (5, 20)

@@ -335,3 +335,24 @@ def test_the_engine_is_refused_by_name_where_it_cannot_run(tiny_model_dir, adapt
     with pytest.raises(ValueError, match=r"the engine cannot serve this model: .*'gpt2'"):
         Engine(model, engine.tokenizer, pool, metrics, engine="engine")
     assert Engine(model, engine.tokenizer, pool, metrics).engine_rows is None  # the default
+
+
+def test_the_prefill_round_is_steered_toward_its_share_of_steps(tiny_model_dir, adapters):
+    """A round that took twice its target halves the next; one that took far less grows
+    it at most twofold (a longer chunk costs more per token); the bounds hold."""
+    from loralab.serve import engine_rows
+
+    directory, names = adapters
+    engine, _ = _engine(tiny_model_dir, directory, names, engine="engine")
+    rows = engine.engine_rows
+    rows.step_s = 0.1  # a round's target: CHUNK_STEPS × 0.1 s
+    target = engine_rows.CHUNK_STEPS * rows.step_s
+    rows._steer(take=100, budget=100, spent=2 * target)
+    assert rows.chunk_tokens == 50
+    rows._steer(take=50, budget=50, spent=target / 10)
+    assert rows.chunk_tokens == 100  # not 500
+    rows._steer(take=100, budget=100, spent=100 * target)
+    assert rows.chunk_tokens == engine_rows.MIN_CHUNK
+    for _ in range(10):
+        rows._steer(take=rows.chunk_tokens, budget=rows.chunk_tokens, spent=target / 10)
+    assert rows.chunk_tokens == engine_rows.MAX_CHUNK
