@@ -36,13 +36,18 @@ def reference(
     max_new_tokens: int,
     dtype=None,
     quantized_base: str | None = None,
+    weights: str = "fp32",
 ) -> str:
     """What ``loralab generate`` writes for one prompt (a text or a chat), greedy, on the
-    base loaded in ``dtype`` (None: fp32), or stored as ``quantized_base``."""
+    base loaded in ``dtype`` (None: fp32), or stored as ``quantized_base``, the engine's
+    base weights ``weights``."""
     model, tokenizer = load_model(str(base), dtype=dtype, quantized_base=quantized_base)
     if adapter_dir is not None:
         load_adapter(model, adapter_dir)
-    return generate(model, tokenizer, [prompt], max_new_tokens, stop_at_newline=False)[0]
+    texts = generate(
+        model, tokenizer, [prompt], max_new_tokens, stop_at_newline=False, weights=weights
+    )
+    return texts[0]
 
 
 def start(base: Path, **options) -> BackgroundServer:

@@ -417,6 +417,34 @@ def test_engine_chooses_what_generates_and_hf_gives_the_same_text(trained, tiny_
     assert texts["engine"] == texts["hf"] and "### Say cat:" in texts["hf"]
 
 
+def test_engine_weights_are_said_once_and_refused_where_bf16_is_emulated(
+    trained, tiny_model_dir, monkeypatch, capsys, caplog
+):
+    import loralab.generate
+    from loralab.engine import weights
+
+    argv = [
+        "generate",
+        "--model",
+        str(tiny_model_dir),
+        "--adapter",
+        str(trained / "run" / "adapter"),
+    ]
+    argv += ["--engine-weights", "bf16", "--max-new-tokens", "6", "Say cat:", "Say dog:"]
+    monkeypatch.setattr(weights, "_native_bf16", lambda device: "the test says so")
+    monkeypatch.setattr(loralab.generate, "_said", set())
+    try:
+        assert main(argv) == 0
+        said = [r.message for r in caplog.records if "engine's weights" in r.message]
+        assert said == ["the engine's weights: bf16 (the test says so)"]
+        monkeypatch.setattr(weights, "_native_bf16", lambda device: None)
+        capsys.readouterr()
+        assert main(argv) != 0
+        assert "neither AVX512-BF16 nor AMX" in capsys.readouterr().err
+    finally:
+        loralab.generate.use_engine("auto")  # the flags set the process's defaults
+
+
 def test_generate_that_gives_no_text_without_chat_says_to_add_chat(
     tiny_model_dir, monkeypatch, capsys
 ):

@@ -372,6 +372,15 @@ def _engine_flag(parser: argparse.ArgumentParser, text: str = _GENERATE_ENGINES)
         default="auto",
         help=text,
     )
+    parser.add_argument(
+        "--engine-weights",
+        choices=("fp32", "bf16", "auto"),  # engine/weights.WEIGHTS
+        default="fp32",
+        help="the base weights loralab's engine multiplies by: fp32 (the model's own, exact; "
+        "default), bf16 (a bf16 copy: faster where the CPU has AVX512-BF16 or AMX, refused "
+        "where it has neither; the tokens may differ from fp32's) or auto (bf16 where the "
+        "CPU has them, else fp32); the choice is printed",
+    )
 
 
 def _serve_flags(commands) -> None:
@@ -542,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "engine", None) is not None:
         from .generate import use_engine
 
-        use_engine(args.engine)
+        use_engine(args.engine, args.engine_weights)
     try:
         return COMMANDS[args.command](args)
     except TrainingInterrupted as stopped:
@@ -978,6 +987,7 @@ def _serve(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         quantized_base=args.quantized_base,
         engine=args.engine,
+        engine_weights=args.engine_weights,
     )
     serve(options)
     return 0

@@ -25,6 +25,7 @@ log = logging.getLogger("loralab.generate")
 
 ENGINES = ("auto", "engine", "hf")
 _default_engine = "auto"  # the command line's --engine, for everything a command generates
+_default_weights = "fp32"  # and its --engine-weights (``engine/weights.py``)
 
 # Settings of a generation config that change greedy tokens, which only Transformers'
 # ``generate`` applies: with any of them set, the engine's tokens would differ.
@@ -42,14 +43,19 @@ _PROCESSORS = {
     "sequence_bias": None,
 }
 
-_said: set[str] = set()  # the fallback reasons already told, once each per process
+_said: set = set()  # the fallback reasons (and weights) already told, once each per process
 
 
-def use_engine(engine: str) -> None:
-    """What ``generate`` runs on when not told (``--engine``): one of ``ENGINES``."""
-    global _default_engine
+def use_engine(engine: str, weights: str = "fp32") -> None:
+    """What ``generate`` runs on when not told (``--engine``): one of ``ENGINES``, and the
+    engine's base weights (``--engine-weights``: fp32, bf16 or auto; ``engine/weights.py``)."""
+    global _default_engine, _default_weights
     _check_engine(engine)
-    _default_engine = engine
+    from .engine.weights import WEIGHTS
+
+    if weights not in WEIGHTS:
+        raise ValueError(f"engine weights must be one of {', '.join(WEIGHTS)}, not {weights!r}")
+    _default_engine, _default_weights = engine, weights
 
 
 def _check_engine(engine: str) -> None:
@@ -84,6 +90,7 @@ def generate(
     stop_at_newline: bool = True,
     progress: str | None = None,
     engine: str | None = None,
+    weights: str | None = None,
 ) -> list[str]:
     """Greedy completions of ``prompts`` (batched), without the prompt.
 
@@ -93,8 +100,11 @@ def generate(
     the prompts (none by default). ``engine``: ``auto`` (the engine where it runs the
     model, else Transformers'), ``engine`` (refused with the reason where it cannot) or
     ``hf`` (Transformers' ``generate`` always, for comparison); None: ``use_engine``'s.
+    ``weights``: the engine's base weights, ``fp32`` (exact), ``bf16`` or ``auto`` (bf16
+    where the CPU multiplies it natively; ``engine/weights.py``); None: ``use_engine``'s.
     """
     engine = _default_engine if engine is None else engine
+    weights = _default_weights if weights is None else weights
     _check_engine(engine)
     reason = engine_reason(model) if engine != "hf" else "asked for"
     if reason is not None and engine == "engine":
@@ -103,6 +113,8 @@ def generate(
         _said.add(reason)
         log.warning("generating with Transformers' generate: %s", reason)
     model.eval()
+    if reason is None:
+        weights = _weights_said(model, weights)
     run = _engine_batch if reason is None else _transformers_batch
     outputs: list[str] = []
     bar = None
@@ -113,7 +125,7 @@ def generate(
     try:
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
-            texts = run(model, tokenizer, chunk, max_new_tokens, stop_at_newline)
+            texts = run(model, tokenizer, chunk, max_new_tokens, stop_at_newline, weights)
             outputs += [text.split("\n")[0] if stop_at_newline else text for text in texts]
             if bar is not None:
                 bar.update(len(chunk))
@@ -123,8 +135,20 @@ def generate(
     return outputs
 
 
+def _weights_said(model: nn.Module, weights: str) -> str:
+    """The engine's weights for ``weights`` on the model's device, told once unless fp32
+    was asked for (the default, exact)."""
+    from .engine.weights import choose
+
+    chosen, why = choose(weights, model_device(model))
+    if weights != "fp32" and (chosen, why) not in _said:
+        _said.add((chosen, why))
+        log.warning("the engine's weights: %s (%s)", chosen, why)
+    return chosen
+
+
 def _engine_batch(
-    model: nn.Module, tokenizer, prompts, max_new_tokens: int, stop_at_newline: bool
+    model: nn.Module, tokenizer, prompts, max_new_tokens: int, stop_at_newline: bool, weights: str
 ) -> list[str]:
     from .engine import decode
 
@@ -132,7 +156,7 @@ def _engine_batch(
     stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if stop_at_newline:  # only the first line is kept: a row ends with its first newline
         stops += newline_tokens(tokenizer)
-    new = decode(model, rows, max_new_tokens, stops)
+    new = decode(model, rows, max_new_tokens, stops, weights=weights)
     return tokenizer.batch_decode(new, skip_special_tokens=True)
 
 
@@ -144,8 +168,8 @@ def newline_tokens(tokenizer) -> tuple[int, ...]:
 
 
 def _transformers_batch(
-    model: nn.Module, tokenizer, prompts, max_new_tokens: int, stop_at_newline: bool
-) -> list[str]:
+    model: nn.Module, tokenizer, prompts, max_new_tokens: int, stop_at_newline: bool, weights: str
+) -> list[str]:  # ``weights`` are the engine's: Transformers' runs the model's own
     tokens = prompt_tokens(model)
     rows = [encode_prompt(tokenizer, prompt, tokens) for prompt in prompts]
     side = tokenizer.padding_side

@@ -198,6 +198,23 @@ def test_an_unknown_engine_is_refused_by_name_before_the_model_loads(tiny_model_
         build_state(ServeOptions(model=str(tiny_model_dir), engine="vllm"))
 
 
+def test_engine_weights_are_refused_by_name_before_the_model_loads(tiny_model_dir, monkeypatch):
+    from loralab.engine import weights
+    from loralab.serve.server import ServeError, ServeOptions, build_state
+
+    options = ServeOptions(model=str(tiny_model_dir), engine_weights="bf16")
+    with pytest.raises(ServeError, match="--engine-weights bf16 is loralab's engine's: it needs"):
+        build_state(options)
+    options = ServeOptions(model=str(tiny_model_dir), engine="engine", engine_weights="int8")
+    with pytest.raises(ServeError, match="--engine-weights must be fp32, bf16 or auto, got 'int8'"):
+        build_state(options)
+    monkeypatch.setattr(weights, "_native_bf16", lambda device: None)
+    monkeypatch.setattr("loralab.serve.server.load_model", None)  # never reached
+    options = ServeOptions(model=str(tiny_model_dir), engine="engine", engine_weights="bf16")
+    with pytest.raises(ServeError, match="bf16: engine weights bf16: this CPU has neither"):
+        build_state(options)
+
+
 def test_unreadable_or_linked_files_are_refused_and_nothing_is_kept(tiny_model_dir, library):
     allowed = library / "allowed"
     broken = allowed / "broken"

@@ -90,6 +90,37 @@ def test_requests_that_join_and_leave_mid_batch_equal_generate(tiny_model_dir, a
         )
 
 
+def test_bf16_weights_serve_what_generate_writes_with_them(tiny_model_dir, adapters, monkeypatch):
+    """Rows of different adapters, on bf16 weights (``--engine-weights bf16``), each
+    prefilled with others and decoded in one batch: each text is ``loralab generate``'s
+    alone on the same weights."""
+    from loralab.engine import weights
+
+    monkeypatch.setattr(weights, "_native_bf16", lambda device: "the test says so")
+    directory, names = adapters
+    engine, tokenizer = _engine(
+        tiny_model_dir, directory, names, max_batch=4, engine="engine", engine_weights="bf16"
+    )
+    assert engine.engine_rows.weights == "bf16"
+    cases = [(f"prompt {i} " * (1 + i), [None, *names][i], 12) for i in range(4)]
+    engine.start()
+    try:
+        jobs = []
+        for prompt, adapter, max_tokens in cases:
+            job, collect = _job(tokenizer, prompt, adapter, max_tokens, temperature=0)
+            engine.submit(job)
+            jobs.append(collect)
+        assert all(collect.ended.wait(30) for collect in jobs)
+    finally:
+        engine.stop()
+    for (prompt, adapter, max_tokens), collect in zip(cases, jobs, strict=True):
+        expected = reference(
+            tiny_model_dir, adapter and directory / adapter, prompt, max_tokens, weights="bf16"
+        )
+        assert collect.text == expected
+    assert engine.engine_rows.rows.plan([None]).layers[0].qkv.packed is not None
+
+
 def test_the_end_token_stops_a_row(tiny_model_dir, adapters):
     directory, names = adapters
     engine, tokenizer = _engine(tiny_model_dir, directory, names)

@@ -33,11 +33,13 @@ def decode(
     stop_ids: Sequence[int] = (),
     sampling: Sequence[RowSampling] | None = None,
     row_adapters: Sequence[str | None] | None = None,
+    weights: str = "fp32",
 ) -> list[list[int]]:
     """The continuation of each prompt (token ids), up to ``max_new_tokens`` tokens and
     ending with the first of ``stop_ids`` it produces (which is kept); row ``i`` chooses
     as ``sampling[i]`` says (None: every row greedy) and runs adapter ``row_adapters[i]``
-    (None there: the bare base; no list: every row the layers' active adapter)."""
+    (None there: the bare base; no list: every row the layers' active adapter);
+    ``weights``: the base weights' format (``weights.WEIGHTS``; fp32 is exact)."""
     if any(len(prompt) == 0 for prompt in prompts):
         raise ValueError("every prompt needs at least one token")
     rows_sampling = list(sampling) if sampling is not None else [RowSampling()] * len(prompts)
@@ -48,7 +50,7 @@ def decode(
     device = model.get_input_embeddings().weight.device
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     rows, longest = len(prompts), int(lengths.max())
-    runner = Runner(model, rows, longest + max_new_tokens)
+    runner = Runner(model, rows, longest + max_new_tokens, weights)
     plan = runner.plan(row_adapters)
     tokens = torch.zeros(rows, longest, dtype=torch.long, device=device)
     for row, prompt in enumerate(prompts):

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..lora.layers import LoraFactors, LoraLayer, LoraLinear
+from .weights import Packed, packed
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -49,12 +50,14 @@ class LowRank:
 @dataclass
 class Group:
     """Projections that read one input: their base weights and biases, their output
-    widths, and the group's update (None: no row adapts any of them)."""
+    widths, the group's update (None: no row adapts any of them), and the base weights
+    fused in bf16 when the engine runs those (``weights.py``; None: the model's own)."""
 
     weights: tuple[Tensor, ...]
     biases: tuple[Tensor | None, ...]
     widths: tuple[int, ...]
     update: LowRank | None
+    packed: Packed | None = None
 
 
 @dataclass
@@ -138,17 +141,21 @@ def _projection_reason(module: nn.Module, row_adapters) -> str | None:
 
 
 def build(
-    model: nn.Module, row_adapters: Sequence[str | None] | None = None, trust: bool = False
+    model: nn.Module,
+    row_adapters: Sequence[str | None] | None = None,
+    trust: bool = False,
+    weights: str = "fp32",
 ) -> list[LayerPlan]:
     """The plan of every layer, for rows that all run the layers' active adapter (None)
     or each its own (``row_adapters[i]``; None there: the bare base). ``fast_reason``
     must have returned None. ``trust``: reuse each group's bank of factors without
     checking them (only for a caller that knows no adapter changed since its last
-    checked build: the server, whose adapters change only between its steps)."""
+    checked build: the server, whose adapters change only between its steps).
+    ``weights``: ``fp32`` (the model's own) or ``bf16`` (``weights.choose``'s)."""
     plans = []
     for index, layer in enumerate(model.model.layers):
         attention = layer.self_attn
-        groups = [_group(layer, names, row_adapters, trust) for names in GROUPS]
+        groups = [_group(layer, names, row_adapters, trust, weights) for names in GROUPS]
         head_norms = None
         if hasattr(attention, "q_norm"):
             head_norms = (_norm(attention.q_norm), _norm(attention.k_norm))
@@ -179,7 +186,9 @@ def window_of(config, index: int) -> int | None:
     return getattr(config, "sliding_window", None)
 
 
-def _group(layer: nn.Module, names: tuple[str, ...], row_adapters, trust: bool) -> Group:
+def _group(
+    layer: nn.Module, names: tuple[str, ...], row_adapters, trust: bool, weights: str
+) -> Group:
     modules = [_projection(layer, name) for name in names]
     bases = [m.base_layer if isinstance(m, LoraLayer) else m for m in modules]
     widths = tuple(base.out_features for base in bases)
@@ -187,7 +196,19 @@ def _group(layer: nn.Module, names: tuple[str, ...], row_adapters, trust: bool) 
         update = _shared_update(modules, widths)
     else:
         update = _row_update(modules, widths, list(row_adapters), trust)
-    return Group(tuple(b.weight for b in bases), tuple(b.bias for b in bases), widths, update)
+    group = Group(tuple(b.weight for b in bases), tuple(b.bias for b in bases), widths, update)
+    if weights == "bf16":
+        group.packed = packed(bases[0], list(group.weights), list(group.biases))
+    return group
+
+
+def head(model: nn.Module, weights: str) -> Packed | None:
+    """The output head in bf16 when the engine runs bf16 weights and the head is a plain
+    ``nn.Linear`` (an adapter on it runs in its own module), else None."""
+    module = model.lm_head
+    if weights != "bf16" or type(module) is not nn.Linear:
+        return None
+    return packed(module, [module.weight], [module.bias])
 
 
 def _active_factors(module: nn.Module) -> tuple[Tensor, Tensor] | None:

@@ -20,6 +20,8 @@ from torch import Tensor, nn
 
 from . import llama, plan, step
 from .sampling import choose
+from .weights import Packed
+from .weights import choose as choose_weights
 
 
 @dataclass
@@ -31,6 +33,7 @@ class RowsPlan:
     layers: list[plan.LayerPlan] | None
     reason: str | None
     known: frozenset = frozenset()  # the adapters whose checks passed (fast plans only)
+    head: Packed | None = None  # the output head in bf16 (None: the model's lm_head)
 
     @property
     def fast(self) -> bool:
@@ -38,12 +41,16 @@ class RowsPlan:
 
 
 class Runner:
-    """``rows`` cache rows of up to ``length`` positions each for ``model``."""
+    """``rows`` cache rows of up to ``length`` positions each for ``model``; the fast
+    step multiplies by ``weights`` (``weights.WEIGHTS``: fp32, bf16 or auto, chosen by
+    ``weights.choose``; ``self.weights`` is the choice, ``self.why`` its reason)."""
 
-    def __init__(self, model: nn.Module, rows: int, length: int) -> None:
+    def __init__(self, model: nn.Module, rows: int, length: int, weights: str = "fp32") -> None:
         reason = llama.supported_reason(model)
         if reason is not None:
             raise ValueError(reason)
+        device = model.get_input_embeddings().weight.device
+        self.weights, self.why = choose_weights(weights, device)
         self.model = model
         self.cache = llama.new_cache(model, rows, length)
         self.rotary = step.rotary_tables(model, length)
@@ -67,13 +74,15 @@ class Runner:
             reason = None
         else:
             reason, trust = plan.fast_reason(self.model, adapters), False
-        layers = plan.build(self.model, adapters, trust) if reason is None else None
+        layers = plan.build(self.model, adapters, trust, self.weights) if reason is None else None
         known: frozenset = frozenset()
+        head = None
         if reason is None:
             known = frozenset(adapters or ())
             if checked is not None and checked.fast:  # nothing changed since: still true
                 known |= checked.known
-        return RowsPlan(adapters, layers, reason, known)
+            head = plan.head(self.model, self.weights)
+        return RowsPlan(adapters, layers, reason, known, head)
 
     def forward(self, rows: RowsPlan, tokens: Tensor, positions: Tensor, first: int = 0) -> Tensor:
         """Hidden states (R, T, hidden) of ``tokens`` at ``positions`` in cache rows
@@ -85,7 +94,7 @@ class Runner:
     def logits(self, rows: RowsPlan, hidden: Tensor) -> Tensor:
         """The head's logits of hidden states (R, hidden)."""
         with self._modules_for(rows):
-            return self.model.lm_head(hidden)
+            return step.head(self.model, rows.head, hidden)
 
     def decode_step(
         self,
@@ -123,4 +132,4 @@ def _decode_step(
     model, rows, cache, tokens, positions, rotary, live, first, temperature, top_p, uniform
 ) -> Tensor:
     hidden = _forward(model, rows, cache, tokens[:, None], positions[:, None], rotary, live, first)
-    return choose(model.lm_head(hidden[:, 0]), temperature, top_p, uniform)
+    return choose(step.head(model, rows.head, hidden[:, 0]), temperature, top_p, uniform)

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .cache import KVCache
-from .plan import Group, LayerPlan
+from .plan import Group, LayerPlan, LowRank
+from .weights import Packed, linear
 
 
 def forward(
@@ -79,15 +80,14 @@ def rotary_tables(model: nn.Module, length: int) -> tuple[Tensor, Tensor]:
 def _project(x: Tensor, group: Group, rows: int) -> list[Tensor]:
     """Each projection of the group applied to ``x`` (R·T, in), with the group's update."""
     update = group.update
+    if group.packed is not None:  # bf16 weights: one fused product, the update added on
+        out = linear(x, group.packed)
+        if update is not None:
+            out = out + _delta(x, update, rows).to(out.dtype)
+        return list(out.split(group.widths, dim=-1))
     if update is None:
         return [F.linear(x, w, b) for w, b in zip(group.weights, group.biases, strict=True)]
-    lora_x = x.to(update.A.dtype)  # a half-precision base feeds its fp32 factors in fp32
-    if update.per_row:
-        per_row = lora_x.view(rows, -1, x.shape[-1])
-        delta = torch.bmm(torch.bmm(per_row, update.A.transpose(1, 2)), update.Bt)
-        delta = delta.view(x.shape[0], -1)
-    else:
-        delta = (lora_x @ update.A.T) @ update.Bt
+    delta = _delta(x, update, rows)
     outs, offset = [], 0
     for weight, bias, width in zip(group.weights, group.biases, group.widths, strict=True):
         part = delta[:, offset : offset + width]
@@ -99,6 +99,21 @@ def _project(x: Tensor, group: Group, rows: int) -> list[Tensor]:
             part = part + bias
         outs.append(torch.addmm(part, x, weight.T))  # the base product accumulates onto it
     return outs
+
+
+def _delta(x: Tensor, update: LowRank, rows: int) -> Tensor:
+    """The group's update ``x Aᵀ Bᵀ`` (R·T, Σout), in the factors' dtype."""
+    lora_x = x.to(update.A.dtype)  # a half-precision base feeds its fp32 factors in fp32
+    if update.per_row:
+        per_row = lora_x.view(rows, -1, x.shape[-1])
+        delta = torch.bmm(torch.bmm(per_row, update.A.transpose(1, 2)), update.Bt)
+        return delta.view(x.shape[0], -1)
+    return (lora_x @ update.A.T) @ update.Bt
+
+
+def head(model: nn.Module, packed: Packed | None, hidden: Tensor) -> Tensor:
+    """The output head's logits of ``hidden``: the model's ``lm_head``, or its bf16 copy."""
+    return model.lm_head(hidden) if packed is None else linear(hidden, packed)
 
 
 def _rms(x: Tensor, norm: tuple[Tensor, float]) -> Tensor:

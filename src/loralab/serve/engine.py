@@ -104,6 +104,7 @@ class Engine:
         max_batch: int = 32,
         max_waiting: int = 256,
         engine: str = "auto",
+        engine_weights: str = "fp32",
     ) -> None:
         self.model = model
         self.device = model_device(model)  # the inputs go where the weights are
@@ -115,7 +116,7 @@ class Engine:
         self.context_length = int(model.config.max_position_embeddings)
         self.vocab_size = model.get_input_embeddings().num_embeddings  # valid input ids
         self.eos = tokenizer.eos_token_id
-        self.engine_rows = _engine_rows(model, max_batch, engine)
+        self.engine_rows = _engine_rows(model, max_batch, engine, engine_weights)
         if self.engine_rows is None:
             new_cache(model.config)  # refuses models whose cache cannot be split by rows
         self.cache = BatchCache(model.config)
@@ -492,13 +493,16 @@ class Engine:
             row.job.emit(event)
 
 
-def _engine_rows(model: nn.Module, max_batch: int, engine: str) -> EngineRows | None:
+def _engine_rows(
+    model: nn.Module, max_batch: int, engine: str, weights: str = "fp32"
+) -> EngineRows | None:
     """The rows on loralab's engine where ``engine`` asks for it (refused with the reason
     where it cannot run the model). Not yet by default: with many clients its prefills,
     separate forwards between the steps, and its rows' factors gathered anew whenever the
     rows change cost more throughput than its faster step gains (0.75–0.82× at 32
     clients, ``benchmarks/results_serve_engine.md``), though a long prompt no longer
-    stalls the other streams (``results_serve_stall.md``)."""
+    stalls the other streams (``results_serve_stall.md``). ``weights``: its base weights'
+    format (``engine/weights.py``)."""
     if engine != "engine":
         return None
     from ..engine import supported_reason
@@ -506,7 +510,7 @@ def _engine_rows(model: nn.Module, max_batch: int, engine: str) -> EngineRows | 
     reason = supported_reason(model)
     if reason is not None:
         raise ValueError(f"the engine cannot serve this model: {reason}")
-    return EngineRows(model, max_batch)
+    return EngineRows(model, max_batch, weights)
 
 
 def _on_cpu(logits: Tensor) -> Tensor:

@@ -62,11 +62,13 @@ class Prompt:
 class EngineRows:
     """The running rows (their adapters and lengths, in cache order) and the prompts."""
 
-    def __init__(self, model: nn.Module, max_rows: int) -> None:
+    def __init__(self, model: nn.Module, max_rows: int, weights: str = "fp32") -> None:
         self.model = model
         self.device = model.get_input_embeddings().weight.device
         self.max_rows = max_rows
-        self.rows = Runner(model, 1, _START_LENGTH)
+        self.rows = Runner(model, 1, _START_LENGTH, weights)
+        self.weights = self.rows.weights  # the choice (``engine/weights.py``) and its reason
+        self.why = self.rows.why
         self.adapters: list[str | None] = []
         self.lengths: list[int] = []  # each running row's positions in the cache
         self.prompts: list[Prompt] = []
@@ -141,7 +143,7 @@ class EngineRows:
     def _prefill_together(self, prompts: list[Prompt]) -> None:
         """Whole prompts in one forward, right-padded, each row at its own positions."""
         longest = max(len(p.tokens) for p in prompts)
-        runner = Runner(self.model, len(prompts), longest)
+        runner = Runner(self.model, len(prompts), longest, self.weights)
         tokens = torch.zeros(len(prompts), longest, dtype=torch.long, device=self.device)
         for row, prompt in enumerate(prompts):
             tokens[row, : len(prompt.tokens)] = torch.tensor(prompt.tokens, device=self.device)
@@ -156,7 +158,7 @@ class EngineRows:
 
     def _prefill_chunk(self, prompt: Prompt, take: int) -> None:
         if prompt.runner is None:
-            prompt.runner = Runner(self.model, 1, len(prompt.tokens))
+            prompt.runner = Runner(self.model, 1, len(prompt.tokens), self.weights)
         runner = prompt.runner
         span = prompt.tokens[prompt.done : prompt.done + take]
         tokens = torch.tensor([span], device=self.device)

@@ -41,6 +41,7 @@ class ServeOptions:
     dtype: str | None = None  # the base's weights: fp32, bf16, fp16, auto (None: fp32)
     quantized_base: str | None = None  # gguf, nf4, fp4, int8 (``QUANTIZED_BASES``); None: dense
     engine: str = "auto"  # engine: loralab's (or refused); auto, hf: Transformers' forward
+    engine_weights: str = "fp32"  # loralab's engine's base weights: fp32, bf16 or auto
 
 
 def served_name(model: str) -> str:
@@ -56,27 +57,15 @@ class ServeError(ValueError):
 
 def build_state(options: ServeOptions) -> ServerState:
     """Everything but the socket: the model, the pinned adapters, the engine."""
-    for flag, value in (
-        ("--max-batch", options.max_batch),
-        ("--max-loras", options.max_loras),
-        ("--max-waiting", options.max_waiting),
-    ):
-        if value < 1:
-            raise ServeError(f"{flag} must be ≥ 1, got {value}")
-    if options.max_cpu_loras is not None and options.max_cpu_loras < options.max_loras:
-        raise ServeError(
-            f"--max-cpu-loras {options.max_cpu_loras} must be ≥ --max-loras {options.max_loras}"
-        )
-    if options.engine not in ("auto", "engine", "hf"):
-        raise ServeError(f"--engine must be auto, engine or hf, got {options.engine!r}")
-    if not 0 <= options.port <= 65535:
-        raise ServeError(f"--port must be in 0-65535 (0: any free port), got {options.port}")
-    if options.adapter_dir is not None and not options.adapter_dir.is_dir():
-        raise ServeError(f"--adapter-dir {options.adapter_dir} is not a directory")
-    for name, directory in options.adapters:
-        if not Path(directory).is_dir():
-            raise ServeError(f"--adapter {name}={directory}: not an adapter directory")
+    _check(options)
     device = choose_device(options.device)  # a GPU that is not there: before the load
+    if options.engine == "engine":  # bf16 on a CPU without its units: before the load too
+        from ..engine.weights import choose
+
+        try:
+            choose(options.engine_weights, device)
+        except ValueError as error:
+            raise ServeError(f"--engine-weights {options.engine_weights}: {error}") from None
     model, tokenizer = load_model(
         options.model,
         dtype=base_dtype(options.dtype),
@@ -100,12 +89,49 @@ def build_state(options: ServeOptions) -> ServerState:
             pool.add_pinned(name, Path(directory))
         except RequestError as error:
             raise ServeError(f"--adapter {name}={directory}: {error.message}") from None
-    engine = Engine(
-        model, tokenizer, pool, metrics, options.max_batch, options.max_waiting, options.engine
-    )
+    try:
+        engine = Engine(
+            model, tokenizer, pool, metrics, options.max_batch, options.max_waiting,
+            options.engine, options.engine_weights,
+        )  # fmt: skip
+    except ValueError as error:  # the engine cannot run the model, or bf16 on this CPU
+        raise ServeError(f"--engine {options.engine}: {error}") from None
     return ServerState(
         engine, pool, tokenizer, base_name, metrics, options.api_key, options.max_body
     )
+
+
+def _check(options: ServeOptions) -> None:
+    """Refuse a start-up setting the server cannot use, by its flag, before the load."""
+    for flag, value in (
+        ("--max-batch", options.max_batch),
+        ("--max-loras", options.max_loras),
+        ("--max-waiting", options.max_waiting),
+    ):
+        if value < 1:
+            raise ServeError(f"{flag} must be ≥ 1, got {value}")
+    if options.max_cpu_loras is not None and options.max_cpu_loras < options.max_loras:
+        raise ServeError(
+            f"--max-cpu-loras {options.max_cpu_loras} must be ≥ --max-loras {options.max_loras}"
+        )
+    if options.engine not in ("auto", "engine", "hf"):
+        raise ServeError(f"--engine must be auto, engine or hf, got {options.engine!r}")
+    if options.engine_weights not in ("fp32", "bf16", "auto"):  # engine/weights.py's
+        raise ServeError(
+            f"--engine-weights must be fp32, bf16 or auto, got {options.engine_weights!r}"
+        )
+    if options.engine_weights != "fp32" and options.engine != "engine":
+        raise ServeError(
+            f"--engine-weights {options.engine_weights} is loralab's engine's: it needs "
+            f"--engine engine (got --engine {options.engine})"
+        )
+    if not 0 <= options.port <= 65535:
+        raise ServeError(f"--port must be in 0-65535 (0: any free port), got {options.port}")
+    if options.adapter_dir is not None and not options.adapter_dir.is_dir():
+        raise ServeError(f"--adapter-dir {options.adapter_dir} is not a directory")
+    for name, directory in options.adapters:
+        if not Path(directory).is_dir():
+            raise ServeError(f"--adapter {name}={directory}: not an adapter directory")
 
 
 def serve(options: ServeOptions) -> None:
@@ -113,6 +139,9 @@ def serve(options: ServeOptions) -> None:
     state = build_state(options)
     dtype = str(state.engine.model.dtype).removeprefix("torch.")
     print(f"loralab serve: {options.model} on {state.engine.device}, {dtype}", file=sys.stderr)
+    rows = state.engine.engine_rows
+    if rows is not None:
+        print(f"loralab serve: the engine's weights {rows.weights} ({rows.why})", file=sys.stderr)
     if options.host not in ("127.0.0.1", "localhost", "::1") and options.api_key is None:
         log.warning(
             "serving on %s without --api-key: anyone who can reach this port can use it",

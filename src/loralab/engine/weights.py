@@ -1,0 +1,107 @@
+"""The format of the base weights the fast step multiplies by, chosen by the hardware.
+
+``fp32`` (the default) multiplies by the model's own tensors as loaded: no copies, and
+the tokens equal Transformers' to the last bit, which the tests and every reported score
+rely on. ``bf16`` multiplies by a bf16 copy of each group's base weights (q|k|v and
+gate|up fused, since the copy is made anyway), packed for oneDNN where PyTorch has it;
+the inputs of those products are rounded to bf16 and their outputs come back to the
+model's dtype, while the norms, attention, the residual stream and the LoRA updates stay
+in fp32. It pays only where the CPU multiplies bf16 natively (AVX512-BF16 or AMX; on
+CUDA always): there the products of a step read half the bytes and run on the bf16
+units (``benchmarks/bench_small_matmuls.py``: the MLP weights at 1, 8 and 32 rows took
+0.70×, 0.43× and 0.30× fp32's time on an AMX Xeon). Elsewhere bf16 is emulated and
+slower, so ``auto`` never picks it there and ``bf16`` is refused with the reason.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+WEIGHTS = ("fp32", "bf16", "auto")
+
+
+def choose(requested: str, device: torch.device) -> tuple[str, str]:
+    """The format to run (``fp32`` or ``bf16``) for ``requested`` (one of ``WEIGHTS``) on
+    ``device``, and why, in words to print."""
+    if requested not in WEIGHTS:
+        raise ValueError(f"engine weights must be one of {', '.join(WEIGHTS)}, not {requested!r}")
+    native = _native_bf16(device)
+    if requested == "fp32":
+        return "fp32", "the model's own weights, asked for"
+    if requested == "bf16" and native is None:
+        raise ValueError(
+            "engine weights bf16: this CPU has neither AVX512-BF16 nor AMX, so bf16 products "
+            "would be emulated and slower than fp32; use fp32 (or auto)"
+        )
+    if native is None:
+        return "fp32", "this CPU has neither AVX512-BF16 nor AMX (bf16 would be slower)"
+    return "bf16", native
+
+
+# The CPU's bf16 units and PyTorch's checks for them (torch.cpu's, as its own kernels use).
+_UNITS = (("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported"))
+
+
+def _native_bf16(device: torch.device) -> str | None:
+    """What multiplies bf16 natively on ``device`` (None: nothing)."""
+    if device.type == "cuda":
+        return "CUDA"
+    if device.type != "cpu":
+        return None
+    units = [name for name, check in _UNITS if getattr(torch.cpu, check, lambda: False)()]
+    return f"this CPU has {' and '.join(units)}" if units else None
+
+
+@dataclass
+class Packed:
+    """Base weights (out, in) in bf16, fused along ``out``, packed for oneDNN when
+    ``onednn``; ``bias`` in the model's dtype (None: no bias)."""
+
+    weight: Tensor
+    bias: Tensor | None
+    onednn: bool
+
+
+def linear(x: Tensor, packed: Packed) -> Tensor:
+    """``x Wᵀ + b`` with the packed bf16 weights, in ``x``'s dtype."""
+    half = x.to(torch.bfloat16)
+    if packed.onednn:
+        out = torch.ops.mkldnn._linear_pointwise(half, packed.weight, None, "none", [], "")
+    else:
+        out = torch.nn.functional.linear(half, packed.weight)
+    out = out.to(x.dtype)
+    return out if packed.bias is None else out + packed.bias
+
+
+# Per module (the first of its group): the packed copy and the weights it was made from,
+# by identity and version counter, so a merge or any in-place change packs again.
+_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def packed(owner: torch.nn.Module, weights: list[Tensor], biases: list[Tensor | None]) -> Packed:
+    """The bf16 copy of ``weights`` (each (out, in), fused along out) and ``biases``,
+    made once per version of the weights and kept with ``owner``."""
+    key = tuple((id(w), w._version, w.data_ptr()) for w in weights)
+    key += tuple(None if b is None else (id(b), b._version) for b in biases)
+    cached = _PACKED.get(owner)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    with torch.no_grad():
+        weight = torch.cat([w.detach() for w in weights]).to(torch.bfloat16)
+        bias = None
+        if any(b is not None for b in biases):
+            parts = [
+                b.detach() if b is not None else w.new_zeros(w.shape[0])
+                for w, b in zip(weights, biases, strict=True)
+            ]
+            bias = torch.cat(parts)
+        onednn = weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
+        if onednn:  # oneDNN's blocked layout; its products read it at any row count
+            weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+    result = Packed(weight, bias, onednn)
+    _PACKED[owner] = (key, result, weights)
+    return result
