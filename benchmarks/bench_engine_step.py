@@ -4,6 +4,8 @@ greedy token out, timed as
 
 - the model's own modules (``engine/llama.py``, eager);
 - the fast step over the model's tensors (``engine/step.py``, eager: what the engine runs);
+- the same with bf16 base weights (``--engine-weights bf16``; where the CPU has
+  AVX512-BF16 or AMX), against its own products alone;
 - the fast step ``torch.compile``d for this one shape (``dynamic=False``), with its
   compile time: the gain a compiled step would bring, and its price;
 - the step's matrix products alone (each product of the step re-run by itself, same
@@ -70,6 +72,17 @@ def measure(model, rows: int, compile_too: bool) -> None:
         return choose(model.lm_head(hidden[:, 0]), zeros, ones, zeros)
 
     sides = {"modules (eager)": stepper(modules), "fast step (eager)": stepper(plan)}
+    from loralab.engine.weights import choose as choose_weights
+
+    half_floor = None
+    if choose_weights("auto", torch.device("cpu"))[0] == "bf16":
+        halves = Runner(model, rows, 512, "bf16")
+        half = halves.plan()
+        halves.forward(half, prompt, torch.arange(32).expand(rows, 32))
+        sides["fast step, bf16 weights (eager)"] = lambda t, p: halves.decode_step(
+            half, t, p, zeros, ones, zeros
+        )
+        half_floor = _products_alone(model, half.layers, rows, half.head)
     compile_s = None
     if compile_too:
         compiled = torch.compile(fast_step, dynamic=False)
@@ -90,32 +103,44 @@ def measure(model, rows: int, compile_too: bool) -> None:
     floor = _products_alone(model, plan.layers, rows)
     print(f"\n{rows} row(s):")
     for name, values in times.items():
-        print(f"  {name}: {median(values):.1f} ms ({median(values) / floor:.2f}× its products)")
+        own = half_floor if "bf16" in name else floor
+        print(f"  {name}: {median(values):.1f} ms ({median(values) / own:.2f}× its products)")
     print(f"  its matrix products alone: {floor:.1f} ms")
+    if half_floor is not None:
+        print(f"  its matrix products alone with bf16 weights: {half_floor:.1f} ms")
     if compile_s is not None:
         print(f"  compiling the step for this shape took {compile_s:.0f} s")
 
 
-def _products_alone(model, layers, rows: int) -> float:
-    """The time of the step's matrix products, each run alone on its own weights."""
+def _products_alone(model, layers, rows: int, head=None) -> float:
+    """The time of the step's matrix products, each run alone on its own weights (the
+    groups' packed bf16 weights and ``head`` where the plan has them, with the casts)."""
+    from loralab.engine.weights import linear
+
     x = {}
-    products = []
+    products, packed = [], []
     for plan in layers:
         for group in (plan.qkv, plan.o, plan.gate_up, plan.down):
             width = group.weights[0].shape[1]
-            x.setdefault(width, torch.randn(rows, width))
-            products += [(width, w) for w in group.weights]
+            if group.packed is not None:
+                packed.append((width, group.packed))
+            else:
+                products += [(width, w) for w in group.weights]
             if group.update is not None:
                 products.append((width, group.update.A))
                 products.append((group.update.A.shape[0], group.update.Bt.T))
-    head = model.lm_head.weight
-    products.append((head.shape[1], head))
-    for width, _ in products:
+    if head is not None:
+        packed.append((model.lm_head.weight.shape[1], head))
+    else:
+        products.append((model.lm_head.weight.shape[1], model.lm_head.weight))
+    for width, _ in products + packed:
         x.setdefault(width, torch.randn(rows, width))
 
     def run() -> None:
         for width, weight in products:
             torch.mm(x[width], weight.T)
+        for width, weights in packed:
+            linear(x[width], weights)
 
     return median(interleaved({"products": lambda: timed(run)}, warmup=3, reps=10)["products"])
 

@@ -10,12 +10,14 @@ the same work) after e2e prompts, one stream and a batch of 8:
   engine): the unmerged adapter in fp32 PyTorch over a left-padded batch;
 - loralab's engine (``loralab.engine.decode_greedy``, what ``loralab generate`` runs): the
   same model and adapter, its own per-layer KV cache, each row at its own positions, the
-  fast step over the model's tensors (eager, not compiled);
+  fast step over the model's tensors (eager, not compiled); and the same with bf16 base
+  weights (``--engine-weights bf16``, where the CPU has AVX512-BF16 or AMX);
 - llama.cpp (llama-cpp-python's bindings, its own batched decoding: one sequence per
   prompt in one ``llama_decode``) with the adapter GGUF, on the base's F32 export (the
-  same arithmetic) and on the shipped Q4_1 file (what a user runs); and the F32 base
-  without the adapter, for what the adapter costs there and to show that it changes the
-  tokens.
+  same arithmetic), on its BF16 export (``loralab merge --format gguf --outtype bf16``:
+  the arithmetic of loralab's bf16 weights) and on the shipped Q4_1 file (what a user
+  runs); and the F32 base without the adapter, for what the adapter costs there and to
+  show that it changes the tokens.
 
 Each side runs in its own worker process, the order flipped every round; a worker times
 ``--reps`` runs after one warm-up, and the table gives the medians over all runs. Both
@@ -94,8 +96,8 @@ def loralab_runs(adapter: Path, batch: list[list[int]], reps: int) -> dict:
     return _timed(run, reps, len(batch), first_rows)
 
 
-def engine_runs(adapter: Path, batch: list[list[int]], reps: int) -> dict:
-    from loralab.engine import decode_greedy
+def engine_runs(adapter: Path, batch: list[list[int]], reps: int, weights: str = "fp32") -> dict:
+    from loralab.engine import decode
     from loralab.files.adapter_dir import load_adapter
     from loralab.models.loading import load_model
 
@@ -105,7 +107,7 @@ def engine_runs(adapter: Path, batch: list[list[int]], reps: int) -> dict:
 
     def run() -> float:
         start = time.perf_counter()
-        out = decode_greedy(model, batch, NEW_TOKENS)  # no stop token: all 64 every row
+        out = decode(model, batch, NEW_TOKENS, weights=weights)  # no stop: all 64 every row
         seconds = time.perf_counter() - start
         first_rows[:] = out[0]
         return seconds
@@ -197,12 +199,16 @@ def worker(argv: list[str]) -> None:
     batch = json.loads((folder / "prompts.json").read_text())[:batch_size]
     if side == "loralab":
         result = loralab_runs(folder / "a0", batch, reps)
-    elif side == "engine":
-        result = engine_runs(folder / "a0", batch, reps)
+    elif side in ("engine", "engine-bf16"):
+        result = engine_runs(
+            folder / "a0", batch, reps, "bf16" if side == "engine-bf16" else "fp32"
+        )
     else:
         from loralab.models.embedded import embedded_gguf
 
-        base = embedded_gguf(MODEL) if side == "llama-q4_1" else folder / "base-f32.gguf"
+        base = {"llama-q4_1": embedded_gguf(MODEL), "llama-bf16": folder / "base-bf16.gguf"}.get(
+            side, folder / "base-f32.gguf"
+        )
         adapter = None if side == "llama-f32-alone" else folder / "a0.gguf"
         result = llama_runs(base, adapter, batch, reps)
     result_line(result)
@@ -214,7 +220,9 @@ def worker(argv: list[str]) -> None:
 SIDES = {
     "loralab": "Transformers' `generate` (fp32, unmerged; `--engine hf`)",
     "engine": "loralab's engine (fp32, unmerged; eager; `loralab generate`)",
+    "engine-bf16": "loralab's engine, bf16 base weights (`--engine-weights bf16`)",
     "llama-f32": "llama.cpp, F32 base + adapter GGUF",
+    "llama-bf16": "llama.cpp, BF16 base + adapter GGUF",
     "llama-q4_1": "llama.cpp, shipped Q4_1 base + adapter GGUF",
     "llama-f32-alone": "llama.cpp, F32 base alone (no adapter: its cost, and its effect)",
 }
@@ -242,6 +250,7 @@ def main() -> None:
         model, _ = load_model(MODEL)
         export_adapter_gguf(folder / "a0", model.config, folder / "a0.gguf")
         write_merged_gguf(embedded_gguf(MODEL), folder / "base-f32.gguf", "f32")
+        write_merged_gguf(embedded_gguf(MODEL), folder / "base-bf16.gguf", "bf16")
         (folder / "prompts.json").write_text(json.dumps(prompts(max(BATCHES))))
         samples: dict[tuple[str, int], list[float]] = {}
         first: dict[tuple[str, int], list[int]] = {}
@@ -287,23 +296,26 @@ def _table(
         f"{rounds} rounds × {reps} runs, range in brackets. *first row agrees* counts the "
         "greedy tokens of the batch's first row that equal loralab's.",
         "",
-        "| side | batch | output tok/s | × Transformers | × llama.cpp F32 | first row agrees |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| side | batch | output tok/s | × Transformers | × llama.cpp F32 | × llama.cpp BF16 "
+        "| first row agrees |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for b in BATCHES:
         ours = median(samples[("loralab", b)])
         for side, name in SIDES.items():
             if side in failed:
-                lines.append(f"| {name} | {b} | {failed[side]} | | |")
+                lines.append(f"| {name} | {b} | {failed[side]} | | | | |")
                 continue
             values = samples[(side, b)]
             same = agreeing(first[(side, b)], first[("loralab", b)])
             same = "—" if side == "loralab" else f"{same} / {NEW_TOKENS}"
-            f32 = samples.get(("llama-f32", b))
-            to_f32 = f"{median(values) / median(f32):.2f}" if f32 else "—"
+            ratios = []
+            for anchor in ("llama-f32", "llama-bf16"):
+                theirs = samples.get((anchor, b))
+                ratios.append(f"{median(values) / median(theirs):.2f}" if theirs else "—")
             lines.append(
                 f"| {name} | {b} | {median(values):.1f} [{min(values):.1f}–{max(values):.1f}] "
-                f"| {median(values) / ours:.2f} | {to_f32} | {same} |"
+                f"| {median(values) / ours:.2f} | {' | '.join(ratios)} | {same} |"
             )
     return "\n".join(lines) + "\n"
 

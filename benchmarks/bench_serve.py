@@ -8,7 +8,8 @@ flipped every round, to:
 - ``loralab serve`` (continuous batching, each row its own adapter; by default on
   Transformers' forward and cache);
 - ``loralab serve --engine engine`` (the same server on loralab's engine: prompts in
-  chunks between the steps);
+  chunks between the steps), and with ``--engine-weights bf16`` (its base weights in
+  bf16, where the CPU has AVX512-BF16 or AMX);
 - ``naive_server.py``: FastAPI and PEFT, one request at a time, ``set_adapter`` then
   ``generate`` (not streamed: its time to first token is the whole request);
 - vLLM's CPU build serving the same adapter files with its OpenAI server, from a venv of
@@ -62,6 +63,15 @@ HERE = Path(__file__).resolve().parent
 # -- the servers ----------------------------------------------------------------------------
 
 
+# loralab's servers by their engine flags
+LORALAB_SIDES = {
+    "loralab": ["--engine", "auto"],
+    "loralab-engine": ["--engine", "engine"],
+    "loralab-engine-bf16": ["--engine", "engine", "--engine-weights", "bf16"],
+}
+SIDE_NAMES = {side: f"`loralab serve {' '.join(flags)}`" for side, flags in LORALAB_SIDES.items()}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -71,10 +81,10 @@ def free_port() -> int:
 def server_command(side: str, adapters: Path, port: int, vllm_python: Path) -> tuple[list, dict]:
     names = [f"a{i}" for i in range(max(ADAPTER_COUNTS))]
     env = dict(os.environ)
-    if side in ("loralab", "loralab-engine"):
+    if side in LORALAB_SIDES:
         pinned = [x for n in names for x in ("--adapter", f"{n}={adapters / n}")]
         command = [sys.executable, "-m", "loralab", "serve", "--model", MODEL, "--port", str(port)]
-        command += ["--engine", "engine" if side == "loralab-engine" else "auto"]
+        command += LORALAB_SIDES[side]
         return [*command, "--max-batch", str(CLIENTS), "--max-loras", str(len(names)), *pinned], env
     if side == "naive":
         command = [sys.executable, str(HERE / "naive_server.py"), "--adapter-dir", str(adapters)]
@@ -280,7 +290,7 @@ def stall_main(args) -> None:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for side, r in results.items():
-        name = "`loralab serve`" if side == "loralab" else "`loralab serve --engine engine`"
+        name = SIDE_NAMES[side]
         lines.append(
             f"| {name} | {r['prefill_s']:.1f} | {r['step_ms']:.0f} | {r['max_gap_ms']:.0f} | "
             f"{r['max_gap_ms'] / r['step_ms']:.1f} | {r['tokens_during']} |"
@@ -309,10 +319,10 @@ def measure_side(side: str, url: str, seconds: float, per_client: int) -> dict:
 # -- one decoding step, profiled --------------------------------------------------------------
 
 
-MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "mkldnn::_linear_pointwise")
 
 
-def profile_step(adapters: Path, side: str, steps: int = 8) -> dict:
+def profile_step(adapters: Path, side: str, steps: int = 8, weights: str = "fp32") -> dict:
     """One decoding step of 32 rows over 32 adapters inside the engine, and the time its
     matrix products take alone (each shape re-run by itself at this machine's speed)."""
     import torch
@@ -330,7 +340,9 @@ def profile_step(adapters: Path, side: str, steps: int = 8) -> dict:
     pool = AdapterPool(model, MODEL, CLIENTS, adapters, metrics)
     for i in range(CLIENTS):
         pool.add_pinned(f"a{i}", adapters / f"a{i}")
-    engine = Engine(model, tokenizer, pool, metrics, max_batch=CLIENTS, engine=side)  # or auto
+    engine = Engine(
+        model, tokenizer, pool, metrics, max_batch=CLIENTS, engine=side, engine_weights=weights
+    )  # side: engine or auto
     prompt = tokenizer(PROMPT)["input_ids"]
     for i in range(CLIENTS):
         job = Job(list(prompt), f"a{i}", 8 * steps + 8, Sampling(temperature=0), (), lambda e: None)
@@ -371,14 +383,23 @@ def profile_step(adapters: Path, side: str, steps: int = 8) -> dict:
             if group.update is not None
             for t in (group.update.A, group.update.Bt)
         )
+        packed = sum(
+            group.packed.weight.numel() * 2
+            for layer in rows._plan.layers
+            for group in (layer.qkv, layer.o, layer.gate_up, layer.down)
+            if group.packed is not None
+        )
+        if rows._plan.head is not None:
+            packed += rows._plan.head.weight.numel() * 2
+        copies = f" (and their bf16 copies {packed / 2**20:.0f} MiB)" if packed else ""
         memory = (
-            f"weights {weights / 2**20:.0f} MiB, KV cache {rows.rows.cache.nbytes() / 2**20:.0f} "
+            f"weights {weights / 2**20:.0f} MiB{copies}, KV cache {rows.rows.cache.nbytes() / 2**20:.0f} "
             f"MiB ({rows.rows.cache.rows} rows × {rows.rows.cache.length} positions), the rows' "
             f"gathered factors {factors / 2**20:.1f} MiB"
         )
     return {
         "memory": memory,
-        "side": side,
+        "side": side if weights == "fp32" else f"{side}, {weights} weights",
         "rows": CLIENTS,
         "width": max(rows.lengths) if rows is not None else engine.cache.width,
         "step_ms": median(times),
@@ -394,6 +415,8 @@ def _operands(key: str, shapes: list) -> tuple[list, list]:
     """The two factors of a matrix product as the profiler recorded its inputs."""
     if key in ("aten::addmm", "aten::baddbmm"):
         return shapes[1], shapes[2]
+    if key == "mkldnn::_linear_pointwise":  # x (M, in) and the packed weight (out, in)
+        return shapes[0], shapes[1][::-1]
     return shapes[0], shapes[1]
 
 
@@ -411,7 +434,16 @@ def alone_ms(key: str, shapes: list, count: int, reps: int = 5) -> float:
 
     left, right = _operands(key, shapes)
     a = torch.randn(left)
-    if len(right) == 2:
+    if key == "mkldnn::_linear_pointwise":  # bf16 weights, packed as the engine packs them
+        from loralab.engine.weights import packed
+
+        owners = [torch.nn.Module() for _ in range(count)]
+        weights = [packed(o, [torch.randn(right[1], right[0])], [None]) for o in owners]
+        a = a.bfloat16()
+
+        def product(x, w):
+            return torch.ops.mkldnn._linear_pointwise(x, w.weight, None, "none", [], "")
+    elif len(right) == 2:
         weights = [torch.randn(right[1], right[0]).t() for _ in range(count)]
         product = torch.mm
     else:
@@ -483,9 +515,9 @@ def report(results: dict, profile_figures: dict, settings: str, loads: tuple) ->
     )
     for p in profile_figures:
         name = (
-            "loralab's engine"
-            if p["side"] == "engine"
-            else "Transformers' forward (the default, `--engine hf`)"
+            "Transformers' forward (the default, `--engine hf`)"
+            if p["side"] == "auto"
+            else f"loralab's engine ({p['side']})"
         )
         lines += [
             "",
@@ -518,8 +550,8 @@ def main() -> None:
     parser.add_argument(
         "--sides",
         nargs="+",
-        default=["loralab", "loralab-engine", "naive", "vllm"],
-        choices=["loralab", "loralab-engine", "naive", "vllm"],
+        default=[*LORALAB_SIDES, "naive", "vllm"],
+        choices=[*LORALAB_SIDES, "naive", "vllm"],
     )
     parser.add_argument("--stall", action="store_true", help="a long prompt among streams, instead")
     args = parser.parse_args()
@@ -544,13 +576,19 @@ def main() -> None:
                 with running(side, adapters, args.vllm_python, scratch) as url:
                     this_round[side] = measure_side(side, url, seconds, per_client)
             measured.append({s: this_round[s] for s in sides})
+        import torch
+
+        from loralab.engine.weights import choose
+
         profile_figures = [profile_step(adapters, side) for side in ("engine", "auto")]
+        if choose("auto", torch.device("cpu"))[0] == "bf16":
+            profile_figures.insert(1, profile_step(adapters, "engine", weights="bf16"))
     loads.append(load_average())
     settings = f"at most {per_client} requests a client and {seconds} s a case, {rounds} round(s)"
     text = report(summarize(measured), profile_figures, settings, tuple(loads))
     print(text)
     if args.write:
-        name = "results_serve_engine.md" if set(sides) <= {"loralab", "loralab-engine"} else ""
+        name = "results_serve_engine.md" if set(sides) <= set(LORALAB_SIDES) else ""
         (HERE / (name or "results_serve.md")).write_text(text)
 
 

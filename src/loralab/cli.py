@@ -492,8 +492,8 @@ def _outtype_flag(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument(
         "--outtype",
         default="f32",
-        help=f"f32, f16 or q8_0 for {what} (default: f32; q8_0 keeps in f16 the tensors "
-        "whose rows are not a multiple of 32, and vectors stay f32)",
+        help=f"f32, f16, bf16 or q8_0 for {what} (default: f32; q8_0 keeps in f16 the "
+        "tensors whose rows are not a multiple of 32, and vectors stay f32)",
     )
 
 

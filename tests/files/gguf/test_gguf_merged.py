@@ -7,6 +7,7 @@ import shutil
 import gguf
 import numpy as np
 import pytest
+import torch
 
 from conftest import save_random_adalora, save_tiny_gguf
 from llama_cpp_runs import adapted, llama_logits, loralab_logits
@@ -16,7 +17,11 @@ from loralab.files.gguf.merged import source_gguf, write_merged_gguf
 from loralab.lora.merge import merge_and_unload
 from loralab.models.loading import load_model
 
-Q8_0, F32 = gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.F32
+Q8_0, F32, BF16 = (
+    gguf.GGMLQuantizationType.Q8_0,
+    gguf.GGMLQuantizationType.F32,
+    gguf.GGMLQuantizationType.BF16,
+)
 
 
 def _tensors(path) -> dict:
@@ -38,6 +43,19 @@ def test_the_base_alone_in_f32_is_the_source_and_q8_0_runs(tiny_gguf_file, tmp_p
     assert kinds["blk.0.attn_q.weight"] == Q8_0 and kinds["blk.0.attn_norm.weight"] == F32
     assert _fields(q8.path)["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q8_0
     error = np.abs(llama_logits(q8.path) - llama_logits(tiny_gguf_file)).max()
+    assert 0 < error < 0.05, error
+
+
+def test_a_bf16_base_is_the_source_rounded_to_bf16_and_llama_cpp_runs_it(tiny_gguf_file, tmp_path):
+    bf16 = write_merged_gguf(tiny_gguf_file, tmp_path / "base-bf16.gguf", "bf16")
+    source, written = _tensors(tiny_gguf_file), _tensors(bf16.path)
+    assert written["blk.0.attn_q.weight"].tensor_type == gguf.GGMLQuantizationType.BF16
+    assert written["blk.0.attn_norm.weight"].tensor_type == F32
+    values = gguf.quants.dequantize(written["blk.0.ffn_up.weight"].data, BF16)
+    expected = torch.from_numpy(np.array(source["blk.0.ffn_up.weight"].data))
+    assert np.array_equal(values, expected.bfloat16().float().numpy())  # rounded to nearest
+    assert _fields(bf16.path)["general.file_type"] == gguf.LlamaFileType.MOSTLY_BF16
+    error = np.abs(llama_logits(bf16.path) - llama_logits(tiny_gguf_file)).max()
     assert 0 < error < 0.05, error
 
 

@@ -17,12 +17,13 @@ from torch import Tensor
 from ...models.gguf_layout import ARCHITECTURES, GgufLayout, UnknownArchitecture
 from ..atomic_write import write_files_atomically
 
-OUTTYPES = ("f32", "f16", "q8_0")
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
 # The GGUF file types llama.cpp records in general.file_type for a whole-file outtype.
 FILE_TYPES = {
     "f32": gguf.LlamaFileType.ALL_F32,
     "f16": gguf.LlamaFileType.MOSTLY_F16,
+    "bf16": gguf.LlamaFileType.MOSTLY_BF16,
     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
 }
 
@@ -64,6 +65,9 @@ def encode(
     array = np.ascontiguousarray(tensor, dtype=np.float32)
     if outtype == "f32" or array.ndim == 1:
         return array, gguf.GGMLQuantizationType.F32
+    if outtype == "bf16":  # fp32's range, 8 bits of mantissa: llama.cpp's bf16 kernels
+        kind = gguf.GGMLQuantizationType.BF16
+        return gguf.quants.quantize(array, kind), kind
     if outtype == "q8_0":
         if array.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
             kind = gguf.GGMLQuantizationType.Q8_0
