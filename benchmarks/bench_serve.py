@@ -375,7 +375,7 @@ def profile_step(adapters: Path, side: str, steps: int = 8, weights: str = "fp32
     rows = engine.engine_rows
     memory = ""
     if rows is not None:  # the engine's own memory beside the weights
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         factors = sum(
             t.numel() * t.element_size()
             for layer in rows._plan.layers
@@ -393,8 +393,9 @@ def profile_step(adapters: Path, side: str, steps: int = 8, weights: str = "fp32
             packed += rows._plan.head.weight.numel() * 2
         copies = f" (and their bf16 copies {packed / 2**20:.0f} MiB)" if packed else ""
         memory = (
-            f"weights {weights / 2**20:.0f} MiB{copies}, KV cache {rows.rows.cache.nbytes() / 2**20:.0f} "
-            f"MiB ({rows.rows.cache.rows} rows × {rows.rows.cache.length} positions), the rows' "
+            f"weights {weight_bytes / 2**20:.0f} MiB{copies}, KV cache "
+            f"{rows.rows.cache.nbytes() / 2**20:.0f} MiB ({rows.rows.cache.rows} rows × "
+            f"{rows.rows.cache.length} positions), the rows' "
             f"gathered factors {factors / 2**20:.1f} MiB"
         )
     return {
