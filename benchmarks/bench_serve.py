@@ -501,19 +501,20 @@ def report(results: dict, profile_figures: dict, settings: str, loads: tuple) ->
                 f"{f['ttft_p50'] * 1e3:.0f} / {f['ttft_p99'] * 1e3:.0f} | {itl} | "
                 f"{f['requests']:.0f} |"
             )
-    lines += ["", "Ratios of output tokens/s:", ""]
-    ours = results["loralab"]
-    for other in [s for s in results if s != "loralab"]:
-        cells = ", ".join(
-            f"N = {n}: {ours[n]['tokens_per_s'] / results[other][n]['tokens_per_s']:.2f}×"
-            for n in ADAPTER_COUNTS
+    ours = results.get("loralab")
+    if ours is not None:  # the ratios, against the default server
+        lines += ["", "Ratios of output tokens/s:", ""]
+        for other in [s for s in results if s != "loralab"]:
+            cells = ", ".join(
+                f"N = {n}: {ours[n]['tokens_per_s'] / results[other][n]['tokens_per_s']:.2f}×"
+                for n in ADAPTER_COUNTS
+            )
+            lines.append(f"- loralab / {other}: {cells}")
+        top, low = max(ADAPTER_COUNTS), min(ADAPTER_COUNTS)
+        lines.append(
+            f"- loralab over {top} adapters / over {low}: "
+            f"{ours[top]['tokens_per_s'] / ours[low]['tokens_per_s']:.2f}×"
         )
-        lines.append(f"- loralab / {other}: {cells}")
-    top, low = max(ADAPTER_COUNTS), min(ADAPTER_COUNTS)
-    lines.append(
-        f"- loralab over {top} adapters / over {low}: "
-        f"{ours[top]['tokens_per_s'] / ours[low]['tokens_per_s']:.2f}×"
-    )
     for p in profile_figures:
         name = (
             "Transformers' forward (the default, `--engine hf`)"
