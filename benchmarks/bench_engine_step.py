@@ -51,7 +51,6 @@ def main() -> None:
 def measure(model, rows: int, compile_too: bool) -> None:
     from loralab.engine import step
     from loralab.engine.runner import Runner
-    from loralab.engine.sampling import choose
 
     runner = Runner(model, rows, 512)
     plan = runner.plan()
@@ -64,16 +63,22 @@ def measure(model, rows: int, compile_too: bool) -> None:
     def stepper(rows_plan):
         return lambda t, p: runner.decode_step(rows_plan, t, p, zeros, ones, zeros)
 
-    def fast_step(token, position, live):
-        hidden = step.forward(
-            model, plan.layers, runner.cache, token[:, None], position[:, None],
-            runner.rotary, live,
-        )  # fmt: skip
-        return choose(model.lm_head(hidden[:, 0]), zeros, ones, zeros)
+    def fast_step(runner, rows_plan):
+        """The step as one function of tensors, greedy (what a compiler takes)."""
+
+        def run(token, position, live):
+            hidden = step.forward(
+                model, rows_plan.layers, runner.cache, token[:, None], position[:, None],
+                runner.rotary, live,
+            )  # fmt: skip
+            return step.head(model, rows_plan.head, hidden[:, 0]).argmax(-1)
+
+        return run
 
     sides = {"modules (eager)": stepper(modules), "fast step (eager)": stepper(plan)}
     from loralab.engine.weights import choose as choose_weights
 
+    compiling = [("fast step (compiled)", runner, plan)]
     half_floor = None
     if choose_weights("auto", torch.device("cpu"))[0] == "bf16":
         halves = Runner(model, rows, 512, "bf16")
@@ -83,13 +88,14 @@ def measure(model, rows: int, compile_too: bool) -> None:
             half, t, p, zeros, ones, zeros
         )
         half_floor = _products_alone(model, half.layers, rows, half.head)
-    compile_s = None
-    if compile_too:
-        compiled = torch.compile(fast_step, dynamic=False)
+        compiling.append(("fast step, bf16 weights (compiled)", halves, half))
+    compile_s = {}
+    for name, owner, rows_plan in compiling if compile_too else ():
+        compiled = torch.compile(fast_step(owner, rows_plan), dynamic=False)
         start = time.perf_counter()
         compiled(torch.full((rows,), 5), torch.full((rows,), 32), 64)
-        compile_s = time.perf_counter() - start
-        sides["fast step (compiled)"] = lambda t, p: compiled(t, p, 64)
+        compile_s[name] = time.perf_counter() - start
+        sides[name] = lambda t, p, compiled=compiled: compiled(t, p, 64)
     token = torch.full((rows,), 5)
     times: dict[str, list[float]] = {name: [] for name in sides}
     for _ in range(2):
@@ -108,8 +114,8 @@ def measure(model, rows: int, compile_too: bool) -> None:
     print(f"  its matrix products alone: {floor:.1f} ms")
     if half_floor is not None:
         print(f"  its matrix products alone with bf16 weights: {half_floor:.1f} ms")
-    if compile_s is not None:
-        print(f"  compiling the step for this shape took {compile_s:.0f} s")
+    for name, seconds in compile_s.items():
+        print(f"  compiling {name} for this shape took {seconds:.0f} s")
 
 
 def _products_alone(model, layers, rows: int, head=None) -> float:
