@@ -25,7 +25,14 @@ completions (each request's tokens timed) while one client sends a prompt of
 ``STALL_PROMPT`` tokens; the largest gap between two tokens of a stream while that prompt
 is prefilled, against the streams' median gap before it (a decoding step).
 
+``--in-process`` measures the server's engine alone, without HTTP: in a fresh process per
+side, 32 jobs over 32 adapters go to the engine's own round (``Engine._work``), each
+finished job replaced by a new one at once, as the closed loop does. On a 2-core machine
+the HTTP clients and the event loop share the cores with the engine; this is what the
+engine itself gives.
+
     python benchmarks/bench_serve.py [--quick] [--write] [--vllm-python PATH] [--stall]
+    python benchmarks/bench_serve.py --in-process [--write]
 """
 
 from __future__ import annotations
@@ -49,7 +56,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_adapters import write_adapters  # PEFT-written adapter files
-from measure import command_line, load_average, machine_line, median, now
+from measure import command_line, load_average, machine_line, median, now, result_line, run_worker
 
 MODEL = "smollm2-135m"
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle:"
@@ -299,6 +306,106 @@ def stall_main(args) -> None:
     print(text)
     if args.write:
         (HERE / "results_serve_stall.md").write_text(text)
+
+
+# -- the engine alone --------------------------------------------------------------------------
+
+
+IN_PROCESS = {  # side: (serve's --engine, --engine-weights)
+    "loralab": ("auto", "fp32"),
+    "loralab-engine": ("engine", "fp32"),
+    "loralab-engine-bf16": ("engine", "bf16"),
+}
+
+
+def in_process_worker(side: str, seconds: float, adapters: Path) -> None:
+    """The engine's output tokens per second over ``seconds`` after a warm-up of 5 s."""
+    import torch
+
+    from loralab.models.loading import load_model
+    from loralab.serve.adapter_pool import AdapterPool
+    from loralab.serve.engine import Engine, Finished, Job
+    from loralab.serve.metrics import Metrics
+    from loralab.serve.sampling import Sampling
+
+    torch.set_grad_enabled(False)
+    model, tokenizer = load_model(MODEL)
+    metrics = Metrics()
+    pool = AdapterPool(model, MODEL, CLIENTS, adapters, metrics)
+    for i in range(CLIENTS):
+        pool.add_pinned(f"a{i}", adapters / f"a{i}")
+    engine_kind, weights = IN_PROCESS[side]
+    engine = Engine(
+        model, tokenizer, pool, metrics, max_batch=CLIENTS, engine=engine_kind,
+        engine_weights=weights,
+    )  # fmt: skip
+    prompt = tokenizer(PROMPT)["input_ids"]
+    finished: list[int] = []
+    tokens = [0]
+
+    def submit(client: int) -> None:
+        def emit(event) -> None:
+            if isinstance(event, Finished):
+                tokens[0] += event.completion_tokens
+                finished.append(client)
+
+        job = Job(list(prompt), f"a{client}", NEW_TOKENS, Sampling(temperature=0), (), emit)
+        engine.submit(job)
+
+    def run(span: float) -> float:
+        tokens[0], start = 0, time.perf_counter()
+        while time.perf_counter() - start < span:
+            while finished:
+                submit(finished.pop())
+            engine._work()  # the engine's own round, on this thread
+        return tokens[0] / (time.perf_counter() - start)
+
+    for client in range(CLIENTS):
+        submit(client)
+    run(5.0)
+    result_line({"tokens_per_s": run(seconds)})
+
+
+def in_process_main(args) -> None:
+    seconds, rounds = (8.0, 1) if args.quick else (20.0, 3)
+    loads = [load_average()]
+    samples: dict[str, list[float]] = {side: [] for side in IN_PROCESS}
+    with tempfile.TemporaryDirectory() as scratch:
+        adapters = Path(scratch) / "adapters"
+        write_adapters(adapters, CLIENTS)
+        for index in range(rounds):
+            order = list(IN_PROCESS) if index % 2 == 0 else list(IN_PROCESS)[::-1]
+            for side in order:
+                arguments = ["in-process", side, str(seconds), str(adapters)]
+                result = run_worker(__file__, arguments, f"{side} (round {index + 1})")
+                samples[side].append(result["tokens_per_s"])
+    loads.append(load_average())
+    default = median(samples["loralab"])
+    lines = [
+        "# The server's engine alone: `loralab serve`'s rounds without HTTP",
+        "",
+        f"`{command_line(__file__)}`, {now()}; {machine_line()}; load average before "
+        f"{loads[0]}, after {loads[1]}.",
+        "",
+        f"SmolLM2-135M-Instruct; {CLIENTS} jobs over {CLIENTS} adapters (r = 8 on q, v, "
+        f"written by PEFT), {NEW_TOKENS} new tokens each, greedy, each finished job "
+        "replaced at once; the engine's own rounds (admission, prefill, one step) on one "
+        f"thread, {seconds:g} s a side after 5 s of warm-up, each side in a fresh process, "
+        f"{rounds} round(s) with the order flipped. Output tokens per second, the median "
+        "and the range.",
+        "",
+        "| server | output tokens/s | × the default |",
+        "|---|---:|---:|",
+    ]
+    for side, values in samples.items():
+        lines.append(
+            f"| {SIDE_NAMES[side]} | {median(values):.1f} [{min(values):.1f}–{max(values):.1f}] "
+            f"| {median(values) / default:.2f} |"
+        )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.write:
+        (HERE / "results_serve_inprocess.md").write_text(text)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -556,9 +663,17 @@ def main() -> None:
         choices=[*LORALAB_SIDES, "naive", "vllm"],
     )
     parser.add_argument("--stall", action="store_true", help="a long prompt among streams, instead")
+    parser.add_argument(
+        "--in-process", action="store_true", help="the server's engine alone, without HTTP"
+    )
+    parser.add_argument("--worker", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:  # in-process SIDE SECONDS ADAPTERS
+        return in_process_worker(args.worker[1], float(args.worker[2]), Path(args.worker[3]))
     if args.stall:
         return stall_main(args)
+    if args.in_process:
+        return in_process_main(args)
     seconds, per_client, rounds = (10, 3, 1) if args.quick else (40, 6, 2)
     sides = list(args.sides)
     if "vllm" in sides and not args.vllm_python.exists():

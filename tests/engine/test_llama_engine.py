@@ -89,10 +89,23 @@ def test_a_step_attends_over_the_live_length_in_buckets_never_the_whole_buffer()
     assert cache.live_length(0) == 64 and cache.live_length(63) == 64
     assert cache.live_length(64) == 128 and cache.live_length(999) == 1000
     keys = torch.randn(2, 1, 3, 4)
-    cache.write(0, keys, keys, torch.tensor([[0, 1, 2], [7, 8, 9]]))
+    cache.write(0, keys, keys, cache.slots(torch.tensor([[0, 1, 2], [7, 8, 9]])))
     read, _ = cache.read(0, rows=2, live=64)
     assert read.data_ptr() == cache.keys[0].data_ptr()  # a view
     assert torch.equal(read[0, :, :3], keys[0]) and torch.equal(read[1, :, 7:10], keys[1])
+
+
+def test_rows_write_each_head_at_their_own_positions():
+    cache = KVCache(layers=2, rows=3, kv_heads=2, length=16, head_dim=4)
+    keys, values = torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4)
+    positions = torch.tensor([[4, 5, 6], [0, 1, 2]])
+    cache.write(1, keys, values, cache.slots(positions, first=1))  # rows 1 and 2
+    for row, where in ((1, slice(4, 7)), (2, slice(0, 3))):
+        assert torch.equal(cache.keys[1][row, :, where], keys[row - 1])
+        assert torch.equal(cache.values[1][row, :, where], values[row - 1])
+    written = torch.zeros(3, 2, 16, dtype=torch.bool)
+    written[1, :, 4:7] = written[2, :, 0:3] = True
+    assert not cache.keys[1][~written].any() and not cache.keys[0].any()
 
 
 def test_each_row_its_own_adapter_as_each_alone():

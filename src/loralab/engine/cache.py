@@ -47,15 +47,23 @@ class KVCache:
                 buffers[index] = new
         self.rows, self.length = rows, length
 
-    def write(
-        self, layer: int, keys: Tensor, values: Tensor, positions: Tensor, first: int = 0
-    ) -> None:
-        """Store ``keys`` and ``values`` (R, kv heads, T, head dim) of rows ``first`` …
-        ``first + R − 1`` at ``positions`` (R, T), each row at its own."""
-        rows = torch.arange(first, first + keys.shape[0], device=keys.device)[:, None, None]
-        where = (rows, self._heads[None, :, None], positions[:, None, :])  # → (R, kv, T)
-        self.keys[layer][where] = keys
-        self.values[layer][where] = values
+    def slots(self, positions: Tensor, first: int = 0) -> Tensor:
+        """Where keys and values (R, kv heads, T, head dim) of rows ``first`` … ``first +
+        R − 1`` at ``positions`` (R, T) go in a layer's buffer seen as (rows · kv heads ·
+        length, head dim), in their own order: found once per forward for every layer."""
+        rows = torch.arange(first, first + positions.shape[0], device=positions.device)
+        heads = len(self._heads)
+        base = (rows[:, None] * heads + self._heads[None, :]) * self.length  # (R, kv)
+        return (base[:, :, None] + positions[:, None, :]).flatten()
+
+    def write(self, layer: int, keys: Tensor, values: Tensor, slots: Tensor) -> None:
+        """Store ``keys`` and ``values`` (R, kv heads, T, head dim) at ``slots``
+        (``slots(positions, first)``), each row at its own positions: one ``index_copy_``
+        each, not an indexed assignment, whose index tensors would be broadcast anew in
+        every layer."""
+        dim = keys.shape[-1]
+        self.keys[layer].view(-1, dim).index_copy_(0, slots, keys.reshape(-1, dim))
+        self.values[layer].view(-1, dim).index_copy_(0, slots, values.reshape(-1, dim))
 
     def read(self, layer: int, rows: int, live: int, first: int = 0) -> tuple[Tensor, Tensor]:
         """The first ``live`` positions of rows ``first`` … ``first + rows − 1``: views,

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .cache import KVCache
 from .plan import window_of
-from .step import rotate, visible
+from .step import rotate, signed, visible
 
 # Transformers' model types whose decoder layer is Llama's: pre-norm attention with q, k,
 # v and o projections (Qwen3 adds per-head q and k norms), rotary positions, and a gated
@@ -80,11 +80,12 @@ def forward(
     config = model.config
     hidden = inner.embed_tokens(tokens)
     cos, sin = inner.rotary_emb(hidden, positions)  # (R, T, head dim)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # over the heads
+    cos, sin = cos.unsqueeze(1), signed(sin).unsqueeze(1)  # over the heads
     rows = tokens.shape[0]
     if live is None:
         live = cache.live_length(int(positions.max()))
     masks: dict[int | None, Tensor] = {}
+    slots = cache.slots(positions, first)
     for index, layer in enumerate(inner.layers):
         window = window_of(config, index)
         if window not in masks:
@@ -93,7 +94,7 @@ def forward(
         normed = layer.input_layernorm(hidden)
         q, k, v = _projections(attention, normed)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        cache.write(index, k, v, positions, first)
+        cache.write(index, k, v, slots)
         keys, values = cache.read(index, rows, live, first)
         out = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=masks[window], scale=attention.scaling, enable_gqa=True

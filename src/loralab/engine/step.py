@@ -41,6 +41,7 @@ def forward(
     if live is None:
         live = cache.live_length(int(positions.max()))
     masks: dict[int | None, Tensor] = {}
+    slots = cache.slots(positions, first)
     for index, plan in enumerate(plans):
         if plan.window not in masks:
             masks[plan.window] = visible(positions, live, plan.window)
@@ -53,7 +54,7 @@ def forward(
         q = rotate(q.transpose(1, 2), cos, sin)
         k = rotate(k.transpose(1, 2), cos, sin)
         v = v.view(rows, count, -1, plan.head_dim).transpose(1, 2)
-        cache.write(index, k, v, positions, first)
+        cache.write(index, k, v, slots)
         keys, values = cache.read(index, rows, live, first)
         out = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=masks[plan.window], scale=plan.scaling, enable_gqa=True
@@ -68,13 +69,13 @@ def forward(
 
 
 def rotary_tables(model: nn.Module, length: int) -> tuple[Tensor, Tensor]:
-    """cos and sin (length, head dim) of positions 0 … length − 1, from the model's own
-    rotary embedding (its scaling included): each position's values are those it
-    computes for that position alone."""
+    """cos and signed sin (``signed``; length, head dim) of positions 0 … length − 1, from
+    the model's own rotary embedding (its scaling included): each position's values are
+    those it computes for that position alone."""
     embeddings = model.get_input_embeddings().weight
     positions = torch.arange(length, device=embeddings.device)[None]
     cos, sin = model.model.rotary_emb(embeddings[:1, None], positions)
-    return cos[0], sin[0]
+    return cos[0], signed(sin[0])
 
 
 def _project(x: Tensor, group: Group, rows: int) -> list[Tensor]:
@@ -129,11 +130,18 @@ def _rms(x: Tensor, norm: tuple[Tensor, float]) -> Tensor:
     return weight * x.to(dtype)
 
 
-def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotary positions, as Transformers' Llama applies them (halves rotated)."""
+def rotate(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+    """Rotary positions, as Transformers' Llama applies them: ``x·cos + (−x₂, x₁)·sin``,
+    here with the halves swapped and the sign in the table (``signed``), one operation
+    fewer and the same bits ((−a)·b and a·(−b) round alike)."""
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * signed_sin
+
+
+def signed(sin: Tensor) -> Tensor:
+    """``sin`` with the first half of its last dimension negated (for ``rotate``)."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
 
 def visible(positions: Tensor, live: int, window: int | None) -> Tensor:
