@@ -38,7 +38,7 @@ def _rounded_like_bf16(model: torch.nn.Module) -> torch.nn.Module:
     bases = [model.lm_head]
     for layer in model.model.layers:
         for name in (*plan.ATTENTION, *plan.MLP):
-            module = plan._projection(layer, name)
+            module = getattr(layer.self_attn if name in plan.ATTENTION else layer.mlp, name)
             bases.append(module.base_layer if isinstance(module, LoraLayer) else module)
     with torch.no_grad():
         for base in bases:
@@ -74,7 +74,7 @@ def test_bf16_weights_compute_the_rounded_products(name, adapter):
     print(f"{name}, {'adapter' if adapter else 'base'}: max |Δlogit| {near:.1e} to the "
           f"rounded modules, {far:.1e} to fp32")  # fmt: skip
     torch.testing.assert_close(ours, rounded, rtol=0, atol=1e-4)
-    assert far > 4 * near  # the rounding is what differs from fp32, and nothing else
+    assert far > 5e-4  # the rounding is in effect: fp32 is farther than the tolerance
 
 
 def test_bf16_weights_give_each_row_its_adapter():
