@@ -73,6 +73,12 @@ def test_the_file_holds_llama_cpps_keys_and_names(tiny_gguf_file, tmp_path):
     theirs = llama_logits(tiny_gguf_file, exported.path)
     print(f"f16: max |Δ| {np.abs(theirs - loralab_logits(model)).max():.2e}")
     assert np.abs(theirs - loralab_logits(model)).max() < 2e-2  # f16 factors
+    exported = export_adapter_gguf(adapter, model.config, tmp_path / "b.gguf", outtype="bf16")
+    kinds = {t.name: t.tensor_type for t in gguf.GGUFReader(exported.path).tensors}
+    assert kinds["blk.0.attn_q.weight.lora_a"] == gguf.GGMLQuantizationType.BF16
+    theirs = llama_logits(tiny_gguf_file, exported.path)
+    print(f"bf16: max |Δ| {np.abs(theirs - loralab_logits(model)).max():.2e}")
+    assert np.abs(theirs - loralab_logits(model)).max() < 5e-2  # bf16 factors
 
 
 def test_q8_0_keeps_rows_it_cannot_block_in_f16(tiny_gguf_file, tmp_path):
@@ -108,7 +114,8 @@ def test_what_the_format_cannot_hold_is_refused_and_nothing_is_written(tiny_gguf
             export_adapter_gguf(adapter, model.config, directory / "out.gguf")
         assert not (directory / "out.gguf").exists()
     _, adapter = adapted(tiny_gguf_file, tmp_path / "ok", target_modules=["q_proj"])
-    with pytest.raises(ExportError, match="--outtype must be one of f32, f16, q8_0, got 'q4'"):
+    refused = "--outtype must be one of f32, f16, bf16, q8_0, got 'q4'"
+    with pytest.raises(ExportError, match=refused):
         export_adapter_gguf(adapter, model.config, tmp_path / "x.gguf", outtype="q4")
     with pytest.raises(ExportError, match="is a directory"):
         export_adapter_gguf(adapter, model.config, tmp_path)
@@ -129,7 +136,7 @@ def test_the_command_exports_and_refuses_in_one_line(tiny_gguf_file, tmp_path, c
     assert "llama.cpp LoRA adapter for llama, 8 tensors, adapter.lora.alpha = 8" in printed
     assert np.abs(llama_logits(tiny_gguf_file, out) - loralab_logits(model)).max() < 1e-4
     assert main([*argv, "--output", str(tmp_path / "q.gguf"), "--outtype", "q4"]) == 2
-    assert "--outtype must be one of f32, f16, q8_0" in capsys.readouterr().err
+    assert "--outtype must be one of f32, f16, bf16, q8_0" in capsys.readouterr().err
     other = tmp_path / "other.gguf"
     save_tiny_gguf(other, hidden_size=48)
     bad = ["export", "--model", str(other), "--adapter", str(adapter), "--output", str(out)]

@@ -104,7 +104,7 @@ def test_merge_refuses_and_leaves_nothing(tiny_gguf_file, tmp_path, tiny_model_d
     with pytest.raises(ExportError, match=r"not\.gguf is not a readable GGUF file"):
         write_merged_gguf(not_gguf, tmp_path / "out.gguf")
     with pytest.raises(ExportError, match="--outtype must be one of"):
-        write_merged_gguf(tiny_gguf_file, tmp_path / "out.gguf", "bf16")
+        write_merged_gguf(tiny_gguf_file, tmp_path / "out.gguf", "q4_0")
     with pytest.raises(ExportError, match="is a directory"):
         write_merged_gguf(tiny_gguf_file, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["not.gguf"]
