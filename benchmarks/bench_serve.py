@@ -6,10 +6,11 @@ drawing its adapter from N; the same load goes, one server after another and the
 flipped every round, to:
 
 - ``loralab serve`` (continuous batching, each row its own adapter; by default on
-  Transformers' forward and cache);
-- ``loralab serve --engine engine`` (the same server on loralab's engine: prompts in
-  chunks between the steps), and with ``--engine-weights bf16`` (its base weights in
-  bf16, where the CPU has AVX512-BF16 or AMX);
+  loralab's engine for SmolLM2: prompts in chunks between the steps), and with
+  ``--engine-weights bf16`` (its base weights in bf16, where the CPU has AVX512-BF16 or
+  AMX);
+- ``loralab serve --engine hf`` (the same server on Transformers' forward and cache, the
+  default before);
 - ``naive_server.py``: FastAPI and PEFT, one request at a time, ``set_adapter`` then
   ``generate`` (not streamed: its time to first token is the whole request);
 - vLLM's CPU build serving the same adapter files with its OpenAI server, from a venv of
@@ -72,8 +73,8 @@ HERE = Path(__file__).resolve().parent
 
 # loralab's servers by their engine flags
 LORALAB_SIDES = {
-    "loralab": ["--engine", "auto"],
-    "loralab-engine": ["--engine", "engine"],
+    "loralab": ["--engine", "auto"],  # the default: loralab's engine for SmolLM2
+    "loralab-hf": ["--engine", "hf"],  # Transformers' forward and cache (the default before)
     "loralab-engine-bf16": ["--engine", "engine", "--engine-weights", "bf16"],
 }
 SIDE_NAMES = {side: f"`loralab serve {' '.join(flags)}`" for side, flags in LORALAB_SIDES.items()}
@@ -313,7 +314,7 @@ def stall_main(args) -> None:
 
 IN_PROCESS = {  # side: (serve's --engine, --engine-weights)
     "loralab": ("auto", "fp32"),
-    "loralab-engine": ("engine", "fp32"),
+    "loralab-hf": ("hf", "fp32"),
     "loralab-engine-bf16": ("engine", "bf16"),
 }
 
@@ -380,7 +381,7 @@ def in_process_main(args) -> None:
                 result = run_worker(__file__, arguments, f"{side} (round {index + 1})")
                 samples[side].append(result["tokens_per_s"])
     loads.append(load_average())
-    default = median(samples["loralab"])
+    default = median(samples["loralab-hf"])
     lines = [
         "# The server's engine alone: `loralab serve`'s rounds without HTTP",
         "",
@@ -394,7 +395,7 @@ def in_process_main(args) -> None:
         f"{rounds} round(s) with the order flipped. Output tokens per second, the median "
         "and the range.",
         "",
-        "| server | output tokens/s | × the default |",
+        "| server | output tokens/s | × Transformers' path |",
         "|---|---:|---:|",
     ]
     for side, values in samples.items():
@@ -449,7 +450,7 @@ def profile_step(adapters: Path, side: str, steps: int = 8, weights: str = "fp32
         pool.add_pinned(f"a{i}", adapters / f"a{i}")
     engine = Engine(
         model, tokenizer, pool, metrics, max_batch=CLIENTS, engine=side, engine_weights=weights
-    )  # side: engine or auto
+    )  # side: engine or hf
     prompt = tokenizer(PROMPT)["input_ids"]
     for i in range(CLIENTS):
         job = Job(list(prompt), f"a{i}", 8 * steps + 8, Sampling(temperature=0), (), lambda e: None)
@@ -624,8 +625,8 @@ def report(results: dict, profile_figures: dict, settings: str, loads: tuple) ->
         )
     for p in profile_figures:
         name = (
-            "Transformers' forward (the default, `--engine hf`)"
-            if p["side"] == "auto"
+            "Transformers' forward (`--engine hf`)"
+            if p["side"] == "hf"
             else f"loralab's engine ({p['side']})"
         )
         lines += [
@@ -697,7 +698,7 @@ def main() -> None:
 
         from loralab.engine.weights import choose
 
-        profile_figures = [profile_step(adapters, side) for side in ("engine", "auto")]
+        profile_figures = [profile_step(adapters, side) for side in ("engine", "hf")]
         if choose("auto", torch.device("cpu"))[0] == "bf16":
             profile_figures.insert(1, profile_step(adapters, "engine", weights="bf16"))
     loads.append(load_average())

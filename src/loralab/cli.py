@@ -421,10 +421,11 @@ def _serve_flags(commands) -> None:
     )
     _engine_flag(
         serve,
-        "the rows' engine: auto and hf, Transformers' forward and cache (the default for "
-        "now: faster with many clients); engine, loralab's engine for the Llama family, "
-        "whose prompts go in chunks between the steps, so a long prompt never stalls the "
-        "other streams",
+        "the rows' engine: auto (the default), loralab's engine where it runs the model "
+        "(the Llama family: rows at their own positions, prompts in chunks between the "
+        "steps, so a long prompt never stalls the other streams), else Transformers' "
+        "forward and cache, saying why; engine, loralab's or refused; hf, Transformers' "
+        "always",
     )
     serve.add_argument(
         "--max-loras", type=_at_least_one, default=8, help="adapters resident at once (default: 8)"

@@ -202,7 +202,7 @@ def test_engine_weights_are_refused_by_name_before_the_model_loads(tiny_model_di
     from loralab.engine import weights
     from loralab.serve.server import ServeError, ServeOptions, build_state
 
-    options = ServeOptions(model=str(tiny_model_dir), engine_weights="bf16")
+    options = ServeOptions(model=str(tiny_model_dir), engine="hf", engine_weights="bf16")
     with pytest.raises(ServeError, match="--engine-weights bf16 is loralab's engine's: it needs"):
         build_state(options)
     options = ServeOptions(model=str(tiny_model_dir), engine="engine", engine_weights="int8")

@@ -18,7 +18,7 @@ def adapters(tmp_path_factory, tiny_model_dir):
     return directory, save_adapters(tiny_model_dir, directory)
 
 
-@pytest.fixture(scope="module", params=["auto", "engine"])
+@pytest.fixture(scope="module", params=["hf", "auto"])
 def server(tiny_model_dir, adapters, request):
     """The server on its default rows (Transformers' cache) and on loralab's engine."""
     directory, names = adapters

@@ -59,7 +59,7 @@ def _job(tokenizer, prompt, adapter, max_tokens, **sampling):
     return job, collect
 
 
-@pytest.mark.parametrize("kind", ["auto", "engine"])
+@pytest.mark.parametrize("kind", ["hf", "auto"])
 def test_requests_that_join_and_leave_mid_batch_equal_generate(tiny_model_dir, adapters, kind):
     """Rows join and leave (on the engine, a row that leaves is replaced by the last)."""
     directory, names = adapters
