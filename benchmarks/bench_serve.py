@@ -303,10 +303,15 @@ def stall_main(args) -> None:
             f"| {name} | {r['prefill_s']:.1f} | {r['step_ms']:.0f} | {r['max_gap_ms']:.0f} | "
             f"{r['max_gap_ms'] / r['step_ms']:.1f} | {r['tokens_during']} |"
         )
+    publish(lines, "results_serve_stall.md", args.write)
+
+
+def publish(lines: list[str], name: str, write: bool) -> None:
+    """Print a report and, with ``--write``, keep it as ``benchmarks/<name>``."""
     text = "\n".join(lines) + "\n"
     print(text)
-    if args.write:
-        (HERE / "results_serve_stall.md").write_text(text)
+    if write:
+        (HERE / name).write_text(text)
 
 
 # -- the engine alone --------------------------------------------------------------------------
@@ -403,10 +408,7 @@ def in_process_main(args) -> None:
             f"| {SIDE_NAMES[side]} | {median(values):.1f} [{min(values):.1f}–{max(values):.1f}] "
             f"| {median(values) / default:.2f} |"
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.write:
-        (HERE / "results_serve_inprocess.md").write_text(text)
+    publish(lines, "results_serve_inprocess.md", args.write)
 
 
 def percentile(values: list[float], q: float) -> float:

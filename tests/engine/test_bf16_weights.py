@@ -11,11 +11,10 @@ import copy
 
 import pytest
 import torch
-from test_fast_step import _two_adapters
-from test_llama_engine import FAMILY, PROMPTS, _model
+from test_fast_step import _hidden, _two_adapters
+from test_llama_engine import FAMILY, _model
 
 from loralab.engine import plan, weights
-from loralab.engine.runner import Runner
 from loralab.lora.layers import LoraLayer
 from loralab.lora.mixing import mixed_adapters
 
@@ -52,15 +51,7 @@ def _rounded_like_bf16(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _logits(model, weights_format: str, fast: bool, row_adapters=None) -> torch.Tensor:
-    runner = Runner(model, len(PROMPTS), 32, weights_format)
-    rows = runner.plan(row_adapters)
-    if not fast:
-        rows.layers, rows.reason = None, "the modules, for comparison"
-    longest = max(len(p) for p in PROMPTS)
-    tokens = torch.tensor([p + [0] * (longest - len(p)) for p in PROMPTS])
-    positions = torch.arange(longest).expand(len(PROMPTS), longest)
-    with torch.no_grad():
-        return runner.logits(rows, runner.forward(rows, tokens, positions))
+    return _hidden(model, fast, row_adapters, weights_format, logits=True)
 
 
 @pytest.mark.parametrize("adapter", [False, True], ids=["base", "adapter"])

@@ -27,8 +27,11 @@ def _two_adapters(name: str = "llama") -> torch.nn.Module:
     return model
 
 
-def _hidden(model, fast: bool, row_adapters=None) -> torch.Tensor:
-    runner = Runner(model, len(PROMPTS), 32)
+def _hidden(
+    model, fast: bool, row_adapters=None, weights: str = "fp32", logits: bool = False
+) -> torch.Tensor:
+    """The prompts' hidden states (or their logits) through the fast step or the modules."""
+    runner = Runner(model, len(PROMPTS), 32, weights)
     rows = runner.plan(row_adapters)
     if not fast:
         rows.layers, rows.reason = None, "the modules, for comparison"
@@ -36,7 +39,8 @@ def _hidden(model, fast: bool, row_adapters=None) -> torch.Tensor:
     tokens = torch.tensor([p + [0] * (longest - len(p)) for p in PROMPTS])
     positions = torch.arange(longest).expand(len(PROMPTS), longest)
     with torch.no_grad():
-        return runner.forward(rows, tokens, positions)
+        hidden = runner.forward(rows, tokens, positions)
+        return runner.logits(rows, hidden) if logits else hidden
 
 
 @pytest.mark.parametrize("adapter", [False, True], ids=["base", "adapter"])
