@@ -499,7 +499,7 @@ def _engine_rows(
     """The rows on loralab's engine: with ``auto`` (the default) wherever it runs the model
     (the Llama family; other models run Transformers' forward and cache, and the log says
     why), with ``engine`` or refused with the reason, never with ``hf``. At 32 clients it
-    gives 1.17× Transformers' path's throughput in fp32 and a long prompt no longer stalls
+    gives 1.14× Transformers' path's throughput in fp32 and a long prompt no longer stalls
     the other streams (``benchmarks/results_serve_engine.md``, ``results_serve_stall.md``).
     ``weights``: its base weights' format (``engine/weights.py``)."""
     if engine == "hf":
