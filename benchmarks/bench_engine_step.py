@@ -88,7 +88,8 @@ def measure(model, rows: int, compile_too: bool) -> None:
             half, t, p, zeros, ones, zeros
         )
         half_floor = _products_alone(model, half.layers, rows, half.head)
-        compiling.append(("fast step, bf16 weights (compiled)", halves, half))
+        # Inductor packs weights itself: under compile the bf16 copies go in unpacked
+        compiling.append(("fast step, bf16 weights (compiled)", halves, _unpacked(model, half)))
     compile_s, failed = {}, {}
     for name, owner, rows_plan in compiling if compile_too else ():
         compiled = torch.compile(fast_step(owner, rows_plan), dynamic=False)
@@ -122,6 +123,29 @@ def measure(model, rows: int, compile_too: bool) -> None:
         print(f"  compiling {name} for this shape took {seconds:.0f} s")
     for name, reason in failed.items():
         print(f"  {name} did not compile: {reason}")
+
+
+def _unpacked(model, rows_plan):
+    """A copy of a bf16 plan whose groups and head hold plain bf16 weights, not oneDNN's
+    packed ones (which Inductor's lowering does not take)."""
+    import copy
+
+    from loralab.engine.weights import Packed
+
+    result = copy.copy(rows_plan)
+    result.layers = []
+    for layer in rows_plan.layers:
+        layer = copy.copy(layer)
+        for name in ("qkv", "o", "gate_up", "down"):
+            group = copy.copy(getattr(layer, name))
+            weight = torch.cat([w.detach() for w in group.weights]).bfloat16()
+            group.packed = Packed(weight, group.packed.bias, onednn=False)
+            setattr(layer, name, group)
+        result.layers.append(layer)
+    if rows_plan.head is not None:
+        head = model.lm_head.weight.detach().bfloat16()
+        result.head = Packed(head, rows_plan.head.bias, onednn=False)
+    return result
 
 
 def _products_alone(model, layers, rows: int, head=None) -> float:
