@@ -324,15 +324,15 @@ IN_PROCESS = {  # side: (serve's --engine, --engine-weights)
 }
 
 
-def in_process_worker(side: str, seconds: float, adapters: Path) -> None:
-    """The engine's output tokens per second over ``seconds`` after a warm-up of 5 s."""
+def served_engine(adapters: Path, kind: str, weights: str):
+    """The server's engine in this process (``--engine kind --engine-weights weights``)
+    over SmolLM2 with the adapters a0 … a31 pinned, and its tokenizer."""
     import torch
 
     from loralab.models.loading import load_model
     from loralab.serve.adapter_pool import AdapterPool
-    from loralab.serve.engine import Engine, Finished, Job
+    from loralab.serve.engine import Engine
     from loralab.serve.metrics import Metrics
-    from loralab.serve.sampling import Sampling
 
     torch.set_grad_enabled(False)
     model, tokenizer = load_model(MODEL)
@@ -340,11 +340,18 @@ def in_process_worker(side: str, seconds: float, adapters: Path) -> None:
     pool = AdapterPool(model, MODEL, CLIENTS, adapters, metrics)
     for i in range(CLIENTS):
         pool.add_pinned(f"a{i}", adapters / f"a{i}")
-    engine_kind, weights = IN_PROCESS[side]
     engine = Engine(
-        model, tokenizer, pool, metrics, max_batch=CLIENTS, engine=engine_kind,
-        engine_weights=weights,
-    )  # fmt: skip
+        model, tokenizer, pool, metrics, max_batch=CLIENTS, engine=kind, engine_weights=weights
+    )
+    return engine, tokenizer
+
+
+def in_process_worker(side: str, seconds: float, adapters: Path) -> None:
+    """The engine's output tokens per second over ``seconds`` after a warm-up of 5 s."""
+    from loralab.serve.engine import Finished, Job
+    from loralab.serve.sampling import Sampling
+
+    engine, tokenizer = served_engine(adapters, *IN_PROCESS[side])
     prompt = tokenizer(PROMPT)["input_ids"]
     finished: list[int] = []
     tokens = [0]
@@ -435,24 +442,13 @@ MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "mkldnn::_li
 def profile_step(adapters: Path, side: str, steps: int = 8, weights: str = "fp32") -> dict:
     """One decoding step of 32 rows over 32 adapters inside the engine, and the time its
     matrix products take alone (each shape re-run by itself at this machine's speed)."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from loralab.models.loading import load_model
-    from loralab.serve.adapter_pool import AdapterPool
-    from loralab.serve.engine import Engine, Job
-    from loralab.serve.metrics import Metrics
+    from loralab.serve.engine import Job
     from loralab.serve.sampling import Sampling
 
-    torch.set_grad_enabled(False)
-    model, tokenizer = load_model(MODEL)
-    metrics = Metrics()
-    pool = AdapterPool(model, MODEL, CLIENTS, adapters, metrics)
-    for i in range(CLIENTS):
-        pool.add_pinned(f"a{i}", adapters / f"a{i}")
-    engine = Engine(
-        model, tokenizer, pool, metrics, max_batch=CLIENTS, engine=side, engine_weights=weights
-    )  # side: engine or hf
+    engine, tokenizer = served_engine(adapters, side, weights)  # side: engine or hf
+    model = engine.model
     prompt = tokenizer(PROMPT)["input_ids"]
     for i in range(CLIENTS):
         job = Job(list(prompt), f"a{i}", 8 * steps + 8, Sampling(temperature=0), (), lambda e: None)

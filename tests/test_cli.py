@@ -397,16 +397,16 @@ def test_help_answers_before_torch_loads():
     assert done.stdout.strip() == "[]", done.stderr
 
 
+def _generate_with_adapter(trained, tiny_model_dir) -> list[str]:
+    """``loralab generate`` on the tiny model with the trained run's adapter."""
+    adapter = trained / "run" / "adapter"
+    return ["generate", "--model", str(tiny_model_dir), "--adapter", str(adapter)]
+
+
 def test_engine_chooses_what_generates_and_hf_gives_the_same_text(trained, tiny_model_dir, capsys):
     import loralab.generate
 
-    argv = [
-        "generate",
-        "--model",
-        str(tiny_model_dir),
-        "--adapter",
-        str(trained / "run" / "adapter"),
-    ]
+    argv = _generate_with_adapter(trained, tiny_model_dir)
     texts = {}
     try:
         for engine in ("engine", "hf"):
@@ -423,13 +423,7 @@ def test_engine_weights_are_said_once_and_refused_where_bf16_is_emulated(
     import loralab.generate
     from loralab.engine import weights
 
-    argv = [
-        "generate",
-        "--model",
-        str(tiny_model_dir),
-        "--adapter",
-        str(trained / "run" / "adapter"),
-    ]
+    argv = _generate_with_adapter(trained, tiny_model_dir)
     argv += ["--engine-weights", "bf16", "--max-new-tokens", "6", "Say cat:", "Say dog:"]
     monkeypatch.setattr(weights, "_native_bf16", lambda device: "the test says so")
     monkeypatch.setattr(loralab.generate, "_said", set())
