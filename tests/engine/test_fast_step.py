@@ -134,6 +134,20 @@ def test_a_row_moved_into_a_freed_row_keeps_its_keys_and_values():
     assert all(torch.equal(x, y) for x, y in zip(before, after, strict=True))
 
 
+def test_rows_that_leave_are_taken_by_the_last_rows_and_the_order_says_so():
+    model = _model("llama", adapter=False)
+    cache = llama.new_cache(model, rows=5, length=8)
+    for buffer in (*cache.keys, *cache.values):
+        buffer.normal_()
+    before = [b.clone() for b in (*cache.keys, *cache.values)]
+    lengths = [3, 4, 5, 6, 7]
+    order = cache.drop([1, 4], 5, lengths)  # 4 is last: it goes; 3 takes 1's place
+    assert order == [0, 3, 2]
+    for old, new in zip(before, (*cache.keys, *cache.values), strict=True):
+        for row, was in enumerate(order):
+            assert torch.equal(new[row, :, : lengths[was]], old[was, :, : lengths[was]])
+
+
 def test_a_plan_built_on_a_checked_one_reuses_its_checks_and_gathers_the_same():
     model = _two_adapters()
     runner = Runner(model, 3, 32)

@@ -7,6 +7,8 @@ first rows of the buffer, so that read is a view, not a copy.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+
 import torch
 from torch import Tensor
 
@@ -77,6 +79,20 @@ class KVCache:
         for buffers in (self.keys, self.values):
             for buffer in buffers:
                 buffer[target, :, :length] = buffer[source, :, :length]
+
+    def drop(self, rows: Iterable[int], count: int, lengths: Sequence[int]) -> list[int]:
+        """Free ``rows`` of the first ``count`` cache rows, each taken by the row then last
+        (its first ``lengths[i]`` positions copied, ``i`` its index before): a row that
+        leaves costs one row's copy, not a shift of every row after it. Returns the index
+        before of each row that stays, in its new order."""
+        order = list(range(count))
+        for row in sorted(set(rows), reverse=True):
+            last = len(order) - 1
+            if row != last:
+                self.move(last, row, int(lengths[order[last]]))
+                order[row] = order[last]
+            order.pop()
+        return order
 
     def live_length(self, last_position: int) -> int:
         """The positions a step attends over: up to ``last_position``, rounded up to a

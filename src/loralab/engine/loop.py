@@ -73,7 +73,8 @@ def decode(
         if len(ended) == len(live) or step == max_new_tokens - 1:
             break
         if ended:  # a row that ended costs nothing more: the last row takes its place
-            keep = _compact(runner, live, ended, position)
+            keep = runner.cache.drop(ended, len(live), position.tolist())
+            live = [live[i] for i in keep]
             chosen, position = chosen[keep], position[keep]
             temperature, top_p = temperature[keep], top_p[keep]
             if row_adapters is not None:
@@ -82,17 +83,3 @@ def decode(
         chosen = runner.decode_step(plan, chosen, position, temperature, top_p, uniform)
         position = position + 1
     return outputs
-
-
-def _compact(runner: Runner, live: list[int], ended: list[int], position) -> list[int]:
-    """Drop the cache rows ``ended``, each replaced by the last row (one row's keys and
-    values copied); ``live`` is updated; the old index of each row that stays, in order."""
-    order = list(range(len(live)))
-    for row in sorted(ended, reverse=True):
-        last = len(order) - 1
-        if row != last:
-            runner.cache.move(last, row, int(position[order[last]]))
-            order[row], live[row] = order[last], live[last]
-        order.pop()
-        live.pop()
-    return order

@@ -202,18 +202,10 @@ class EngineRows:
     def keep(self, indices: list[int]) -> list[int]:
         """Keep the running rows ``indices``; the order they now sit in (old indices): a
         row that left is replaced by the last row, one row's copy."""
-        order = list(range(len(self.adapters)))
-        gone = sorted(set(order) - set(indices), reverse=True)
-        for row in gone:
-            last = len(order) - 1
-            if row != last:
-                self.rows.cache.move(last, row, self.lengths[last])
-                self.lengths[row] = self.lengths[last]
-                self.adapters[row] = self.adapters[last]
-                order[row] = order[last]
-            order.pop()
-            self.lengths.pop()
-            self.adapters.pop()
+        count = len(self.adapters)
+        order = self.rows.cache.drop(set(range(count)) - set(indices), count, self.lengths)
+        self.lengths = [self.lengths[i] for i in order]
+        self.adapters = [self.adapters[i] for i in order]
         self._plan = None
         return order
 
