@@ -98,6 +98,27 @@ def test_serve_refuses_a_gpu_that_is_not_there_before_loading(capsys, monkeypatc
     assert "PyTorch sees no CUDA GPU" in capsys.readouterr().err  # not the missing model
 
 
+def test_the_state_is_built_on_a_thread_that_ends_and_its_error_comes_back(monkeypatch):
+    """``serve`` loads off the main thread (a live OpenMP pool there slowed every step of
+    the engine's thread 1.4×), and what the load raises still reaches the caller."""
+    import threading
+
+    import loralab.serve.server as server
+    from loralab.serve.server import ServeError
+
+    seen = []
+
+    def build_state(options):
+        seen.append(threading.current_thread())
+        raise ServeError("--adapter x=y: not an adapter directory")
+
+    monkeypatch.setattr(server, "build_state", build_state)
+    with pytest.raises(ServeError, match="not an adapter directory"):
+        server.serve(ServeOptions())
+    assert seen[0] is not threading.main_thread() and seen[0].name == "loralab-load"
+    assert not seen[0].is_alive()  # ended, and its OpenMP pool with it
+
+
 def _wait_for_url(server: subprocess.Popen, timeout: float = 120) -> str:
     deadline = time.monotonic() + timeout
     seen = []

@@ -352,12 +352,14 @@ def test_a_long_prompt_goes_in_chunks_between_the_running_rows_steps(
     assert after.text == reference(tiny_model_dir, directory / "a1", long, 4)
 
 
-def test_the_engine_is_refused_by_name_where_it_cannot_run(tiny_model_dir, adapters):
+def test_the_engine_is_refused_by_name_where_it_cannot_run(tiny_model_dir, adapters, caplog):
     from loralab.serve.engine_rows import EngineRows
 
     directory, names = adapters
     engine, _ = _engine(tiny_model_dir, directory, names, engine="engine")
     assert isinstance(engine.engine_rows, EngineRows)
+    default, _ = _engine(tiny_model_dir, directory, names)  # auto: the engine for a Llama
+    assert isinstance(default.engine_rows, EngineRows)
     from conftest import make_model
 
     metrics = Metrics()
@@ -366,6 +368,8 @@ def test_the_engine_is_refused_by_name_where_it_cannot_run(tiny_model_dir, adapt
     with pytest.raises(ValueError, match=r"the engine cannot serve this model: .*'gpt2'"):
         Engine(model, engine.tokenizer, pool, metrics, engine="engine")
     assert Engine(model, engine.tokenizer, pool, metrics).engine_rows is None  # the default
+    assert "serving with Transformers' forward and cache: " in caplog.text
+    assert "'gpt2'" in caplog.text  # the reason, by name
 
 
 def test_the_prefill_round_is_steered_toward_its_share_of_steps(tiny_model_dir, adapters):
