@@ -97,6 +97,7 @@ def test_a_step_attends_over_the_live_length_in_buckets_never_the_whole_buffer()
 
 def test_rows_write_each_head_at_their_own_positions():
     cache = KVCache(layers=2, rows=3, kv_heads=2, length=16, head_dim=4)
+    cache.ensure(16)
     keys, values = torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4)
     positions = torch.tensor([[4, 5, 6], [0, 1, 2]])
     cache.write(1, keys, values, cache.slots(positions, first=1))  # rows 1 and 2

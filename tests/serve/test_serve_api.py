@@ -134,7 +134,13 @@ def test_a_chat_stream_starts_with_the_role(client, tiny_model_dir):
     messages = [{"role": "user", "content": "hi"}]
     chunks = list(
         client.chat.completions.create(
-            model=tiny_model_dir.name, messages=messages, max_tokens=4, stream=True
+            model=tiny_model_dir.name,
+            messages=messages,
+            max_tokens=4,
+            stream=True,
+            # sampled at the default temperature 1, the tiny model's end token came within
+            # 4 tokens about one run in ten: the test is about the stream's shape
+            extra_body={"ignore_eos": True},
         )
     )
     assert chunks[0].choices[0].delta.role == "assistant"

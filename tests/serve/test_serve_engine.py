@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import threading
 
 import pytest
@@ -306,11 +305,12 @@ def test_a_row_that_fails_fails_alone_and_gives_its_adapter_back(
     assert all(e.users == 0 for e in engine.pool.entries.values())
 
 
-def test_a_long_prompt_goes_in_chunks_between_the_running_rows_steps(
+def test_a_long_prompt_goes_in_chunks_inside_the_running_rows_steps(
     tiny_model_dir, adapters, monkeypatch
 ):
-    """While a long prompt is prefilled, the running row gets a step between every two of
-    its chunks (it never waits for the whole prompt), and both texts are exact."""
+    """While a long prompt is prefilled, the running row gets a step with every one of its
+    chunks (it never waits for the whole prompt): once a step has been timed, the chunk
+    rides in the step's own forward; and both texts are exact."""
     from loralab.serve import engine_rows
 
     monkeypatch.setattr(engine_rows, "MAX_CHUNK", 6)
@@ -319,19 +319,23 @@ def test_a_long_prompt_goes_in_chunks_between_the_running_rows_steps(
     engine, tokenizer = _engine(tiny_model_dir, directory, names, engine="engine")
     rows = engine.engine_rows
     log: list[str] = []
-    prefill, step = rows.prefill, rows.step
+    prefill, step, round_ = rows.prefill, rows.step, rows.round
 
     def logged_prefill():
-        done = prefill()
-        log.append(f"prefill {len(rows.prompts) + len(done[0])}")
-        return done
+        log.append(f"prefill {len(rows.prompts)}")
+        return prefill()
 
     def logged_step(tokens):
         log.append("step")
         return step(tokens)
 
+    def logged_round(tokens):
+        log.append(f"round {len(rows.prompts)}")
+        return round_(tokens)
+
     monkeypatch.setattr(rows, "prefill", logged_prefill)
     monkeypatch.setattr(rows, "step", logged_step)
+    monkeypatch.setattr(rows, "round", logged_round)
     short, long = "go on", "a much longer prompt, " * 2
     running, stream = _job(tokenizer, short, "a0", 30, temperature=0)
     engine.submit(running)
@@ -344,12 +348,48 @@ def test_a_long_prompt_goes_in_chunks_between_the_running_rows_steps(
         assert stream.ended.wait(30) and after.ended.wait(30)
     finally:
         engine.stop()
-    chunks = [i for i, entry in enumerate(log) if entry == "prefill 1"]
+    after_first_step = log[log.index("step") :]  # the stream's own prompt went in before
+    chunks = [i for i, entry in enumerate(after_first_step) if entry in ("prefill 1", "round 1")]
     assert len(chunks) >= len(encode_prompt(tokenizer, long)) // 6
-    between = [log[a + 1 : b] for a, b in itertools.pairwise(chunks)]
-    assert all("step" in part for part in between), log
+    assert all(after_first_step[i] == "round 1" for i in chunks), log  # each inside a step
     assert stream.text == reference(tiny_model_dir, directory / "a0", short, 30)
     assert after.text == reference(tiny_model_dir, directory / "a1", long, 4)
+
+
+def test_a_step_and_a_chunk_in_one_forward_compute_what_each_computes_alone(
+    tiny_model_dir, adapters
+):
+    """The rows' step and a prompt's chunk sharing one forward (each base weight read once
+    for both) give each the logits it gets alone, to fp32 rounding, each with its own
+    adapters; the chunk's keys and values are those of its forward alone."""
+    import copy
+
+    from loralab.engine.runner import Part, Runner, forward_together
+
+    directory, names = adapters
+    engine, _ = _engine(tiny_model_dir, directory, names, engine="engine")
+    model = engine.model
+    for name in names[:3]:
+        engine.pool.acquire(name)
+    rows_runner, chunk_runner = Runner(model, 3, 64), Runner(model, 1, 64)
+    rows_plan = rows_runner.plan([names[0], None, names[1]])
+    chunk_plan = chunk_runner.plan([names[2]])
+    generator = torch.Generator().manual_seed(0)
+    history = torch.randint(0, model.config.vocab_size, (3, 9), generator=generator)
+    rows_runner.forward(rows_plan, history, torch.arange(9).expand(3, 9))  # 9 tokens in
+    chunk_runner.forward(chunk_plan, history[:1, :5], torch.arange(5)[None])  # 5 in
+    step = Part(rows_runner, rows_plan, torch.tensor([[5], [7], [11]]), torch.full((3, 1), 9))
+    chunk = Part(chunk_runner, chunk_plan, history[:1, 5:], torch.arange(5, 9)[None])
+    saved = copy.deepcopy((rows_runner.cache.keys, chunk_runner.cache.keys))
+    together = forward_together([step, chunk])
+    keys_together = copy.deepcopy(chunk_runner.cache.keys)
+    rows_runner.cache.keys, chunk_runner.cache.keys = copy.deepcopy(saved)
+    alone = [forward_together([part])[0] for part in (step, chunk)]
+    for mixed, single in zip(together, alone, strict=True):
+        torch.testing.assert_close(mixed, single, rtol=0, atol=1e-5)
+    for mixed, single in zip(keys_together, chunk_runner.cache.keys, strict=True):
+        torch.testing.assert_close(mixed, single, rtol=0, atol=1e-5)
+    assert (together[0][0] - together[0][1]).abs().max() > 0  # the rows' adapters differ
 
 
 def test_the_engine_is_refused_by_name_where_it_cannot_run(tiny_model_dir, adapters, caplog):
@@ -373,21 +413,31 @@ def test_the_engine_is_refused_by_name_where_it_cannot_run(tiny_model_dir, adapt
 
 
 def test_the_prefill_round_is_steered_toward_its_share_of_steps(tiny_model_dir, adapters):
-    """A round that took twice its target halves the next; one that took far less grows
-    it at most twofold (a longer chunk costs more per token); the bounds hold."""
+    """A chunk that took twice its target halves the next; one that took far less grows
+    it at most ``GROWTH``-fold (a longer chunk costs more per token); the bounds hold; a chunk in
+    the step's forward counts its time less the step's; whole short prompts never steer
+    (they cost less per token than a chunk deep in a long prompt)."""
     from loralab.serve import engine_rows
+
+    def work(take: int, chunked: bool = True):
+        return engine_rows._Work([], take, take, chunked)
 
     directory, names = adapters
     engine, _ = _engine(tiny_model_dir, directory, names, engine="engine")
     rows = engine.engine_rows
-    rows.step_s = 0.1  # a round's target: CHUNK_STEPS × 0.1 s
+    rows.adapters = ["a0"]  # a stream runs
+    rows.step_s = 0.1  # a chunk's target: CHUNK_STEPS × 0.1 s
     target = engine_rows.CHUNK_STEPS * rows.step_s
-    rows._steer(take=100, budget=100, spent=2 * target)
+    rows._steer(work(100), spent=2 * target)
     assert rows.chunk_tokens == 50
-    rows._steer(take=50, budget=50, spent=target / 10)
-    assert rows.chunk_tokens == 100  # not 500
-    rows._steer(take=100, budget=100, spent=100 * target)
+    rows._steer(work(50), spent=target / 10)
+    assert rows.chunk_tokens == int(50 * engine_rows.GROWTH)  # not 500
+    rows._steer(work(100), spent=100 * target)
     assert rows.chunk_tokens == engine_rows.MIN_CHUNK
-    for _ in range(10):
-        rows._steer(take=rows.chunk_tokens, budget=rows.chunk_tokens, spent=target / 10)
+    for _ in range(20):
+        rows._steer(work(rows.chunk_tokens), spent=target / 10)
     assert rows.chunk_tokens == engine_rows.MAX_CHUNK
+    rows._steer(work(100), spent=rows.step_s + 2 * target, fixed=rows.step_s)
+    assert rows.chunk_tokens == 50
+    rows._steer(work(10, chunked=False), spent=100 * target)
+    assert rows.chunk_tokens == 50

@@ -84,6 +84,7 @@ def forward(
     rows = tokens.shape[0]
     if live is None:
         live = cache.live_length(int(positions.max()))
+    cache.ensure(live)  # what the layers read holds numbers
     masks: dict[int | None, Tensor] = {}
     slots = cache.slots(positions, first)
     for index, layer in enumerate(inner.layers):

@@ -122,6 +122,32 @@ class Runner:
         return mixed_adapters(self.model, rows.adapters)
 
 
+@dataclass
+class Part:
+    """Rows of one runner in a forward shared with others (``forward_together``)."""
+
+    runner: Runner
+    rows: RowsPlan
+    tokens: Tensor
+    positions: Tensor
+    first: int = 0
+
+
+def forward_together(parts: Sequence[Part]) -> list[Tensor]:
+    """Each part's hidden states (R, T, hidden), from one forward where every part runs
+    the fast step (``step.forward_spans``: each base weight read once for all the parts'
+    tokens); else each part's own forward. The parts' runners share one model."""
+    if not all(part.rows.fast for part in parts):
+        return [p.runner.forward(p.rows, p.tokens, p.positions, p.first) for p in parts]
+    spans = [
+        step.Span(
+            p.rows.layers, p.runner.cache, p.tokens, p.positions, p.runner.rotary, None, p.first
+        )
+        for p in parts
+    ]
+    return step.forward_spans(parts[0].runner.model, spans)
+
+
 def _forward(model, rows: RowsPlan, cache, tokens, positions, rotary, live, first) -> Tensor:
     if rows.fast:
         return step.forward(model, rows.layers, cache, tokens, positions, rotary, live, first)

@@ -12,6 +12,8 @@ onto the update in place. On a step at one row that is most of the difference.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -19,6 +21,22 @@ from torch import Tensor, nn
 from .cache import KVCache
 from .plan import Group, LayerPlan, LowRank
 from .weights import Packed, linear
+
+
+@dataclass
+class Span:
+    """Rows of one cache in a forward: ``tokens`` (R, T) at ``positions`` (R, T) of cache
+    rows ``first`` … ``first + R − 1``, through ``layers`` (their plans: the updates these
+    rows run); ``rotary``: that cache's tables (``rotary_tables``); ``live``: the positions
+    attended over (found from ``positions`` when None)."""
+
+    layers: list[LayerPlan]
+    cache: KVCache
+    tokens: Tensor
+    positions: Tensor
+    rotary: tuple[Tensor, Tensor]
+    live: int | None = None
+    first: int = 0
 
 
 def forward(
@@ -34,38 +52,86 @@ def forward(
     """Hidden states (R, T, hidden) after the final norm for ``tokens`` (R, T) at
     ``positions`` (R, T) of cache rows ``first`` … ``first + R − 1`` (as ``llama.forward``);
     ``rotary``: the cos and sin tables of every cache position (``rotary_tables``)."""
+    return forward_spans(model, [Span(plans, cache, tokens, positions, rotary, live, first)])[0]
+
+
+def forward_spans(model: nn.Module, spans: list[Span]) -> list[Tensor]:
+    """Each span's hidden states (R, T, hidden) from one forward: every span's tokens go
+    through each base weight in one product (the server's decoding rows and a prompt's
+    chunk read the weights once, not twice), while each span keeps its own updates, cache
+    and attention. The spans' plans must come from the same model."""
     inner = model.model
-    hidden = inner.embed_tokens(tokens)
-    cos, sin = rotary[0][positions].unsqueeze(1), rotary[1][positions].unsqueeze(1)
-    rows, count = tokens.shape
+    bounds, offset = [], 0
+    for span in spans:
+        count = span.tokens.numel()
+        bounds.append((offset, offset + count, span.tokens.shape[0]))
+        offset += count
+    ids = spans[0].tokens if len(spans) == 1 else torch.cat([s.tokens.flatten() for s in spans])
+    hidden = inner.embed_tokens(ids.reshape(-1))  # (N, hidden): every span's tokens
+    prepared = [_prepare(span) for span in spans]
+    for index in range(len(spans[0].layers)):
+        plans = [span.layers[index] for span in spans]
+        plan = plans[0]
+        flat = _rms(hidden, plan.input_norm)
+        q, k, v = _project(flat, [p.qkv for p in plans], bounds)
+        attended = [
+            _attend(plan, index, span, ready, q[a:b], k[a:b], v[a:b])
+            for span, ready, (a, b, _) in zip(spans, prepared, bounds, strict=True)
+        ]
+        attended = attended[0] if len(attended) == 1 else torch.cat(attended)
+        (out,) = _project(attended, [p.o for p in plans], bounds)
+        hidden = hidden + out
+        flat = _rms(hidden, plan.post_norm)
+        gate, up = _project(flat, [p.gate_up for p in plans], bounds)
+        (down,) = _project(plan.act(gate) * up, [p.down for p in plans], bounds)
+        hidden = hidden + down
+    hidden = inner.norm(hidden)
+    pieces = zip(spans, bounds, strict=True)
+    return [hidden[a:b].view(*span.tokens.shape, -1) for span, (a, b, _) in pieces]
+
+
+@dataclass
+class _Ready:
+    """What a span's layers share: its rotary rows, live length, slots and masks."""
+
+    cos: Tensor
+    sin: Tensor
+    live: int
+    slots: Tensor
+    masks: dict[int | None, Tensor]
+
+
+def _prepare(span: Span) -> _Ready:
+    positions = span.positions
+    cos, sin = span.rotary[0][positions].unsqueeze(1), span.rotary[1][positions].unsqueeze(1)
+    live = span.live
     if live is None:
-        live = cache.live_length(int(positions.max()))
-    masks: dict[int | None, Tensor] = {}
-    slots = cache.slots(positions, first)
-    for index, plan in enumerate(plans):
-        if plan.window not in masks:
-            masks[plan.window] = visible(positions, live, plan.window)
-        flat = _rms(hidden, plan.input_norm).view(rows * count, -1)
-        q, k, v = _project(flat, plan.qkv, rows)
-        q = q.view(rows, count, -1, plan.head_dim)
-        k = k.view(rows, count, -1, plan.head_dim)
-        if plan.head_norms is not None:
-            q, k = _rms(q, plan.head_norms[0]), _rms(k, plan.head_norms[1])
-        q = rotate(q.transpose(1, 2), cos, sin)
-        k = rotate(k.transpose(1, 2), cos, sin)
-        v = v.view(rows, count, -1, plan.head_dim).transpose(1, 2)
-        cache.write(index, k, v, slots)
-        keys, values = cache.read(index, rows, live, first)
-        out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=masks[plan.window], scale=plan.scaling, enable_gqa=True
-        )  # (R, heads, T, head dim)
-        (attended,) = _project(out.transpose(1, 2).reshape(rows * count, -1), plan.o, rows)
-        hidden = hidden + attended.view(rows, count, -1)
-        flat = _rms(hidden, plan.post_norm).view(rows * count, -1)
-        gate, up = _project(flat, plan.gate_up, rows)
-        (down,) = _project(plan.act(gate) * up, plan.down, rows)
-        hidden = hidden + down.view(rows, count, -1)
-    return inner.norm(hidden)
+        live = span.cache.live_length(int(positions.max()))
+    span.cache.ensure(live)  # what the layers read holds numbers
+    return _Ready(cos, sin, live, span.cache.slots(positions, span.first), {})
+
+
+def _attend(
+    plan: LayerPlan, index: int, span: Span, ready: _Ready, q: Tensor, k: Tensor, v: Tensor
+) -> Tensor:
+    """One span's attention in layer ``index``: its keys and values into its cache, its
+    queries over its rows' live positions; (R·T, heads · head dim)."""
+    rows, count = span.tokens.shape
+    if plan.window not in ready.masks:
+        ready.masks[plan.window] = visible(span.positions, ready.live, plan.window)
+    q = q.view(rows, count, -1, plan.head_dim)
+    k = k.view(rows, count, -1, plan.head_dim)
+    if plan.head_norms is not None:
+        q, k = _rms(q, plan.head_norms[0]), _rms(k, plan.head_norms[1])
+    q = rotate(q.transpose(1, 2), ready.cos, ready.sin)
+    k = rotate(k.transpose(1, 2), ready.cos, ready.sin)
+    v = v.view(rows, count, -1, plan.head_dim).transpose(1, 2)
+    span.cache.write(index, k, v, ready.slots)
+    keys, values = span.cache.read(index, rows, ready.live, span.first)
+    out = F.scaled_dot_product_attention(
+        q, keys, values, attn_mask=ready.masks[plan.window], scale=plan.scaling, enable_gqa=True
+    )  # (R, heads, T, head dim)
+    return out.transpose(1, 2).reshape(rows * count, -1)
 
 
 def rotary_tables(model: nn.Module, length: int) -> tuple[Tensor, Tensor]:
@@ -78,8 +144,30 @@ def rotary_tables(model: nn.Module, length: int) -> tuple[Tensor, Tensor]:
     return cos[0], signed(sin[0])
 
 
-def _project(x: Tensor, group: Group, rows: int) -> list[Tensor]:
-    """Each projection of the group applied to ``x`` (R·T, in), with the group's update."""
+def _project(x: Tensor, groups: list[Group], bounds: list[tuple[int, int, int]]) -> list[Tensor]:
+    """Each projection of the group applied to ``x`` (N, in), with each span's update on
+    its tokens (``bounds``: each span's first and end token and its row count)."""
+    if len(groups) == 1:
+        return _project_one(x, groups[0], bounds[0][2])
+    group = groups[0]  # the base weights: every span's are the model's own
+    if group.packed is not None:
+        outs = [linear(x, group.packed)]
+        places = [(outs[0], 0, sum(group.widths))]
+    else:
+        outs = [F.linear(x, w, b) for w, b in zip(group.weights, group.biases, strict=True)]
+        offsets = [sum(group.widths[:i]) for i in range(len(outs))]
+        places = list(zip(outs, offsets, group.widths, strict=True))
+    for each, (start, end, rows) in zip(groups, bounds, strict=True):
+        if each.update is None:
+            continue
+        delta = _delta(x[start:end], each.update, rows)
+        for out, offset, width in places:  # as the LoRA layer adds it: onto the base output
+            out[start:end] += delta[:, offset : offset + width].to(out.dtype)
+    return list(outs[0].split(group.widths, dim=-1)) if group.packed is not None else outs
+
+
+def _project_one(x: Tensor, group: Group, rows: int) -> list[Tensor]:
+    """``_project`` for one span."""
     update = group.update
     if group.packed is not None:  # bf16 weights: one fused product, the update added on
         out = linear(x, group.packed)

@@ -189,10 +189,19 @@ class Engine:
         except Exception:  # a bug: no request may wait on a state that fails each step
             log.exception("the engine failed to admit requests")
             self._fail_waiting()
+        if self.prefilling and self.rows and self._shares_steps():
+            self._step_or_fail_batch(prefill=True)  # the prompts' round inside the step
+            return
         if self.prefilling:
             self._prefill_chunk()
         if self.rows:
             self._step_or_fail_batch()
+
+    def _shares_steps(self) -> bool:
+        """Whether the prompts' round runs inside the rows' step (one forward, the weights
+        read once): on the engine, once a step alone has been timed (the round is sized
+        in steps)."""
+        return self.engine_rows is not None and self.engine_rows.step_s > 0
 
     def _next_commands(self) -> list[tuple[Callable, concurrent.futures.Future]] | None:
         """Waits until there is work; the commands to run before it (None: stop)."""
@@ -207,9 +216,9 @@ class Engine:
             self.commands.clear()
         return commands
 
-    def _step_or_fail_batch(self) -> None:
+    def _step_or_fail_batch(self, prefill: bool = False) -> None:
         try:
-            self._step()
+            self._step(prefill)
         except Exception:  # a bug must not stop the server: fail this batch only
             log.exception("the engine failed a step")
             for row in self.rows:
@@ -351,20 +360,23 @@ class Engine:
         self.cache.add(cache, lengths, going)
         self.metrics.running.set(len(self.rows))
 
-    def _step(self) -> None:
-        """One new token for every running row."""
+    def _step(self, prefill: bool = False) -> None:
+        """One new token for every running row; with ``prefill``, the prompts' next round
+        in the same forward (on the engine)."""
         cancelled = [row.job.cancelled for row in self.rows]  # one reading: clients go any time
         for row, gone in zip(self.rows, cancelled, strict=True):
             if gone:
                 self._end(row, None)
         self._keep([i for i, gone in enumerate(cancelled) if not gone])
+        if prefill:
+            self._drop_cancelled_prompts()
+            prefill = bool(self.prefilling)
         if not self.rows:
+            if prefill:
+                self._prefill_chunk()
             return
         self.metrics.batch_size.observe(len(self.rows))
-        if self.engine_rows is not None:
-            logits = _on_cpu(self.engine_rows.step([row.last for row in self.rows]))
-        else:
-            logits = self._transformers_step()
+        logits, complete = self._next_logits(prefill)
         going = []
         for i, row in enumerate(self.rows):
             try:
@@ -374,6 +386,25 @@ class Engine:
                 log.exception("a row failed")
                 self._end(row, Failed(RequestError("internal error", status=500)))
         self._keep(going)
+        if prefill:
+            self._prompts_out(complete, [])
+
+    def _next_logits(self, prefill: bool) -> tuple[Tensor, list[Prompt]]:
+        """The rows' next logits and, with ``prefill``, the prompts that the step's round
+        completed. If a step with a round fails, the two run again alone, so that a
+        prompt's fault fails its request alone and the step's fails the batch, as ever."""
+        if self.engine_rows is None:
+            return self._transformers_step(), []
+        tokens = [row.last for row in self.rows]
+        if not prefill:
+            return _on_cpu(self.engine_rows.step(tokens)), []
+        try:
+            logits, complete = self.engine_rows.round(tokens)
+        except Exception:
+            log.exception("a step with a prompt's round failed; each runs again alone")
+            self._prefill_chunk()
+            return _on_cpu(self.engine_rows.step(tokens)), []
+        return _on_cpu(logits), complete
 
     def _transformers_step(self) -> Tensor:
         mask, positions = self.cache.step_inputs()
@@ -390,16 +421,23 @@ class Engine:
         return _on_cpu(out.logits[:, -1])
 
     def _prefill_chunk(self) -> None:
-        """The next chunk of the prompts going in (engine); those complete get their first
-        token and join the running rows. A prompt that fails fails its request alone."""
+        """The next chunk of the prompts going in (engine), alone; those complete get
+        their first token and join the running rows. A prompt that fails fails its
+        request alone."""
+        self._drop_cancelled_prompts()
+        if self.prefilling:
+            self._prompts_out(*self.engine_rows.prefill())
+
+    def _drop_cancelled_prompts(self) -> None:
         for job, prompt in [entry for entry in self.prefilling if entry[0].cancelled]:
             self._untrack(prompt)
             self.engine_rows.drop(prompt)
             self.pool.release(job.adapter)
-        if not self.prefilling:
-            return
+
+    def _prompts_out(self, complete: list[Prompt], failed: list[Prompt]) -> None:
+        """Prompts out of a prefill round: the complete ones sample their first token and
+        join the running rows; the failed ones fail their requests."""
         jobs = {id(prompt): job for job, prompt in self.prefilling}
-        complete, failed = self.engine_rows.prefill()
         for prompt in failed:  # its request alone fails (the engine logged why)
             job = jobs[id(prompt)]
             self._untrack(prompt)
