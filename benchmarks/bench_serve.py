@@ -13,6 +13,10 @@ flipped every round, to:
   default before);
 - ``naive_server.py``: FastAPI and PEFT, one request at a time, ``set_adapter`` then
   ``generate`` (not streamed: its time to first token is the whole request);
+- llama.cpp's ``llama-server`` (``--llama-server PATH``, built from llama.cpp's source:
+  ``benchmarks/README.md``; skipped without it) on the base exported to F32 GGUF with the
+  32 adapters exported to GGUF by loralab, all loaded at start and each request naming
+  its own by index, over ``--llama-slots`` parallel slots (default 32);
 - vLLM's CPU build serving the same adapter files with its OpenAI server, from a venv of
   its own (``--vllm-python``; skipped when there is none). Only adapter requests are
   sent: vLLM 0.32's CPU LoRA kernel applies the last adapter slot to base rows that share
@@ -33,6 +37,7 @@ the HTTP clients and the event loop share the cores with the engine; this is wha
 engine itself gives.
 
     python benchmarks/bench_serve.py [--quick] [--write] [--vllm-python PATH] [--stall]
+        [--sides ...] [--llama-server PATH] [--llama-slots N]
     python benchmarks/bench_serve.py --in-process [--write]
 """
 
@@ -80,15 +85,45 @@ LORALAB_SIDES = {
 SIDE_NAMES = {side: f"`loralab serve {' '.join(flags)}`" for side, flags in LORALAB_SIDES.items()}
 
 
+def write_gguf(adapters: Path) -> None:
+    """llama-server's files: the base as F32 GGUF and each adapter as a GGUF LoRA, written
+    by loralab's own export (``adapters / "gguf"``)."""
+    from loralab.files.gguf.adapter import export_adapter_gguf
+    from loralab.files.gguf.merged import write_merged_gguf
+    from loralab.models.embedded import embedded_gguf
+    from loralab.models.loading import load_model
+
+    folder = adapters / "gguf"
+    folder.mkdir(exist_ok=True)
+    model, _ = load_model(MODEL)
+    for i in range(max(ADAPTER_COUNTS)):
+        export_adapter_gguf(adapters / f"a{i}", model.config, folder / f"a{i}.gguf")
+    write_merged_gguf(embedded_gguf(MODEL), folder / "base-f32.gguf", "f32")
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def server_command(side: str, adapters: Path, port: int, vllm_python: Path) -> tuple[list, dict]:
+def server_command(side: str, adapters: Path, port: int, args) -> tuple[list, dict]:
     names = [f"a{i}" for i in range(max(ADAPTER_COUNTS))]
     env = dict(os.environ)
+    if side == "llama-server":  # every adapter loaded at start, chosen per request by id
+        command = [str(args.llama_server), "-m", str(adapters / "gguf" / "base-f32.gguf")]
+        command += ["--lora", ",".join(str(adapters / "gguf" / f"{n}.gguf") for n in names)]
+        command += ["--lora-init-without-apply", "--host", "127.0.0.1", "--port", str(port)]
+        command += ["-np", str(args.llama_slots), "-c", str(args.llama_slots * 256), "-cb"]
+        threads = str(torch_threads())
+        command += ["--threads-http", str(CLIENTS + 4)]  # one a connection: none turned away
+        return [*command, "-t", threads, "-tb", threads, "--no-webui"], env
     if side in LORALAB_SIDES:
         pinned = [x for n in names for x in ("--adapter", f"{n}={adapters / n}")]
         command = [sys.executable, "-m", "loralab", "serve", "--model", MODEL, "--port", str(port)]
@@ -100,7 +135,7 @@ def server_command(side: str, adapters: Path, port: int, vllm_python: Path) -> t
     from loralab.models.embedded import embedded_model_dir
 
     env["VLLM_CPU_KVCACHE_SPACE"] = "1"  # GiB; its default asks for most of the memory
-    command = [str(vllm_python), "-m", "vllm.entrypoints.openai.api_server"]
+    command = [str(args.vllm_python), "-m", "vllm.entrypoints.openai.api_server"]
     command += ["--model", str(embedded_model_dir(MODEL)), "--host", "127.0.0.1"]
     command += ["--port", str(port), "--dtype", "float32", "--max-model-len", "512"]
     command += ["--enable-lora", "--max-loras", str(len(names)), "--max-lora-rank", "8"]
@@ -109,9 +144,9 @@ def server_command(side: str, adapters: Path, port: int, vllm_python: Path) -> t
 
 
 @contextlib.contextmanager
-def running(side: str, adapters: Path, vllm_python: Path, log_dir: Path):
+def running(side: str, adapters: Path, args, log_dir: Path):
     port = free_port()
-    command, env = server_command(side, adapters, port, vllm_python)
+    command, env = server_command(side, adapters, port, args)
     log = (log_dir / f"{side}.log").open("a")
     started = time.perf_counter()
     process = subprocess.Popen(
@@ -143,7 +178,9 @@ def running(side: str, adapters: Path, vllm_python: Path, log_dir: Path):
 # -- the clients ----------------------------------------------------------------------------
 
 
-async def one_request(http: httpx.AsyncClient, url: str, model: str, stream: bool) -> dict:
+async def one_request(
+    http: httpx.AsyncClient, url: str, model: str, stream: bool, by_id: bool = False
+) -> dict:
     body = {
         "model": model,
         "prompt": PROMPT,
@@ -151,6 +188,8 @@ async def one_request(http: httpx.AsyncClient, url: str, model: str, stream: boo
         "temperature": 0,
         "ignore_eos": True,
     }
+    if by_id:  # llama-server: the adapter by its index among those it loaded
+        body["lora"] = [{"id": int(model[1:]), "scale": 1.0}]
     start = time.perf_counter()
     if not stream:
         response = await http.post(url + "/v1/completions", json=body)
@@ -169,11 +208,14 @@ async def one_request(http: httpx.AsyncClient, url: str, model: str, stream: boo
                 tokens = chunk["usage"]["completion_tokens"]
             if any(c.get("text") for c in chunk.get("choices", [])):
                 arrivals.append(time.perf_counter())
+    tokens = tokens or len(arrivals)  # a server that gives no usage: one token a chunk
     gaps = [b - a for a, b in itertools.pairwise(arrivals)]
     return {"tokens": tokens, "ttft": arrivals[0] - start, "gaps": gaps}
 
 
-async def closed_loop(url: str, adapters: int, seconds: float, per_client: int, stream: bool):
+async def closed_loop(
+    url: str, adapters: int, seconds: float, per_client: int, stream: bool, by_id: bool = False
+):
     names = [f"a{i}" for i in range(adapters)]
     results: list[dict] = []
     deadline = time.monotonic() + seconds
@@ -185,7 +227,8 @@ async def closed_loop(url: str, adapters: int, seconds: float, per_client: int, 
             for _ in range(per_client):
                 if time.monotonic() > deadline:
                     return
-                results.append(await one_request(http, url, draw.choice(names), stream))
+                name = draw.choice(names)
+                results.append(await one_request(http, url, name, stream, by_id))
 
         start = time.perf_counter()
         await asyncio.gather(*(client(i) for i in range(CLIENTS)))
@@ -264,6 +307,8 @@ async def stall(url: str, prompt: str) -> dict:
         "prefill_s": finished - sent,
         "step_ms": median(before) * 1e3,
         "max_gap_ms": max(during, default=float("nan")) * 1e3,
+        "p99_gap_ms": percentile(during, 99) * 1e3,
+        "p50_gap_ms": percentile(during, 50) * 1e3,
         "tokens_during": len(during),
     }
 
@@ -278,7 +323,7 @@ def stall_main(args) -> None:
         write_adapters(adapters, max(ADAPTER_COUNTS))
         for side in [s for s in args.sides if s.startswith("loralab")]:
             print(f"stall: {side}", file=sys.stderr)
-            with running(side, adapters, args.vllm_python, scratch) as url:
+            with running(side, adapters, args, scratch) as url:
                 results[side] = asyncio.run(stall(url, prompt))
     loads.append(load_average())
     lines = [
@@ -291,17 +336,19 @@ def stall_main(args) -> None:
         "each, again and again) when one more sends a prompt of "
         f"{results[next(iter(results))]['prompt_tokens']} tokens (1 new token). *step*: the "
         "streams' median gap between tokens before it; *largest gap*: the largest gap of a "
-        "stream while it is prefilled.",
+        "stream while it is prefilled (its median and 99th percentile beside it: on 2 "
+        "shared cores the largest of a thousand gaps also catches the machine's noise).",
         "",
         "| server | long prompt's time (s) | step (ms) | largest gap (ms) | gap / step | "
-        "stream tokens meanwhile |",
-        "|---|---:|---:|---:|---:|---:|",
+        "gap p50 / p99 (ms) | stream tokens meanwhile |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for side, r in results.items():
         name = SIDE_NAMES[side]
         lines.append(
             f"| {name} | {r['prefill_s']:.1f} | {r['step_ms']:.0f} | {r['max_gap_ms']:.0f} | "
-            f"{r['max_gap_ms'] / r['step_ms']:.1f} | {r['tokens_during']} |"
+            f"{r['max_gap_ms'] / r['step_ms']:.1f} | {r['p50_gap_ms']:.0f} / "
+            f"{r['p99_gap_ms']:.0f} | {r['tokens_during']} |"
         )
     publish(lines, "results_serve_stall.md", args.write)
 
@@ -426,10 +473,11 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def measure_side(side: str, url: str, seconds: float, per_client: int) -> dict:
-    stream = side != "naive"
-    asyncio.run(closed_loop(url, max(ADAPTER_COUNTS), 600, 1, stream))  # warm: one each
+    stream, by_id = side != "naive", side == "llama-server"
+    asyncio.run(closed_loop(url, max(ADAPTER_COUNTS), 600, 1, stream, by_id))  # warm: one each
     return {
-        n: asyncio.run(closed_loop(url, n, seconds, per_client, stream)) for n in ADAPTER_COUNTS
+        n: asyncio.run(closed_loop(url, n, seconds, per_client, stream, by_id))
+        for n in ADAPTER_COUNTS
     }
 
 
@@ -585,7 +633,7 @@ def summarize(rounds: list[dict]) -> dict:
 
 def report(results: dict, profile_figures: dict, settings: str, loads: tuple) -> str:
     lines = [
-        "# Serving many adapters: `loralab serve` against the naive server and vLLM-CPU",
+        "# Serving many adapters: `loralab serve` against other servers",
         "",
         f"`{command_line(__file__)}`, {now()}; {machine_line()}; load average before "
         f"{loads[0]}, after {loads[1]}.",
@@ -652,16 +700,28 @@ def main() -> None:
         "--write",
         action="store_true",
         help="also write results_serve.md (results_serve_engine.md when the sides are "
-        "loralab's two; results_serve_stall.md with --stall)",
+        "loralab's; results_serve_llama_server.md when they are loralab's and llama-server; "
+        "results_serve_stall.md with --stall)",
     )
     parser.add_argument("--vllm-python", type=Path, default=VLLM_PYTHON)
     parser.add_argument(
+        "--llama-server",
+        type=Path,
+        default=None,
+        help="a llama-server binary (built from llama.cpp's source; see benchmarks/README.md)",
+    )
+    parser.add_argument(
+        "--llama-slots", type=int, default=CLIENTS, help="llama-server's parallel slots"
+    )
+    parser.add_argument(
         "--sides",
         nargs="+",
-        default=[*LORALAB_SIDES, "naive", "vllm"],
-        choices=[*LORALAB_SIDES, "naive", "vllm"],
+        default=[*LORALAB_SIDES, "naive", "vllm", "llama-server"],
+        choices=[*LORALAB_SIDES, "naive", "vllm", "llama-server"],
     )
     parser.add_argument("--stall", action="store_true", help="a long prompt among streams, instead")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of every side (default 2)")
+    parser.add_argument("--no-profile", action="store_true", help="no profiled step after")
     parser.add_argument(
         "--in-process", action="store_true", help="the server's engine alone, without HTTP"
     )
@@ -673,39 +733,49 @@ def main() -> None:
         return stall_main(args)
     if args.in_process:
         return in_process_main(args)
-    seconds, per_client, rounds = (10, 3, 1) if args.quick else (40, 6, 2)
+    seconds, per_client, rounds = (10, 3, 1) if args.quick else (40, 6, args.rounds)
     sides = list(args.sides)
     if "vllm" in sides and not args.vllm_python.exists():
         print(f"no vLLM at {args.vllm_python}: its side is skipped", file=sys.stderr)
         sides.remove("vllm")
+    if "llama-server" in sides and not (args.llama_server and args.llama_server.exists()):
+        print("no --llama-server binary: its side is skipped", file=sys.stderr)
+        sides.remove("llama-server")
     loads = [load_average()]
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         adapters = scratch / "adapters"
         write_adapters(adapters, max(ADAPTER_COUNTS))
+        if "llama-server" in sides:
+            write_gguf(adapters)
         measured = []
         for index in range(rounds):
             order = sides if index % 2 == 0 else sides[::-1]
             this_round = {}
             for side in order:
                 print(f"round {index + 1}: {side}", file=sys.stderr)
-                with running(side, adapters, args.vllm_python, scratch) as url:
+                with running(side, adapters, args, scratch) as url:
                     this_round[side] = measure_side(side, url, seconds, per_client)
             measured.append({s: this_round[s] for s in sides})
         import torch
 
         from loralab.engine.weights import choose
 
-        profile_figures = [profile_step(adapters, side) for side in ("engine", "hf")]
-        if choose("auto", torch.device("cpu"))[0] == "bf16":
+        profiled = () if args.no_profile else ("engine", "hf")
+        profile_figures = [profile_step(adapters, side) for side in profiled]
+        if profiled and choose("auto", torch.device("cpu"))[0] == "bf16":
             profile_figures.insert(1, profile_step(adapters, "engine", weights="bf16"))
     loads.append(load_average())
     settings = f"at most {per_client} requests a client and {seconds} s a case, {rounds} round(s)"
     text = report(summarize(measured), profile_figures, settings, tuple(loads))
     print(text)
     if args.write:
-        name = "results_serve_engine.md" if set(sides) <= set(LORALAB_SIDES) else ""
-        (HERE / (name or "results_serve.md")).write_text(text)
+        name = "results_serve.md"
+        if set(sides) <= set(LORALAB_SIDES):
+            name = "results_serve_engine.md"
+        elif set(sides) <= {*LORALAB_SIDES, "llama-server"}:
+            name = "results_serve_llama_server.md"
+        (HERE / name).write_text(text)
 
 
 if __name__ == "__main__":
