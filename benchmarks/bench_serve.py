@@ -188,17 +188,22 @@ async def one_request(
         "temperature": 0,
         "ignore_eos": True,
     }
+    headers = {}
     if by_id:  # llama-server: the adapter by its index among those it loaded
         body["lora"] = [{"id": int(model[1:]), "scale": 1.0}]
+        # its HTTP library closes a connection idle for 5 s, which a pooled connection
+        # may be when reused (seen: "Server disconnected without sending a response")
+        headers["Connection"] = "close"
     start = time.perf_counter()
     if not stream:
-        response = await http.post(url + "/v1/completions", json=body)
+        response = await http.post(url + "/v1/completions", json=body, headers=headers)
         response.raise_for_status()
         done = time.perf_counter() - start
         return {"tokens": response.json()["usage"]["completion_tokens"], "ttft": done, "gaps": []}
     body |= {"stream": True, "stream_options": {"include_usage": True}}
     arrivals, tokens = [], 0
-    async with http.stream("POST", url + "/v1/completions", json=body) as response:
+    request = http.stream("POST", url + "/v1/completions", json=body, headers=headers)
+    async with request as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -366,9 +371,11 @@ def publish(lines: list[str], name: str, write: bool) -> None:
 
 IN_PROCESS = {  # side: (serve's --engine, --engine-weights)
     "loralab": ("auto", "fp32"),
+    "loralab-apart": ("auto", "fp32"),  # the prompts' rounds apart from the steps, as before
     "loralab-hf": ("hf", "fp32"),
     "loralab-engine-bf16": ("engine", "bf16"),
 }
+SIDE_NAMES["loralab-apart"] = "`loralab serve --engine auto`, each prefill round apart"
 
 
 def served_engine(adapters: Path, kind: str, weights: str):
@@ -399,6 +406,8 @@ def in_process_worker(side: str, seconds: float, adapters: Path) -> None:
     from loralab.serve.sampling import Sampling
 
     engine, tokenizer = served_engine(adapters, *IN_PROCESS[side])
+    if side == "loralab-apart":  # what the engine did before its rounds rode in the steps
+        engine._shares_steps = lambda: False
     prompt = tokenizer(PROMPT)["input_ids"]
     finished: list[int] = []
     tokens = [0]
@@ -429,12 +438,19 @@ def in_process_worker(side: str, seconds: float, adapters: Path) -> None:
 def in_process_main(args) -> None:
     seconds, rounds = (8.0, 1) if args.quick else (20.0, 3)
     loads = [load_average()]
-    samples: dict[str, list[float]] = {side: [] for side in IN_PROCESS}
+    import torch
+
+    from loralab.engine.weights import choose
+
+    sides = [s for s in IN_PROCESS if IN_PROCESS[s][1] == "fp32"]
+    if choose("auto", torch.device("cpu"))[0] == "bf16":  # elsewhere bf16 is refused
+        sides.append("loralab-engine-bf16")
+    samples: dict[str, list[float]] = {side: [] for side in sides}
     with tempfile.TemporaryDirectory() as scratch:
         adapters = Path(scratch) / "adapters"
         write_adapters(adapters, CLIENTS)
         for index in range(rounds):
-            order = list(IN_PROCESS) if index % 2 == 0 else list(IN_PROCESS)[::-1]
+            order = sides if index % 2 == 0 else sides[::-1]
             for side in order:
                 arguments = ["in-process", side, str(seconds), str(adapters)]
                 result = run_worker(__file__, arguments, f"{side} (round {index + 1})")
