@@ -1,7 +1,9 @@
 """The fast forward of the Llama family: the model's tensors, read through a plan
 (``plan.py``), in Transformers' order of operations, with no module calls inside the
 layers. Tokens at given positions in, the final hidden states out, for a prompt's chunk
-and a decoding step alike; the keys and values go into the engine's cache.
+and a decoding step alike; the keys and values go into the engine's cache. Several sets
+of rows (``Span``s: a step's rows and a prompt's chunk, each with its own cache and
+updates) may share one forward, whose products read each base weight once for all.
 
 What it saves over calling the modules is the Python and the small operations around
 each product: a LoRA layer's forward is five operations per projection (the base, A, B,
