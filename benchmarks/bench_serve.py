@@ -429,8 +429,12 @@ def in_process_worker(side: str, seconds: float, adapters: Path) -> None:
             engine._work()  # the engine's own round, on this thread
         return tokens[0] / (time.perf_counter() - start)
 
+    # One client more a round: jobs submitted together would run in lockstep, all ending
+    # at one step and all prefilled with no stream running, which HTTP clients never do;
+    # staggered, about one job ends and one prompt goes in at each step, as over HTTP.
     for client in range(CLIENTS):
         submit(client)
+        engine._work()
     run(5.0)
     result_line({"tokens_per_s": run(seconds)})
 
@@ -465,7 +469,8 @@ def in_process_main(args) -> None:
         "",
         f"SmolLM2-135M-Instruct; {CLIENTS} jobs over {CLIENTS} adapters (r = 8 on q, v, "
         f"written by PEFT), {NEW_TOKENS} new tokens each, greedy, each finished job "
-        "replaced at once; the engine's own rounds (admission, prefill, one step) on one "
+        "replaced at once, the first ones started a round apart (so that they do not run in "
+        "lockstep); the engine's own rounds (admission, prefill, one step) on one "
         f"thread, {seconds:g} s a side after 5 s of warm-up, each side in a fresh process, "
         f"{rounds} round(s) with the order flipped. Output tokens per second, the median "
         "and the range.",
