@@ -356,6 +356,40 @@ def test_a_long_prompt_goes_in_chunks_inside_the_running_rows_steps(
     assert after.text == reference(tiny_model_dir, directory / "a1", long, 4)
 
 
+def test_a_failed_shared_forward_runs_the_step_and_the_round_again_alone(
+    tiny_model_dir, adapters, monkeypatch, caplog
+):
+    """When the forward shared by the rows' step and a prompt's round fails, the step
+    runs alone, then the round: nobody's request fails and every text is exact."""
+    directory, names = adapters
+    engine, tokenizer = _engine(tiny_model_dir, directory, names, engine="engine")
+    rows = engine.engine_rows
+    round_, calls = rows.round, {"n": 0}
+
+    def flaky(tokens):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("boom")
+        return round_(tokens)
+
+    monkeypatch.setattr(rows, "round", flaky)
+    running, stream = _job(tokenizer, "go on", "a0", 12, temperature=0)
+    engine.submit(running)
+    engine.start()
+    try:
+        while len(stream.events) < 2:  # a step alone has run: the next round shares one
+            threading.Event().wait(0.01)
+        late, after = _job(tokenizer, "then this", "a1", 5, temperature=0)
+        engine.submit(late)
+        assert stream.ended.wait(30) and after.ended.wait(30)
+    finally:
+        engine.stop()
+    assert calls["n"] >= 1 and "each runs again alone" in caplog.text
+    assert stream.text == reference(tiny_model_dir, directory / "a0", "go on", 12)
+    assert after.text == reference(tiny_model_dir, directory / "a1", "then this", 5)
+    assert all(e.users == 0 for e in engine.pool.entries.values())
+
+
 def test_a_step_and_a_chunk_in_one_forward_compute_what_each_computes_alone(
     tiny_model_dir, adapters
 ):

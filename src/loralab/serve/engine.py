@@ -386,13 +386,16 @@ class Engine:
                 log.exception("a row failed")
                 self._end(row, Failed(RequestError("internal error", status=500)))
         self._keep(going)
-        if prefill:
+        if prefill and complete is None:  # the shared forward failed: the round alone
+            self._prefill_chunk()
+        elif prefill:
             self._prompts_out(complete, [])
 
-    def _next_logits(self, prefill: bool) -> tuple[Tensor, list[Prompt]]:
+    def _next_logits(self, prefill: bool) -> tuple[Tensor, list[Prompt] | None]:
         """The rows' next logits and, with ``prefill``, the prompts that the step's round
-        completed. If a step with a round fails, the two run again alone, so that a
-        prompt's fault fails its request alone and the step's fails the batch, as ever."""
+        completed. If a step with a round fails, the step runs again alone (its failure
+        fails the batch, as ever) and the completed prompts are None: the caller runs the
+        round alone after the step (its failure fails its prompts alone, as ever)."""
         if self.engine_rows is None:
             return self._transformers_step(), []
         tokens = [row.last for row in self.rows]
@@ -402,8 +405,7 @@ class Engine:
             logits, complete = self.engine_rows.round(tokens)
         except Exception:
             log.exception("a step with a prompt's round failed; each runs again alone")
-            self._prefill_chunk()
-            return _on_cpu(self.engine_rows.step(tokens)), []
+            return _on_cpu(self.engine_rows.step(tokens)), None
         return _on_cpu(logits), complete
 
     def _transformers_step(self) -> Tensor:
