@@ -41,18 +41,28 @@ def test_output_and_input_gradient_equal_a_dense_layer_of_the_unpacked_weight(na
     _assert_computes_as_its_dense_twin(_packed(name=name), 64)
 
 
-def _assert_computes_as_its_dense_twin(packed: PackedLinear, columns: int) -> None:
+def _assert_computes_as_its_dense_twin(
+    packed: PackedLinear, columns: int, exact: bool = True
+) -> None:
     """The same output and input gradient as ``nn.Linear`` holding the unpacked weight,
-    to the last bit."""
+    to the last bit (``exact``), or to fp32 rounding where the weight is unpacked by parts:
+    the CPU's kernels may sum a product of 8 output rows in another order than one of 96
+    (equal bits on an AVX-512 Xeon, not on an AVX2 EPYC)."""
     dense = _dense_twin(packed)
     x = torch.randn(3, 5, columns, requires_grad=True)
     x_dense = x.detach().clone().requires_grad_(True)
     y, y_dense = packed(x), dense(x_dense)
-    assert torch.equal(y, y_dense)
+    same = torch.equal if exact else _close
+    assert same(y, y_dense)
     grad = torch.randn_like(y)
     y.backward(grad)
     y_dense.backward(grad)
-    assert torch.equal(x.grad, x_dense.grad)
+    assert same(x.grad, x_dense.grad)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)  # sums of 256 terms of ~±30
+    return True
 
 
 def test_gradcheck_in_float64():
@@ -197,4 +207,4 @@ def test_a_large_weight_unpacked_by_parts_gives_the_whole_products_numbers(monke
     from loralab.lora.quantized import packed_linear
 
     monkeypatch.setattr(packed_linear, "PART_VALUES", 2048)  # 8 rows, 32 columns a part
-    _assert_computes_as_its_dense_twin(_packed(out=96, columns=256, name=name), 256)
+    _assert_computes_as_its_dense_twin(_packed(out=96, columns=256, name=name), 256, exact=False)
