@@ -73,6 +73,21 @@ def test_bf16_weights_compute_the_rounded_products(name, adapter):
     assert far > 5e-4  # the rounding is in effect: fp32 is farther than the rounding
 
 
+def test_without_onednn_bf16_the_copies_stay_unpacked_with_the_same_numbers(monkeypatch):
+    """Where oneDNN does not multiply bf16 (a CPU without AVX-512, or one the test says
+    is such), the copies stay unpacked and ``F.linear`` computes the same rounded
+    numbers (up to a rare sum on the other side of a rounding, as above)."""
+    monkeypatch.setattr(weights, "_onednn_bf16", lambda: False)
+    model = _model("qwen2", adapter=True)  # biases too
+    assert plan.build(model, weights="bf16")[0].qkv.packed.onednn is False
+    ours = _logits(model, "bf16", fast=True)
+    rounded = _logits(_rounded_like_bf16(model), "fp32", fast=False)
+    exact = _logits(model, "fp32", fast=True)
+    gap = (ours - rounded).abs()
+    assert (gap > 1e-4).float().mean() < 0.05
+    assert gap.mean() < (ours - exact).abs().mean() / 20
+
+
 def test_bf16_weights_give_each_row_its_adapter():
     model = _two_adapters()
     rows = ["a", None, "b"]

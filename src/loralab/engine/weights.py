@@ -71,11 +71,6 @@ def linear(x: Tensor, packed: Packed) -> Tensor:
     half = x.to(torch.bfloat16)
     if packed.onednn:
         out = torch.ops.mkldnn._linear_pointwise(half, packed.weight, None, "none", [], "")
-    elif packed.weight.device.type == "cpu":
-        # no bf16 kernel oneDNN trusts on this CPU (only the tests run bf16 here): the same
-        # numbers in fp32, one rounding of each sum, as the bf16 units compute them (the
-        # emulated bf16 product rounds partial sums: 1e-3 off in a test's logits)
-        out = torch.nn.functional.linear(half.float(), packed.weight.float()).bfloat16()
     else:
         out = torch.nn.functional.linear(half, packed.weight)
     out = out.to(x.dtype)
