@@ -73,11 +73,11 @@ def test_bf16_weights_compute_the_rounded_products(name, adapter):
     assert far > 5e-4  # the rounding is in effect: fp32 is farther than the rounding
 
 
-def test_without_onednn_bf16_the_copies_stay_unpacked_with_the_same_numbers(monkeypatch):
+def test_withoutonednn_bf16_the_copies_stay_unpacked_with_the_same_numbers(monkeypatch):
     """Where oneDNN does not multiply bf16 (a CPU without AVX-512, or one the test says
     is such), the copies stay unpacked and ``F.linear`` computes the same rounded
     numbers (up to a rare sum on the other side of a rounding, as above)."""
-    monkeypatch.setattr(weights, "_onednn_bf16", lambda: False)
+    monkeypatch.setattr(weights, "onednn_bf16", lambda: False)
     model = _model("qwen2", adapter=True)  # biases too
     assert plan.build(model, weights="bf16")[0].qkv.packed.onednn is False
     ours = _logits(model, "bf16", fast=True)

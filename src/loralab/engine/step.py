@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..lora.inject import plain_head
+from . import products
 from .cache import KVCache
 from .plan import Group, LayerPlan, LowRank
 from .weights import Packed, linear
@@ -156,7 +158,7 @@ def _project(x: Tensor, groups: list[Group], bounds: list[tuple[int, int, int]])
         outs = [linear(x, group.packed)]
         places = [(outs[0], 0, sum(group.widths))]
     else:
-        outs = [F.linear(x, w, b) for w, b in zip(group.weights, group.biases, strict=True)]
+        outs = [products.linear(x, w, b) for w, b in zip(group.weights, group.biases, strict=True)]
         offsets = [sum(group.widths[:i]) for i in range(len(outs))]
         places = list(zip(outs, offsets, group.widths, strict=True))
     for each, (start, end, rows) in zip(groups, bounds, strict=True):
@@ -177,18 +179,18 @@ def _project_one(x: Tensor, group: Group, rows: int) -> list[Tensor]:
             out = out + _delta(x, update, rows).to(out.dtype)
         return list(out.split(group.widths, dim=-1))
     if update is None:
-        return [F.linear(x, w, b) for w, b in zip(group.weights, group.biases, strict=True)]
+        return [products.linear(x, w, b) for w, b in zip(group.weights, group.biases, strict=True)]
     delta = _delta(x, update, rows)
     outs, offset = [], 0
     for weight, bias, width in zip(group.weights, group.biases, group.widths, strict=True):
         part = delta[:, offset : offset + width]
         offset += width
         if part.dtype != x.dtype:  # as the LoRA layer adds it: onto the rounded base output
-            outs.append(F.linear(x, weight, bias) + part.to(x.dtype))
+            outs.append(products.linear(x, weight, bias) + part.to(x.dtype))
             continue
         if bias is not None:
             part = part + bias
-        outs.append(torch.addmm(part, x, weight.T))  # the base product accumulates onto it
+        outs.append(products.linear(x, weight, onto=part))  # the base product accumulates onto it
     return outs
 
 
@@ -204,7 +206,12 @@ def _delta(x: Tensor, update: LowRank, rows: int) -> Tensor:
 
 def head(model: nn.Module, packed: Packed | None, hidden: Tensor) -> Tensor:
     """The output head's logits of ``hidden``: the model's ``lm_head``, or its bf16 copy."""
-    return model.lm_head(hidden) if packed is None else linear(hidden, packed)
+    if packed is not None:
+        return linear(hidden, packed)
+    module = model.lm_head
+    if plain_head(module):
+        return products.linear(hidden, module.weight, module.bias)
+    return module(hidden)
 
 
 def _rms(x: Tensor, norm: tuple[Tensor, float]) -> Tensor:

@@ -99,7 +99,7 @@ def packed(owner: torch.nn.Module, weights: list[Tensor], biases: list[Tensor | 
                 for w, b in zip(weights, biases, strict=True)
             ]
             bias = torch.cat(parts)
-        onednn = weight.device.type == "cpu" and _onednn_bf16()
+        onednn = weight.device.type == "cpu" and onednn_bf16()
         if onednn:  # oneDNN's blocked layout; its products read it at any row count
             weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
     result = Packed(weight, bias, onednn)
@@ -107,7 +107,7 @@ def packed(owner: torch.nn.Module, weights: list[Tensor], biases: list[Tensor | 
     return result
 
 
-def _onednn_bf16() -> bool:
+def onednn_bf16() -> bool:
     """Whether oneDNN packs and multiplies bf16 on this CPU: it refuses to where the CPU
     lacks AVX-512 (BW, VL, DQ) and AVX-NE-CONVERT, where plain ``F.linear`` runs instead
     (only the tests ask for bf16 there, ``choose`` refuses it)."""

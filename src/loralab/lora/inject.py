@@ -478,6 +478,17 @@ def keep_head_input_foldable(model: nn.Module) -> None:
     state.hooked_head = head
 
 
+def plain_head(head: nn.Module) -> bool:
+    """Whether ``head`` is a bare ``nn.Linear`` whose only hook is the one above (which
+    changes no number), so its product may run by other means."""
+    pre = list(head._forward_pre_hooks.values())
+    return (
+        type(head) is nn.Linear
+        and not head._forward_hooks
+        and all(hook is _contiguous_input for hook in pre)
+    )
+
+
 def _contiguous_input(module: nn.Module, args: tuple) -> tuple | None:
     if args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
         return (args[0].contiguous(), *args[1:])
