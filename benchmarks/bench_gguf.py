@@ -10,8 +10,10 @@ the same work) after e2e prompts, one stream and a batch of 8:
   engine): the unmerged adapter in fp32 PyTorch over a left-padded batch;
 - loralab's engine (``loralab.engine.decode_greedy``, what ``loralab generate`` runs): the
   same model and adapter, its own per-layer KV cache, each row at its own positions, the
-  fast step over the model's tensors (eager, not compiled); and the same with bf16 base
-  weights (``--engine-weights bf16``, where the CPU has AVX512-BF16 or AMX);
+  fast step over the model's tensors (eager, not compiled), its fp32 products at a few
+  rows in slices on every thread (``engine/products.py``); the same with every product
+  whole (MKL, which runs a few rows on one thread: the engine before the slices); and with
+  bf16 base weights (``--engine-weights bf16``, where the CPU has AVX512-BF16 or AMX);
 - llama.cpp (llama-cpp-python's bindings, its own batched decoding: one sequence per
   prompt in one ``llama_decode``) with the adapter GGUF, on the base's F32 export (the
   same arithmetic), on its BF16 export (``loralab merge --format gguf --outtype bf16``:
@@ -199,7 +201,11 @@ def worker(argv: list[str]) -> None:
     batch = json.loads((folder / "prompts.json").read_text())[:batch_size]
     if side == "loralab":
         result = loralab_runs(folder / "a0", batch, reps)
-    elif side in ("engine", "engine-bf16"):
+    elif side in ("engine", "engine-bf16", "engine-whole"):
+        if side == "engine-whole":  # every product whole, as before the slices
+            from loralab.engine import products
+
+            products.MAX_ROWS = 0
         result = engine_runs(
             folder / "a0", batch, reps, "bf16" if side == "engine-bf16" else "fp32"
         )
@@ -220,6 +226,7 @@ def worker(argv: list[str]) -> None:
 SIDES = {
     "loralab": "Transformers' `generate` (fp32, unmerged; `--engine hf`)",
     "engine": "loralab's engine (fp32, unmerged; eager; `loralab generate`)",
+    "engine-whole": "loralab's engine, fp32 products whole (MKL on one thread: before the slices)",
     "engine-bf16": "loralab's engine, bf16 base weights (`--engine-weights bf16`)",
     "llama-f32": "llama.cpp, F32 base + adapter GGUF",
     "llama-bf16": "llama.cpp, BF16 base + adapter GGUF",
@@ -238,6 +245,7 @@ def main() -> None:
     if args.worker:
         return worker(args.worker)
     rounds, reps = (1, 1) if args.quick else (args.rounds or 2, 3)
+    from loralab.engine.weights import choose as choose_weights
     from loralab.files.gguf.adapter import export_adapter_gguf
     from loralab.files.gguf.merged import write_merged_gguf
     from loralab.models.embedded import embedded_gguf
@@ -255,6 +263,9 @@ def main() -> None:
         samples: dict[tuple[str, int], list[float]] = {}
         first: dict[tuple[str, int], list[int]] = {}
         failed: dict[str, str] = {}  # a side whose worker crashed is reported, not retried
+        weights, why = choose_weights("auto", torch.device("cpu"))
+        if weights != "bf16":  # the engine refuses bf16 here, with this reason
+            failed["engine-bf16"] = f"not run: {why}"
         order = [(side, b) for b in BATCHES for side in SIDES]
         for round_index in range(rounds):
             for side, b in order if round_index % 2 == 0 else order[::-1]:
