@@ -372,10 +372,12 @@ def publish(lines: list[str], name: str, write: bool) -> None:
 IN_PROCESS = {  # side: (serve's --engine, --engine-weights)
     "loralab": ("auto", "fp32"),
     "loralab-apart": ("auto", "fp32"),  # the prompts' rounds apart from the steps, as before
+    "loralab-whole": ("auto", "fp32"),  # every product whole, as before the slices
     "loralab-hf": ("hf", "fp32"),
     "loralab-engine-bf16": ("engine", "bf16"),
 }
 SIDE_NAMES["loralab-apart"] = "`loralab serve --engine auto`, each prefill round apart"
+SIDE_NAMES["loralab-whole"] = "`loralab serve --engine auto`, fp32 products whole (no slices)"
 
 
 def served_engine(adapters: Path, kind: str, weights: str):
@@ -408,6 +410,10 @@ def in_process_worker(side: str, seconds: float, adapters: Path) -> None:
     engine, tokenizer = served_engine(adapters, *IN_PROCESS[side])
     if side == "loralab-apart":  # what the engine did before its rounds rode in the steps
         engine._shares_steps = lambda: False
+    if side == "loralab-whole":  # MKL's products whole, as before ``engine/products.py``
+        from loralab.engine import products
+
+        products.MAX_ROWS = 0
     prompt = tokenizer(PROMPT)["input_ids"]
     finished: list[int] = []
     tokens = [0]
