@@ -9,8 +9,11 @@ greedy token out, timed as
 - the fast step ``torch.compile``d for this one shape (``dynamic=False``), with its
   compile time: the gain a compiled step would bring, and its price;
 - the step's matrix products alone (each product of the step re-run by itself, same
-  shapes and weights): the floor for this arithmetic, which no eager or compiled step
-  beats.
+  shapes and weights, as the step runs them: in slices at a few rows,
+  ``engine/products.py``): the floor for this arithmetic, which no eager or compiled step
+  beats;
+- the time to read the model's weights once on every thread (a ``sum`` over them): the
+  floor under any way of multiplying by them.
 
 The sides alternate, two rounds of 30 steps each.
 
@@ -112,11 +115,13 @@ def measure(model, rows: int, compile_too: bool) -> None:
                 run(token, torch.full((rows,), 32 + i))
             times[name].append((time.perf_counter() - start) / STEPS * 1e3)
     floor = _products_alone(model, plan.layers, rows)
+    read = _reading(model)
     print(f"\n{rows} row(s):")
     for name, values in times.items():
         own = half_floor if "bf16" in name else floor
         print(f"  {name}: {median(values):.1f} ms ({median(values) / own:.2f}× its products)")
     print(f"  its matrix products alone: {floor:.1f} ms")
+    print(f"  reading its weights once: {read:.1f} ms ({floor / read:.2f}× for the products)")
     if half_floor is not None:
         print(f"  its matrix products alone with bf16 weights: {half_floor:.1f} ms")
     for name, seconds in compile_s.items():
@@ -148,9 +153,23 @@ def _unpacked(model, rows_plan):
     return result
 
 
+def _reading(model) -> float:
+    """The time to read every base weight of the step once (a sum over each)."""
+    weights = [p for n, p in model.named_parameters() if ".lora." not in n and p.dim() == 2]
+    weights = [w for w in weights if w is not model.model.embed_tokens.weight]
+    weights.append(model.lm_head.weight)  # tied to the embedding: read once, as the head
+
+    def run() -> None:
+        for weight in weights:
+            weight.sum()
+
+    return median(interleaved({"read": lambda: timed(run)}, warmup=3, reps=10)["read"])
+
+
 def _products_alone(model, layers, rows: int, head=None) -> float:
     """The time of the step's matrix products, each run alone on its own weights (the
     groups' packed bf16 weights and ``head`` where the plan has them, with the casts)."""
+    from loralab.engine.products import linear as sliced
     from loralab.engine.weights import linear
 
     x = {}
@@ -174,7 +193,7 @@ def _products_alone(model, layers, rows: int, head=None) -> float:
 
     def run() -> None:
         for width, weight in products:
-            torch.mm(x[width], weight.T)
+            sliced(x[width], weight)  # as the step runs them: in slices at a few rows
         for width, weights in packed:
             linear(x[width], weights)
 

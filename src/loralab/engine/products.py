@@ -54,6 +54,8 @@ def _split(x: Tensor, weight: Tensor, slices: int, onto: Tensor | None) -> Tenso
     else:  # each slice accumulates onto its columns of ``onto``, as the whole product would
         onto = onto.expand(rows, outputs).reshape(rows, slices, outputs // slices)
         out = torch.baddbmm(onto.transpose(0, 1), batch, parts)
+    if rows == 1:  # (slices, 1, width) is already the row's outputs in order
+        return out.view(1, outputs)
     return out.transpose(0, 1).reshape(rows, outputs)
 
 
