@@ -12,12 +12,14 @@ the same work) after e2e prompts, one stream and a batch of 8:
   same model and adapter, its own per-layer KV cache, each row at its own positions, the
   fast step over the model's tensors (eager, not compiled), its fp32 products at a few
   rows in slices on every thread (``engine/products.py``); the same with every product
-  whole (MKL, which runs a few rows on one thread: the engine before the slices); and with
+  whole (MKL, which runs a few rows on one thread: the engine before the slices); with
   bf16 base weights (``--engine-weights bf16``, where the CPU has AVX512-BF16 or AMX);
+  and with int8 base weights, one scale a row (``--engine-weights int8``);
 - llama.cpp (llama-cpp-python's bindings, its own batched decoding: one sequence per
   prompt in one ``llama_decode``) with the adapter GGUF, on the base's F32 export (the
   same arithmetic), on its BF16 export (``loralab merge --format gguf --outtype bf16``:
-  the arithmetic of loralab's bf16 weights) and on the shipped Q4_1 file (what a user
+  the arithmetic of loralab's bf16 weights), on its Q8_0 export (int8 in blocks of 32:
+  the anchor for loralab's int8 weights) and on the shipped Q4_1 file (what a user
   runs); and the F32 base without the adapter, for what the adapter costs there and to
   show that it changes the tokens.
 
@@ -201,20 +203,22 @@ def worker(argv: list[str]) -> None:
     batch = json.loads((folder / "prompts.json").read_text())[:batch_size]
     if side == "loralab":
         result = loralab_runs(folder / "a0", batch, reps)
-    elif side in ("engine", "engine-bf16", "engine-whole"):
+    elif side in ("engine", "engine-bf16", "engine-int8", "engine-whole"):
         if side == "engine-whole":  # every product whole, as before the slices
             from loralab.engine import products
 
             products.MAX_ROWS = 0
-        result = engine_runs(
-            folder / "a0", batch, reps, "bf16" if side == "engine-bf16" else "fp32"
-        )
+        formats = {"engine-bf16": "bf16", "engine-int8": "int8"}
+        result = engine_runs(folder / "a0", batch, reps, formats.get(side, "fp32"))
     else:
         from loralab.models.embedded import embedded_gguf
 
-        base = {"llama-q4_1": embedded_gguf(MODEL), "llama-bf16": folder / "base-bf16.gguf"}.get(
-            side, folder / "base-f32.gguf"
-        )
+        bases = {
+            "llama-q4_1": embedded_gguf(MODEL),
+            "llama-bf16": folder / "base-bf16.gguf",
+            "llama-q8_0": folder / "base-q8_0.gguf",
+        }
+        base = bases.get(side, folder / "base-f32.gguf")
         adapter = None if side == "llama-f32-alone" else folder / "a0.gguf"
         result = llama_runs(base, adapter, batch, reps)
     result_line(result)
@@ -228,8 +232,10 @@ SIDES = {
     "engine": "loralab's engine (fp32, unmerged; eager; `loralab generate`)",
     "engine-whole": "loralab's engine, fp32 products whole (MKL on one thread: before the slices)",
     "engine-bf16": "loralab's engine, bf16 base weights (`--engine-weights bf16`)",
+    "engine-int8": "loralab's engine, int8 base weights (`--engine-weights int8`)",
     "llama-f32": "llama.cpp, F32 base + adapter GGUF",
     "llama-bf16": "llama.cpp, BF16 base + adapter GGUF",
+    "llama-q8_0": "llama.cpp, Q8_0 base + adapter GGUF",
     "llama-q4_1": "llama.cpp, shipped Q4_1 base + adapter GGUF",
     "llama-f32-alone": "llama.cpp, F32 base alone (no adapter: its cost, and its effect)",
 }
@@ -259,6 +265,7 @@ def main() -> None:
         export_adapter_gguf(folder / "a0", model.config, folder / "a0.gguf")
         write_merged_gguf(embedded_gguf(MODEL), folder / "base-f32.gguf", "f32")
         write_merged_gguf(embedded_gguf(MODEL), folder / "base-bf16.gguf", "bf16")
+        write_merged_gguf(embedded_gguf(MODEL), folder / "base-q8_0.gguf", "q8_0")
         (folder / "prompts.json").write_text(json.dumps(prompts(max(BATCHES))))
         samples: dict[tuple[str, int], list[float]] = {}
         first: dict[tuple[str, int], list[int]] = {}

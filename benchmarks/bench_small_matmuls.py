@@ -10,6 +10,8 @@ fp32) and its output head (49,152 × 576, 113 MB), times a batch of M rows, M = 
   bits as MKL's product (the column *same bits* checks it here);
 - fp32 through oneDNN with the weights packed for it (``mkldnn._linear_pointwise``:
   other bits);
+- int8 weights with one scale a row, the inputs in bf16 (PyTorch's weight-only int8
+  kernel, ``--engine-weights int8``: a quarter of the bytes, other numbers);
 - bf16 through oneDNN, packed (where oneDNN multiplies bf16: AVX-512 and up; fast only
   where the CPU has AVX512-BF16 or AMX);
 
@@ -30,6 +32,7 @@ import torch
 from measure import interleaved, machine_line, median, now, timed
 
 from loralab.engine import products
+from loralab.engine import weights as weights_module
 from loralab.engine.weights import onednn_bf16
 
 LAYERS = 30
@@ -78,8 +81,12 @@ def sides_for(weights: list[torch.Tensor], rows: int) -> dict:
             for w, p in zip(weights, packed, strict=True)
         ],
     }
+    quantized = [weights_module.quantized(w) for w in weights]
+    halves = {n: x.bfloat16() for n, x in inputs.items()}
+    sides["int8 weights, bf16 inputs (--engine-weights int8)"] = lambda: [
+        torch._weight_int8pack_mm(halves[q.shape[1]], q, scales) for q, scales in quantized
+    ]
     if onednn_bf16():
-        halves = {n: x.bfloat16() for n, x in inputs.items()}
         packed_bf16 = [torch.ops.mkldnn._reorder_linear_weight(w.bfloat16(), rows) for w in weights]
         sides["bf16, oneDNN packed"] = lambda: [
             linear(halves[w.shape[1]], b, None, "none", [], "")

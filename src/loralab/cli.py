@@ -374,12 +374,14 @@ def _engine_flag(parser: argparse.ArgumentParser, text: str = _GENERATE_ENGINES)
     )
     parser.add_argument(
         "--engine-weights",
-        choices=("fp32", "bf16", "auto"),  # engine/weights.WEIGHTS
+        choices=("fp32", "bf16", "int8", "auto"),  # engine/weights.WEIGHTS
         default="fp32",
         help="the base weights loralab's engine multiplies by: fp32 (the model's own, exact; "
         "default), bf16 (a bf16 copy: faster where the CPU has AVX512-BF16 or AMX, refused "
-        "where it has neither; the tokens may differ from fp32's) or auto (bf16 where the "
-        "CPU has them, else fp32); the choice is printed",
+        "where it has neither; the tokens may differ from fp32's), int8 (an int8 copy, one "
+        "scale a row: a quarter of the bytes, faster at a few rows, slower at a server's "
+        "32; the tokens drift as a Q8_0 file's) or auto (bf16 where the CPU has them, else "
+        "fp32); the choice is printed",
     )
 
 

@@ -48,7 +48,8 @@ _said: set = set()  # the fallback reasons (and weights) already told, once each
 
 def use_engine(engine: str, weights: str = "fp32") -> None:
     """What ``generate`` runs on when not told (``--engine``): one of ``ENGINES``, and the
-    engine's base weights (``--engine-weights``: fp32, bf16 or auto; ``engine/weights.py``)."""
+    engine's base weights (``--engine-weights``: fp32, bf16, int8 or auto;
+    ``engine/weights.py``)."""
     global _default_engine, _default_weights
     _check_engine(engine)
     from .engine.weights import WEIGHTS

@@ -120,5 +120,5 @@ def test_the_format_follows_the_cpu(monkeypatch):
     )  # fmt: skip
     with pytest.raises(ValueError, match="neither AVX512-BF16 nor AMX"):
         weights.choose("bf16", cpu)
-    with pytest.raises(ValueError, match="must be one of fp32, bf16, auto, not 'int8'"):
-        weights.choose("int8", cpu)
+    with pytest.raises(ValueError, match="must be one of fp32, bf16, int8, auto, not 'int4'"):
+        weights.choose("int4", cpu)

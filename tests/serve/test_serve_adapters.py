@@ -205,8 +205,10 @@ def test_engine_weights_are_refused_by_name_before_the_model_loads(tiny_model_di
     options = ServeOptions(model=str(tiny_model_dir), engine="hf", engine_weights="bf16")
     with pytest.raises(ServeError, match="--engine-weights bf16 is loralab's engine's: it needs"):
         build_state(options)
-    options = ServeOptions(model=str(tiny_model_dir), engine="engine", engine_weights="int8")
-    with pytest.raises(ServeError, match="--engine-weights must be fp32, bf16 or auto, got 'int8'"):
+    options = ServeOptions(model=str(tiny_model_dir), engine="engine", engine_weights="int4")
+    with pytest.raises(
+        ServeError, match="--engine-weights must be fp32, bf16, int8 or auto, got 'int4'"
+    ):
         build_state(options)
     monkeypatch.setattr(weights, "_native_bf16", lambda device: None)
     monkeypatch.setattr("loralab.serve.server.load_model", None)  # never reached

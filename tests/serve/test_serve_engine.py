@@ -89,8 +89,11 @@ def test_requests_that_join_and_leave_mid_batch_equal_generate(tiny_model_dir, a
         )
 
 
-def test_bf16_weights_serve_what_generate_writes_with_them(tiny_model_dir, adapters, monkeypatch):
-    """Rows of different adapters, on bf16 weights (``--engine-weights bf16``), each
+@pytest.mark.parametrize("format", ["bf16", "int8"])
+def test_copied_weights_serve_what_generate_writes_with_them(
+    tiny_model_dir, adapters, monkeypatch, format
+):
+    """Rows of different adapters, on bf16 or int8 weights (``--engine-weights``), each
     prefilled with others and decoded in one batch: each text is ``loralab generate``'s
     alone on the same weights."""
     from loralab.engine import weights
@@ -98,9 +101,9 @@ def test_bf16_weights_serve_what_generate_writes_with_them(tiny_model_dir, adapt
     monkeypatch.setattr(weights, "_native_bf16", lambda device: "the test says so")
     directory, names = adapters
     engine, tokenizer = _engine(
-        tiny_model_dir, directory, names, max_batch=4, engine="engine", engine_weights="bf16"
+        tiny_model_dir, directory, names, max_batch=4, engine="engine", engine_weights=format
     )
-    assert engine.engine_rows.weights == "bf16"
+    assert engine.engine_rows.weights == format
     cases = [(f"prompt {i} " * (1 + i), [None, *names][i], 12) for i in range(4)]
     engine.start()
     try:
@@ -114,10 +117,10 @@ def test_bf16_weights_serve_what_generate_writes_with_them(tiny_model_dir, adapt
         engine.stop()
     for (prompt, adapter, max_tokens), collect in zip(cases, jobs, strict=True):
         expected = reference(
-            tiny_model_dir, adapter and directory / adapter, prompt, max_tokens, weights="bf16"
+            tiny_model_dir, adapter and directory / adapter, prompt, max_tokens, weights=format
         )
         assert collect.text == expected
-    assert engine.engine_rows.rows.plan([None]).layers[0].qkv.packed is not None
+    assert engine.engine_rows.rows.plan([None]).layers[0].qkv.packed.format == format
 
 
 def test_the_end_token_stops_a_row(tiny_model_dir, adapters):

@@ -51,7 +51,7 @@ class LowRank:
 class Group:
     """Projections that read one input: their base weights and biases, their output
     widths, the group's update (None: no row adapts any of them), and the base weights
-    fused in bf16 when the engine runs those (``weights.py``; None: the model's own)."""
+    fused in bf16 or int8 when the engine runs those (``weights.py``; None: the model's own)."""
 
     weights: tuple[Tensor, ...]
     biases: tuple[Tensor | None, ...]
@@ -151,7 +151,7 @@ def build(
     must have returned None. ``trust``: reuse each group's bank of factors without
     checking them (only for a caller that knows no adapter changed since its last
     checked build: the server, whose adapters change only between its steps).
-    ``weights``: ``fp32`` (the model's own) or ``bf16`` (``weights.choose``'s)."""
+    ``weights``: ``fp32`` (the model's own), ``bf16`` or ``int8`` (``weights.choose``'s)."""
     plans = []
     for index, layer in enumerate(model.model.layers):
         attention = layer.self_attn
@@ -197,18 +197,18 @@ def _group(
     else:
         update = _row_update(modules, widths, list(row_adapters), trust)
     group = Group(tuple(b.weight for b in bases), tuple(b.bias for b in bases), widths, update)
-    if weights == "bf16":
-        group.packed = packed(bases[0], list(group.weights), list(group.biases))
+    if weights in ("bf16", "int8"):
+        group.packed = packed(bases[0], list(group.weights), list(group.biases), weights)
     return group
 
 
 def head(model: nn.Module, weights: str) -> Packed | None:
-    """The output head in bf16 when the engine runs bf16 weights and the head is a plain
-    ``nn.Linear`` (an adapter on it runs in its own module), else None."""
+    """The output head in bf16 (or int8) when the engine runs such weights and the head
+    is a plain ``nn.Linear`` (an adapter on it runs in its own module), else None."""
     module = model.lm_head
-    if weights != "bf16" or type(module) is not nn.Linear:
+    if weights not in ("bf16", "int8") or type(module) is not nn.Linear:
         return None
-    return packed(module, [module.weight], [module.bias])
+    return packed(module, [module.weight], [module.bias], weights)
 
 
 def _active_factors(module: nn.Module) -> tuple[Tensor, Tensor] | None:

@@ -33,7 +33,7 @@ class RowsPlan:
     layers: list[plan.LayerPlan] | None
     reason: str | None
     known: frozenset = frozenset()  # the adapters whose checks passed (fast plans only)
-    head: Packed | None = None  # the output head in bf16 (None: the model's lm_head)
+    head: Packed | None = None  # the output head in bf16 or int8 (None: the model's lm_head)
 
     @property
     def fast(self) -> bool:
@@ -42,7 +42,7 @@ class RowsPlan:
 
 class Runner:
     """``rows`` cache rows of up to ``length`` positions each for ``model``; the fast
-    step multiplies by ``weights`` (``weights.WEIGHTS``: fp32, bf16 or auto, chosen by
+    step multiplies by ``weights`` (``weights.WEIGHTS``: fp32, bf16, int8 or auto, chosen by
     ``weights.choose``; ``self.weights`` is the choice, ``self.why`` its reason)."""
 
     def __init__(self, model: nn.Module, rows: int, length: int, weights: str = "fp32") -> None:

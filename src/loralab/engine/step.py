@@ -173,7 +173,7 @@ def _project(x: Tensor, groups: list[Group], bounds: list[tuple[int, int, int]])
 def _project_one(x: Tensor, group: Group, rows: int) -> list[Tensor]:
     """``_project`` for one span."""
     update = group.update
-    if group.packed is not None:  # bf16 weights: one fused product, the update added on
+    if group.packed is not None:  # bf16 or int8 weights: one fused product, the update added on
         out = linear(x, group.packed)
         if update is not None:
             out = out + _delta(x, update, rows).to(out.dtype)
@@ -205,7 +205,7 @@ def _delta(x: Tensor, update: LowRank, rows: int) -> Tensor:
 
 
 def head(model: nn.Module, packed: Packed | None, hidden: Tensor) -> Tensor:
-    """The output head's logits of ``hidden``: the model's ``lm_head``, or its bf16 copy."""
+    """The output head's logits of ``hidden``: the model's ``lm_head``, or its bf16 or int8 copy."""
     if packed is not None:
         return linear(hidden, packed)
     module = model.lm_head

@@ -11,6 +11,16 @@ CUDA always): there the products of a step read half the bytes and run on the bf
 units (``benchmarks/bench_small_matmuls.py``: the MLP weights at 1, 8 and 32 rows took
 0.70×, 0.43× and 0.30× fp32's time on an AMX Xeon). Elsewhere bf16 is emulated and
 slower, so ``auto`` never picks it there and ``bf16`` is refused with the reason.
+
+``int8`` (asked for, never ``auto``) multiplies by an int8 copy of each group's base
+weights and of the head, one scale per output row (the row's largest magnitude maps to
+127), through PyTorch's weight-only int8 kernel with the inputs in bf16: a quarter of
+fp32's bytes, for the steps that reading the weights bounds. On a 2-core AVX2 EPYC the
+layers' products took 0.54× fp32's time at one row and 0.70× at 8, but 1.19× at 32
+(``benchmarks/bench_small_matmuls.py``), so it is for generating a few rows, not for a
+full server batch; with fp32 inputs the same kernel was 2.7× slower than fp32, hence
+bf16. Its tokens drift from fp32's as a Q8_0 file's do (a coarser rounding than Q8_0's
+blocks of 32).
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-WEIGHTS = ("fp32", "bf16", "auto")
+WEIGHTS = ("fp32", "bf16", "int8", "auto")
 
 
 def choose(requested: str, device: torch.device) -> tuple[str, str]:
@@ -32,6 +42,13 @@ def choose(requested: str, device: torch.device) -> tuple[str, str]:
     native = _native_bf16(device)
     if requested == "fp32":
         return "fp32", "the model's own weights, asked for"
+    if requested == "int8":
+        if not hasattr(torch, "_weight_int8pack_mm"):
+            raise ValueError(
+                f"engine weights int8: PyTorch {torch.__version__} has no weight-only int8 "
+                "kernel (torch._weight_int8pack_mm); use fp32 or bf16"
+            )
+        return "int8", "int8 copies of the base weights, one scale a row, asked for"
     if requested == "bf16" and native is None:
         raise ValueError(
             "engine weights bf16: this CPU has neither AVX512-BF16 nor AMX, so bf16 products "
@@ -58,18 +75,28 @@ def _native_bf16(device: torch.device) -> str | None:
 
 @dataclass
 class Packed:
-    """Base weights (out, in) in bf16, fused along ``out``, packed for oneDNN when
-    ``onednn``; ``bias`` in the model's dtype (None: no bias)."""
+    """Base weights (out, in), fused along ``out``: in bf16, packed for oneDNN when
+    ``onednn``; or in int8 with one bf16 scale per output row (``scales``); ``bias`` in
+    the model's dtype (None: no bias)."""
 
     weight: Tensor
     bias: Tensor | None
     onednn: bool
+    scales: Tensor | None = None
+
+    @property
+    def format(self) -> str:
+        return "bf16" if self.scales is None else "int8"
 
 
 def linear(x: Tensor, packed: Packed) -> Tensor:
-    """``x Wᵀ + b`` with the packed bf16 weights, in ``x``'s dtype."""
+    """``x Wᵀ + b`` with the packed weights (their inputs in bf16), in ``x``'s dtype."""
     half = x.to(torch.bfloat16)
-    if packed.onednn:
+    if packed.scales is not None:
+        flat = half.reshape(-1, half.shape[-1])  # the kernel takes (rows, in) only
+        out = torch._weight_int8pack_mm(flat, packed.weight, packed.scales)
+        out = out.view(*half.shape[:-1], -1)
+    elif packed.onednn:
         out = torch.ops.mkldnn._linear_pointwise(half, packed.weight, None, "none", [], "")
     else:
         out = torch.nn.functional.linear(half, packed.weight)
@@ -82,16 +109,21 @@ def linear(x: Tensor, packed: Packed) -> Tensor:
 _PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def packed(owner: torch.nn.Module, weights: list[Tensor], biases: list[Tensor | None]) -> Packed:
-    """The bf16 copy of ``weights`` (each (out, in), fused along out) and ``biases``,
-    made once per version of the weights and kept with ``owner``."""
-    key = tuple((id(w), w._version, w.data_ptr()) for w in weights)
+def packed(
+    owner: torch.nn.Module,
+    weights: list[Tensor],
+    biases: list[Tensor | None],
+    format: str = "bf16",
+) -> Packed:
+    """The bf16 (or int8: ``format``) copy of ``weights`` (each (out, in), fused along
+    out) and ``biases``, made once per version of the weights and kept with ``owner``."""
+    key = (format, *((id(w), w._version, w.data_ptr()) for w in weights))
     key += tuple(None if b is None else (id(b), b._version) for b in biases)
     cached = _PACKED.get(owner)
     if cached is not None and cached[0] == key:
         return cached[1]
     with torch.no_grad():
-        weight = torch.cat([w.detach() for w in weights]).to(torch.bfloat16)
+        fused = torch.cat([w.detach() for w in weights])
         bias = None
         if any(b is not None for b in biases):
             parts = [
@@ -99,12 +131,26 @@ def packed(owner: torch.nn.Module, weights: list[Tensor], biases: list[Tensor | 
                 for w, b in zip(weights, biases, strict=True)
             ]
             bias = torch.cat(parts)
-        onednn = weight.device.type == "cpu" and onednn_bf16()
-        if onednn:  # oneDNN's blocked layout; its products read it at any row count
-            weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
-    result = Packed(weight, bias, onednn)
+        if format == "int8":
+            values, scales = quantized(fused)
+            result = Packed(values, bias, False, scales)
+        else:
+            weight = fused.to(torch.bfloat16)
+            onednn = weight.device.type == "cpu" and onednn_bf16()
+            if onednn:  # oneDNN's blocked layout; its products read it at any row count
+                weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+            result = Packed(weight, bias, onednn)
     _PACKED[owner] = (key, result, weights)
     return result
+
+
+def quantized(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """``weight`` (out, in) as int8 and one bf16 scale per row, its largest magnitude at
+    ±127 (the rounding is against the bf16 scale the kernel multiplies by)."""
+    scales = (weight.abs().amax(dim=1).float() / 127).clamp(min=torch.finfo(torch.float32).tiny)
+    scales = scales.to(torch.bfloat16)
+    values = torch.round(weight.float() / scales.float()[:, None]).clamp(-127, 127)
+    return values.to(torch.int8).contiguous(), scales
 
 
 def onednn_bf16() -> bool:

@@ -41,7 +41,7 @@ class ServeOptions:
     dtype: str | None = None  # the base's weights: fp32, bf16, fp16, auto (None: fp32)
     quantized_base: str | None = None  # gguf, nf4, fp4, int8 (``QUANTIZED_BASES``); None: dense
     engine: str = "auto"  # auto: loralab's where it runs the model; engine: or refused; hf
-    engine_weights: str = "fp32"  # loralab's engine's base weights: fp32, bf16 or auto
+    engine_weights: str = "fp32"  # loralab's engine's base weights: fp32, bf16, int8 or auto
 
 
 def served_name(model: str) -> str:
@@ -116,9 +116,9 @@ def _check(options: ServeOptions) -> None:
         )
     if options.engine not in ("auto", "engine", "hf"):
         raise ServeError(f"--engine must be auto, engine or hf, got {options.engine!r}")
-    if options.engine_weights not in ("fp32", "bf16", "auto"):  # engine/weights.py's
+    if options.engine_weights not in ("fp32", "bf16", "int8", "auto"):  # engine/weights.py's
         raise ServeError(
-            f"--engine-weights must be fp32, bf16 or auto, got {options.engine_weights!r}"
+            f"--engine-weights must be fp32, bf16, int8 or auto, got {options.engine_weights!r}"
         )
     if options.engine_weights != "fp32" and options.engine == "hf":
         raise ServeError(
