@@ -113,3 +113,16 @@ def test_the_int8_copy_is_made_again_when_the_weight_changes():
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight.mul_(2.0)
     assert plan.build(model, weights="int8")[0].gate_up.packed is not before
+
+
+@pytest.mark.parametrize("rows", [1, 4, weights.INT8_KERNEL_ROWS, 40])
+def test_a_product_by_int8_weights_at_any_row_count(rows):
+    """A step's few rows run the int8 kernel, a prompt's many the dequantized weights in
+    fp32: both give the dequantized product of the bf16-rounded inputs, rounded to bf16."""
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randn(64, 48, generator=generator)
+    values, scales = weights.quantized(weight)
+    packed = weights.Packed(values, None, False, scales)
+    x = torch.randn(rows, 48, generator=generator)
+    expected = (x.bfloat16().float() @ (values.float() * scales.float()[:, None]).T).bfloat16()
+    torch.testing.assert_close(weights.linear(x, packed), expected.float(), rtol=8e-3, atol=1e-3)
