@@ -99,6 +99,8 @@ def test_int8_is_asked_for_never_chosen(monkeypatch):
     for native in ("the test says so", None):  # with bf16 units or without
         monkeypatch.setattr(weights, "_native_bf16", lambda device, native=native: native)
         assert weights.choose("auto", cpu)[0] != "int8"
+    with pytest.raises(ValueError, match="int8 run on the CPU"):
+        weights.choose("int8", torch.device("cuda"))
     monkeypatch.delattr(torch, "_weight_int8pack_mm")
     with pytest.raises(ValueError, match="no weight-only int8 kernel"):
         weights.choose("int8", cpu)
