@@ -229,7 +229,7 @@ def train_config(model: str, steps: int, checkpointing: bool, output_dir: Path, 
 def batches(config, tokenizer):
     """The run's batches, exactly as ``loralab.training.loop`` draws and pads them."""
     from loralab.data.batches import batch_stream, collate
-    from loralab.training.loop import encode_examples, load_examples
+    from loralab.training.examples import encode_examples, load_examples
 
     data = encode_examples(config, load_examples(config), tokenizer).train
     stream = batch_stream([len(item) for item in data], config.batch_size, config.seed)

@@ -1,6 +1,7 @@
 """Reading the user's records (encoding them: ``encoding.py``; batching: ``batches.py``).
 
-A user file is JSONL or CSV whose records are one of four shapes:
+A user file is JSONL, JSON (an array of records, or one a line) or CSV (Parquet, Arrow
+and ``save_to_disk`` folders: ``arrow_files.py``), its records all of one of four shapes:
 
 - ``{prompt, completion}``: the loss counts only the completion's tokens;
 - ``{messages}``: a chat, rendered with the model's chat template; the loss counts only
@@ -8,7 +9,7 @@ A user file is JSONL or CSV whose records are one of four shapes:
 - ``{text}``: language modelling, every token counts;
 - ``{text, label}`` (and optionally ``text_pair``): classification.
 
-Bad records are refused with the file, the line and the field.
+Bad records are refused with the file, the line (or row) and the field.
 """
 
 from __future__ import annotations
@@ -18,16 +19,14 @@ import json
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from .errors import DataError
+
 SHAPES = {
     "prompt_completion": ("prompt", "completion"),
     "messages": ("messages",),
     "text_label": ("text", "label"),
     "text": ("text",),
 }
-
-
-class DataError(ValueError):
-    """A data file or record is malformed; the message names the file, line and field."""
 
 
 def example_shape(example: dict, where: str = "example") -> str:
@@ -70,28 +69,71 @@ def _check_messages(messages: Any, where: str) -> None:
 
 
 def read_examples(path: str | Path) -> list[dict]:
-    """Read a JSONL or CSV file of examples, all of one shape."""
+    """The examples of a data file (of a saved dataset folder: its ``train`` split), all
+    of one shape."""
+    splits = read_splits(path)
+    if "train" not in splits:
+        raise DataError(f"{path}: no 'train' split (it has {', '.join(splits)})")
+    return splits["train"]
+
+
+def read_splits(path: str | Path) -> dict[str, list[dict]]:
+    """Each split's examples in ``path``, each split all of one shape: a file is one
+    split, ``train``; a folder ``Dataset.save_to_disk`` wrote has its own splits. JSONL,
+    JSON (an array of records, or one record a line), CSV; Parquet, Arrow and saved
+    folders through the ``datasets`` library (``arrow_files.py``)."""
+    from . import arrow_files  # imports datasets only for its formats
+
     path = Path(path)
-    if not path.is_file():
-        what = "a directory, not a data file" if path.is_dir() else "no such data file"
-        raise DataError(f"{path}: {what}")
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
+    if arrow_files.is_saved_dataset(path) or (path.is_file() and suffix in arrow_files.SUFFIXES):
+        rows = arrow_files.read_splits(path)
+        return {name: checked_records(split, f"{path} ({name})") for name, split in rows.items()}
+    if not path.is_file():
+        raise DataError(f"{path}: {_missing(path)}")
+    if suffix == ".jsonl":
         records = _read_jsonl(path)
+    elif suffix == ".json":
+        records = _read_json(path)
     elif suffix == ".csv":
         records = _read_csv(path)
     else:
-        raise DataError(f"{path}: unknown data format {suffix!r}; use .jsonl or .csv")
-    if not records:
-        raise DataError(f"{path}: the file has no examples")
-    shapes = {}
-    for line, record in records:
-        shape = example_shape(record, f"{path}, line {line}")
-        shapes.setdefault(shape, line)
+        raise DataError(
+            f"{path}: unknown data format {suffix!r}; use .jsonl, .json, .csv, .parquet or "
+            ".arrow (or a folder written by Dataset.save_to_disk)"
+        )
+    rows = [(f"{path}, line {line}", record) for line, record in records]
+    return {"train": checked_records(rows, str(path), "the file has no examples")}
+
+
+def checked_records(
+    rows: list[tuple[str, dict]], label: str, empty: str = "no examples"
+) -> list[dict]:
+    """The records of ``rows`` (each with where it is), checked to be of one shape."""
+    if not rows:
+        raise DataError(f"{label}: {empty}")
+    shapes: dict[str, str] = {}
+    for where, record in rows:
+        shapes.setdefault(example_shape(record, where), where)
     if len(shapes) > 1:
-        described = ", ".join(f"{s} (first on line {n})" for s, n in shapes.items())
-        raise DataError(f"{path}: records mix shapes: {described}")
-    return [record for _, record in records]
+        described = ", ".join(
+            f"{shape} (first on {where.rpartition(', ')[2]})" for shape, where in shapes.items()
+        )
+        raise DataError(f"{label}: records mix shapes: {described}")
+    return [record for _, record in rows]
+
+
+def _missing(path: Path) -> str:
+    if path.is_dir():
+        return "a directory, not a data file (nor a folder written by Dataset.save_to_disk)"
+    parts = path.as_posix().split("/")
+    if len(parts) <= 2 and not path.suffix and all(parts):  # "name" or "owner/name"
+        return (
+            "no such data file; loralab reads no data from the Hub (if this is a Hub "
+            "dataset, save it with datasets' save_to_disk where there is a network and give "
+            "that folder)"
+        )
+    return "no such data file"
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
@@ -112,6 +154,50 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
                 raise DataError(f"{path}, line {lines.number}: expected a JSON object")
             records.append((lines.number, record))
     return records
+
+
+def _read_json(path: Path) -> list[tuple[int, dict]]:
+    """A JSON array of records (each with the line it starts on), or JSON Lines."""
+    text = _utf8_text(path)
+    if not text.lstrip().startswith("["):
+        return _read_jsonl(path)
+    decoder = json.JSONDecoder()
+    start = len(text) - len(text.lstrip())
+    try:
+        values, end = decoder.raw_decode(text, start)
+    except json.JSONDecodeError as error:
+        raise DataError(
+            f"{path}, line {error.lineno}, column {error.colno}: not valid JSON ({error.msg})"
+        ) from None
+    if text[end:].strip():
+        line = text.count("\n", 0, end) + 1
+        raise DataError(f"{path}, line {line}: text after the JSON array")
+    # Where each element starts, for the messages: the array is decoded again, element
+    # by element, only to count lines (cheap next to tokenizing).
+    records, position = [], text.index("[", start) + 1
+    for index, value in enumerate(values):
+        position = _skip_to_value(text, position)
+        line = text.count("\n", 0, position) + 1
+        if not isinstance(value, dict):
+            raise DataError(f"{path}, line {line}: element {index} is not a JSON object")
+        records.append((line, value))
+        position = decoder.raw_decode(text, position)[1]
+    return records
+
+
+def _skip_to_value(text: str, position: int) -> int:
+    while position < len(text) and text[position] in " \t\r\n,":
+        position += 1
+    return position
+
+
+def _utf8_text(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise DataError(f"{path}, line {line}: not UTF-8 text ({error.reason})") from None
 
 
 def _read_csv(path: Path) -> list[tuple[int, dict]]:

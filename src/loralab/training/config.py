@@ -51,9 +51,18 @@ class TrainConfig:
     task: str | None = "e2e"
     """A built-in task (e2e, sql, nli, pydoc); ignored when ``data`` is given."""
     data: str | None = None
-    """A JSONL or CSV training file: {prompt, completion}, {messages}, {text}, {text, label}."""
+    """Training data: a .jsonl, .json, .csv, .parquet or .arrow file, or a folder written
+    by Dataset.save_to_disk (the last three need the data extra); records
+    {prompt, completion}, {messages}, {text} or {text, label}."""
+    data_split: str = "train"
+    """The split of a saved DatasetDict folder that trains (its validation split, if it
+    has one, gives the validation loss unless validation_data is given)."""
     validation_data: str | None = None
-    """A file for validation loss; default: the task's validation split, or none."""
+    """A file for validation loss; default: the data's or the task's validation split,
+    else validation_split_fraction of the training records, else none."""
+    validation_split_fraction: float | None = None
+    """Hold out this fraction of the training records (drawn with data_seed, or seed) for
+    the validation loss, where nothing else gives a validation set."""
     output_dir: str = "runs/latest"
     """Where the config, metrics, loss curve, checkpoint and adapter are written."""
     train_size: int | None = None
@@ -211,6 +220,10 @@ class TrainConfig:
         for name, minimum in (("data_seed", 0), ("train_size", 1)):
             if getattr(self, name) is not None:
                 require_int(name, getattr(self, name), minimum=minimum)
+        if self.validation_split_fraction is not None:
+            require_number(
+                "validation_split_fraction", self.validation_split_fraction, above=0, below=1
+            )
         require_number("weight_decay", self.weight_decay, at_least=0)
         require_number("max_grad_norm", self.max_grad_norm, at_least=0)
 
@@ -310,7 +323,9 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "model_kind",
         "task",
         "data",
+        "data_split",
         "validation_data",
+        "validation_split_fraction",
         "train_size",
         "validation_size",
         "data_seed",

@@ -30,15 +30,16 @@ import yaml
 from torch import nn
 
 from ..data.batches import batch_stream, collate
-from ..data.encoding import encode_dataset
-from ..data.records import DataError, example_shape, label_names_of, read_examples
+from ..data.records import (
+    DataError,
+)
 from ..files.output_dirs import check_output_dir
 from ..lora.config import ConfigError
 from ..lora.inject import ParameterReport, trainable_parameters
 from ..lora.state import model_state
 from ..methods import Method
 from ..methods.method_files import load_method, save_method
-from ..methods.prefix import PromptTokens, prompt_tokens
+from ..methods.prefix import prompt_tokens
 from ..models.devices import base_dtype, place
 from .checkpoint import CHECKPOINT, check_resumable, find_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -64,6 +65,7 @@ from .distributed import (
     world_from_environment,
     wrap_ddp,
 )
+from .examples import Datasets, Examples, encode_examples, load_examples, with_data_copy
 from .lean_mlp import lean_mlp
 from .loss import causal_lm_loss
 from .malloc_threshold import map_large_blocks
@@ -74,90 +76,6 @@ RANK_SEED_STRIDE = 1_000_003  # rank k draws its dropout masks from seed + k · 
 
 
 # -- the pieces of a run ------------------------------------------------------------------------
-
-
-@dataclass
-class Examples:
-    """A run's raw examples, read and checked before any model is loaded."""
-
-    train: list[dict]
-    validation: list[dict]
-    label_names: tuple[str, ...] | None  # the classes, for a classifier
-
-
-@dataclass
-class Datasets:
-    train: list
-    validation: list
-    label_names: tuple[str, ...] | None
-    examples: Examples
-
-
-def load_examples(config: TrainConfig) -> Examples:
-    """Training and validation examples: from the user's files or a built-in task."""
-    classifier = config.model_kind == "classification"
-    if config.data is not None:
-        train_examples = read_examples(config.data)
-        validation_examples = (
-            read_examples(config.validation_data) if config.validation_data else []
-        )
-        _check_shape_fits_model(config.data, train_examples, classifier)
-        if validation_examples:
-            _check_shape_fits_model(config.validation_data, validation_examples, classifier)
-        label_names = label_names_of(train_examples) if classifier else None
-    else:
-        from ..tasks import get_task
-
-        task = get_task(config.task)
-        if classifier and task.kind != "classification":
-            raise ConfigError(f"task {task.name!r} is not a classification task")
-        data_seed = config.seed if config.data_seed is None else config.data_seed
-        splits = task.splits(seed=data_seed, train_size=config.train_size)
-        train_examples, validation_examples = splits["train"], splits["validation"]
-        label_names = tuple(task.labels) if classifier else None
-    return Examples(train_examples, validation_examples[: config.validation_size], label_names)
-
-
-def _check_shape_fits_model(path: str, examples: list[dict], classifier: bool) -> None:
-    """A classifier trains on {text, label} records and a causal LM on the other shapes;
-    said before the model loads, not when the first record is encoded."""
-    shape = example_shape(examples[0])
-    if classifier and shape != "text_label":
-        raise DataError(
-            f"{path}: model_kind 'classification' trains on {{text, label}} records; "
-            f"these are {shape} records (for a causal LM, leave model_kind at 'causal-lm')"
-        )
-    if not classifier and shape == "text_label":
-        raise DataError(
-            f"{path}: {{text, label}} records train a classifier; set model_kind to "
-            "'classification' (--model-kind classification)"
-        )
-
-
-def encode_examples(
-    config: TrainConfig, examples: Examples, tokenizer, prompt_tokens: PromptTokens | None = None
-) -> Datasets:
-    """The examples as token ids, ready for batching (with a prefix method's tokens)."""
-
-    def encode(items: list[dict]) -> list:
-        return encode_dataset(
-            tokenizer, items, config.max_length, examples.label_names, prompt_tokens=prompt_tokens
-        )
-
-    validation = encode(examples.validation) if examples.validation else []
-    train = encode(examples.train)
-    for split, given, kept in (
-        ("training", examples.train, train),
-        ("validation", examples.validation or [], validation),
-    ):
-        if len(kept) < len(given):
-            warnings.warn(
-                f"{len(given) - len(kept)} of {len(given)} {split} examples were dropped: "
-                f"their completion starts after max_length={config.max_length} tokens, so "
-                "no token of it would be learnt; raise --max-length to keep them",
-                stacklevel=2,
-            )
-    return Datasets(train, validation, examples.label_names, examples)
 
 
 def describe_start(config: TrainConfig, model: nn.Module, datasets: Datasets, world, trainable):
@@ -283,8 +201,12 @@ class TrainingInterrupted(RuntimeError):
     """Ctrl-C or SIGTERM stopped the run; a checkpoint was written first."""
 
 
-def train(config: TrainConfig, model=None, tokenizer=None) -> TrainResult:
-    """Run training as ``config`` says. ``model``/``tokenizer`` skip loading (library use).
+def train(config: TrainConfig, model=None, tokenizer=None, data: Any = None) -> TrainResult:
+    """Run training as ``config`` says. ``model``/``tokenizer`` skip loading (library use);
+    ``data`` is the training data in memory instead of ``config.data``: a
+    ``datasets.Dataset``, a ``DatasetDict`` (its ``data_split`` trains, its validation
+    split validates) or a sequence of records. The run keeps a JSONL copy of the records
+    it used, which its ``config.yaml`` names, so that it resumes from the files alone.
 
     Started by torchrun, every rank runs this: the world is checked before any process
     waits on another, and a process group this call created is left at the end."""
@@ -296,11 +218,15 @@ def train(config: TrainConfig, model=None, tokenizer=None) -> TrainResult:
             "such a CPU; leave --bf16 off here",
             stacklevel=2,
         )
+    if data is not None and config.data is not None:
+        raise ConfigError(
+            f"the data is given twice: config.data ({config.data}) and train(data=...); give one"
+        )
     join(world)
     last_complete = f"the last complete checkpoint stays in {Path(config.output_dir) / CHECKPOINT}"
     try:
         with peers_checked(world, last_complete), contextlib.ExitStack() as cleanup:
-            return _train(config, model, tokenizer, world, cleanup)
+            return _train(config, model, tokenizer, world, cleanup, data)
     finally:
         leave(world)
 
@@ -337,12 +263,12 @@ class _Run:
 
 
 def _train(
-    config: TrainConfig, model, tokenizer, world: World, cleanup: contextlib.ExitStack
+    config: TrainConfig, model, tokenizer, world: World, cleanup: contextlib.ExitStack, data
 ) -> TrainResult:
     """The run on this rank: set up, then steps (each followed by the evaluation and the
     checkpoint that fall due), then the finished adapter. ``cleanup`` keeps what the run
     needs until it ends (a copy of the checkpoint that rank 0 sent)."""
-    run = _set_up(config, model, tokenizer, world, cleanup)
+    run = _set_up(config, model, tokenizer, world, cleanup, data)
     config = run.config  # with its steps counted, where epochs gave them
     started = time.perf_counter()
     # Under a launcher a repeated signal is the launcher tearing down, not a user in a
@@ -373,7 +299,7 @@ def _train(
 
 
 def _set_up(
-    config: TrainConfig, model, tokenizer, world: World, cleanup: contextlib.ExitStack
+    config: TrainConfig, model, tokenizer, world: World, cleanup: contextlib.ExitStack, data
 ) -> _Run:
     """Everything checked first (paths, the checkpoint to resume, TensorBoard, the data),
     then the model with the method applied (or the checkpoint's adapter), the optimizer,
@@ -388,12 +314,14 @@ def _set_up(
         checkpoint = cleanup.enter_context(shared_directory(world, found))
         saved = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=True)
     check_tensorboard(config.tensorboard)
-    examples = load_examples(config)  # bad data fails before the model is loaded
+    examples = load_examples(config, data)  # bad data fails before the model is loaded
     model, tokenizer = _adapted_model(config, model, tokenizer, examples, checkpoint, world)
     # After the method: a prefix method's special tokens are part of every example.
     datasets = encode_examples(config, examples, tokenizer, prompt_tokens(model))
     if world.is_main:  # the settings as given: a resume counts the same epochs again
         run_dir.mkdir(parents=True, exist_ok=True)
+        if data is not None:  # the files name the records, as they would have been given
+            config = with_data_copy(config, run_dir, examples)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     given, config = config, config.with_steps(len(datasets.train))
     trainable = trainable_parameters(model)

@@ -1,0 +1,210 @@
+"""A run's examples: where they come from (a built-in task, the user's files, or records
+given to ``train`` in memory), which are validated on, the run's copy of records given
+in memory, and the examples as token ids."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data.arrow_files import splits_of
+from ..data.encoding import encode_dataset
+from ..data.records import (
+    DataError,
+    checked_records,
+    example_shape,
+    label_names_of,
+    read_examples,
+    read_splits,
+)
+from ..files.atomic_write import write_files_atomically
+from ..lora.config import ConfigError
+from ..methods.prefix import PromptTokens
+from .config import TrainConfig
+
+
+@dataclass
+class Examples:
+    """A run's raw examples, read and checked before any model is loaded."""
+
+    train: list[dict]
+    validation: list[dict]
+    label_names: tuple[str, ...] | None  # the classes, for a classifier
+
+
+@dataclass
+class Datasets:
+    train: list
+    validation: list
+    label_names: tuple[str, ...] | None
+    examples: Examples
+
+
+def load_examples(config: TrainConfig, data: Any = None) -> Examples:
+    """Training and validation examples: from ``data`` (a ``datasets.Dataset`` or
+    ``DatasetDict``, or a sequence of records, given to ``train``), the user's files, or
+    a built-in task."""
+    classifier = config.model_kind == "classification"
+    if data is not None or config.data is not None:
+        if data is not None:
+            rows = splits_of(data, "data")
+            splits = {
+                name: checked_records(split, f"data[{name!r}]") for name, split in rows.items()
+            }
+            label = "the data given to train()"
+        else:
+            splits, label = read_splits(config.data), config.data
+        train_examples, validation_examples = _data_splits(config, splits, label)
+        _check_shape_fits_model(label, train_examples, classifier)
+        if validation_examples:
+            _check_shape_fits_model(config.validation_data, validation_examples, classifier)
+        label_names = label_names_of(train_examples) if classifier else None
+    else:
+        from ..tasks import get_task
+
+        if config.validation_split_fraction is not None:
+            raise ConfigError(
+                "validation_split_fraction holds out part of your own data; a built-in "
+                f"task ({config.task}) has its own validation split"
+            )
+
+        task = get_task(config.task)
+        if classifier and task.kind != "classification":
+            raise ConfigError(f"task {task.name!r} is not a classification task")
+        data_seed = config.seed if config.data_seed is None else config.data_seed
+        splits = task.splits(seed=data_seed, train_size=config.train_size)
+        train_examples, validation_examples = splits["train"], splits["validation"]
+        label_names = tuple(task.labels) if classifier else None
+    return Examples(train_examples, validation_examples[: config.validation_size], label_names)
+
+
+def _data_splits(
+    config: TrainConfig, splits: dict[str, list[dict]], label: str
+) -> tuple[list[dict], list[dict]]:
+    """The training records of the data's ``splits`` (its ``data_split``) and the
+    validation ones: ``validation_data``, else the data's own validation split, else
+    ``validation_split_fraction`` of the training records, else none."""
+    if config.data_split not in splits:
+        raise DataError(
+            f"{label}: no split {config.data_split!r} (data_split); it has {', '.join(splits)}"
+        )
+    train_examples = splits[config.data_split]
+    own = [name for name in VALIDATION_SPLITS if name in splits and name != config.data_split]
+    fraction = config.validation_split_fraction
+    if fraction is not None and (config.validation_data or own):
+        given = config.validation_data or f"{label}'s {own[0]!r} split"
+        raise DataError(
+            f"validation_split_fraction {fraction} and {given} both give the validation "
+            "set; drop one"
+        )
+    if config.validation_data:
+        return train_examples, read_examples(config.validation_data)
+    if own:
+        return train_examples, splits[own[0]]
+    if fraction is None:
+        return train_examples, []
+    seed = config.seed if config.data_seed is None else config.data_seed
+    order = torch.randperm(len(train_examples), generator=torch.Generator().manual_seed(seed))
+    held = round(len(train_examples) * fraction)
+    if held == 0 or held == len(train_examples):
+        raise DataError(
+            f"{label}: validation_split_fraction {fraction} of "
+            f"{len(train_examples)} records holds out {held}; it must leave at least one "
+            "record on each side"
+        )
+    held_out = set(order[:held].tolist())
+    validation = [r for i, r in enumerate(train_examples) if i in held_out]
+    return [r for i, r in enumerate(train_examples) if i not in held_out], validation
+
+
+DATA_COPY = "data"  # the run's folder for the records it was given in memory
+
+
+def with_data_copy(config: TrainConfig, run_dir: Path, examples: Examples) -> TrainConfig:
+    """``config`` naming a JSONL copy of the records the run trains and validates on
+    (written atomically into the run's folder), as if they had been given as files."""
+    folder = run_dir / DATA_COPY
+    folder.mkdir(exist_ok=True)
+    writers = {"train.jsonl": _jsonl_writer(examples.train)}
+    if examples.validation:
+        writers["validation.jsonl"] = _jsonl_writer(examples.validation)
+    write_files_atomically(folder, writers)
+    return dataclasses.replace(
+        config,
+        data=str(folder / "train.jsonl"),
+        data_split="train",
+        validation_data=str(folder / "validation.jsonl") if examples.validation else None,
+        validation_split_fraction=None,
+    )
+
+
+def _jsonl_writer(records: list[dict]):
+    def write(path: str) -> None:
+        with open(path, "w", encoding="utf-8") as handle:
+            for index, record in enumerate(records):
+                try:
+                    line = json.dumps(record, ensure_ascii=False, default=_plain)
+                except TypeError as error:
+                    raise DataError(f"data, record {index}: not JSON: {error}") from None
+                handle.write(line + "\n")
+
+    return write
+
+
+def _plain(value: Any) -> Any:
+    """A NumPy or PyTorch scalar or array as the Python value JSON takes."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+# The names a saved DatasetDict's validation split goes by, in the order they are looked for.
+VALIDATION_SPLITS = ("validation", "valid", "val", "dev")
+
+
+def _check_shape_fits_model(path: str, examples: list[dict], classifier: bool) -> None:
+    """A classifier trains on {text, label} records and a causal LM on the other shapes;
+    said before the model loads, not when the first record is encoded."""
+    shape = example_shape(examples[0])
+    if classifier and shape != "text_label":
+        raise DataError(
+            f"{path}: model_kind 'classification' trains on {{text, label}} records; "
+            f"these are {shape} records (for a causal LM, leave model_kind at 'causal-lm')"
+        )
+    if not classifier and shape == "text_label":
+        raise DataError(
+            f"{path}: {{text, label}} records train a classifier; set model_kind to "
+            "'classification' (--model-kind classification)"
+        )
+
+
+def encode_examples(
+    config: TrainConfig, examples: Examples, tokenizer, prompt_tokens: PromptTokens | None = None
+) -> Datasets:
+    """The examples as token ids, ready for batching (with a prefix method's tokens)."""
+
+    def encode(items: list[dict]) -> list:
+        return encode_dataset(
+            tokenizer, items, config.max_length, examples.label_names, prompt_tokens=prompt_tokens
+        )
+
+    validation = encode(examples.validation) if examples.validation else []
+    train = encode(examples.train)
+    for split, given, kept in (
+        ("training", examples.train, train),
+        ("validation", examples.validation or [], validation),
+    ):
+        if len(kept) < len(given):
+            warnings.warn(
+                f"{len(given) - len(kept)} of {len(given)} {split} examples were dropped: "
+                f"their completion starts after max_length={config.max_length} tokens, so "
+                "no token of it would be learnt; raise --max-length to keep them",
+                stacklevel=2,
+            )
+    return Datasets(train, validation, examples.label_names, examples)
