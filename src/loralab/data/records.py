@@ -1,7 +1,8 @@
 """Reading the user's records (encoding them: ``encoding.py``; batching: ``batches.py``).
 
 A user file is JSONL, JSON (an array of records, or one a line) or CSV (Parquet, Arrow
-and ``save_to_disk`` folders: ``arrow_files.py``), its records all of one of four shapes:
+and ``save_to_disk`` folders: ``arrow_files.py``), its records all of one of four shapes
+(or of a layout ``layouts.py`` maps onto them: Alpaca, ShareGPT):
 
 - ``{prompt, completion}``: the loss counts only the completion's tokens;
 - ``{messages}``: a chat, rendered with the model's chat template; the loss counts only
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .errors import DataError
+from .layouts import normalized
 
 SHAPES = {
     "prompt_completion": ("prompt", "completion"),
@@ -112,6 +114,7 @@ def checked_records(
     """The records of ``rows`` (each with where it is), checked to be of one shape."""
     if not rows:
         raise DataError(f"{label}: {empty}")
+    rows = [(where, normalized(record, where)) for where, record in rows]
     shapes: dict[str, str] = {}
     for where, record in rows:
         shapes.setdefault(example_shape(record, where), where)
