@@ -63,7 +63,8 @@ def load_examples(config: TrainConfig, data: Any = None) -> Examples:
         train_examples, validation_examples = _data_splits(config, splits, label)
         _check_shape_fits_model(label, train_examples, classifier)
         if validation_examples:
-            _check_shape_fits_model(config.validation_data, validation_examples, classifier)
+            where = config.validation_data or f"{label} (its validation records)"
+            _check_shape_fits_model(where, validation_examples, classifier)
         label_names = label_names_of(train_examples) if classifier else None
     else:
         from ..tasks import get_task
@@ -73,7 +74,6 @@ def load_examples(config: TrainConfig, data: Any = None) -> Examples:
                 "validation_split_fraction holds out part of your own data; a built-in "
                 f"task ({config.task}) has its own validation split"
             )
-
         task = get_task(config.task)
         if classifier and task.kind != "classification":
             raise ConfigError(f"task {task.name!r} is not a classification task")
