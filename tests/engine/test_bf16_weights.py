@@ -26,14 +26,15 @@ def _native_bf16(monkeypatch):
     monkeypatch.setattr(weights, "_native_bf16", lambda device: "the test says so")
 
 
-def _rounded_like_bf16(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy whose base products see what bf16 weights do: weights, inputs and outputs
-    rounded to bf16, computed in fp32 by the model's own modules."""
+def bf16(t: torch.Tensor) -> torch.Tensor:
+    return t.bfloat16().float()
+
+
+def with_copied_weights(model: torch.nn.Module, copy_of) -> torch.nn.Module:
+    """A copy whose base products see what the engine's copied weights do: each base
+    weight replaced by ``copy_of(weight)`` (in fp32), the products' inputs and outputs
+    rounded to bf16, the bias added after; computed by the model's own modules."""
     model = copy.deepcopy(model)
-
-    def bf16(t: torch.Tensor) -> torch.Tensor:
-        return t.bfloat16().float()
-
     bases = [model.lm_head]
     for layer in model.model.layers:
         for name in (*plan.ATTENTION, *plan.MLP):
@@ -41,13 +42,18 @@ def _rounded_like_bf16(model: torch.nn.Module) -> torch.nn.Module:
             bases.append(module.base_layer if isinstance(module, LoraLayer) else module)
     with torch.no_grad():
         for base in bases:
-            base.weight.data = bf16(base.weight)  # untied from the embeddings
+            base.weight.data = copy_of(base.weight)  # untied from the embeddings
             bias, base.bias = base.bias, None  # added after the rounding, as the engine does
             base.register_forward_pre_hook(lambda m, args: (bf16(args[0]),))
             base.register_forward_hook(
                 lambda m, args, out, bias=bias: bf16(out) + (0 if bias is None else bias)
             )
     return model
+
+
+def _rounded_like_bf16(model: torch.nn.Module) -> torch.nn.Module:
+    """What bf16 weights compute: the weights, too, rounded to bf16."""
+    return with_copied_weights(model, bf16)
 
 
 def _logits(model, weights_format: str, fast: bool, row_adapters=None) -> torch.Tensor:
@@ -88,17 +94,24 @@ def test_withoutonednn_bf16_the_copies_stay_unpacked_with_the_same_numbers(monke
     assert gap.mean() < (ours - exact).abs().mean() / 20
 
 
-def test_bf16_weights_give_each_row_its_adapter():
+def each_row_its_adapter(weights_format: str, like, atol: float) -> None:
+    """Rows of adapters a, none and b on ``weights_format`` weights compute what the
+    modules of ``like(model)`` (the same rounded numbers in fp32) compute under
+    ``mixed_adapters``, and each row's numbers are its own."""
     model = _two_adapters()
     rows = ["a", None, "b"]
-    ours = _logits(model, "bf16", fast=True, row_adapters=rows)
-    rounded = _rounded_like_bf16(model)
-    with mixed_adapters(rounded, rows):
-        expected = _logits(rounded, "fp32", fast=False)
-    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-4)
-    alone = _logits(model, "bf16", fast=True, row_adapters=["b", "b", "b"])
+    ours = _logits(model, weights_format, fast=True, row_adapters=rows)
+    reference = like(model)
+    with mixed_adapters(reference, rows):
+        expected = _logits(reference, "fp32", fast=False)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=atol)
+    alone = _logits(model, weights_format, fast=True, row_adapters=["b", "b", "b"])
     assert (ours[2] - alone[2]).abs().max() == 0  # a row's numbers are its own
     assert (ours[0] - alone[0]).abs().max() > 0.1
+
+
+def test_bf16_weights_give_each_row_its_adapter():
+    each_row_its_adapter("bf16", _rounded_like_bf16, atol=1e-4)
 
 
 def test_a_changed_base_weight_is_copied_again():

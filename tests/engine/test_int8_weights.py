@@ -5,46 +5,24 @@ those dequantized weights (inputs and outputs rounded to bf16), each row its own
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from test_fast_step import _hidden, _two_adapters
+from test_bf16_weights import each_row_its_adapter, with_copied_weights
+from test_fast_step import _hidden
 from test_llama_engine import FAMILY, _model
 
 from loralab.engine import plan, weights
-from loralab.lora.layers import LoraLayer
-from loralab.lora.mixing import mixed_adapters
-
-
-def _bases(model: torch.nn.Module) -> list[torch.nn.Linear]:
-    bases = [model.lm_head]
-    for layer in model.model.layers:
-        for name in (*plan.ATTENTION, *plan.MLP):
-            module = getattr(layer.self_attn if name in plan.ATTENTION else layer.mlp, name)
-            bases.append(module.base_layer if isinstance(module, LoraLayer) else module)
-    return bases
 
 
 def _dequantized_like_int8(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy whose base products see what int8 weights do: each weight its int8 values
-    times its rows' scales (exact in fp32: 8 bits times 8), inputs and outputs rounded to
-    bf16, computed in fp32 by the model's own modules."""
-    model = copy.deepcopy(model)
+    """What int8 weights compute: each weight its int8 values times its rows' scales
+    (exact in fp32: 8 bits times 8)."""
 
-    def bf16(t: torch.Tensor) -> torch.Tensor:
-        return t.bfloat16().float()
+    def dequantized(weight: torch.Tensor) -> torch.Tensor:
+        values, scales = weights.quantized(weight)
+        return values.float() * scales.float()[:, None]
 
-    with torch.no_grad():
-        for base in _bases(model):
-            values, scales = weights.quantized(base.weight)
-            base.weight.data = values.float() * scales.float()[:, None]  # untied, as above
-            bias, base.bias = base.bias, None  # added after the rounding, as the engine does
-            base.register_forward_pre_hook(lambda m, args: (bf16(args[0]),))
-            base.register_forward_hook(
-                lambda m, args, out, bias=bias: bf16(out) + (0 if bias is None else bias)
-            )
-    return model
+    return with_copied_weights(model, dequantized)
 
 
 def _logits(model, weights_format: str, fast: bool, row_adapters=None) -> torch.Tensor:
@@ -81,16 +59,7 @@ def test_int8_weights_compute_the_dequantized_products(name, adapter):
 
 
 def test_int8_weights_give_each_row_its_adapter():
-    model = _two_adapters()
-    rows = ["a", None, "b"]
-    ours = _logits(model, "int8", fast=True, row_adapters=rows)
-    dequantized = _dequantized_like_int8(model)
-    with mixed_adapters(dequantized, rows):
-        expected = _logits(dequantized, "fp32", fast=False)
-    torch.testing.assert_close(ours, expected, rtol=0, atol=2e-3)
-    alone = _logits(model, "int8", fast=True, row_adapters=["b", "b", "b"])
-    assert (ours[2] - alone[2]).abs().max() == 0  # a row's numbers are its own
-    assert (ours[0] - alone[0]).abs().max() > 0.1
+    each_row_its_adapter("int8", _dequantized_like_int8, atol=2e-3)
 
 
 def test_int8_is_asked_for_never_chosen(monkeypatch):
