@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from . import arrow_files  # it imports datasets only when one of its formats is read
 from .errors import DataError
 from .layouts import normalized
 
@@ -84,8 +85,6 @@ def read_splits(path: str | Path) -> dict[str, list[dict]]:
     split, ``train``; a folder ``Dataset.save_to_disk`` wrote has its own splits. JSONL,
     JSON (an array of records, or one record a line), CSV; Parquet, Arrow and saved
     folders through the ``datasets`` library (``arrow_files.py``)."""
-    from . import arrow_files  # imports datasets only for its formats
-
     path = Path(path)
     suffix = path.suffix.lower()
     if arrow_files.is_saved_dataset(path) or (path.is_file() and suffix in arrow_files.SUFFIXES):
