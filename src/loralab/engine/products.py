@@ -25,7 +25,7 @@ MIN_SLICES = 8  # fewer slices than this gained less at 2–32 rows (measured)
 MAX_SLICE = 4096  # wider weights (an output head) are cut finer: each slice ≤ this
 MAX_SPLIT = 128
 
-# (out, in, rows, form, dtype) → the slices to cut into (1: do not split), once checked.
+# (out, in, rows, form) of fp32 products → the slices to cut into (1: whole), once checked.
 _CHECKED: dict[tuple, int] = {}
 
 
