@@ -16,8 +16,8 @@ slower, so ``auto`` never picks it there and ``bf16`` is refused with the reason
 weights and of the head, one scale per output row (the row's largest magnitude maps to
 127), through PyTorch's weight-only int8 kernel with the inputs in bf16: a quarter of
 fp32's bytes, for the steps that reading the weights bounds. On a 2-core AVX2 EPYC the
-layers' products took 0.54× fp32's time at one row and 0.70× at 8, but 1.19× at 32 (the
-int8 side of ``benchmarks/bench_small_matmuls.py``), so it is for generating a few rows,
+layers' products took 0.49× fp32's time at one row and 0.72× at 8, but 1.33× at 32
+(``benchmarks/bench_small_matmuls.py``, against fp32 in slices), so it is for a few rows,
 not for a full server batch; with fp32 inputs the same kernel was 2.7× slower than
 fp32, hence bf16. CPU only (its other backends are not measured here). Its tokens
 drift from fp32's as a Q8_0 file's do (a coarser rounding than Q8_0's blocks of 32).
