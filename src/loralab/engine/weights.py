@@ -33,7 +33,7 @@ from torch import Tensor
 
 WEIGHTS = ("fp32", "bf16", "int8", "auto")
 # Above this many rows the int8 kernel is slower than dequantizing the weight and
-# multiplying in fp32 (1.19× fp32's time at 32 rows on the EPYC; a prompt's hundreds of
+# multiplying in fp32 (1.33× fp32's time at 32 rows on the EPYC; a prompt's hundreds of
 # rows much more), so a prefill multiplies by the dequantized weights.
 INT8_KERNEL_ROWS = 16
 
