@@ -167,6 +167,24 @@ def test_chat_loss_counts_only_assistant_turns():
     assert [piece for piece in counted.split("|") if piece] == ["yo<eos>", "ok<eos>"]
 
 
+def test_the_last_turn_alone_can_carry_the_loss():
+    """``train_on: last-turn``: the same tokens, only the last assistant reply counted."""
+    tokenizer = char_tokenizer()
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo"},
+        {"role": "user", "content": "bye"},
+        {"role": "assistant", "content": "ok"},
+    ]
+    every = encode_causal(tokenizer, {"messages": messages}, 256)
+    last = encode_causal(tokenizer, {"messages": messages}, 256, train_on="last-turn")
+    assert last.input_ids == every.input_ids
+    counted = [t for t, label in zip(last.input_ids, last.labels, strict=True) if label >= 0]
+    assert tokenizer.decode(counted) == "ok<eos>"
+    with pytest.raises(DataError, match="train_on must be one of all, last-turn, not 'first'"):
+        encode_causal(tokenizer, {"messages": messages}, 256, train_on="first")
+
+
 def test_text_counts_every_token_and_truncation():
     tokenizer = char_tokenizer()
     encoded = encode_causal(tokenizer, {"text": "abcdef"}, 4)

@@ -221,3 +221,9 @@ def test_train_takes_records_and_keeps_a_copy_it_resumes_from(tmp_path, tiny_mod
     assert read_examples(saved["validation_data"]) == records[:4]
     with pytest.raises(ConfigError, match="the data is given twice"):
         train(run_config(tmp_path, name="again"), model, tokenizer, data=records)
+
+
+def test_train_on_is_a_choice(tmp_path):
+    assert _config(tmp_path, train_on="last-turn").train_on == "last-turn"
+    with pytest.raises(ConfigError, match="train_on"):
+        _config(tmp_path, train_on="first")

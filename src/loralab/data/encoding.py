@@ -67,10 +67,18 @@ def encode_prompt(
     return [*prompt_tokens.prefix, *ids, *prompt_tokens.infix]
 
 
+TRAIN_ON = ("all", "last-turn")  # which assistant turns of a chat the loss counts
+
+
 def encode_causal(
-    tokenizer, example: dict, max_length: int, prompt_tokens: PromptTokens | None = None
+    tokenizer,
+    example: dict,
+    max_length: int,
+    prompt_tokens: PromptTokens | None = None,
+    train_on: str = "all",
 ) -> Encoded:
-    """Token ids and loss labels of one example, for a causal language model."""
+    """Token ids and loss labels of one example, for a causal language model; a chat's
+    loss counts every assistant turn, or its last (``train_on``)."""
     shape = example_shape(example)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     prefix = list(prompt_tokens.prefix) if prompt_tokens else []
@@ -80,7 +88,7 @@ def encode_causal(
         completion = tokenizer(example["completion"], add_special_tokens=False)["input_ids"] + eos
         ids, labels = prompt + completion, [IGNORE_INDEX] * len(prompt) + completion
     elif shape == "messages":
-        ids, labels = _encode_chat(tokenizer, example["messages"], infix)
+        ids, labels = _encode_chat(tokenizer, example["messages"], infix, train_on)
         ids, labels = prefix + ids, [IGNORE_INDEX] * len(prefix) + labels
     elif shape == "text":
         ids = tokenizer(example["text"], add_special_tokens=True)["input_ids"] + eos
@@ -93,9 +101,15 @@ def encode_causal(
     return Encoded(ids[:max_length], labels[:max_length])
 
 
-def _encode_chat(tokenizer, messages: list[dict], infix: list[int]) -> tuple[list[int], list[int]]:
-    """The loss counts the assistant turns: each is the tokens the template adds after the
-    conversation so far with a generation prompt. The infix goes right before each."""
+def _encode_chat(
+    tokenizer, messages: list[dict], infix: list[int], train_on: str = "all"
+) -> tuple[list[int], list[int]]:
+    """The loss counts the assistant turns (``train_on``: all, or the last): each is the
+    tokens the template adds after the conversation so far with a generation prompt. The
+    infix goes right before each."""
+    if train_on not in TRAIN_ON:
+        raise DataError(f"train_on must be one of {', '.join(TRAIN_ON)}, not {train_on!r}")
+    last = max(i for i, message in enumerate(messages) if message["role"] == "assistant")
     if getattr(tokenizer, "chat_template", None) is None:
         raise DataError("{messages} records need a tokenizer with a chat template")
     rendered: list[int] = []  # the conversation so far, as the template renders it
@@ -110,7 +124,10 @@ def _encode_chat(tokenizer, messages: list[dict], infix: list[int]) -> tuple[lis
             raise DataError("the chat template does not render conversations as prefixes")
         context, reply = before[len(rendered) :] + infix, after[len(before) :]
         ids += context + reply
-        labels += [IGNORE_INDEX] * len(context) + reply
+        counted = train_on == "all" or index == last
+        labels += [IGNORE_INDEX] * len(context) + (
+            reply if counted else [IGNORE_INDEX] * len(reply)
+        )
         rendered = after
     return ids, labels
 
@@ -174,6 +191,7 @@ def encode_dataset(
     max_length: int,
     label_names: tuple[str, ...] | None = None,
     prompt_tokens: PromptTokens | None = None,
+    train_on: str = "all",
 ) -> list[Encoded]:
     """Encode every example; for a causal LM, ones whose loss counts no token are dropped.
 
@@ -185,7 +203,7 @@ def encode_dataset(
             encode_classification(tokenizer, e, max_length, label_names, prompt_tokens)
             for e in examples
         ]
-    encoded = [encode_causal(tokenizer, e, max_length, prompt_tokens) for e in examples]
+    encoded = [encode_causal(tokenizer, e, max_length, prompt_tokens, train_on) for e in examples]
     kept = [e for e in encoded if any(label != IGNORE_INDEX for label in e.labels[1:])]
     if not kept:
         raise DataError(

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from ..data.encoding import TRAIN_ON
 from ..lora.config import (
     ConfigError,
     LoraConfig,
@@ -63,6 +64,8 @@ class TrainConfig:
     validation_split_fraction: float | None = None
     """Hold out this fraction of the training records (drawn with data_seed, or seed) for
     the validation loss, where nothing else gives a validation set."""
+    train_on: str = "all"
+    """Which assistant turns of a chat the loss counts: all, or last-turn (the last)."""
     output_dir: str = "runs/latest"
     """Where the config, metrics, loss curve, checkpoint and adapter are written."""
     train_size: int | None = None
@@ -230,6 +233,7 @@ class TrainConfig:
     def _check_choices(self) -> None:
         require_choice("schedule", self.schedule, SCHEDULES)
         require_choice("model_kind", self.model_kind, MODEL_KINDS)
+        require_choice("train_on", self.train_on, TRAIN_ON)
         for name in _bool_fields():
             require_bool(name, getattr(self, name))
 
@@ -326,6 +330,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "data_split",
         "validation_data",
         "validation_split_fraction",
+        "train_on",
         "train_size",
         "validation_size",
         "data_seed",

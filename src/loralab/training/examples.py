@@ -191,7 +191,12 @@ def encode_examples(
 
     def encode(items: list[dict]) -> list:
         return encode_dataset(
-            tokenizer, items, config.max_length, examples.label_names, prompt_tokens=prompt_tokens
+            tokenizer,
+            items,
+            config.max_length,
+            examples.label_names,
+            prompt_tokens=prompt_tokens,
+            train_on=config.train_on,
         )
 
     validation = encode(examples.validation) if examples.validation else []
