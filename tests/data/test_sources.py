@@ -88,6 +88,7 @@ def test_a_bad_row_is_named_by_file_and_row(tmp_path):
         ('[{"text": "a"},\n {"text": }]', r"line 2, column 11: not valid JSON"),
         ('[{"text": "a"}]\n[]', r"line 1: text after the JSON array"),
         ("[]", r"the file has no examples"),
+        ('[{"text": "a"}\n {"text": "b"}]', r"line 2: ',' or '\]' expected after element 0"),
         (
             '[{"text": "a"},\n\n {"prompt": "b", "completion": "c"}]',
             r"text \(first on line 1\), prompt_completion \(first on line 3\)",

@@ -160,35 +160,59 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
 
 def _read_json(path: Path) -> list[tuple[int, dict]]:
     """A JSON array of records (each with the line it starts on), or JSON Lines."""
-    text = _utf8_text(path)
-    if not text.lstrip().startswith("["):
+    if _first_character(path) != "[":
         return _read_jsonl(path)
+    text = _utf8_text(path)
     decoder = json.JSONDecoder()
-    start = len(text) - len(text.lstrip())
-    try:
-        values, end = decoder.raw_decode(text, start)
-    except json.JSONDecodeError as error:
-        raise DataError(
-            f"{path}, line {error.lineno}, column {error.colno}: not valid JSON ({error.msg})"
-        ) from None
-    if text[end:].strip():
-        line = text.count("\n", 0, end) + 1
-        raise DataError(f"{path}, line {line}: text after the JSON array")
-    # Where each element starts, for the messages: the array is decoded again, element
-    # by element, only to count lines (cheap next to tokenizing).
-    records, position = [], text.index("[", start) + 1
-    for index, value in enumerate(values):
-        position = _skip_to_value(text, position)
-        line = text.count("\n", 0, position) + 1
+    # One pass, element by element, the lines counted as it goes (not from the start of
+    # the file for each element, which grows with the square of the file's length).
+    records: list[tuple[int, dict]] = []
+    position, line, counted = text.index("[") + 1, 1, 0
+    while True:
+        position = _skip_space(text, position)
+        if text.startswith("]", position) and not records:
+            position += 1
+            break
+        line += text.count("\n", counted, position)
+        counted = position
+        try:
+            value, position = decoder.raw_decode(text, position)
+        except json.JSONDecodeError as error:
+            raise DataError(
+                f"{path}, line {error.lineno}, column {error.colno}: not valid JSON ({error.msg})"
+            ) from None
         if not isinstance(value, dict):
-            raise DataError(f"{path}, line {line}: element {index} is not a JSON object")
+            raise DataError(f"{path}, line {line}: element {len(records)} is not a JSON object")
         records.append((line, value))
-        position = decoder.raw_decode(text, position)[1]
+        position = _skip_space(text, position)
+        if text.startswith(",", position):
+            position += 1
+        elif text.startswith("]", position):
+            position += 1
+            break
+        else:
+            where = line + text.count("\n", counted, position)
+            raise DataError(
+                f"{path}, line {where}: ',' or ']' expected after element {len(records) - 1}"
+            )
+    if text[position:].strip():
+        where = line + text.count("\n", counted, position)
+        raise DataError(f"{path}, line {where}: text after the JSON array")
     return records
 
 
-def _skip_to_value(text: str, position: int) -> int:
-    while position < len(text) and text[position] in " \t\r\n,":
+def _first_character(path: Path) -> str:
+    """The first character of the file that is not white space (or a byte-order mark)."""
+    with path.open("rb") as handle:
+        while chunk := handle.read(4096):
+            stripped = chunk.lstrip(b" \t\r\n\xef\xbb\xbf")
+            if stripped:
+                return chr(stripped[0])
+    return ""
+
+
+def _skip_space(text: str, position: int) -> int:
+    while position < len(text) and text[position] in " \t\r\n":
         position += 1
     return position
 
