@@ -139,50 +139,45 @@ def test_loss_counts_only_completion_tokens():
     encoded = encode_causal(tokenizer, {"prompt": "Q: 1+1?", "completion": " 2"}, 64)
     text = tokenizer.decode(encoded.input_ids)
     assert text == "Q: 1+1? 2<eos>"
-    counted = [
-        tok
-        for tok, label in zip(encoded.input_ids, encoded.labels, strict=True)
-        if label != IGNORE_INDEX
-    ]
-    assert tokenizer.decode(counted) == " 2<eos>"
+    assert _counted_pieces(tokenizer, encoded) == [" 2<eos>"]
     assert encoded.labels[: len("Q: 1+1?")] == [IGNORE_INDEX] * len("Q: 1+1?")
+
+
+CHAT = [
+    {"role": "system", "content": "be brief"},
+    {"role": "user", "content": "hi"},
+    {"role": "assistant", "content": "yo"},
+    {"role": "user", "content": "bye"},
+    {"role": "assistant", "content": "ok"},
+]
+
+
+def _counted_pieces(tokenizer, encoded) -> list[str]:
+    """The runs of tokens that carry loss, decoded, in order."""
+    marked = "".join(
+        tokenizer.decode([t]) if label != IGNORE_INDEX else "|"
+        for t, label in zip(encoded.input_ids, encoded.labels, strict=True)
+    )
+    return [piece for piece in marked.split("|") if piece]
 
 
 def test_chat_loss_counts_only_assistant_turns():
     tokenizer = char_tokenizer()
-    messages = [
-        {"role": "system", "content": "be brief"},
-        {"role": "user", "content": "hi"},
-        {"role": "assistant", "content": "yo"},
-        {"role": "user", "content": "bye"},
-        {"role": "assistant", "content": "ok"},
-    ]
-    encoded = encode_causal(tokenizer, {"messages": messages}, 256)
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    encoded = encode_causal(tokenizer, {"messages": CHAT}, 256)
+    full = tokenizer.apply_chat_template(CHAT, tokenize=False)
     assert tokenizer.decode(encoded.input_ids) == full
-    counted = "".join(
-        tokenizer.decode([t]) if label != IGNORE_INDEX else "|"
-        for t, label in zip(encoded.input_ids, encoded.labels, strict=True)
-    )
-    assert [piece for piece in counted.split("|") if piece] == ["yo<eos>", "ok<eos>"]
+    assert _counted_pieces(tokenizer, encoded) == ["yo<eos>", "ok<eos>"]
 
 
 def test_the_last_turn_alone_can_carry_the_loss():
     """``train_on: last-turn``: the same tokens, only the last assistant reply counted."""
     tokenizer = char_tokenizer()
-    messages = [
-        {"role": "user", "content": "hi"},
-        {"role": "assistant", "content": "yo"},
-        {"role": "user", "content": "bye"},
-        {"role": "assistant", "content": "ok"},
-    ]
-    every = encode_causal(tokenizer, {"messages": messages}, 256)
-    last = encode_causal(tokenizer, {"messages": messages}, 256, train_on="last-turn")
+    every = encode_causal(tokenizer, {"messages": CHAT}, 256)
+    last = encode_causal(tokenizer, {"messages": CHAT}, 256, train_on="last-turn")
     assert last.input_ids == every.input_ids
-    counted = [t for t, label in zip(last.input_ids, last.labels, strict=True) if label >= 0]
-    assert tokenizer.decode(counted) == "ok<eos>"
+    assert _counted_pieces(tokenizer, last) == ["ok<eos>"]
     with pytest.raises(DataError, match="train_on must be one of all, last-turn, not 'first'"):
-        encode_causal(tokenizer, {"messages": messages}, 256, train_on="first")
+        encode_causal(tokenizer, {"messages": CHAT}, 256, train_on="first")
 
 
 def test_text_counts_every_token_and_truncation():

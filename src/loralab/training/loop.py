@@ -30,9 +30,7 @@ import yaml
 from torch import nn
 
 from ..data.batches import batch_stream, collate
-from ..data.records import (
-    DataError,
-)
+from ..data.records import DataError
 from ..files.output_dirs import check_output_dir
 from ..lora.config import ConfigError
 from ..lora.inject import ParameterReport, trainable_parameters
