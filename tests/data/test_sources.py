@@ -220,6 +220,16 @@ def test_train_takes_records_and_keeps_a_copy_it_resumes_from(tmp_path, tiny_mod
     assert saved["validation_data"] == str(run / "data" / "validation.jsonl")
     assert read_examples(saved["data"]) == records
     assert read_examples(saved["validation_data"]) == records[:4]
+    odd = [{**records[0], "when": object()}]  # a field JSON cannot hold: nothing is written
+    with pytest.raises(
+        DataError, match="data, record 0: not JSON: object is not JSON serializable"
+    ):
+        train(
+            run_config(tmp_path, name="odd", data=None, validation_data=None),
+            *tiny_pair(tiny_model_dir),
+            data=odd,
+        )
+    assert not (tmp_path / "odd" / "data" / "train.jsonl").exists()
     with pytest.raises(ConfigError, match="the data is given twice"):
         train(run_config(tmp_path, name="again"), model, tokenizer, data=records)
 

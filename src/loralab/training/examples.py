@@ -23,7 +23,7 @@ from ..data.records import (
     read_examples,
     read_splits,
 )
-from ..files.atomic_write import write_files_atomically
+from ..files.atomic_write import text_writer, write_files_atomically
 from ..lora.config import ConfigError
 from ..methods.prefix import PromptTokens
 from .config import TrainConfig
@@ -131,9 +131,9 @@ def with_data_copy(config: TrainConfig, run_dir: Path, examples: Examples) -> Tr
     (written atomically into the run's folder), as if they had been given as files."""
     folder = run_dir / DATA_COPY
     folder.mkdir(exist_ok=True)
-    writers = {"train.jsonl": _jsonl_writer(examples.train)}
+    writers = {"train.jsonl": text_writer(_jsonl(examples.train))}
     if examples.validation:
-        writers["validation.jsonl"] = _jsonl_writer(examples.validation)
+        writers["validation.jsonl"] = text_writer(_jsonl(examples.validation))
     write_files_atomically(folder, writers)
     return dataclasses.replace(
         config,
@@ -144,17 +144,16 @@ def with_data_copy(config: TrainConfig, run_dir: Path, examples: Examples) -> Tr
     )
 
 
-def _jsonl_writer(records: list[dict]):
-    def write(path: str) -> None:
-        with open(path, "w", encoding="utf-8") as handle:
-            for index, record in enumerate(records):
-                try:
-                    line = json.dumps(record, ensure_ascii=False, default=_plain)
-                except TypeError as error:
-                    raise DataError(f"data, record {index}: not JSON: {error}") from None
-                handle.write(line + "\n")
-
-    return write
+def _jsonl(records: list[dict]) -> str:
+    """The records as JSON Lines (built before any file is opened, so a record that is
+    not JSON leaves nothing half-written)."""
+    lines = []
+    for index, record in enumerate(records):
+        try:
+            lines.append(json.dumps(record, ensure_ascii=False, default=_plain) + "\n")
+        except TypeError as error:
+            raise DataError(f"data, record {index}: not JSON: {error}") from None
+    return "".join(lines)
 
 
 def _plain(value: Any) -> Any:
