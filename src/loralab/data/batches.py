@@ -49,7 +49,13 @@ def batch_stream(
 
 
 def collate(items: list[Encoded], pad_id: int) -> dict[str, Tensor]:
-    """Right-pad a batch: ``input_ids``, ``attention_mask`` and ``labels`` (-100 on pads)."""
+    """Right-pad a batch: ``input_ids``, ``attention_mask`` and ``labels`` (-100 on pads).
+
+    A batch of packed rows (``packing.py``) has ``position_ids`` instead of an attention
+    mask: each example's from 0, and the padding after the last one its own sequence, so
+    the model attends within each example only (``training/packed_attention.py``)."""
+    if any(item.segments is not None for item in items):
+        return _collate_packed(items, pad_id)
     width = max(len(item) for item in items)
     input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(items), width), dtype=torch.long)
@@ -70,3 +76,17 @@ def collate(items: list[Encoded], pad_id: int) -> dict[str, Tensor]:
             token_types[row, : len(item)] = torch.tensor(item.token_type_ids)
         batch["token_type_ids"] = token_types
     return batch
+
+
+def _collate_packed(items: list[Encoded], pad_id: int) -> dict[str, Tensor]:
+    width = max(len(item) for item in items)
+    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+    positions = []
+    for row, item in enumerate(items):
+        input_ids[row, : len(item)] = torch.tensor(item.input_ids)
+        labels[row, : len(item)] = torch.tensor(item.labels)
+        segments = item.segments or (len(item),)
+        lengths = [*segments, width - len(item)] if width > len(item) else list(segments)
+        positions.append(torch.cat([torch.arange(length) for length in lengths]))
+    return {"input_ids": input_ids, "position_ids": torch.stack(positions), "labels": labels}

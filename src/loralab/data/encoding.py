@@ -37,12 +37,14 @@ class Encoded:
     """One example as token ids.
 
     For a causal LM ``labels`` has one entry per token, -100 where the loss does not
-    count; for a classifier it is the class index.
+    count; for a classifier it is the class index. A packed row (``packing.py``) holds
+    several examples, ``segments`` their lengths in order.
     """
 
     input_ids: list[int]
     labels: list[int] | int
     token_type_ids: list[int] | None = None
+    segments: tuple[int, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -68,6 +70,7 @@ def encode_prompt(
 
 
 TRAIN_ON = ("all", "last-turn")  # which assistant turns of a chat the loss counts
+LONG_EXAMPLES = ("truncate", "refuse")  # what becomes of an example over max_length
 
 
 def encode_causal(
@@ -76,9 +79,11 @@ def encode_causal(
     max_length: int,
     prompt_tokens: PromptTokens | None = None,
     train_on: str = "all",
+    long_examples: str = "truncate",
 ) -> Encoded:
     """Token ids and loss labels of one example, for a causal language model; a chat's
-    loss counts every assistant turn, or its last (``train_on``)."""
+    loss counts every assistant turn, or its last (``train_on``). One longer than
+    ``max_length`` is truncated, or refused (``long_examples``)."""
     shape = example_shape(example)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     prefix = list(prompt_tokens.prefix) if prompt_tokens else []
@@ -98,6 +103,11 @@ def encode_causal(
         ids = prefix + ids
     else:
         raise DataError("a {text, label} record needs a classification model, not a causal LM")
+    if len(ids) > max_length and long_examples == "refuse":
+        raise DataError(
+            f"{len(ids)} tokens, longer than max_length={max_length} (long_examples: "
+            "refuse); raise --max-length, or drop or shorten the record"
+        )
     return Encoded(ids[:max_length], labels[:max_length])
 
 
@@ -192,18 +202,30 @@ def encode_dataset(
     label_names: tuple[str, ...] | None = None,
     prompt_tokens: PromptTokens | None = None,
     train_on: str = "all",
+    long_examples: str = "truncate",
+    where: str = "record",
 ) -> list[Encoded]:
     """Encode every example; for a causal LM, ones whose loss counts no token are dropped.
 
     With ``label_names`` the examples are classification records for a classifier; with
-    ``prompt_tokens`` (a prefix method's) every example gets them in its place.
+    ``prompt_tokens`` (a prefix method's) every example gets them in its place. A record
+    refused is named ``where`` and its number (from 1).
     """
     if label_names is not None:
         return [
             encode_classification(tokenizer, e, max_length, label_names, prompt_tokens)
             for e in examples
         ]
-    encoded = [encode_causal(tokenizer, e, max_length, prompt_tokens, train_on) for e in examples]
+    encoded = []
+    for number, example in enumerate(examples, start=1):
+        try:
+            encoded.append(
+                encode_causal(
+                    tokenizer, example, max_length, prompt_tokens, train_on, long_examples
+                )
+            )
+        except DataError as error:
+            raise DataError(f"{where} {number}: {error}") from None
     kept = [e for e in encoded if any(label != IGNORE_INDEX for label in e.labels[1:])]
     if not kept:
         raise DataError(

@@ -12,6 +12,7 @@ checkpoint resumes with or without DDP or FSDP and at another world size.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import shutil
 import tempfile
@@ -91,7 +92,10 @@ def find_checkpoint(run_dir: Path) -> Path | None:
 
 def check_resumable(saved: dict, config, where: Path) -> None:
     current = config.to_dict()
-    changed = [k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]]
+    # A setting newer than the checkpoint was, in effect, at its default there.
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    saved = {k: saved.get(k, defaults.get(k)) for k in current}
+    changed = [k for k in current if k not in RESUMABLE_CHANGES and saved[k] != current[k]]
     if changed:
-        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+        details = ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in changed)
         raise ConfigError(f"cannot resume {where}: settings differ from the checkpoint ({details})")

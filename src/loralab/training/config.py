@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from ..data.encoding import TRAIN_ON
+from ..data.encoding import LONG_EXAMPLES, TRAIN_ON
 from ..lora.config import (
     ConfigError,
     LoraConfig,
@@ -66,6 +66,13 @@ class TrainConfig:
     the validation loss, where nothing else gives a validation set."""
     train_on: str = "all"
     """Which assistant turns of a chat the loss counts: all, or last-turn (the last)."""
+    packing: bool = False
+    """Pack several training examples into each row of up to max_length tokens (best fit,
+    longest first), each example attending only to itself: fewer padding tokens computed.
+    batch_size then counts rows, not examples (a causal LM's)."""
+    long_examples: str = "truncate"
+    """An example longer than max_length: truncate it (a chat or completion loses its end),
+    or refuse the data, naming the record. Never split across rows."""
     output_dir: str = "runs/latest"
     """Where the config, metrics, loss curve, checkpoint and adapter are written."""
     train_size: int | None = None
@@ -234,6 +241,12 @@ class TrainConfig:
         require_choice("schedule", self.schedule, SCHEDULES)
         require_choice("model_kind", self.model_kind, MODEL_KINDS)
         require_choice("train_on", self.train_on, TRAIN_ON)
+        require_choice("long_examples", self.long_examples, LONG_EXAMPLES)
+        if self.packing and self.model_kind != "causal-lm":
+            raise ConfigError(
+                "packing puts several examples of a causal LM in one row; a classifier "
+                f"(model_kind: {self.model_kind}) reads one example a row"
+            )
         for name in _bool_fields():
             require_bool(name, getattr(self, name))
 
@@ -331,6 +344,8 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "validation_data",
         "validation_split_fraction",
         "train_on",
+        "packing",
+        "long_examples",
         "train_size",
         "validation_size",
         "data_seed",

@@ -15,6 +15,7 @@ import torch
 
 from ..data.arrow_files import splits_of
 from ..data.encoding import encode_dataset
+from ..data.packing import pack
 from ..data.records import (
     DataError,
     checked_records,
@@ -40,10 +41,19 @@ class Examples:
 
 @dataclass
 class Datasets:
+    """A run's examples as token ids, and the rows its batches are drawn from."""
+
     train: list
     validation: list
     label_names: tuple[str, ...] | None
     examples: Examples
+    rows: list = dataclasses.field(default_factory=list)
+    """What a batch holds: the training examples, or with ``packing`` the rows they were
+    packed into."""
+
+    def __post_init__(self) -> None:
+        if not self.rows:
+            self.rows = self.train
 
 
 def load_examples(config: TrainConfig, data: Any = None) -> Examples:
@@ -188,7 +198,7 @@ def encode_examples(
 ) -> Datasets:
     """The examples as token ids, ready for batching (with a prefix method's tokens)."""
 
-    def encode(items: list[dict]) -> list:
+    def encode(items: list[dict], where: str) -> list:
         return encode_dataset(
             tokenizer,
             items,
@@ -196,10 +206,18 @@ def encode_examples(
             examples.label_names,
             prompt_tokens=prompt_tokens,
             train_on=config.train_on,
+            long_examples=config.long_examples,
+            where=where,
         )
 
-    validation = encode(examples.validation) if examples.validation else []
-    train = encode(examples.train)
+    source = config.data or config.task
+    validation_source = config.validation_data or source
+    validation = (
+        encode(examples.validation, f"{validation_source}: validation record")
+        if examples.validation
+        else []
+    )
+    train = encode(examples.train, f"{source}: training record")
     for split, given, kept in (
         ("training", examples.train, train),
         ("validation", examples.validation or [], validation),
@@ -211,4 +229,5 @@ def encode_examples(
                 "no token of it would be learnt; raise --max-length to keep them",
                 stacklevel=2,
             )
-    return Datasets(train, validation, examples.label_names, examples)
+    rows = pack(train, config.max_length) if config.packing else train
+    return Datasets(train, validation, examples.label_names, examples, rows)

@@ -29,7 +29,8 @@ import torch
 import yaml
 from torch import nn
 
-from ..data.batches import batch_stream, collate
+from ..data.batches import batch_stream, collate, length_grouped_order
+from ..data.packing import fill
 from ..data.records import DataError
 from ..files.output_dirs import check_output_dir
 from ..lora.config import ConfigError
@@ -44,6 +45,7 @@ from .config import TrainConfig
 from .distributed import (
     World,
     barrier,
+    counted,
     from_main,
     full_optimizer_state,
     full_trainable_parameters,
@@ -68,6 +70,7 @@ from .lean_mlp import lean_mlp
 from .loss import causal_lm_loss
 from .malloc_threshold import map_large_blocks
 from .optimizer import build_optimizer, parameter_groups
+from .packed_attention import check_packed_attention
 from .run_log import RunLog, check_tensorboard, read_history
 
 RANK_SEED_STRIDE = 1_000_003  # rank k draws its dropout masks from seed + k · stride
@@ -86,7 +89,8 @@ def describe_start(config: TrainConfig, model: nn.Module, datasets: Datasets, wo
     dropped = f" ({given - kept} dropped: beyond --max-length)" if kept < given else ""
     tokens = sum(len(item) for item in datasets.train)
     per_step = config.batch_size * config.gradient_accumulation
-    per_epoch = config.steps_per_epoch(kept)
+    per_epoch = config.steps_per_epoch(len(datasets.rows))
+    unit = "rows" if config.packing else "examples"
     quantized = model_state(model).base_quantization
     packed = "" if quantized is None else f"; {quantized['summary']}"
     base = f"; frozen base {trainable.frozen_bytes / 1e6:,.0f} MB{packed}"
@@ -94,11 +98,35 @@ def describe_start(config: TrainConfig, model: nn.Module, datasets: Datasets, wo
         f"model {config.model} on {world.device}, {str(dtype).removeprefix('torch.')}"
         f"{autocast}{base}\n"
         f"data: {kept} training examples{dropped}, {len(datasets.validation)} validation; "
-        f"{tokens:,} tokens; {per_epoch} steps per epoch of {per_step} examples; "
+        f"{tokens:,} tokens; {per_epoch} steps per epoch of {per_step} {unit}; "
         f"{config.max_steps} steps ≈ {config.max_steps / per_epoch:.1f} epochs\n"
+        f"{describe_fill(config, datasets)}\n"
         f"trainable: {trainable.trainable:,} of {trainable.total:,} parameters "
         f"({100 * trainable.share:.2f}%)"
     )
+
+
+def describe_fill(config: TrainConfig, datasets: Datasets) -> str:
+    """The share of the tokens a step computes that the loss counts, over one epoch's
+    batches, with packing and without (what packing gains on this data)."""
+    if config.model_kind != "causal-lm":
+        return "fill: a classifier's loss counts one label an example"
+    plain = _epoch_fill(datasets.train, config)
+    if not config.packing:
+        return f"fill: {100 * plain:.1f}% of the tokens computed carry loss (--packing raises it)"
+    return (
+        f"packing: {len(datasets.train)} examples in {len(datasets.rows)} rows of up to "
+        f"{config.max_length} tokens; fill {100 * _epoch_fill(datasets.rows, config):.1f}% "
+        f"of the tokens computed carry loss ({100 * plain:.1f}% without packing)"
+    )
+
+
+def _epoch_fill(items: list, config: TrainConfig) -> float:
+    return fill(items, length_grouped_order(_lengths(items), config.batch_size, config.seed, 0))
+
+
+def _lengths(items: list) -> list[int]:
+    return [len(item) for item in items]
 
 
 def prepare_model(config: TrainConfig, model: nn.Module) -> nn.Module:
@@ -321,12 +349,14 @@ def _set_up(
         if data is not None:  # the files name the records, as they would have been given
             config = with_data_copy(config, run_dir, examples)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    given, config = config, config.with_steps(len(datasets.train))
+    given, config = config, config.with_steps(len(datasets.rows))
     trainable = trainable_parameters(model)
     if config.return_freed_memory:
         map_large_blocks()
     if config.lean_mlp:
         cleanup.enter_context(lean_mlp(model))  # the model's own forward again at the end
+    if config.packing:
+        check_packed_attention(model)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     runner = _distribute(model, config, world)
@@ -346,7 +376,7 @@ def _set_up(
         tensorboard=config.tensorboard,
         progress=config.progress,
     )
-    lengths = [len(item) for item in datasets.train]
+    lengths = _lengths(datasets.rows)
     consumed = step * config.gradient_accumulation  # the data order is fixed by the seed
     runner.train()
     return _Run(
@@ -422,12 +452,12 @@ def _train_step(run: _Run, stop: _StopFlag) -> bool:
     rank was asked to stop (so that all stop after the same step)."""
     config, world = run.config, run.world
     started = time.perf_counter()
-    loss_value, tokens = _optimizer_step(
+    loss_value, tokens, learnt = _optimizer_step(
         run.model,
         run.optimizer,
         run.parameters,
         run.stream,
-        run.datasets.train,
+        run.datasets.rows,
         run.pad_id,
         config,
         run.method,
@@ -446,6 +476,7 @@ def _train_step(run: _Run, stop: _StopFlag) -> bool:
         "loss": loss_value,
         "lr": run.scheduler.get_last_lr()[0],
         "tokens_per_s": tokens / seconds,
+        "loss_tokens_per_s": learnt / seconds,  # the tokens the loss counts
         "seconds": seconds,
     }
     run.log.step(entry, run.step % config.log_every == 0 or run.step == config.max_steps)
@@ -550,8 +581,9 @@ def _restore_rng(saved: dict, config: TrainConfig, world: World, step: int) -> N
 
 def _optimizer_step(
     model, optimizer, parameters, stream, data, pad_id, config, method=None, world=None, runner=None
-) -> tuple[float, int]:
-    """Forward and backward over the micro-batches of one step, then the update.
+) -> tuple[float, int, int]:
+    """Forward and backward over the micro-batches of one step, then the update; the
+    loss, the tokens of the batch and the tokens its loss counts.
 
     The reported loss is the task's; a method's regulariser (AdaLoRA) is added to what is
     differentiated, not to what is logged. Under torchrun each rank runs its rows of every
@@ -561,7 +593,7 @@ def _optimizer_step(
     runner = runner or model
     regularizer = method.regularizer if method is not None else None
     optimizer.zero_grad(set_to_none=True)
-    total_loss, tokens = 0.0, 0
+    total_loss, tokens, learnt = 0.0, 0, 0
     for index in range(config.gradient_accumulation):
         items = [data[i] for i in next(stream)]
         rows, share = rows_of_rank(world, items)
@@ -579,10 +611,11 @@ def _optimizer_step(
             objective.backward()
         total_loss += loss.item() * share
         tokens += sum(len(item) for item in items)  # the whole batch's, not the rank's
+        learnt += sum(map(counted, items))
     if config.max_grad_norm:
         torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
     optimizer.step()
-    return total_loss, tokens
+    return total_loss, tokens, learnt
 
 
 class _StopFlag:

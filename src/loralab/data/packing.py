@@ -1,0 +1,67 @@
+"""Packing: several short examples in one row of at most ``max_length`` tokens, so a batch
+computes few padding tokens (``--packing``).
+
+Rows are filled best-fit-decreasing (each example, longest first, goes into the row it
+leaves the least room in; a new row where none has room): at most 11/9 of the fewest rows
+possible plus one, and deterministic, so the rows, like the batch order, are a pure function of
+the data and a resumed run finds the same ones. A packed row keeps where each example
+starts (``Encoded.segments``): ``batches.collate`` gives every example position ids from
+0, and the model attends within each example only (``training/packed_attention.py``).
+The first label of each example is ignored: it would be predicted from the example
+before it.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+from .encoding import IGNORE_INDEX, Encoded
+
+
+def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices of ``lengths`` in rows whose lengths sum to at most ``capacity``; the rows
+    in the order they were opened, each row's indices in the order they were placed."""
+    for index, length in enumerate(lengths):
+        if not 0 < length <= capacity:
+            raise ValueError(f"example {index}: {length} tokens do not fit a row of {capacity}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows: list[list[int]] = []
+    # (room left, row) of every row, sorted: the best fit is the first with room enough.
+    rooms: list[tuple[int, int]] = []
+    for index in order:
+        length = lengths[index]
+        at = bisect.bisect_left(rooms, (length, -1))
+        if at == len(rooms):
+            rows.append([index])
+            bisect.insort(rooms, (capacity - length, len(rows) - 1))
+            continue
+        room, row = rooms.pop(at)
+        rows[row].append(index)
+        bisect.insort(rooms, (room - length, row))
+    return rows
+
+
+def pack(items: list[Encoded], max_length: int) -> list[Encoded]:
+    """The causal-LM examples ``items`` in rows of at most ``max_length`` tokens."""
+    rows = []
+    for indices in best_fit_decreasing([len(item) for item in items], max_length):
+        input_ids: list[int] = []
+        labels: list[int] = []
+        for index in indices:
+            item = items[index]
+            input_ids += item.input_ids
+            labels += [IGNORE_INDEX, *item.labels[1:]]
+        segments = tuple(len(items[index]) for index in indices)
+        rows.append(Encoded(input_ids, labels, segments=segments))
+    return rows
+
+
+def fill(items: list[Encoded], batches: list[list[int]]) -> float:
+    """Tokens the loss counts over tokens computed (padding included) in ``batches`` of
+    ``items``: how much of a step's work is learning."""
+    counted = computed = 0
+    for batch in batches:
+        rows = [items[i] for i in batch]
+        computed += len(rows) * max(len(row) for row in rows)
+        counted += sum(sum(label != IGNORE_INDEX for label in row.labels[1:]) for row in rows)
+    return counted / max(computed, 1)
