@@ -358,7 +358,8 @@ def test_the_start_is_described_and_dropped_examples_are_counted(
     lines = [line for line in captured.err.splitlines() if line.startswith("loralab train: ")]
     assert lines[0].startswith(f"loralab train: model {tiny_model_dir} on cpu, float32")
     assert "dropped: beyond --max-length" in lines[1] and "steps per epoch of 4" in lines[1]
-    assert lines[2].startswith("loralab train: trainable: ")
+    assert lines[2].startswith("loralab train: fill: ") and "% of the tokens computed" in lines[2]
+    assert lines[3].startswith("loralab train: trainable: ")
     assert "; validation loss " in captured.out and "at step 2" in captured.out
 
 

@@ -141,6 +141,11 @@ def evaluate_records(
     """
     started = time.perf_counter()
     shape = example_shape(records[0], "records[0]")
+    if shape == "preference":
+        raise TaskError(
+            "preference records (prompt, chosen, rejected) are not scored by generation; "
+            "give the chosen replies as {prompt, completion} records to score them"
+        )
     if shape == "text_label":
         raise TaskError(
             "{text, label} records are scored by a classifier: use --task nli's shape, or "

@@ -220,7 +220,10 @@ def test_train_takes_records_and_keeps_a_copy_it_resumes_from(tmp_path, tiny_mod
     assert saved["validation_data"] == str(run / "data" / "validation.jsonl")
     assert read_examples(saved["data"]) == records
     assert read_examples(saved["validation_data"]) == records[:4]
-    odd = [{**records[0], "when": object()}]  # a field JSON cannot hold: nothing is written
+    # A value JSON cannot hold (a record keeps its layout's fields alone: here a tool's
+    # schema): nothing is written.
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    odd = [{"messages": chat, "tools": [{"when": object()}]}]
     with pytest.raises(
         DataError, match="data, record 0: not JSON: object is not JSON serializable"
     ):

@@ -5,11 +5,19 @@ counts (``IGNORE_INDEX`` elsewhere), and a prefix method's tokens where they go.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+import jinja2
 
 from .records import DataError, example_shape
 
 IGNORE_INDEX = -100  # label of a position the loss does not count
+PREFERENCE_REFUSAL = (
+    "supervised fine-tuning (every --method loralab has) learns one reply, not a choice "
+    "between two; to fine-tune on the chosen replies, give them as {prompt, completion} "
+    "or {messages} records"
+)
 
 
 @dataclass(frozen=True)
@@ -93,7 +101,9 @@ def encode_causal(
         completion = tokenizer(example["completion"], add_special_tokens=False)["input_ids"] + eos
         ids, labels = prompt + completion, [IGNORE_INDEX] * len(prompt) + completion
     elif shape == "messages":
-        ids, labels = _encode_chat(tokenizer, example["messages"], infix, train_on)
+        ids, labels = _encode_chat(
+            tokenizer, example["messages"], infix, train_on, example.get("tools")
+        )
         ids, labels = prefix + ids, [IGNORE_INDEX] * len(prefix) + labels
     elif shape == "text":
         ids = tokenizer(example["text"], add_special_tokens=True)["input_ids"] + eos
@@ -101,6 +111,8 @@ def encode_causal(
         # and the loss (and perplexity) counts the same tokens either way.
         labels = [IGNORE_INDEX] * (len(prefix) + 1) + ids[1:] if prefix else list(ids)
         ids = prefix + ids
+    elif shape == "preference":
+        raise DataError(f"a preference record trains a preference method: {PREFERENCE_REFUSAL}")
     else:
         raise DataError("a {text, label} record needs a classification model, not a causal LM")
     if len(ids) > max_length and long_examples == "refuse":
@@ -112,26 +124,40 @@ def encode_causal(
 
 
 def _encode_chat(
-    tokenizer, messages: list[dict], infix: list[int], train_on: str = "all"
+    tokenizer,
+    messages: list[dict],
+    infix: list[int],
+    train_on: str = "all",
+    tools: list[dict] | None = None,
 ) -> tuple[list[int], list[int]]:
-    """The loss counts the assistant turns (``train_on``: all, or the last): each is the
-    tokens the template adds after the conversation so far with a generation prompt. The
-    infix goes right before each."""
+    """The loss counts the assistant turns (``train_on``: all, or the last), tool calls
+    included; the infix goes right before each.
+
+    A template with ``{% generation %}`` markers says itself which tokens are the
+    assistant's; without them each turn is the tokens the template adds after the
+    conversation so far with a generation prompt (which needs a template that renders a
+    conversation as the prefix of its continuation)."""
     if train_on not in TRAIN_ON:
         raise DataError(f"train_on must be one of {', '.join(TRAIN_ON)}, not {train_on!r}")
-    last = max(i for i, message in enumerate(messages) if message["role"] == "assistant")
     if getattr(tokenizer, "chat_template", None) is None:
         raise DataError("{messages} records need a tokenizer with a chat template")
+    if has_generation_markers(tokenizer):
+        return _encode_marked_chat(tokenizer, messages, infix, train_on, tools)
+    last = max(i for i, message in enumerate(messages) if message["role"] == "assistant")
     rendered: list[int] = []  # the conversation so far, as the template renders it
     ids: list[int] = []
     labels: list[int] = []
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = _chat_ids(tokenizer, messages[:index], generation_prompt=True)
-        after = _chat_ids(tokenizer, messages[: index + 1], generation_prompt=False)
+        before = _chat_ids(tokenizer, messages[:index], generation_prompt=True, tools=tools)
+        after = _chat_ids(tokenizer, messages[: index + 1], generation_prompt=False, tools=tools)
         if after[: len(before)] != before or before[: len(rendered)] != rendered:
-            raise DataError("the chat template does not render conversations as prefixes")
+            raise DataError(
+                "the chat template does not render conversations as prefixes (it rewrites "
+                "earlier turns); a template with {% generation %} markers around the "
+                "assistant's text says which tokens to learn instead"
+            )
         context, reply = before[len(rendered) :] + infix, after[len(before) :]
         ids += context + reply
         counted = train_on == "all" or index == last
@@ -142,11 +168,61 @@ def _encode_chat(
     return ids, labels
 
 
-def _chat_ids(tokenizer, messages: list[dict], generation_prompt: bool) -> list[int]:
-    text = tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=generation_prompt
+GENERATION_MARKER = re.compile(r"{%-?\s*generation\s*-?%}")
+
+
+def has_generation_markers(tokenizer) -> bool:
+    """Whether the chat template marks the assistant's tokens (``{% generation %}``)."""
+    template = getattr(tokenizer, "chat_template", None)
+    return isinstance(template, str) and GENERATION_MARKER.search(template) is not None
+
+
+def _encode_marked_chat(
+    tokenizer, messages: list[dict], infix: list[int], train_on: str, tools: list[dict] | None
+) -> tuple[list[int], list[int]]:
+    """The tokens the template's ``{% generation %}`` blocks enclose carry the loss (the
+    last block alone for ``last-turn``)."""
+    rendered = _apply_template(
+        tokenizer,
+        messages,
+        tools,
+        add_generation_prompt=False,
+        tokenize=True,
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+    )
+    ids, marked = list(rendered["input_ids"]), list(rendered["assistant_masks"])
+    spans = [i for i, m in enumerate(marked) if m and (i == 0 or not marked[i - 1])]
+    if not spans:
+        raise DataError("the chat template's {% generation %} blocks enclose no token")
+    out_ids: list[int] = []
+    labels: list[int] = []
+    for index, (token, mark) in enumerate(zip(ids, marked, strict=True)):
+        if index in spans:
+            out_ids += infix
+            labels += [IGNORE_INDEX] * len(infix)
+        counted = mark and (train_on == "all" or index >= spans[-1])
+        out_ids.append(token)
+        labels.append(token if counted else IGNORE_INDEX)
+    return out_ids, labels
+
+
+def _chat_ids(
+    tokenizer, messages: list[dict], generation_prompt: bool, tools: list[dict] | None = None
+) -> list[int]:
+    text = _apply_template(
+        tokenizer, messages, tools, tokenize=False, add_generation_prompt=generation_prompt
     )
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _apply_template(tokenizer, messages: list[dict], tools: list[dict] | None, **options):
+    """The chat template applied; a chat it refuses (a role it does not know, turns out of
+    the order it requires) is a data error with the template's own reason."""
+    try:
+        return tokenizer.apply_chat_template(messages, tools=tools, **options)
+    except jinja2.TemplateError as error:
+        raise DataError(f"the model's chat template refuses this chat: {error}") from None
 
 
 def encode_classification(
@@ -229,7 +305,7 @@ def encode_dataset(
     kept = [e for e in encoded if any(label != IGNORE_INDEX for label in e.labels[1:])]
     if not kept:
         raise DataError(
-            f"no example keeps a completion token within max_length={max_length}; "
-            "raise max_length or shorten the prompts"
+            f"all {len(encoded)} examples were dropped: none keeps a token the loss counts "
+            f"within max_length={max_length}; raise max_length or shorten the prompts"
         )
     return kept

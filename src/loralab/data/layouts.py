@@ -1,17 +1,26 @@
-"""Layouts users already have, recognized by their fields and mapped onto the shapes the
-encoder knows (``records.py``), as they are read:
+"""The layouts of records users already have, recognized by their fields (or named with
+``--data-format`` where a record fits two), each mapped onto a shape the encoder knows
+(``records.SHAPES``) as the records are read:
 
-- Alpaca: ``{instruction, input?, output, system?}`` → a chat: the instruction (and its
-  input, after a blank line) from the user, the output from the assistant, the loss on
-  the output (the model's chat template renders it, as LLaMA-Factory and Axolotl do);
-- ShareGPT: ``{conversations: [{from, value}, …]}`` (``from`` human, gpt, system, or
-  user, assistant) → ``{messages}``.
+| layout | fields | shape |
+|---|---|---|
+| ``prompt-completion`` | ``prompt``, ``completion`` | itself |
+| ``messages`` | ``messages`` (system, user, assistant, tool; ``tools``) | itself |
+| ``text`` | ``text`` | itself |
+| ``classification`` | ``text``, ``label`` (``text_pair``) | ``text_label`` |
+| ``alpaca`` | ``instruction``, ``output`` (``input``, ``system``) | ``messages`` |
+| ``sharegpt`` | ``conversations`` of ``from``/``value`` | ``messages`` |
+| ``preference`` | ``chosen``, ``rejected`` (``prompt``): text or chats, as TRL has them | itself |
 
-A record of any other layout passes unchanged.
+Alpaca becomes a chat: the instruction (and its input, after a blank line) from the user,
+the output from the assistant, which the loss counts (the model's chat template renders
+it, as LLaMA-Factory and Axolotl do). A record keeps only its layout's fields.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import DataError
@@ -22,21 +31,49 @@ SHAREGPT_ROLES = {
     "gpt": "assistant",
     "assistant": "assistant",
     "system": "system",
+    "tool": "tool",
+    "function_call": "assistant",
+    "observation": "tool",
 }
 
 
-def normalized(record: dict, where: str) -> dict:
-    """``record`` in one of the encoder's shapes, if it has a layout this module knows."""
-    if "instruction" in record and "output" in record:
-        return _alpaca(record, where)
-    if "conversations" in record and "messages" not in record:
-        return {"messages": _sharegpt(record["conversations"], where)}
-    return record
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    fields: tuple[str, ...]  # what a record of it has: shown in errors and the README
+    recognized: Callable[[dict], bool]  # whether a record has this layout's own fields
+    convert: Callable[[dict, str], dict]  # (record, where) → a record of the encoder's shapes
+
+
+def _keep(*names: str) -> Callable[[dict, str], dict]:
+    return lambda record, where: {k: record[k] for k in names if k in record}
+
+
+LAYOUTS: dict[str, Layout] = {}
+
+
+def _register(layout: Layout) -> None:
+    LAYOUTS[layout.name] = layout
+
+
+def normalized(record: dict, where: str, data_format: str = "auto") -> dict:
+    """``record`` in one of the encoder's shapes: its layout's (``data_format``, or the one
+    its fields say), converted, with that layout's fields alone."""
+    if data_format != "auto":
+        return LAYOUTS[data_format].convert(record, where)
+    found = [layout for layout in LAYOUTS.values() if layout.recognized(record)]
+    if len(found) > 1:
+        named = " and ".join(f"{layout.name} ({', '.join(layout.fields)})" for layout in found)
+        flags = " or ".join(f"--data-format {layout.name}" for layout in found)
+        raise DataError(f"{where}: the record has the fields of {named}; choose with {flags}")
+    if not found:
+        return record  # refused with its fields by records.example_shape
+    return found[0].convert(record, where)
 
 
 def _alpaca(record: dict, where: str) -> dict:
     for key in ("instruction", "output"):
-        if not isinstance(record[key], str) or not record[key].strip():
+        if not isinstance(record.get(key), str) or not record[key].strip():
             raise DataError(f"{where}: Alpaca field {key!r} must be a non-empty string")
     extra = record.get("input")
     if extra is not None and not isinstance(extra, str):
@@ -53,7 +90,8 @@ def _alpaca(record: dict, where: str) -> dict:
     return {"messages": messages}
 
 
-def _sharegpt(turns: Any, where: str) -> list[dict]:
+def _sharegpt(record: dict, where: str) -> dict:
+    turns: Any = record.get("conversations")
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{where}: ShareGPT field 'conversations' must be a non-empty list")
     messages = []
@@ -67,4 +105,48 @@ def _sharegpt(turns: Any, where: str) -> list[dict]:
                 f"{', '.join(SHAREGPT_ROLES)}, got {turn.get('from')!r}"
             )
         messages.append({"role": role, "content": turn["value"]})
-    return messages
+    converted: dict = {"messages": messages}
+    if "tools" in record:
+        converted["tools"] = record["tools"]
+    return converted
+
+
+def _has(*names: str) -> Callable[[dict], bool]:
+    return lambda record: any(name in record for name in names)
+
+
+_register(
+    Layout(
+        "prompt-completion",
+        ("prompt", "completion"),
+        # A prompt beside messages or chosen/rejected is theirs (UltraChat, TRL's
+        # preference records), not a completion's.
+        lambda r: (
+            "completion" in r
+            or ("prompt" in r and not _has("messages", "chosen", "rejected", "conversations")(r))
+        ),
+        _keep("prompt", "completion"),
+    )
+)
+_register(Layout("messages", ("messages",), _has("messages"), _keep("messages", "tools")))
+_register(Layout("text", ("text",), lambda r: "text" in r and "label" not in r, _keep("text")))
+_register(
+    Layout(
+        "classification",
+        ("text", "label"),
+        lambda r: "label" in r and "completion" not in r,
+        _keep("text", "label", "text_pair"),
+    )
+)
+_register(Layout("alpaca", ("instruction", "output"), _has("instruction"), _alpaca))
+_register(Layout("sharegpt", ("conversations",), _has("conversations"), _sharegpt))
+_register(
+    Layout(
+        "preference",
+        ("prompt", "chosen", "rejected"),
+        _has("chosen", "rejected"),
+        _keep("prompt", "chosen", "rejected"),
+    )
+)
+
+DATA_FORMATS = ("auto", *LAYOUTS)  # --data-format: auto recognizes a layout by its fields

@@ -1,14 +1,15 @@
 """Reading the user's records (encoding them: ``encoding.py``; batching: ``batches.py``).
 
 A user file is JSONL, JSON (an array of records, or one a line) or CSV (Parquet, Arrow
-and ``save_to_disk`` folders: ``arrow_files.py``), its records all of one of four shapes
+and ``save_to_disk`` folders: ``arrow_files.py``), its records all of one of these shapes
 (or of a layout ``layouts.py`` maps onto them: Alpaca, ShareGPT):
 
 - ``{prompt, completion}``: the loss counts only the completion's tokens;
-- ``{messages}``: a chat, rendered with the model's chat template; the loss counts only
-  the assistant turns;
+- ``{messages}`` (and ``tools``): a chat, rendered with the model's chat template; the
+  loss counts only the assistant turns (tool calls included, tool results not);
 - ``{text}``: language modelling, every token counts;
-- ``{text, label}`` (and optionally ``text_pair``): classification.
+- ``{text, label}`` (and optionally ``text_pair``): classification;
+- ``{prompt, chosen, rejected}``: a preference pair, for the preference methods.
 
 Bad records are refused with the file, the line (or row) and the field.
 """
@@ -29,11 +30,16 @@ SHAPES = {
     "messages": ("messages",),
     "text_label": ("text", "label"),
     "text": ("text",),
+    "preference": ("prompt", "chosen", "rejected"),
 }
+ROLES = ("system", "user", "assistant", "tool")
 
 
 def example_shape(example: dict, where: str = "example") -> str:
-    """Which of the four shapes a record has, checking its fields' types."""
+    """Which of the shapes a record has, checking its fields' types."""
+    if "chosen" in example or "rejected" in example:
+        _check_preference(example, where)
+        return "preference"
     if "prompt" in example or "completion" in example:
         for key in ("prompt", "completion"):
             if not isinstance(example.get(key), str):
@@ -43,6 +49,7 @@ def example_shape(example: dict, where: str = "example") -> str:
         return "prompt_completion"
     if "messages" in example:
         _check_messages(example["messages"], where)
+        _check_tools(example.get("tools"), where)
         return "messages"
     if "text" in example:
         if not isinstance(example["text"], str) or not example["text"]:
@@ -53,43 +60,110 @@ def example_shape(example: dict, where: str = "example") -> str:
             return "text_label"
         return "text"
     fields = ", ".join(" + ".join(f) for f in SHAPES.values())
-    raise DataError(f"{where}: record has fields {sorted(example)}; expected one of: {fields}")
+    raise DataError(
+        f"{where}: record has fields {sorted(example)}; expected one of: {fields} (or a "
+        "layout mapped onto them: Alpaca instruction + output, ShareGPT conversations)"
+    )
 
 
-def _check_messages(messages: Any, where: str) -> None:
+def _check_messages(messages: Any, where: str, field: str = "messages", reply: bool = True) -> None:
+    """A chat: messages of known roles, each with string content (an assistant turn may
+    call tools instead), and an assistant turn to learn from where ``reply``."""
     if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: field 'messages' must be a non-empty list of messages")
+        raise DataError(f"{where}: field {field!r} must be a non-empty list of messages")
     for index, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-            raise DataError(f"{where}: messages[{index}] needs a string 'content'")
-        if message.get("role") not in ("system", "user", "assistant"):
+        at = f"{where}: {field}[{index}]"
+        if not isinstance(message, dict):
+            raise DataError(f"{at} must be a message ({{role, content}}), got {message!r}")
+        if message.get("role") not in ROLES:
             raise DataError(
-                f"{where}: messages[{index}].role must be system, user or assistant, "
-                f"got {message.get('role')!r}"
+                f"{at}.role must be one of {', '.join(ROLES)}, got {message.get('role')!r}"
             )
-    if not any(m["role"] == "assistant" for m in messages):
-        raise DataError(f"{where}: field 'messages' has no assistant turn to learn from")
+        calls = message.get("tool_calls")
+        if calls is not None:
+            if message["role"] != "assistant":
+                raise DataError(f"{at}: only an assistant turn calls tools (tool_calls)")
+            _check_tool_calls(calls, at)
+        content = message.get("content")
+        if not isinstance(content, str) and not (calls and content is None):
+            raise DataError(f"{at} needs a string 'content' (or tool_calls, for an assistant)")
+    if reply and not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: field {field!r} has no assistant turn to learn from")
 
 
-def read_examples(path: str | Path) -> list[dict]:
+def _check_tool_calls(calls: Any, at: str) -> None:
+    if not isinstance(calls, list) or not calls:
+        raise DataError(f"{at}.tool_calls must be a non-empty list")
+    for index, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise DataError(
+                f"{at}.tool_calls[{index}] must be {{type: function, function: {{name, "
+                f"arguments}}}}, got {call!r}"
+            )
+        if not isinstance(function.get("arguments", {}), (dict, str)):
+            raise DataError(f"{at}.tool_calls[{index}].function.arguments must be an object")
+
+
+def _check_tools(tools: Any, where: str) -> None:
+    if tools is None:
+        return
+    if not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools):
+        raise DataError(f"{where}: field 'tools' must be a list of tool schemas (objects)")
+
+
+def _check_preference(example: dict, where: str) -> None:
+    """TRL's preference records: ``chosen`` and ``rejected`` replies (with their
+    ``prompt``, or with the prompt inside each), both text or both chats."""
+    for key in ("chosen", "rejected"):
+        if key not in example:
+            raise DataError(f"{where}: a preference record needs {key!r} beside {key!r}'s pair")
+    chosen, rejected, prompt = example["chosen"], example["rejected"], example.get("prompt")
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        if prompt is not None and not isinstance(prompt, str):
+            raise DataError(f"{where}: field 'prompt' must be text, as 'chosen' is")
+        if not chosen.strip() or not rejected.strip():
+            raise DataError(f"{where}: 'chosen' and 'rejected' must be non-empty")
+    elif isinstance(chosen, list) and isinstance(rejected, list):
+        if prompt is not None:
+            _check_messages(prompt, where, "prompt", reply=False)
+        _check_messages(chosen, where, "chosen")
+        _check_messages(rejected, where, "rejected")
+    else:
+        raise DataError(
+            f"{where}: 'chosen' and 'rejected' must both be text or both be lists of "
+            f"messages, got {type(chosen).__name__} and {type(rejected).__name__}"
+        )
+    if chosen == rejected:
+        raise DataError(
+            f"{where}: 'chosen' and 'rejected' are the same; a preference pair needs two "
+            "different replies"
+        )
+
+
+def read_examples(path: str | Path, data_format: str = "auto") -> list[dict]:
     """The examples of a data file (of a saved dataset folder: its ``train`` split), all
     of one shape."""
-    splits = read_splits(path)
+    splits = read_splits(path, data_format)
     if "train" not in splits:
         raise DataError(f"{path}: no 'train' split (it has {', '.join(splits)})")
     return splits["train"]
 
 
-def read_splits(path: str | Path) -> dict[str, list[dict]]:
+def read_splits(path: str | Path, data_format: str = "auto") -> dict[str, list[dict]]:
     """Each split's examples in ``path``, each split all of one shape: a file is one
     split, ``train``; a folder ``Dataset.save_to_disk`` wrote has its own splits. JSONL,
     JSON (an array of records, or one record a line), CSV; Parquet, Arrow and saved
-    folders through the ``datasets`` library (``arrow_files.py``)."""
+    folders through the ``datasets`` library (``arrow_files.py``). Each record in the
+    layout ``data_format`` names (``layouts.py``; ``auto``: the one its fields say)."""
     path = Path(path)
     suffix = path.suffix.lower()
     if arrow_files.is_saved_dataset(path) or (path.is_file() and suffix in arrow_files.SUFFIXES):
         rows = arrow_files.read_splits(path)
-        return {name: checked_records(split, f"{path} ({name})") for name, split in rows.items()}
+        return {
+            name: checked_records(split, f"{path} ({name})", data_format=data_format)
+            for name, split in rows.items()
+        }
     if not path.is_file():
         raise DataError(f"{path}: {_missing(path)}")
     if suffix == ".jsonl":
@@ -104,16 +178,20 @@ def read_splits(path: str | Path) -> dict[str, list[dict]]:
             ".arrow (or a folder written by Dataset.save_to_disk)"
         )
     rows = [(f"{path}, line {line}", record) for line, record in records]
-    return {"train": checked_records(rows, str(path), "the file has no examples")}
+    return {"train": checked_records(rows, str(path), "the file has no examples", data_format)}
 
 
 def checked_records(
-    rows: list[tuple[str, dict]], label: str, empty: str = "no examples"
+    rows: list[tuple[str, dict]],
+    label: str,
+    empty: str = "no examples",
+    data_format: str = "auto",
 ) -> list[dict]:
-    """The records of ``rows`` (each with where it is), checked to be of one shape."""
+    """The records of ``rows`` (each with where it is) in the encoder's shapes, checked to
+    be of one shape."""
     if not rows:
         raise DataError(f"{label}: {empty}")
-    rows = [(where, normalized(record, where)) for where, record in rows]
+    rows = [(where, normalized(record, where, data_format)) for where, record in rows]
     shapes: dict[str, str] = {}
     for where, record in rows:
         shapes.setdefault(example_shape(record, where), where)

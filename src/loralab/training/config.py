@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from ..data.encoding import LONG_EXAMPLES, TRAIN_ON
+from ..data.layouts import DATA_FORMATS
 from ..lora.config import (
     ConfigError,
     LoraConfig,
@@ -55,6 +56,10 @@ class TrainConfig:
     """Training data: a .jsonl, .json, .csv, .parquet or .arrow file, or a folder written
     by Dataset.save_to_disk (the last three need the data extra); records
     {prompt, completion}, {messages}, {text} or {text, label}."""
+    data_format: str = "auto"
+    """The records' layout: auto (told by their fields), prompt-completion, messages,
+    text, classification, alpaca, sharegpt or preference; name it where a record has the
+    fields of two (Alpaca's with a text column)."""
     data_split: str = "train"
     """The split of a saved DatasetDict folder that trains (its validation split, if it
     has one, gives the validation loss unless validation_data is given)."""
@@ -242,6 +247,7 @@ class TrainConfig:
         require_choice("model_kind", self.model_kind, MODEL_KINDS)
         require_choice("train_on", self.train_on, TRAIN_ON)
         require_choice("long_examples", self.long_examples, LONG_EXAMPLES)
+        require_choice("data_format", self.data_format, DATA_FORMATS)
         if self.packing and self.model_kind != "causal-lm":
             raise ConfigError(
                 "packing puts several examples of a causal LM in one row; a classifier "
@@ -340,6 +346,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "model_kind",
         "task",
         "data",
+        "data_format",
         "data_split",
         "validation_data",
         "validation_split_fraction",

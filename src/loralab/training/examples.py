@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..data.arrow_files import splits_of
-from ..data.encoding import encode_dataset
+from ..data.encoding import PREFERENCE_REFUSAL, encode_dataset
 from ..data.packing import pack
 from ..data.records import (
     DataError,
@@ -65,11 +65,12 @@ def load_examples(config: TrainConfig, data: Any = None) -> Examples:
         if data is not None:
             rows = splits_of(data, "data")
             splits = {
-                name: checked_records(split, f"data[{name!r}]") for name, split in rows.items()
+                name: checked_records(split, f"data[{name!r}]", data_format=config.data_format)
+                for name, split in rows.items()
             }
             label = "the data given to train()"
         else:
-            splits, label = read_splits(config.data), config.data
+            splits, label = read_splits(config.data, config.data_format), config.data
         train_examples, validation_examples = _data_splits(config, splits, label)
         _check_shape_fits_model(label, train_examples, classifier)
         if validation_examples:
@@ -114,7 +115,7 @@ def _data_splits(
             "set; drop one"
         )
     if config.validation_data:
-        return train_examples, read_examples(config.validation_data)
+        return train_examples, read_examples(config.validation_data, config.data_format)
     if own:
         return train_examples, splits[own[0]]
     if fraction is None:
@@ -181,6 +182,10 @@ def _check_shape_fits_model(path: str, examples: list[dict], classifier: bool) -
     """A classifier trains on {text, label} records and a causal LM on the other shapes;
     said before the model loads, not when the first record is encoded."""
     shape = example_shape(examples[0])
+    if shape == "preference":
+        raise DataError(
+            f"{path}: these are preference records (prompt, chosen, rejected): {PREFERENCE_REFUSAL}"
+        )
     if classifier and shape != "text_label":
         raise DataError(
             f"{path}: model_kind 'classification' trains on {{text, label}} records; "

@@ -80,8 +80,9 @@ RANK_SEED_STRIDE = 1_000_003  # rank k draws its dropout masks from seed + k · 
 
 
 def describe_start(config: TrainConfig, model: nn.Module, datasets: Datasets, world, trainable):
-    """What a run is about to do, in three lines: the model where it runs, the data kept
-    and the steps it makes, the parameters that train."""
+    """What a run is about to do, in four lines: the model where it runs, the data kept
+    and the steps it makes, the share of its tokens the loss counts (and what packing
+    does to it), the parameters that train."""
     examples = datasets.examples
     dtype = next(model.parameters()).dtype
     autocast = ", bf16 autocast" if config.bf16 else ""
