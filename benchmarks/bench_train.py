@@ -30,6 +30,7 @@ RSS, model loading included (the same on every side).
     python benchmarks/bench_train.py            # 3 rounds (~51 min on 2 cores)
     python benchmarks/bench_train.py --quick    # 1 round, fewer steps (~11 min)
     python benchmarks/bench_train.py --write    # also writes benchmarks/RESULTS.md
+    python benchmarks/bench_train.py --packing  # packing against none and TRL's (bench_packing.py)
 """
 
 from __future__ import annotations
@@ -1001,6 +1002,11 @@ def largest_others_lines(profiles: dict[str, list[dict]]) -> list[str]:
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         worker(sys.argv[2:])
+        return
+    if "--packing" in sys.argv[1:]:  # the packing case: bench_packing.py, its own processes
+        import bench_packing
+
+        bench_packing.main([a for a in sys.argv[1:] if a != "--packing"])
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one round, fewer steps")
