@@ -219,7 +219,8 @@ def trl_worker(data: Path, packed: bool, output: Path, steps: int, chat: bool) -
         packing=packed,
         assistant_only_loss=chat,
         dataloader_num_workers=0,
-        bf16=False,  # TRL's default is bf16 autocast; the sides compare in fp32
+        bf16=False,  # TRL's defaults: bf16 autocast and gradient checkpointing; the
+        gradient_checkpointing=False,  # sides compare in fp32, without recomputation
     )
     lora = LoraConfig(
         r=SETTINGS["r"],
