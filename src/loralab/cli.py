@@ -22,6 +22,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from .data.layouts import DATA_FORMATS
 from .files.output_dirs import OutputDirError, check_output_dir
 
 # Only what parsing needs is imported here: torch and Transformers load after the command
@@ -217,9 +218,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         type=Path,
         default=None,
-        help="score on your own JSONL or CSV file, in train's layouts: loss and perplexity, "
-        "and for prompt/completion records and chats, greedy completions scored by exact "
-        "match, BLEU and ROUGE-L",
+        help="score on your own data (the files and layouts train reads): loss and "
+        "perplexity, and for prompt/completion records and chats, greedy completions scored "
+        "by exact match, BLEU and ROUGE-L",
+    )
+    evaluate.add_argument(
+        "--data-format",
+        choices=DATA_FORMATS,
+        default="auto",
+        help="with --data: the records' layout, where their fields fit two (default: auto)",
     )
     evaluate.add_argument(
         "--predictions",
@@ -706,7 +713,7 @@ def _eval_data(args: argparse.Namespace) -> int:
 
     if args.task is not None:
         raise ConfigError("--task and --data name two things to score; give one")
-    records = read_examples(args.data)  # bad data fails before the model loads
+    records = read_examples(args.data, args.data_format)  # bad data fails before the model
     if args.size:
         records = records[: args.size]
     if args.predictions is not None:

@@ -184,4 +184,9 @@ def _prompt_and_reference(record: dict, shape: str) -> tuple[str | list[dict], s
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     if last == 0:
         raise DataError("a chat to evaluate needs a turn before its last assistant turn")
+    if record.get("tools") or messages[last].get("tool_calls"):
+        raise DataError(
+            "eval --data scores text replies; this chat's tools or tool calls are learnt "
+            "in training but not generated and scored here"
+        )
     return messages[:last], messages[last]["content"]

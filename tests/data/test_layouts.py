@@ -71,24 +71,43 @@ def test_each_layout_is_recognized_by_its_fields(tmp_path, layout):
     assert example_shape(expected) == shape
 
 
-def test_a_record_with_the_fields_of_two_layouts_needs_the_format_named(tmp_path):
-    # Stanford Alpaca's own file has a "text" column beside its fields.
+def test_a_rendered_text_or_a_label_beside_a_layout_does_not_make_it_ambiguous(tmp_path):
+    # Stanford Alpaca's own file has a "text" column beside its fields; many chat
+    # datasets a rendered "text" or a "label" of their own.
     record = {"instruction": "Say hi", "input": "", "output": "hi", "text": "### Say hi\nhi"}
     path = _file(tmp_path, [record])
+    assert read_examples(path)[0]["messages"][1] == {"role": "assistant", "content": "hi"}
+    assert read_examples(path, "text") == [{"text": "### Say hi\nhi"}]
+    chat = {"messages": CHAT, "text": "rendered", "label": "greeting"}
+    assert read_examples(_file(tmp_path, [chat], "chat.jsonl")) == [{"messages": CHAT}]
+
+
+def test_a_record_with_the_fields_of_two_layouts_needs_the_format_named(tmp_path):
+    turns = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]
+    path = _file(tmp_path, [{"messages": CHAT, "conversations": turns}])
     with pytest.raises(
         DataError,
-        match=r"data.jsonl, line 1: the record has the fields of text \(text\) and alpaca "
-        r"\(instruction, output\); choose with --data-format text or --data-format alpaca",
+        match=r"data.jsonl, line 1: the record has the fields of messages \(messages\) and "
+        r"sharegpt \(conversations\); choose with --data-format messages or --data-format "
+        "sharegpt",
     ):
         read_examples(path)
-    assert read_examples(path, "text") == [{"text": "### Say hi\nhi"}]
-    assert read_examples(path, "alpaca")[0]["messages"][1] == {"role": "assistant", "content": "hi"}
+    assert read_examples(path, "sharegpt") == [{"messages": CHAT}]
 
 
-def test_a_named_format_that_does_not_fit_names_the_missing_field(tmp_path):
-    path = _file(tmp_path, [{"text": "x"}])
-    with pytest.raises(DataError, match=r"line 1: Alpaca field 'instruction' must be"):
+def test_a_named_format_that_does_not_fit_names_the_fields(tmp_path):
+    path = _file(tmp_path, [{"sentence": "good", "label": 1, "idx": 0}])
+    with pytest.raises(
+        DataError,
+        match=r"line 1: --data-format alpaca reads instruction, output; the "
+        "record has idx, label, sentence",
+    ):
         read_examples(path, "alpaca")
+    # Not recognized at all: the record's own fields are named.
+    with pytest.raises(
+        DataError, match=r"line 1: record has fields \['idx', 'label', 'sentence'\]"
+    ):
+        read_examples(path)
 
 
 def test_a_prompt_beside_messages_belongs_to_the_chat(tmp_path):
@@ -104,7 +123,10 @@ def test_a_prompt_beside_messages_belongs_to_the_chat(tmp_path):
             {"prompt": "Q", "chosen": " A", "rejected": " A"},
             "line 1: 'chosen' and 'rejected' are the same; a preference pair needs two",
         ),
-        ({"prompt": "Q", "chosen": " A"}, "line 1: a preference record needs 'rejected'"),
+        (
+            {"prompt": "Q", "chosen": " A"},
+            "line 1: a preference record needs 'rejected' beside 'chosen'",
+        ),
         (
             {"prompt": "Q", "chosen": " A", "rejected": CHAT},
             "line 1: 'chosen' and 'rejected' must both be text or both be lists of messages",
@@ -151,6 +173,13 @@ def test_a_tool_calling_chat_is_accepted_and_its_mistakes_named(tmp_path):
     tools = [{"type": "function", "function": {"name": "weather"}}]
     record = {"messages": chat, "tools": tools}
     assert read_examples(_file(tmp_path, [record])) == [record]
+    # The tools as a JSON string (LLaMA-Factory's; Arrow columns), and OpenAI's exports'
+    # empty tool_calls on every turn.
+    exported = [{**message, "tool_calls": message.get("tool_calls", [])} for message in chat]
+    as_text = {"messages": exported, "tools": json.dumps(tools)}
+    assert read_examples(_file(tmp_path, [as_text], "text.jsonl")) == [
+        {"messages": exported, "tools": tools}
+    ]
     bad = [
         (
             {"messages": [*chat[:1], {"role": "user", "tool_calls": [TOOL_CALL], "content": ""}]},
@@ -164,8 +193,22 @@ def test_a_tool_calling_chat_is_accepted_and_its_mistakes_named(tmp_path):
             {"messages": [chat[0], {"role": "assistant", "tool_calls": [{"name": "w"}]}]},
             r"messages\[1\].tool_calls\[0\] must be \{type: function",
         ),
-        ({"messages": chat, "tools": "weather"}, r"field 'tools' must be a list of tool schemas"),
+        ({"messages": chat, "tools": "weather"}, r"field 'tools' is a string but not JSON"),
+        ({"messages": chat, "tools": {"a": 1}}, r"field 'tools' must be a list of tool schemas"),
     ]
     for index, (record, message) in enumerate(bad):
         with pytest.raises(DataError, match=rf"bad{index}.jsonl, line 1: {message}"):
             read_examples(_file(tmp_path, [record], f"bad{index}.jsonl"))
+
+
+def test_the_runs_copy_of_records_given_in_memory_is_read_as_it_was_written(tmp_path):
+    """Alpaca records given to train() are kept converted: the copy is read in auto."""
+    from loralab.training.examples import with_data_copy
+
+    alpaca = [EXAMPLES["alpaca"][0]] * 2
+    config = run_config(tmp_path, data=None, validation_data=None, data_format="alpaca")
+    examples = load_examples(config, alpaca)
+    (tmp_path / "run").mkdir()
+    copied = with_data_copy(config, tmp_path / "run", examples)
+    assert copied.data_format == "auto"
+    assert load_examples(copied).train == examples.train == [EXAMPLES["alpaca"][1]] * 2

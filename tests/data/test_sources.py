@@ -107,7 +107,12 @@ def test_what_cannot_be_read_says_why_in_one_line(tmp_path, monkeypatch):
     broken.write_bytes(b"not parquet at all")
     with pytest.raises(DataError, match=rf"{broken}: the datasets library cannot read it \("):
         read_examples(broken)
-    with pytest.raises(DataError, match="loralab reads no data from the Hub"):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    with pytest.raises(
+        DataError,
+        match=r"someone/some-dataset: no such data file, and no Hub dataset of that name in "
+        r"the local cache \(.*empty-hub\); loralab fetches nothing",
+    ):
         read_examples("someone/some-dataset")
     with pytest.raises(
         DataError,
@@ -241,3 +246,25 @@ def test_train_on_is_a_choice(tmp_path):
     assert _config(tmp_path, train_on="last-turn").train_on == "last-turn"
     with pytest.raises(ConfigError, match="train_on"):
         _config(tmp_path, train_on="first")
+
+
+def test_a_hub_dataset_in_the_local_cache_is_read_with_its_splits(tmp_path, monkeypatch):
+    """The Hub cache's layout: datasets--owner--name/refs/main names the snapshot, whose
+    files (links to blobs) are the repository's, their names giving the splits."""
+    cache = tmp_path / "hub"
+    repo = cache / "datasets--someone--toy"
+    snapshot = repo / "snapshots" / "0123abcd"
+    (snapshot / "data").mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    for split, rows in (("train", RECORDS), ("test", RECORDS[:2])):
+        blob = repo / "blobs" / split
+        datasets.Dataset.from_list(rows).to_parquet(str(blob))
+        (snapshot / "data" / f"{split}-00000-of-00001.parquet").symlink_to(blob)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
+    splits = read_splits("someone/toy")
+    assert splits == {"train": RECORDS, "test": RECORDS[:2]}
+    examples = load_examples(_config(tmp_path, data="someone/toy", data_split="test"))
+    assert examples.train == RECORDS[:2]

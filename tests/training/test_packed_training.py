@@ -130,10 +130,13 @@ class _AttendsAcross(nn.Module):
 
 def test_a_model_that_attends_across_examples_is_refused():
     model = _model("llama")
-    check_packed_attention(model)  # Transformers' own: accepted
+    check_packed_attention(model, {"use_cache": False})  # as training calls it: accepted
     assert model.training  # and left as it was
     with pytest.raises(ConfigError, match="attends across the examples of a packed row"):
-        check_packed_attention(_AttendsAcross(model))
+        check_packed_attention(_AttendsAcross(model), {"use_cache": False})
+    # Called with a cache, Transformers builds no packed mask: the check sees it.
+    with pytest.raises(ConfigError, match="attends across"):
+        check_packed_attention(model, {"use_cache": True})
 
 
 def _chat_file(tmp_path, count: int = 40):
@@ -194,5 +197,13 @@ def test_an_example_over_max_length_is_truncated_or_refused_as_asked(tmp_path, t
     assert max(len(row) for row in result.datasets.rows) <= 32
     assert sum(len(row.segments) for row in result.datasets.rows) == 4  # none split or lost
     refuse = run_config(tmp_path, "refused", **settings, long_examples="refuse")
-    with pytest.raises(DataError, match=r"long.jsonl: training record 4: \d+ tokens, longer than"):
+    with pytest.raises(DataError, match=r"long.jsonl, line 4: \d+ tokens, longer than"):
         train(refuse, *tiny_pair(tiny_model_dir))
+    # Named where it is in the file, whatever was held out before it.
+    held = run_config(
+        tmp_path,
+        "held",
+        **{**settings, "long_examples": "refuse", "validation_split_fraction": 0.25},
+    )
+    with pytest.raises(DataError, match=r"long.jsonl, line 4: \d+ tokens"):
+        train(held, *tiny_pair(tiny_model_dir))

@@ -279,13 +279,13 @@ def encode_dataset(
     prompt_tokens: PromptTokens | None = None,
     train_on: str = "all",
     long_examples: str = "truncate",
-    where: str = "record",
+    where: str | list[str] = "record",
 ) -> list[Encoded]:
     """Encode every example; for a causal LM, ones whose loss counts no token are dropped.
 
     With ``label_names`` the examples are classification records for a classifier; with
     ``prompt_tokens`` (a prefix method's) every example gets them in its place. A record
-    refused is named ``where`` and its number (from 1).
+    refused is named by ``where``: where each is, or a label before its number (from 1).
     """
     if label_names is not None:
         return [
@@ -301,7 +301,8 @@ def encode_dataset(
                 )
             )
         except DataError as error:
-            raise DataError(f"{where} {number}: {error}") from None
+            named = where[number - 1] if isinstance(where, list) else f"{where} {number}"
+            raise DataError(f"{named}: {error}") from None
     kept = [e for e in encoded if any(label != IGNORE_INDEX for label in e.labels[1:])]
     if not kept:
         raise DataError(

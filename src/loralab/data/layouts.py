@@ -14,11 +14,14 @@
 
 Alpaca becomes a chat: the instruction (and its input, after a blank line) from the user,
 the output from the assistant, which the loss counts (the model's chat template renders
-it, as LLaMA-Factory and Axolotl do). A record keeps only its layout's fields.
+it, as LLaMA-Factory and Axolotl do). A record keeps only its layout's fields; a
+``text`` or ``label`` column beside a structured layout's fields (a chat dataset's
+rendered text) does not make it ambiguous.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -40,9 +43,13 @@ SHAREGPT_ROLES = {
 @dataclass(frozen=True)
 class Layout:
     name: str
-    fields: tuple[str, ...]  # what a record of it has: shown in errors and the README
+    required: tuple[str, ...]  # the fields every record of it has
     recognized: Callable[[dict], bool]  # whether a record has this layout's own fields
     convert: Callable[[dict, str], dict]  # (record, where) → a record of the encoder's shapes
+    plain: bool = False
+    """Text or a label alone: a layout that a record with a structured layout's fields
+    as well has as a by-product (a chat dataset's rendered ``text`` column), not as its
+    layout."""
 
 
 def _keep(*names: str) -> Callable[[dict, str], dict]:
@@ -60,10 +67,18 @@ def normalized(record: dict, where: str, data_format: str = "auto") -> dict:
     """``record`` in one of the encoder's shapes: its layout's (``data_format``, or the one
     its fields say), converted, with that layout's fields alone."""
     if data_format != "auto":
-        return LAYOUTS[data_format].convert(record, where)
+        layout = LAYOUTS[data_format]
+        missing = [name for name in layout.required if name not in record]
+        if missing:
+            raise DataError(
+                f"{where}: --data-format {layout.name} reads {', '.join(layout.required)}; "
+                f"the record has {', '.join(sorted(record)) or 'no fields'}"
+            )
+        return layout.convert(record, where)
     found = [layout for layout in LAYOUTS.values() if layout.recognized(record)]
+    found = [layout for layout in found if not layout.plain] or found
     if len(found) > 1:
-        named = " and ".join(f"{layout.name} ({', '.join(layout.fields)})" for layout in found)
+        named = " and ".join(f"{layout.name} ({', '.join(layout.required)})" for layout in found)
         flags = " or ".join(f"--data-format {layout.name}" for layout in found)
         raise DataError(f"{where}: the record has the fields of {named}; choose with {flags}")
     if not found:
@@ -105,9 +120,28 @@ def _sharegpt(record: dict, where: str) -> dict:
                 f"{', '.join(SHAREGPT_ROLES)}, got {turn.get('from')!r}"
             )
         messages.append({"role": role, "content": turn["value"]})
-    converted: dict = {"messages": messages}
-    if "tools" in record:
-        converted["tools"] = record["tools"]
+    return _with_tools({"messages": messages}, record, where)
+
+
+def _messages(record: dict, where: str) -> dict:
+    return _with_tools({"messages": record["messages"]}, record, where)
+
+
+def _with_tools(converted: dict, record: dict, where: str) -> dict:
+    """The record's ``tools`` (their schemas) beside its chat: a list, or that list as a
+    JSON string (as LLaMA-Factory writes it, and Arrow columns often hold it)."""
+    tools = record.get("tools")
+    if isinstance(tools, str):
+        if not tools.strip():
+            return converted
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as error:
+            raise DataError(
+                f"{where}: field 'tools' is a string but not JSON ({error.msg})"
+            ) from None
+    if tools is not None:
+        converted["tools"] = tools
     return converted
 
 
@@ -115,35 +149,43 @@ def _has(*names: str) -> Callable[[dict], bool]:
     return lambda record: any(name in record for name in names)
 
 
+_STRUCTURED = ("messages", "chosen", "rejected", "conversations", "instruction")
 _register(
     Layout(
         "prompt-completion",
         ("prompt", "completion"),
         # A prompt beside messages or chosen/rejected is theirs (UltraChat, TRL's
         # preference records), not a completion's.
-        lambda r: (
-            "completion" in r
-            or ("prompt" in r and not _has("messages", "chosen", "rejected", "conversations")(r))
-        ),
+        lambda r: "completion" in r or ("prompt" in r and not _has(*_STRUCTURED)(r)),
         _keep("prompt", "completion"),
     )
 )
-_register(Layout("messages", ("messages",), _has("messages"), _keep("messages", "tools")))
-_register(Layout("text", ("text",), lambda r: "text" in r and "label" not in r, _keep("text")))
+_register(Layout("messages", ("messages",), _has("messages"), _messages))
+_register(
+    Layout("text", ("text",), lambda r: "text" in r and "label" not in r, _keep("text"), plain=True)
+)
 _register(
     Layout(
         "classification",
         ("text", "label"),
-        lambda r: "label" in r and "completion" not in r,
+        lambda r: "text" in r and "label" in r,
         _keep("text", "label", "text_pair"),
+        plain=True,
     )
 )
-_register(Layout("alpaca", ("instruction", "output"), _has("instruction"), _alpaca))
+_register(
+    Layout(
+        "alpaca",
+        ("instruction", "output"),
+        lambda r: "instruction" in r and "output" in r,
+        _alpaca,
+    )
+)
 _register(Layout("sharegpt", ("conversations",), _has("conversations"), _sharegpt))
 _register(
     Layout(
         "preference",
-        ("prompt", "chosen", "rejected"),
+        ("chosen", "rejected"),
         _has("chosen", "rejected"),
         _keep("prompt", "chosen", "rejected"),
     )

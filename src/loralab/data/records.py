@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from . import arrow_files  # it imports datasets only when one of its formats is read
+from . import arrow_files, hub_cache  # they import datasets only to read their formats
 from .errors import DataError
 from .layouts import normalized
 
@@ -79,8 +79,8 @@ def _check_messages(messages: Any, where: str, field: str = "messages", reply: b
             raise DataError(
                 f"{at}.role must be one of {', '.join(ROLES)}, got {message.get('role')!r}"
             )
-        calls = message.get("tool_calls")
-        if calls is not None:
+        calls = message.get("tool_calls")  # an empty list (OpenAI's exports) calls nothing
+        if calls:
             if message["role"] != "assistant":
                 raise DataError(f"{at}: only an assistant turn calls tools (tool_calls)")
             _check_tool_calls(calls, at)
@@ -92,8 +92,8 @@ def _check_messages(messages: Any, where: str, field: str = "messages", reply: b
 
 
 def _check_tool_calls(calls: Any, at: str) -> None:
-    if not isinstance(calls, list) or not calls:
-        raise DataError(f"{at}.tool_calls must be a non-empty list")
+    if not isinstance(calls, list):
+        raise DataError(f"{at}.tool_calls must be a list of calls, got {calls!r}")
     for index, call in enumerate(calls):
         function = call.get("function") if isinstance(call, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
@@ -115,9 +115,9 @@ def _check_tools(tools: Any, where: str) -> None:
 def _check_preference(example: dict, where: str) -> None:
     """TRL's preference records: ``chosen`` and ``rejected`` replies (with their
     ``prompt``, or with the prompt inside each), both text or both chats."""
-    for key in ("chosen", "rejected"):
+    for key, other in (("chosen", "rejected"), ("rejected", "chosen")):
         if key not in example:
-            raise DataError(f"{where}: a preference record needs {key!r} beside {key!r}'s pair")
+            raise DataError(f"{where}: a preference record needs {key!r} beside {other!r}")
     chosen, rejected, prompt = example["chosen"], example["rejected"], example.get("prompt")
     if isinstance(chosen, str) and isinstance(rejected, str):
         if prompt is not None and not isinstance(prompt, str):
@@ -151,17 +151,33 @@ def read_examples(path: str | Path, data_format: str = "auto") -> list[dict]:
 
 
 def read_splits(path: str | Path, data_format: str = "auto") -> dict[str, list[dict]]:
-    """Each split's examples in ``path``, each split all of one shape: a file is one
-    split, ``train``; a folder ``Dataset.save_to_disk`` wrote has its own splits. JSONL,
-    JSON (an array of records, or one record a line), CSV; Parquet, Arrow and saved
-    folders through the ``datasets`` library (``arrow_files.py``). Each record in the
-    layout ``data_format`` names (``layouts.py``; ``auto``: the one its fields say)."""
+    """Each split's examples in ``path`` (``read_located_splits``, without where each is)."""
+    located = read_located_splits(path, data_format)
+    return {name: [record for _, record in rows] for name, rows in located.items()}
+
+
+def read_located_splits(
+    path: str | Path, data_format: str = "auto"
+) -> dict[str, list[tuple[str, dict]]]:
+    """Each split's examples in ``path``, each with where it is (the file and line or
+    row), each split all of one shape: a file is one split, ``train``; a folder
+    ``Dataset.save_to_disk`` wrote, or a Hub dataset in the local cache, has its own
+    splits. JSONL, JSON (an array of records, or one record a line), CSV; Parquet, Arrow
+    and saved folders through the ``datasets`` library (``arrow_files.py``). Each record
+    in the layout ``data_format`` names (``layouts.py``; ``auto``: the one its fields
+    say)."""
     path = Path(path)
     suffix = path.suffix.lower()
     if arrow_files.is_saved_dataset(path) or (path.is_file() and suffix in arrow_files.SUFFIXES):
         rows = arrow_files.read_splits(path)
         return {
-            name: checked_records(split, f"{path} ({name})", data_format=data_format)
+            name: checked_rows(split, f"{path} ({name})", data_format=data_format)
+            for name, split in rows.items()
+        }
+    if not path.exists() and hub_cache.looks_like_hub_id(str(path)):
+        rows = _from_hub_cache(str(path))
+        return {
+            name: checked_rows(split, f"{path} ({name})", data_format=data_format)
             for name, split in rows.items()
         }
     if not path.is_file():
@@ -178,7 +194,7 @@ def read_splits(path: str | Path, data_format: str = "auto") -> dict[str, list[d
             ".arrow (or a folder written by Dataset.save_to_disk)"
         )
     rows = [(f"{path}, line {line}", record) for line, record in records]
-    return {"train": checked_records(rows, str(path), "the file has no examples", data_format)}
+    return {"train": checked_rows(rows, str(path), "the file has no examples", data_format)}
 
 
 def checked_records(
@@ -187,8 +203,18 @@ def checked_records(
     empty: str = "no examples",
     data_format: str = "auto",
 ) -> list[dict]:
+    """The records of ``rows`` (``checked_rows``, without where each is)."""
+    return [record for _, record in checked_rows(rows, label, empty, data_format)]
+
+
+def checked_rows(
+    rows: list[tuple[str, dict]],
+    label: str,
+    empty: str = "no examples",
+    data_format: str = "auto",
+) -> list[tuple[str, dict]]:
     """The records of ``rows`` (each with where it is) in the encoder's shapes, checked to
-    be of one shape."""
+    be of one shape, each still with where it is."""
     if not rows:
         raise DataError(f"{label}: {empty}")
     rows = [(where, normalized(record, where, data_format)) for where, record in rows]
@@ -200,20 +226,24 @@ def checked_records(
             f"{shape} (first on {where.rpartition(', ')[2]})" for shape, where in shapes.items()
         )
         raise DataError(f"{label}: records mix shapes: {described}")
-    return [record for _, record in rows]
+    return rows
 
 
 def _missing(path: Path) -> str:
     if path.is_dir():
         return "a directory, not a data file (nor a folder written by Dataset.save_to_disk)"
-    parts = path.as_posix().split("/")
-    if len(parts) <= 2 and not path.suffix and all(parts):  # "name" or "owner/name"
-        return (
-            "no such data file; loralab reads no data from the Hub (if this is a Hub "
-            "dataset, save it with datasets' save_to_disk where there is a network and give "
-            "that folder)"
-        )
     return "no such data file"
+
+
+def _from_hub_cache(name: str) -> dict[str, list[tuple[str, dict]]]:
+    snapshot = hub_cache.cached_snapshot(name)
+    if snapshot is None:
+        raise DataError(
+            f"{name}: no such data file, and no Hub dataset of that name in the local "
+            f"cache ({hub_cache.hub_cache()}); loralab fetches nothing (download it where "
+            "there is a network, or save it with datasets' save_to_disk and give the folder)"
+        )
+    return hub_cache.read_cached(name, snapshot)
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:

@@ -53,9 +53,10 @@ class TrainConfig:
     task: str | None = "e2e"
     """A built-in task (e2e, sql, nli, pydoc); ignored when ``data`` is given."""
     data: str | None = None
-    """Training data: a .jsonl, .json, .csv, .parquet or .arrow file, or a folder written
-    by Dataset.save_to_disk (the last three need the data extra); records
-    {prompt, completion}, {messages}, {text} or {text, label}."""
+    """Training data: a .jsonl, .json, .csv, .parquet or .arrow file, a folder written by
+    Dataset.save_to_disk, or the id of a Hub dataset already in the local Hub cache (all
+    but JSONL, JSON and CSV need the data extra); records in one of the layouts of
+    data_format."""
     data_format: str = "auto"
     """The records' layout: auto (told by their fields), prompt-completion, messages,
     text, classification, alpaca, sharegpt or preference; name it where a record has the

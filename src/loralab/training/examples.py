@@ -18,11 +18,10 @@ from ..data.encoding import PREFERENCE_REFUSAL, encode_dataset
 from ..data.packing import pack
 from ..data.records import (
     DataError,
-    checked_records,
+    checked_rows,
     example_shape,
     label_names_of,
-    read_examples,
-    read_splits,
+    read_located_splits,
 )
 from ..files.atomic_write import text_writer, write_files_atomically
 from ..lora.config import ConfigError
@@ -37,6 +36,9 @@ class Examples:
     train: list[dict]
     validation: list[dict]
     label_names: tuple[str, ...] | None  # the classes, for a classifier
+    train_where: list[str] = dataclasses.field(default_factory=list)
+    """Where each training record is (file and line or row), for the user's data."""
+    validation_where: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclass
@@ -61,43 +63,56 @@ def load_examples(config: TrainConfig, data: Any = None) -> Examples:
     ``DatasetDict``, or a sequence of records, given to ``train``), the user's files, or
     a built-in task."""
     classifier = config.model_kind == "classification"
-    if data is not None or config.data is not None:
-        if data is not None:
-            rows = splits_of(data, "data")
-            splits = {
-                name: checked_records(split, f"data[{name!r}]", data_format=config.data_format)
-                for name, split in rows.items()
-            }
-            label = "the data given to train()"
-        else:
-            splits, label = read_splits(config.data, config.data_format), config.data
-        train_examples, validation_examples = _data_splits(config, splits, label)
-        _check_shape_fits_model(label, train_examples, classifier)
-        if validation_examples:
-            where = config.validation_data or f"{label} (its validation records)"
-            _check_shape_fits_model(where, validation_examples, classifier)
-        label_names = label_names_of(train_examples) if classifier else None
+    if data is None and config.data is None:
+        return _task_examples(config, classifier)
+    if data is not None:
+        splits = {
+            name: checked_rows(split, f"data[{name!r}]", data_format=config.data_format)
+            for name, split in splits_of(data, "data").items()
+        }
+        label = "the data given to train()"
     else:
-        from ..tasks import get_task
+        splits, label = read_located_splits(config.data, config.data_format), config.data
+    train_rows, validation_rows = _data_splits(config, splits, label)
+    validation_rows = validation_rows[: config.validation_size]
+    train_examples = [record for _, record in train_rows]
+    validation_examples = [record for _, record in validation_rows]
+    _check_shape_fits_model(label, train_examples, classifier)
+    if validation_examples:
+        where = config.validation_data or f"{label} (its validation records)"
+        _check_shape_fits_model(where, validation_examples, classifier)
+    return Examples(
+        train_examples,
+        validation_examples,
+        label_names_of(train_examples) if classifier else None,
+        train_where=[where for where, _ in train_rows],
+        validation_where=[where for where, _ in validation_rows],
+    )
 
-        if config.validation_split_fraction is not None:
-            raise ConfigError(
-                "validation_split_fraction holds out part of your own data; a built-in "
-                f"task ({config.task}) has its own validation split"
-            )
-        task = get_task(config.task)
-        if classifier and task.kind != "classification":
-            raise ConfigError(f"task {task.name!r} is not a classification task")
-        data_seed = config.seed if config.data_seed is None else config.data_seed
-        splits = task.splits(seed=data_seed, train_size=config.train_size)
-        train_examples, validation_examples = splits["train"], splits["validation"]
-        label_names = tuple(task.labels) if classifier else None
-    return Examples(train_examples, validation_examples[: config.validation_size], label_names)
+
+def _task_examples(config: TrainConfig, classifier: bool) -> Examples:
+    from ..tasks import get_task
+
+    if config.validation_split_fraction is not None:
+        raise ConfigError(
+            "validation_split_fraction holds out part of your own data; a built-in "
+            f"task ({config.task}) has its own validation split"
+        )
+    task = get_task(config.task)
+    if classifier and task.kind != "classification":
+        raise ConfigError(f"task {task.name!r} is not a classification task")
+    data_seed = config.seed if config.data_seed is None else config.data_seed
+    splits = task.splits(seed=data_seed, train_size=config.train_size)
+    label_names = tuple(task.labels) if classifier else None
+    return Examples(splits["train"], splits["validation"][: config.validation_size], label_names)
+
+
+Located = list[tuple[str, dict]]  # records, each with where it is
 
 
 def _data_splits(
-    config: TrainConfig, splits: dict[str, list[dict]], label: str
-) -> tuple[list[dict], list[dict]]:
+    config: TrainConfig, splits: dict[str, Located], label: str
+) -> tuple[Located, Located]:
     """The training records of the data's ``splits`` (its ``data_split``) and the
     validation ones: ``validation_data``, else the data's own validation split, else
     ``validation_split_fraction`` of the training records, else none."""
@@ -115,7 +130,12 @@ def _data_splits(
             "set; drop one"
         )
     if config.validation_data:
-        return train_examples, read_examples(config.validation_data, config.data_format)
+        validation = read_located_splits(config.validation_data, config.data_format)
+        if "train" not in validation:
+            raise DataError(
+                f"{config.validation_data}: no 'train' split (it has {', '.join(validation)})"
+            )
+        return train_examples, validation["train"]
     if own:
         return train_examples, splits[own[0]]
     if fraction is None:
@@ -152,6 +172,7 @@ def with_data_copy(config: TrainConfig, run_dir: Path, examples: Examples) -> Tr
         data_split="train",
         validation_data=str(folder / "validation.jsonl") if examples.validation else None,
         validation_split_fraction=None,
+        data_format="auto",  # the copy holds the records as the encoder reads them
     )
 
 
@@ -203,7 +224,7 @@ def encode_examples(
 ) -> Datasets:
     """The examples as token ids, ready for batching (with a prefix method's tokens)."""
 
-    def encode(items: list[dict], where: str) -> list:
+    def encode(items: list[dict], where: str | list[str]) -> list:
         return encode_dataset(
             tokenizer,
             items,
@@ -215,14 +236,15 @@ def encode_examples(
             where=where,
         )
 
-    source = config.data or config.task
-    validation_source = config.validation_data or source
+    # Where each record is (the user's data), else its number in the task's split.
     validation = (
-        encode(examples.validation, f"{validation_source}: validation record")
+        encode(
+            examples.validation, examples.validation_where or f"{config.task}: validation record"
+        )
         if examples.validation
         else []
     )
-    train = encode(examples.train, f"{source}: training record")
+    train = encode(examples.train, examples.train_where or f"{config.task}: training record")
     for split, given, kept in (
         ("training", examples.train, train),
         ("validation", examples.validation or [], validation),

@@ -357,7 +357,7 @@ def _set_up(
     if config.lean_mlp:
         cleanup.enter_context(lean_mlp(model))  # the model's own forward again at the end
     if config.packing:
-        check_packed_attention(model)
+        check_packed_attention(model, without_cache(model))
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     runner = _distribute(model, config, world)
