@@ -281,7 +281,7 @@ def driver(write: bool, rounds: int, sides: tuple[str, ...]) -> None:
                         run_worker(__file__, arguments, label)
                     )
     header = {
-        "command": command_line(__file__),
+        "command": command_line(sys.argv[0]),  # bench_train.py --packing, or this script
         "date": now(),
         "took": f"{(time.perf_counter() - start) / 60:.1f} min",
         "machine": machine_line(),

@@ -89,3 +89,17 @@ def test_fill_counts_padding_as_computed():
     items = [Encoded([1] * 4, [1] * 4), Encoded([1] * 2, [-100, 1])]
     # One batch of both: 2 rows × 4 tokens computed; 3 + 1 counted (a row's first never).
     assert fill(items, [[0, 1]]) == 4 / 8
+
+
+def test_the_fill_packing_would_give_is_found_without_building_rows():
+    from loralab.data.batches import length_grouped_order
+    from loralab.data.packing import fill_if_packed
+
+    rng = random.Random(3)
+    items = []
+    for _ in range(200):
+        length = rng.choice([5, 9, 30, 120])
+        items.append(Encoded([1] * length, [-100] * (length // 2) + [1] * (length - length // 2)))
+    rows = pack(items, 128)
+    batches = length_grouped_order([len(row) for row in rows], 4, 7, 0)
+    assert fill_if_packed(items, 128, 4, 7) == fill(rows, batches)
