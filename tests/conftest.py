@@ -11,6 +11,12 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 from transformers.utils import logging
 
@@ -85,6 +91,24 @@ def tiny_bert() -> BertForSequenceClassification:
 
 
 TINY_MODELS = {"gpt2": tiny_gpt2, "llama": tiny_llama, "bert": tiny_bert}
+
+LLAMA_SIZES = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+# The Llama family's members, each built from a tiny config (Qwen2 with biases, Qwen3 with
+# per-head norms, Mistral with a sliding window shorter than most tests' sequences).
+LLAMA_FAMILY = {
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(**LLAMA_SIZES)),
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**LLAMA_SIZES)),
+    "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**LLAMA_SIZES, head_dim=16)),
+    "mistral": lambda: MistralForCausalLM(MistralConfig(**LLAMA_SIZES, sliding_window=5)),
+}
 
 
 def make_model(kind: str, seed: int = 0) -> torch.nn.Module:

@@ -8,38 +8,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-)
 
+from conftest import LLAMA_FAMILY as FAMILY
 from conftest import make_model, randomize_lora
 from loralab import LoraConfig, inject_adapter
 from loralab.engine import KVCache, decode_greedy, supported_reason
 from loralab.lora.adapters import set_active_adapter
 from loralab.lora.mixing import mixed_adapters
 
-SIZES = dict(
-    vocab_size=96,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-)
-FAMILY = {
-    "llama": lambda: LlamaForCausalLM(LlamaConfig(**SIZES)),
-    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**SIZES)),
-    "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**SIZES, head_dim=16)),
-    "mistral": lambda: MistralForCausalLM(MistralConfig(**SIZES, sliding_window=5)),
-}
 PROMPTS = [[5, 17, 40, 3, 22, 8, 61], [2, 9], [70, 71, 72, 73]]
 
 

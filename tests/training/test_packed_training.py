@@ -12,18 +12,8 @@ import random
 import pytest
 import torch
 from torch import nn
-from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-)
 
-from conftest import VOCAB, randomize_lora, tiny_gpt2
+from conftest import LLAMA_FAMILY, LLAMA_SIZES, randomize_lora, tiny_gpt2
 from loralab import LoraConfig, inject_adapter
 from loralab.data.batches import collate
 from loralab.data.encoding import IGNORE_INDEX, Encoded
@@ -34,22 +24,8 @@ from loralab.training.loss import causal_lm_loss
 from loralab.training.packed_attention import check_packed_attention
 from tiny_runs import run_config, tiny_pair
 
-SIZES = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-)
-FAMILY = {
-    "llama": lambda: LlamaForCausalLM(LlamaConfig(**SIZES)),
-    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**SIZES)),
-    "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**SIZES, head_dim=16)),
-    "mistral": lambda: MistralForCausalLM(MistralConfig(**SIZES, sliding_window=5)),
-    "gpt2": tiny_gpt2,
-}
+FAMILY = {**LLAMA_FAMILY, "gpt2": tiny_gpt2}
+VOCAB = LLAMA_SIZES["vocab_size"]  # GPT-2's is larger
 
 
 def _model(name: str) -> nn.Module:
