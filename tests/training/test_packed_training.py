@@ -183,3 +183,31 @@ def test_an_example_over_max_length_is_truncated_or_refused_as_asked(tmp_path, t
     )
     with pytest.raises(DataError, match=r"long.jsonl, line 4: \d+ tokens"):
         train(held, *tiny_pair(tiny_model_dir))
+
+
+@pytest.mark.parametrize("method", ["preembed", "prelayer", "lora-pe"])
+def test_prefix_methods_pack_with_the_same_loss(tmp_path, tiny_model_dir, method):
+    """A prefix method's tokens are part of each example, so they pack with it."""
+    from loralab.methods.prefix import prompt_tokens
+    from loralab.training.examples import encode_examples, load_examples
+    from loralab.training.loop import prepare_model
+
+    config = run_config(
+        tmp_path, method=method, prefix_length=2, infix_length=1, packing=True, max_length=64
+    )
+    model, tokenizer = tiny_pair(tiny_model_dir)
+    prepare_model(config, model)
+    with torch.no_grad():  # the tables start as real tokens' embeddings: make them differ
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    datasets = encode_examples(config, load_examples(config), tokenizer, prompt_tokens(model))
+    items = datasets.train[:12]
+    rows = pack(items, 64)
+    assert len(rows) < len(items)
+    plain, plain_grads = _loss_and_grads(model, collate(items, 0), chunked=False)
+    packed, packed_grads = _loss_and_grads(model, collate(rows, 0), chunked=False)
+    torch.testing.assert_close(packed, plain, rtol=1e-6, atol=1e-6)
+    for name, grad in plain_grads.items():
+        gap = (packed_grads[name] - grad).abs().max().item()
+        assert gap <= 1e-5 * grad.abs().max().item() + 1e-7, name
