@@ -192,16 +192,17 @@ def _encode_marked_chat(
         return_assistant_tokens_mask=True,
     )
     ids, marked = list(rendered["input_ids"]), list(rendered["assistant_masks"])
-    spans = [i for i, m in enumerate(marked) if m and (i == 0 or not marked[i - 1])]
-    if not spans:
+    starts = [i for i, m in enumerate(marked) if m and (i == 0 or not marked[i - 1])]
+    if not starts:
         raise DataError("the chat template's {% generation %} blocks enclose no token")
+    spans, last = set(starts), starts[-1]
     out_ids: list[int] = []
     labels: list[int] = []
     for index, (token, mark) in enumerate(zip(ids, marked, strict=True)):
         if index in spans:
             out_ids += infix
             labels += [IGNORE_INDEX] * len(infix)
-        counted = mark and (train_on == "all" or index >= spans[-1])
+        counted = mark and (train_on == "all" or index >= last)
         out_ids.append(token)
         labels.append(token if counted else IGNORE_INDEX)
     return out_ids, labels
