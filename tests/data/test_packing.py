@@ -93,7 +93,7 @@ def test_fill_counts_padding_as_computed():
 
 def test_the_fill_packing_would_give_is_found_without_building_rows():
     from loralab.data.batches import length_grouped_order
-    from loralab.data.packing import fill_if_packed
+    from loralab.data.packing import fills
 
     rng = random.Random(3)
     items = []
@@ -101,5 +101,6 @@ def test_the_fill_packing_would_give_is_found_without_building_rows():
         length = rng.choice([5, 9, 30, 120])
         items.append(Encoded([1] * length, [-100] * (length // 2) + [1] * (length - length // 2)))
     rows = pack(items, 128)
-    batches = length_grouped_order([len(row) for row in rows], 4, 7, 0)
-    assert fill_if_packed(items, 128, 4, 7) == fill(rows, batches)
+    plain, packed = fills(items, 128, 4, 7)
+    assert plain == fill(items, length_grouped_order([len(i) for i in items], 4, 7, 0))
+    assert packed == fill(rows, length_grouped_order([len(row) for row in rows], 4, 7, 0))

@@ -268,3 +268,10 @@ def test_a_hub_dataset_in_the_local_cache_is_read_with_its_splits(tmp_path, monk
     assert splits == {"train": RECORDS, "test": RECORDS[:2]}
     examples = load_examples(_config(tmp_path, data="someone/toy", data_split="test"))
     assert examples.train == RECORDS[:2]
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as without the data extra
+    with pytest.raises(
+        DataError,
+        match=r"someone/toy \(the Hub cache's .*0123abcd\): a Hub dataset is read through "
+        r"the datasets library, which is not installed: pip install 'loralab\[data\]'",
+    ):
+        read_splits("someone/toy")

@@ -10,7 +10,7 @@ Also the in-memory objects a library user hands to ``train()``: a ``Dataset``, a
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,25 +30,41 @@ def is_saved_dataset(path: Path) -> bool:
 def read_splits(path: Path) -> dict[str, list[tuple[str, dict]]]:
     """Each split's records, each with where it is (``file, row N``): a Parquet or Arrow
     file is one split, ``train``; a saved ``DatasetDict`` has its own."""
-    datasets = _datasets(path)
-    quiet = datasets.utils.are_progress_bars_disabled()
-    datasets.utils.disable_progress_bars()  # its bars for a local file are noise here
-    try:
+    what = "a saved dataset folder" if path.is_dir() else f"a {path.suffix} file"
+
+    def load(datasets):
         if path.is_dir():
-            loaded = datasets.load_from_disk(str(path), keep_in_memory=True)
-        elif path.suffix.lower() == ".parquet":
-            loaded = datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
-        else:
-            loaded = datasets.Dataset.from_file(str(path), in_memory=True)
+            return datasets.load_from_disk(str(path), keep_in_memory=True)
+        if path.suffix.lower() == ".parquet":
+            return datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
+        return datasets.Dataset.from_file(str(path), in_memory=True)
+
+    return splits_of(through_datasets(str(path), what, load), str(path))
+
+
+def through_datasets(label: str, what: str, load: Callable[[Any], Any]) -> Any:
+    """``load(datasets)``, the ``datasets`` module imported (the data extra; ``what`` the
+    source says which needs it), its progress bars off (a local read's are noise here),
+    and anything it raises one line that names ``label``."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(
+            f"{label}: {what} is read through the datasets library, which is not "
+            f"installed: {EXTRA} (JSONL and CSV need nothing more)"
+        ) from None
+    quiet = datasets.utils.are_progress_bars_disabled()
+    datasets.utils.disable_progress_bars()
+    try:
+        return load(datasets)
     except Exception as error:  # datasets and pyarrow raise many kinds; one line each
         message = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise DataError(
-            f"{path}: the datasets library cannot read it ({type(error).__name__}: {message})"
+            f"{label}: the datasets library cannot read it ({type(error).__name__}: {message})"
         ) from None
     finally:
         if not quiet:
             datasets.utils.enable_progress_bars()
-    return splits_of(loaded, str(path))
 
 
 def splits_of(data: Any, label: str) -> dict[str, list[tuple[str, dict]]]:
@@ -91,15 +107,3 @@ def _table(value: Any) -> bool:
         return True
     module = sys.modules.get("datasets")
     return module is not None and isinstance(value, module.Dataset)
-
-
-def _datasets(path: Path):
-    try:
-        import datasets
-    except ImportError:
-        what = "a saved dataset folder" if path.is_dir() else f"a {path.suffix} file"
-        raise DataError(
-            f"{path}: {what} is read through the datasets library, which is not "
-            f"installed: {EXTRA} (JSONL and CSV need nothing more)"
-        ) from None
-    return datasets

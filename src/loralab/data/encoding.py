@@ -58,6 +58,14 @@ class Encoded:
         return len(self.input_ids)
 
 
+def counted(item: Encoded) -> int:
+    """What the loss averages over in one example: its counted tokens (the label of token
+    ``t`` is predicted from ``t - 1``, so the first never counts), or 1 for a classifier."""
+    if isinstance(item.labels, int):
+        return 1
+    return sum(label != IGNORE_INDEX for label in item.labels[1:])
+
+
 def encode_prompt(
     tokenizer, prompt: str | list[dict], prompt_tokens: PromptTokens | None = None
 ) -> list[int]:

@@ -10,8 +10,6 @@ import os
 import re
 from pathlib import Path
 
-from .errors import DataError
-
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
@@ -46,26 +44,11 @@ def cached_snapshot(name: str) -> Path | None:
 
 def read_cached(name: str, snapshot: Path) -> dict[str, list[tuple[str, dict]]]:
     """Each split's records of the cached dataset, each with where it is."""
-    from .arrow_files import EXTRA, splits_of
+    from .arrow_files import splits_of, through_datasets
 
-    try:
-        import datasets
-    except ImportError:
-        raise DataError(
-            f"{name}: a Hub dataset (found in the cache, {snapshot}) is read through the "
-            f"datasets library, which is not installed: {EXTRA}"
-        ) from None
-    quiet = datasets.utils.are_progress_bars_disabled()
-    datasets.utils.disable_progress_bars()
-    try:
-        loaded = datasets.load_dataset(str(snapshot), keep_in_memory=True)
-    except Exception as error:  # datasets raises many kinds; one line each
-        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise DataError(
-            f"{name} (the Hub cache's {snapshot}): the datasets library cannot read it "
-            f"({type(error).__name__}: {message})"
-        ) from None
-    finally:
-        if not quiet:
-            datasets.utils.enable_progress_bars()
+    loaded = through_datasets(
+        f"{name} (the Hub cache's {snapshot})",
+        "a Hub dataset",
+        lambda datasets: datasets.load_dataset(str(snapshot), keep_in_memory=True),
+    )
     return splits_of(loaded, name)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import bisect
 
 from .batches import length_grouped_order
-from .encoding import IGNORE_INDEX, Encoded
+from .encoding import IGNORE_INDEX, Encoded, counted
 
 
 def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -60,26 +60,23 @@ def pack(items: list[Encoded], max_length: int) -> list[Encoded]:
 def fill(items: list[Encoded], batches: list[list[int]]) -> float:
     """Tokens the loss counts over tokens computed (padding included) in ``batches`` of
     ``items``: how much of a step's work is learning."""
-    return _fill([len(item) for item in items], [_counted(item) for item in items], batches)
+    return _fill([len(item) for item in items], [counted(item) for item in items], batches)
 
 
-def fill_if_packed(items: list[Encoded], max_length: int, batch_size: int, seed: int) -> float:
-    """The fill ``pack`` would give ``items`` over an epoch's batches, found from their
-    lengths alone (no row is built): what ``--packing`` would gain on this data."""
+def fills(items: list[Encoded], max_length: int, batch_size: int, seed: int) -> tuple[float, float]:
+    """The fill of ``items`` over an epoch's batches as a run draws them, and the fill
+    ``pack`` gives them (found from their lengths alone, no row built: what ``--packing``
+    gains on this data, whether or not the run packs)."""
     lengths = [len(item) for item in items]
-    counts = [_counted(item) for item in items]  # a packed row ignores the same first labels
+    counts = [counted(item) for item in items]  # a packed row ignores the same first labels
+    plain = _fill(lengths, counts, length_grouped_order(lengths, batch_size, seed, 0))
     rows = best_fit_decreasing(lengths, max_length)
     row_lengths = [sum(lengths[i] for i in row) for row in rows]
     row_counts = [sum(counts[i] for i in row) for row in rows]
-    return _fill(row_lengths, row_counts, length_grouped_order(row_lengths, batch_size, seed, 0))
+    packed = _fill(row_lengths, row_counts, length_grouped_order(row_lengths, batch_size, seed, 0))
+    return plain, packed
 
 
 def _fill(lengths: list[int], counts: list[int], batches: list[list[int]]) -> float:
     computed = sum(len(batch) * max(lengths[i] for i in batch) for batch in batches)
     return sum(counts[i] for batch in batches for i in batch) / max(computed, 1)
-
-
-def _counted(item: Encoded) -> int:
-    """The tokens whose loss counts (the label of token t is predicted from t − 1, so an
-    example's first never does)."""
-    return sum(label != IGNORE_INDEX for label in item.labels[1:])

@@ -144,7 +144,12 @@ def _check_preference(example: dict, where: str) -> None:
 def read_examples(path: str | Path, data_format: str = "auto") -> list[dict]:
     """The examples of a data file (of a saved dataset folder: its ``train`` split), all
     of one shape."""
-    splits = read_splits(path, data_format)
+    return [record for _, record in read_located_examples(path, data_format)]
+
+
+def read_located_examples(path: str | Path, data_format: str = "auto") -> list[tuple[str, dict]]:
+    """``read_examples``, each record with where it is."""
+    splits = read_located_splits(path, data_format)
     if "train" not in splits:
         raise DataError(f"{path}: no 'train' split (it has {', '.join(splits)})")
     return splits["train"]
@@ -167,21 +172,26 @@ def read_located_splits(
     in the layout ``data_format`` names (``layouts.py``; ``auto``: the one its fields
     say)."""
     path = Path(path)
-    suffix = path.suffix.lower()
-    if arrow_files.is_saved_dataset(path) or (path.is_file() and suffix in arrow_files.SUFFIXES):
-        rows = arrow_files.read_splits(path)
-        return {
-            name: checked_rows(split, f"{path} ({name})", data_format=data_format)
-            for name, split in rows.items()
-        }
-    if not path.exists() and hub_cache.looks_like_hub_id(str(path)):
-        rows = _from_hub_cache(str(path))
-        return {
-            name: checked_rows(split, f"{path} ({name})", data_format=data_format)
-            for name, split in rows.items()
-        }
+    if arrow_files.is_saved_dataset(path) or (
+        path.is_file() and path.suffix.lower() in arrow_files.SUFFIXES
+    ):
+        splits = arrow_files.read_splits(path)
+    elif not path.exists() and hub_cache.looks_like_hub_id(str(path)):
+        splits = _from_hub_cache(str(path))
+    else:
+        rows = _read_file(path)
+        return {"train": checked_rows(rows, str(path), "the file has no examples", data_format)}
+    return {
+        name: checked_rows(rows, f"{path} ({name})", data_format=data_format)
+        for name, rows in splits.items()
+    }
+
+
+def _read_file(path: Path) -> list[tuple[str, dict]]:
+    """The records of a JSONL, JSON or CSV file, each with its file and line."""
     if not path.is_file():
         raise DataError(f"{path}: {_missing(path)}")
+    suffix = path.suffix.lower()
     if suffix == ".jsonl":
         records = _read_jsonl(path)
     elif suffix == ".json":
@@ -193,8 +203,7 @@ def read_located_splits(
             f"{path}: unknown data format {suffix!r}; use .jsonl, .json, .csv, .parquet or "
             ".arrow (or a folder written by Dataset.save_to_disk)"
         )
-    rows = [(f"{path}, line {line}", record) for line, record in records]
-    return {"train": checked_rows(rows, str(path), "the file has no examples", data_format)}
+    return [(f"{path}, line {line}", record) for line, record in records]
 
 
 def checked_records(

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..data.encoding import IGNORE_INDEX, Encoded
+from ..data.encoding import Encoded, counted
 from ..lora.architectures import transformer_blocks
 from ..lora.config import ConfigError
 from ..models.devices import choose_device
@@ -185,14 +185,6 @@ def _is_peer_failure(error: BaseException) -> bool:
 
 
 # -- the data each rank takes ---------------------------------------------------------------
-
-
-def counted(item: Encoded) -> int:
-    """What the loss averages over in one example: its counted tokens (the label of token
-    ``t`` is predicted from ``t - 1``, so the first never counts), or 1 for a classifier."""
-    if isinstance(item.labels, int):
-        return 1
-    return sum(label != IGNORE_INDEX for label in item.labels[1:])
 
 
 def rows_of_rank(world: World, items: list[Encoded]) -> tuple[list[Encoded], float]:

@@ -21,6 +21,7 @@ from ..data.records import (
     checked_rows,
     example_shape,
     label_names_of,
+    read_located_examples,
     read_located_splits,
 )
 from ..files.atomic_write import text_writer, write_files_atomically
@@ -130,12 +131,7 @@ def _data_splits(
             "set; drop one"
         )
     if config.validation_data:
-        validation = read_located_splits(config.validation_data, config.data_format)
-        if "train" not in validation:
-            raise DataError(
-                f"{config.validation_data}: no 'train' split (it has {', '.join(validation)})"
-            )
-        return train_examples, validation["train"]
+        return train_examples, read_located_examples(config.validation_data, config.data_format)
     if own:
         return train_examples, splits[own[0]]
     if fraction is None:

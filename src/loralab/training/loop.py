@@ -29,8 +29,9 @@ import torch
 import yaml
 from torch import nn
 
-from ..data.batches import batch_stream, collate, length_grouped_order
-from ..data.packing import fill, fill_if_packed
+from ..data.batches import batch_stream, collate
+from ..data.encoding import counted
+from ..data.packing import fills
 from ..data.records import DataError
 from ..files.output_dirs import check_output_dir
 from ..lora.config import ConfigError
@@ -45,7 +46,6 @@ from .config import TrainConfig
 from .distributed import (
     World,
     barrier,
-    counted,
     from_main,
     full_optimizer_state,
     full_trainable_parameters,
@@ -112,24 +112,17 @@ def describe_fill(config: TrainConfig, datasets: Datasets) -> str:
     batches, with packing and without (what packing gains on this data)."""
     if config.model_kind != "causal-lm":
         return "fill: a classifier's loss counts one label an example"
-    plain = fill(datasets.train, _epoch(datasets.train, config))
+    plain, packed = fills(datasets.train, config.max_length, config.batch_size, config.seed)
     if not config.packing:
-        packed = fill_if_packed(datasets.train, config.max_length, config.batch_size, config.seed)
         return (
             f"fill: {100 * plain:.1f}% of the tokens computed carry loss "
             f"({100 * packed:.1f}% with --packing)"
         )
-    packed = fill(datasets.rows, _epoch(datasets.rows, config))
     return (
         f"packing: {len(datasets.train)} examples in {len(datasets.rows)} rows of up to "
         f"{config.max_length} tokens; fill {100 * packed:.1f}% of the tokens computed carry "
         f"loss ({100 * plain:.1f}% without packing)"
     )
-
-
-def _epoch(items: list, config: TrainConfig) -> list[list[int]]:
-    """The first epoch's batches of ``items``, as the run draws them."""
-    return length_grouped_order(_lengths(items), config.batch_size, config.seed, 0)
 
 
 def _lengths(items: list) -> list[int]:
