@@ -14,9 +14,9 @@ from .records import DataError, example_shape
 
 IGNORE_INDEX = -100  # label of a position the loss does not count
 PREFERENCE_REFUSAL = (
-    "supervised fine-tuning (every --method loralab has) learns one reply, not a choice "
-    "between two; to fine-tune on the chosen replies, give them as {prompt, completion} "
-    "or {messages} records"
+    "supervised fine-tuning (objective sft) learns one reply, not a choice between two; "
+    "give --objective dpo (or ipo, simpo, orpo) to learn the choice, or the chosen replies "
+    "as {prompt, completion} or {messages} records to fine-tune on them"
 )
 
 
@@ -120,7 +120,7 @@ def encode_causal(
         labels = [IGNORE_INDEX] * (len(prefix) + 1) + ids[1:] if prefix else list(ids)
         ids = prefix + ids
     elif shape == "preference":
-        raise DataError(f"a preference record trains a preference method: {PREFERENCE_REFUSAL}")
+        raise DataError(f"a preference record trains a preference objective: {PREFERENCE_REFUSAL}")
     else:
         raise DataError("a {text, label} record needs a classification model, not a causal LM")
     if len(ids) > max_length and long_examples == "refuse":

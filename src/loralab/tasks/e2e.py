@@ -112,6 +112,16 @@ class E2ETask(GeneratedTask):
             messages.append({"role": "assistant", "content": shot["completion"].strip()})
         return [*messages, {"role": "user", "content": _request(example)}]
 
+    def preference_splits(
+        self, seed: int = 0, train_size: int | None = None
+    ) -> dict[str, list[Example]]:
+        """The splits as preference pairs (``e2e_slots.preference_pair``): each example's
+        reference chosen over a description with one slot dropped, altered or invented."""
+        from .e2e_slots import preference_pair
+
+        splits = self.splits(seed=seed, train_size=train_size)
+        return {name: [preference_pair(e, seed) for e in split] for name, split in splits.items()}
+
     def score(self, predictions: Sequence[Any], examples: Sequence[Example]) -> dict[str, float]:
         """Corpus BLEU (sacrebleu) and mean best-reference ROUGE-L F1, both 0–100."""
         check_lengths(self.name, predictions, examples)

@@ -37,6 +37,9 @@ if TYPE_CHECKING:  # the methods import torch: they load when a run is built, no
 SCHEDULES = ("linear", "cosine", "constant")
 MODEL_KINDS = ("causal-lm", "classification")
 DEFAULT_STEPS = 100
+REFERENCES = ("start", "base")
+# The methods whose adapter can be turned off, leaving the base (the reference policy).
+REFERENCE_METHODS = ("lora", "adalora")
 
 
 @dataclass
@@ -111,6 +114,23 @@ class TrainConfig:
     """AdaLoRA: EMA coefficient of the uncertainty."""
     orth_reg_weight: float = 0.5
     """AdaLoRA: weight of the orthogonality regulariser on P and Q."""
+
+    objective: str = "sft"
+    """What training minimises: sft (the completions' loss), or a preference objective on
+    {prompt, chosen, rejected} pairs: dpo, ipo, simpo, orpo
+    (``loralab.training.objectives``)."""
+    beta: float | None = None
+    """The preference objective's β: DPO's (default 0.1), IPO's τ (0.1), SimPO's β (2.0),
+    ORPO's λ (0.1)."""
+    simpo_gamma: float = 0.5
+    """SimPO: the target margin γ between the replies' rewards."""
+    start_adapter: str | None = None
+    """Start from a trained adapter's folder (an SFT adapter) instead of a new one, and
+    train it further; its method and LoRA settings replace the run's."""
+    reference: str = "start"
+    """A preference objective's reference policy: start (the model as training starts:
+    the base for a new adapter, the start_adapter for one given), or base (the adapter
+    turned off). Either runs on the same model: no second copy of it."""
 
     learning_rate: float = 2e-4
     """Peak learning rate of AdamW."""
@@ -207,6 +227,7 @@ class TrainConfig:
         if self.data is None and self.task is None:
             raise ConfigError("give a built-in task (task) or a data file (data)")
         self._check_method()
+        self._check_objective()
 
     def _check_length(self) -> None:
         """One of ``max_steps`` and ``epochs`` says how long to train (neither: the default
@@ -284,6 +305,52 @@ class TrainConfig:
         if self.fsdp and method.fsdp_refusal:
             raise ConfigError(f"fsdp cannot train method={self.method!r}: {method.fsdp_refusal}")
 
+    def _check_objective(self) -> None:
+        """A preference objective's settings, and what it cannot train with."""
+        require_choice("reference", self.reference, REFERENCES)
+        require_number("simpo_gamma", self.simpo_gamma, at_least=0)
+        if self.beta is not None:
+            require_number("beta", self.beta, above=0)
+        objective = self.objective_object  # an unknown name lists the valid ones
+        if objective is None:
+            for name, default in (("beta", None), ("reference", "start")):
+                if getattr(self, name) != default:
+                    raise ConfigError(
+                        f"{name}={getattr(self, name)!r} is a preference objective's setting; "
+                        "this run's objective is sft"
+                    )
+            return
+        if self.model_kind != "causal-lm":
+            raise ConfigError(f"objective={self.objective!r} trains a causal LM, not a classifier")
+        if self.packing:
+            raise ConfigError(
+                f"packing is for supervised fine-tuning; objective={self.objective!r} "
+                "compares the two replies of a pair, one row each"
+            )
+        if self.fsdp:
+            raise ConfigError(f"objective={self.objective!r} does not train under torchrun yet")
+        if objective.uses_reference and self.method not in REFERENCE_METHODS:
+            raise ConfigError(
+                f"objective={self.objective!r} compares with a reference policy, the model "
+                "with its adapter turned off, which only LoRA adapters have; method="
+                f"{self.method!r} changes the model otherwise (use method lora or "
+                "adalora, or objective simpo or orpo, which need no reference)"
+            )
+
+    @functools.cached_property
+    def objective_object(self):
+        """The preference objective (None: supervised fine-tuning)."""
+        from .objectives import preference_objective
+
+        return preference_objective(self.objective)
+
+    def preference_settings(self):
+        from .objectives import PreferenceSettings
+
+        objective = self.objective_object
+        beta = self.beta if self.beta is not None else objective.default_beta
+        return PreferenceSettings(beta=beta, simpo_gamma=self.simpo_gamma)
+
     @functools.cached_property
     def method_object(self) -> Method:
         """The method the run applies, built once with the run's settings where it has its
@@ -360,6 +427,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     ),
     "method": ("method", "prefix_length", "infix_length", "adapter_rank", "top_layers"),
     "LoRA (the fields of loralab.LoraConfig)": tuple(LoraConfig.field_names()),
+    "objective": ("objective", "beta", "simpo_gamma", "start_adapter", "reference"),
     "AdaLoRA": (
         "target_r",
         "adalora_tinit",

@@ -16,6 +16,7 @@ import torch
 from ..data.arrow_files import splits_of
 from ..data.encoding import PREFERENCE_REFUSAL, encode_dataset
 from ..data.packing import pack
+from ..data.pairs import encode_pairs
 from ..data.records import (
     DataError,
     checked_rows,
@@ -78,10 +79,11 @@ def load_examples(config: TrainConfig, data: Any = None) -> Examples:
     validation_rows = validation_rows[: config.validation_size]
     train_examples = [record for _, record in train_rows]
     validation_examples = [record for _, record in validation_rows]
-    _check_shape_fits_model(label, train_examples, classifier)
+    pairs = config.objective != "sft"
+    _check_shape_fits_model(label, train_examples, classifier, pairs)
     if validation_examples:
         where = config.validation_data or f"{label} (its validation records)"
-        _check_shape_fits_model(where, validation_examples, classifier)
+        _check_shape_fits_model(where, validation_examples, classifier, pairs)
     return Examples(
         train_examples,
         validation_examples,
@@ -103,6 +105,15 @@ def _task_examples(config: TrainConfig, classifier: bool) -> Examples:
     if classifier and task.kind != "classification":
         raise ConfigError(f"task {task.name!r} is not a classification task")
     data_seed = config.seed if config.data_seed is None else config.data_seed
+    if config.objective != "sft":
+        if getattr(task, "preference_splits", None) is None:
+            raise ConfigError(
+                f"objective={config.objective!r} trains on preference pairs; task "
+                f"{task.name!r} has none (e2e has), so give --data with "
+                "{prompt, chosen, rejected} records"
+            )
+        splits = task.preference_splits(seed=data_seed, train_size=config.train_size)
+        return Examples(splits["train"], splits["validation"][: config.validation_size], None)
     splits = task.splits(seed=data_seed, train_size=config.train_size)
     label_names = tuple(task.labels) if classifier else None
     return Examples(splits["train"], splits["validation"][: config.validation_size], label_names)
@@ -195,11 +206,19 @@ def _plain(value: Any) -> Any:
 VALIDATION_SPLITS = ("validation", "valid", "val", "dev")
 
 
-def _check_shape_fits_model(path: str, examples: list[dict], classifier: bool) -> None:
-    """A classifier trains on {text, label} records and a causal LM on the other shapes;
-    said before the model loads, not when the first record is encoded."""
+def _check_shape_fits_model(
+    path: str, examples: list[dict], classifier: bool, pairs: bool = False
+) -> None:
+    """A classifier trains on {text, label} records, a preference objective on pairs and
+    supervised fine-tuning of a causal LM on the other shapes; said before the model
+    loads, not when the first record is encoded."""
     shape = example_shape(examples[0])
-    if shape == "preference":
+    if pairs and shape != "preference":
+        raise DataError(
+            f"{path}: a preference objective trains on {{prompt, chosen, rejected}} pairs; "
+            f"these are {shape} records (they train with objective sft)"
+        )
+    if shape == "preference" and not pairs:
         raise DataError(
             f"{path}: these are preference records (prompt, chosen, rejected): {PREFERENCE_REFUSAL}"
         )
@@ -218,9 +237,14 @@ def _check_shape_fits_model(path: str, examples: list[dict], classifier: bool) -
 def encode_examples(
     config: TrainConfig, examples: Examples, tokenizer, prompt_tokens: PromptTokens | None = None
 ) -> Datasets:
-    """The examples as token ids, ready for batching (with a prefix method's tokens)."""
+    """The examples as token ids, ready for batching (with a prefix method's tokens); a
+    preference objective's as pairs."""
 
     def encode(items: list[dict], where: str | list[str]) -> list:
+        if config.objective != "sft":
+            return encode_pairs(
+                tokenizer, items, config.max_length, prompt_tokens, config.long_examples, where
+            )
         return encode_dataset(
             tokenizer,
             items,

@@ -32,6 +32,7 @@ from torch import nn
 from ..data.batches import batch_stream, collate
 from ..data.encoding import counted
 from ..data.packing import fills
+from ..data.pairs import EncodedPair, pair_counted
 from ..data.records import DataError
 from ..files.output_dirs import check_output_dir
 from ..lora.config import ConfigError
@@ -69,6 +70,7 @@ from .examples import Datasets, Examples, encode_examples, load_examples, with_d
 from .lean_mlp import lean_mlp
 from .loss import causal_lm_loss
 from .malloc_threshold import map_large_blocks
+from .objectives.step import collate_pairs, load_reference_adapter, preference_loss
 from .optimizer import build_optimizer, parameter_groups
 from .packed_attention import check_packed_attention
 from .run_log import RunLog, check_tensorboard, read_history
@@ -112,6 +114,13 @@ def describe_fill(config: TrainConfig, datasets: Datasets) -> str:
     batches, with packing and without (what packing gains on this data)."""
     if config.model_kind != "causal-lm":
         return "fill: a classifier's loss counts one label an example"
+    if config.objective_object is not None:
+        learnt = sum(map(pair_counted, datasets.train))
+        computed = sum(len(pair) for pair in datasets.train)
+        return (
+            f"objective {config.objective}: {len(datasets.train)} pairs, "
+            f"{100 * learnt / max(computed, 1):.1f}% of their tokens are the replies compared"
+        )
     plain, packed = fills(datasets.train, config.max_length, config.batch_size, config.seed)
     if not config.packing:
         return (
@@ -164,14 +173,25 @@ def without_cache(model: nn.Module) -> dict[str, bool]:
 
 @torch.no_grad()
 def validation_loss(
-    model: nn.Module, data: list, batch_size: int, pad_id: int, world: World | None = None
+    model: nn.Module,
+    data: list,
+    batch_size: int,
+    pad_id: int,
+    world: World | None = None,
+    objective=None,
+    settings=None,
 ) -> float:
-    """Mean loss per counted token (causal LM) or per example (classifier).
+    """Mean loss per counted token (causal LM) or per example (classifier), or a
+    preference ``objective``'s loss per pair.
 
     Under torchrun each rank scores its rows of every batch and the sums are added up."""
     world = world or World()
     was_training = model.training
     model.eval()
+    if objective is not None:
+        value = _preference_validation(model, data, batch_size, pad_id, objective, settings)
+        model.train(was_training)
+        return value
     total, count = 0.0, 0
     for start in range(0, len(data), batch_size):
         items, share = rows_of_rank(world, data[start : start + batch_size])
@@ -185,6 +205,16 @@ def validation_loss(
     total, count = sum_over_ranks(world, [total, count])
     model.train(was_training)
     return total / max(count, 1)
+
+
+def _preference_validation(model, pairs: list, batch_size: int, pad_id: int, objective, settings):
+    total = 0.0
+    for start in range(0, len(pairs), batch_size):
+        items = pairs[start : start + batch_size]
+        batch = to_device(collate_pairs(items, pad_id), next(model.parameters()).device)
+        loss, _ = preference_loss(model, model, batch, objective, settings, without_cache(model))
+        total += loss.item() * len(items)
+    return total / max(len(pairs), 1)
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
@@ -421,11 +451,30 @@ def _adapted_model(
             device=world.device,  # where bitsandbytes quantizes
             **labels,
         )
-    if checkpoint is None:
-        prepare_model(config, model)
-    else:
+    if checkpoint is not None:
         load_method(model, checkpoint / "adapter")
+    elif config.start_adapter is not None:
+        _load_start_adapter(config, model)
+    else:
+        prepare_model(config, model)
+    objective = config.objective_object
+    referred = objective is not None and objective.uses_reference and config.reference == "start"
+    if referred and config.start_adapter is not None:  # the adapter as it started
+        load_reference_adapter(model, config.start_adapter)
     return model, tokenizer
+
+
+def _load_start_adapter(config: TrainConfig, model: nn.Module) -> None:
+    """The trained adapter the run continues (its method must be the run's)."""
+    from ..methods.method_files import read_method_description
+
+    description = read_method_description(Path(config.start_adapter))
+    if description["method"] != config.method:
+        raise ConfigError(
+            f"start_adapter {config.start_adapter} holds a {description['method']!r} adapter; "
+            f"this run's method is {config.method!r}: give --method {description['method']}"
+        )
+    load_method(model, config.start_adapter)
 
 
 def _optimizer_at(config: TrainConfig, world: World, parameters: list, saved: dict | None):
@@ -452,7 +501,7 @@ def _train_step(run: _Run, stop: _StopFlag) -> bool:
     rank was asked to stop (so that all stop after the same step)."""
     config, world = run.config, run.world
     started = time.perf_counter()
-    loss_value, tokens, learnt = _optimizer_step(
+    loss_value, tokens, learnt, metrics = _optimizer_step(
         run.model,
         run.optimizer,
         run.parameters,
@@ -478,6 +527,7 @@ def _train_step(run: _Run, stop: _StopFlag) -> bool:
         "tokens_per_s": tokens / seconds,
         "loss_tokens_per_s": learnt / seconds,  # the tokens the loss counts
         "seconds": seconds,
+        **metrics,  # a preference objective's rewards and log-probabilities
     }
     run.log.step(entry, run.step % config.log_every == 0 or run.step == config.max_steps)
     return bool(stopping)
@@ -489,8 +539,15 @@ def _evaluate_if_due(run: _Run) -> None:
     due = config.eval_every and run.step % config.eval_every == 0
     if not run.datasets.validation or not (due or run.step == config.max_steps):
         return
+    objective = config.objective_object
     value = validation_loss(
-        run.model, run.datasets.validation, config.batch_size, run.pad_id, run.world
+        run.model,
+        run.datasets.validation,
+        config.batch_size,
+        run.pad_id,
+        run.world,
+        objective,
+        config.preference_settings() if objective is not None else None,
     )
     if run.world.active and config.fsdp:  # after a forward with no backward,
         run.model.reshard()  # FSDP keeps the root (embeddings, head) gathered
@@ -581,9 +638,10 @@ def _restore_rng(saved: dict, config: TrainConfig, world: World, step: int) -> N
 
 def _optimizer_step(
     model, optimizer, parameters, stream, data, pad_id, config, method=None, world=None, runner=None
-) -> tuple[float, int, int]:
+) -> tuple[float, int, int, dict[str, float]]:
     """Forward and backward over the micro-batches of one step, then the update; the
-    loss, the tokens of the batch and the tokens its loss counts.
+    loss, the tokens of the batch, the tokens its loss counts, and a preference
+    objective's metrics (means over the micro-batches).
 
     The reported loss is the task's; a method's regulariser (AdaLoRA) is added to what is
     differentiated, not to what is logged. Under torchrun each rank runs its rows of every
@@ -592,16 +650,30 @@ def _optimizer_step(
     world = world or World()
     runner = runner or model
     regularizer = method.regularizer if method is not None else None
+    objective = config.objective_object
     optimizer.zero_grad(set_to_none=True)
-    total_loss, tokens, learnt = 0.0, 0, 0
+    total_loss, tokens, learnt, metrics = 0.0, 0, 0, {}
     for index in range(config.gradient_accumulation):
         items = [data[i] for i in next(stream)]
         rows, share = rows_of_rank(world, items)
-        batch = to_device(collate(rows, pad_id), world.device)
+        pairs = objective is not None
+        batch = to_device((collate_pairs if pairs else collate)(rows, pad_id), world.device)
         last = index == config.gradient_accumulation - 1
         with gradient_sync(world, runner, last):
             with torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=config.bf16):
-                loss = batch_loss(runner, model, batch, config, world)
+                if pairs:
+                    loss, measured = preference_loss(
+                        runner,
+                        model,
+                        batch,
+                        objective,
+                        config.preference_settings(),
+                        without_cache(model),
+                    )
+                    for key, value in measured.items():
+                        metrics[key] = metrics.get(key, 0.0) + value / config.gradient_accumulation
+                else:
+                    loss = batch_loss(runner, model, batch, config, world)
                 loss = loss / config.gradient_accumulation
             extra = regularizer(model) if regularizer else None
             # DDP and FSDP average over ranks: W · share makes that average the batch's mean.
@@ -611,11 +683,11 @@ def _optimizer_step(
             objective.backward()
         total_loss += loss.item() * share
         tokens += sum(len(item) for item in items)  # the whole batch's, not the rank's
-        learnt += sum(map(counted, items))
+        learnt += sum(pair_counted(i) if isinstance(i, EncodedPair) else counted(i) for i in items)
     if config.max_grad_norm:
         torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
     optimizer.step()
-    return total_loss, tokens, learnt
+    return total_loss, tokens, learnt, metrics
 
 
 class _StopFlag:
