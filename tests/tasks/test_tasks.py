@@ -17,7 +17,7 @@ from pydoc_data.topics import topics as cpython_topics
 import pytest
 
 import loralab.tasks
-from loralab.tasks import TASK_NAMES, Task, TaskError, e2e, get_task, nli, pydoc, sql
+from loralab.tasks import TASK_NAMES, Task, TaskError, e2e, e2e_text, get_task, nli, pydoc, sql
 from loralab.tasks.nli import CONTRADICTION, ENTAILMENT, NEUTRAL, Statement, entailment_label
 from loralab.tasks.sql_tables import table_rows
 
@@ -194,7 +194,7 @@ def test_e2e_meaning_representation_is_the_e2e_notation_of_the_slots():
 
 
 def test_e2e_every_reference_mentions_every_slot_value():
-    yes, no = e2e.FAMILY_FRIENDLY_PHRASES["yes"], e2e.FAMILY_FRIENDLY_PHRASES["no"]
+    yes, no = e2e_text.FAMILY_FRIENDLY_PHRASES["yes"], e2e_text.FAMILY_FRIENDLY_PHRASES["no"]
     for example in splits_of("e2e")["train"]:
         references = example["references"]
         assert len(set(references)) == e2e.REFERENCES

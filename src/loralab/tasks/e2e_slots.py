@@ -17,7 +17,7 @@ import random
 import re
 from functools import cache
 
-from .e2e import EAT_TYPES, FAMILY_FRIENDLY_PHRASES, FOODS, NAMES, SLOT_VALUES, realise
+from .e2e_text import EAT_TYPES, FAMILY_FRIENDLY_PHRASES, FOODS, NAMES, SLOT_VALUES, realise
 from .task import Example
 
 SLOTS = {"name": NAMES, "eatType": EAT_TYPES, "food": FOODS, **SLOT_VALUES}
