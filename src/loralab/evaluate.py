@@ -133,8 +133,9 @@ def evaluate_records(
 ) -> Evaluation:
     """Score ``model`` on a user's own records, in the layouts ``train`` reads.
 
-    Always the loss on what would be learnt (the completion, the assistant's turns, the
-    whole text) and its perplexity. For completions (``prompt``/``completion``, and chats,
+    Preference pairs are scored by ``score_pairs``. Other records: always the loss on
+    what would be learnt (the completion, the assistant's turns, the whole text) and its
+    perplexity. For completions (``prompt``/``completion``, and chats,
     whose last assistant turn is the reference), also greedy generation scored by exact
     match, corpus BLEU and ROUGE-L, and by each of ``metrics``; ``predictions`` then
     holds ``{prompt, reference, prediction}`` for each record.
@@ -142,10 +143,8 @@ def evaluate_records(
     started = time.perf_counter()
     shape = example_shape(records[0], "records[0]")
     if shape == "preference":
-        raise TaskError(
-            "preference records (prompt, chosen, rejected) are not scored by generation; "
-            "give the chosen replies as {prompt, completion} records to score them"
-        )
+        scores = score_pairs(model, tokenizer, records, batch_size, max_length)
+        return Evaluation(scores, [], time.perf_counter() - started)
     if shape == "text_label":
         raise TaskError(
             "{text, label} records are scored by a classifier: use --task nli's shape, or "
@@ -175,6 +174,37 @@ def evaluate_records(
         for p, r, h in zip(prompts, references, hypotheses, strict=True)
     ]
     return Evaluation(scores, rows, time.perf_counter() - started)
+
+
+@torch.no_grad()
+def score_pairs(
+    model: nn.Module, tokenizer, records: list[dict], batch_size: int = 16, max_length: int = 1024
+) -> dict[str, float]:
+    """How a model ranks the replies of preference pairs: ``preference_accuracy``, the
+    percentage of pairs whose chosen reply it gives the higher log-probability, and
+    ``logp_margin``, the mean of log π(chosen) − log π(rejected) (reference-free, so an
+    SFT model and a DPO model are measured alike)."""
+    from .data.pairs import encode_pairs
+    from .training.loop import without_cache
+    from .training.objectives.step import collate_pairs, pair_log_probs
+
+    was_training = model.training
+    model.eval()
+    pairs = encode_pairs(tokenizer, records, max_length, prompt_tokens(model))
+    device = model_device(model)
+    wins, margins = 0, 0.0
+    for start in range(0, len(pairs), batch_size):
+        items = pairs[start : start + batch_size]
+        batch = to_device(collate_pairs(items, tokenizer.pad_token_id or 0), device)
+        scored = pair_log_probs(model, model, batch, reference=False, extra=without_cache(model))
+        margin = scored.chosen.total - scored.rejected.total
+        wins += int((margin > 0).sum())
+        margins += float(margin.sum())
+    model.train(was_training)
+    return {
+        "preference_accuracy": 100.0 * wins / len(pairs),
+        "logp_margin": margins / len(pairs),
+    }
 
 
 def _prompt_and_reference(record: dict, shape: str) -> tuple[str | list[dict], str]:

@@ -32,6 +32,7 @@ EXPERIMENT_MODULES = {
     "latency": "latency",
     "subspace": "subspace",
     "recipe": "recipe",  # not a finding: whether LoRA's plateau on nli is the recipe's
+    "dpo": "preference",  # beyond the paper: DPO after SFT (issue 33)
 }
 EXPERIMENT_NAMES = tuple(EXPERIMENT_MODULES)
 

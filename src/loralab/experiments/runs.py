@@ -287,7 +287,7 @@ def _run_in_workers(
     context = multiprocessing.get_context("spawn")
     quiet = (transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled())
     with ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_start_worker, initargs=quiet
+        workers, mp_context=context, initializer=start_worker, initargs=quiet
     ) as pool:
         futures = {pool.submit(_run_job, jobs[index]): index for index in todo}
         reported: set[int] = set()
@@ -304,7 +304,7 @@ def _run_in_workers(
             raise
 
 
-def _start_worker(verbosity: int, progress_bars: bool) -> None:
+def start_worker(verbosity: int, progress_bars: bool) -> None:
     """A worker logs as its parent does (the CLI turns Transformers' load bars off), and
     ends with it: a parent killed outright leaves no runs training for nobody (Linux)."""
     transformers_logging.set_verbosity(verbosity)

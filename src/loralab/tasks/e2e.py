@@ -80,11 +80,20 @@ class E2ETask(GeneratedTask):
         return {name: [preference_pair(e, seed) for e in split] for name, split in splits.items()}
 
     def score(self, predictions: Sequence[Any], examples: Sequence[Example]) -> dict[str, float]:
-        """Corpus BLEU (sacrebleu) and mean best-reference ROUGE-L F1, both 0–100."""
+        """Corpus BLEU (sacrebleu) and mean best-reference ROUGE-L F1, both 0–100, and,
+        where the examples carry their slots, the slot errors: slots dropped or invented
+        per 100 MRs (``e2e_slots.slot_errors``)."""
+        from .e2e_slots import slot_errors
+
         check_lengths(self.name, predictions, examples)
         hypotheses = [as_text(p) for p in predictions]
         references = [list(e.get("references") or [e["completion"].strip()]) for e in examples]
-        return bleu_rouge(hypotheses, references)
+        scores = bleu_rouge(hypotheses, references)
+        if examples and all("slots" in e for e in examples):
+            pairs = zip(hypotheses, examples, strict=True)
+            errors = sum(sum(slot_errors(h, e["slots"])) for h, e in pairs)
+            scores["slot_errors"] = 100.0 * errors / len(examples)
+        return scores
 
 
 def _request(example: Example) -> str:

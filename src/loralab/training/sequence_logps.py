@@ -39,10 +39,30 @@ class RowLogProbs:
 def row_log_probs(runner: nn.Module, model: nn.Module, batch: dict[str, Tensor]) -> RowLogProbs:
     """Each row's Σ log p(token | tokens before it) over the tokens its labels count."""
     labels = batch["labels"]
+    counted = labels[:, 1:] != IGNORE_INDEX  # (R, T - 1)
+    token = counted_log_probs(runner, model, batch)
+    rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(counted)
+    total = torch.zeros(labels.shape[0], dtype=token.dtype, device=token.device)
+    total = total.index_add(0, rows[counted], token)
+    return RowLogProbs(total, counted.sum(1).to(token.dtype))
+
+
+def token_log_probs(runner: nn.Module, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """(R, T − 1): log p(token t + 1 | tokens up to t) where the labels count it, 0
+    elsewhere (GRPO's per-token ratios)."""
+    labels = batch["labels"]
+    counted = labels[:, 1:] != IGNORE_INDEX
+    token = counted_log_probs(runner, model, batch)
+    out = torch.zeros(counted.shape, dtype=token.dtype, device=token.device)
+    return out.masked_scatter(counted, token)
+
+
+def counted_log_probs(runner: nn.Module, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """(N,): the log-probability of each counted token, in row-major order."""
+    labels = batch["labels"]
     targets = labels[:, 1:]  # position t predicts token t + 1
     counted = targets != IGNORE_INDEX  # (R, T - 1)
     inputs = {key: value for key, value in batch.items() if key != "labels"}
-    rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(targets)
     found = counted_head(model)
     head = found[2] if found else None
     trains = head is not None and any(p.requires_grad for p in head.parameters())
@@ -58,9 +78,7 @@ def row_log_probs(runner: nn.Module, model: nn.Module, batch: dict[str, Tensor])
         bias = _detached(head.bias)
         chunk = chunk_size(head)
         token = TokenLogProbs.apply(hidden[counted], weight.detach(), bias, targets[counted], chunk)
-    total = torch.zeros(labels.shape[0], dtype=token.dtype, device=token.device)
-    total = total.index_add(0, rows[counted], token)
-    return RowLogProbs(total, counted.sum(1).to(token.dtype))
+    return token
 
 
 def _detached(bias: Tensor | None) -> Tensor | None:
@@ -100,4 +118,4 @@ class TokenLogProbs(torch.autograd.Function):
         return grad_rows * grad_values.unsqueeze(1).to(grad_rows.dtype), None, None, None, None
 
 
-__all__ = ["RowLogProbs", "TokenLogProbs", "row_log_probs"]
+__all__ = ["RowLogProbs", "TokenLogProbs", "counted_log_probs", "row_log_probs", "token_log_probs"]
