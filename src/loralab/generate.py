@@ -10,14 +10,13 @@ Transformers' ``generate`` over a left-padded batch, and the reason is said once
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from .data.encoding import encode_prompt
+from .data.encoding import encode_prompt, newline_tokens
 from .methods.prefix import prompt_tokens
 from .models.devices import model_device
 
@@ -159,13 +158,6 @@ def _engine_batch(
         stops += newline_tokens(tokenizer)
     new = decode(model, rows, max_new_tokens, stops, weights=weights)
     return tokenizer.batch_decode(new, skip_special_tokens=True)
-
-
-@functools.lru_cache(maxsize=8)
-def newline_tokens(tokenizer) -> tuple[int, ...]:
-    """The ids whose text holds a newline: after one, a first line is complete."""
-    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=True)
-    return tuple(i for i, text in enumerate(texts) if "\n" in text)
 
 
 def _transformers_batch(

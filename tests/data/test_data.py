@@ -44,7 +44,8 @@ def test_reads_the_four_shapes(tmp_path):
     [
         (
             '{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n',
-            r"line 2: field 'completion' must be a string",
+            r"records mix shapes: prompt_completion \(first on line 1\), prompt \(first on "
+            r"line 2\)",
         ),
         (
             '{"prompt": "a", "completion": "b"}\n\n{"prompt": 3, "completion": "b"}\n',

@@ -22,6 +22,11 @@ EXAMPLES = {
         {"prompt": "2+2=", "completion": " 4"},
         "prompt_completion",
     ),
+    "prompts": (
+        {"prompt": "2+2=", "answer": 4},
+        {"prompt": "2+2=", "answer": 4},  # the other fields are the reward's to read
+        "prompt",
+    ),
     "messages": ({"messages": CHAT, "source": "x"}, {"messages": CHAT}, "messages"),
     "text": ({"text": "Once upon a time"}, {"text": "Once upon a time"}, "text"),
     "classification": (

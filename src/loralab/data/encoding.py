@@ -5,6 +5,7 @@ counts (``IGNORE_INDEX`` elsewhere), and a prefix method's tokens where they go.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -64,6 +65,13 @@ def counted(item: Encoded) -> int:
     if isinstance(item.labels, int):
         return 1
     return sum(label != IGNORE_INDEX for label in item.labels[1:])
+
+
+@functools.lru_cache(maxsize=8)
+def newline_tokens(tokenizer) -> tuple[int, ...]:
+    """The ids whose text holds a newline: after one, a first line is complete."""
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=True)
+    return tuple(i for i, text in enumerate(texts) if "\n" in text)
 
 
 def encode_prompt(

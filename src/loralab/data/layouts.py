@@ -5,6 +5,7 @@
 | layout | fields | shape |
 |---|---|---|
 | ``prompt-completion`` | ``prompt``, ``completion`` | itself |
+| ``prompts`` | ``prompt`` alone (any other fields kept: GRPO's reward reads them) | ``prompt`` |
 | ``messages`` | ``messages`` (system, user, assistant, tool; ``tools``) | itself |
 | ``text`` | ``text`` | itself |
 | ``classification`` | ``text``, ``label`` (``text_pair``) | ``text_label`` |
@@ -154,10 +155,18 @@ _register(
     Layout(
         "prompt-completion",
         ("prompt", "completion"),
-        # A prompt beside messages or chosen/rejected is theirs (UltraChat, TRL's
-        # preference records), not a completion's.
-        lambda r: "completion" in r or ("prompt" in r and not _has(*_STRUCTURED)(r)),
+        lambda r: "completion" in r,
         _keep("prompt", "completion"),
+    )
+)
+_register(
+    Layout(
+        "prompts",
+        ("prompt",),
+        # A prompt beside messages or chosen/rejected is theirs (UltraChat, TRL's
+        # preference records), not a prompt to sample from.
+        lambda r: "prompt" in r and "completion" not in r and not _has(*_STRUCTURED)(r),
+        lambda record, where: dict(record),  # the other fields are the reward's to read
     )
 )
 _register(Layout("messages", ("messages",), _has("messages"), _messages))

@@ -9,7 +9,9 @@ and ``save_to_disk`` folders: ``arrow_files.py``), its records all of one of the
   loss counts only the assistant turns (tool calls included, tool results not);
 - ``{text}``: language modelling, every token counts;
 - ``{text, label}`` (and optionally ``text_pair``): classification;
-- ``{prompt, chosen, rejected}``: a preference pair, for the preference methods.
+- ``{prompt, chosen, rejected}``: a preference pair, for the preference objectives;
+- ``{prompt}`` (and any other fields): a prompt GRPO samples completions for, the other
+  fields for its reward to read.
 
 Bad records are refused with the file, the line (or row) and the field.
 """
@@ -31,6 +33,7 @@ SHAPES = {
     "text_label": ("text", "label"),
     "text": ("text",),
     "preference": ("prompt", "chosen", "rejected"),
+    "prompt": ("prompt",),
 }
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -40,6 +43,9 @@ def example_shape(example: dict, where: str = "example") -> str:
     if "chosen" in example or "rejected" in example:
         _check_preference(example, where)
         return "preference"
+    if "prompt" in example and "completion" not in example and "messages" not in example:
+        _check_prompt(example["prompt"], where)
+        return "prompt"
     if "prompt" in example or "completion" in example:
         for key in ("prompt", "completion"):
             if not isinstance(example.get(key), str):
@@ -110,6 +116,17 @@ def _check_tools(tools: Any, where: str) -> None:
         return
     if not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools):
         raise DataError(f"{where}: field 'tools' must be a list of tool schemas (objects)")
+
+
+def _check_prompt(prompt: Any, where: str) -> None:
+    """A prompt to sample completions from (GRPO): text, or a chat before its reply."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise DataError(f"{where}: field 'prompt' must be non-empty")
+        return
+    if not isinstance(prompt, list):
+        raise DataError(f"{where}: field 'prompt' must be text or a list of messages")
+    _check_messages(prompt, where, "prompt", reply=False)
 
 
 def _check_preference(example: dict, where: str) -> None:

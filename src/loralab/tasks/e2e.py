@@ -79,6 +79,18 @@ class E2ETask(GeneratedTask):
         splits = self.splits(seed=seed, train_size=train_size)
         return {name: [preference_pair(e, seed) for e in split] for name, split in splits.items()}
 
+    def rewards(self, completions: Sequence[str], examples: Sequence[Example]) -> list[float]:
+        """GRPO's verifiable reward, slot coverage: 1 − (slots dropped + slots invented) /
+        the MR's slots, at least 0 (``e2e_slots.slot_errors``)."""
+        from .e2e_slots import slot_errors
+
+        check_lengths(self.name, completions, examples)
+        scores = []
+        for completion, example in zip(completions, examples, strict=True):
+            errors = sum(slot_errors(as_text(completion), example["slots"]))
+            scores.append(max(0.0, 1.0 - errors / len(example["slots"])))
+        return scores
+
     def score(self, predictions: Sequence[Any], examples: Sequence[Example]) -> dict[str, float]:
         """Corpus BLEU (sacrebleu) and mean best-reference ROUGE-L F1, both 0–100, and,
         where the examples carry their slots, the slot errors: slots dropped or invented

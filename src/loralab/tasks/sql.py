@@ -87,27 +87,39 @@ class SqlTask(GeneratedTask):
     def score(self, predictions: Sequence[Any], examples: Sequence[Example]) -> dict[str, float]:
         """Execution accuracy and exact match; each example names its database seed."""
         check_lengths(self.name, predictions, examples)
-        databases: dict[int, sqlite3.Connection] = {}
-        executed = exact = 0
-        try:
-            for prediction, example in zip(predictions, examples, strict=True):
-                seed = example["db_seed"]
-                if seed not in databases:
-                    databases[seed] = open_database(seed)
-                predicted, gold = as_text(prediction), example["sql"]
-                exact += normalise(predicted) == normalise(gold)
-                gold_rows = run_query(databases[seed], gold)
-                if gold_rows is None:
-                    raise TaskError(f"sql: the gold query {gold!r} does not run on its database")
-                executed += run_query(databases[seed], predicted) == gold_rows
-        finally:
-            for connection in databases.values():
-                connection.close()
+        outcomes = _outcomes(predictions, examples)
         total = len(examples)
         return {
-            "execution_accuracy": percent(executed, total),
-            "exact_match": percent(exact, total),
+            "execution_accuracy": percent(sum(executed for executed, _ in outcomes), total),
+            "exact_match": percent(sum(exact for _, exact in outcomes), total),
         }
+
+    def rewards(self, completions: Sequence[str], examples: Sequence[Example]) -> list[float]:
+        """GRPO's verifiable reward: 1 where the completion's query returns the gold
+        query's rows on the example's database, else 0."""
+        check_lengths(self.name, completions, examples)
+        return [float(executed) for executed, _ in _outcomes(completions, examples)]
+
+
+def _outcomes(predictions: Sequence[Any], examples: Sequence[Example]) -> list[tuple[bool, bool]]:
+    """(executes to the gold rows, matches the gold query) for each prediction."""
+    databases: dict[int, sqlite3.Connection] = {}
+    outcomes = []
+    try:
+        for prediction, example in zip(predictions, examples, strict=True):
+            seed = example["db_seed"]
+            if seed not in databases:
+                databases[seed] = open_database(seed)
+            predicted, gold = as_text(prediction), example["sql"]
+            gold_rows = run_query(databases[seed], gold)
+            if gold_rows is None:
+                raise TaskError(f"sql: the gold query {gold!r} does not run on its database")
+            executed = run_query(databases[seed], predicted) == gold_rows
+            outcomes.append((executed, normalise(predicted) == normalise(gold)))
+    finally:
+        for connection in databases.values():
+            connection.close()
+    return outcomes
 
 
 def normalise(sql: str) -> str:

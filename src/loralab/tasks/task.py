@@ -18,7 +18,13 @@ class TaskError(ValueError):
 
 @runtime_checkable
 class Task(Protocol):
-    """A built-in task: seeded splits of example dicts, and the metrics to score them."""
+    """A built-in task: seeded splits of example dicts, and the metrics to score them.
+
+    Two capabilities only some tasks have, read with ``getattr`` (None where absent):
+    ``preference_splits(seed, train_size)``, the splits as preference pairs for the
+    preference objectives (e2e), and ``rewards(completions, examples)``, a verifiable
+    reward per completion for GRPO (sql's execution match, e2e's slot coverage).
+    """
 
     name: str
     kind: str

@@ -38,6 +38,8 @@ SCHEDULES = ("linear", "cosine", "constant")
 MODEL_KINDS = ("causal-lm", "classification")
 DEFAULT_STEPS = 100
 REFERENCES = ("start", "base")
+GRPO_LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo")  # objectives/grpo.py's LOSS_TYPES
+REWARD_SCALES = ("group", "batch", "none")
 # The methods whose adapter can be turned off, leaving the base (the reference policy).
 REFERENCE_METHODS = ("lora", "adalora")
 
@@ -116,12 +118,12 @@ class TrainConfig:
     """AdaLoRA: weight of the orthogonality regulariser on P and Q."""
 
     objective: str = "sft"
-    """What training minimises: sft (the completions' loss), or a preference objective on
-    {prompt, chosen, rejected} pairs: dpo, ipo, simpo, orpo
-    (``loralab.training.objectives``)."""
+    """What training minimises: sft (the completions' loss), a preference objective on
+    {prompt, chosen, rejected} pairs (dpo, ipo, simpo, orpo), or grpo, reinforcement
+    learning from a reward on sampled completions (``loralab.training.objectives``)."""
     beta: float | None = None
-    """The preference objective's β: DPO's (default 0.1), IPO's τ (0.1), SimPO's β (2.0),
-    ORPO's λ (0.1)."""
+    """The objective's β: DPO's (default 0.1), IPO's τ (0.1), SimPO's β (2.0), ORPO's λ
+    (0.1), GRPO's KL penalty (0: none, and no reference forward)."""
     simpo_gamma: float = 0.5
     """SimPO: the target margin γ between the replies' rewards."""
     start_adapter: str | None = None
@@ -131,6 +133,29 @@ class TrainConfig:
     """A preference objective's reference policy: start (the model as training starts:
     the base for a new adapter, the start_adapter for one given), or base (the adapter
     turned off). Either runs on the same model: no second copy of it."""
+    reward: str | None = None
+    """GRPO: module:function or path/to/file.py:function, called as TRL calls reward
+    functions (prompts=, completions=, and the prompt records' other fields); None: the
+    task's own (sql: execution match, e2e: slot coverage)."""
+    num_generations: int = 8
+    """GRPO: completions sampled for each prompt (the group G); batch_size counts prompts."""
+    max_new_tokens: int = 64
+    """GRPO: tokens a completion may have at most."""
+    temperature: float = 1.0
+    """GRPO: the sampling temperature."""
+    top_p: float = 1.0
+    """GRPO: nucleus sampling's top-p (1 keeps every token)."""
+    epsilon: float = 0.2
+    """GRPO: the clip range of the ratio, [1 − ε, 1 + epsilon_high]."""
+    epsilon_high: float | None = None
+    """GRPO: the clip's upper ε (DAPO's clip-higher); None: epsilon."""
+    loss_type: str = "dapo"
+    """GRPO: how token losses add up: dapo (over all completion tokens of the step, TRL's
+    default), grpo (per completion, then over completions), bnpo (over the micro-batch's
+    tokens) or dr_grpo (over completions × max_new_tokens)."""
+    scale_rewards: str = "group"
+    """GRPO: divide advantages by the group's reward std (group), the batch's (batch), or
+    not at all (none, as Dr. GRPO)."""
 
     learning_rate: float = 2e-4
     """Peak learning rate of AdamW."""
@@ -306,13 +331,14 @@ class TrainConfig:
             raise ConfigError(f"fsdp cannot train method={self.method!r}: {method.fsdp_refusal}")
 
     def _check_objective(self) -> None:
-        """A preference objective's settings, and what it cannot train with."""
+        """The objective's settings, and what it cannot train with."""
         require_choice("reference", self.reference, REFERENCES)
         require_number("simpo_gamma", self.simpo_gamma, at_least=0)
-        if self.beta is not None:
-            require_number("beta", self.beta, above=0)
         objective = self.objective_object  # an unknown name lists the valid ones
-        if objective is None:
+        if self.beta is not None:
+            require_number("beta", self.beta, **({"at_least": 0} if self.grpo else {"above": 0}))
+        self._check_grpo()
+        if self.objective == "sft":
             for name, default in (("beta", None), ("reference", "start")):
                 if getattr(self, name) != default:
                     raise ConfigError(
@@ -324,25 +350,68 @@ class TrainConfig:
             raise ConfigError(f"objective={self.objective!r} trains a causal LM, not a classifier")
         if self.packing:
             raise ConfigError(
-                f"packing is for supervised fine-tuning; objective={self.objective!r} "
-                "compares the two replies of a pair, one row each"
+                f"packing is for supervised fine-tuning; objective={self.objective!r} runs "
+                "one reply a row"
             )
         if self.fsdp:
             raise ConfigError(f"objective={self.objective!r} does not train under torchrun yet")
-        if objective.uses_reference and self.method not in REFERENCE_METHODS:
+        # GRPO looks at the reference only for its KL penalty
+        needs_reference = bool(self.beta) if self.grpo else objective.uses_reference
+        if needs_reference and self.method not in REFERENCE_METHODS:
+            what = "a KL penalty to" if self.grpo else "comparing with"
+            instead = "beta 0" if self.grpo else "objective simpo or orpo, which need none"
             raise ConfigError(
-                f"objective={self.objective!r} compares with a reference policy, the model "
+                f"objective={self.objective!r} with {what} a reference policy needs the model "
                 "with its adapter turned off, which only LoRA adapters have; method="
-                f"{self.method!r} changes the model otherwise (use method lora or "
-                "adalora, or objective simpo or orpo, which need no reference)"
+                f"{self.method!r} changes the model otherwise (use method lora or adalora, "
+                f"or {instead})"
             )
+
+    def _check_grpo(self) -> None:
+        """GRPO's settings, given only to a GRPO run."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        if not self.grpo:
+            for name in SECTIONS["GRPO"]:
+                if getattr(self, name) != defaults[name]:
+                    raise ConfigError(
+                        f"{name}={getattr(self, name)!r} is a GRPO setting; this run's "
+                        f"objective is {self.objective}"
+                    )
+            return
+        require_int("num_generations", self.num_generations, minimum=2)
+        require_int("max_new_tokens", self.max_new_tokens, minimum=1)
+        require_number("temperature", self.temperature, above=0)
+        require_number("top_p", self.top_p, above=0)
+        if self.top_p > 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        require_number("epsilon", self.epsilon, above=0, below=1)
+        if self.epsilon_high is not None:
+            require_number("epsilon_high", self.epsilon_high, above=0)
+        require_choice("loss_type", self.loss_type, GRPO_LOSS_TYPES)
+        require_choice("scale_rewards", self.scale_rewards, REWARD_SCALES)
+
+    @property
+    def grpo(self) -> bool:
+        return self.objective == "grpo"
 
     @functools.cached_property
     def objective_object(self):
-        """The preference objective (None: supervised fine-tuning)."""
+        """The preference objective (None: supervised fine-tuning, or GRPO)."""
         from .objectives import preference_objective
 
         return preference_objective(self.objective)
+
+    def grpo_settings(self):
+        from .objectives.grpo import GrpoSettings
+
+        return GrpoSettings(
+            epsilon_low=self.epsilon,
+            epsilon_high=self.epsilon if self.epsilon_high is None else self.epsilon_high,
+            beta=self.beta or 0.0,
+            loss_type=self.loss_type,
+            scale_rewards=self.scale_rewards,
+            max_completion_length=self.max_new_tokens,
+        )
 
     def preference_settings(self):
         from .objectives import PreferenceSettings
@@ -428,6 +497,17 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "method": ("method", "prefix_length", "infix_length", "adapter_rank", "top_layers"),
     "LoRA (the fields of loralab.LoraConfig)": tuple(LoraConfig.field_names()),
     "objective": ("objective", "beta", "simpo_gamma", "start_adapter", "reference"),
+    "GRPO": (
+        "reward",
+        "num_generations",
+        "max_new_tokens",
+        "temperature",
+        "top_p",
+        "epsilon",
+        "epsilon_high",
+        "loss_type",
+        "scale_rewards",
+    ),
     "AdaLoRA": (
         "target_r",
         "adalora_tinit",

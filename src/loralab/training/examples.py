@@ -29,6 +29,7 @@ from ..files.atomic_write import text_writer, write_files_atomically
 from ..lora.config import ConfigError
 from ..methods.prefix import PromptTokens
 from .config import TrainConfig
+from .objectives.grpo_step import encode_prompts
 
 
 @dataclass
@@ -79,11 +80,10 @@ def load_examples(config: TrainConfig, data: Any = None) -> Examples:
     validation_rows = validation_rows[: config.validation_size]
     train_examples = [record for _, record in train_rows]
     validation_examples = [record for _, record in validation_rows]
-    pairs = config.objective != "sft"
-    _check_shape_fits_model(label, train_examples, classifier, pairs)
+    _check_shape_fits_model(label, train_examples, classifier, config.objective)
     if validation_examples:
         where = config.validation_data or f"{label} (its validation records)"
-        _check_shape_fits_model(where, validation_examples, classifier, pairs)
+        _check_shape_fits_model(where, validation_examples, classifier, config.objective)
     return Examples(
         train_examples,
         validation_examples,
@@ -105,6 +105,15 @@ def _task_examples(config: TrainConfig, classifier: bool) -> Examples:
     if classifier and task.kind != "classification":
         raise ConfigError(f"task {task.name!r} is not a classification task")
     data_seed = config.seed if config.data_seed is None else config.data_seed
+    if config.grpo:  # the task's prompts, each with what its reward reads; no validation
+        if config.reward is None and getattr(task, "rewards", None) is None:
+            raise ConfigError(
+                f"objective='grpo' needs a reward; task {task.name!r} has none built in (sql "
+                "and e2e have), so give --reward module:function"
+            )
+        return Examples(
+            task.splits(seed=data_seed, train_size=config.train_size)["train"], [], None
+        )
     if config.objective != "sft":
         if getattr(task, "preference_splits", None) is None:
             raise ConfigError(
@@ -207,12 +216,26 @@ VALIDATION_SPLITS = ("validation", "valid", "val", "dev")
 
 
 def _check_shape_fits_model(
-    path: str, examples: list[dict], classifier: bool, pairs: bool = False
+    path: str, examples: list[dict], classifier: bool, objective: str = "sft"
 ) -> None:
-    """A classifier trains on {text, label} records, a preference objective on pairs and
-    supervised fine-tuning of a causal LM on the other shapes; said before the model
-    loads, not when the first record is encoded."""
+    """A classifier trains on {text, label} records, a preference objective on pairs,
+    GRPO on prompts and supervised fine-tuning of a causal LM on the other shapes; said
+    before the model loads, not when the first record is encoded."""
     shape = example_shape(examples[0])
+    if objective == "grpo":
+        if shape not in ("prompt", "prompt_completion"):
+            raise DataError(
+                f"{path}: objective grpo samples completions for {{prompt}} records (other "
+                f"fields go to the reward); these are {shape} records"
+            )
+        return
+    if shape == "prompt":
+        raise DataError(
+            f"{path}: these records have a prompt and no completion: prompts for "
+            "--objective grpo, which samples completions and scores them with a reward; "
+            "supervised fine-tuning needs {prompt, completion} records"
+        )
+    pairs = objective != "sft"
     if pairs and shape != "preference":
         raise DataError(
             f"{path}: a preference objective trains on {{prompt, chosen, rejected}} pairs; "
@@ -241,6 +264,8 @@ def encode_examples(
     preference objective's as pairs."""
 
     def encode(items: list[dict], where: str | list[str]) -> list:
+        if config.grpo:
+            return encode_prompts(tokenizer, items, config.max_length, where)
         if config.objective != "sft":
             return encode_pairs(
                 tokenizer, items, config.max_length, prompt_tokens, config.long_examples, where

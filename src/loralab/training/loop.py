@@ -14,6 +14,7 @@ Started by ``torchrun`` it trains on every process with DDP, or FSDP2 with ``fsd
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import random
 import signal
@@ -70,6 +71,9 @@ from .examples import Datasets, Examples, encode_examples, load_examples, with_d
 from .lean_mlp import lean_mlp
 from .loss import causal_lm_loss
 from .malloc_threshold import map_large_blocks
+from .objectives.grpo import nan_std
+from .objectives.grpo_step import Sampling, grpo_micro_loss, rollout_batch, sample, stop_ids
+from .objectives.rewards import RewardFunction, load_reward
 from .objectives.step import collate_pairs, load_reference_adapter, preference_loss
 from .optimizer import build_optimizer, parameter_groups
 from .packed_attention import check_packed_attention
@@ -114,6 +118,12 @@ def describe_fill(config: TrainConfig, datasets: Datasets) -> str:
     batches, with packing and without (what packing gains on this data)."""
     if config.model_kind != "causal-lm":
         return "fill: a classifier's loss counts one label an example"
+    if config.grpo:
+        return (
+            f"objective grpo: {len(datasets.train)} prompts, {config.num_generations} "
+            f"completions each of up to {config.max_new_tokens} tokens a step's prompt, "
+            f"rewarded by {config.reward or f'the {config.task} task'}"
+        )
     if config.objective_object is not None:
         learnt = sum(map(pair_counted, datasets.train))
         computed = sum(len(pair) for pair in datasets.train)
@@ -316,6 +326,9 @@ class _Run:
     step: int
     pad_id: int
     trainable: ParameterReport
+    reward: RewardFunction | None = None  # GRPO's, with how it samples
+    sampling: Sampling | None = None
+    reward_failures: set[str] = dataclasses.field(default_factory=set)  # said once each
 
 
 def _train(
@@ -387,6 +400,7 @@ def _set_up(
         cleanup.enter_context(lean_mlp(model))  # the model's own forward again at the end
     if config.packing:
         check_packed_attention(model, without_cache(model))
+    reward, sampling = _grpo_parts(config, model, tokenizer) if config.grpo else (None, None)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     runner = _distribute(model, config, world)
@@ -427,7 +441,30 @@ def _set_up(
         step=step,
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
         trainable=trainable,
+        reward=reward,
+        sampling=sampling,
     )
+
+
+def _grpo_parts(
+    config: TrainConfig, model: nn.Module, tokenizer
+) -> tuple[RewardFunction, Sampling]:
+    """GRPO's reward and how it samples (through the engine, which must run the model)."""
+    from ..engine import supported_reason
+
+    reason = supported_reason(model)
+    if reason is not None:
+        raise ConfigError(f"objective grpo samples through loralab's engine: {reason}")
+    _, reward = load_reward(config.reward, config.task if config.data is None else None)
+    one_line = config.data is None  # the built-in tasks answer in one line
+    sampling = Sampling(
+        group_size=config.num_generations,
+        max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        stop_ids=stop_ids(tokenizer, one_line),
+    )
+    return reward, sampling
 
 
 def _adapted_model(
@@ -501,18 +538,21 @@ def _train_step(run: _Run, stop: _StopFlag) -> bool:
     rank was asked to stop (so that all stop after the same step)."""
     config, world = run.config, run.world
     started = time.perf_counter()
-    loss_value, tokens, learnt, metrics = _optimizer_step(
-        run.model,
-        run.optimizer,
-        run.parameters,
-        run.stream,
-        run.datasets.rows,
-        run.pad_id,
-        config,
-        run.method,
-        world=world,
-        runner=run.runner,
-    )
+    if config.grpo:
+        loss_value, tokens, learnt, metrics = _grpo_optimizer_step(run)
+    else:
+        loss_value, tokens, learnt, metrics = _optimizer_step(
+            run.model,
+            run.optimizer,
+            run.parameters,
+            run.stream,
+            run.datasets.rows,
+            run.pad_id,
+            config,
+            run.method,
+            world=world,
+            runner=run.runner,
+        )
     # One collective a step: the loss of the whole batch, and the stop requests.
     loss_value, stopping = sum_over_ranks(world, [loss_value, stop.requested])
     run.scheduler.step()
@@ -688,6 +728,67 @@ def _optimizer_step(
         torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
     optimizer.step()
     return total_loss, tokens, learnt, metrics
+
+
+def _grpo_optimizer_step(run: _Run) -> tuple[float, int, int, dict[str, float]]:
+    """Sample the step's completions, then one update on their clipped surrogate, the
+    completions split into ``gradient_accumulation`` micro-batches (``grpo_step.py``)."""
+    config, model = run.config, run.model
+    prompts = [run.datasets.rows[i] for i in next(run.stream)]
+    rollouts = sample(
+        model,
+        run.tokenizer,
+        prompts,
+        run.sampling,
+        config.seed,
+        run.step,
+        run.reward,
+        config.scale_rewards,
+        run.reward_failures,
+    )
+    settings = config.grpo_settings()
+    count = len(rollouts.completions)
+    parts = min(config.gradient_accumulation, count)
+    chunks = [list(range(count))[i::parts] for i in range(parts)]
+    run.optimizer.zero_grad(set_to_none=True)
+    total, measured = 0.0, {}
+    for chunk in chunks:
+        batch = to_device(rollout_batch(rollouts, chunk, run.pad_id), run.world.device)
+        advantages = rollouts.advantages[chunk].to(run.world.device)
+        with torch.autocast(run.world.device.type, dtype=torch.bfloat16, enabled=config.bf16):
+            loss, figures = grpo_micro_loss(
+                run.runner,
+                model,
+                batch,
+                advantages,
+                settings,
+                rollouts.sampled_tokens,
+                without_cache(model),
+                config.temperature,
+            )
+        if settings.loss_type != "dapo":  # dapo divides by the whole step's tokens already
+            loss = loss / len(chunks)
+        loss.backward()
+        total += loss.item()
+        for key, value in figures.items():
+            measured[key] = measured.get(key, 0.0) + value / len(chunks)
+    if config.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(run.parameters, config.max_grad_norm)
+    run.optimizer.step()
+    rewards = rollouts.rewards
+    groups = rewards.view(-1, config.num_generations)
+    metrics = {
+        "reward": float(torch.nanmean(rewards)),
+        "reward_std": float(nan_std(rewards)),
+        "rewards/skipped": int(rewards.isnan().sum()),
+        "frac_reward_zero_std": float((nan_std(groups, dim=1).nan_to_num(0.0) == 0).float().mean()),
+        "completion_length": rollouts.sampled_tokens / count,
+        "rollout_tokens_per_s": rollouts.sampled_tokens / rollouts.seconds,
+        "rollout_seconds": rollouts.seconds,
+        **measured,
+    }
+    tokens = sum(len(p) for p in rollouts.prompts) + rollouts.sampled_tokens
+    return total, tokens, rollouts.sampled_tokens, metrics
 
 
 class _StopFlag:

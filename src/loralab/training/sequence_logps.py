@@ -47,18 +47,24 @@ def row_log_probs(runner: nn.Module, model: nn.Module, batch: dict[str, Tensor])
     return RowLogProbs(total, counted.sum(1).to(token.dtype))
 
 
-def token_log_probs(runner: nn.Module, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+def token_log_probs(
+    runner: nn.Module, model: nn.Module, batch: dict[str, Tensor], temperature: float = 1.0
+) -> Tensor:
     """(R, T − 1): log p(token t + 1 | tokens up to t) where the labels count it, 0
-    elsewhere (GRPO's per-token ratios)."""
+    elsewhere (GRPO's per-token ratios), under the logits divided by ``temperature``
+    (the distribution the tokens were sampled from, as TRL's GRPO has it)."""
     labels = batch["labels"]
     counted = labels[:, 1:] != IGNORE_INDEX
-    token = counted_log_probs(runner, model, batch)
+    token = counted_log_probs(runner, model, batch, temperature)
     out = torch.zeros(counted.shape, dtype=token.dtype, device=token.device)
     return out.masked_scatter(counted, token)
 
 
-def counted_log_probs(runner: nn.Module, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """(N,): the log-probability of each counted token, in row-major order."""
+def counted_log_probs(
+    runner: nn.Module, model: nn.Module, batch: dict[str, Tensor], temperature: float = 1.0
+) -> Tensor:
+    """(N,): the log-probability of each counted token, in row-major order (the logits
+    divided by ``temperature``)."""
     labels = batch["labels"]
     targets = labels[:, 1:]  # position t predicts token t + 1
     counted = targets != IGNORE_INDEX  # (R, T - 1)
@@ -68,7 +74,7 @@ def counted_log_probs(runner: nn.Module, model: nn.Module, batch: dict[str, Tens
     trains = head is not None and any(p.requires_grad for p in head.parameters())
     if found is None or trains:
         logits = runner(**inputs).logits[:, :-1]  # (R, T - 1, V)
-        picked = logits[counted].float().log_softmax(-1)  # (N, V)
+        picked = (logits[counted].float() / temperature).log_softmax(-1)  # (N, V)
         token = picked.gather(1, targets[counted].unsqueeze(1)).squeeze(1)  # (N,)
     else:
         parent, attribute, head = found
@@ -77,7 +83,9 @@ def counted_log_probs(runner: nn.Module, model: nn.Module, batch: dict[str, Tens
         weight = head.dequantized() if isinstance(head, PackedLinear) else head.weight
         bias = _detached(head.bias)
         chunk = chunk_size(head)
-        token = TokenLogProbs.apply(hidden[counted], weight.detach(), bias, targets[counted], chunk)
+        token = TokenLogProbs.apply(
+            hidden[counted], weight.detach(), bias, targets[counted], chunk, 1 / temperature
+        )
     return token
 
 
@@ -91,13 +99,15 @@ class TokenLogProbs(torch.autograd.Function):
     of the hidden states) instead of its logits (N × vocab)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk):  # (N, d), (V, d), (V,), (N,)
+    def forward(ctx, hidden, weight, bias, targets, chunk, scale=1.0):  # (N, d), (V, d), (V,), (N,)
         values = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         grad_rows = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         for start in range(0, hidden.shape[0], chunk):
             logits = None  # the last chunk's logits go before this chunk's are made
             wanted = targets[start : start + chunk]
             logits = F.linear(hidden[start : start + chunk], weight, bias).float()  # (C, V)
+            if scale != 1.0:  # a temperature: the tempered distribution's probabilities
+                logits = logits.mul_(scale)
             log_normaliser = row_logsumexp(logits)
             values[start : start + chunk] = (
                 logits.gather(1, wanted.unsqueeze(1)).squeeze(1) - log_normaliser
@@ -106,16 +116,17 @@ class TokenLogProbs(torch.autograd.Function):
                 continue
             probabilities = logits.sub_(log_normaliser.unsqueeze(1)).exp_().neg_()  # −softmax
             probabilities[torch.arange(len(wanted), device=logits.device), wanted] += 1
-            grad_rows[start : start + chunk] = probabilities.to(weight.dtype) @ weight
+            grad_rows[start : start + chunk] = probabilities.to(weight.dtype) @ weight * scale
         ctx.save_for_backward(*(() if grad_rows is None else (grad_rows,)))
         return values
 
     @staticmethod
     def backward(ctx, grad_values):  # (N,)
         if not ctx.saved_tensors:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         (grad_rows,) = ctx.saved_tensors
-        return grad_rows * grad_values.unsqueeze(1).to(grad_rows.dtype), None, None, None, None
+        grad_hidden = grad_rows * grad_values.unsqueeze(1).to(grad_rows.dtype)
+        return grad_hidden, None, None, None, None, None
 
 
 __all__ = ["RowLogProbs", "TokenLogProbs", "counted_log_probs", "row_log_probs", "token_log_probs"]

@@ -1,6 +1,7 @@
 """What a run minimises: supervised fine-tuning's loss (``sft``, the training loop's own),
-or a preference objective on pairs of replies (``dpo``, ``ipo``, ``simpo``, ``orpo``).
-Each preference objective is one file and its line here."""
+a preference objective on pairs of replies (``dpo``, ``ipo``, ``simpo``, ``orpo``), or
+GRPO's clipped surrogate on sampled completions (``grpo``, ``grpo.py`` and
+``grpo_step.py``). Each preference objective is one file and its line here."""
 
 from __future__ import annotations
 
@@ -14,12 +15,12 @@ from .simpo import Simpo
 PREFERENCE_OBJECTIVES: dict[str, PreferenceObjective] = {
     objective.name: objective for objective in (Dpo(), Ipo(), Simpo(), Orpo())
 }
-OBJECTIVE_NAMES = ("sft", *PREFERENCE_OBJECTIVES)
+OBJECTIVE_NAMES = ("sft", *PREFERENCE_OBJECTIVES, "grpo")
 
 
 def preference_objective(name: str) -> PreferenceObjective | None:
-    """The preference objective called ``name``; None for ``sft``."""
-    if name == "sft":
+    """The preference objective called ``name``; None for ``sft`` and ``grpo``."""
+    if name in ("sft", "grpo"):
         return None
     try:
         return PREFERENCE_OBJECTIVES[name]
