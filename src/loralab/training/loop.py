@@ -384,6 +384,7 @@ def _set_up(
         saved = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=True)
     check_tensorboard(config.tensorboard)
     examples = load_examples(config, data)  # bad data fails before the model is loaded
+    reward = _grpo_reward(config) if config.grpo else None  # so does a bad reward
     model, tokenizer = _adapted_model(config, model, tokenizer, examples, checkpoint, world)
     # After the method: a prefix method's special tokens are part of every example.
     datasets = encode_examples(config, examples, tokenizer, prompt_tokens(model))
@@ -400,7 +401,7 @@ def _set_up(
         cleanup.enter_context(lean_mlp(model))  # the model's own forward again at the end
     if config.packing:
         check_packed_attention(model, without_cache(model))
-    reward, sampling = _grpo_parts(config, model, tokenizer) if config.grpo else (None, None)
+    sampling = _grpo_sampling(config, tokenizer) if config.grpo else None
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     runner = _distribute(model, config, world)
@@ -446,25 +447,32 @@ def _set_up(
     )
 
 
-def _grpo_parts(
-    config: TrainConfig, model: nn.Module, tokenizer
-) -> tuple[RewardFunction, Sampling]:
-    """GRPO's reward and how it samples (through the engine, which must run the model)."""
+def _grpo_reward(config: TrainConfig) -> RewardFunction:
+    """GRPO's reward: the task's, or the user's function (loaded before the model)."""
+    return load_reward(config.reward, config.task if config.data is None else None)[1]
+
+
+def _check_engine_runs(model: nn.Module) -> None:
+    """GRPO samples through the engine: a model it cannot run is refused before the
+    method touches it."""
     from ..engine import supported_reason
 
     reason = supported_reason(model)
     if reason is not None:
         raise ConfigError(f"objective grpo samples through loralab's engine: {reason}")
-    _, reward = load_reward(config.reward, config.task if config.data is None else None)
-    one_line = config.data is None  # the built-in tasks answer in one line
-    sampling = Sampling(
+
+
+def _grpo_sampling(config: TrainConfig, tokenizer) -> Sampling:
+    """How GRPO samples: G completions a prompt, ending at the end of sequence (and at a
+    newline for the built-in tasks, which answer in one line)."""
+    one_line = config.data is None
+    return Sampling(
         group_size=config.num_generations,
         max_new_tokens=config.max_new_tokens,
         temperature=config.temperature,
         top_p=config.top_p,
         stop_ids=stop_ids(tokenizer, one_line),
     )
-    return reward, sampling
 
 
 def _adapted_model(
@@ -488,6 +496,8 @@ def _adapted_model(
             device=world.device,  # where bitsandbytes quantizes
             **labels,
         )
+    if config.grpo:
+        _check_engine_runs(model)
     if checkpoint is not None:
         load_method(model, checkpoint / "adapter")
     elif config.start_adapter is not None:
