@@ -48,7 +48,9 @@ def test_mean_and_sample_standard_deviation():
     assert mean_std([4.0]) == (4.0, 0.0)
 
 
-@pytest.mark.parametrize("name", ["methods", "ranks", "low-data", "scaling", "lora-pe", "adalora"])
+@pytest.mark.parametrize(
+    "name", ["methods", "ranks", "low-data", "scaling", "lora-pe", "adalora", "dpo", "grpo"]
+)
 def test_training_experiments_run_end_to_end_and_write_their_outputs(
     name, tiny_tasks, monkeypatch, tmp_path
 ):
@@ -60,6 +62,10 @@ def test_training_experiments_run_end_to_end_and_write_their_outputs(
         monkeypatch.setattr(module, "SIZES", (6, 12))
     if name == "methods":
         monkeypatch.setattr(module, "QUICK_TASKS", ("e2e",))
+    if name == "grpo":  # two GRPO steps of tiny rollouts
+        settings = {**module.GRPO_SETTINGS, "batch_size": 2, "num_generations": 2}
+        monkeypatch.setattr(module, "GRPO_SETTINGS", {**settings, "max_new_tokens": 4})
+        monkeypatch.setattr(module, "GRPO_STEPS", {"quick": 2, "full": 2})
     if name == "scaling":
         families = {family: variants[:2] for family, variants in module.FAMILIES.items()}
         monkeypatch.setattr(module, "FAMILIES", families)

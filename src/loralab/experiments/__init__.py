@@ -33,6 +33,7 @@ EXPERIMENT_MODULES = {
     "subspace": "subspace",
     "recipe": "recipe",  # not a finding: whether LoRA's plateau on nli is the recipe's
     "dpo": "preference",  # beyond the paper: DPO after SFT (issue 33)
+    "grpo": "grpo",  # beyond the paper: GRPO on a verifiable reward after SFT (issue 33)
 }
 EXPERIMENT_NAMES = tuple(EXPERIMENT_MODULES)
 

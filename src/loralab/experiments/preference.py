@@ -8,22 +8,17 @@ itself. Both adapters are scored on the same test split: BLEU, the slot errors o
 greedy outputs (slots dropped or invented per 100 MRs), and the held-out preference
 accuracy (the share of test pairs whose chosen text gets the higher log-probability).
 
-The two stages of a seed run in one worker, the seeds side by side. The result store is
-not used: a DPO run needs its SFT run's adapter, which the store does not keep.
+The two stages run as ``after_sft.py`` runs them (the result store is not used).
 """
 
 from __future__ import annotations
 
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 
-from transformers.utils import logging as transformers_logging
-
+from .after_sft import Stages, run_stages, values
 from .report import Report, format_mean_std, markdown_table, mean_std, runs_as_dicts
-from .runs import RUN_THREADS, RunResult, run_settings, say, start_worker, torch_threads
-from .settings import DATA_SEED, Arm, Scale
+from .runs import RunResult
+from .settings import DATA_SEED, Scale
 
 NAME = "dpo"
 SUMMARY = "DPO on e2e preference pairs after SFT, against the SFT adapter alone"
@@ -44,61 +39,19 @@ METRICS = (
 
 
 def run(scale: Scale, workdir: Path) -> Report:
-    context = multiprocessing.get_context("spawn")
-    quiet = (transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled())
-    results: list[RunResult] = []
-    workers = max(1, min(scale.jobs, len(scale.seeds)))
-    with ProcessPoolExecutor(
-        workers, mp_context=context, initializer=start_worker, initargs=quiet
-    ) as pool:
-        for pair in pool.map(_seed, [(seed, scale, workdir) for seed in scale.seeds]):
-            for result in pair:
-                shown = ", ".join(f"{k} {v:.2f}" for k, v in result.metrics.items())
-                say(f"{NAME}: {result.label}, seed {result.seed}: {shown}")
-            results += pair
-    return Report(
-        NAME, SUMMARY, _body(results), {"runs": runs_as_dicts(results)}, _draw(results), scale
-    )
+    stages = Stages("e2e", SFT, DPO, DPO_SETTINGS, score=held_out_pairs)
+    results = run_stages(NAME, stages, scale, workdir)
+    raw = {"runs": runs_as_dicts(results)}
+    return Report(NAME, SUMMARY, _body(results), raw, _draw(results), scale)
 
 
-def _seed(job: tuple[int, Scale, Path]) -> tuple[RunResult, RunResult]:
-    """One seed's SFT run and the DPO run that continues it, each scored."""
-    seed, scale, workdir = job
-    with torch_threads(RUN_THREADS):
-        sft = _train_and_score(Arm(SFT, "e2e"), seed, scale, workdir)
-        start = {"start_adapter": str(Path(sft.settings["output_dir"]) / "adapter")}
-        dpo = _train_and_score(Arm(DPO, "e2e", {**DPO_SETTINGS, **start}), seed, scale, workdir)
-    return sft, dpo
-
-
-def _train_and_score(arm: Arm, seed: int, scale: Scale, workdir: Path) -> RunResult:
-    from ..evaluate import evaluate_task, score_pairs
+def held_out_pairs(model, tokenizer, test_size: int) -> dict[str, float]:
+    """Preference accuracy and log-prob margin on the test split's pairs."""
+    from ..evaluate import score_pairs
     from ..tasks import get_task
-    from ..training.config import TrainConfig
-    from ..training.loop import train
 
-    settings = run_settings(arm, seed, replace(scale, quantized_base=None), workdir)
-    result = train(TrainConfig(**settings))
-    task = get_task("e2e")
-    test = task.splits(seed=DATA_SEED, test_size=scale.test_size)["test"]
-    pairs = task.preference_splits(seed=DATA_SEED)["test"][: scale.test_size]
-    evaluation = evaluate_task(result.model, result.tokenizer, task, test, batch_size=32)
-    ranked = score_pairs(result.model, result.tokenizer, pairs, batch_size=16)
-    return RunResult(
-        label=arm.label,
-        task="e2e",
-        seed=seed,
-        metrics={**evaluation.metrics, **ranked},
-        trainable=result.trainable,
-        total=result.total,
-        train_seconds=result.seconds,
-        eval_seconds=evaluation.seconds,
-        settings=settings,
-    )
-
-
-def values(results: list[RunResult], label: str, metric: str) -> list[float]:
-    return [r.metrics[metric] for r in results if r.label == label]
+    pairs = get_task("e2e").preference_splits(seed=DATA_SEED)["test"][:test_size]
+    return score_pairs(model, tokenizer, pairs, batch_size=16)
 
 
 def _body(results: list[RunResult]) -> str:

@@ -105,13 +105,21 @@ class RunLog:
         return [(e["step"], e["validation_loss"]) for e in self.history if "validation_loss" in e]
 
     def plot(self, path: Path) -> None:
-        """The training and validation loss against the step, as a PNG."""
+        """The training and validation loss against the step, as a PNG; beside it, for a
+        GRPO run, the mean reward of each step's completions."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        figure, axis = plt.subplots(figsize=(6, 3.5))
+        rewards = [(e["step"], e["reward"]) for e in self.history if "reward" in e]
+        if rewards:
+            figure, (axis, right) = plt.subplots(1, 2, figsize=(10, 3.5))
+            right.plot(*zip(*rewards, strict=True), linewidth=1)
+            right.set_xlabel("step")
+            right.set_ylabel("mean reward")
+        else:
+            figure, axis = plt.subplots(figsize=(6, 3.5))
         train = [(e["step"], e["loss"]) for e in self.history if "loss" in e]
         if train:
             axis.plot(*zip(*train, strict=True), label="training loss", linewidth=1)
