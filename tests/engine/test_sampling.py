@@ -76,3 +76,25 @@ def test_decoding_with_seeds_repeats_and_greedy_rows_stay_greedy():
         decode(model, prompts, 4, sampling=[RowSampling()])
     with pytest.raises(ValueError, match="every prompt needs at least one token"):
         decode(model, [[1], []], 4)
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9, 0.5])
+def test_the_head_first_draw_is_the_full_sort_s_draw(top_p):
+    """Past ``HEAD_TOKENS`` tokens the draw is looked for among the most likely first; the
+    tokens chosen are those of the draw on the whole sorted vocabulary, in the head and in
+    the tail (where a fifth of the mass lies here)."""
+    from loralab.engine.sampling import HEAD_TOKENS, _from_sorted
+
+    generator = torch.Generator().manual_seed(0)
+    vocabulary = 4 * HEAD_TOKENS
+    logits = torch.randn(vocabulary, generator=generator)
+    draws = 4000
+    uniform = (torch.arange(draws) + 0.5) / draws
+    rows = logits.expand(draws, -1)
+    temperature, nucleus = torch.ones(draws), torch.full((draws,), top_p)
+    chosen = choose(rows, temperature, nucleus, uniform)
+    reference = _from_sorted(rows.softmax(-1), nucleus, uniform)
+    assert (chosen != reference).sum() <= 2  # a draw on a boundary may round either way
+    probabilities = logits.softmax(-1)
+    tail = probabilities.sort(descending=True).values[HEAD_TOKENS:].sum()
+    assert top_p < 1 or tail > 0.05  # the tail is drawn from, not only the head

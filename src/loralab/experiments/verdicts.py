@@ -319,6 +319,24 @@ def dpo_after_sft(results: Results) -> Judged:
     return [(measured, _both(fewer, better))]
 
 
+def grpo_after_sft(results: Results) -> Judged:
+    runs = results.raw.get("grpo", {}).get("runs", [])
+    if not runs:
+        return []
+    values = {
+        label: [r["metrics"]["execution_accuracy"] for r in runs if r["label"] == label]
+        for label in ("SFT", "SFT + GRPO")
+    }
+    stats = {
+        label: Stat(statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v))
+        for label, v in values.items()
+    }
+    sft, grpo = stats["SFT"], stats["SFT + GRPO"]
+    measured = f"sql execution accuracy: SFT {sft}, SFT + GRPO {grpo}"
+    verdict = HOLDS if beats(grpo, sft) else PARTLY if grpo.mean > sft.mean else FAILS
+    return [(measured, verdict)]
+
+
 def adalora_against_lora(results: Results) -> Judged:
     judged = []
     for task in results.tasks("adalora"):
@@ -434,6 +452,15 @@ FINDINGS = (
         f"{FAILS}: neither",
         "dpo",
         dpo_after_sft,
+    ),
+    Finding(
+        "Beyond the paper: GRPO on a verifiable reward after SFT",
+        "not in the paper (issue 33): GRPO (Shao et al., 2024) on sql, rewarded by whether "
+        "the generated query returns the gold rows, continuing the SFT adapter",
+        f"{HOLDS}: SFT + GRPO above SFT in execution accuracy by more than the margin; "
+        f"{PARTLY}: higher within the margin; {FAILS}: not higher",
+        "grpo",
+        grpo_after_sft,
     ),
 )
 

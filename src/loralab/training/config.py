@@ -355,6 +355,11 @@ class TrainConfig:
             )
         if self.fsdp:
             raise ConfigError(f"objective={self.objective!r} does not train under torchrun yet")
+        if self.grpo and (self.validation_data or self.validation_split_fraction):
+            raise ConfigError(
+                "objective grpo has no validation loss (each step logs its completions' "
+                "reward); drop validation_data and validation_split_fraction"
+            )
         # GRPO looks at the reference only for its KL penalty
         needs_reference = bool(self.beta) if self.grpo else objective.uses_reference
         if needs_reference and self.method not in REFERENCE_METHODS:
@@ -496,6 +501,15 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     ),
     "method": ("method", "prefix_length", "infix_length", "adapter_rank", "top_layers"),
     "LoRA (the fields of loralab.LoraConfig)": tuple(LoraConfig.field_names()),
+    "AdaLoRA": (
+        "target_r",
+        "adalora_tinit",
+        "adalora_tfinal",
+        "adalora_delta_t",
+        "adalora_beta1",
+        "adalora_beta2",
+        "orth_reg_weight",
+    ),
     "objective": ("objective", "beta", "simpo_gamma", "start_adapter", "reference"),
     "GRPO": (
         "reward",
@@ -507,15 +521,6 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "epsilon_high",
         "loss_type",
         "scale_rewards",
-    ),
-    "AdaLoRA": (
-        "target_r",
-        "adalora_tinit",
-        "adalora_tfinal",
-        "adalora_delta_t",
-        "adalora_beta1",
-        "adalora_beta2",
-        "orth_reg_weight",
     ),
     "optimisation": (
         "learning_rate",

@@ -288,6 +288,11 @@ def train(config: TrainConfig, model=None, tokenizer=None, data: Any = None) -> 
         raise ConfigError(
             f"the data is given twice: config.data ({config.data}) and train(data=...); give one"
         )
+    if world.active and config.objective != "sft":
+        raise ConfigError(
+            f"objective={config.objective!r} trains in one process; torchrun runs "
+            "supervised fine-tuning (objective sft) only, for now"
+        )
     join(world)
     last_complete = f"the last complete checkpoint stays in {Path(config.output_dir) / CHECKPOINT}"
     try:
