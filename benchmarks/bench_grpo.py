@@ -33,7 +33,7 @@ from measure import command_line, load_average, machine_line, median, now, resul
 MODEL = "smollm2-135m"
 RESULTS = Path(__file__).with_name("results_grpo.md")
 PROMPTS, GROUP, NEW_TOKENS, REPS = 4, 8, 32, 3
-SIDES = ("loralab", "trl")
+SIDES = ("loralab", "trl", "floor")
 
 
 def _prompts() -> list[dict]:
@@ -79,6 +79,35 @@ def loralab_rollouts() -> dict:
         "mean_tokens": tokens / len(figures) / (PROMPTS * GROUP),
         "seconds_per_rollout": sum(f[2] for f in figures) / len(figures),
     }
+
+
+def floor() -> dict:
+    """The same rows decoded greedily through the engine to the lengths loralab's sampled
+    completions had (no sampling at all): the forward passes alone, below which no
+    sampler on this model and CPU goes."""
+    from loralab import LoraConfig, inject_adapter
+    from loralab.engine import decode
+
+    model, tokenizer = _model()
+    inject_adapter(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    model.eval()
+    rows = [p["input_ids"] for p in _encoded(tokenizer) for _ in range(GROUP)]
+    figures = []
+    for rep in range(REPS + 1):
+        started = time.perf_counter()
+        completions = decode(model, rows, NEW_TOKENS)
+        seconds = time.perf_counter() - started
+        if rep:
+            figures.append((sum(map(len, completions)), seconds))
+    return {
+        "tokens_per_s": sum(f[0] for f in figures) / sum(f[1] for f in figures),
+        "mean_tokens": NEW_TOKENS,
+        "seconds_per_rollout": sum(f[1] for f in figures) / len(figures),
+    }
+
+
+def _encoded(tokenizer) -> list[dict]:
+    return [{"input_ids": tokenizer(p["prompt"])["input_ids"]} for p in _prompts()]
 
 
 def trl_rollouts() -> dict:
@@ -170,7 +199,12 @@ def loralab_step() -> dict:
     }
 
 
-WORKERS = {"loralab": loralab_rollouts, "trl": trl_rollouts, "loralab-step": loralab_step}
+WORKERS = {
+    "loralab": loralab_rollouts,
+    "trl": trl_rollouts,
+    "floor": floor,
+    "loralab-step": loralab_step,
+}
 
 
 def worker(arguments: list[str]) -> None:
@@ -191,6 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     results["loralab-step"].append(run_worker(__file__, ["loralab-step"], "a loralab GRPO step"))
     ours = median([r["tokens_per_s"] for r in results["loralab"]])
     theirs = median([r["tokens_per_s"] for r in results["trl"]])
+    limit = median([r["tokens_per_s"] for r in results["floor"]])
     ratios = [
         a["tokens_per_s"] / b["tokens_per_s"]
         for a, b in zip(results["loralab"], results["trl"], strict=True)
@@ -201,6 +236,9 @@ def main(argv: list[str] | None = None) -> None:
         f"[{min(ratios):.2f}–{max(ratios):.2f}] | "
         f"{median([r['mean_tokens'] for r in results['loralab']]):.1f} | "
         f"{median([r['seconds_per_rollout'] for r in results['loralab']]):.2f} |",
+        f"| the floor: the same rows decoded greedily (forwards alone) | {limit:.0f} | "
+        f"{limit / theirs:.2f}× | {NEW_TOKENS} | "
+        f"{median([r['seconds_per_rollout'] for r in results['floor']]):.2f} |",
         f"| TRL `GRPOTrainer` + PEFT | {theirs:.0f} | 1.00× | "
         f"{median([r['mean_tokens'] for r in results['trl']]):.1f} | "
         f"{median([r['seconds_per_rollout'] for r in results['trl']]):.2f} |",
