@@ -27,6 +27,11 @@ EXAMPLES = {
         {"prompt": "2+2=", "answer": 4},  # the other fields are the reward's to read
         "prompt",
     ),
+    "unpaired-preference": (
+        {"prompt": "2+2=", "completion": " 5", "label": False, "id": 3},
+        {"prompt": "2+2=", "completion": " 5", "label": False},
+        "unpaired",
+    ),
     "messages": ({"messages": CHAT, "source": "x"}, {"messages": CHAT}, "messages"),
     "text": ({"text": "Once upon a time"}, {"text": "Once upon a time"}, "text"),
     "classification": (

@@ -65,14 +65,14 @@ def test_dpo_run_starts_at_ln2_learns_the_choice_and_logs_trls_metrics(tmp_path,
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
 
 
-@pytest.mark.parametrize("objective", ["ipo", "simpo", "orpo"])
+@pytest.mark.parametrize("objective", ["ipo", "simpo", "orpo", "kto"])
 def test_each_objective_trains_and_its_reward_margin_grows(tmp_path, tiny_model_dir, objective):
     model, tokenizer = tiny_pair(tiny_model_dir)
     config = preference_config(tmp_path, objective=objective, max_steps=20, save_every=0)
     train(config, model=model, tokenizer=tokenizer)
-    steps = _metrics(tmp_path / "run")
-    early = sum(s["rewards/margins"] for s in steps[:3]) / 3
-    late = sum(s["rewards/margins"] for s in steps[-3:]) / 3
+    # KTO logs a margin for batches holding both kinds of completion (as TRL does)
+    margins = [s["rewards/margins"] for s in _metrics(tmp_path / "run") if "rewards/margins" in s]
+    early, late = sum(margins[:3]) / 3, sum(margins[-3:]) / 3
     assert late > early, (early, late)
 
 
@@ -174,3 +174,26 @@ def test_the_command_line_trains_dpo_on_the_e2e_pairs(tmp_path, tiny_model_dir, 
     assert main([*argv, "--no-progress"]) == 0
     steps = _metrics(run)
     assert len(steps) == 2 and abs(steps[0]["loss"] - math.log(2)) < 1e-6
+
+
+def test_kto_trains_on_completions_marked_desirable_or_not(tmp_path, tiny_model_dir):
+    records = [
+        {"prompt": f"Reverse {w}:", "completion": f" {w[::-1] if good else w}", "label": good}
+        for w in ("cat0", "dog1", "bird2", "fish0", "lion1", "bear2")
+        for good in (True, False)
+    ]
+    path = tmp_path / "unpaired.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    model, tokenizer = tiny_pair(tiny_model_dir)
+    config = preference_config(
+        tmp_path, objective="kto", data=str(path), validation_data=str(path), save_every=0
+    )
+    result = train(config, model=model, tokenizer=tokenizer)
+    steps = _metrics(tmp_path / "run")
+    assert len(steps) == 6 and all("kl" in s for s in steps)
+    assert result.validation[-1][1] < result.validation[0][1] + 1e-6
+    with pytest.raises(DataError, match="they train with --objective kto"):
+        train(run_config(tmp_path, "sft", data=str(path)), model=model, tokenizer=tokenizer)
+    with pytest.raises(DataError, match="they train with --objective kto"):
+        dpo = preference_config(tmp_path, "dpo", data=str(path), validation_data=None)
+        train(dpo, model=model, tokenizer=tokenizer)

@@ -16,7 +16,7 @@ from .records import DataError, example_shape
 IGNORE_INDEX = -100  # label of a position the loss does not count
 PREFERENCE_REFUSAL = (
     "supervised fine-tuning (objective sft) learns one reply, not a choice between two; "
-    "give --objective dpo (or ipo, simpo, orpo) to learn the choice, or the chosen replies "
+    "give --objective dpo (or ipo, simpo, orpo, kto) to learn the choice, or the chosen replies "
     "as {prompt, completion} or {messages} records to fine-tune on them"
 )
 
@@ -112,7 +112,7 @@ def encode_causal(
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     prefix = list(prompt_tokens.prefix) if prompt_tokens else []
     infix = list(prompt_tokens.infix) if prompt_tokens else []
-    if shape == "prompt_completion":
+    if shape in ("prompt_completion", "unpaired"):  # KTO's completion, encoded alike
         prompt = encode_prompt(tokenizer, example["prompt"], prompt_tokens)
         completion = tokenizer(example["completion"], add_special_tokens=False)["input_ids"] + eos
         ids, labels = prompt + completion, [IGNORE_INDEX] * len(prompt) + completion

@@ -12,6 +12,7 @@
 | ``alpaca`` | ``instruction``, ``output`` (``input``, ``system``) | ``messages`` |
 | ``sharegpt`` | ``conversations`` of ``from``/``value`` | ``messages`` |
 | ``preference`` | ``chosen``, ``rejected`` (``prompt``): text or chats, as TRL has them | itself |
+| ``unpaired-preference`` | ``prompt``, ``completion``, ``label`` (true/false: KTO) | ``unpaired`` |
 
 Alpaca becomes a chat: the instruction (and its input, after a blank line) from the user,
 the output from the assistant, which the loss counts (the model's chat template renders
@@ -155,8 +156,17 @@ _register(
     Layout(
         "prompt-completion",
         ("prompt", "completion"),
-        lambda r: "completion" in r,
+        lambda r: "completion" in r and not isinstance(r.get("label"), bool),
         _keep("prompt", "completion"),
+    )
+)
+_register(
+    Layout(
+        "unpaired-preference",
+        ("prompt", "completion", "label"),
+        # TRL's KTO layout: one completion and whether it is desirable
+        lambda r: "completion" in r and isinstance(r.get("label"), bool),
+        _keep("prompt", "completion", "label"),
     )
 )
 _register(

@@ -1,6 +1,7 @@
-"""Preference pairs as token ids: one prompt, a chosen and a rejected reply, each side
-encoded as a supervised example of its own (``encoding.py``), so that the loss counts the
-reply's tokens exactly where supervised fine-tuning on it would.
+"""Preference data as token ids: pairs (one prompt, a chosen and a rejected reply, each side
+encoded as a supervised example of its own, ``encoding.py``, so that the loss counts the
+reply's tokens exactly where supervised fine-tuning on it would), and unpaired completions
+(KTO's: one reply and whether it is desirable; a pair gives one of each).
 
 A pair is given as TRL writes it: ``{prompt, chosen, rejected}`` as text or as chats, or
 ``{chosen, rejected}`` alone with the prompt inside each side (the longest common start
@@ -122,3 +123,52 @@ def encode_pairs(
             named = where[number - 1] if isinstance(where, list) else f"{where} {number}"
             raise DataError(f"{named}: {error}") from None
     return pairs
+
+
+@dataclass
+class EncodedCompletion:
+    """One completion of a prompt and whether it is desirable (KTO), as token ids; KTO's
+    KL estimate puts another example's completion after this prompt."""
+
+    prompt: list[int]
+    completion: list[int]
+    desirable: bool
+
+    def __len__(self) -> int:
+        return len(self.prompt) + len(self.completion)
+
+
+def split_side(side: Encoded, desirable: bool) -> EncodedCompletion:
+    """A supervised example as its prompt's ids and its reply's (the counted tail)."""
+    start = next(i for i, label in enumerate(side.labels) if label != IGNORE_INDEX)
+    return EncodedCompletion(side.input_ids[:start], side.input_ids[start:], desirable)
+
+
+def encode_completions(
+    tokenizer,
+    records: list[dict],
+    max_length: int,
+    prompt_tokens: PromptTokens | None = None,
+    long_examples: str = "truncate",
+    where: str | list[str] = "record",
+) -> list[EncodedCompletion]:
+    """KTO's examples: each ``{prompt, completion, label}`` record, or both replies of a
+    preference pair (the chosen desirable, the rejected not)."""
+    examples = []
+    for number, record in enumerate(records, start=1):
+        try:
+            if "chosen" in record:
+                pair = encode_pair(tokenizer, record, max_length, prompt_tokens, long_examples)
+                examples += [split_side(pair.chosen, True), split_side(pair.rejected, False)]
+                continue
+            side = encode_causal(tokenizer, record, max_length, prompt_tokens, "all", long_examples)
+            if counted(side) == 0:
+                raise DataError(
+                    f"the completion starts after max_length={max_length} tokens; raise "
+                    "--max-length or shorten the prompt"
+                )
+            examples.append(split_side(side, record["label"]))
+        except DataError as error:
+            named = where[number - 1] if isinstance(where, list) else f"{where} {number}"
+            raise DataError(f"{named}: {error}") from None
+    return examples

@@ -10,6 +10,8 @@ and ``save_to_disk`` folders: ``arrow_files.py``), its records all of one of the
 - ``{text}``: language modelling, every token counts;
 - ``{text, label}`` (and optionally ``text_pair``): classification;
 - ``{prompt, chosen, rejected}``: a preference pair, for the preference objectives;
+- ``{prompt, completion, label}`` with a true/false label: one completion and whether it
+  is desirable, for KTO;
 - ``{prompt}`` (and any other fields): a prompt GRPO samples completions for, the other
   fields for its reward to read.
 
@@ -34,6 +36,7 @@ SHAPES = {
     "text": ("text",),
     "preference": ("prompt", "chosen", "rejected"),
     "prompt": ("prompt",),
+    "unpaired": ("prompt", "completion", "label"),
 }
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -43,16 +46,10 @@ def example_shape(example: dict, where: str = "example") -> str:
     if "chosen" in example or "rejected" in example:
         _check_preference(example, where)
         return "preference"
-    if "prompt" in example and "completion" not in example and "messages" not in example:
-        _check_prompt(example["prompt"], where)
-        return "prompt"
     if "prompt" in example or "completion" in example:
-        for key in ("prompt", "completion"):
-            if not isinstance(example.get(key), str):
-                raise DataError(
-                    f"{where}: field {key!r} must be a string, got {example.get(key)!r}"
-                )
-        return "prompt_completion"
+        shape = _completion_shape(example, where)
+        if shape is not None:
+            return shape
     if "messages" in example:
         _check_messages(example["messages"], where)
         _check_tools(example.get("tools"), where)
@@ -116,6 +113,26 @@ def _check_tools(tools: Any, where: str) -> None:
         return
     if not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools):
         raise DataError(f"{where}: field 'tools' must be a list of tool schemas (objects)")
+
+
+def _completion_shape(example: dict, where: str) -> str | None:
+    """A record with a prompt or a completion: KTO's unpaired completion (a true/false
+    label), GRPO's prompt alone, or a prompt and its completion; None for a chat's record
+    (a ``prompt`` beside ``messages``)."""
+    if "completion" in example and isinstance(example.get("label"), bool):
+        for key in ("prompt", "completion"):
+            if not isinstance(example.get(key), str) or not example[key]:
+                raise DataError(f"{where}: field {key!r} must be a non-empty string")
+        return "unpaired"
+    if "completion" not in example:
+        if "messages" in example:
+            return None
+        _check_prompt(example["prompt"], where)
+        return "prompt"
+    for key in ("prompt", "completion"):
+        if not isinstance(example.get(key), str):
+            raise DataError(f"{where}: field {key!r} must be a string, got {example.get(key)!r}")
+    return "prompt_completion"
 
 
 def _check_prompt(prompt: Any, where: str) -> None:

@@ -119,13 +119,19 @@ class TrainConfig:
 
     objective: str = "sft"
     """What training minimises: sft (the completions' loss), a preference objective on
-    {prompt, chosen, rejected} pairs (dpo, ipo, simpo, orpo), or grpo, reinforcement
-    learning from a reward on sampled completions (``loralab.training.objectives``)."""
+    {prompt, chosen, rejected} pairs (dpo, ipo, simpo, orpo), kto on completions marked
+    desirable or not ({prompt, completion, label: true/false}, or pairs), or grpo,
+    reinforcement learning from a reward on sampled completions
+    (``loralab.training.objectives``)."""
     beta: float | None = None
     """The objective's β: DPO's (default 0.1), IPO's τ (0.1), SimPO's β (2.0), ORPO's λ
-    (0.1), GRPO's KL penalty (0: none, and no reference forward)."""
+    (0.1), KTO's (0.1), GRPO's KL penalty (0: none, and no reference forward)."""
     simpo_gamma: float = 0.5
     """SimPO: the target margin γ between the replies' rewards."""
+    desirable_weight: float = 1.0
+    """KTO: the weight of a desirable completion's loss."""
+    undesirable_weight: float = 1.0
+    """KTO: the weight of an undesirable completion's loss."""
     start_adapter: str | None = None
     """Start from a trained adapter's folder (an SFT adapter) instead of a new one, and
     train it further; its method and LoRA settings replace the run's."""
@@ -334,12 +340,15 @@ class TrainConfig:
         """The objective's settings, and what it cannot train with."""
         require_choice("reference", self.reference, REFERENCES)
         require_number("simpo_gamma", self.simpo_gamma, at_least=0)
+        for name in ("desirable_weight", "undesirable_weight"):
+            require_number(name, getattr(self, name), above=0)
         objective = self.objective_object  # an unknown name lists the valid ones
         if self.beta is not None:
             require_number("beta", self.beta, **({"at_least": 0} if self.grpo else {"above": 0}))
         self._check_grpo()
         if self.objective == "sft":
-            for name, default in (("beta", None), ("reference", "start")):
+            settings = ("beta", None), ("reference", "start"), ("desirable_weight", 1.0)
+            for name, default in (*settings, ("undesirable_weight", 1.0)):
                 if getattr(self, name) != default:
                     raise ConfigError(
                         f"{name}={getattr(self, name)!r} is a preference objective's setting; "
@@ -360,8 +369,14 @@ class TrainConfig:
                 "objective grpo has no validation loss (each step logs its completions' "
                 "reward); drop validation_data and validation_split_fraction"
             )
-        # GRPO looks at the reference only for its KL penalty
-        needs_reference = bool(self.beta) if self.grpo else objective.uses_reference
+        self._check_reference(objective)
+
+    def _check_reference(self, objective) -> None:
+        """A reference policy is the model with its adapter off: LoRA's alone."""
+        if self.grpo:  # GRPO looks at the reference only for its KL penalty
+            needs_reference = bool(self.beta)
+        else:  # KTO always compares with the reference
+            needs_reference = objective is None or objective.uses_reference
         if needs_reference and self.method not in REFERENCE_METHODS:
             what = "a KL penalty to" if self.grpo else "comparing with"
             instead = "beta 0" if self.grpo else "objective simpo or orpo, which need none"
@@ -416,6 +431,15 @@ class TrainConfig:
             loss_type=self.loss_type,
             scale_rewards=self.scale_rewards,
             max_completion_length=self.max_new_tokens,
+        )
+
+    def kto_settings(self):
+        from .objectives.kto import KtoSettings
+
+        return KtoSettings(
+            beta=0.1 if self.beta is None else self.beta,
+            desirable_weight=self.desirable_weight,
+            undesirable_weight=self.undesirable_weight,
         )
 
     def preference_settings(self):
@@ -510,7 +534,15 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "adalora_beta2",
         "orth_reg_weight",
     ),
-    "objective": ("objective", "beta", "simpo_gamma", "start_adapter", "reference"),
+    "objective": (
+        "objective",
+        "beta",
+        "simpo_gamma",
+        "desirable_weight",
+        "undesirable_weight",
+        "start_adapter",
+        "reference",
+    ),
     "GRPO": (
         "reward",
         "num_generations",

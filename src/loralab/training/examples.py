@@ -16,7 +16,7 @@ import torch
 from ..data.arrow_files import splits_of
 from ..data.encoding import PREFERENCE_REFUSAL, encode_dataset
 from ..data.packing import pack
-from ..data.pairs import encode_pairs
+from ..data.pairs import encode_completions, encode_pairs
 from ..data.records import (
     DataError,
     checked_rows,
@@ -235,6 +235,18 @@ def _check_shape_fits_model(
             "--objective grpo, which samples completions and scores them with a reward; "
             "supervised fine-tuning needs {prompt, completion} records"
         )
+    if objective == "kto":
+        if shape not in ("preference", "unpaired"):
+            raise DataError(
+                f"{path}: objective kto trains on {{prompt, completion, label: true/false}} "
+                f"records or on preference pairs; these are {shape} records"
+            )
+        return
+    if shape == "unpaired":
+        raise DataError(
+            f"{path}: these are completions marked desirable or not (a true/false label): "
+            "they train with --objective kto"
+        )
     pairs = objective != "sft"
     if pairs and shape != "preference":
         raise DataError(
@@ -264,6 +276,10 @@ def encode_examples(
     preference objective's as pairs."""
 
     def encode(items: list[dict], where: str | list[str]) -> list:
+        if config.objective == "kto":
+            return encode_completions(
+                tokenizer, items, config.max_length, prompt_tokens, config.long_examples, where
+            )
         if config.grpo:
             return encode_prompts(tokenizer, items, config.max_length, where)
         if config.objective != "sft":

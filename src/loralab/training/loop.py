@@ -33,7 +33,7 @@ from torch import nn
 from ..data.batches import batch_stream, collate
 from ..data.encoding import counted
 from ..data.packing import fills
-from ..data.pairs import EncodedPair, pair_counted
+from ..data.pairs import EncodedCompletion, EncodedPair, pair_counted
 from ..data.records import DataError
 from ..files.output_dirs import check_output_dir
 from ..lora.config import ConfigError
@@ -73,6 +73,7 @@ from .loss import causal_lm_loss
 from .malloc_threshold import map_large_blocks
 from .objectives.grpo import nan_std
 from .objectives.grpo_step import Sampling, grpo_micro_loss, rollout_batch, sample, stop_ids
+from .objectives.kto import kto_loss
 from .objectives.rewards import RewardFunction, load_reward
 from .objectives.step import collate_pairs, load_reference_adapter, preference_loss
 from .optimizer import build_optimizer, parameter_groups
@@ -124,11 +125,12 @@ def describe_fill(config: TrainConfig, datasets: Datasets) -> str:
             f"completions each of up to {config.max_new_tokens} tokens a step's prompt, "
             f"rewarded by {config.reward or f'the {config.task} task'}"
         )
-    if config.objective_object is not None:
-        learnt = sum(map(pair_counted, datasets.train))
-        computed = sum(len(pair) for pair in datasets.train)
+    if config.objective != "sft":
+        learnt = sum(map(_learnt, datasets.train))
+        computed = sum(len(item) for item in datasets.train)
+        unit = "completions" if config.objective == "kto" else "pairs"
         return (
-            f"objective {config.objective}: {len(datasets.train)} pairs, "
+            f"objective {config.objective}: {len(datasets.train)} {unit}, "
             f"{100 * learnt / max(computed, 1):.1f}% of their tokens are the replies compared"
         )
     plain, packed = fills(datasets.train, config.max_length, config.batch_size, config.seed)
@@ -183,25 +185,14 @@ def without_cache(model: nn.Module) -> dict[str, bool]:
 
 @torch.no_grad()
 def validation_loss(
-    model: nn.Module,
-    data: list,
-    batch_size: int,
-    pad_id: int,
-    world: World | None = None,
-    objective=None,
-    settings=None,
+    model: nn.Module, data: list, batch_size: int, pad_id: int, world: World | None = None
 ) -> float:
-    """Mean loss per counted token (causal LM) or per example (classifier), or a
-    preference ``objective``'s loss per pair.
+    """Mean loss per counted token (causal LM) or per example (classifier).
 
     Under torchrun each rank scores its rows of every batch and the sums are added up."""
     world = world or World()
     was_training = model.training
     model.eval()
-    if objective is not None:
-        value = _preference_validation(model, data, batch_size, pad_id, objective, settings)
-        model.train(was_training)
-        return value
     total, count = 0.0, 0
     for start in range(0, len(data), batch_size):
         items, share = rows_of_rank(world, data[start : start + batch_size])
@@ -217,14 +208,21 @@ def validation_loss(
     return total / max(count, 1)
 
 
-def _preference_validation(model, pairs: list, batch_size: int, pad_id: int, objective, settings):
+@torch.no_grad()
+def objective_validation_loss(
+    model: nn.Module, data: list, pad_id: int, config: TrainConfig, world: World
+) -> float:
+    """A preference objective's loss on the validation pairs (or KTO's examples), the mean
+    over them, each batch's loss weighted by its size."""
+    was_training = model.training
+    model.eval()
     total = 0.0
-    for start in range(0, len(pairs), batch_size):
-        items = pairs[start : start + batch_size]
-        batch = to_device(collate_pairs(items, pad_id), next(model.parameters()).device)
-        loss, _ = preference_loss(model, model, batch, objective, settings, without_cache(model))
+    for start in range(0, len(data), config.batch_size):
+        items = data[start : start + config.batch_size]
+        loss, _ = _micro_loss(model, model, items, pad_id, config, world)
         total += loss.item() * len(items)
-    return total / max(len(pairs), 1)
+    model.train(was_training)
+    return total / max(len(data), 1)
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
@@ -594,16 +592,14 @@ def _evaluate_if_due(run: _Run) -> None:
     due = config.eval_every and run.step % config.eval_every == 0
     if not run.datasets.validation or not (due or run.step == config.max_steps):
         return
-    objective = config.objective_object
-    value = validation_loss(
-        run.model,
-        run.datasets.validation,
-        config.batch_size,
-        run.pad_id,
-        run.world,
-        objective,
-        config.preference_settings() if objective is not None else None,
-    )
+    if config.objective == "sft":
+        value = validation_loss(
+            run.model, run.datasets.validation, config.batch_size, run.pad_id, run.world
+        )
+    else:
+        value = objective_validation_loss(
+            run.model, run.datasets.validation, run.pad_id, config, run.world
+        )
     if run.world.active and config.fsdp:  # after a forward with no backward,
         run.model.reshard()  # FSDP keeps the root (embeddings, head) gathered
     run.log.validation(run.step, value)
@@ -705,44 +701,65 @@ def _optimizer_step(
     world = world or World()
     runner = runner or model
     regularizer = method.regularizer if method is not None else None
-    objective = config.objective_object
     optimizer.zero_grad(set_to_none=True)
     total_loss, tokens, learnt, metrics = 0.0, 0, 0, {}
     for index in range(config.gradient_accumulation):
         items = [data[i] for i in next(stream)]
         rows, share = rows_of_rank(world, items)
-        pairs = objective is not None
-        batch = to_device((collate_pairs if pairs else collate)(rows, pad_id), world.device)
         last = index == config.gradient_accumulation - 1
         with gradient_sync(world, runner, last):
             with torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=config.bf16):
-                if pairs:
-                    loss, measured = preference_loss(
-                        runner,
-                        model,
-                        batch,
-                        objective,
-                        config.preference_settings(),
-                        without_cache(model),
-                    )
-                    for key, value in measured.items():
-                        metrics[key] = metrics.get(key, 0.0) + value / config.gradient_accumulation
-                else:
-                    loss = batch_loss(runner, model, batch, config, world)
+                loss, measured = _micro_loss(runner, model, rows, pad_id, config, world)
                 loss = loss / config.gradient_accumulation
+            for key, value in measured.items():
+                metrics[key] = metrics.get(key, 0.0) + value / config.gradient_accumulation
             extra = regularizer(model) if regularizer else None
             # DDP and FSDP average over ranks: W · share makes that average the batch's mean.
-            objective = loss * (world.size * share) if world.active else loss
+            differentiated = loss * (world.size * share) if world.active else loss
             if extra is not None:
-                objective = objective + extra / config.gradient_accumulation
-            objective.backward()
+                differentiated = differentiated + extra / config.gradient_accumulation
+            differentiated.backward()
         total_loss += loss.item() * share
         tokens += sum(len(item) for item in items)  # the whole batch's, not the rank's
-        learnt += sum(pair_counted(i) if isinstance(i, EncodedPair) else counted(i) for i in items)
+        learnt += sum(map(_learnt, items))
     if config.max_grad_norm:
         torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
     optimizer.step()
     return total_loss, tokens, learnt, metrics
+
+
+def _micro_loss(
+    runner, model: nn.Module, rows: list, pad_id: int, config: TrainConfig, world: World
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """One micro-batch's loss as the run's objective defines it, and its metrics."""
+    if config.objective == "kto":
+        return kto_loss(
+            runner,
+            model,
+            rows,
+            pad_id,
+            config.kto_settings(),
+            config.max_length,
+            world.device,
+            without_cache(model),
+        )
+    objective = config.objective_object
+    if objective is None:  # supervised fine-tuning
+        batch = to_device(collate(rows, pad_id), world.device)
+        return batch_loss(runner, model, batch, config, world), {}
+    batch = to_device(collate_pairs(rows, pad_id), world.device)
+    settings = config.preference_settings()
+    return preference_loss(runner, model, batch, objective, settings, without_cache(model))
+
+
+def _learnt(item) -> int:
+    """The tokens the loss reads in one item: an example's counted ones, both replies of
+    a pair, a KTO example's completion."""
+    if isinstance(item, EncodedPair):
+        return pair_counted(item)
+    if isinstance(item, EncodedCompletion):
+        return len(item.completion)
+    return counted(item)
 
 
 def _grpo_optimizer_step(run: _Run) -> tuple[float, int, int, dict[str, float]]:

@@ -245,3 +245,73 @@ def test_row_log_probs_in_chunks_equal_the_models_logits(tiny_model_dir):
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
             torch.testing.assert_close(ours[name], parameter.grad, atol=1e-5, rtol=1e-4)
+
+
+UNPAIRED = [
+    {"prompt": "Reverse cat:", "completion": " tac", "label": True},
+    {"prompt": "Reverse lion:", "completion": " lion!", "label": False},
+    {"prompt": "Say dog twice:", "completion": " dog dog", "label": True},
+    {"prompt": "Say owl:", "completion": " lwo lwo", "label": False},
+]
+
+
+@pytest.mark.parametrize("weights", [(1.0, 1.0), (1.0, 1.33)])
+def test_kto_equals_trl_kto_trainer_loss_and_gradient(tiny_model_dir, weights):
+    """KTO's loss, its KL estimate from mismatched pairs (each prompt with the previous
+    example's completion) and its gradient equal TRL's ``KTOTrainer`` on one batch."""
+    from datasets import Dataset
+    from peft import LoraConfig as PeftLoraConfig
+    from trl import KTOConfig, KTOTrainer
+
+    from loralab.data.pairs import encode_completions
+    from loralab.training.objectives.kto import KtoSettings, kto_loss
+
+    model, tokenizer = tiny_pair(tiny_model_dir)
+    args = KTOConfig(
+        output_dir=tempfile.mkdtemp(),
+        report_to=[],
+        per_device_train_batch_size=len(UNPAIRED),
+        beta=0.5,
+        desirable_weight=weights[0],
+        undesirable_weight=weights[1],
+        bf16=False,
+        use_cpu=True,
+        gradient_checkpointing=False,
+    )
+    trainer = KTOTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(UNPAIRED),
+        processing_class=tokenizer,
+        peft_config=PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    )
+    _move_b(trainer.model)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(UNPAIRED))])
+    trainer.model.train()
+    theirs = trainer._compute_loss(trainer.model, batch, False)
+    theirs = theirs[0] if isinstance(theirs, tuple) else theirs
+    theirs.backward()
+    trl_grads = {n: p.grad for n, p in trainer.model.named_parameters() if p.requires_grad}
+    adapter = tempfile.mkdtemp()
+    trainer.model.save_pretrained(adapter)
+
+    ours_model, _ = tiny_pair(tiny_model_dir)
+    load_adapter(ours_model, adapter)
+    for name, parameter in ours_model.named_parameters():
+        parameter.requires_grad_(".lora.default." in name)
+    examples = encode_completions(tokenizer, UNPAIRED, 64)
+    assert [e.prompt + e.completion for e in examples] == [
+        row[row_mask.bool()].tolist()
+        for row, row_mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)
+    ]
+    settings = KtoSettings(beta=0.5, desirable_weight=weights[0], undesirable_weight=weights[1])
+    loss, metrics = kto_loss(
+        ours_model, ours_model, examples, 0, settings, 64, torch.device("cpu"), {"use_cache": False}
+    )
+    loss.backward()
+    assert abs(loss.item() - theirs.item()) < 1e-6, (loss.item(), theirs.item())
+    assert metrics["kl"] >= 0
+    for name, parameter in ours_model.named_parameters():
+        if parameter.requires_grad:
+            expected = trl_grads[_peft_name(name)]
+            torch.testing.assert_close(parameter.grad, expected, atol=1e-6, rtol=0)
