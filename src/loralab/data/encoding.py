@@ -288,6 +288,12 @@ def _place_classification_prompt(
     return ids, types
 
 
+def record_name(where: str | list[str], number: int) -> str:
+    """How an error names record ``number`` (from 1): where it is (``where`` a list, one
+    entry a record: file and line or row), or a label before its number."""
+    return where[number - 1] if isinstance(where, list) else f"{where} {number}"
+
+
 def encode_dataset(
     tokenizer,
     examples: list[dict],
@@ -318,7 +324,7 @@ def encode_dataset(
                 )
             )
         except DataError as error:
-            named = where[number - 1] if isinstance(where, list) else f"{where} {number}"
+            named = record_name(where, number)
             raise DataError(f"{named}: {error}") from None
     kept = [e for e in encoded if any(label != IGNORE_INDEX for label in e.labels[1:])]
     if not kept:

@@ -12,7 +12,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .encoding import IGNORE_INDEX, Encoded, PromptTokens, counted, encode_causal, encode_prompt
+from .encoding import (
+    IGNORE_INDEX,
+    Encoded,
+    PromptTokens,
+    counted,
+    encode_causal,
+    encode_prompt,
+    record_name,
+)
 from .records import DataError
 
 
@@ -120,7 +128,7 @@ def encode_pairs(
         try:
             pairs.append(encode_pair(tokenizer, record, max_length, prompt_tokens, long_examples))
         except DataError as error:
-            named = where[number - 1] if isinstance(where, list) else f"{where} {number}"
+            named = record_name(where, number)
             raise DataError(f"{named}: {error}") from None
     return pairs
 
@@ -169,6 +177,6 @@ def encode_completions(
                 )
             examples.append(split_side(side, record["label"]))
         except DataError as error:
-            named = where[number - 1] if isinstance(where, list) else f"{where} {number}"
+            named = record_name(where, number)
             raise DataError(f"{named}: {error}") from None
     return examples

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ...data.batches import collate
-from ...data.encoding import IGNORE_INDEX, Encoded, encode_prompt, newline_tokens
+from ...data.encoding import IGNORE_INDEX, Encoded, encode_prompt, newline_tokens, record_name
 from ...data.records import DataError
 from ...engine import RowSampling, decode
 from ..sequence_logps import token_log_probs
@@ -53,7 +53,7 @@ def encode_prompts(
     for number, record in enumerate(records, start=1):
         ids = encode_prompt(tokenizer, record["prompt"])
         if len(ids) > max_length:
-            named = where[number - 1] if isinstance(where, list) else f"{where} {number}"
+            named = record_name(where, number)
             raise DataError(
                 f"{named}: the prompt has {len(ids)} tokens, more than max_length="
                 f"{max_length}; raise --max-length or shorten it"
