@@ -131,8 +131,12 @@ def test_a_stopped_dpo_run_resumes_bit_for_bit(tmp_path, tiny_model_dir, monkeyp
 
 
 def test_bad_settings_and_data_are_refused_in_one_line(tmp_path, tiny_model_dir):
-    with pytest.raises(ConfigError, match="unknown objective 'dpp'; choose one of: sft, dpo"):
+    with pytest.raises(ConfigError, match="objective must be one of 'sft', 'dpo'.*got 'dpp'"):
         preference_config(tmp_path, objective="dpp")
+    from loralab.training.config import OBJECTIVES
+    from loralab.training.objectives import OBJECTIVE_NAMES
+
+    assert OBJECTIVES == OBJECTIVE_NAMES
     with pytest.raises(ConfigError, match="method='bitfit' changes the model otherwise"):
         preference_config(tmp_path, method="bitfit")
     preference_config(tmp_path, method="bitfit", objective="simpo")  # no reference needed

@@ -38,6 +38,8 @@ SCHEDULES = ("linear", "cosine", "constant")
 MODEL_KINDS = ("causal-lm", "classification")
 DEFAULT_STEPS = 100
 REFERENCES = ("start", "base")
+# objectives/__init__.py's OBJECTIVE_NAMES, here without importing torch to parse flags
+OBJECTIVES = ("sft", "dpo", "ipo", "simpo", "orpo", "kto", "grpo")
 GRPO_LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo")  # objectives/grpo.py's LOSS_TYPES
 REWARD_SCALES = ("group", "batch", "none")
 # The methods whose adapter can be turned off, leaving the base (the reference policy).
@@ -342,7 +344,7 @@ class TrainConfig:
         require_number("simpo_gamma", self.simpo_gamma, at_least=0)
         for name in ("desirable_weight", "undesirable_weight"):
             require_number(name, getattr(self, name), above=0)
-        objective = self.objective_object  # an unknown name lists the valid ones
+        require_choice("objective", self.objective, OBJECTIVES)
         if self.beta is not None:
             require_number("beta", self.beta, **({"at_least": 0} if self.grpo else {"above": 0}))
         self._check_grpo()
@@ -369,15 +371,11 @@ class TrainConfig:
                 "objective grpo has no validation loss (each step logs its completions' "
                 "reward); drop validation_data and validation_split_fraction"
             )
-        self._check_reference(objective)
+        self._check_reference()
 
-    def _check_reference(self, objective) -> None:
+    def _check_reference(self) -> None:
         """A reference policy is the model with its adapter off: LoRA's alone."""
-        if self.grpo:  # GRPO looks at the reference only for its KL penalty
-            needs_reference = bool(self.beta)
-        else:  # KTO always compares with the reference
-            needs_reference = objective is None or objective.uses_reference
-        if needs_reference and self.method not in REFERENCE_METHODS:
+        if self.uses_reference and self.method not in REFERENCE_METHODS:
             what = "a KL penalty to" if self.grpo else "comparing with"
             instead = "beta 0" if self.grpo else "objective simpo or orpo, which need none"
             raise ConfigError(
@@ -413,6 +411,17 @@ class TrainConfig:
     @property
     def grpo(self) -> bool:
         return self.objective == "grpo"
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the objective compares with a reference policy: DPO, IPO and KTO always,
+        GRPO for its KL penalty (β > 0)."""
+        if self.objective == "sft":
+            return False
+        if self.grpo:
+            return bool(self.beta)
+        objective = self.objective_object
+        return objective is None or objective.uses_reference  # None: KTO
 
     @functools.cached_property
     def objective_object(self):

@@ -507,8 +507,7 @@ def _adapted_model(
         _load_start_adapter(config, model)
     else:
         prepare_model(config, model)
-    objective = config.objective_object
-    referred = objective is not None and objective.uses_reference and config.reference == "start"
+    referred = config.uses_reference and config.reference == "start"
     if referred and config.start_adapter is not None:  # the adapter as it started
         load_reference_adapter(model, config.start_adapter)
     return model, tokenizer
