@@ -131,7 +131,7 @@ def test_a_stopped_dpo_run_resumes_bit_for_bit(tmp_path, tiny_model_dir, monkeyp
 
 
 def test_bad_settings_and_data_are_refused_in_one_line(tmp_path, tiny_model_dir):
-    with pytest.raises(ConfigError, match="objective must be one of 'sft', 'dpo'.*got 'dpp'"):
+    with pytest.raises(ConfigError, match=r"objective must be one of 'sft', 'dpo'.*got 'dpp'"):
         preference_config(tmp_path, objective="dpp")
     from loralab.training.config import OBJECTIVES
     from loralab.training.objectives import OBJECTIVE_NAMES
