@@ -150,6 +150,12 @@ def evaluate_records(
             "{text, label} records are scored by a classifier: use --task nli's shape, or "
             "train and evaluate them with --model-kind classification"
         )
+    if shape in ("prompt", "unpaired"):
+        what = "prompts without a completion" if shape == "prompt" else "KTO's completions"
+        raise TaskError(
+            f"{what} have no reference to score against; give {{prompt, completion}} "
+            "records (or preference pairs, scored by preference accuracy)"
+        )
     ppl = perplexity(model, tokenizer, records, max_length, batch_size)
     scores = {"loss": math.log(ppl), "perplexity": ppl}
     if shape == "text":
@@ -190,17 +196,20 @@ def score_pairs(
 
     was_training = model.training
     model.eval()
-    pairs = encode_pairs(tokenizer, records, max_length, prompt_tokens(model))
+    pairs = encode_pairs(tokenizer, records, max_length, prompt_tokens(model), where="pair")
     device = model_device(model)
     wins, margins = 0, 0.0
-    for start in range(0, len(pairs), batch_size):
-        items = pairs[start : start + batch_size]
-        batch = to_device(collate_pairs(items, tokenizer.pad_token_id or 0), device)
-        scored = pair_log_probs(model, model, batch, reference=False, extra=without_cache(model))
-        margin = scored.chosen.total - scored.rejected.total
-        wins += int((margin > 0).sum())
-        margins += float(margin.sum())
-    model.train(was_training)
+    try:
+        for start in range(0, len(pairs), batch_size):
+            items = pairs[start : start + batch_size]
+            batch = to_device(collate_pairs(items, tokenizer.pad_token_id or 0), device)
+            extra = without_cache(model)
+            scored = pair_log_probs(model, model, batch, reference=False, extra=extra)
+            margin = scored.chosen.total - scored.rejected.total
+            wins += int((margin > 0).sum())
+            margins += float(margin.sum())
+    finally:
+        model.train(was_training)
     return {
         "preference_accuracy": 100.0 * wins / len(pairs),
         "logp_margin": margins / len(pairs),

@@ -85,9 +85,18 @@ def test_a_reward_that_raises_for_some_completions_skips_them(tmp_path, tiny_mod
     assert sum(s["rewards/skipped"] for s in steps) > 0
 
 
-def test_a_stopped_grpo_run_resumes_bit_for_bit(tmp_path, tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_a_stopped_grpo_run_resumes_bit_for_bit(
+    tmp_path, tiny_model_dir, monkeypatch, accumulation
+):
+    """With the completions split into micro-batches too: a step draws one batch of
+    prompts however many micro-batches it runs."""
+
+    def config(name, **overrides):
+        return grpo_config(tmp_path, name, gradient_accumulation=accumulation, **overrides)
+
     model, tokenizer = tiny_pair(tiny_model_dir)
-    train(grpo_config(tmp_path, "straight", save_every=0), model=model, tokenizer=tokenizer)
+    train(config("straight", save_every=0), model=model, tokenizer=tokenizer)
 
     real_step, calls = train_module._grpo_optimizer_step, []
 
@@ -100,10 +109,10 @@ def test_a_stopped_grpo_run_resumes_bit_for_bit(tmp_path, tiny_model_dir, monkey
     monkeypatch.setattr(train_module, "_grpo_optimizer_step", step_then_interrupt)
     model, tokenizer = tiny_pair(tiny_model_dir)
     with pytest.raises(TrainingInterrupted, match="interrupted at step 3 of 6"):
-        train(grpo_config(tmp_path, "stopped", save_every=0), model=model, tokenizer=tokenizer)
+        train(config("stopped", save_every=0), model=model, tokenizer=tokenizer)
     monkeypatch.setattr(train_module, "_grpo_optimizer_step", real_step)
     model, tokenizer = tiny_pair(tiny_model_dir)
-    resumed = grpo_config(tmp_path, "stopped", save_every=0, resume=True)
+    resumed = config("stopped", save_every=0, resume=True)
     train(resumed, model=model, tokenizer=tokenizer)
     straight = load_file(str(tmp_path / "straight" / "adapter" / "adapter_model.safetensors"))
     again = load_file(str(tmp_path / "stopped" / "adapter" / "adapter_model.safetensors"))
@@ -144,6 +153,31 @@ def test_bad_grpo_settings_and_data_are_refused_in_one_line(tmp_path, tiny_model
     pairs.write_text(json.dumps({"prompt": "a", "chosen": " b", "rejected": " c"}) + "\n")
     with pytest.raises(DataError, match="objective grpo samples completions for"):
         train(grpo_config(tmp_path, data=str(pairs)), model=model, tokenizer=tokenizer)
+
+
+def test_settings_grpo_cannot_train_with_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="does not run method='preembed'"):
+        grpo_config(tmp_path, method="preembed")
+    with pytest.raises(ConfigError, match="AdaLoRA's budget"):
+        grpo_config(tmp_path, method="adalora")
+    with pytest.raises(ConfigError, match="init='pissa' rewrites the base weights"):
+        grpo_config(tmp_path, init="pissa", beta=0.05)
+    grpo_config(tmp_path, init="pissa")  # β = 0: no reference
+
+
+def test_a_chat_prompt_s_completions_reach_the_reward_as_messages(tmp_path, tiny_model_dir):
+    records = [{"prompt": [{"role": "user", "content": f"Say a {i}"}]} for i in range(8)]
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    reward = tmp_path / "chat_reward.py"
+    reward.write_text(
+        "def share_of_a(prompts, completions, **_):\n"
+        "    return [c[0]['content'].count('a') / 8 for c in completions]\n"
+    )
+    model, tokenizer = tiny_pair(tiny_model_dir)
+    config = grpo_config(tmp_path, data=str(path), reward=f"{reward}:share_of_a", max_steps=2)
+    train(config, model=model, tokenizer=tokenizer)
+    assert all(s["rewards/skipped"] == 0 for s in _steps(tmp_path / "run"))
 
 
 def test_a_model_the_engine_cannot_run_is_refused(tmp_path):

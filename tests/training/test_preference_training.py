@@ -140,6 +140,12 @@ def test_bad_settings_and_data_are_refused_in_one_line(tmp_path, tiny_model_dir)
     with pytest.raises(ConfigError, match="method='bitfit' changes the model otherwise"):
         preference_config(tmp_path, method="bitfit")
     preference_config(tmp_path, method="bitfit", objective="simpo")  # no reference needed
+    with pytest.raises(ConfigError, match="init='olora' rewrites the base weights"):
+        preference_config(tmp_path, init="olora")
+    with pytest.raises(ConfigError, match="batch_size must be at least 2"):
+        preference_config(tmp_path, objective="kto", batch_size=1)
+    with pytest.raises(ConfigError, match="use --reference base"):
+        preference_config(tmp_path, method="adalora", start_adapter="x", target_r=2)
     with pytest.raises(ConfigError, match="packing is for supervised fine-tuning"):
         preference_config(tmp_path, packing=True)
     with pytest.raises(ConfigError, match=r"beta=0\.2 is a preference objective's setting"):

@@ -306,6 +306,8 @@ def dpo_after_sft(results: Results) -> Judged:
         std = statistics.stdev(values) if len(values) > 1 else 0.0
         return Stat(statistics.fmean(values), std, len(values))
 
+    if {r["label"] for r in runs} != {"SFT", "SFT + DPO"}:
+        return []  # a run of the experiment that left one side out
     errors = {label: stat(label, "slot_errors") for label in ("SFT", "SFT + DPO")}
     ranked = {label: stat(label, "preference_accuracy") for label in ("SFT", "SFT + DPO")}
     bleu = {label: stat(label, "bleu") for label in ("SFT", "SFT + DPO")}
@@ -327,6 +329,8 @@ def grpo_after_sft(results: Results) -> Judged:
         label: [r["metrics"]["execution_accuracy"] for r in runs if r["label"] == label]
         for label in ("SFT", "SFT + GRPO")
     }
+    if not all(values.values()):
+        return []  # a run of the experiment that left one side out
     stats = {
         label: Stat(statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v))
         for label, v in values.items()

@@ -136,7 +136,8 @@ class TrainConfig:
     """KTO: the weight of an undesirable completion's loss."""
     start_adapter: str | None = None
     """Start from a trained adapter's folder (an SFT adapter) instead of a new one, and
-    train it further; its method and LoRA settings replace the run's."""
+    train it further: its method must be the run's, and its LoRA settings (rank, targets)
+    replace the run's. A resume reads the folder again (the reference's copy)."""
     reference: str = "start"
     """A preference objective's reference policy: start (the model as training starts:
     the base for a new adapter, the start_adapter for one given), or base (the adapter
@@ -366,6 +367,11 @@ class TrainConfig:
             )
         if self.fsdp:
             raise ConfigError(f"objective={self.objective!r} does not train under torchrun yet")
+        if self.objective == "kto" and self.batch_size < 2:
+            raise ConfigError(
+                "objective kto estimates its KL term from each prompt with another "
+                "example's completion: batch_size must be at least 2"
+            )
         if self.grpo and (self.validation_data or self.validation_split_fraction):
             raise ConfigError(
                 "objective grpo has no validation loss (each step logs its completions' "
@@ -374,7 +380,23 @@ class TrainConfig:
         self._check_reference()
 
     def _check_reference(self) -> None:
-        """A reference policy is the model with its adapter off: LoRA's alone."""
+        """A reference policy is the model with its adapter off: LoRA's alone, from an
+        init that leaves the base as it was; a start adapter's copy: plain LoRA's."""
+        from ..lora.inits import get_init
+
+        if self.uses_reference and get_init(self.init).rewrites_base:
+            raise ConfigError(
+                f"init={self.init!r} rewrites the base weights, so the adapter turned off is "
+                f"not the model at step 0: objective={self.objective!r} needs a reference "
+                "policy; use init kaiming or gaussian"
+            )
+        start_copy = self.start_adapter is not None and self.reference == "start"
+        if self.uses_reference and start_copy and self.method != "lora":
+            raise ConfigError(
+                f"reference 'start' keeps a frozen copy of the start adapter, which a "
+                f"method={self.method!r} adapter cannot be beside the one that trains; use "
+                "--reference base"
+            )
         if self.uses_reference and self.method not in REFERENCE_METHODS:
             what = "a KL penalty to" if self.grpo else "comparing with"
             instead = "beta 0" if self.grpo else "objective simpo or orpo, which need none"
@@ -403,6 +425,18 @@ class TrainConfig:
         if self.top_p > 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         require_number("epsilon", self.epsilon, above=0, below=1)
+        from ..engine.llama import PREFIX_METHODS
+
+        if self.method in PREFIX_METHODS:
+            raise ConfigError(
+                f"objective grpo samples through loralab's engine, which does not run "
+                f"method={self.method!r} (its prefix tokens); use lora or another method"
+            )
+        if self.method == "adalora":
+            raise ConfigError(
+                "objective grpo does not apply AdaLoRA's budget and regulariser yet; use "
+                "method lora"
+            )
         if self.epsilon_high is not None:
             require_number("epsilon_high", self.epsilon_high, above=0)
         require_choice("loss_type", self.loss_type, GRPO_LOSS_TYPES)
@@ -485,8 +519,14 @@ class TrainConfig:
         return LoraConfig(**settings)
 
     def steps_per_epoch(self, examples: int) -> int:
-        """Optimizer steps that pass once over ``examples`` training examples."""
-        return max(1, math.ceil(examples / (self.batch_size * self.gradient_accumulation)))
+        """Optimizer steps that pass once over ``examples`` training examples (GRPO's step
+        samples for one batch of prompts, whatever ``gradient_accumulation`` splits)."""
+        return max(1, math.ceil(examples / (self.batch_size * self.batches_per_step)))
+
+    @property
+    def batches_per_step(self) -> int:
+        """The batches a step draws from the data stream."""
+        return 1 if self.grpo else self.gradient_accumulation
 
     def with_steps(self, examples: int) -> TrainConfig:
         """This run with ``epochs`` turned into ``max_steps`` for ``examples`` training

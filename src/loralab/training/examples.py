@@ -77,6 +77,8 @@ def load_examples(config: TrainConfig, data: Any = None) -> Examples:
     else:
         splits, label = read_located_splits(config.data, config.data_format), config.data
     train_rows, validation_rows = _data_splits(config, splits, label)
+    if config.grpo:  # no validation loss: each step logs its completions' reward
+        validation_rows = []
     validation_rows = validation_rows[: config.validation_size]
     train_examples = [record for _, record in train_rows]
     validation_examples = [record for _, record in validation_rows]

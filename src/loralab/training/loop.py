@@ -96,7 +96,7 @@ def describe_start(config: TrainConfig, model: nn.Module, datasets: Datasets, wo
     kept, given = len(datasets.train), len(examples.train)
     dropped = f" ({given - kept} dropped: beyond --max-length)" if kept < given else ""
     tokens = sum(len(item) for item in datasets.train)
-    per_step = config.batch_size * config.gradient_accumulation
+    per_step = config.batch_size * config.batches_per_step
     per_epoch = config.steps_per_epoch(len(datasets.rows))
     unit = "rows" if config.packing else "examples"
     quantized = model_state(model).base_quantization
@@ -425,7 +425,7 @@ def _set_up(
         progress=config.progress,
     )
     lengths = _lengths(datasets.rows)
-    consumed = step * config.gradient_accumulation  # the data order is fixed by the seed
+    consumed = step * config.batches_per_step  # the data order is fixed by the seed
     runner.train()
     return _Run(
         config=config,
@@ -591,6 +591,8 @@ def _evaluate_if_due(run: _Run) -> None:
     due = config.eval_every and run.step % config.eval_every == 0
     if not run.datasets.validation or not (due or run.step == config.max_steps):
         return
+    if config.grpo:  # its log has each step's reward instead
+        return
     if config.objective == "sft":
         value = validation_loss(
             run.model, run.datasets.validation, config.batch_size, run.pad_id, run.world
@@ -701,7 +703,7 @@ def _optimizer_step(
     runner = runner or model
     regularizer = method.regularizer if method is not None else None
     optimizer.zero_grad(set_to_none=True)
-    total_loss, tokens, learnt, metrics = 0.0, 0, 0, {}
+    total_loss, tokens, learnt, metrics, reports = 0.0, 0, 0, {}, {}
     for index in range(config.gradient_accumulation):
         items = [data[i] for i in next(stream)]
         rows, share = rows_of_rank(world, items)
@@ -710,8 +712,9 @@ def _optimizer_step(
             with torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=config.bf16):
                 loss, measured = _micro_loss(runner, model, rows, pad_id, config, world)
                 loss = loss / config.gradient_accumulation
-            for key, value in measured.items():
-                metrics[key] = metrics.get(key, 0.0) + value / config.gradient_accumulation
+            for key, value in measured.items():  # KTO's: only where a batch has that kind
+                metrics[key] = metrics.get(key, 0.0) + value
+                reports[key] = reports.get(key, 0) + 1
             extra = regularizer(model) if regularizer else None
             # DDP and FSDP average over ranks: W · share makes that average the batch's mean.
             differentiated = loss * (world.size * share) if world.active else loss
@@ -724,7 +727,7 @@ def _optimizer_step(
     if config.max_grad_norm:
         torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
     optimizer.step()
-    return total_loss, tokens, learnt, metrics
+    return total_loss, tokens, learnt, {k: v / reports[k] for k, v in metrics.items()}
 
 
 def _micro_loss(
@@ -798,11 +801,11 @@ def _grpo_optimizer_step(run: _Run) -> tuple[float, int, int, dict[str, float]]:
                 config.temperature,
             )
         if settings.loss_type != "dapo":  # dapo divides by the whole step's tokens already
-            loss = loss / len(chunks)
+            loss = loss * (len(chunk) / count)  # a chunk's mean, weighted by its rows
         loss.backward()
         total += loss.item()
         for key, value in figures.items():
-            measured[key] = measured.get(key, 0.0) + value / len(chunks)
+            measured[key] = measured.get(key, 0.0) + value * (len(chunk) / count)
     if config.max_grad_norm:
         torch.nn.utils.clip_grad_norm_(run.parameters, config.max_grad_norm)
     run.optimizer.step()

@@ -131,9 +131,13 @@ def sample(
     seconds = time.perf_counter() - started
     model.train(was_training)
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-    rewards = compute_rewards(
-        reward, [p.record["prompt"] for p in rows], texts, [p.record for p in rows], said
-    )
+    prompts_given = [p.record["prompt"] for p in rows]
+    # A chat prompt's completion goes to the reward as TRL gives it: an assistant message
+    given = [
+        [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
+        for prompt, text in zip(prompts_given, texts, strict=True)
+    ]
+    rewards = compute_rewards(reward, prompts_given, given, [p.record for p in rows], said)
     values = torch.tensor(rewards, dtype=torch.float32)
     advantages = group_advantages(values, sampling.group_size, scale_rewards)
     return Rollouts(rows, completions, values, advantages, seconds)

@@ -63,8 +63,8 @@ def load_reward(spec: str | None, task: str | None) -> tuple[str, RewardFunction
     else:
         try:
             module = importlib.import_module(module_name)
-        except ImportError as error:
-            raise ConfigError(f"reward {spec!r}: cannot import {module_name}: {error}") from None
+        except Exception as error:  # not found, or the user's module raised: one line
+            raise ConfigError(f"reward {spec!r}: cannot import {module_name}: {error!r}") from None
     function = getattr(module, name, None)
     if not callable(function):
         raise ConfigError(f"reward {spec!r}: {module_name} has no function {name!r}")
@@ -74,7 +74,7 @@ def load_reward(spec: str | None, task: str | None) -> tuple[str, RewardFunction
 def compute_rewards(
     function: RewardFunction,
     prompts: list[Any],
-    completions: list[str],
+    completions: list[Any],
     records: list[dict],
     said: set[str] | None = None,
 ) -> list[float]:

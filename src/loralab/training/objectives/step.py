@@ -1,6 +1,7 @@
 """One batch of preference pairs through the policy and the reference: the loss and the
-metrics TRL users read (rewards/chosen, rewards/rejected, rewards/margins,
-rewards/accuracies, logps/chosen, logps/rejected).
+metrics TRL users read, under TRL's names (rewards/chosen, rewards/rejected,
+rewards/margins, rewards/accuracies as each objective defines its rewards; logps/chosen
+and logps/rejected, here always the sums over each reply).
 
 The reference policy is the model as training started, without a second copy of it: the
 base with the adapter turned off (a new adapter starts at ΔW = 0, so that is the policy
