@@ -47,8 +47,9 @@ def copy_tree(destination: Path) -> None:
 
 
 def check_demo(report_path: Path) -> None:
-    """Fail unless the demo's adapted scores are above the base model's (its chat-template
-    baseline) on every metric."""
+    """Fail unless the demo's adapted scores beat the base model's (its chat-template
+    baseline) on every metric: above it, or below it for those the report lists as
+    ``lower_is_better`` (e2e's slot errors)."""
     if not report_path.is_file():
         sys.exit(f"the demo wrote no {report_path}")
     report = json.loads(report_path.read_text(encoding="utf-8"))
@@ -58,9 +59,14 @@ def check_demo(report_path: Path) -> None:
             f"demo {name}: base, raw prompt {raw[name]:.2f}; base, chat template "
             f"{base[name]:.2f}; with LoRA {adapted[name]:.2f}"
         )
-    worse = [name for name in base if not adapted[name] > base[name]]
+    lower = set(report.get("lower_is_better", []))
+    worse = [
+        name
+        for name in base
+        if not (adapted[name] < base[name] if name in lower else adapted[name] > base[name])
+    ]
     if worse:
-        sys.exit(f"the adapted model is not above the base model on {', '.join(worse)}")
+        sys.exit(f"the adapted model does not beat the base model on {', '.join(worse)}")
 
 
 if __name__ == "__main__":

@@ -101,11 +101,13 @@ def run_ci(repository: Path, tmp_path: Path) -> tuple[subprocess.CompletedProces
     }
 
 
-def scores(base: float, raw: float, adapted: float) -> dict:
+def scores(base: float, raw: float, adapted: float, errors: float = 20.0) -> dict:
+    """A demo report; slot errors, of which less is better, at 60 for the base."""
     return {
-        "base": {"bleu": base, "rouge_l": base},
-        "base_raw_prompt": {"bleu": raw, "rouge_l": raw},
-        "adapted": {"bleu": adapted, "rouge_l": adapted + 1},
+        "base": {"bleu": base, "rouge_l": base, "slot_errors": 60.0},
+        "base_raw_prompt": {"bleu": raw, "rouge_l": raw, "slot_errors": 90.0},
+        "adapted": {"bleu": adapted, "rouge_l": adapted + 1, "slot_errors": errors},
+        "lower_is_better": ["slot_errors"],
     }
 
 
@@ -132,7 +134,8 @@ def test_command_1_runs_as_a_new_user_then_the_tests_and_linters(tmp_path):
 @pytest.mark.parametrize(
     ("report", "message"),
     [
-        (scores(30.0, 4.0, 30.0), "the adapted model is not above the base model on bleu"),
+        (scores(30.0, 4.0, 30.0), "the adapted model does not beat the base model on bleu"),
+        (scores(30.0, 4.0, 55.0, 70.0), "does not beat the base model on slot_errors"),
         (None, "the demo crashed"),
     ],
 )

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,7 +26,7 @@ from .files.atomic_write import json_writer, write_files_atomically
 from .files.output_dirs import check_output_dir
 from .lora.merge import merge_and_unload
 from .models.devices import choose_device, model_device
-from .tasks.task import as_text
+from .tasks.task import LOWER_IS_BETTER, as_text
 from .training.config import TrainConfig
 from .training.loop import train
 
@@ -58,6 +58,8 @@ class DemoReport:
     """The chat the base model got for the first test example (the others differ only in
     their meaning representation)."""
     examples: list[dict]
+    lower_is_better: list[str] = field(default_factory=list)
+    """The metrics of which less is better (e2e's slot errors); more, for the others."""
 
     def table(self) -> str:
         scores = [("metric", *COLUMNS.values())]
@@ -205,9 +207,15 @@ def run_demo(
         train_seconds=result.seconds,
         baseline_chat=task.chat_messages(test[0], shots),
         examples=examples,
+        lower_is_better=sorted(LOWER_IS_BETTER & set(base.metrics)),
     )
     _write(report, output_dir, time.perf_counter() - started, result)
     return report
+
+
+def _gain(name: str, value: float, report: DemoReport) -> str:
+    fewer = " (fewer is better)" if name in report.lower_is_better else ""
+    return f"{name} {value:+.2f}{fewer}"
 
 
 def _write(report: DemoReport, output_dir: Path, seconds: float, result) -> None:
@@ -218,7 +226,7 @@ def _write(report: DemoReport, output_dir: Path, seconds: float, result) -> None
         report.table(),
         "",
         "LoRA against the baseline (the base model through its chat template): "
-        + ", ".join(f"{name} {value:+.2f}" for name, value in gain.items())
+        + ", ".join(_gain(name, value, report) for name, value in gain.items())
         + f". Training: {result.steps} steps in {report.train_seconds:.0f} s; whole demo "
         f"{seconds:.0f} s. Adapter: `{result.adapter_dir}`; "
         f"loss curve: `{result.run_dir / 'loss.png'}`.",

@@ -12,6 +12,10 @@ from typing import Any, Protocol, runtime_checkable
 Example = dict[str, Any]
 
 
+# The metrics of which less is better; every other metric of a task, more.
+LOWER_IS_BETTER = frozenset({"perplexity", "slot_errors"})
+
+
 class TaskError(ValueError):
     """A task was asked for something it cannot give; the message names the task."""
 
