@@ -25,9 +25,6 @@ from loralab.training.objectives.step import (
 from loralab.training.sequence_logps import RowLogProbs, row_log_probs
 from tiny_runs import tiny_pair
 
-pytest.importorskip("trl")
-pytest.importorskip("peft")
-
 RECORDS = [
     {"prompt": "Reverse cat:", "chosen": " tac", "rejected": " cat"},
     {"prompt": "Reverse lion:", "chosen": " noil", "rejected": " lion!"},

@@ -127,7 +127,6 @@ def _peft_name(name: str) -> str:
 def test_grpo_loss_equals_trl_grpo_trainer_in_loss_and_gradient(tiny_model_dir, loss_type, beta):
     """On one batch of 4 completions of one prompt, with π_old ≠ π (the clip at work) and
     the KL penalty to the adapter-off model: TRL's ``_compute_loss`` and ours agree."""
-    pytest.importorskip("trl")
     temperature = 0.7
     trainer, tokenizer, adapter = _trl_grpo(tiny_model_dir, loss_type, beta, temperature)
     prompt = tokenizer("Say a:")["input_ids"]
