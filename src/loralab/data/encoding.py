@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import jinja2
 
 from .records import DataError, example_shape
 
+T = TypeVar("T")
 IGNORE_INDEX = -100  # label of a position the loss does not count
 PREFERENCE_REFUSAL = (
     "supervised fine-tuning (objective sft) learns one reply, not a choice between two; "
@@ -288,10 +291,20 @@ def _place_classification_prompt(
     return ids, types
 
 
-def record_name(where: str | list[str], number: int) -> str:
-    """How an error names record ``number`` (from 1): where it is (``where`` a list, one
-    entry a record: file and line or row), or a label before its number."""
-    return where[number - 1] if isinstance(where, list) else f"{where} {number}"
+def encode_each(
+    records: list[dict], where: str | list[str], encode: Callable[[dict], T]
+) -> list[T]:
+    """``encode(record)`` for every record; a record it refuses is named in the error by
+    ``where``: where each is (a list, one entry a record: file and line or row), or a
+    label before its number (from 1)."""
+    encoded = []
+    for number, record in enumerate(records, start=1):
+        try:
+            encoded.append(encode(record))
+        except DataError as error:
+            named = where[number - 1] if isinstance(where, list) else f"{where} {number}"
+            raise DataError(f"{named}: {error}") from None
+    return encoded
 
 
 def encode_dataset(
@@ -315,17 +328,11 @@ def encode_dataset(
             encode_classification(tokenizer, e, max_length, label_names, prompt_tokens)
             for e in examples
         ]
-    encoded = []
-    for number, example in enumerate(examples, start=1):
-        try:
-            encoded.append(
-                encode_causal(
-                    tokenizer, example, max_length, prompt_tokens, train_on, long_examples
-                )
-            )
-        except DataError as error:
-            named = record_name(where, number)
-            raise DataError(f"{named}: {error}") from None
+    encoded = encode_each(
+        examples,
+        where,
+        lambda e: encode_causal(tokenizer, e, max_length, prompt_tokens, train_on, long_examples),
+    )
     kept = [e for e in encoded if any(label != IGNORE_INDEX for label in e.labels[1:])]
     if not kept:
         raise DataError(

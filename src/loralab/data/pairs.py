@@ -18,8 +18,8 @@ from .encoding import (
     PromptTokens,
     counted,
     encode_causal,
+    encode_each,
     encode_prompt,
-    record_name,
 )
 from .records import DataError
 
@@ -123,14 +123,11 @@ def encode_pairs(
 ) -> list[EncodedPair]:
     """Every pair encoded; a record refused is named by ``where`` (where each is, or a
     label before its number, from 1)."""
-    pairs = []
-    for number, record in enumerate(records, start=1):
-        try:
-            pairs.append(encode_pair(tokenizer, record, max_length, prompt_tokens, long_examples))
-        except DataError as error:
-            named = record_name(where, number)
-            raise DataError(f"{named}: {error}") from None
-    return pairs
+    return encode_each(
+        records,
+        where,
+        lambda r: encode_pair(tokenizer, r, max_length, prompt_tokens, long_examples),
+    )
 
 
 @dataclass
@@ -162,21 +159,17 @@ def encode_completions(
 ) -> list[EncodedCompletion]:
     """KTO's examples: each ``{prompt, completion, label}`` record, or both replies of a
     preference pair (the chosen desirable, the rejected not)."""
-    examples = []
-    for number, record in enumerate(records, start=1):
-        try:
-            if "chosen" in record:
-                pair = encode_pair(tokenizer, record, max_length, prompt_tokens, long_examples)
-                examples += [split_side(pair.chosen, True), split_side(pair.rejected, False)]
-                continue
-            side = encode_causal(tokenizer, record, max_length, prompt_tokens, "all", long_examples)
-            if counted(side) == 0:
-                raise DataError(
-                    f"the completion starts after max_length={max_length} tokens; raise "
-                    "--max-length or shorten the prompt"
-                )
-            examples.append(split_side(side, record["label"]))
-        except DataError as error:
-            named = record_name(where, number)
-            raise DataError(f"{named}: {error}") from None
-    return examples
+
+    def encode(record: dict) -> list[EncodedCompletion]:
+        if "chosen" in record:
+            pair = encode_pair(tokenizer, record, max_length, prompt_tokens, long_examples)
+            return [split_side(pair.chosen, True), split_side(pair.rejected, False)]
+        side = encode_causal(tokenizer, record, max_length, prompt_tokens, "all", long_examples)
+        if counted(side) == 0:
+            raise DataError(
+                f"the completion starts after max_length={max_length} tokens; raise "
+                "--max-length or shorten the prompt"
+            )
+        return [split_side(side, record["label"])]
+
+    return [example for both in encode_each(records, where, encode) for example in both]

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ...data.batches import collate
-from ...data.encoding import IGNORE_INDEX, Encoded, encode_prompt, newline_tokens, record_name
+from ...data.encoding import IGNORE_INDEX, Encoded, encode_each, encode_prompt, newline_tokens
 from ...data.records import DataError
 from ...engine import RowSampling, decode
 from ..sequence_logps import token_log_probs
@@ -49,17 +49,17 @@ def encode_prompts(
     """Each record's prompt as ids (a chat through the template, up to the reply); one
     longer than ``max_length`` is refused by its location (a cut prompt asks another
     question)."""
-    prompts = []
-    for number, record in enumerate(records, start=1):
+
+    def encode(record: dict) -> SamplingPrompt:
         ids = encode_prompt(tokenizer, record["prompt"])
         if len(ids) > max_length:
-            named = record_name(where, number)
             raise DataError(
-                f"{named}: the prompt has {len(ids)} tokens, more than max_length="
-                f"{max_length}; raise --max-length or shorten it"
+                f"the prompt has {len(ids)} tokens, more than max_length={max_length}; "
+                "raise --max-length or shorten it"
             )
-        prompts.append(SamplingPrompt(ids, record))
-    return prompts
+        return SamplingPrompt(ids, record)
+
+    return encode_each(records, where, encode)
 
 
 @dataclass(frozen=True)
