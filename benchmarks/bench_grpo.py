@@ -1,7 +1,8 @@
 """GRPO rollouts: sampled tokens per second while a GRPO step samples its completions,
-loralab (its engine, per-row seeds, each row leaving the batch when it stops) against TRL's
-``GRPOTrainer`` with PEFT (Transformers' ``generate`` on the PEFT model), on this CPU; and
-the time of a whole loralab GRPO step beside it.
+loralab (its engine, per-row seeds, each row leaving the batch when it stops; and the same
+through a ``loralab serve`` with ``--rollout-server``) against TRL's ``GRPOTrainer`` with
+PEFT (Transformers' ``generate`` on the PEFT model), on this CPU; and the time of a whole
+loralab GRPO step beside it.
 
 Equal settings: SmolLM2-135M in fp32, LoRA r = 8, α = 16 on W_q and W_v (B at zero, as a
 run starts), the same 4 sql prompts, G = 8 completions each (32 rows), at most 32 new
@@ -33,7 +34,7 @@ from measure import command_line, load_average, machine_line, median, now, resul
 MODEL = "smollm2-135m"
 RESULTS = Path(__file__).with_name("results_grpo.md")
 PROMPTS, GROUP, NEW_TOKENS, REPS = 4, 8, 32, 3
-SIDES = ("loralab", "trl", "floor")
+SIDES = ("loralab", "server", "trl", "floor")
 
 
 def _prompts() -> list[dict]:
@@ -48,9 +49,16 @@ def _model():
     return load_model(MODEL)
 
 
-def loralab_rollouts() -> dict:
+def loralab_rollouts(generate=None) -> dict:
+    """loralab's rollouts through its engine here, or through ``generate`` (a rollout
+    server); with a server, also the seconds a step spent writing and loading the adapter."""
     from loralab import LoraConfig, inject_adapter
-    from loralab.training.objectives.grpo_step import Sampling, encode_prompts, sample
+    from loralab.training.objectives.grpo_step import (
+        Sampling,
+        encode_prompts,
+        engine_rollouts,
+        sample,
+    )
 
     model, tokenizer = _model()
     inject_adapter(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
@@ -69,16 +77,35 @@ def loralab_rollouts() -> dict:
             lambda completions, **_: [0.0] * len(completions),
             "group",
             set(),
+            generate or engine_rollouts,
         )
         seconds = time.perf_counter() - started
+        sync = getattr(generate, "sync_seconds", 0.0)
         if rep:  # the first is the warm-up
-            figures.append((rollouts.sampled_tokens, rollouts.seconds, seconds))
+            figures.append((rollouts.sampled_tokens, rollouts.seconds, seconds, sync))
     tokens = sum(f[0] for f in figures)
     return {
         "tokens_per_s": tokens / sum(f[1] for f in figures),
         "mean_tokens": tokens / len(figures) / (PROMPTS * GROUP),
         "seconds_per_rollout": sum(f[2] for f in figures) / len(figures),
+        "sync_seconds": sum(f[3] for f in figures) / len(figures),
     }
+
+
+def server_rollouts() -> dict:
+    """The same rollouts on a ``loralab serve`` in this process (``--rollout-server``):
+    each rollout writes the adapter and loads it there in place, then 32 requests. On one
+    machine the server shares its cores with nothing else, so this is the cost of going
+    through HTTP and the server's per-request sampler, not the scale-out a second machine
+    gives."""
+    from loralab.serve import BackgroundServer, ServeOptions, build_state
+    from loralab.training.objectives.rollout_server import RolloutServer
+
+    with tempfile.TemporaryDirectory() as folder:
+        options = ServeOptions(model=MODEL, adapter_dir=Path(folder), max_batch=PROMPTS * GROUP)
+        with BackgroundServer(build_state(options)) as server:
+            rollouts = RolloutServer(server.url, Path(folder) / "policy", "grpo-bench")
+            return loralab_rollouts(rollouts)
 
 
 def floor() -> dict:
@@ -203,6 +230,7 @@ WORKERS = {
     "loralab": loralab_rollouts,
     "trl": trl_rollouts,
     "floor": floor,
+    "server": server_rollouts,
     "loralab-step": loralab_step,
 }
 
@@ -231,11 +259,17 @@ def main(argv: list[str] | None = None) -> None:
         for a, b in zip(results["loralab"], results["trl"], strict=True)
     ]
     step = results["loralab-step"][0]
+    served = median([r["tokens_per_s"] for r in results["server"]])
+    sync = median([r["sync_seconds"] for r in results["server"]])
     rows = [
         f"| loralab (engine) | {ours:.0f} | **{ours / theirs:.2f}×** "
         f"[{min(ratios):.2f}–{max(ratios):.2f}] | "
         f"{median([r['mean_tokens'] for r in results['loralab']]):.1f} | "
         f"{median([r['seconds_per_rollout'] for r in results['loralab']]):.2f} |",
+        f"| loralab on a `loralab serve` in the same process (`--rollout-server`) | "
+        f"{served:.0f} | {served / theirs:.2f}× | "
+        f"{median([r['mean_tokens'] for r in results['server']]):.1f} | "
+        f"{median([r['seconds_per_rollout'] for r in results['server']]):.2f} |",
         f"| the floor: the same rows decoded greedily (forwards alone) | {limit:.0f} | "
         f"{limit / theirs:.2f}× | {NEW_TOKENS} | "
         f"{median([r['seconds_per_rollout'] for r in results['floor']]):.2f} |",
@@ -257,6 +291,11 @@ def main(argv: list[str] | None = None) -> None:
             "| side | sampled tokens/s | × TRL | tokens a completion | s a rollout batch |",
             "|---|---:|---:|---:|---:|",
             *rows,
+            "",
+            f"With `--rollout-server`, writing the adapter and loading it on the server "
+            f"(`load_inplace`) took {sync:.3f} s a step of those seconds; the server shares "
+            "this machine's 2 cores with the client, so its figure is the cost of HTTP and "
+            "the server's sampler, not the scale-out a second machine gives.",
             "",
             f"A whole loralab GRPO step on sql (rollouts, execution rewards, forward and backward "
             f"of the 32 completions, update): {step['step_seconds']:.2f} s, of which rollouts "

@@ -555,6 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     from .models.errors import ModelLoadError
     from .training.distributed import DistributedError
     from .training.loop import TrainingInterrupted
+    from .training.objectives.rollout_server import RolloutServerError
 
     # Our own progress bar and messages are enough; Transformers' per-load bars are noise.
     transformers_logging.disable_progress_bar()
@@ -579,6 +580,7 @@ def main(argv: list[str] | None = None) -> int:
         AdapterFileError,
         ModelLoadError,
         MergeError,
+        RolloutServerError,
         ValueError,  # TaskError and OutputDirError are ValueErrors too
         OSError,  # a file the user named could not be read or written
     ) as error:

@@ -8,6 +8,7 @@ import json
 import httpx
 import openai
 import pytest
+from transformers import AutoTokenizer
 
 from serving import metric, reference, save_adapters, start
 
@@ -130,6 +131,75 @@ def test_several_prompts_and_choices_in_one_request(client, tiny_model_dir, adap
     assert response.usage.completion_tokens == 20
 
 
+def _greedy_ids(client, prompt_ids, max_tokens=24, **extra):
+    """The greedy completion's token ids as vLLM's ``return_token_ids`` gives them."""
+    body = {"return_token_ids": True, "ignore_eos": True, **extra}
+    response = client.completions.create(
+        model="a1", prompt=prompt_ids, max_tokens=max_tokens, temperature=0, extra_body=body
+    )
+    return response.choices[0]
+
+
+def test_token_ids_come_back_as_vllm_gives_them(client, tiny_model_dir):
+    """return_token_ids: each choice's prompt and completion tokens, whole or streamed."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompt = tokenizer("Tokens, please:")["input_ids"]
+    choice = _greedy_ids(client, prompt)
+    fields = choice.model_dump()
+    assert fields["prompt_token_ids"] == prompt
+    ids = fields["token_ids"]
+    assert len(ids) == 24 and tokenizer.decode(ids, skip_special_tokens=True) == choice.text
+    chunks = list(
+        client.completions.create(
+            model="a1",
+            prompt=prompt,
+            max_tokens=24,
+            temperature=0,
+            stream=True,
+            extra_body={"return_token_ids": True, "ignore_eos": True},
+        )
+    )
+    dumped = [c.choices[0].model_dump() for c in chunks]
+    assert dumped[0]["prompt_token_ids"] == prompt  # with the first chunk only
+    assert all("prompt_token_ids" not in d for d in dumped[1:])
+    assert [t for d in dumped for t in d["token_ids"]] == ids
+    chat = client.chat.completions.create(
+        model="a1",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=6,
+        temperature=0,
+        extra_body={"return_token_ids": True},
+    )
+    template = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
+    )
+    expected = tokenizer(template, add_special_tokens=False)["input_ids"]
+    assert chat.model_dump()["prompt_token_ids"] == expected
+    assert len(chat.choices[0].model_dump()["token_ids"]) == chat.usage.completion_tokens
+    plain = client.completions.create(model="a1", prompt=prompt, max_tokens=2, temperature=0)
+    assert "token_ids" not in plain.choices[0].model_dump()  # only when asked for
+
+
+def test_stop_token_ids_end_a_completion_on_that_token_kept(client):
+    """vLLM's stop_token_ids, as GRPO's rollout server sends them: the completion ends
+    with the first of them it samples, which is kept in its tokens and its text."""
+    prompt = [5, 6, 7]
+    ids = _greedy_ids(client, prompt).model_dump()["token_ids"]
+    cut = next(k for k in range(3, len(ids)) if ids[k] not in ids[:k])
+    never = next(t for t in range(100) if t not in ids)  # a second stop, never sampled
+    for stream in (False, True):
+        body = {"return_token_ids": True, "stop_token_ids": [never, ids[cut]]}
+        options = dict(model="a1", prompt=prompt, max_tokens=24, temperature=0)
+        if stream:
+            chunks = list(client.completions.create(**options, stream=True, extra_body=body))
+            got = [t for c in chunks for t in c.choices[0].model_dump()["token_ids"]]
+            reason = chunks[-1].choices[0].finish_reason
+        else:
+            choice = client.completions.create(**options, extra_body=body).choices[0]
+            got, reason = choice.model_dump()["token_ids"], choice.finish_reason
+        assert (got, reason) == (ids[: cut + 1], "stop")
+
+
 def test_a_chat_stream_starts_with_the_role(client, tiny_model_dir):
     messages = [{"role": "user", "content": "hi"}]
     chunks = list(
@@ -184,10 +254,17 @@ def test_an_unknown_model_is_404_listing_what_exists(client, tiny_model_dir):
         ("logprobs", 2, "logprobs is not supported"),
         ("prompt", 5, "prompt must be a string"),
         ("n", 0, "n must be ≥ 1"),
+        ("stop_token_ids", [-1], "stop_token_ids must be a list of token ids"),
+        ("stop_token_ids", 3, "stop_token_ids must be a list of token ids"),
+        ("return_token_ids", "yes", "return_token_ids must be a bool"),
     ],
 )
 def test_a_bad_field_is_400_naming_it(client, field, value, words):
-    options = {"model": "a0", "prompt": "x", "max_tokens": 2, field: value}
+    options = {"model": "a0", "prompt": "x", "max_tokens": 2}
+    if field in ("stop_token_ids", "return_token_ids"):  # vLLM's: the client's extra_body
+        options["extra_body"] = {field: value}
+    else:
+        options[field] = value
     with pytest.raises(openai.BadRequestError) as caught:
         client.completions.create(**options)
     assert words in caught.value.body["message"]

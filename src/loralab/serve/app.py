@@ -190,6 +190,7 @@ class _Run:
                         stop=parsed.stop,
                         emit=_emitter(loop, self.queue, index),
                         ignore_eos=parsed.ignore_eos,
+                        stop_token_ids=parsed.stop_token_ids,
                     )
                 )
         self.done = [False] * len(self.jobs)
@@ -214,6 +215,7 @@ class _Run:
     async def response(self, request: Request) -> dict:
         texts = [""] * len(self.jobs)
         reasons: list[str | None] = [None] * len(self.jobs)
+        token_ids: list[list[int]] = [[] for _ in self.jobs]
         usage = _Usage()
         check = time.monotonic() + 1.0
         try:
@@ -234,42 +236,66 @@ class _Run:
                 elif isinstance(event, Finished):
                     self.done[index] = True
                     reasons[index] = event.reason
+                    token_ids[index] = event.token_ids
                     usage.add(index, event, self.parsed.n)
                 elif isinstance(event, Failed):
                     raise event.error
         finally:
             self.cancel()
+        return self._body(texts, reasons, token_ids, usage)
+
+    def _body(
+        self,
+        texts: list[str],
+        reasons: list[str | None],
+        token_ids: list[list[int]],
+        usage: _Usage,
+    ) -> dict:
+        """The whole response of a request that is not streamed."""
         choices = []
         for index, (text, reason) in enumerate(zip(texts, reasons, strict=True)):
             if self.parsed.chat:
                 message = {"role": "assistant", "content": text}
-                choices.append(
-                    {"index": index, "message": message, "logprobs": None, "finish_reason": reason}
-                )
+                choice = {"index": index, "message": message}
             else:
-                choices.append(
-                    {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
-                )
-        return {
-            **self._head("chat.completion" if self.parsed.chat else "text_completion"),
-            "choices": choices,
-            "usage": usage.body(),
-        }
+                choice = {"index": index, "text": text}
+            choice.update(logprobs=None, finish_reason=reason)
+            choices.append({**choice, **self._token_ids(index, token_ids[index])})
+        response = self._head("chat.completion" if self.parsed.chat else "text_completion")
+        if self.parsed.chat and self.parsed.return_token_ids:  # a chat has one prompt
+            response["prompt_token_ids"] = self.parsed.prompts[0]
+        return {**response, "choices": choices, "usage": usage.body()}
+
+    def _token_ids(self, index: int, ids: list[int], first: bool = True) -> dict:
+        """vLLM's ``return_token_ids`` fields of one choice: its tokens (with the stop
+        token), and a completion's prompt (in a stream, with its first chunk only)."""
+        if not self.parsed.return_token_ids:
+            return {}
+        fields = {"token_ids": ids}
+        if first and not self.parsed.chat:
+            fields["prompt_token_ids"] = self.parsed.prompts[index // self.parsed.n]
+        return fields
 
     async def events_as_sse(self):
         usage = _Usage()
+        sent = [0] * len(self.jobs)  # each choice's tokens given out so far
         try:
             if self.parsed.chat:  # the role comes first, as OpenAI streams it
                 for index in range(len(self.jobs)):
-                    yield self._chunk(index, {"role": "assistant", "content": ""}, None)
+                    yield self._chunk(index, {"role": "assistant", "content": ""}, None, [], True)
             while not all(self.done):
                 index, event = await self.queue.get()
                 if isinstance(event, Text):
-                    yield self._chunk(index, event.text, None)
+                    first = not self.parsed.chat and sent[index] == 0
+                    yield self._chunk(index, event.text, None, event.token_ids, first)
+                    sent[index] += len(event.token_ids)
                 elif isinstance(event, Finished):
                     self.done[index] = True
                     usage.add(index, event, self.parsed.n)
-                    yield self._chunk(index, {} if self.parsed.chat else "", event.reason)
+                    rest = event.token_ids[sent[index] :]
+                    first = not self.parsed.chat and sent[index] == 0
+                    empty = {} if self.parsed.chat else ""
+                    yield self._chunk(index, empty, event.reason, rest, first)
                 elif isinstance(event, Failed):
                     yield _sse(event.error.body())
                     break
@@ -284,13 +310,25 @@ class _Run:
             kind = "chat.completion.chunk" if self.parsed.chat else "text_completion"
         return {"id": self.id, "object": kind, "created": self.created, "model": self.parsed.model}
 
-    def _chunk(self, index: int, content: str | dict, reason: str | None) -> str:
+    def _chunk(
+        self,
+        index: int,
+        content: str | dict,
+        reason: str | None,
+        token_ids: list[int],
+        first: bool,
+    ) -> str:
+        """One SSE chunk of choice ``index``; ``first``: the choice's first chunk, which
+        carries the prompt's token ids where asked (a chat's: the role's chunk)."""
         if self.parsed.chat:
             delta = content if isinstance(content, dict) else {"content": content}
             choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
         else:
             choice = {"index": index, "text": content, "logprobs": None, "finish_reason": reason}
+        choice.update(self._token_ids(index, token_ids, first))
         chunk = {**self._head(), "choices": [choice]}
+        if self.parsed.chat and self.parsed.return_token_ids and first and index == 0:
+            chunk["prompt_token_ids"] = self.parsed.prompts[0]  # once: a chat has one prompt
         if self.parsed.include_usage:
             chunk["usage"] = None
         return _sse(chunk)

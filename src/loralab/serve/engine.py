@@ -45,9 +45,11 @@ PRIORITY_AFTER_S = 2.0
 
 @dataclass
 class Text:
-    """New text for the client (may be empty only in the final event's company)."""
+    """New text for the client (may be empty only in the final event's company), and the
+    tokens sampled since the previous ``Text`` (a token's text may wait for the next)."""
 
     text: str
+    token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -55,6 +57,7 @@ class Finished:
     reason: str  # "stop" or "length"
     prompt_tokens: int
     completion_tokens: int
+    token_ids: list[int] = field(default_factory=list)  # every token sampled, a stop included
 
 
 @dataclass
@@ -76,6 +79,7 @@ class Job:
     stop: tuple[str, ...]
     emit: Callable[[Event], None]  # called on the engine's thread
     ignore_eos: bool = False
+    stop_token_ids: frozenset[int] = frozenset()  # vLLM's extension: a row ends on any
     arrived: float = field(default_factory=time.monotonic)
     cancelled: bool = False  # set by the client's side; the engine drops the job
 
@@ -87,6 +91,8 @@ class _Row:
     text: TextStream
     last: int = 0  # the token the next step feeds
     generated: int = 0
+    tokens: list[int] = field(default_factory=list)  # sampled so far
+    tokens_sent: int = 0  # of them, given out with a Text
     ended: bool = False  # its event was sent and its adapter given back
 
 
@@ -501,6 +507,7 @@ class Engine:
         row.generated += 1
         self.metrics.generation_tokens.inc()
         job = row.job
+        row.tokens.append(token)
         if token == self.eos and not job.ignore_eos:
             reason = "stop"
             text = row.text.finish()
@@ -509,6 +516,9 @@ class Engine:
             reason = None
             if row.text.stopped:
                 reason = "stop"
+            elif token in job.stop_token_ids:  # its text is kept, as vLLM keeps it
+                reason = "stop"
+                text += row.text.finish()
             elif (
                 row.generated >= job.max_tokens
                 or len(job.prompt) + row.generated >= self.context_length
@@ -516,11 +526,12 @@ class Engine:
                 reason = "length"
                 text += row.text.finish()
         if text:
-            job.emit(Text(text))
+            job.emit(Text(text, row.tokens[row.tokens_sent :]))
+            row.tokens_sent = len(row.tokens)
         if reason is None:
             row.last = token
             return False
-        self._end(row, Finished(reason, len(job.prompt), row.generated))
+        self._end(row, Finished(reason, len(job.prompt), row.generated, row.tokens))
         return True
 
     def _end(self, row: _Row, event: Event | None) -> None:

@@ -18,6 +18,7 @@ from .errors import RequestError
 from .sampling import Sampling
 
 MAX_STOPS = 4  # OpenAI's limit
+MAX_STOP_TOKEN_IDS = 256
 MAX_CHOICES = 16
 
 # Fields that change the output and that we do not implement, with their "off" values.
@@ -51,6 +52,10 @@ class Completion:
     stream: bool
     include_usage: bool
     ignore_eos: bool = False  # vLLM's extension: run to max_tokens (benchmarks use it)
+    # vLLM's extensions that RL loops use (GRPO's --rollout-server): end on any of these
+    # tokens, and give back the prompt's and each completion's token ids
+    stop_token_ids: frozenset[int] = frozenset()
+    return_token_ids: bool = False
 
 
 def parse_completion(
@@ -88,6 +93,8 @@ def parse_completion(
         stream=stream,
         include_usage=include_usage,
         ignore_eos=_optional(body, "ignore_eos", bool, False),
+        stop_token_ids=_stop_token_ids(body, vocab_size),
+        return_token_ids=_optional(body, "return_token_ids", bool, False),
     )
 
 
@@ -164,6 +171,23 @@ def _stops(body: dict) -> tuple[str, ...]:
     if len(stop) > MAX_STOPS:
         raise RequestError(f"stop takes at most {MAX_STOPS} strings, got {len(stop)}", param="stop")
     return tuple(_text(s, "stop") for s in stop)
+
+
+def _stop_token_ids(body: dict, vocab: int) -> frozenset[int]:
+    ids = body.get("stop_token_ids")
+    if ids is None:
+        return frozenset()
+    if not isinstance(ids, list) or not all(_is_token(t, vocab) for t in ids):
+        raise RequestError(
+            f"stop_token_ids must be a list of token ids (integers in [0, {vocab}))",
+            param="stop_token_ids",
+        )
+    if len(ids) > MAX_STOP_TOKEN_IDS:
+        raise RequestError(
+            f"stop_token_ids takes at most {MAX_STOP_TOKEN_IDS} ids, got {len(ids)}",
+            param="stop_token_ids",
+        )
+    return frozenset(ids)
 
 
 def _text_prompts(body: dict, tokenizer, vocab: int) -> list[list[int]]:

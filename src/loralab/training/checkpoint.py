@@ -28,6 +28,8 @@ CHECKPOINT = "checkpoint"
 # and recomputing activations change how, and the order of float additions at most).
 RESUMABLE_CHANGES = {
     "resume",
+    "rollout_server",  # where GRPO samples: the same policy, another sampler
+    "rollout_dir",
     "tensorboard",
     "progress",
     "log_every",

@@ -165,6 +165,14 @@ class TrainConfig:
     scale_rewards: str = "group"
     """GRPO: divide advantages by the group's reward std (group), the batch's (batch), or
     not at all (none, as Dr. GRPO)."""
+    rollout_server: str | None = None
+    """GRPO: sample on this server (a loralab serve or vLLM URL, http://host:port)
+    instead of here: each step's adapter is written to rollout_dir and loaded there with
+    load_inplace; its API key, if any, in the environment variable LORALAB_ROLLOUT_API_KEY."""
+    rollout_dir: str | None = None
+    """GRPO with rollout_server: the folder each step's adapter is written to, which the
+    server reads at the same path (loralab serve: inside its --adapter-dir); default
+    output_dir/rollout-adapter."""
 
     learning_rate: float = 2e-4
     """Peak learning rate of AdamW."""
@@ -441,6 +449,31 @@ class TrainConfig:
             require_number("epsilon_high", self.epsilon_high, above=0)
         require_choice("loss_type", self.loss_type, GRPO_LOSS_TYPES)
         require_choice("scale_rewards", self.scale_rewards, REWARD_SCALES)
+        self._check_rollout_server()
+
+    def _check_rollout_server(self) -> None:
+        """A rollout server runs the adapter per row of its batches: a plain LoRA (B·A)."""
+        if self.rollout_server is None:
+            if self.rollout_dir is not None:
+                raise ConfigError("rollout_dir is where rollout_server reads; give that too")
+            return
+        from ..lora.variants import variant_for
+        from .objectives.rollout_server import check_url
+
+        check_url(self.rollout_server)
+        lora = self.lora_config() if self.method == "lora" else None
+        what = None
+        if lora is None:
+            what = f"method={self.method!r} (a server runs LoRA adapters only)"
+        elif not variant_for(lora).factors_class.is_product:
+            what = f"{variant_for(lora).name} (its ΔW is not a product B·A)"
+        elif lora.modules_to_save:
+            what = "modules_to_save (whole modules are not swapped per row)"
+        if what is not None:
+            raise ConfigError(
+                f"rollout_server samples with the adapter on another server, which cannot run "
+                f"{what}; sample here (drop rollout_server) or train a plain LoRA"
+            )
 
     @property
     def grpo(self) -> bool:
@@ -602,6 +635,8 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "epsilon_high",
         "loss_type",
         "scale_rewards",
+        "rollout_server",
+        "rollout_dir",
     ),
     "optimisation": (
         "learning_rate",

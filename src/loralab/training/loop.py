@@ -72,9 +72,18 @@ from .lean_mlp import lean_mlp
 from .loss import causal_lm_loss
 from .malloc_threshold import map_large_blocks
 from .objectives.grpo import nan_std
-from .objectives.grpo_step import Sampling, grpo_micro_loss, rollout_batch, sample, stop_ids
+from .objectives.grpo_step import (
+    Generate,
+    Sampling,
+    engine_rollouts,
+    grpo_micro_loss,
+    rollout_batch,
+    sample,
+    stop_ids,
+)
 from .objectives.kto import kto_loss
 from .objectives.rewards import RewardFunction, load_reward
+from .objectives.rollout_server import RolloutServer, RolloutServerError, adapter_name
 from .objectives.step import collate_pairs, load_reference_adapter, preference_loss
 from .optimizer import build_optimizer, parameter_groups
 from .packed_attention import check_packed_attention
@@ -331,6 +340,7 @@ class _Run:
     trainable: ParameterReport
     reward: RewardFunction | None = None  # GRPO's, with how it samples
     sampling: Sampling | None = None
+    generate: Generate = engine_rollouts  # or a rollout server
     reward_failures: set[str] = dataclasses.field(default_factory=set)  # said once each
 
 
@@ -352,7 +362,10 @@ def _train(
     )
     with _interruptible(not world.active, world.is_main, at_once, lambda: run.step + 1) as stop:
         while run.step < config.max_steps:
-            stopping = _train_step(run, stop)
+            try:
+                stopping = _train_step(run, stop)
+            except RolloutServerError as error:  # before the step changed anything
+                raise RolloutServerError(f"{error}; {_saved_for_resume(run)}") from None
             if not stopping or run.step == config.max_steps:  # a stop does not wait for it
                 _evaluate_if_due(run)
             # A signal lets the step in flight finish, so the state saved is exactly the
@@ -368,6 +381,17 @@ def _train(
                     f"{run.run_dir}"
                 )
     return _finish(run, started)
+
+
+def _saved_for_resume(run: _Run) -> str:
+    """A checkpoint of the steps done (where there are any), and how to continue."""
+    if run.step == 0:
+        return "no step was taken"
+    _save_checkpoint(run)
+    return (
+        f"a checkpoint of step {run.step} is in {run.run_dir / CHECKPOINT}; continue with: "
+        f"loralab train --resume {run.run_dir}"
+    )
 
 
 def _set_up(
@@ -388,7 +412,11 @@ def _set_up(
     check_tensorboard(config.tensorboard)
     examples = load_examples(config, data)  # bad data fails before the model is loaded
     reward = _grpo_reward(config) if config.grpo else None  # so does a bad reward
+    server = _rollout_server(config, run_dir)  # and a server that does not answer
     model, tokenizer = _adapted_model(config, model, tokenizer, examples, checkpoint, world)
+    if server is not None:
+        server.vocab_size = model.get_input_embeddings().num_embeddings
+        cleanup.callback(server.close)
     # After the method: a prefix method's special tokens are part of every example.
     datasets = encode_examples(config, examples, tokenizer, prompt_tokens(model))
     if world.is_main:  # the settings as given: a resume counts the same epochs again
@@ -447,12 +475,23 @@ def _set_up(
         trainable=trainable,
         reward=reward,
         sampling=sampling,
+        generate=server or engine_rollouts,
     )
 
 
 def _grpo_reward(config: TrainConfig) -> RewardFunction:
     """GRPO's reward: the task's, or the user's function (loaded before the model)."""
     return load_reward(config.reward, config.task if config.data is None else None)[1]
+
+
+def _rollout_server(config: TrainConfig, run_dir: Path) -> RolloutServer | None:
+    """GRPO's rollout server, if the run has one, answering (before the model loads)."""
+    if not config.grpo or config.rollout_server is None:
+        return None
+    directory = Path(config.rollout_dir or run_dir / "rollout-adapter")
+    server = RolloutServer(config.rollout_server, directory, adapter_name(run_dir))
+    server.check()
+    return server
 
 
 def _check_engine_runs(model: nn.Module) -> None:
@@ -499,7 +538,7 @@ def _adapted_model(
             device=world.device,  # where bitsandbytes quantizes
             **labels,
         )
-    if config.grpo:
+    if config.grpo and config.rollout_server is None:
         _check_engine_runs(model)
     if checkpoint is not None:
         load_method(model, checkpoint / "adapter")
@@ -779,6 +818,7 @@ def _grpo_optimizer_step(run: _Run) -> tuple[float, int, int, dict[str, float]]:
         run.reward,
         config.scale_rewards,
         run.reward_failures,
+        run.generate,
     )
     settings = config.grpo_settings()
     count = len(rollouts.completions)
@@ -821,6 +861,8 @@ def _grpo_optimizer_step(run: _Run) -> tuple[float, int, int, dict[str, float]]:
         "rollout_seconds": rollouts.seconds,
         **measured,
     }
+    if isinstance(run.generate, RolloutServer):  # of rollout_seconds: writing and loading
+        metrics["rollout_sync_seconds"] = run.generate.sync_seconds
     tokens = sum(len(p) for p in rollouts.prompts) + rollouts.sampled_tokens
     return total, tokens, rollouts.sampled_tokens, metrics
 

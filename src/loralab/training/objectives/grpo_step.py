@@ -1,12 +1,13 @@
 """One GRPO step: sample G completions for each prompt of the batch with the adapter as it
 is now, score them, and take one optimizer step on the clipped surrogate (``grpo.py``).
 
-The rollouts run through loralab's engine (``engine.decode``): every completion of the
+The rollouts run through loralab's engine (``engine_rollouts``): every completion of the
 batch in one batch of rows, each row leaving as soon as it stops, each sampling with its
 own seed, drawn from (run seed, step, row). So a step's completions depend on the model
 and the step alone, and a resumed run samples exactly what the run it continues did.
 The engine runs the LoRA layers unmerged with the live factors: what is sampled is the
-policy that is trained, with no copy of its weights to keep in step.
+policy that is trained, with no copy of its weights to keep in step. Or they run on a
+separate server that receives each step's adapter (``rollout_server.py``).
 
 One rollout batch serves one optimizer step (TRL's ``num_iterations`` = 1): the
 probabilities it was sampled with are the policy's before the step, so π_old is the
@@ -16,6 +17,7 @@ policy's own log-probabilities, detached, as in TRL.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,6 +88,19 @@ def row_seed(seed: int, step: int, row: int) -> int:
     return ((seed * 1_000_003 + step) * 65_537 + row) % (1 << 62)
 
 
+# How a step's rows are sampled: (model, prompts, sampling, each row's seed) → the rows'
+# completions (token ids, each ending with its stop token where it stopped).
+Generate = Callable[[nn.Module, list[list[int]], Sampling, list[int]], list[list[int]]]
+
+
+def engine_rollouts(
+    model: nn.Module, prompts: list[list[int]], sampling: Sampling, seeds: list[int]
+) -> list[list[int]]:
+    """The rows sampled here, through loralab's engine, in one batch."""
+    settings = [RowSampling(sampling.temperature, sampling.top_p, seed=s) for s in seeds]
+    return decode(model, prompts, sampling.max_new_tokens, sampling.stop_ids, sampling=settings)
+
+
 @dataclass
 class Rollouts:
     """A step's completions (G a prompt, in prompt order), their rewards and advantages."""
@@ -111,25 +126,20 @@ def sample(
     reward: RewardFunction,
     scale_rewards: str,
     said: set[str],
+    generate: Generate = engine_rollouts,
 ) -> Rollouts:
-    """G completions of every prompt through the engine, scored by ``reward``."""
+    """G completions of every prompt, sampled by ``generate`` (the engine, or a rollout
+    server), scored by ``reward``."""
     rows = [p for p in prompts for _ in range(sampling.group_size)]
-    settings = [
-        RowSampling(sampling.temperature, sampling.top_p, seed=row_seed(seed, step, row))
-        for row in range(len(rows))
-    ]
+    seeds = [row_seed(seed, step, row) for row in range(len(rows))]
     was_training = model.training
     model.eval()  # no dropout while sampling
     started = time.perf_counter()
-    completions = decode(
-        model,
-        [p.input_ids for p in rows],
-        sampling.max_new_tokens,
-        sampling.stop_ids,
-        sampling=settings,
-    )
+    try:
+        completions = generate(model, [p.input_ids for p in rows], sampling, seeds)
+    finally:
+        model.train(was_training)
     seconds = time.perf_counter() - started
-    model.train(was_training)
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
     prompts_given = [p.record["prompt"] for p in rows]
     # A chat prompt's completion goes to the reward as TRL gives it: an assistant message
@@ -181,10 +191,12 @@ def grpo_micro_loss(
 
 
 __all__ = [
+    "Generate",
     "Rollouts",
     "Sampling",
     "SamplingPrompt",
     "encode_prompts",
+    "engine_rollouts",
     "grpo_micro_loss",
     "rollout_batch",
     "row_seed",
