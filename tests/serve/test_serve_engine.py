@@ -84,9 +84,17 @@ def test_requests_that_join_and_leave_mid_batch_equal_generate(tiny_model_dir, a
         assert collect.text == reference(
             tiny_model_dir, adapter and directory / adapter, prompt, max_tokens
         )
-        assert collect.events[-1] == Finished(
-            "length", len(encode_prompt(tokenizer, prompt)), max_tokens
+        end = collect.events[-1]
+        assert isinstance(end, Finished)
+        prompt_tokens = len(encode_prompt(tokenizer, prompt))
+        assert (end.reason, end.prompt_tokens, end.completion_tokens) == (
+            "length",
+            prompt_tokens,
+            max_tokens,
         )
+        # the tokens sampled (return_token_ids) are the text's
+        assert len(end.token_ids) == max_tokens
+        assert tokenizer.decode(end.token_ids, skip_special_tokens=True) == collect.text
 
 
 @pytest.mark.parametrize("format", ["bf16", "int8"])

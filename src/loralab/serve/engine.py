@@ -34,7 +34,7 @@ from .batch_cache import BatchCache, new_cache
 from .engine_rows import EngineRows, Prompt
 from .errors import RequestError
 from .metrics import Metrics
-from .sampling import Sampler, Sampling
+from .sampling import Sampler, Sampling, sample_rows
 from .text import TextStream
 
 log = logging.getLogger("loralab.serve")
@@ -383,10 +383,12 @@ class Engine:
             return
         self.metrics.batch_size.observe(len(self.rows))
         logits, complete = self._next_logits(prefill)
+        tokens = self._sample(logits)
         going = []
         for i, row in enumerate(self.rows):
             try:
-                if not self._advance(row, row.sampler(logits[i])):
+                token = tokens[i] if tokens is not None else row.sampler(logits[i])
+                if not self._advance(row, token):
                     going.append(i)
             except Exception:  # this row's fault alone
                 log.exception("a row failed")
@@ -396,6 +398,14 @@ class Engine:
             self._prefill_chunk()
         elif prefill:
             self._prompts_out(complete, [])
+
+    def _sample(self, logits: Tensor) -> list[int] | None:
+        """Every row's next token in one call; None if that failed, so that each row
+        samples alone and a failure stays that row's."""
+        try:
+            return sample_rows([row.sampler for row in self.rows], logits)
+        except Exception:
+            return None
 
     def _next_logits(self, prefill: bool) -> tuple[Tensor, list[Prompt] | None]:
         """The rows' next logits and, with ``prefill``, the prompts that the step's round

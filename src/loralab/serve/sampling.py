@@ -1,4 +1,12 @@
-"""The next token of one request: greedy at temperature 0, else sampled (top-p, seeded)."""
+"""The next token of each request: greedy at temperature 0, else sampled (top-p, seeded).
+
+The draw is the engine's (``engine.sampling.choose``): each row's uniform number, from
+the request's own generator, placed on the cumulative distribution of its nucleus, most
+likely token first. So a seeded request samples what ``loralab generate`` and GRPO's
+rollouts sample with that seed, and a step samples all its rows in one call (a
+``torch.multinomial`` a row had cost 1.6 ms at SmolLM2's vocabulary, 51 ms a step of 32
+rows on a 2-core CPU).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from ..engine.sampling import choose
 
 
 @dataclass(frozen=True)
@@ -29,23 +39,27 @@ class Sampler:
 
     def __init__(self, sampling: Sampling) -> None:
         self.sampling = sampling
+        self.temperature = sampling.temperature if sampling.temperature >= GREEDY_BELOW else 0.0
         self.generator: torch.Generator | None = None
-        if sampling.temperature >= GREEDY_BELOW:
+        if self.temperature:
             seed = sampling.seed if sampling.seed is not None else random.getrandbits(63)
             # any integer a client sends is a valid seed; torch takes [0, 2**64)
             self.generator = torch.Generator().manual_seed(seed % 2**64)
 
+    def draw(self) -> float:
+        """The request's next uniform number in [0, 1) (0 when greedy: nothing drawn)."""
+        if self.generator is None:
+            return 0.0
+        return float(torch.rand((), generator=self.generator))
+
     def __call__(self, logits: Tensor) -> int:
         """The next token id from one row of logits (vocab,)."""
-        if self.generator is None:
-            return int(logits.argmax())
-        probs = torch.softmax(logits.float() / self.sampling.temperature, dim=-1)
-        if self.sampling.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
-            # keep the most likely tokens up to top_p of the mass (always the first one)
-            drop = sorted_probs.cumsum(0) - sorted_probs >= self.sampling.top_p
-            drop[0] = False  # a top_p that is 0 in float32 (1e-46) must still keep one
-            sorted_probs[drop] = 0.0
-            choice = torch.multinomial(sorted_probs, 1, generator=self.generator)
-            return int(order[choice])
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        return sample_rows([self], logits[None])[0]
+
+
+def sample_rows(samplers: list[Sampler], logits: Tensor) -> list[int]:
+    """Each row's next token from ``logits`` (R, vocab), row ``i`` drawn by ``samplers[i]``."""
+    temperature = torch.tensor([s.temperature for s in samplers])
+    top_p = torch.tensor([s.sampling.top_p for s in samplers])
+    uniform = torch.tensor([s.draw() for s in samplers])
+    return choose(logits, temperature, top_p, uniform).tolist()

@@ -33,28 +33,31 @@ def _policy(tiny_model_dir, seed):
 def test_the_server_samples_with_each_steps_adapter_what_the_engine_samples(
     tmp_path, tiny_model_dir
 ):
-    """Rows whose nucleus holds one token (top_p 1e-6) are the greedy continuation on
-    either side: the server's tokens, stop token included, are the engine's here, with the
-    first adapter and again after the adapter changed."""
+    """The server draws as the engine does (a row's seed, its uniform number on the
+    nucleus): its tokens, stop token included, are the engine's here, sampled at
+    temperature 1 with and without a nucleus, with the first adapter and again after the
+    adapter changed in place."""
     model, _ = _policy(tiny_model_dir, seed=1)
-    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
-    free = Sampling(4, 12, 1.0, 1e-6, stop_ids=())
-    local = engine_rollouts(model, prompts, free, [1, 2, 3, 4])
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]] * 2
+    seeds = list(range(100, 108))
+    free = Sampling(4, 12, 1.0, 1.0, stop_ids=())
+    local = engine_rollouts(model, prompts, free, seeds)
     # a token the first row samples mid-way, and one never sampled: both stop a row
     stop = next(t for k, t in enumerate(local[0]) if k >= 3 and t not in local[0][:k])
     never = next(t for t in range(100) if all(t not in row for row in local))
-    sampling = Sampling(4, 12, 1.0, 1e-6, stop_ids=(never, stop))
     with start(tiny_model_dir, adapter_dir=tmp_path) as server:
         rollouts = RolloutServer(server.url, tmp_path / "policy", "grpo-test", vocab_size=100)
         rollouts.check()
-        for seed in (1, 2):  # the second adapter replaces the first in place
+        for seed, top_p in ((1, 1.0), (2, 1.0), (2, 0.8)):  # a new adapter, then a nucleus
+            sampling = Sampling(4, 12, 1.0, top_p, stop_ids=(never, stop))
             model, _ = _policy(tiny_model_dir, seed=seed)
-            expected = engine_rollouts(model, prompts, sampling, [1, 2, 3, 4])
-            assert rollouts(model, prompts, sampling, [1, 2, 3, 4]) == expected
+            expected = engine_rollouts(model, prompts, sampling, seeds)
+            assert rollouts(model, prompts, sampling, seeds) == expected
             if seed == 1:
                 assert expected[0][-1] == stop and len(expected[0]) < 12
                 first = expected
         assert expected != first  # the server sampled with the new weights
+        assert len(set(map(tuple, expected))) == len(expected)  # each row its own draws
         names = [m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"]]
         assert "grpo-test" in names
         rollouts.close()  # the run's adapter leaves the server with the run

@@ -7,7 +7,11 @@ route and body), so the server samples with the weights that train. Then every r
 row is one ``/v1/completions`` request: the prompt's token ids, the row's own seed, the
 stop tokens (vLLM's ``stop_token_ids``) and vLLM's ``return_token_ids``, so that each
 completion comes back as the tokens that were sampled and nothing is tokenized again.
-The rows' requests go out together, and the server batches them.
+The rows' requests go out together, and the server batches them. A ``loralab serve``
+draws as loralab's engine does (the row's seed, its uniform number on the nucleus), so
+the rows it samples are the ones the engine here would sample (the test checks it token
+for token); a resumed run samples what the first one did wherever the server's sums of
+the same numbers round alike.
 
 The server must read the folder at the path the trainer writes it (one machine, or a
 shared file system mounted at the same path): ``loralab serve --adapter-dir`` a folder
@@ -124,7 +128,10 @@ class RolloutServer:
             "top_p": sampling.top_p,
             "seed": seed,
             "n": 1,
+            # the row ends at the step's stop tokens alone (the end of sequence among
+            # them), as it does on loralab's engine
             "stop_token_ids": list(sampling.stop_ids),
+            "ignore_eos": True,
             "return_token_ids": True,
         }
         answer = self._request("POST", "/v1/completions", body, REQUEST_SECONDS)
