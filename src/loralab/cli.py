@@ -907,6 +907,24 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stacked_module(module: str, target_parameters: list[str]) -> bool:
+    """Whether an adapter file's module holds stacked expert factors: a ``target_parameters``
+    entry names one of its expert weights (the module, or PEFT's nested wrapper in it)."""
+    from .lora.experts import EXPERT_WEIGHTS, SHORT_NAMES
+    from .lora.targets import name_matches
+
+    name = module.removeprefix("base_model.model.")
+    while name.endswith(".base_layer"):
+        name = name.removesuffix(".base_layer")
+    if name.rsplit(".", 1)[-1] != "experts":  # Transformers' name for every experts module
+        return False
+    return any(
+        name_matches(entry, f"{name}.{weight}") or weight in SHORT_NAMES.get(entry, ())
+        for entry in target_parameters
+        for weight in EXPERT_WEIGHTS
+    )
+
+
 def _info(args: argparse.Namespace) -> int:
     from .files.adapter_dir import WEIGHTS_FILE, factor_tensors_by_module, read_adapter
     from .files.model_card import CARD_FILE, base_quantization_lines
@@ -929,12 +947,18 @@ def _info(args: argparse.Namespace) -> int:
         f", use_dora = {config.use_dora}"
     )
     print(f"target_modules: {config.target_modules}")
+    stacked = set()
+    if config.target_parameters:  # PEFT's A (E·r, in): its rows are every expert's ranks
+        print(f"target_parameters: {config.target_parameters} (each expert its own update)")
+        stacked = {m for m in by_module if _stacked_module(m, config.target_parameters)}
     print(
-        f"adapted modules: {len(by_module)}; ranks: {sorted(set(ranks.values()))}; "
+        f"adapted modules: {len(by_module)}; ranks: "
+        f"{sorted({r for m, r in ranks.items() if m not in stacked})}; "
         f"factors: {', '.join(sorted(kinds))}"
     )
     for module in sorted(by_module):
-        print(f"  {module}  r={ranks.get(module)}")
+        rank = f"r·experts={ranks.get(module)}" if module in stacked else f"r={ranks.get(module)}"
+        print(f"  {module}  {rank}")
     print(f"parameters: {parameters:,}; file size: {size / 1e6:.2f} MB")
     for line in base_quantization_lines(args.adapter / CARD_FILE):
         print(f"trained over a quantized base: {line}")

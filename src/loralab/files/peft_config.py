@@ -16,8 +16,8 @@ from typing import Any
 
 from torch import nn
 
-from ..lora import frozen_base as bases
 from ..lora.config import ConfigError, LoraConfig, pattern_value
+from ..lora.experts import LoraExperts
 from ..lora.inits import get_init, init_of_peft
 from ..lora.inject import (
     base_module_names,
@@ -28,7 +28,7 @@ from ..lora.inject import (
     require_adapter,
     saved_module_names,
 )
-from ..lora.layers import LoraFusedLinear
+from ..lora.layers import LoraFusedLinear, LoraLayer
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
@@ -56,6 +56,7 @@ MAPPED_KEYS = {
     "modules_to_save",
     "init_lora_weights",
     "use_dora",
+    "target_parameters",
 }
 # Keys that describe the adapter but do not change its weights.
 DESCRIPTIVE_KEYS = {
@@ -79,7 +80,6 @@ DESCRIPTIVE_KEYS = {
 FEATURE_KEYS = {
     "lora_bias": False,
     "layer_replication": None,
-    "target_parameters": None,
     "trainable_token_indices": None,
     "use_qalora": False,
     "alora_invocation_tokens": None,
@@ -275,6 +275,35 @@ def written_targets(config: LoraConfig, chosen: set[str], modules: dict[str, nn.
     return sorted(chosen), None, None
 
 
+def is_stacked(layer: LoraLayer) -> bool:
+    """Whether ``layer`` adapts a stacked expert weight (PEFT's ``target_parameters``)."""
+    return isinstance(layer, LoraExperts)
+
+
+def expert_weight_name(layer_name: str, layer: LoraExperts) -> str:
+    """The full name of the weight a (possibly nested) expert wrapper adapts, as the
+    model has it: ``model.layers.0.mlp.experts.gate_up_proj``."""
+    module = layer_name
+    while module.endswith(".base_layer"):
+        module = module.removesuffix(".base_layer")
+    return f"{module}.{layer.weight_name}"
+
+
+def written_parameters(chosen: set[str], model: nn.Module) -> list[str]:
+    """The shortest ``target_parameters`` that PEFT's rule (the full name, or a ``.entry``
+    suffix, over every parameter of the model) reads as exactly ``chosen``."""
+    names = [
+        f"{module}.{local}" if module else local
+        for module, owner in base_module_names(model).items()
+        for local, _ in owner.named_parameters(recurse=False)
+    ]
+    for depth in (1, 2, 3):
+        entries = sorted({".".join(n.split(".")[-depth:]) for n in chosen})
+        if {n for n in names if any(name_matches(e, n) for e in entries)} == chosen:
+            return entries
+    return sorted(chosen)
+
+
 def written_pattern(values: dict[str, float], default: float) -> dict[str, float]:
     """rank_pattern/alpha_pattern entries for the modules whose value is not the default.
 
@@ -317,8 +346,12 @@ def peft_config_dict(
     converted = original_base and any(adapter_name in layer.rewrote for layer in layers.values())
     widen = 2 if converted else 1
     widen_alpha = widen**0.5 if config.use_rslora else widen  # the same scale at rank 2r
-    effective = {}  # module -> (r, alpha) as PEFT must see them
-    for name, layer in layers.items():
+    experts = {
+        expert_weight_name(n, layer): layer for n, layer in layers.items() if is_stacked(layer)
+    }
+    layers = {n: layer for n, layer in layers.items() if not is_stacked(layer)}
+    effective = {}  # module (or expert weight) -> (r, alpha) as PEFT must see them
+    for name, layer in [*layers.items(), *experts.items()]:
         factors = layer.lora[adapter_name]
         r, alpha = factors.r, factors.alpha
         if isinstance(layer, LoraFusedLinear):
@@ -346,9 +379,10 @@ def peft_config_dict(
         bias=config.bias,
         use_rslora=config.use_rslora,
         modules_to_save=config.modules_to_save,
-        fan_in_fan_out=any(bases.fan_in_fan_out(layer.base_layer) for layer in layers.values()),
+        fan_in_fan_out=any(layer.fan_in_fan_out for layer in layers.values()),
         init_lora_weights=True if converted else get_init(config.init).peft_value(),
         use_dora=config.use_dora,
+        target_parameters=written_parameters(set(experts), model) if experts else None,
     )
 
 
@@ -365,12 +399,21 @@ def peft_header(
     }
 
 
-def lora_config_json(header: dict, use_dora: bool = False, **values: Any) -> dict:
+def lora_config_json(
+    header: dict,
+    use_dora: bool = False,
+    target_parameters: list[str] | None = None,
+    **values: Any,
+) -> dict:
     """A PEFT LORA ``adapter_config.json``: ``header`` and exactly the ``WRITTEN_KEYS``,
-    which every PEFT release since rsLoRA (0.7) reads, and ``use_dora`` (PEFT 0.9) only
-    where it is true, so that older releases still read a plain LoRA."""
-    data = {**header, **values, **({"use_dora": True} if use_dora else {})}
-    written = set(WRITTEN_KEYS) | ({"use_dora"} if use_dora else set())
+    which every PEFT release since rsLoRA (0.7) reads, and ``use_dora`` (PEFT 0.9) and
+    ``target_parameters`` (0.17) only where they are used, so that older releases still
+    read a plain LoRA."""
+    extra = {"use_dora": True} if use_dora else {}
+    if target_parameters:
+        extra["target_parameters"] = target_parameters
+    data = {**header, **values, **extra}
+    written = set(WRITTEN_KEYS) | set(extra)
     missing, unknown = written - set(data), set(data) - written
     if missing or unknown:
         raise ValueError(f"a LORA config needs {sorted(missing)}; not {sorted(unknown)}")

@@ -25,6 +25,12 @@ def merge_state_dicts(
     Each module's tensors say which factors they are (LoRA's A and B, DoRA's with a
     magnitude), and those factors compute ΔW.
     """
+    if peft_config.get("target_parameters"):
+        raise ValueError(
+            f"the adapter adapts stacked expert weights (target_parameters="
+            f"{peft_config['target_parameters']}), whose per-expert factors a state dict "
+            "alone does not lay out; load it on the model and merge_and_unload instead"
+        )
     merged = dict(base_state)
     r_default, alpha_default = peft_config["r"], peft_config["lora_alpha"]
     rslora = peft_config.get("use_rslora", False)

@@ -121,7 +121,8 @@ def _merge_active(model: nn.Module, name: str) -> None:
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove an adapter (unmerging it first); a wrapper left with none is unwrapped."""
     require_adapter(model, name)
-    for module_name, layer in list(lora_layers(model).items()):
+    # innermost first: a nested wrapper (an expert stack's) leaves before the one around it
+    for module_name, layer in reversed(list(lora_layers(model).items())):
         if name not in layer.lora:
             continue
         layer.unmerge(name)

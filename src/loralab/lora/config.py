@@ -45,6 +45,12 @@ class LoraConfig:
     The default, ``["q", "v"]``, is the paper's choice (Sec. 7.1).
     """
 
+    target_parameters: list[str] | None = None
+    """Stacked weights of a mixture of experts to adapt, each expert with its own update
+    (PEFT's ``target_parameters``): a parameter's full name or a ``.name`` suffix of one
+    (``mlp.experts.gate_up_proj``), or a short name: ``experts`` (every expert weight),
+    ``experts.gate_up``, ``experts.down``. With it ``target_modules`` may be empty."""
+
     exclude_modules: list[str] | str | None = None
     """Modules never adapted: names/suffixes (a list) or a whole-name regex (a string)."""
 
@@ -98,8 +104,23 @@ class LoraConfig:
     def _check_targets(self) -> None:
         self.target_modules = _name_spec("target_modules", self.target_modules, allow_none=False)
         self.exclude_modules = _name_spec("exclude_modules", self.exclude_modules, allow_none=True)
-        if isinstance(self.target_modules, list) and not self.target_modules:
+        if self.target_parameters is not None:
+            spec = _name_spec("target_parameters", self.target_parameters, allow_none=False)
+            if not isinstance(spec, list):  # as PEFT: names, never a regex
+                raise ConfigError(
+                    f"target_parameters must be a list of parameter names, got "
+                    f"{self.target_parameters!r}"
+                )
+            self.target_parameters = spec or None
+        if self.target_modules == [] and not self.target_parameters:
             raise ConfigError("target_modules is an empty list; name at least one module")
+        if self.target_parameters and self.lora_dropout:
+            raise ConfigError(
+                f"lora_dropout={self.lora_dropout} with target_parameters: PEFT refuses "
+                "dropout on expert weights and could not load the adapter; use 0"
+            )
+        if self.target_parameters and self.use_dora:
+            raise ConfigError("use_dora with target_parameters: DoRA adapts whole matrices only")
         if self.modules_to_save is not None:
             spec = _name_spec("modules_to_save", self.modules_to_save, allow_none=False)
             if not isinstance(spec, list):

@@ -26,7 +26,9 @@ from .architectures import (
     fused_layout,
     output_head,
 )
-from .config import ConfigError, LoraConfig
+from .config import LoraConfig
+from .expert_targets import plan_expert_targets, warn_if_experts_left_out
+from .experts import expert_shape
 from .inits import get_init
 from .layers import (
     FusedParts,
@@ -38,25 +40,10 @@ from .layers import (
 )
 from .quantized import bnb
 from .state import model_state
+from .targets import Target, TargetError, name_matches
 from .variants import variant_for
 
 _FUSED_ENTRY = re.compile(r"^(?P<module>[^\[\]]+)\[(?P<parts>[^\[\]]+)\]$")
-
-
-class TargetError(ConfigError):
-    """The config does not fit the model: a target matches nothing, a rank is too big…"""
-
-
-@dataclass
-class Target:
-    """One module to adapt, resolved from a config: everything needed to wrap it."""
-
-    name: str
-    layer: LoraLayer  # the existing wrapper, or a new one not yet placed in the model
-    r: int
-    alpha: float
-    short_names: tuple[str, ...] = ()
-    parts: FusedParts | None = None
 
 
 @dataclass
@@ -96,7 +83,7 @@ def base_module_names(model: nn.Module) -> dict[str, nn.Module]:
 
 def _unwrap(module: nn.Module) -> nn.Module:
     if isinstance(module, LoraLayer):
-        return module.base_layer
+        return module.original
     if isinstance(module, TrainableCopy):
         return module.original
     return module
@@ -118,8 +105,13 @@ def parameter_roles(model: nn.Module) -> Iterator[tuple[str, str, str, nn.Parame
 
     def visit(prefix: str, module: nn.Module):
         if isinstance(module, LoraLayer):
-            yield from once((prefix, "lora", n, p) for n, p in module.lora.named_parameters())
-            yield from visit(prefix, module.base_layer)
+            # an expert stack's weight is named in the local name: its wrappers nest
+            weight = getattr(module, "weight_name", None)
+            named = (
+                (f"{weight}:{n}" if weight else n, p) for n, p in module.lora.named_parameters()
+            )
+            yield from once((prefix, "lora", n, p) for n, p in named)
+            yield from visit(prefix, module.base_layer)  # a nested wrapper: the same prefix
             return
         if isinstance(module, TrainableCopy):
             yield from once((prefix, "copy", n, p) for n, p in module.copies.named_parameters())
@@ -132,11 +124,6 @@ def parameter_roles(model: nn.Module) -> Iterator[tuple[str, str, str, nn.Parame
             yield from visit(f"{prefix}.{child_name}" if prefix else child_name, child)
 
     yield from visit("", model)
-
-
-def name_matches(entry: str, name: str) -> bool:
-    """PEFT's rule for a list entry: the exact module name, or a ``.entry`` suffix."""
-    return name == entry or name.endswith("." + entry)
 
 
 def _nearest(entry: str, names: list[str], count: int = 5) -> str:
@@ -262,6 +249,7 @@ def plan_targets(
 
 def _plan(model: nn.Module, config: LoraConfig, adapter_name: str, strict: bool) -> list[Target]:
     modules = base_module_names(model)
+    warn_if_experts_left_out(config, modules)
     selection = _select(model, config, modules, strict)
     layers_apply = config.layers_to_transform is not None and not isinstance(
         config.target_modules, str
@@ -278,6 +266,10 @@ def _plan(model: nn.Module, config: LoraConfig, adapter_name: str, strict: bool)
         targets.append(
             _target(model, config, adapter_name, name, modules[name], parts, short_names, strict)
         )
+    if config.target_parameters:
+        for target in plan_expert_targets(model, config, adapter_name, modules, strict):
+            _check_init(config.init, target.name, target.layer)
+            targets.append(target)
     if not targets:
         raise TargetError(
             f"target_modules={config.target_modules!r} selects no module after "
@@ -634,6 +626,10 @@ def trainable_parameters(model: nn.Module) -> ParameterReport:
         module = model.get_submodule(owner)
         if isinstance(module, LoraFusedLinear):
             pattern += f"[{','.join(module.parts.enabled)}]"
+        if kind == "lora" and ":" in local_name:  # a stacked expert weight: per expert
+            weight = local_name.split(":", 1)[0]
+            experts = expert_shape(module.original, weight)[0]
+            pattern, kind = f"{pattern}.{weight}", f"lora, {experts} experts"
         key = f"{pattern} ({kind})"
         counts[key] += parameter.numel()
         owners.setdefault(key, set()).add(owner)

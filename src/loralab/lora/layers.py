@@ -194,6 +194,34 @@ class LoraLayer(nn.Module):
         """The factors' ΔW (``bases.weight_matrix``' layout) in the base weight's layout."""
         return bases.to_weight_layout(self.base_layer, delta)
 
+    # Where ΔW goes: the base layer's one weight (``frozen_base``); a layer that adapts
+    # one weight among several of its module (an expert stack) answers for its own.
+    def stored_weight(self) -> Tensor:
+        """The weight ΔW goes into, as stored."""
+        return bases.weight_of(self.base_layer)
+
+    def add_to_weight(self, delta: Tensor) -> None:
+        """``W ← W + ΔW`` (ΔW in the stored weight's layout), in fp32, cast once."""
+        bases.add_to_weight(self.base_layer, delta)
+
+    def fixed_reason(self) -> str | None:
+        """Why ΔW cannot go into the weight in place (a packed one), or None."""
+        return bases.fixed_reason(self.base_layer)
+
+    def factor_place(self) -> tuple[torch.device, torch.dtype]:
+        """Where the factors live and their dtype (fp32 on a half-precision base)."""
+        return bases.device(self.base_layer), bases.factor_dtype(self.base_layer)
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        """Whether the weight lies (in, out), as PEFT's setting of that name says."""
+        return bases.fan_in_fan_out(self.base_layer)
+
+    @property
+    def original(self) -> nn.Module:
+        """The user's module under the wrapper (under every wrapper, where they nest)."""
+        return self.base_layer
+
     one_plain_matrix = False
     """Whether ΔW is one plain product B·A on one weight matrix (Linear, Conv1D): what an
     init that starts from W0's SVD or QR needs (PiSSA, OLoRA)."""
@@ -230,10 +258,8 @@ class LoraLayer(nn.Module):
         if name in self.lora:
             raise ValueError(f"adapter {name!r} already exists on this layer")
         a_shape, b_shape = self.factor_shapes(r)
-        base = self.base_layer
-        factors = self.factors_class(
-            a_shape, b_shape, r, alpha, scale, dropout, bases.device(base), bases.factor_dtype(base)
-        )
+        device, dtype = self.factor_place()
+        factors = self.factors_class(a_shape, b_shape, r, alpha, scale, dropout, device, dtype)
         with torch.no_grad():
             starting = get_init(init)
             self.init_factors(factors, starting)
@@ -323,7 +349,7 @@ class LoraLayer(nn.Module):
         delta = self.delta_weight(name)
         if safe and not torch.isfinite(delta).all():
             raise MergeError(f"adapter {name!r} has a non-finite ΔW (NaN or Inf); not merged")
-        bases.add_to_weight(self.base_layer, delta)
+        self.add_to_weight(delta)
         self.merged[name] = MergedDelta.of(self._factors(name), delta)
 
     def unmerge(self, adapter_name: str | None = None) -> None:
@@ -332,14 +358,14 @@ class LoraLayer(nn.Module):
         name = adapter_name or self.active_adapter
         record = self.merged.pop(name, None)
         if record is not None:
-            bases.add_to_weight(self.base_layer, -record.delta_in(self))
+            self.add_to_weight(-record.delta_in(self))
 
     def _take_out_start(self, name: str, factors: LoraFactors) -> None:
         """W0 -= the factors' starting ΔW, so that the model computes what it did; the
         starting factors are kept (r·(d + k) numbers) to give W0 back and to save an
         adapter that runs on the original base."""
         start = MergedDelta.of(factors, None)
-        bases.add_to_weight(self.base_layer, -start.delta_in(self))
+        self.add_to_weight(-start.delta_in(self))
         self.rewrote[name] = start
 
     def restore_base(self, name: str) -> None:
@@ -347,7 +373,7 @@ class LoraLayer(nn.Module):
         start = self.rewrote.pop(name, None)
         if start is not None:
             with torch.no_grad():
-                bases.add_to_weight(self.base_layer, start.delta_in(self))
+                self.add_to_weight(start.delta_in(self))
 
     def extra_repr(self) -> str:
         return f"active={self.active_adapter!r}, merged={self.merged_adapters}"

@@ -49,10 +49,10 @@ def _layers_to_merge(
     layers = lora_layers(model)
     tied = _tied_elsewhere(model)
     for name, layer in layers.items():
-        fixed = bases.fixed_reason(layer.base_layer)
+        fixed = layer.fixed_reason()
         if fixed is not None and not into_dense_copy:
             raise MergeError(f"cannot merge into {name!r}: {fixed}")
-        weight = bases.weight_of(layer.base_layer)
+        weight = layer.stored_weight()
         holders = [h for h in tied.get(id(weight), []) if not h.startswith(name)]
         if holders:
             raise MergeError(
@@ -116,7 +116,9 @@ def merge_and_unload(
     ΔW the rounding lost.
     """
     lost = _Loss()
-    for name, (layer, adapter) in _layers_to_merge(model, adapter_name, safe, True).items():
+    chosen = _layers_to_merge(model, adapter_name, safe, True)
+    layers = set(chosen)
+    for name, (layer, adapter) in chosen.items():
         quantized = layer.base_layer
         if bases.is_packed(quantized):
             layer.base_layer = bases.dense_copy(quantized)
@@ -128,12 +130,13 @@ def merge_and_unload(
             layer.rewrote.pop(adapter, None)  # merged: W0 - start + ΔW is the trained weight
         for other in list(layer.rewrote):
             layer.restore_base(other)
-        merged = layer.base_layer
+        merged = layer.original
         if quantized is not None and requantize:
             merged = bases.quantized_like(quantized, merged)
             if adapter is not None:
                 lost.add(before, bases.weight_matrix(merged))
-        replace_module(model, name, merged)
+        if not inside_wrapper(name, layers):  # the outermost of nested wrappers (experts)
+            replace_module(model, name, merged)
     if not requantize:
         dequantize_model(model)
     lost.warn()
@@ -196,13 +199,21 @@ def unload(model: nn.Module) -> nn.Module:
     return _remove_wrappers(model, keep_trained_copies=False)
 
 
+def inside_wrapper(name: str, wrappers) -> bool:
+    """Whether the LoRA layer called ``name`` is the ``base_layer`` of another one (a
+    nested wrapper: each adapted weight of an expert stack has its own)."""
+    parent, _, child = name.rpartition(".")
+    return child == "base_layer" and parent in wrappers
+
+
 def _remove_wrappers(model: nn.Module, keep_trained_copies: bool) -> nn.Module:
+    wrappers = set(lora_layers(model))
     for name, module in list(model.named_modules()):
         if isinstance(module, TrainableCopy):
             replacement = module.active_module() if keep_trained_copies else module.original
             replace_module(model, name, replacement)
-        elif isinstance(module, LoraLayer):
-            replace_module(model, name, module.base_layer)
+        elif isinstance(module, LoraLayer) and not inside_wrapper(name, wrappers):
+            replace_module(model, name, module.original)
     restore_requires_grad(model)
     state = model_state(model)
     state.adapters.clear()

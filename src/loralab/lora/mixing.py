@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .experts import LoraExperts
 from .inject import lora_layers, require_adapter, require_lora_factors
 from .layers import LoraConv1D, LoraLayer, LoraLinear
 
@@ -133,6 +134,12 @@ def mixed_adapters(model: nn.Module, row_adapters: Sequence[str | None]) -> Iter
         raise ValueError("unmerge the adapters first: a merged adapter would apply to every row")
     for module_name, layer in layers.items():
         for name in {r for r in rows if r is not None and r in layer.lora}:
+            if isinstance(layer, LoraExperts):
+                raise ValueError(
+                    f"adapter {name!r} cannot be mixed per row: it adapts the stacked expert "
+                    f"weights of {module_name!r}, whose tokens are routed apart from their "
+                    "rows; merge it into the base, or run it alone"
+                )
             if not layer.lora[name].is_product:
                 raise ValueError(
                     f"adapter {name!r} cannot be mixed per row: its ΔW in {module_name!r} "

@@ -260,6 +260,12 @@ class AdapterPool:
                 "merge it into a base and serve that instead",
                 param="lora_path",
             )
+        if config.target_parameters:
+            raise RequestError(
+                f"{source}: the adapter adapts stacked expert weights (target_parameters), "
+                "which cannot run per row of a batch; merge it into a base and serve that",
+                param="lora_path",
+            )
         if get_init(config.init).rewrites_base:
             raise RequestError(
                 f"{source}: init_lora_weights={config.init!r} rewrites the base weights, "

@@ -346,6 +346,11 @@ class TrainConfig:
             )
         if self.fsdp and method.fsdp_refusal:
             raise ConfigError(f"fsdp cannot train method={self.method!r}: {method.fsdp_refusal}")
+        if self.target_parameters and self.method != "lora":
+            raise ConfigError(
+                f"target_parameters adapts stacked expert weights with LoRA; method="
+                f"{self.method!r} does not (use method lora, or drop target_parameters)"
+            )
 
     def _check_objective(self) -> None:
         """The objective's settings, and what it cannot train with."""
