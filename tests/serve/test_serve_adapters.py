@@ -239,3 +239,23 @@ def test_unreadable_or_linked_files_are_refused_and_nothing_is_kept(tiny_model_d
         assert models == [tiny_model_dir.name]
         assert _load(server, "fine", "a0").status_code == 200  # the engine goes on
         assert _complete(server, "fine") == reference(tiny_model_dir, allowed / "a0", "Adapt:", 12)
+
+
+def test_an_adapter_on_stacked_expert_weights_is_refused_with_the_reason(tmp_path):
+    """Expert adapters cannot run per row of a batch: the server says so when one is
+    loaded, and serves the base as before."""
+    from conftest import char_tokenizer
+    from moe_models import tiny_moe
+
+    tokenizer = char_tokenizer()
+    base = tiny_moe("qwen3_moe")
+    base.resize_token_embeddings(len(tokenizer))
+    base.save_pretrained(tmp_path / "moe")
+    tokenizer.save_pretrained(tmp_path / "moe")
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=[], target_parameters=["experts"])
+    save_adapter(inject_adapter(base, config), tmp_path / "adapters" / "experts")
+    with start(tmp_path / "moe", adapter_dir=tmp_path / "adapters") as server:
+        refused = _load(server, "experts", "experts")
+        assert refused.status_code == 400
+        assert "stacked expert weights" in refused.json()["error"]["message"]
+        assert _complete(server, "moe", max_tokens=3) is not None
