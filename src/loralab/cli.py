@@ -118,9 +118,11 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, sections) -> None
             if not (default is None and "default" in help_text):  # it says what None means
                 help_text += f" (default: {default})"
             options = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
-            group.add_argument(
-                "--" + name.replace("_", "-"), **options, **_flag_options(hints[name])
-            )
+            options.update(_flag_options(hints[name]))
+            if name == "target_modules":  # none at all: only --target-parameters' experts
+                options["nargs"] = "*"
+                options["help"] += "; given with no name, no module"
+            group.add_argument("--" + name.replace("_", "-"), **options)
 
 
 def _add_resume_flags(group) -> None:

@@ -43,3 +43,18 @@ def test_a_run_trains_the_experts_and_its_adapter_loads_back(tmp_path):
 def test_only_lora_adapts_expert_weights(tmp_path):
     with pytest.raises(ConfigError, match="method='adalora' does not"):
         run_config(tmp_path, method="adalora", target_parameters=["experts"], lora_dropout=0.0)
+
+
+def test_the_command_line_adapts_the_experts_alone():
+    """``--target-modules`` with no name and ``--target-parameters experts``: a config of
+    experts only, as PEFT writes it (``target_modules: []``)."""
+    from loralab.cli import build_parser
+    from loralab.training.config import TrainConfig
+
+    args = build_parser().parse_args(
+        ["train", "--task", "e2e", "--target-modules", "--target-parameters", "experts"]
+    )
+    config = TrainConfig(
+        **{k: v for k, v in vars(args).items() if k not in ("command", "config", "overwrite")}
+    )
+    assert config.target_modules == [] and config.lora_config().target_parameters == ["experts"]
