@@ -2,8 +2,8 @@
 
 The draw is the engine's (``engine.sampling.choose``): each row's uniform number, from
 the request's own generator, placed on the cumulative distribution of its nucleus, most
-likely token first. So a seeded request samples what ``loralab generate`` and GRPO's
-rollouts sample with that seed, and a step samples all its rows in one call (a
+likely token first. So a seeded request samples what loralab's engine samples with that
+seed (GRPO's local rollouts), and a step samples all its rows in one call (a
 ``torch.multinomial`` a row had cost 1.6 ms at SmolLM2's vocabulary, 51 ms a step of 32
 rows on a 2-core CPU).
 """
