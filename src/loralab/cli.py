@@ -912,12 +912,10 @@ def _export(args: argparse.Namespace) -> int:
 def _stacked_module(module: str, target_parameters: list[str]) -> bool:
     """Whether an adapter file's module holds stacked expert factors: a ``target_parameters``
     entry names one of its expert weights (the module, or PEFT's nested wrapper in it)."""
-    from .lora.experts import EXPERT_WEIGHTS, SHORT_NAMES
+    from .lora.experts import EXPERT_WEIGHTS, SHORT_NAMES, outer_name
     from .lora.targets import name_matches
 
-    name = module.removeprefix("base_model.model.")
-    while name.endswith(".base_layer"):
-        name = name.removesuffix(".base_layer")
+    name = outer_name(module.removeprefix("base_model.model."))
     if name.rsplit(".", 1)[-1] != "experts":  # Transformers' name for every experts module
         return False
     return any(

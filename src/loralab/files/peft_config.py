@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from ..lora.config import ConfigError, LoraConfig, pattern_value
-from ..lora.experts import LoraExperts
+from ..lora.experts import LoraExperts, outer_name
 from ..lora.inits import get_init, init_of_peft
 from ..lora.inject import (
     base_module_names,
@@ -283,10 +283,7 @@ def is_stacked(layer: LoraLayer) -> bool:
 def expert_weight_name(layer_name: str, layer: LoraExperts) -> str:
     """The full name of the weight a (possibly nested) expert wrapper adapts, as the
     model has it: ``model.layers.0.mlp.experts.gate_up_proj``."""
-    module = layer_name
-    while module.endswith(".base_layer"):
-        module = module.removesuffix(".base_layer")
-    return f"{module}.{layer.weight_name}"
+    return f"{outer_name(layer_name)}.{layer.weight_name}"
 
 
 def written_parameters(chosen: set[str], model: nn.Module) -> list[str]:

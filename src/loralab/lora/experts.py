@@ -23,6 +23,7 @@ expert's weights (PEFT's parametrization builds that copy at each forward).
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Mapping
 
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import frozen_base as bases
 from .layers import LoraFactors, LoraLayer
 
 # The stacked weights an adapter may target, as Transformers names them.
@@ -131,17 +133,14 @@ class LoraExperts(LoraLayer):
         return self.parameter()
 
     def add_to_weight(self, delta: Tensor) -> None:
-        weight = self.parameter()
-        with torch.no_grad():
-            weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
+        bases.add_into(self.parameter(), delta)
 
     def fixed_reason(self) -> str | None:
         return None
 
     def factor_place(self) -> tuple[torch.device, torch.dtype]:
         weight = self.parameter()
-        half = weight.dtype in (torch.float16, torch.bfloat16)
-        return weight.device, torch.float32 if half else weight.dtype
+        return weight.device, bases.factor_dtype_for(weight.dtype)
 
     @property
     def fan_in_fan_out(self) -> bool:
@@ -177,12 +176,27 @@ class LoraExperts(LoraLayer):
         }
         if not updates:
             return experts(hidden_states, *args, **kwargs)
-        bound = inspect.signature(experts.forward).bind(hidden_states, *args, **kwargs)
-        _, indices, weights = list(bound.arguments.values())[:3]
+        bound = _signature(type(experts)).bind(experts, hidden_states, *args, **kwargs)
+        _, _, indices, weights = list(bound.arguments.values())[:4]
         return experts_forward(experts, hidden_states, indices, weights, updates)
 
     def extra_repr(self) -> str:
         return f"weight={self.weight_name!r}, {super().extra_repr()}"
+
+
+@functools.cache
+def _signature(experts_class: type) -> inspect.Signature:
+    """The experts' forward signature (self first), read once per class, not per call:
+    routes arrive positionally (Transformers' blocks) or by gpt-oss's keywords."""
+    return inspect.signature(experts_class.forward)
+
+
+def outer_name(layer_name: str) -> str:
+    """The experts module's own name from the name of any of its nested wrappers
+    (``…mlp.experts.base_layer`` → ``…mlp.experts``)."""
+    while layer_name.endswith(".base_layer"):
+        layer_name = layer_name.removesuffix(".base_layer")
+    return layer_name
 
 
 def experts_forward(
@@ -257,5 +271,6 @@ __all__ = [
     "expert_shape",
     "experts_forward",
     "is_experts",
+    "outer_name",
     "stacked_weights",
 ]

@@ -71,9 +71,7 @@ class FrozenBase:
         return None
 
     def add_to_weight(self, base: nn.Module, delta: Tensor) -> None:
-        weight = base.weight
-        with torch.no_grad():
-            weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
+        add_into(base.weight, delta)
 
     def dense_copy(self, base: nn.Module) -> nn.Module:
         """A dense layer computing what ``base`` computes (``base`` itself when dense)."""
@@ -303,10 +301,20 @@ def compute_dtype(base: nn.Module) -> torch.dtype:
 
 
 def factor_dtype(base: nn.Module) -> torch.dtype:
-    """The dtype of an adapter's factors on this base: fp32 on a half-precision base (the
-    factors are tiny, and the low-rank path is where precision is lost first)."""
-    dtype = compute_dtype(base)
+    """The dtype of an adapter's factors on this base (``factor_dtype_for``)."""
+    return factor_dtype_for(compute_dtype(base))
+
+
+def factor_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of an adapter's factors on a weight of ``dtype``: fp32 on a half-precision
+    one (the factors are tiny, and the low-rank path is where precision is lost first)."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def add_into(weight: Tensor, delta: Tensor) -> None:
+    """``weight ← weight + delta`` in place, computed in fp32 and cast once."""
+    with torch.no_grad():
+        weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
 
 
 def weight_copy(base: nn.Module) -> Tensor:

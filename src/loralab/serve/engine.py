@@ -90,10 +90,13 @@ class _Row:
     sampler: Sampler | None
     text: TextStream
     last: int = 0  # the token the next step feeds
-    generated: int = 0
     tokens: list[int] = field(default_factory=list)  # sampled so far
     tokens_sent: int = 0  # of them, given out with a Text
     ended: bool = False  # its event was sent and its adapter given back
+
+    @property
+    def generated(self) -> int:
+        return len(self.tokens)
 
 
 class QueueFull(RequestError):
@@ -514,10 +517,9 @@ class Engine:
 
     def _advance(self, row: _Row, token: int) -> bool:
         """Take the row's new token; True when the row has finished (and was ended)."""
-        row.generated += 1
+        row.tokens.append(token)
         self.metrics.generation_tokens.inc()
         job = row.job
-        row.tokens.append(token)
         if token == self.eos and not job.ignore_eos:
             reason = "stop"
             text = row.text.finish()
