@@ -5,9 +5,11 @@ away mid-run is one line, and the steps already taken are kept."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import re
 import socket
+import threading
 
 import httpx
 import pytest
@@ -18,7 +20,11 @@ from loralab import LoraConfig, inject_adapter
 from loralab.lora.config import ConfigError
 from loralab.training.loop import train
 from loralab.training.objectives.grpo_step import Sampling, engine_rollouts
-from loralab.training.objectives.rollout_server import RolloutServer, RolloutServerError
+from loralab.training.objectives.rollout_server import (
+    API_KEY_VARIABLE,
+    RolloutServer,
+    RolloutServerError,
+)
 from serving import start
 from tiny_runs import grpo_config, run_config, tiny_pair
 
@@ -179,3 +185,49 @@ def test_token_ids_outside_the_vocabulary_name_the_likely_cause(tmp_path, tiny_m
         with pytest.raises(RolloutServerError, match="is it serving another base"):
             rollouts(model, [[5, 6]], sampling, [0])
         rollouts.close()
+
+
+def test_the_api_key_comes_from_the_environment(tmp_path, tiny_model_dir, monkeypatch):
+    """A server started with --api-key refuses the run without LORALAB_ROLLOUT_API_KEY,
+    and answers with it (the key never goes into config.yaml)."""
+    with start(tiny_model_dir, adapter_dir=tmp_path, api_key="secret") as server:
+        monkeypatch.delenv(API_KEY_VARIABLE, raising=False)
+        bare = RolloutServer(server.url, tmp_path / "policy", "grpo-k")
+        with pytest.raises(RolloutServerError, match=r"refused GET /v1/models \(401\)"):
+            bare.check()
+        monkeypatch.setenv(API_KEY_VARIABLE, "secret")
+        RolloutServer(server.url, tmp_path / "policy", "grpo-k").check()
+
+
+class _NoTokenIds(http.server.BaseHTTPRequestHandler):
+    """An OpenAI-compatible server that ignores return_token_ids (only text back)."""
+
+    def do_POST(self):  # http.server calls it by this name
+        self.rfile.read(int(self.headers["Content-Length"]))
+        body = (
+            b"Success"
+            if self.path.endswith("load_lora_adapter")
+            else json.dumps(
+                {"choices": [{"index": 0, "text": "hi", "finish_reason": "stop"}]}
+            ).encode()
+        )
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_server_that_gives_no_token_ids_is_named_with_what_it_lacks(tmp_path, tiny_model_dir):
+    model, _ = _policy(tiny_model_dir, seed=1)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NoTokenIds)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        rollouts = RolloutServer(url, tmp_path / "policy", "grpo-t", vocab_size=100)
+        with pytest.raises(RolloutServerError, match="must support vLLM's return_token_ids"):
+            rollouts(model, [[5, 6]], Sampling(1, 4, 1.0, 1.0, stop_ids=()), [0])
+    finally:
+        server.shutdown()
