@@ -287,8 +287,6 @@ def save_tiny_gguf(
     import numpy as np
 
     heads, kv_heads, ffn = 4, 2, 2 * hidden_size
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tokens = [*specials, *_byte_level_alphabet(), "Ġt", "he", "Ġthe"]
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name("tiny-llama")
     writer.add_context_length(256)
@@ -300,23 +298,7 @@ def save_tiny_gguf(
     writer.add_rope_dimension_count(hidden_size // heads)
     writer.add_rope_freq_base(10000.0)
     writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_vocab_size(len(tokens))
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("smollm")
-    writer.add_token_list(tokens)
-    control, normal = gguf.TokenType.CONTROL, gguf.TokenType.NORMAL
-    writer.add_token_types([control] * len(specials) + [normal] * (len(tokens) - len(specials)))
-    writer.add_token_merges(["Ġ t", "h e", "Ġt he"])
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_pad_token_id(2)
-    writer.add_unk_token_id(0)
-    writer.add_add_bos_token(False)
-    writer.add_chat_template(
-        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + "
-        "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}"
-        "{{ '<|im_start|>assistant\n' }}{% endif %}"
-    )
+    tokens = add_tiny_tokenizer(writer)
     rng = np.random.default_rng(seed)
 
     def add(name: str, *shape: int, kind: str = linear_type) -> None:
@@ -346,6 +328,36 @@ def save_tiny_gguf(
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+TINY_GGUF_VOCAB = 3 + 256 + 3  # the specials, the byte alphabet, three merges
+
+
+def add_tiny_tokenizer(writer, pre: str = "smollm") -> list[str]:
+    """A byte-level BPE tokenizer with ChatML specials and a chat template, in ``writer``'s
+    metadata; its tokens (``TINY_GGUF_VOCAB`` of them)."""
+    import gguf
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokens = [*specials, *_byte_level_alphabet(), "Ġt", "he", "Ġthe"]
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    control, normal = gguf.TokenType.CONTROL, gguf.TokenType.NORMAL
+    writer.add_token_types([control] * len(specials) + [normal] * (len(tokens) - len(specials)))
+    writer.add_token_merges(["Ġ t", "h e", "Ġt he"])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_pad_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + "
+        "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}"
+        "{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+    return tokens
 
 
 def packed_bytes(values, kind: str, rng):

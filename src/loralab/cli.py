@@ -876,6 +876,8 @@ def _export(args: argparse.Namespace) -> int:
     from .files.gguf.layout import ExportError, check_export_target
     from .files.gguf.merged import source_gguf
     from .files.gguf.ollama import modelfile, modelfile_name
+    from .lora.experts import LoraExperts
+    from .lora.inject import lora_layers
     from .models.embedded import cache_dir
 
     check_export_target(args.output, args.outtype)  # before the model loads
@@ -895,7 +897,11 @@ def _export(args: argparse.Namespace) -> int:
             raise ConfigError(f"--output {args.output} is the base's own file name; pick another")
     text = modelfile(base, args.output, getattr(tokenizer, "chat_template", None))
     files[modelfile_name(args.output)] = text_writer(text)
-    exported = export_adapter_gguf(args.adapter, model.config, args.output, args.outtype, files)
+    layers = lora_layers(model)
+    experts = {n: layer for n, layer in layers.items() if isinstance(layer, LoraExperts)}
+    exported = export_adapter_gguf(
+        args.adapter, model.config, args.output, args.outtype, files, experts
+    )
     print(
         f"wrote {exported.path}: llama.cpp LoRA adapter for {exported.architecture}, "
         f"{exported.tensors} tensors, adapter.lora.alpha = {exported.alpha:g}"

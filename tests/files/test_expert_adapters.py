@@ -1,7 +1,7 @@
 """Adapters on stacked expert weights in PEFT's files, both ways with PEFT itself (the test
 extra's release): the same logits, the same tensor names and shapes, ``target_parameters``
-in the config; hot-swapped in place; described by ``loralab info``; refused by name where
-llama.cpp's layout for the architecture is not known."""
+in the config; hot-swapped in place; described by ``loralab info``. (In llama.cpp's GGUF:
+``files/gguf/test_gguf_experts.py``.)"""
 
 from __future__ import annotations
 
@@ -14,8 +14,6 @@ from safetensors.torch import load_file
 
 from loralab import LoraConfig, inject_adapter, load_adapter, save_adapter
 from loralab.cli import main
-from loralab.files.gguf.adapter import export_adapter_gguf
-from loralab.files.gguf.layout import ExportError
 from loralab.files.hot_swap import hot_swap_adapter
 from loralab.lora.inject import lora_layers
 from moe_models import MOE_MODELS, tiny_moe
@@ -117,15 +115,6 @@ def test_loralab_info_names_the_expert_weights(tmp_path, capsys):
     assert "target_parameters: ['down_proj', 'gate_up_proj']" in shown  # as written for PEFT
     assert "model.layers.0.mlp.experts.base_layer  r·experts=8" in shown
     assert "model.layers.0.self_attn.q_proj  r=2" in shown
-
-
-def test_gguf_export_refuses_an_moe_architecture_by_name(tmp_path):
-    base = tiny_moe("qwen3_moe")
-    config = LoraConfig(r=2, lora_alpha=4, target_modules=[], target_parameters=["experts"])
-    save_adapter(inject_adapter(copy.deepcopy(base), config), tmp_path / "a")
-    with pytest.raises(ExportError, match="the base is 'qwen3_moe'"):
-        export_adapter_gguf(tmp_path / "a", base.config, tmp_path / "a.gguf")
-    assert not (tmp_path / "a.gguf").exists()
 
 
 def test_merging_state_dicts_alone_refuses_expert_factors(tmp_path):

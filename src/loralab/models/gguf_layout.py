@@ -1,10 +1,13 @@
 """llama.cpp's GGUF layout: facts of its converter that loading a GGUF and writing one
 both need. Which GGUF architecture a Transformers ``model_type`` becomes, each tensor's
-GGUF name (from the ``gguf`` package's own tables), and the row order of Llama's q and k
-projections.
+GGUF name (from the ``gguf`` package's own tables), the row order of Llama's q and k
+projections, and the GGUF tensors one fused Transformers tensor is stored as (a
+mixture of experts' ``gate_up_proj``).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import gguf
 from torch import Tensor
@@ -20,7 +23,27 @@ ARCHITECTURES: dict[str, tuple[gguf.MODEL_ARCH, bool]] = {
     "llama": (gguf.MODEL_ARCH.LLAMA, True),
     "mistral": (gguf.MODEL_ARCH.LLAMA, True),
     "qwen2": (gguf.MODEL_ARCH.QWEN2, False),
+    "qwen3_moe": (gguf.MODEL_ARCH.QWEN3MOE, False),
 }
+
+# A stacked experts tensor Transformers keeps fused that llama.cpp stores as equal parts
+# along its rows (dim 1 of experts × out × in): gate_up_proj is gate's rows, then up's, in
+# the architectures above (Transformers' own GGUF reader joins them in that order).
+FUSED_EXPERTS = {"experts.gate_up_proj": ("experts.gate_proj", "experts.up_proj")}
+
+
+@dataclass(frozen=True)
+class Part:
+    """One GGUF tensor of a Transformers tensor: the whole of it, or its ``index``-th of
+    ``of`` equal slices along dim 1 (a fused experts tensor)."""
+
+    gguf_name: str
+    index: int = 0
+    of: int = 1
+
+    def of_tensor(self, tensor: Tensor) -> Tensor:
+        """This part of ``tensor`` (a view: copying into it fills the tensor)."""
+        return tensor if self.of == 1 else tensor.chunk(self.of, dim=1)[self.index]
 
 
 class GgufLayout:
@@ -42,8 +65,32 @@ class GgufLayout:
 
     def name(self, hf_name: str) -> str | None:
         """``model.layers.3.self_attn.q_proj.weight`` → ``blk.3.attn_q.weight`` (None when
-        llama.cpp's layout has no such tensor)."""
+        llama.cpp's layout has no such tensor). A stacked experts parameter has no suffix in
+        Transformers (``mlp.experts.down_proj``) and is a ``.weight`` in GGUF."""
+        if not hf_name.endswith((".weight", ".bias")):
+            hf_name += ".weight"
         return self._names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+
+    def parts(self, hf_name: str) -> list[Part]:
+        """The GGUF tensors ``hf_name`` is stored as: one, the parts of a fused experts
+        tensor, or none (a tensor llama.cpp's layout does not have)."""
+        for fused, names in FUSED_EXPERTS.items():
+            if hf_name.endswith("." + fused):
+                prefix = hf_name.removesuffix(fused)
+                found = [self.name(prefix + name) for name in names]
+                if None in found:
+                    return []
+                return [Part(name, i, len(found)) for i, name in enumerate(found)]
+        name = self.name(hf_name)
+        return [] if name is None else [Part(name)]
+
+    def tensors(self, hf_name: str, tensor: Tensor) -> dict[str, Tensor]:
+        """``tensor`` (the model's ``hf_name``) as llama.cpp stores it: GGUF name → values
+        in its row order (empty when its layout has no such tensor)."""
+        return {
+            part.gguf_name: self.rows(part.gguf_name, part.of_tensor(tensor))
+            for part in self.parts(hf_name)
+        }
 
     def rows(self, gguf_name: str, rows: Tensor) -> Tensor:
         """A weight (or a LoRA ``B``) in llama.cpp's row order: q and k are permuted for its

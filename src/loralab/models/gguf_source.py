@@ -15,12 +15,32 @@ from .errors import ModelLoadError
 
 def load_gguf(auto_class, path: Path, options: dict):
     gguf = {"gguf_file": path.name, **dense_gguf_options()}
+    read_missing_config_fields()
     try:
         model = auto_class.from_pretrained(path.parent, **gguf, **options)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RuntimeError) as error:  # RuntimeError: weights that do not fit
         raise ModelLoadError(f"could not load GGUF file {path}: {error}") from error
     return model, tokenizer
+
+
+# GGUF metadata Transformers' GGUF reader does not carry into the config for an
+# architecture it loads (5.x): the config keeps its default, and the weights then do not
+# fit. Qwen3-MoE's expert width is 768 in its 30B-A3B release, the config's default, so
+# only its other sizes (and small test models) showed the gap.
+MISSING_CONFIG_FIELDS = {"qwen3_moe": {"expert_feed_forward_length": "moe_intermediate_size"}}
+
+
+def read_missing_config_fields() -> None:
+    """Teach Transformers' table of GGUF fields the ones above. Where a release maps the
+    field itself, its own mapping stays."""
+    from transformers.integrations import ggml
+
+    for model_type, fields in MISSING_CONFIG_FIELDS.items():
+        known = ggml.GGUF_CONFIG_MAPPING.get(model_type)
+        if known is not None:
+            for key, field in fields.items():
+                known.setdefault(key, field)
 
 
 def dense_gguf_options() -> dict:

@@ -28,6 +28,7 @@ from ..lora.quantized.packed_linear import packed_from
 from ..lora.state import model_state
 from .errors import ModelLoadError
 from .gguf_layout import GgufLayout
+from .gguf_source import read_missing_config_fields
 
 DENSE_TYPES = ("F32", "F16", "BF16")  # stored as numbers: a linear weight in one stays dense
 
@@ -42,6 +43,7 @@ def load_packed_gguf(auto_class, path: Path, options: dict, converted: Path | No
     if dtype == "auto":
         dtype = torch.float32  # the packed weights are unpacked to fp32 unless told otherwise
     where = {} if converted else {"gguf_file": path.name}
+    read_missing_config_fields()
     try:
         tensors = _tensors_of(path)
         config = AutoConfig.from_pretrained(converted or path.parent, **where)
@@ -120,10 +122,10 @@ def _fill(
     """Every tensor of the model from the file; the types of the weights kept packed."""
     packed_types = []
     tensors = dict(model.state_dict(keep_vars=True))
-    by_gguf = {layout.name(name): name for name in tensors}
-    filled = set()
+    by_gguf = {part.gguf_name: (name, part) for name in tensors for part in layout.parts(name)}
+    filled = set()  # the GGUF tensors read: a fused experts tensor is whole with all its parts
     for tensor in file_tensors:
-        name = by_gguf.get(tensor.name)
+        name, part = by_gguf.get(tensor.name, (None, None))
         if name is None:
             continue  # a tensor Transformers computes itself (llama.cpp's rope_freqs)
         module_name, attribute = name.rsplit(".", 1)
@@ -142,12 +144,14 @@ def _fill(
             )
             model.set_submodule(module_name, linear)
             packed_types.append(block_format.name)
-            filled.add(name)
+            filled.add(tensor.name)
             continue
-        _copy_dense(tensors[name], tensor, layout, path, name)
-        filled.add(name)
+        _copy_dense(part.of_tensor(tensors[name]), tensor, layout, path, name)
+        filled.add(tensor.name)
     tied = {name for name in tensors if _is_tied(model, name, tensors)}
-    missing = sorted(set(tensors) - filled - tied - _computed(model))
+    unread = {name for gguf_name, (name, _) in by_gguf.items() if gguf_name not in filled}
+    unmapped = set(tensors) - {name for name, _ in by_gguf.values()}
+    missing = sorted((unread | unmapped) - tied - _computed(model))
     if missing:
         raise ModelLoadError(f"{path} has no tensor for {missing[:3]} ({len(missing)} in all)")
     return packed_types
@@ -186,7 +190,9 @@ def _values(tensor: FileTensor, data: np.ndarray) -> torch.Tensor:
         values = gguf.quants.dequantize(data, gguf.GGMLQuantizationType(tensor.ggml_type))
         return torch.from_numpy(np.array(values, dtype=np.float32))
     packed = torch.from_numpy(np.ascontiguousarray(data))
-    return block_format.dequantize(packed, block_format.columns(packed.shape[-1]))
+    columns = block_format.columns(packed.shape[-1])
+    rows = packed.reshape(-1, packed.shape[-1])  # stacked experts' rows, one matrix of them
+    return block_format.dequantize(rows, columns).reshape(*packed.shape[:-1], columns)
 
 
 def _packable(module: nn.Module, attribute: str, tensor: FileTensor) -> bool:

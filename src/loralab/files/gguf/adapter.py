@@ -14,7 +14,11 @@ architecture (``gguf_layout``). Three facts of llama.cpp's layout are applied he
   interleaved); a ``B`` on q or k is permuted the same way, so ``B A`` matches the base;
 - its scale is one ``alpha`` for the file: a module whose own scale (rsLoRA's α/√r, a
   ``rank_pattern`` or ``alpha_pattern`` entry) is not ``alpha / r`` has the difference
-  folded into its ``B`` (exact up to rounding), and the result says which.
+  folded into its ``B`` (exact up to rounding), and the result says which;
+- a mixture of experts' stacked weight takes stacked factors, ``lora_a`` (experts, r, in)
+  and ``lora_b`` (experts, out, r), each token's expert picking its own pair as the base
+  picks its weight; a fused ``gate_up_proj`` is llama.cpp's gate and up tensors, which
+  share ``A`` and take ``B``'s halves.
 
 What the format cannot hold is refused with the reason: a ΔW that is not B·A (DoRA's),
 modules trained in full (``modules_to_save``), trained biases, a LoRA on part of a fused
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +37,7 @@ import gguf
 import numpy as np
 from torch import Tensor
 
+from ...lora.experts import LoraExperts, outer_name
 from ...lora.layers import LoraFactors
 from ...lora.variants import variant_for
 from ..adapter_dir import LORALAB_FILE, factor_tensors_by_module, read_adapter
@@ -57,12 +63,15 @@ def export_adapter_gguf(
     output: str | os.PathLike,
     outtype: str = "f32",
     extra_files: dict | None = None,
+    experts: Mapping[str, LoraExperts] | None = None,
 ) -> ExportedAdapter:
     """Write ``adapter_dir`` (PEFT's files) as llama.cpp's LoRA GGUF at ``output``.
 
     ``base_config`` is the base model's Transformers config (its architecture and head
-    counts). The file is written whole or not at all, together with ``extra_files``
-    (name → writer, beside it: the Ollama Modelfile).
+    counts). ``experts``: the adapter's modules that hold stacked expert factors, and the
+    layers they load into (which weight each is, PEFT's nesting decides; the base with
+    the adapter loaded knows it). The file is written whole or not at all, together with
+    ``extra_files`` (name → writer, beside it: the Ollama Modelfile).
     """
     output = check_export_target(output, outtype)
     layout = export_layout(base_config)
@@ -70,6 +79,7 @@ def export_adapter_gguf(
     files = read_adapter(adapter_dir)
     _refuse_what_gguf_cannot_hold(adapter_dir, files)
     by_module, _ = factor_tensors_by_module(files.tensors)
+    tied = getattr(base_config, "tie_word_embeddings", False)
     pairs: dict[str, tuple[Tensor, Tensor, float]] = {}
     for module, factors in sorted(by_module.items()):
         if factors.factors_class is not LoraFactors:
@@ -78,27 +88,10 @@ def export_adapter_gguf(
                 f"{getattr(factors.factors_class, '__name__', 'unrecognised')} factors, which "
                 "llama.cpp's LoRA format does not hold"
             )
-        gguf_name = layout.name(module + ".weight")
-        if gguf_name is None:
-            raise ExportError(
-                f"{adapter_dir}: {module} has no tensor in llama.cpp's {layout.model_type} layout"
-            )
-        if getattr(base_config, "tie_word_embeddings", False) and gguf_name in TIED:
-            raise ExportError(
-                f"{adapter_dir}: {module} is adapted, but the base ties its head to its "
-                "embedding, and llama.cpp applies a token_embd adapter to both (its graph "
-                "then fails): this adapter cannot run in llama.cpp on this base"
-            )
-        A, B = factors.tensors["A"].float(), factors.tensors["B"].float()
-        r = A.shape[0]
-        scale = files.config.scale(r, files.config.alpha_for(module))
-        if factors.embedding:
-            # llama.cpp looks an embedding's rows up in lora_a: (vocab, r), PEFT's A (r,
-            # vocab) transposed; lora_b stays (dim, r)
-            A = A.T
+        if module in (experts or {}):
+            pairs.update(_expert_pairs(module, experts[module], factors, files.config, layout))
         else:
-            B = layout.rows(gguf_name, B)
-        pairs[gguf_name] = (A, B, scale * r)  # llama.cpp's alpha that gives this scale
+            pairs.update(_matrix_pair(adapter_dir, module, factors, files.config, layout, tied))
     if not pairs:
         raise ExportError(f"{adapter_dir}: the adapter holds no LoRA factors")
     alpha = _file_alpha(files.config, pairs)
@@ -124,6 +117,52 @@ def export_adapter_gguf(
     return ExportedAdapter(
         output, layout.architecture_name, alpha, len(tensors), sorted(rescaled), kept_f16
     )
+
+
+def _matrix_pair(adapter_dir: Path, module: str, factors, config, layout, tied: bool) -> dict:
+    """The pair of a 2-D weight (a linear layer's, an embedding's) under its GGUF name, and
+    the alpha that gives it its scale (``tied``: the base's head is its embedding)."""
+    if config.target_parameters and outer_name(module).endswith(".experts"):
+        raise ExportError(
+            f"{adapter_dir}: {module} holds stacked expert factors; which weight each "
+            "is, the base with the adapter loaded knows: pass its expert layers as "
+            "`experts` (loralab export does)"
+        )
+    gguf_name = layout.name(module + ".weight")
+    if gguf_name is None:
+        raise ExportError(
+            f"{adapter_dir}: {module} has no tensor in llama.cpp's {layout.model_type} layout"
+        )
+    if tied and gguf_name in TIED:
+        raise ExportError(
+            f"{adapter_dir}: {module} is adapted, but the base ties its head to its "
+            "embedding, and llama.cpp applies a token_embd adapter to both (its graph "
+            "then fails): this adapter cannot run in llama.cpp on this base"
+        )
+    A, B = factors.tensors["A"].float(), factors.tensors["B"].float()
+    r = A.shape[0]
+    scale = config.scale(r, config.alpha_for(module))
+    if factors.embedding:
+        # llama.cpp looks an embedding's rows up in lora_a: (vocab, r), PEFT's A (r,
+        # vocab) transposed; lora_b stays (dim, r)
+        A = A.T
+    else:
+        B = layout.rows(gguf_name, B)
+    return {gguf_name: (A, B, scale * r)}  # llama.cpp's alpha that gives this scale
+
+
+def _expert_pairs(module: str, layer: LoraExperts, factors, config, layout) -> dict:
+    """The stacked pairs of an expert weight: ``lora_a`` (E, r, in), ``lora_b`` (E, out, r)
+    for each of its GGUF tensors, and the alpha that gives each its scale."""
+    stacked = layer.from_peft(factors.tensors, module)  # A (E, r, in), B (E, out, r)
+    A, B = stacked["A"].float(), stacked["B"].float()
+    r = A.shape[1]
+    weight = f"{outer_name(module)}.{layer.weight_name}"
+    parts = layout.parts(weight)
+    if not parts:
+        raise ExportError(f"{weight} has no tensor in llama.cpp's {layout.model_type} layout")
+    wanted = config.scale(r, config.alpha_for(weight)) * r
+    return {part.gguf_name: (A, part.of_tensor(B), wanted) for part in parts}
 
 
 def _refuse_what_gguf_cannot_hold(adapter_dir: Path, files) -> None:

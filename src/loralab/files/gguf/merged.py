@@ -4,7 +4,8 @@ The base must have come from a GGUF file (the embedded default, or ``--model x.g
 that file's metadata (architecture, hyper-parameters, tokenizer, chat template) is
 carried over as it is, every tensor the merge did not change is copied byte for byte in
 its own type, and the changed ones are written in the chosen ``--outtype``, in
-llama.cpp's row order (q and k permuted). Which tensors changed is read from the merged
+llama.cpp's layout (q and k permuted, a mixture of experts' fused ``gate_up_proj`` split
+into its gate and up tensors). Which tensors changed is read from the merged
 model itself, against the source's own values, so any mergeable method works. Without an
 adapter, every tensor is written in ``--outtype`` (the base in F32, for instance).
 """
@@ -183,12 +184,12 @@ def _changed_candidates(merged: nn.Module, architecture: str) -> dict[str, torch
     tied = getattr(merged.config, "tie_word_embeddings", False)
     candidates = {}
     for key, tensor in merged.state_dict().items():
-        name = layout.name(key)
-        if name is None:
+        parts = layout.tensors(key, tensor.detach().float())  # a fused gate_up: two
+        if not parts:
             raise ExportError(f"{key} has no tensor in llama.cpp's {layout.model_type} layout")
-        if tied and name == "output.weight":
-            continue  # the embedding's own tensor, which llama.cpp reads for both
-        candidates[name] = layout.rows(name, tensor.detach().float())
+        if tied:
+            parts.pop("output.weight", None)  # the embedding's own, which llama.cpp reads for both
+        candidates.update(parts)
     return candidates
 
 
