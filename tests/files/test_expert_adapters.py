@@ -92,6 +92,29 @@ def test_our_files_have_peft_names_shapes_and_config(tmp_path):
     assert sorted(written["target_parameters"]) == ["down_proj", "gate_up_proj"]
 
 
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_trained_biases_are_peft_s_and_gpt_oss_expert_biases_stay_frozen(tmp_path, bias):
+    """PEFT's rule: a bias is a parameter named ``bias``. gpt-oss's stacked
+    ``gate_up_proj_bias`` and ``down_proj_bias`` are not trained or saved by PEFT, so not
+    here either, and PEFT's file loads here as it is."""
+    base = tiny_moe("gpt_oss")
+    config = LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj"], target_parameters=["experts"], bias=bias
+    )
+    ours = inject_adapter(copy.deepcopy(base), config)
+    trained = {n for n, p in ours.named_parameters() if p.requires_grad and "lora" not in n}
+    assert trained and not any(n.endswith("proj_bias") for n in trained)
+    save_adapter(ours, tmp_path / "ours")
+    made = peft.get_peft_model(
+        copy.deepcopy(base), _peft_config(target_modules=["q_proj"], bias=bias)
+    )
+    made.save_pretrained(tmp_path / "peft")
+    theirs = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert set(load_file(tmp_path / "ours" / "adapter_model.safetensors")) == set(theirs)
+    loaded = load_adapter(copy.deepcopy(base), tmp_path / "peft")
+    torch.testing.assert_close(_logits(loaded), _logits(made), atol=1e-5, rtol=0)
+
+
 def test_a_loaded_expert_adapter_is_hot_swapped_in_place(tmp_path):
     base = tiny_moe("olmoe")
     config = LoraConfig(r=2, lora_alpha=4, target_modules=[], target_parameters=["experts"])

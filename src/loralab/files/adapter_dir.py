@@ -27,6 +27,7 @@ from ..lora.config import ConfigError, LoraConfig
 from ..lora.inject import (
     Target,
     apply_targets,
+    is_bias,
     lora_layers,
     parameter_roles,
     plan_targets,
@@ -215,7 +216,7 @@ def extra_tensors(
     wrapped = set(lora_layers(model)) | targets
     for owner, role, local_name, parameter in parameter_roles(model):
         trained = config.bias == "all" or (config.bias == "lora_only" and owner in targets)
-        if role == "base" and local_name.endswith("bias") and trained:
+        if is_bias(role, local_name) and trained:
             inner = ".base_layer" if owner in wrapped else ""
             tensors[f"{PEFT_PREFIX}{owner}{inner}.{local_name}"] = parameter
     for name in saved_module_names(model, config):

@@ -89,6 +89,13 @@ def _unwrap(module: nn.Module) -> nn.Module:
     return module
 
 
+def is_bias(role: str, local_name: str) -> bool:
+    """Whether a parameter is a bias that ``bias="all"`` / ``"lora_only"`` trains: a base
+    parameter named ``bias``, PEFT's rule. gpt-oss's stacked ``gate_up_proj_bias`` is
+    not one; PEFT neither trains nor saves it, and its files must load here."""
+    return role == "base" and local_name == "bias"
+
+
 def parameter_roles(model: nn.Module) -> Iterator[tuple[str, str, str, nn.Parameter]]:
     """Every parameter once, as (owner module's user name, role, local name, parameter).
 
@@ -559,8 +566,7 @@ def _freeze(model: nn.Module, config: LoraConfig, adapted: set[str]) -> None:
     for owner, role, local_name, parameter in parameter_roles(model):
         if role in ("lora", "copy"):
             continue  # adapter parameters (of any adapter) stay as they are
-        is_bias = role == "base" and local_name.endswith("bias")
-        train = is_bias and (
+        train = is_bias(role, local_name) and (
             config.bias == "all" or (config.bias == "lora_only" and owner in adapted)
         )
         parameter.requires_grad_(train)
@@ -621,7 +627,7 @@ def trainable_parameters(model: nn.Module) -> ParameterReport:
             continue
         trainable += parameter.numel()
         kind = {"lora": "lora", "copy": "full copy"}.get(role)
-        kind = kind or ("bias" if local_name.endswith("bias") else "full")
+        kind = kind or ("bias" if is_bias(role, local_name) else "full")
         pattern = re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", owner) or "<root>"
         module = model.get_submodule(owner)
         if isinstance(module, LoraFusedLinear):
