@@ -129,6 +129,8 @@ def _worker(rank: int, world_size: int, jobs: list[dict], model_dir: str, result
         restore = _inject_fault(rank, job.get("fault"))
         try:
             model, tokenizer = _tiny(model_dir)
+            if job.get("starve_rank") == rank:
+                _starve_expert(model, expert=3)
             result = train(TrainConfig(**job["settings"]), model=model, tokenizer=tokenizer)
             outcomes.append({"ok": True, **_describe(result.model)})
         except BaseException as error:
@@ -154,6 +156,18 @@ def _describe(model) -> dict:
         "frozen_local_smaller": all(p.to_local().numel() < p.numel() for p in frozen if p.dim()),
         "checkpointing": any(getattr(m, "gradient_checkpointing", False) for m in model.modules()),
     }
+
+
+def _starve_expert(model, expert: int) -> None:
+    """No token of this rank reaches ``expert`` in any block: its choices go to the next
+    expert down, so its factors get no gradient here while the other rank's do."""
+
+    def hook(router, args, output):  # on the router, which LoRA leaves unwrapped here
+        logits, weights, index = output
+        return logits, weights, index.masked_fill(index == expert, expert - 1)
+
+    for block in model.model.layers:
+        block.mlp.gate.register_forward_hook(hook)
 
 
 def _inject_fault(rank: int, fault: dict | None):
@@ -415,3 +429,36 @@ def test_one_rank_failing_stops_every_rank_and_leaves_no_half_checkpoint(tmp_pat
         saved = torch.load(run / "checkpoint" / "state.pt", weights_only=True)
         assert saved["step"] == step
         assert (run / "checkpoint" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_expert_adapters_train_alike_in_one_process_under_ddp_and_fsdp(tmp_path):
+    """LoRA on an MoE's stacked experts (``target_parameters``) across ranks, with one
+    rank routing no token to an expert, as small micro-batches over many experts do: that
+    expert's factors get a gradient from the other rank only, and every rank steps alike."""
+    from conftest import char_tokenizer
+    from moe_models import tiny_moe
+
+    model_dir = tmp_path / "moe"
+    tokenizer = char_tokenizer()
+    model = tiny_moe("qwen3_moe")
+    model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = 0
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    experts = dict(target_modules=["q_proj"], target_parameters=["experts"], max_steps=4)
+    jobs = [
+        {"settings": _settings(tmp_path, "ddp", **experts)},
+        {"settings": _settings(tmp_path, "fsdp", fsdp=True, **experts)},
+        {"settings": _settings(tmp_path, "ddp-starved", **experts), "starve_rank": 1},
+        {"settings": _settings(tmp_path, "fsdp-starved", fsdp=True, **experts), "starve_rank": 1},
+    ]
+    for outcome in _spawn(tmp_path, model_dir, jobs):
+        _succeeded(outcome)
+    _one_process(model_dir, _settings(tmp_path, "one", **experts))
+    one = _adapter(tmp_path / "one")
+    assert any(".experts." in key for key in one)
+    for name in ("ddp", "fsdp"):
+        assert _max_difference(one, _adapter(tmp_path / name)) <= TOLERANCE, name
+    starved = _adapter(tmp_path / "ddp-starved")
+    assert _max_difference(starved, _adapter(tmp_path / "fsdp-starved")) <= TOLERANCE
+    assert _max_difference(one, starved) > TOLERANCE  # the routing did change
