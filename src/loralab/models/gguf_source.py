@@ -17,11 +17,32 @@ def load_gguf(auto_class, path: Path, options: dict):
     gguf = {"gguf_file": path.name, **dense_gguf_options()}
     read_missing_config_fields()
     try:
-        model = auto_class.from_pretrained(path.parent, **gguf, **options)
+        model, info = auto_class.from_pretrained(
+            path.parent, **gguf, **options, output_loading_info=True
+        )
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except (OSError, ValueError, RuntimeError) as error:  # RuntimeError: weights that do not fit
         raise ModelLoadError(f"could not load GGUF file {path}: {error}") from error
+    _refuse_unread_weights(model, info["missing_keys"], path)
     return model, tokenizer
+
+
+def _refuse_unread_weights(model, missing: list[str], path: Path) -> None:
+    """A base weight the file gave no tensor for would be left at its random init, and
+    everything after it garbage: llama.cpp keeps Mixtral in its ``llama`` layout, with its
+    experts as ``ffn_*_exps``, which Transformers reads as a dense Llama without an MLP. A
+    new task head (a classifier's) is expected to be missing, and is not refused."""
+    prefix = f"{model.base_model_prefix}."
+    unread = sorted(key for key in missing if key.startswith(prefix))
+    if unread:
+        raise ModelLoadError(
+            f"{path}: Transformers read it as {type(model).__name__} and found no tensor for "
+            f"{len(unread)} of its weights ({', '.join(unread[:3])}"
+            f"{', …' if len(unread) > 3 else ''}), which would stay "
+            "random; the file's architecture is one Transformers' GGUF reader does not "
+            "know in full (a mixture of experts kept in llama.cpp's llama layout, such as "
+            "Mixtral's?). Load the model from its Transformers directory instead"
+        )
 
 
 # GGUF metadata Transformers' GGUF reader does not carry into the config for an
