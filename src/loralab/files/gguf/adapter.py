@@ -6,7 +6,7 @@ the base's ``general.architecture``, and for each adapted weight the pair
 ``<the base tensor's GGUF name>.lora_a`` / ``.lora_b`` holding PEFT's ``A`` (r, in) and
 ``B`` (out, r) as they are. llama.cpp scales each pair by ``alpha / r``, ``r`` read from
 ``lora_b``. The GGUF names come from the ``gguf`` package's own tables for the
-architecture (``gguf_layout``). Three facts of llama.cpp's layout are applied here:
+architecture (``gguf_layout``). Four facts of llama.cpp's layout are applied here:
 
 - an embedding's ``lora_a`` is PEFT's ``A`` transposed, (vocab, r): llama.cpp looks its
   rows up by token;
