@@ -56,11 +56,11 @@ SHAPE = dict(
 )
 
 
-def _model():
+def _model(shape: dict):
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     torch.manual_seed(0)
-    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**SHAPE))
+    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**shape))
     with torch.no_grad():  # routers and experts at a scale where routing varies
         for name, parameter in model.named_parameters():
             if ".experts." in name or name.endswith("gate.weight"):
@@ -68,9 +68,11 @@ def _model():
     return model
 
 
-def _adapted(side: str):
+def adapted(side: str, shape: dict = SHAPE, dtype: torch.dtype = torch.float32):
+    """The model of ``shape`` in ``dtype`` with the side's adapter (``loralab-experts``,
+    ``peft-attention``…); both libraries keep fp32 factors on a half-precision base."""
     library, targets = side.split("-")
-    model = _model()
+    model = _model(shape).to(dtype)
     experts = ["gate_up_proj", "down_proj"] if targets == "experts" else None
     if library == "loralab":
         from loralab import LoraConfig, inject_adapter
@@ -88,7 +90,7 @@ def _adapted(side: str):
 
 
 def measure(side: str) -> dict:
-    model = _adapted(side).train()
+    model = adapted(side).train()
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=1e-3)
     ids = torch.randint(
