@@ -47,9 +47,13 @@ def _refuse_unread_weights(model, missing: list[str], path: Path) -> None:
 
 # GGUF metadata Transformers' GGUF reader does not carry into the config for an
 # architecture it loads (5.x): the config keeps its default, and the weights then do not
-# fit. Qwen3-MoE's expert width is 768 in its 30B-A3B release, the config's default, so
-# only its other sizes (and small test models) showed the gap.
-MISSING_CONFIG_FIELDS = {"qwen3_moe": {"expert_feed_forward_length": "moe_intermediate_size"}}
+# fit. Qwen3-MoE's expert width is 768 in its 30B-A3B release and Qwen3's head width 128
+# in every release, the configs' defaults, so only other sizes (and small test models)
+# showed the gaps.
+MISSING_CONFIG_FIELDS = {
+    "qwen3": {"attention.key_length": "head_dim"},
+    "qwen3_moe": {"expert_feed_forward_length": "moe_intermediate_size"},
+}
 
 
 def read_missing_config_fields() -> None:

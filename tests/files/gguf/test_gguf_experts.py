@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import randomize_lora
+from gguf_models import save_qwen3_gguf, tiny_qwen3_for_gguf
 from llama_cpp_runs import llama_logits, loralab_logits
 from loralab import LoraConfig, inject_adapter, save_adapter
 from loralab.cli import main
@@ -22,16 +23,16 @@ from loralab.files.gguf.merged import write_merged_gguf
 from loralab.lora.merge import merge_and_unload
 from loralab.lora.quantized import PackedLinear
 from loralab.models.loading import load_model
-from moe_models import save_moe_gguf, tiny_moe, tiny_qwen3_moe_for_gguf
+from moe_models import tiny_moe
 
 EXPERTS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 
 
 @pytest.fixture(scope="module")
 def moe_gguf(tmp_path_factory):
-    model = tiny_qwen3_moe_for_gguf()
+    model = tiny_qwen3_for_gguf(moe=True)
     path = tmp_path_factory.mktemp("moe-gguf") / "tiny-qwen3moe.gguf"
-    save_moe_gguf(path, model)
+    save_qwen3_gguf(path, model)
     return model, path
 
 
@@ -51,7 +52,7 @@ def test_the_file_loads_as_the_model_it_was_written_from_here_and_in_llama_cpp(m
 
 def test_a_packed_base_keeps_attention_packed_and_reads_the_experts_as_the_dense_load(tmp_path):
     path = tmp_path / "q8_0.gguf"
-    save_moe_gguf(path, tiny_qwen3_moe_for_gguf(), "Q8_0")
+    save_qwen3_gguf(path, tiny_qwen3_for_gguf(moe=True), "Q8_0")
     kinds = {name: t.tensor_type.name for name, t in _tensors(path).items()}
     assert kinds["blk.0.ffn_gate_exps.weight"] == "Q8_0" and kinds["blk.0.attn_q.weight"] == "Q8_0"
     dense, _ = load_model(str(path))
