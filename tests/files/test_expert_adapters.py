@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import assert_same_logits
 from loralab import LoraConfig, inject_adapter, load_adapter, save_adapter
 from loralab.cli import main
 from loralab.files.hot_swap import hot_swap_adapter
@@ -63,12 +64,12 @@ def test_ours_in_peft_and_peft_in_ours_give_the_same_logits(tmp_path, model_type
     ours = _randomized(inject_adapter(copy.deepcopy(base), config))
     save_adapter(ours, tmp_path / "ours")
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
-    torch.testing.assert_close(_logits(theirs), _logits(ours), atol=1e-5, rtol=0)
+    assert_same_logits(theirs, ours, IDS, f"{model_type}: ours in PEFT")
 
     made = peft.get_peft_model(copy.deepcopy(base), _peft_config())
     made.save_pretrained(tmp_path / "peft")
     loaded = load_adapter(copy.deepcopy(base), tmp_path / "peft")
-    torch.testing.assert_close(_logits(loaded), _logits(made), atol=1e-5, rtol=0)
+    assert_same_logits(loaded, made, IDS, f"{model_type}: PEFT's in ours")
 
 
 def test_our_files_have_peft_names_shapes_and_config(tmp_path):

@@ -36,6 +36,13 @@ def moe_gguf(tmp_path_factory):
     return model, path
 
 
+def _assert_close(theirs: np.ndarray, ours: np.ndarray, what: str) -> None:
+    """Within 1e-4 (llama.cpp's f32 arithmetic); the gap is printed for the closing note."""
+    gap = np.abs(theirs - ours).max()
+    print(f"{what}: max |Δlogits| {gap:.1e}")
+    assert gap < 1e-4, gap
+
+
 def _tensors(path) -> dict:
     return {t.name: t for t in gguf.GGUFReader(path).tensors}
 
@@ -47,7 +54,7 @@ def test_the_file_loads_as_the_model_it_was_written_from_here_and_in_llama_cpp(m
     # the expert width is a field Transformers' GGUF reader leaves out (its default is 768)
     assert loaded.config.moe_intermediate_size == model.config.moe_intermediate_size == 12
     assert (loralab_logits(loaded) == expected).all()
-    assert np.abs(llama_logits(path) - expected).max() < 1e-4
+    _assert_close(llama_logits(path), expected, "the base in llama.cpp")
 
 
 def test_a_packed_base_keeps_attention_packed_and_reads_the_experts_as_the_dense_load(tmp_path):
@@ -90,7 +97,7 @@ def test_an_expert_adapter_runs_in_llama_cpp_as_a_lora_file_and_merged(moe_gguf,
     assert shapes["blk.1.ffn_gate_exps.weight.lora_a"] == (4, 2, 32)  # experts × r × in
     assert shapes["blk.1.ffn_up_exps.weight.lora_b"] == (4, 12, 2)  # up's half of B
     assert shapes["blk.1.ffn_down_exps.weight.lora_b"] == (4, 32, 3)
-    assert np.abs(llama_logits(path, lora_file) - expected).max() < 1e-4
+    _assert_close(llama_logits(path, lora_file), expected, "the LoRA file in llama.cpp")
 
     merged_file = tmp_path / "merged.gguf"
     assert main(["merge", "--model", str(path), "--adapter", str(tmp_path / "adapter"),
@@ -100,7 +107,7 @@ def test_an_expert_adapter_runs_in_llama_cpp_as_a_lora_file_and_merged(moe_gguf,
     assert changed == {
         f"blk.{b}.{t}.weight" for b in (0, 1) for t in ("attn_q", "attn_v", *EXPERTS)
     }
-    assert np.abs(llama_logits(merged_file) - expected).max() < 1e-4
+    _assert_close(llama_logits(merged_file), expected, "the merged file in llama.cpp")
 
 
 def test_expert_factors_without_their_layers_are_refused_with_what_to_pass(moe_gguf, tmp_path):
