@@ -89,6 +89,26 @@ def adapted(side: str, shape: dict = SHAPE, dtype: torch.dtype = torch.float32):
     return get_peft_model(model, config)
 
 
+def train_steps(
+    model, optimizer, ids: torch.Tensor, synchronize=lambda: None
+) -> tuple[list[float], list[float]]:
+    """``WARMUP + STEPS`` training steps on ``ids``: the seconds of each step after the
+    warm-up (``synchronize`` waits for a device's queue before the clock is read), and
+    every step's loss."""
+    times, losses = [], []
+    for step in range(WARMUP + STEPS):
+        started = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        synchronize()
+        if step >= WARMUP:
+            times.append(time.perf_counter() - started)
+        losses.append(loss.item())
+    return times, losses
+
+
 def measure(side: str) -> dict:
     model = adapted(side).train()
     parameters = [p for p in model.parameters() if p.requires_grad]
@@ -97,16 +117,7 @@ def measure(side: str) -> dict:
         0, SHAPE["vocab_size"], (BATCH, LENGTH), generator=torch.Generator().manual_seed(1)
     )
     held = status_mb("VmRSS") or 0.0
-    times, losses = [], []
-    for step in range(WARMUP + STEPS):
-        started = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step >= WARMUP:
-            times.append(time.perf_counter() - started)
-        losses.append(loss.item())
+    times, losses = train_steps(model, optimizer, ids)
     peak = peak_rss_mb()
     return {
         "step_ms": 1e3 * median(times),

@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import torch
-from bench_moe import SHAPE, SIDES, adapted
+from bench_moe import SHAPE, SIDES, adapted, train_steps
 from measure import median, result_line, run_worker
 
 LARGE = dict(
@@ -39,7 +38,6 @@ LARGE = dict(
     num_experts_per_tok=8,
     max_position_embeddings=1024,
 )
-WARMUP, STEPS = 2, 6
 
 
 def measure(side: str, device: str, small: bool) -> dict:
@@ -55,18 +53,9 @@ def measure(side: str, device: str, small: bool) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     held = torch.cuda.memory_allocated() if cuda else 0
-    times, losses = [], []
-    for step in range(WARMUP + STEPS):
-        started = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
-        if step >= WARMUP:
-            times.append(time.perf_counter() - started)
-        losses.append(loss.item())
+    times, losses = train_steps(
+        model, optimizer, ids, torch.cuda.synchronize if cuda else lambda: None
+    )
     peak = (torch.cuda.max_memory_allocated() - held) / 2**20 if cuda else 0.0
     return {
         "step_ms": 1e3 * median(times),
