@@ -915,25 +915,10 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stacked_module(module: str, target_parameters: list[str]) -> bool:
-    """Whether an adapter file's module holds stacked expert factors: a ``target_parameters``
-    entry names one of its expert weights (the module, or PEFT's nested wrapper in it)."""
-    from .lora.experts import EXPERT_WEIGHTS, SHORT_NAMES, outer_name
-    from .lora.targets import name_matches
-
-    name = outer_name(module.removeprefix("base_model.model."))
-    if name.rsplit(".", 1)[-1] != "experts":  # Transformers' name for every experts module
-        return False
-    return any(
-        name_matches(entry, f"{name}.{weight}") or weight in SHORT_NAMES.get(entry, ())
-        for entry in target_parameters
-        for weight in EXPERT_WEIGHTS
-    )
-
-
 def _info(args: argparse.Namespace) -> int:
     from .files.adapter_dir import WEIGHTS_FILE, factor_tensors_by_module, read_adapter
     from .files.model_card import CARD_FILE, base_quantization_lines
+    from .lora.expert_targets import holds_stacked_factors
 
     files = read_adapter(args.adapter)
     config = files.config
@@ -956,7 +941,7 @@ def _info(args: argparse.Namespace) -> int:
     stacked = set()
     if config.target_parameters:  # PEFT's A (E·r, in): its rows are every expert's ranks
         print(f"target_parameters: {config.target_parameters} (each expert its own update)")
-        stacked = {m for m in by_module if _stacked_module(m, config.target_parameters)}
+        stacked = {m for m in by_module if holds_stacked_factors(m, config.target_parameters)}
     print(
         f"adapted modules: {len(by_module)}; ranks: "
         f"{sorted({r for m, r in ranks.items() if m not in stacked})}; "

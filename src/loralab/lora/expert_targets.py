@@ -9,7 +9,14 @@ import warnings
 from torch import nn
 
 from .config import LoraConfig
-from .experts import SHORT_NAMES, LoraExperts, is_experts, stacked_weights
+from .experts import (
+    EXPERT_WEIGHTS,
+    SHORT_NAMES,
+    LoraExperts,
+    is_experts,
+    outer_name,
+    stacked_weights,
+)
 from .targets import Target, TargetError, name_matches
 
 
@@ -53,6 +60,20 @@ def select_weights(config: LoraConfig, modules: dict[str, nn.Module], strict: bo
             module, weight = available[full]
             chosen.setdefault(module, set()).add(weight)
     return chosen
+
+
+def holds_stacked_factors(module: str, target_parameters: list[str]) -> bool:
+    """Whether an adapter file's module holds stacked expert factors, read from the file
+    alone: a ``target_parameters`` entry names one of its expert weights (the module, or
+    PEFT's nested wrapper in it)."""
+    name = outer_name(module.removeprefix("base_model.model."))
+    if name.rsplit(".", 1)[-1] != "experts":  # Transformers' name for every experts module
+        return False
+    return any(
+        name_matches(entry, f"{name}.{weight}") or weight in SHORT_NAMES.get(entry, ())
+        for entry in target_parameters
+        for weight in EXPERT_WEIGHTS
+    )
 
 
 def _refuse(entry: str, modules: dict[str, nn.Module], available: dict, strict: bool) -> None:

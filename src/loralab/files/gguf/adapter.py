@@ -37,10 +37,12 @@ import gguf
 import numpy as np
 from torch import Tensor
 
-from ...lora.experts import LoraExperts, outer_name
+from ...lora.expert_targets import holds_stacked_factors
+from ...lora.experts import LoraExperts
 from ...lora.layers import LoraFactors
 from ...lora.variants import variant_for
 from ..adapter_dir import LORALAB_FILE, factor_tensors_by_module, read_adapter
+from ..peft_config import expert_weight_name
 from .layout import ExportError, check_export_target, encode, export_layout, write_gguf
 
 # With tied embeddings llama.cpp has one tensor, token_embd, for the input and the output.
@@ -122,7 +124,7 @@ def export_adapter_gguf(
 def _matrix_pair(adapter_dir: Path, module: str, factors, config, layout, tied: bool) -> dict:
     """The pair of a 2-D weight (a linear layer's, an embedding's) under its GGUF name, and
     the alpha that gives it its scale (``tied``: the base's head is its embedding)."""
-    if config.target_parameters and outer_name(module).endswith(".experts"):
+    if holds_stacked_factors(module, config.target_parameters or []):
         raise ExportError(
             f"{adapter_dir}: {module} holds stacked expert factors; which weight each "
             "is, the base with the adapter loaded knows: pass its expert layers as "
@@ -157,7 +159,7 @@ def _expert_pairs(module: str, layer: LoraExperts, factors, config, layout) -> d
     stacked = layer.from_peft(factors.tensors, module)  # A (E, r, in), B (E, out, r)
     A, B = stacked["A"].float(), stacked["B"].float()
     r = A.shape[1]
-    weight = f"{outer_name(module)}.{layer.weight_name}"
+    weight = expert_weight_name(module, layer)
     parts = layout.parts(weight)
     if not parts:
         raise ExportError(f"{weight} has no tensor in llama.cpp's {layout.model_type} layout")
