@@ -66,3 +66,16 @@ def test_a_file_whose_weights_transformers_cannot_all_place_is_refused(tmp_path)
 def test_a_classifier_head_that_is_new_is_not_refused(tiny_gguf_file):
     model, _ = load_model(str(tiny_gguf_file), kind="classification", num_labels=3)
     assert model.score.out_features == 3
+
+
+def test_a_file_whose_tensors_do_not_fit_its_metadata_is_refused_in_one_error(tmp_path):
+    """Transformers raises a RuntimeError (after its load report) when a tensor's shape is
+    not the config's; the user gets loralab's error naming the file."""
+    from gguf_models import save_qwen3_gguf, tiny_qwen3_for_gguf
+
+    model = tiny_qwen3_for_gguf(moe=True)
+    model.config.moe_intermediate_size = 8  # the metadata says 8, the expert tensors hold 12
+    path = tmp_path / "mismatched.gguf"
+    save_qwen3_gguf(path, model)
+    with pytest.raises(ModelLoadError, match=f"could not load GGUF file {path}"):
+        load_model(str(path))
